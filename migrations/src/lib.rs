@@ -1,0 +1,19 @@
+//! Schema migrations for Stoa's store (PostgreSQL, MySQL/MariaDB, SQLite).
+//!
+//! File names follow `mYYYYMMDD_NNNNNN_verb_noun.rs`. Migrations are run by `stoa serve` at
+//! start-up and by `stoa migrate`, always under a cross-process lock held by the caller
+//! (see `stoa::store::migrate`), so two nodes starting at once never race.
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261125_000001_create_core_tables;
+
+/// Every migration of the Stoa schema, oldest first.
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261125_000001_create_core_tables::Migration)]
+    }
+}

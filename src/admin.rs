@@ -1,0 +1,194 @@
+//! The admin HTTP API on its own listener: `/health`, `/api/node`, `/api/rooms`,
+//! `/api/rooms/{room}`, and `/metrics` (Prometheus). Everything but `/health` needs
+//! `Authorization: Bearer <auth.admin_token>` when a token is configured.
+
+use crate::config::Settings;
+use crate::registry::RoomRegistry;
+use crate::room::Inspect;
+use crate::router::Router as ClientRouter;
+use crate::store::Store;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use serde::Deserialize;
+use serde_json::json;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// The process-wide Prometheus recorder (one per process, shared by in-process nodes).
+pub fn prometheus() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let seconds = &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
+        let rows = &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0];
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()), seconds)
+            .and_then(|b| b.set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Suffix("_rows".into()), rows))
+            .expect("bucket lists are non-empty");
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        // Another recorder may already be installed (tests embedding Stoa): then ours stays unused.
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
+}
+
+/// What the admin API reads.
+#[derive(Clone)]
+pub struct AdminState {
+    settings: Arc<Settings>,
+    store: Store,
+    registry: RoomRegistry,
+    router: Arc<ClientRouter>,
+    started: Instant,
+}
+
+impl AdminState {
+    pub fn new(settings: Arc<Settings>, store: Store, registry: RoomRegistry, router: Arc<ClientRouter>) -> Self {
+        prometheus();
+        AdminState { settings, store, registry, router, started: Instant::now() }
+    }
+}
+
+/// Serve the admin API until `shutdown`.
+pub async fn serve(listener: TcpListener, state: AdminState, shutdown: CancellationToken) {
+    let protected = Router::new()
+        .route("/api/node", get(node))
+        .route("/api/rooms", get(rooms))
+        .route("/api/rooms/{room}", get(room))
+        .route("/metrics", get(metrics_text))
+        .layer(middleware::from_fn_with_state(state.clone(), require_token));
+    let app = Router::new().route("/health", get(health)).merge(protected).with_state(state);
+    let result = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "admin listener failed");
+    }
+}
+
+async fn require_token(State(state): State<AdminState>, request: Request, next: Next) -> Response {
+    let expected = &state.settings.auth.admin_token;
+    if expected.is_empty() {
+        return next.run(request).await;
+    }
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given.is_some_and(|g| constant_time_eq(g.as_bytes(), expected.as_bytes())) {
+        next.run(request).await
+    } else {
+        (StatusCode::UNAUTHORIZED, Json(json!({"error": "unauthorized", "message": "missing or wrong bearer token"})))
+            .into_response()
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn health(State(state): State<AdminState>) -> Response {
+    match state.store.ping().await {
+        Ok(()) => Json(json!({"status": "ok", "node": state.settings.node.id, "store": "ok"})).into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "health: store unreachable");
+            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "degraded", "store": "unreachable"}))).into_response()
+        }
+    }
+}
+
+async fn node(State(state): State<AdminState>) -> Json<serde_json::Value> {
+    let s = &state.settings;
+    Json(json!({
+        "node": s.node.id,
+        "service": s.node.service,
+        "version": env!("CARGO_PKG_VERSION"),
+        "store": state.store.kind().as_str(),
+        "dev_mode": s.dev_mode,
+        "uptime_s": state.started.elapsed().as_secs(),
+        "connections": state.router.connection_count(),
+        "active_rooms": state.registry.active_count(),
+        "listen": {"client": s.listen.client.to_string(), "admin": s.listen.admin.to_string()},
+    }))
+}
+
+#[derive(Deserialize)]
+struct Page {
+    #[serde(default)]
+    offset: u64,
+    #[serde(default = "default_page")]
+    limit: u64,
+}
+
+fn default_page() -> u64 {
+    100
+}
+
+async fn rooms(State(state): State<AdminState>, Query(page): Query<Page>) -> Response {
+    let limit = page.limit.clamp(1, 1000);
+    let (total, rows) = match tokio::try_join!(state.store.count_rooms(), state.store.list_rooms(page.offset, limit)) {
+        Ok(r) => r,
+        Err(e) => return store_down(e),
+    };
+    let mut list = Vec::with_capacity(rows.len());
+    for row in rows {
+        let occupants = match state.registry.lookup(&row.address) {
+            Some(addr) => addr.send(Inspect).await.ok().map(|s| s.occupants),
+            None => None,
+        };
+        list.push(json!({
+            "room": row.address,
+            "last_seq": row.last_seq,
+            "home_node": row.home_node.0,
+            "host_node": row.host_node.0,
+            "epoch": row.epoch.0,
+            "public": row.config.public,
+            "active": occupants.is_some(),
+            "occupants": occupants.unwrap_or(0),
+        }));
+    }
+    Json(json!({"total": total, "offset": page.offset, "rooms": list, "active_rooms": state.registry.active_count()}))
+        .into_response()
+}
+
+async fn room(State(state): State<AdminState>, Path(room): Path<String>) -> Response {
+    let addr = crate::protocol::RoomAddr(room);
+    let row = match state.store.load_room(&addr).await {
+        Ok(Some(row)) => row,
+        Ok(None) => return (StatusCode::NOT_FOUND, Json(json!({"error": "not_found"}))).into_response(),
+        Err(e) => return store_down(e),
+    };
+    let live = match state.registry.lookup(&addr) {
+        Some(a) => a.send(Inspect).await.ok(),
+        None => None,
+    };
+    let affiliations = state.store.load_affiliations(row.id).await.unwrap_or_default();
+    Json(json!({
+        "room": row.address,
+        "last_seq": row.last_seq,
+        "home_node": row.home_node.0,
+        "host_node": row.host_node.0,
+        "epoch": row.epoch.0,
+        "created_at": row.created_at,
+        "config": row.config.public_view(),
+        "affiliations": affiliations,
+        "active": live.is_some(),
+        "live": live,
+    }))
+    .into_response()
+}
+
+async fn metrics_text() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], prometheus().render())
+}
+
+fn store_down(e: crate::store::StoreError) -> Response {
+    tracing::warn!(error = %e, "admin: store error");
+    (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": "unavailable", "message": "store unavailable"}))).into_response()
+}

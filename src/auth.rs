@@ -1,0 +1,176 @@
+//! Users and sessions: argon2 password hashes, session tokens, guest login in dev mode.
+//!
+//! A session token is 32 random bytes (hex); the store keeps only its SHA-256, so a leaked
+//! database does not leak live sessions. Tokens live in the shared store, so a client can
+//! resume on any node of its group with the token from `welcome`.
+
+use crate::store::{Store, StoreError, now_ms};
+use argon2::Argon2;
+use argon2::password_hash::{PasswordHasher, PasswordVerifier, phc::PasswordHash};
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+
+/// Why a login or registration failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// Wrong password, unknown or expired token, or guest login not allowed.
+    #[error("{0}")]
+    Denied(&'static str),
+    /// The user name is not acceptable.
+    #[error("{0}")]
+    InvalidName(String),
+    /// The user exists already.
+    #[error("user already exists")]
+    Exists,
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Hashing failed (should not happen with valid parameters).
+    #[error("password hashing: {0}")]
+    Hash(String),
+}
+
+/// A successful login.
+#[derive(Clone, Debug)]
+pub struct LoggedIn {
+    pub user: String,
+    pub guest: bool,
+    /// The session token to give the client (new, or the one it logged in with).
+    pub token: String,
+}
+
+/// Longest user name.
+pub const MAX_USER_CHARS: usize = 64;
+
+/// Check a user name: 1 to 64 of letters, digits, `.`, `_`, `-`.
+pub fn validate_user_name(name: &str) -> Result<(), AuthError> {
+    let ok = !name.is_empty()
+        && name.chars().count() <= MAX_USER_CHARS
+        && name.chars().all(|c| c.is_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(AuthError::InvalidName(format!(
+            "user names are 1 to {MAX_USER_CHARS} letters, digits, '.', '_' or '-'"
+        )))
+    }
+}
+
+/// Hash a password (argon2id, random salt) to a PHC string.
+pub fn hash_password(password: &str) -> Result<String, AuthError> {
+    Argon2::default()
+        .hash_password(password.as_bytes())
+        .map(|h| h.to_string())
+        .map_err(|e| AuthError::Hash(e.to_string()))
+}
+
+/// Check a password against a PHC string.
+pub fn verify_password(hash: &str, password: &str) -> bool {
+    PasswordHash::new(hash)
+        .map(|parsed| Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
+        .unwrap_or(false)
+}
+
+fn token_hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+fn new_token() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    hex::encode(bytes)
+}
+
+/// Logs users in against the store.
+#[derive(Clone)]
+pub struct Auth {
+    store: Store,
+    allow_guests: bool,
+    session_ttl_ms: i64,
+}
+
+impl Auth {
+    pub fn new(store: Store, allow_guests: bool, session_ttl_s: u64) -> Self {
+        Auth { store, allow_guests, session_ttl_ms: (session_ttl_s as i64).saturating_mul(1000) }
+    }
+
+    /// Register a user.
+    pub async fn add_user(&self, name: &str, password: &str) -> Result<(), AuthError> {
+        validate_user_name(name)?;
+        let password = password.to_owned();
+        let hash = tokio::task::spawn_blocking(move || hash_password(&password))
+            .await
+            .map_err(|e| AuthError::Hash(e.to_string()))??;
+        match self.store.add_user(name, &hash).await {
+            Err(StoreError::Conflict) => Err(AuthError::Exists),
+            other => Ok(other?),
+        }
+    }
+
+    /// Log in with a token, a password, or (if allowed) as a guest with an unregistered name.
+    pub async fn login(&self, user: Option<&str>, password: Option<&str>, token: Option<&str>) -> Result<LoggedIn, AuthError> {
+        if let Some(token) = token {
+            let (name, guest) = self
+                .store
+                .lookup_session(&token_hash(token))
+                .await?
+                .ok_or(AuthError::Denied("unknown or expired session token"))?;
+            if user.is_some_and(|u| u != name) {
+                return Err(AuthError::Denied("token belongs to another user"));
+            }
+            return Ok(LoggedIn { user: name, guest, token: token.to_owned() });
+        }
+        let user = user.ok_or(AuthError::Denied("hello needs `user` (with `password`) or `token`"))?;
+        validate_user_name(user)?;
+        let stored = self.store.user_password_hash(user).await?;
+        let guest = match (stored, password) {
+            (Some(hash), Some(password)) => {
+                let password = password.to_owned();
+                let ok = tokio::task::spawn_blocking(move || verify_password(&hash, &password))
+                    .await
+                    .unwrap_or(false);
+                if !ok {
+                    return Err(AuthError::Denied("wrong user name or password"));
+                }
+                false
+            }
+            (Some(_), None) => return Err(AuthError::Denied("this user name is registered: a password is required")),
+            (None, _) if self.allow_guests => true,
+            (None, _) => return Err(AuthError::Denied("wrong user name or password")),
+        };
+        let token = new_token();
+        self.store.create_session(&token_hash(&token), user, guest, now_ms() + self.session_ttl_ms).await?;
+        Ok(LoggedIn { user: user.to_owned(), guest, token })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn password_hash_round_trip() {
+        let h = hash_password("correct horse").unwrap();
+        assert!(h.starts_with("$argon2id$"));
+        assert!(verify_password(&h, "correct horse"));
+        assert!(!verify_password(&h, "wrong"));
+        assert!(!verify_password("not a hash", "x"));
+    }
+
+    #[test]
+    fn user_names() {
+        assert!(validate_user_name("ann.b-c_9").is_ok());
+        assert!(validate_user_name("").is_err());
+        assert!(validate_user_name("a b").is_err());
+        assert!(validate_user_name("a@b").is_err());
+        assert!(validate_user_name(&"x".repeat(65)).is_err());
+    }
+
+    #[test]
+    fn tokens_are_random_and_hashed() {
+        let (a, b) = (new_token(), new_token());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 64);
+        assert_ne!(token_hash(&a), a);
+    }
+}

@@ -1,0 +1,403 @@
+//! Settings: defaults → TOML file → environment (`STOA__SECTION__KEY`), through the `config` crate.
+//!
+//! With no file the node runs in *dev mode*: one node, SQLite under `./stoa-data`, loopback
+//! listeners and guest login. [`Settings::check`] refuses to start a node that would expose
+//! guest login (or an admin API without a token) on anything but loopback.
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Why settings could not be loaded or are unsafe to run with.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or an environment override could not be read or parsed.
+    #[error("configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    /// A secret file named by a `*_file` key could not be read.
+    #[error("cannot read secret file {path}: {source}")]
+    SecretFile { path: PathBuf, source: std::io::Error },
+    /// The settings are consistent but unsafe or contradictory.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Everything a node needs to run.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// True when no config file was given (dev mode: loopback only, guests allowed).
+    #[serde(skip)]
+    pub dev_mode: bool,
+    pub node: NodeSettings,
+    pub listen: ListenSettings,
+    pub store: StoreSettings,
+    pub committer: CommitterSettings,
+    pub rooms: RoomSettings,
+    pub auth: AuthSettings,
+    pub limits: LimitSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeSettings {
+    /// This node's id; rooms record it as `home_node` / `host_node`, so keep it stable.
+    pub id: String,
+    /// Room service alias: rooms of this node are `name@service`.
+    pub service: String,
+    /// Where SQLite and other local state live.
+    pub data_dir: PathBuf,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ListenSettings {
+    /// WebSocket listener for clients (`/ws`).
+    pub client: SocketAddr,
+    /// Admin HTTP listener (`/health`, `/api/...`, `/metrics`).
+    pub admin: SocketAddr,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreSettings {
+    /// `sqlite://path`, `postgres://...` or `mysql://...`. Empty = `sqlite://{data_dir}/stoa.db`.
+    pub url: String,
+    /// Read the URL from this file instead (keeps passwords out of the config).
+    pub url_file: Option<PathBuf>,
+    pub max_connections: u32,
+    /// SQLite `synchronous`: `full` (default, durable on power loss) or `normal`.
+    pub sqlite_synchronous: String,
+    /// Run migrations at start-up.
+    pub migrate_on_start: bool,
+    /// SQLite: how long a writer waits for the database lock before the write fails.
+    pub sqlite_busy_timeout_ms: u64,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CommitterSettings {
+    /// Flush a batch when it holds this many message rows.
+    pub max_batch_rows: usize,
+    /// ... or when its first row has waited this long.
+    pub max_batch_delay_us: u64,
+    /// Transactions in flight at once (forced to 1 on SQLite, which has one writer).
+    pub max_in_flight: usize,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoomSettings {
+    /// Passivate an active room after this long with no occupants and no traffic.
+    pub passivate_after_ms: u64,
+    /// Arbiter threads for room actors; 0 = one per core.
+    pub arbiters: usize,
+    /// Most messages replayed on a `join` with `since` before `truncated` is set.
+    pub join_replay_limit: u32,
+    /// Largest `limit` a `history` request may ask for.
+    pub history_max_limit: u32,
+    /// Node-wide cap on occupants per room (a room's `max_occupants` may only lower it).
+    pub max_occupants: u32,
+    /// Recent messages each active room keeps in memory to serve joins without the store.
+    pub recent_cache: usize,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSettings {
+    /// Allow `hello` with a user name and no password (not for registered names).
+    pub allow_guests: bool,
+    /// Bearer token for the admin API; empty = admin API open (refused off loopback).
+    pub admin_token: String,
+    pub admin_token_file: Option<PathBuf>,
+    /// Session tokens expire after this long.
+    pub session_ttl_s: u64,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitSettings {
+    pub max_frame_bytes: usize,
+    pub max_body_bytes: usize,
+    pub max_nick_chars: usize,
+    pub max_room_name_chars: usize,
+    pub max_cid_chars: usize,
+    pub max_rooms_per_connection: usize,
+    /// Token bucket per connection: sustained requests per second ...
+    pub requests_per_second: u32,
+    /// ... and burst size.
+    pub request_burst: u32,
+    /// A connection that sends nothing for this long gets a ping; twice this, it is closed.
+    pub idle_timeout_ms: u64,
+    /// A connection must send `hello` within this long.
+    pub hello_timeout_ms: u64,
+    /// Frames queued for one connection; a connection that lets it fill is disconnected.
+    pub outbound_queue: usize,
+    /// Max connections the client listener accepts at once.
+    pub max_connections: usize,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    /// `tracing` filter directive, e.g. `info,stoa=debug`.
+    pub level: String,
+    pub json: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            dev_mode: false,
+            node: NodeSettings::default(),
+            listen: ListenSettings::default(),
+            store: StoreSettings::default(),
+            committer: CommitterSettings::default(),
+            rooms: RoomSettings::default(),
+            auth: AuthSettings::default(),
+            limits: LimitSettings::default(),
+            log: LogSettings::default(),
+        }
+    }
+}
+
+impl Default for NodeSettings {
+    fn default() -> Self {
+        NodeSettings {
+            id: "local".into(),
+            service: "conference.localhost".into(),
+            data_dir: PathBuf::from("./stoa-data"),
+        }
+    }
+}
+
+impl Default for ListenSettings {
+    fn default() -> Self {
+        ListenSettings {
+            client: "127.0.0.1:7450".parse().expect("literal address"),
+            admin: "127.0.0.1:7451".parse().expect("literal address"),
+        }
+    }
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        StoreSettings {
+            url: String::new(),
+            url_file: None,
+            max_connections: 16,
+            sqlite_synchronous: "full".into(),
+            migrate_on_start: true,
+            sqlite_busy_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl Default for CommitterSettings {
+    fn default() -> Self {
+        CommitterSettings { max_batch_rows: 1000, max_batch_delay_us: 500, max_in_flight: 4 }
+    }
+}
+
+impl Default for RoomSettings {
+    fn default() -> Self {
+        RoomSettings {
+            passivate_after_ms: 120_000,
+            arbiters: 0,
+            join_replay_limit: 500,
+            history_max_limit: 500,
+            max_occupants: 10_000,
+            recent_cache: 64,
+        }
+    }
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        AuthSettings {
+            allow_guests: false,
+            admin_token: String::new(),
+            admin_token_file: None,
+            session_ttl_s: 7 * 24 * 3600,
+        }
+    }
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        LimitSettings {
+            max_frame_bytes: 64 * 1024,
+            max_body_bytes: 16 * 1024,
+            max_nick_chars: 32,
+            max_room_name_chars: 64,
+            max_cid_chars: 128,
+            max_rooms_per_connection: 100,
+            requests_per_second: 100,
+            request_burst: 200,
+            idle_timeout_ms: 60_000,
+            hello_timeout_ms: 10_000,
+            outbound_queue: 4096,
+            max_connections: 15_000,
+        }
+    }
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings { level: "info".into(), json: false }
+    }
+}
+
+impl Settings {
+    /// Load settings: defaults, then `file` (if any), then `STOA__SECTION__KEY` variables.
+    /// Without a file the node is in dev mode (guests allowed, loopback only).
+    pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(file) = file {
+            builder = builder.add_source(config::File::from(file).required(true));
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("STOA")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true),
+        );
+        let mut settings: Settings = builder.build()?.try_deserialize()?;
+        if file.is_none() {
+            settings.dev_mode = true;
+            if std::env::var_os("STOA__AUTH__ALLOW_GUESTS").is_none() {
+                settings.auth.allow_guests = true;
+            }
+        }
+        settings.resolve_secrets()?;
+        settings.check()?;
+        Ok(settings)
+    }
+
+    fn resolve_secrets(&mut self) -> Result<(), ConfigError> {
+        let read = |path: &PathBuf| {
+            std::fs::read_to_string(path)
+                .map(|s| s.trim().to_owned())
+                .map_err(|source| ConfigError::SecretFile { path: path.clone(), source })
+        };
+        if let Some(path) = &self.store.url_file {
+            self.store.url = read(path)?;
+        }
+        if let Some(path) = &self.auth.admin_token_file {
+            self.auth.admin_token = read(path)?;
+        }
+        Ok(())
+    }
+
+    /// The store URL, defaulting to SQLite under the data directory.
+    pub fn store_url(&self) -> String {
+        if self.store.url.is_empty() {
+            format!("sqlite://{}/stoa.db", self.node.data_dir.display())
+        } else {
+            self.store.url.clone()
+        }
+    }
+
+    /// Refuse settings that are unsafe or meaningless.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        let exposed = |a: &SocketAddr| !a.ip().is_loopback();
+        if self.dev_mode && (exposed(&self.listen.client) || exposed(&self.listen.admin)) {
+            return invalid(format!(
+                "dev mode (no config file) only binds loopback, but a listener is set to {} / {}; \
+                 write a config file with [auth] set up to listen elsewhere",
+                self.listen.client, self.listen.admin
+            ));
+        }
+        if self.auth.allow_guests && exposed(&self.listen.client) {
+            return invalid(format!(
+                "refusing to offer guest login on non-loopback address {}: set auth.allow_guests = false \
+                 and add users with `stoa user add`",
+                self.listen.client
+            ));
+        }
+        if self.auth.admin_token.is_empty() && exposed(&self.listen.admin) {
+            return invalid(format!(
+                "refusing to open the admin API on non-loopback address {} without auth.admin_token",
+                self.listen.admin
+            ));
+        }
+        if self.node.id.is_empty() || self.node.id.len() > 64 {
+            return invalid("node.id must be 1 to 64 characters".into());
+        }
+        if self.node.service.is_empty() || self.node.service.contains('@') {
+            return invalid("node.service must be a domain-like alias without '@'".into());
+        }
+        if self.committer.max_batch_rows == 0 || self.committer.max_in_flight == 0 {
+            return invalid("committer.max_batch_rows and max_in_flight must be at least 1".into());
+        }
+        if self.limits.max_body_bytes > self.limits.max_frame_bytes {
+            return invalid("limits.max_body_bytes cannot exceed limits.max_frame_bytes".into());
+        }
+        if !matches!(self.store.sqlite_synchronous.as_str(), "full" | "normal" | "extra" | "off") {
+            return invalid("store.sqlite_synchronous must be full, normal, extra or off".into());
+        }
+        if self.limits.outbound_queue == 0 || self.limits.requests_per_second == 0 {
+            return invalid("limits.outbound_queue and requests_per_second must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// Passivation delay as a duration.
+    pub fn passivate_after(&self) -> Duration {
+        Duration::from_millis(self.rooms.passivate_after_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn file_overrides_defaults_and_env_overrides_file() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "[node]\nid = \"n1\"\n[limits]\nmax_body_bytes = 1000\n[auth]\nadmin_token = \"t\"").unwrap();
+        let path = f.path().with_extension("toml");
+        std::fs::copy(f.path(), &path).unwrap();
+        // SAFETY: this test is the only one that touches these variables.
+        unsafe { std::env::set_var("STOA__LIMITS__MAX_BODY_BYTES", "2000") };
+        let s = Settings::load(Some(&path)).unwrap();
+        unsafe { std::env::remove_var("STOA__LIMITS__MAX_BODY_BYTES") };
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(s.node.id, "n1");
+        assert_eq!(s.limits.max_body_bytes, 2000);
+        assert_eq!(s.limits.max_frame_bytes, 64 * 1024);
+        assert!(!s.dev_mode && !s.auth.allow_guests);
+    }
+
+    #[test]
+    fn guests_on_a_public_address_are_refused() {
+        let mut s = Settings::default();
+        s.auth.allow_guests = true;
+        s.auth.admin_token = "t".into();
+        s.listen.client = "0.0.0.0:7450".parse().unwrap();
+        let err = s.check().unwrap_err().to_string();
+        assert!(err.contains("refusing to offer guest login"), "{err}");
+        s.auth.allow_guests = false;
+        s.check().unwrap();
+        s.auth.admin_token.clear();
+        s.listen.admin = "0.0.0.0:7451".parse().unwrap();
+        assert!(s.check().is_err());
+    }
+
+    #[test]
+    fn dev_mode_is_loopback_only() {
+        let mut s = Settings { dev_mode: true, ..Settings::default() };
+        s.check().unwrap();
+        s.listen.client = "10.0.0.1:7450".parse().unwrap();
+        assert!(s.check().unwrap_err().to_string().contains("dev mode"));
+    }
+
+    #[test]
+    fn default_store_is_sqlite_in_the_data_dir() {
+        assert_eq!(Settings::default().store_url(), "sqlite://./stoa-data/stoa.db");
+    }
+}

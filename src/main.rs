@@ -1,0 +1,249 @@
+//! `stoa`: the command line. Thin: parse, load settings, init tracing, call into the library.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use stoa::config::Settings;
+use stoa::protocol::{RoomAddr, RoomConfig};
+use stoa::store::{NodeId, Store};
+
+#[derive(Parser)]
+#[command(name = "stoa", version, about = "Persistent chat rooms on a SQL store")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node (with no --config: dev mode, SQLite in ./stoa-data, loopback only).
+    Serve(ConfigArg),
+    /// Apply pending database migrations and exit.
+    Migrate(ConfigArg),
+    /// Manage users.
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+    /// Manage rooms directly in the store.
+    Room {
+        #[command(subcommand)]
+        command: RoomCommand,
+    },
+    /// Load generator and benchmarks (see docs/benchmarks.md).
+    Bench(stoa::bench::BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct ConfigArg {
+    /// TOML config file; `STOA__SECTION__KEY` variables override it.
+    #[arg(long, short, env = "STOA_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Register a user; the password comes from --password-file or a prompt.
+    Add {
+        name: String,
+        /// Read the password from this file (first line) instead of prompting.
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// List registered users.
+    List(ConfigArg),
+}
+
+#[derive(Subcommand)]
+enum RoomCommand {
+    /// Create a room homed on this node.
+    Create {
+        /// `name@service` (the service must be this node's).
+        room: String,
+        /// The owner's user name.
+        #[arg(long, default_value = "admin")]
+        owner: String,
+        /// Members-only instead of public.
+        #[arg(long)]
+        members_only: bool,
+        #[arg(long)]
+        subject: Option<String>,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// List rooms.
+    List {
+        #[arg(long, default_value_t = 100)]
+        limit: u64,
+        #[arg(long, default_value_t = 0)]
+        offset: u64,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Show one room.
+    Show {
+        room: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+fn init_tracing(settings: &Settings) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("STOA_LOG")
+        .unwrap_or_else(|_| EnvFilter::new(format!("{},sqlx=warn,sea_orm=warn", settings.log.level)));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if settings.log.json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn load(config: &ConfigArg) -> anyhow::Result<Settings> {
+    Settings::load(config.config.as_deref()).context("loading settings")
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")
+}
+
+async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
+    let url = settings.store_url();
+    let store = Store::connect(&url, 4, &settings.store.sqlite_synchronous)
+        .await
+        .with_context(|| format!("connecting to {}", stoa::node::redact(&url)))?;
+    store.migrate().await.context("running migrations")?;
+    Ok(store)
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let command = cli.command.unwrap_or(Command::Serve(ConfigArg { config: None }));
+    match command {
+        Command::Serve(config) => {
+            let settings = load(&config)?;
+            init_tracing(&settings);
+            let mut node = stoa::node::Node::start(settings)?;
+            let token = node.shutdown_token();
+            let rt = runtime()?;
+            rt.spawn(async move {
+                wait_for_signal().await;
+                tracing::info!("signal received");
+                token.cancel();
+            });
+            node.join()
+        }
+        Command::Migrate(config) => {
+            let settings = load(&config)?;
+            init_tracing(&settings);
+            runtime()?.block_on(async {
+                open_store(&settings).await?;
+                println!("migrations applied to {}", stoa::node::redact(&settings.store_url()));
+                Ok(())
+            })
+        }
+        Command::User { command } => match command {
+            UserCommand::Add { name, password_file, config } => {
+                let settings = load(&config)?;
+                init_tracing(&settings);
+                let password = match password_file {
+                    Some(path) => std::fs::read_to_string(&path)
+                        .with_context(|| format!("reading {}", path.display()))?
+                        .lines()
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned(),
+                    None => {
+                        let p = rpassword::prompt_password(format!("password for {name}: "))?;
+                        let again = rpassword::prompt_password("again: ")?;
+                        anyhow::ensure!(p == again, "passwords differ");
+                        p
+                    }
+                };
+                anyhow::ensure!(password.len() >= 8, "passwords must be at least 8 characters");
+                runtime()?.block_on(async {
+                    let store = open_store(&settings).await?;
+                    let auth = stoa::auth::Auth::new(store, false, settings.auth.session_ttl_s);
+                    auth.add_user(&name, &password).await.with_context(|| format!("adding user {name}"))?;
+                    println!("user {name} added");
+                    Ok(())
+                })
+            }
+            UserCommand::List(config) => {
+                let settings = load(&config)?;
+                init_tracing(&settings);
+                runtime()?.block_on(async {
+                    let store = open_store(&settings).await?;
+                    for (name, created) in store.list_users().await? {
+                        println!("{name}\tcreated_at_ms={created}");
+                    }
+                    Ok(())
+                })
+            }
+        },
+        Command::Room { command } => match command {
+            RoomCommand::Create { room, owner, members_only, subject, config } => {
+                let settings = load(&config)?;
+                init_tracing(&settings);
+                let addr = RoomAddr(room);
+                anyhow::ensure!(
+                    addr.service() == settings.node.service,
+                    "room {addr} is not on this node's service `{}`",
+                    settings.node.service
+                );
+                let cfg = RoomConfig { public: !members_only, subject: subject.unwrap_or_default(), ..RoomConfig::default() };
+                runtime()?.block_on(async {
+                    let store = open_store(&settings).await?;
+                    store.create_room(&addr, &cfg, &owner, &NodeId(settings.node.id.clone())).await.with_context(|| format!("creating {addr}"))?;
+                    println!("room {addr} created, owner {owner}");
+                    Ok(())
+                })
+            }
+            RoomCommand::List { limit, offset, config } => {
+                let settings = load(&config)?;
+                init_tracing(&settings);
+                runtime()?.block_on(async {
+                    let store = open_store(&settings).await?;
+                    println!("{} rooms", store.count_rooms().await?);
+                    for r in store.list_rooms(offset, limit).await? {
+                        println!("{}\tlast_seq={}\thost={}\tepoch={}\tpublic={}", r.address, r.last_seq, r.host_node, r.epoch.0, r.config.public);
+                    }
+                    Ok(())
+                })
+            }
+            RoomCommand::Show { room, config } => {
+                let settings = load(&config)?;
+                init_tracing(&settings);
+                runtime()?.block_on(async {
+                    let store = open_store(&settings).await?;
+                    let row = store.load_room(&RoomAddr(room.clone())).await?.with_context(|| format!("no room {room}"))?;
+                    let affs = store.load_affiliations(row.id).await?;
+                    let out = serde_json::json!({
+                        "room": row.address, "last_seq": row.last_seq, "home_node": row.home_node.0,
+                        "host_node": row.host_node.0, "epoch": row.epoch.0, "created_at": row.created_at,
+                        "config": row.config.public_view(), "affiliations": affs,
+                    });
+                    println!("{}", serde_json::to_string_pretty(&out)?);
+                    Ok(())
+                })
+            }
+        },
+        Command::Bench(args) => {
+            let settings = Settings::default();
+            init_tracing(&Settings { log: stoa::config::LogSettings { level: "warn".into(), json: false }, ..settings });
+            runtime()?.block_on(stoa::bench::run(args))
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,201 @@
+//! Node start-up and shutdown, read top to bottom.
+//!
+//! A node runs in its own thread with an actix `System` over a multi-threaded tokio runtime
+//! (network, store, committer) plus one arbiter thread per core for room actors. [`Node::start`]
+//! returns once the listeners are bound, so tests and the CLI get the real addresses (port 0
+//! works). [`Node::stop`] shuts down in order: listeners and connections, then the committer
+//! drains its in-flight transactions, then the arbiters stop.
+
+use crate::admin;
+use crate::auth::Auth;
+use crate::committer::Committer;
+use crate::config::Settings;
+use crate::registry::RoomRegistry;
+use crate::room::{RoomDeps, RoomLimits};
+use crate::router::Router;
+use crate::store::{NodeId, Store};
+use crate::transport;
+use anyhow::Context as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// A running node.
+pub struct Node {
+    /// Where the WebSocket listener is bound.
+    pub client_addr: SocketAddr,
+    /// Where the admin HTTP listener is bound.
+    pub admin_addr: SocketAddr,
+    shutdown: CancellationToken,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Node {
+    /// Start a node with `settings`; returns when it accepts connections.
+    pub fn start(settings: Settings) -> anyhow::Result<Node> {
+        let shutdown = CancellationToken::new();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let token = shutdown.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("stoa-node-{}", settings.node.id))
+            .spawn(move || -> anyhow::Result<()> {
+                let workers = worker_threads();
+                let system = actix::System::with_tokio_rt(move || {
+                    tokio::runtime::Builder::new_multi_thread()
+                        .worker_threads(workers)
+                        .thread_name("stoa-io")
+                        .enable_all()
+                        .build()
+                        .expect("tokio runtime builds")
+                });
+                let result = system.block_on(run(settings, token, ready_tx.clone()));
+                if let Err(e) = &result {
+                    let _ = ready_tx.send(Err(anyhow::anyhow!("{e:#}")));
+                }
+                result
+            })
+            .context("spawning the node thread")?;
+        match ready_rx.recv() {
+            Ok(Ok((client_addr, admin_addr))) => Ok(Node { client_addr, admin_addr, shutdown, thread: Some(thread) }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e)
+            }
+            Err(_) => match thread.join() {
+                Ok(Err(e)) => Err(e),
+                _ => Err(anyhow::anyhow!("node thread ended during start-up")),
+            },
+        }
+    }
+
+    /// The token that stops the node when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Stop the node and wait until it has shut down.
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.join()
+    }
+
+    /// Wait until the node stops (after its shutdown token is cancelled).
+    pub fn join(&mut self) -> anyhow::Result<()> {
+        match self.thread.take() {
+            Some(t) => t.join().map_err(|_| anyhow::anyhow!("node thread panicked"))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        let _ = self.join();
+    }
+}
+
+fn worker_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+}
+
+type Ready = std::sync::mpsc::Sender<anyhow::Result<(SocketAddr, SocketAddr)>>;
+
+async fn run(settings: Settings, shutdown: CancellationToken, ready: Ready) -> anyhow::Result<()> {
+    let settings = Arc::new(settings);
+    let node_id = NodeId(settings.node.id.clone());
+    if settings.dev_mode {
+        tracing::warn!(
+            "dev mode: no config file, so guest login is on and every listener is loopback-only; \
+             give --config for a real deployment"
+        );
+    }
+    tracing::info!(node = %node_id, service = %settings.node.service, "starting node");
+
+    let url = settings.store_url();
+    let store = Store::connect_with(&url, &settings.store)
+        .await
+        .with_context(|| format!("connecting to the store ({})", redact(&url)))?;
+    tracing::info!(store = store.kind().as_str(), "store connected");
+    if settings.store.migrate_on_start {
+        store.migrate().await.context("running migrations")?;
+        tracing::info!("migrations applied");
+    }
+
+    let committer_stop = CancellationToken::new();
+    let (committer, committer_task) = Committer::start(store.clone(), &settings.committer, committer_stop.clone());
+    tracing::info!(
+        max_batch_rows = settings.committer.max_batch_rows,
+        max_batch_delay_us = settings.committer.max_batch_delay_us,
+        "group committer started"
+    );
+
+    let arbiter_count = match settings.rooms.arbiters {
+        0 => worker_threads(),
+        n => n,
+    };
+    let arbiters: Vec<actix::Arbiter> = (0..arbiter_count).map(|_| actix::Arbiter::new()).collect();
+    let registry = RoomRegistry::new(node_id.clone(), store.clone(), arbiters.iter().map(|a| a.handle()).collect());
+    let deps = Arc::new(RoomDeps {
+        store: store.clone(),
+        committer,
+        registry: registry.clone(),
+        limits: RoomLimits {
+            passivate_after: settings.passivate_after(),
+            join_replay_limit: settings.rooms.join_replay_limit,
+            max_occupants: settings.rooms.max_occupants,
+            recent_cache: settings.rooms.recent_cache,
+        },
+        io: tokio::runtime::Handle::current(),
+    });
+    registry.set_room_deps(&deps);
+    tracing::info!(arbiters = arbiter_count, "room registry ready");
+
+    let auth = Auth::new(store.clone(), settings.auth.allow_guests, settings.auth.session_ttl_s);
+    let router = Arc::new(Router::new(settings.clone(), registry.clone(), store.clone(), auth));
+
+    let client_listener = TcpListener::bind(settings.listen.client)
+        .await
+        .with_context(|| format!("binding the client listener on {}", settings.listen.client))?;
+    let admin_listener = TcpListener::bind(settings.listen.admin)
+        .await
+        .with_context(|| format!("binding the admin listener on {}", settings.listen.admin))?;
+    let client_addr = client_listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+    let clients = tokio::spawn(transport::ws::serve(client_listener, router.clone(), shutdown.clone()));
+    let admin_state = admin::AdminState::new(settings.clone(), store.clone(), registry.clone(), router.clone());
+    let admin = tokio::spawn(admin::serve(admin_listener, admin_state, shutdown.clone()));
+    tracing::info!(%client_addr, %admin_addr, "listening: clients at ws://{client_addr}/ws, admin at http://{admin_addr}/");
+    let _ = ready.send(Ok((client_addr, admin_addr)));
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down: closing connections");
+    let _ = clients.await;
+    let _ = admin.await;
+    tracing::info!("draining the committer");
+    drop(deps);
+    committer_stop.cancel();
+    let _ = committer_task.await;
+    for arbiter in &arbiters {
+        arbiter.stop();
+    }
+    for arbiter in arbiters {
+        let _ = arbiter.join();
+    }
+    store.connection().clone().close().await.ok();
+    tracing::info!("node stopped");
+    actix::System::current().stop();
+    Ok(())
+}
+
+/// A store URL without its password, for logs.
+pub fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}

@@ -1,0 +1,215 @@
+//! The room registry: room address → the actor of its current incarnation.
+//!
+//! Rooms are activated on first use from the store and spread over the node's arbiters (one
+//! per core) by a hash of their address. Concurrent first uses of one room wait for a single
+//! activation. A room that passivates removes its own entry *before* it stops, and refuses
+//! anything that still reaches it with [`RoomError::Passivating`]; callers then resolve again
+//! and get the next incarnation ([`RoomRegistry::call`] does this), so no request is dropped.
+
+use crate::protocol::{RoomAddr, RoomConfig};
+use crate::room::{Room, RoomDeps, RoomError};
+use crate::store::{NodeId, RoomRow, Store};
+use actix::dev::ToEnvelope;
+use actix::prelude::*;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use tokio::sync::oneshot;
+
+type Activation = oneshot::Sender<Result<Addr<Room>, RoomError>>;
+
+enum Slot {
+    Active { addr: Addr<Room>, incarnation: u64 },
+    Loading(Vec<Activation>),
+}
+
+struct Inner {
+    node: NodeId,
+    store: Store,
+    slots: Mutex<HashMap<RoomAddr, Slot>>,
+    arbiters: Vec<ArbiterHandle>,
+    hasher: std::collections::hash_map::RandomState,
+    incarnations: AtomicU64,
+    /// Set once at start-up: rooms need the registry and the registry creates rooms.
+    deps: OnceLock<Weak<RoomDeps>>,
+}
+
+/// Handle to the node's room registry; cheap to clone.
+#[derive(Clone)]
+pub struct RoomRegistry {
+    inner: Arc<Inner>,
+}
+
+/// How many times a request is re-resolved when it meets a stopping incarnation.
+const MAX_RESOLVE_ATTEMPTS: usize = 8;
+
+impl RoomRegistry {
+    /// A registry for rooms hosted by `node`, spreading actors over `arbiters`.
+    pub fn new(node: NodeId, store: Store, arbiters: Vec<ArbiterHandle>) -> Self {
+        assert!(!arbiters.is_empty(), "a registry needs at least one arbiter");
+        RoomRegistry {
+            inner: Arc::new(Inner {
+                node,
+                store,
+                slots: Mutex::new(HashMap::new()),
+                arbiters,
+                hasher: Default::default(),
+                incarnations: AtomicU64::new(1),
+                deps: OnceLock::new(),
+            }),
+        }
+    }
+
+    /// Give the registry what it passes to every room it starts (once, at start-up).
+    pub fn set_room_deps(&self, deps: &Arc<RoomDeps>) {
+        let _ = self.inner.deps.set(Arc::downgrade(deps));
+    }
+
+    fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<RoomAddr, Slot>> {
+        self.inner.slots.lock().expect("registry lock poisoned")
+    }
+
+    /// Number of active rooms.
+    pub fn active_count(&self) -> usize {
+        self.slots().values().filter(|s| matches!(s, Slot::Active { .. })).count()
+    }
+
+    /// The actors of every active room.
+    pub fn active_rooms(&self) -> Vec<(RoomAddr, Addr<Room>)> {
+        self.slots()
+            .iter()
+            .filter_map(|(r, s)| match s {
+                Slot::Active { addr, .. } => Some((r.clone(), addr.clone())),
+                Slot::Loading(_) => None,
+            })
+            .collect()
+    }
+
+    /// The actor of an already active room, without activating it.
+    pub fn lookup(&self, room: &RoomAddr) -> Option<Addr<Room>> {
+        match self.slots().get(room) {
+            Some(Slot::Active { addr, .. }) if addr.connected() => Some(addr.clone()),
+            _ => None,
+        }
+    }
+
+    /// The actor of `room`, activating it from the store if needed.
+    pub async fn resolve(&self, room: &RoomAddr) -> Result<Addr<Room>, RoomError> {
+        let waiter = {
+            let mut slots = self.slots();
+            match slots.get_mut(room) {
+                Some(Slot::Active { addr, .. }) if addr.connected() => return Ok(addr.clone()),
+                Some(Slot::Loading(waiters)) => {
+                    let (tx, rx) = oneshot::channel();
+                    waiters.push(tx);
+                    Some(rx)
+                }
+                _ => {
+                    slots.insert(room.clone(), Slot::Loading(Vec::new()));
+                    None
+                }
+            }
+        };
+        if let Some(rx) = waiter {
+            return rx.await.unwrap_or_else(|_| Err(RoomError::Unavailable("room activation aborted".into())));
+        }
+        let result = self.activate(room).await;
+        let waiters = {
+            let mut slots = self.slots();
+            let previous = match &result {
+                Ok((addr, incarnation)) => slots.insert(room.clone(), Slot::Active { addr: addr.clone(), incarnation: *incarnation }),
+                Err(_) => slots.remove(room),
+            };
+            match previous {
+                Some(Slot::Loading(waiters)) => waiters,
+                _ => Vec::new(),
+            }
+        };
+        let result = result.map(|(addr, _)| addr);
+        metrics::gauge!("stoa_rooms_active").set(self.active_count() as f64);
+        for w in waiters {
+            let _ = w.send(result.clone());
+        }
+        result
+    }
+
+    async fn activate(&self, room: &RoomAddr) -> Result<(Addr<Room>, u64), RoomError> {
+        let started = std::time::Instant::now();
+        let row = self.inner.store.load_room(room).await?.ok_or(RoomError::NotFound)?;
+        if row.host_node != self.inner.node {
+            return Err(RoomError::Unavailable(format!("room is hosted by node {}", row.host_node)));
+        }
+        let affiliations = self.inner.store.load_affiliations(row.id).await?;
+        let deps = self
+            .inner
+            .deps
+            .get()
+            .and_then(Weak::upgrade)
+            .ok_or_else(|| RoomError::Unavailable("node is shutting down".into()))?;
+        let incarnation = self.inner.incarnations.fetch_add(1, Ordering::Relaxed);
+        let arbiter = &self.inner.arbiters[self.arbiter_index(room)];
+        let addr = Room::start_in_arbiter(arbiter, move |_ctx| Room::new(row, affiliations, incarnation, deps));
+        metrics::histogram!("stoa_room_activation_seconds").record(started.elapsed().as_secs_f64());
+        metrics::counter!("stoa_room_activations_total").increment(1);
+        tracing::debug!(room = %room, incarnation, "room activated");
+        Ok((addr, incarnation))
+    }
+
+    fn arbiter_index(&self, room: &RoomAddr) -> usize {
+        let mut h = self.inner.hasher.build_hasher();
+        room.hash(&mut h);
+        (h.finish() % self.inner.arbiters.len() as u64) as usize
+    }
+
+    /// Called by a room that is stopping: forget it if it is still the current incarnation.
+    pub fn passivated(&self, room: &RoomAddr, incarnation: u64) {
+        let mut slots = self.slots();
+        if matches!(slots.get(room), Some(Slot::Active { incarnation: i, .. }) if *i == incarnation) {
+            slots.remove(room);
+        }
+        let active = slots.values().filter(|s| matches!(s, Slot::Active { .. })).count();
+        drop(slots);
+        metrics::gauge!("stoa_rooms_active").set(active as f64);
+    }
+
+    /// Send `msg` to the room's current incarnation, resolving again if it meets a stopping one.
+    pub async fn call<M>(&self, room: &RoomAddr, msg: M) -> Result<M::Result, RoomError>
+    where
+        M: Message + Clone + Send + 'static,
+        M::Result: Send + IsPassivating,
+        Room: Handler<M>,
+        <Room as Actor>::Context: ToEnvelope<Room, M>,
+    {
+        for _ in 0..MAX_RESOLVE_ATTEMPTS {
+            let addr = self.resolve(room).await?;
+            match addr.send(msg.clone()).await {
+                Ok(r) if r.is_passivating() => continue,
+                Ok(r) => return Ok(r),
+                Err(MailboxError::Closed) => continue,
+                Err(MailboxError::Timeout) => return Err(RoomError::Unavailable("room did not answer".into())),
+            }
+        }
+        Err(RoomError::Unavailable("room keeps restarting; retry".into()))
+    }
+
+    /// Create a room hosted (and homed) on this node; `owner` becomes its owner.
+    pub async fn create(&self, room: &RoomAddr, config: &RoomConfig, owner: &str) -> Result<RoomRow, RoomError> {
+        match self.inner.store.create_room(room, config, owner, &self.inner.node).await {
+            Ok(row) => Ok(row),
+            Err(crate::store::StoreError::Conflict) => Err(RoomError::Conflict("room already exists".into())),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Room answers that mean "this incarnation is stopping; resolve again".
+pub trait IsPassivating {
+    fn is_passivating(&self) -> bool;
+}
+
+impl<T> IsPassivating for Result<T, RoomError> {
+    fn is_passivating(&self) -> bool {
+        matches!(self, Err(RoomError::Passivating))
+    }
+}

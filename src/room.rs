@@ -1,0 +1,910 @@
+//! The room actor: one per active room, on one of the node's arbiters.
+//!
+//! A room owns its ordering. Posts are queued in the actor and handed to the group committer
+//! one append at a time (everything queued goes in that one append), so the room's seq is
+//! assigned by exactly one writer and stays contiguous. Only after the commit does the room
+//! ack the senders and fan the messages out; a failed commit acks nobody and shows nothing.
+//! Every frame for a client is pushed to that client's session queue, in order.
+
+pub mod state;
+
+use crate::committer::{CommitError, Committer};
+use crate::protocol::{
+    Affiliation, ErrorCode, MessageEvent, RequestId, RoomAddr, RoomConfig, RoomConfigPatch, ServerFrame,
+};
+use crate::registry::RoomRegistry;
+use crate::session::SessionHandle;
+use crate::store::{AppendError, AppendRequest, Appended, Fence, NewMessage, RoomRow, Store, StoredMessage, now_ms};
+use actix::prelude::*;
+use state::{Denied, OccupantState, RoomState};
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+/// Why a room refused or failed a request. Mapped to protocol codes by [`RoomError::code`].
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RoomError {
+    /// The room does not exist.
+    #[error("no such room")]
+    NotFound,
+    /// The caller lacks the right (membership, password, affiliation, occupancy).
+    #[error("{0}")]
+    Forbidden(String),
+    /// The state does not allow it (nick taken, last owner).
+    #[error("{0}")]
+    Conflict(String),
+    /// A count or size is over its limit (room full).
+    #[error("{0}")]
+    TooLarge(String),
+    /// The request is malformed for this room.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The room cannot serve now (store down, room moved, commit failed); retry later.
+    #[error("{0}")]
+    Unavailable(String),
+    /// This incarnation is stopping; the caller should resolve the room again (never sent to clients).
+    #[error("room is passivating")]
+    Passivating,
+    /// Unexpected fault; details are logged, not sent.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl RoomError {
+    /// The protocol error code for this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            RoomError::NotFound => ErrorCode::NotFound,
+            RoomError::Forbidden(_) => ErrorCode::Forbidden,
+            RoomError::Conflict(_) => ErrorCode::Conflict,
+            RoomError::TooLarge(_) => ErrorCode::TooLarge,
+            RoomError::BadRequest(_) => ErrorCode::BadRequest,
+            RoomError::Unavailable(_) | RoomError::Passivating => ErrorCode::Unavailable,
+            RoomError::Internal(_) => ErrorCode::Internal,
+        }
+    }
+
+    /// The message a client may see (internal details stay in the log).
+    pub fn client_message(&self) -> String {
+        match self {
+            RoomError::Internal(_) => "internal error".into(),
+            other => other.to_string(),
+        }
+    }
+}
+
+impl From<Denied> for RoomError {
+    fn from(d: Denied) -> Self {
+        match d {
+            Denied::Forbidden(m) => RoomError::Forbidden(m.into()),
+            Denied::Conflict(m) => RoomError::Conflict(m.into()),
+            Denied::TooLarge(m) => RoomError::TooLarge(m.into()),
+            Denied::NotFound(m) => RoomError::BadRequest(m.into()),
+            Denied::BadRequest(m) => RoomError::BadRequest(m.into()),
+        }
+    }
+}
+
+impl From<crate::store::StoreError> for RoomError {
+    fn from(e: crate::store::StoreError) -> Self {
+        use crate::store::StoreError;
+        match e {
+            StoreError::Fenced { .. } => RoomError::Unavailable("room moved to another node; retry".into()),
+            StoreError::Conflict => RoomError::Conflict("already exists".into()),
+            other => {
+                tracing::warn!(error = %other, "store error in room");
+                RoomError::Unavailable("store unavailable; retry".into())
+            }
+        }
+    }
+}
+
+/// Node-wide room settings every room reads.
+#[derive(Clone, Debug)]
+pub struct RoomLimits {
+    pub passivate_after: Duration,
+    pub join_replay_limit: u32,
+    pub max_occupants: u32,
+    pub recent_cache: usize,
+}
+
+/// Most messages in one append: bounds one room's share of a batch and its bind parameters.
+const MAX_APPEND_MESSAGES: usize = 500;
+
+/// Committed `(sender, cid)` pairs a room remembers, to answer resends without the store.
+/// Older resends are still caught by the store's unique key.
+const CID_MEMORY: usize = 1024;
+
+/// How often an empty room checks whether it has been idle long enough to passivate.
+fn idle_check_interval(passivate_after: Duration) -> Duration {
+    (passivate_after / 4).clamp(Duration::from_millis(50), Duration::from_secs(10))
+}
+
+/// A post waiting for its commit, with everyone to ack (a resend joins the original).
+struct PendingPost {
+    message: NewMessage,
+    waiters: Vec<(Arc<SessionHandle>, RequestId)>,
+}
+
+/// A committed message as this room caches it: the pre-serialized `message` frame.
+struct Recent {
+    seq: u64,
+    frame: Utf8Bytes,
+}
+
+/// The actor of one active room.
+pub struct Room {
+    addr: RoomAddr,
+    fence: Fence,
+    incarnation: u64,
+    state: RoomState,
+    /// Highest committed seq.
+    last_seq: u64,
+    queue: VecDeque<PendingPost>,
+    /// True while an append (or a resync) is outstanding: a room has at most one.
+    busy: bool,
+    /// The last commit failed without an answer: reload `last_seq` before the next append.
+    needs_resync: bool,
+    /// The last committed messages, newest last; `None` until first needed.
+    recent: Option<VecDeque<Recent>>,
+    committed_cids: HashMap<(String, String), (u64, i64)>,
+    cid_order: VecDeque<(String, String)>,
+    /// Connected occupants' sessions by session id (their nicks are in `state.occupants`).
+    occupants: HashMap<u64, Arc<SessionHandle>>,
+    passivating: bool,
+    last_activity: Instant,
+    deps: Arc<RoomDeps>,
+}
+
+/// What every room of a node shares.
+pub struct RoomDeps {
+    pub store: Store,
+    pub committer: Committer,
+    pub registry: RoomRegistry,
+    pub limits: RoomLimits,
+    /// The I/O runtime: store reads run there, never on an arbiter thread.
+    pub io: tokio::runtime::Handle,
+}
+
+impl Room {
+    /// A room actor for a loaded row (`row.host_node` must be this node).
+    pub fn new(row: RoomRow, affiliations: HashMap<String, Affiliation>, incarnation: u64, deps: Arc<RoomDeps>) -> Room {
+        Room {
+            fence: Fence { room: row.id, host: row.host_node.clone(), epoch: row.epoch },
+            addr: row.address,
+            incarnation,
+            state: RoomState::new(row.config, affiliations),
+            last_seq: row.last_seq,
+            queue: VecDeque::new(),
+            busy: false,
+            needs_resync: false,
+            recent: None,
+            committed_cids: HashMap::new(),
+            cid_order: VecDeque::new(),
+            occupants: HashMap::new(),
+            passivating: false,
+            last_activity: Instant::now(),
+            deps,
+        }
+    }
+
+    fn check_alive(&self) -> Result<(), RoomError> {
+        if self.passivating { Err(RoomError::Passivating) } else { Ok(()) }
+    }
+
+    fn occupant(&self, session: u64) -> Result<&Arc<SessionHandle>, RoomError> {
+        self.occupants.get(&session).ok_or_else(|| RoomError::Forbidden("join the room first".into()))
+    }
+
+    /// Run a store operation on the I/O runtime.
+    fn on_io<T, F>(&self, f: F) -> impl Future<Output = Result<T, RoomError>> + 'static
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T, crate::store::StoreError>> + Send + 'static,
+    {
+        let task = self.deps.io.spawn(f);
+        async move {
+            match task.await {
+                Ok(r) => r.map_err(RoomError::from),
+                Err(e) => Err(RoomError::Internal(format!("store task failed: {e}"))),
+            }
+        }
+    }
+
+    fn broadcast(&self, frame: &Utf8Bytes) {
+        for session in self.occupants.values() {
+            session.push(frame.clone());
+        }
+        metrics::counter!("stoa_deliveries_total").increment(self.occupants.len() as u64);
+    }
+
+    fn broadcast_frame(&self, frame: &ServerFrame) {
+        self.broadcast(&Utf8Bytes::from(frame.to_json()));
+    }
+
+    fn message_frame(&self, seq: u64, m: &NewMessage, ts: i64) -> Utf8Bytes {
+        Utf8Bytes::from(
+            ServerFrame::Message(MessageEvent {
+                room: self.addr.clone(),
+                seq,
+                from: m.sender.clone(),
+                nick: m.nick.clone(),
+                body: m.body.clone(),
+                cid: m.client_msg_id.clone(),
+                ts,
+            })
+            .to_json(),
+        )
+    }
+
+    fn stored_frame(&self, m: &StoredMessage) -> Utf8Bytes {
+        let msg = NewMessage {
+            sender: m.sender.clone(),
+            nick: m.nick.clone(),
+            body: m.body.clone(),
+            client_msg_id: m.client_msg_id.clone(),
+            created_at: m.created_at,
+        };
+        self.message_frame(m.seq, &msg, m.created_at)
+    }
+
+    fn remember(&mut self, seq: u64, frame: Utf8Bytes) {
+        if let Some(recent) = &mut self.recent {
+            recent.push_back(Recent { seq, frame });
+            while recent.len() > self.deps.limits.recent_cache.max(1) {
+                recent.pop_front();
+            }
+        }
+    }
+
+    fn remember_cid(&mut self, sender: String, cid: String, seq: u64, ts: i64) {
+        let key = (sender, cid);
+        if self.committed_cids.insert(key.clone(), (seq, ts)).is_none() {
+            self.cid_order.push_back(key);
+            if self.cid_order.len() > CID_MEMORY {
+                if let Some(old) = self.cid_order.pop_front() {
+                    self.committed_cids.remove(&old);
+                }
+            }
+        }
+    }
+
+    // ---- write path ----------------------------------------------------------------------
+
+    /// Hand everything queued to the committer as one append, unless one is outstanding.
+    fn flush(&mut self, ctx: &mut Context<Self>) {
+        if self.busy || self.queue.is_empty() {
+            return;
+        }
+        if self.needs_resync {
+            self.resync(ctx, None);
+            return;
+        }
+        self.busy = true;
+        let take = self.queue.len().min(MAX_APPEND_MESSAGES);
+        let posts: Vec<PendingPost> = self.queue.drain(..take).collect();
+        let request = AppendRequest {
+            fence: self.fence.clone(),
+            base_seq: self.last_seq,
+            messages: posts.iter().map(|p| p.message.clone()).collect(),
+        };
+        let committer = self.deps.committer.clone();
+        ctx.spawn(
+            async move { committer.append(request).await }
+                .into_actor(self)
+                .map(move |result, room, ctx| room.committed(result, posts, ctx)),
+        );
+    }
+
+    fn committed(&mut self, result: Result<Appended, CommitError>, posts: Vec<PendingPost>, ctx: &mut Context<Self>) {
+        self.busy = false;
+        match result {
+            Ok(appended) => {
+                for (post, outcome) in posts.into_iter().zip(appended.outcomes) {
+                    for (session, re) in &post.waiters {
+                        session.send(&ServerFrame::Ack {
+                            re: re.clone(),
+                            room: self.addr.clone(),
+                            seq: outcome.seq,
+                            ts: outcome.created_at,
+                            duplicate: outcome.duplicate,
+                        });
+                    }
+                    let NewMessage { sender, client_msg_id, .. } = &post.message;
+                    self.remember_cid(sender.clone(), client_msg_id.clone(), outcome.seq, outcome.created_at);
+                    if !outcome.duplicate {
+                        let frame = self.message_frame(outcome.seq, &post.message, outcome.created_at);
+                        self.broadcast(&frame);
+                        self.remember(outcome.seq, frame);
+                    }
+                }
+                self.last_seq = appended.last_seq;
+            }
+            Err(CommitError::Append(AppendError::Stale { last_seq })) => {
+                tracing::info!(room = %self.addr, known = self.last_seq, stored = last_seq, "room log moved on; resyncing");
+                // Nothing of this append was written: put it back in front and catch up first.
+                for p in posts.into_iter().rev() {
+                    self.queue.push_front(p);
+                }
+                self.resync(ctx, Some(last_seq));
+                return;
+            }
+            Err(CommitError::Append(AppendError::Fenced { host, epoch })) => {
+                tracing::warn!(room = %self.addr, %host, epoch, "room fenced; stopping this incarnation");
+                self.fail_posts(posts, ErrorCode::Unavailable, "room moved to another node; retry");
+                self.stop_fenced(ctx);
+                return;
+            }
+            Err(CommitError::Append(AppendError::Gone)) => {
+                self.fail_posts(posts, ErrorCode::NotFound, "room was destroyed");
+                self.stop_fenced(ctx);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(room = %self.addr, error = %e, "append not committed");
+                self.fail_posts(posts, ErrorCode::Unavailable, "message not stored; retry with the same cid");
+                // The commit may have landed after all (connection lost during COMMIT).
+                self.needs_resync = true;
+            }
+        }
+        self.flush(ctx);
+    }
+
+    fn fail_posts(&self, posts: Vec<PendingPost>, code: ErrorCode, message: &str) {
+        for post in posts {
+            for (session, re) in post.waiters {
+                session.send(&ServerFrame::Error {
+                    re: Some(re),
+                    code,
+                    message: message.into(),
+                    room: Some(self.addr.clone()),
+                });
+            }
+        }
+    }
+
+    /// Reload the room's log position from the store and deliver whatever was committed that
+    /// this incarnation has not shown yet, then carry on with the queue.
+    fn resync(&mut self, ctx: &mut Context<Self>, _hint: Option<u64>) {
+        self.busy = true;
+        let store = self.deps.store.clone();
+        let id = self.fence.room;
+        let known = self.last_seq;
+        let load = self.on_io(async move {
+            let row = store.load_room_by_id(id).await?;
+            let missing = match &row {
+                Some(row) if row.last_seq > known => store.messages(id, known, None, row.last_seq - known, false).await?,
+                _ => Vec::new(),
+            };
+            Ok((row, missing))
+        });
+        ctx.spawn(load.into_actor(self).map(|result, room, ctx| {
+            room.busy = false;
+            match result {
+                Ok((Some(row), missing)) if row.host_node == room.fence.host && row.epoch == room.fence.epoch => {
+                    for m in &missing {
+                        let frame = room.stored_frame(m);
+                        room.broadcast(&frame);
+                        room.remember(m.seq, frame);
+                        room.remember_cid(m.sender.clone(), m.client_msg_id.clone(), m.seq, m.created_at);
+                    }
+                    room.last_seq = row.last_seq;
+                    room.needs_resync = false;
+                    room.flush(ctx);
+                }
+                Ok((Some(_), _)) => {
+                    let posts: Vec<PendingPost> = room.queue.drain(..).collect();
+                    room.fail_posts(posts, ErrorCode::Unavailable, "room moved to another node; retry");
+                    room.stop_fenced(ctx);
+                }
+                Ok((None, _)) => {
+                    let posts: Vec<PendingPost> = room.queue.drain(..).collect();
+                    room.fail_posts(posts, ErrorCode::NotFound, "room was destroyed");
+                    room.stop_fenced(ctx);
+                }
+                Err(e) => {
+                    // Store still unreachable: fail what is queued; try again on the next post.
+                    let posts: Vec<PendingPost> = room.queue.drain(..).collect();
+                    room.fail_posts(posts, e.code(), &e.client_message());
+                    room.needs_resync = true;
+                }
+            }
+        }));
+    }
+
+    /// This incarnation may no longer write: tell the occupants and stop. The next request
+    /// for the room activates a fresh incarnation from the store (or finds it moved).
+    fn stop_fenced(&mut self, ctx: &mut Context<Self>) {
+        self.passivating = true;
+        let frame = ServerFrame::Error {
+            re: None,
+            code: ErrorCode::Unavailable,
+            message: "room is no longer served here; join again".into(),
+            room: Some(self.addr.clone()),
+        };
+        for session in self.occupants.values() {
+            session.send(&frame);
+            session.exited(&self.addr);
+        }
+        self.occupants.clear();
+        self.deps.registry.passivated(&self.addr, self.incarnation);
+        ctx.stop();
+    }
+
+    // ---- joins ---------------------------------------------------------------------------
+
+    /// Send `joined` and the replay to a session that was just admitted.
+    fn send_join_replay(&self, session: &SessionHandle, re: RequestId, nick: String, aff: Affiliation, replay: Vec<Utf8Bytes>, truncated: bool) {
+        session.send(&ServerFrame::Joined {
+            re,
+            room: self.addr.clone(),
+            nick,
+            last_seq: self.last_seq,
+            occupants: self.state.occupant_list(),
+            subject: self.state.config.subject.clone(),
+            affiliation: aff,
+            truncated,
+        });
+        for frame in replay {
+            session.push(frame);
+        }
+    }
+
+    /// The replay for a join, from the cache if it covers it. `None` = the store must be read.
+    fn replay_from_cache(&self, since: Option<u64>) -> Option<(Vec<Utf8Bytes>, bool)> {
+        let recent = self.recent.as_ref()?;
+        let oldest_cached = recent.front().map_or(self.last_seq + 1, |r| r.seq);
+        match since {
+            None => {
+                let want = self.state.config.history_on_join as u64;
+                let from = self.last_seq.saturating_sub(want) + 1; // first seq to send
+                (from >= oldest_cached || from > self.last_seq || oldest_cached == 1).then(|| {
+                    (recent.iter().filter(|r| r.seq >= from).map(|r| r.frame.clone()).collect(), false)
+                })
+            }
+            Some(since) => {
+                if since >= self.last_seq {
+                    return Some((Vec::new(), false));
+                }
+                let limit = self.deps.limits.join_replay_limit as u64;
+                (since + 1 >= oldest_cached || oldest_cached == 1).then(|| {
+                    let all: Vec<&Recent> = recent.iter().filter(|r| r.seq > since).collect();
+                    let truncated = all.len() as u64 > limit;
+                    (all.into_iter().take(limit as usize).map(|r| r.frame.clone()).collect(), truncated)
+                })
+            }
+        }
+    }
+
+    fn admit(&mut self, ctx: &mut Context<Self>, session: Arc<SessionHandle>, nick: String) {
+        let was_in = self.occupants.contains_key(&session.id);
+        if !was_in {
+            self.broadcast_frame(&ServerFrame::Presence {
+                room: self.addr.clone(),
+                user: session.user.clone(),
+                nick: nick.clone(),
+                status: "joined".into(),
+                reason: None,
+            });
+        }
+        self.state.occupants.insert(session.id, OccupantState { user: session.user.clone(), nick });
+        session.entered(self.addr.clone(), ctx.address());
+        self.occupants.insert(session.id, session);
+        self.last_activity = Instant::now();
+    }
+
+    fn remove_occupant(&mut self, session_id: u64, status: &str, reason: Option<String>) {
+        if let Some(session) = self.occupants.remove(&session_id) {
+            let nick = self.state.occupants.remove(&session_id).map(|s| s.nick).unwrap_or_default();
+            session.exited(&self.addr);
+            let frame = ServerFrame::Presence {
+                room: self.addr.clone(),
+                user: session.user.clone(),
+                nick,
+                status: status.into(),
+                reason,
+            };
+            session.send(&frame);
+            self.broadcast_frame(&frame);
+            self.last_activity = Instant::now();
+        }
+    }
+}
+
+impl Actor for Room {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(1024);
+        let every = idle_check_interval(self.deps.limits.passivate_after);
+        ctx.run_interval(every, |room, ctx| {
+            let idle = room.occupants.is_empty() && room.queue.is_empty() && !room.busy;
+            if idle && room.last_activity.elapsed() >= room.deps.limits.passivate_after && !room.passivating {
+                room.passivating = true;
+                tracing::debug!(room = %room.addr, "passivating idle room");
+                room.deps.registry.passivated(&room.addr, room.incarnation);
+                ctx.stop();
+            }
+        });
+    }
+}
+
+/// A session asks to enter the room. The room answers with `joined` + replay through the
+/// session's queue; the handler's result only carries refusals.
+#[derive(Message, Clone)]
+#[rtype(result = "Result<(), RoomError>")]
+pub struct Join {
+    pub session: Arc<SessionHandle>,
+    pub re: RequestId,
+    pub nick: String,
+    pub since: Option<u64>,
+    pub password: Option<String>,
+}
+
+impl Handler<Join> for Room {
+    type Result = AtomicResponse<Self, Result<(), RoomError>>;
+
+    fn handle(&mut self, msg: Join, ctx: &mut Context<Self>) -> Self::Result {
+        let checked = self.check_alive().and_then(|_| {
+            self.state
+                .check_join(msg.session.id, &msg.session.user, &msg.nick, msg.password.as_deref(), self.deps.limits.max_occupants)
+                .map_err(RoomError::from)
+        });
+        let aff = match checked {
+            Ok(aff) => aff,
+            Err(e) => return AtomicResponse::new(Box::pin(fut::ready(Err(e)))),
+        };
+        if let Some((replay, truncated)) = self.replay_from_cache(msg.since) {
+            self.admit(ctx, msg.session.clone(), msg.nick.clone());
+            self.send_join_replay(&msg.session, msg.re, msg.nick, aff, replay, truncated);
+            return AtomicResponse::new(Box::pin(fut::ready(Ok(()))));
+        }
+        // Not cached: read the replay (and warm the cache) while holding the room's mailbox,
+        // so no live message can slip between the replay and the admission.
+        let store = self.deps.store.clone();
+        let id = self.fence.room;
+        let last = self.last_seq;
+        let cache = self.deps.limits.recent_cache as u64;
+        let limit = self.deps.limits.join_replay_limit as u64;
+        let want_tail = (self.state.config.history_on_join as u64).max(cache);
+        let since = msg.since;
+        let load = self.on_io(async move {
+            let tail = store.messages(id, last.saturating_sub(want_tail), Some(last + 1), want_tail, true).await?;
+            let replay = match since {
+                Some(since) if since < last.saturating_sub(want_tail) => {
+                    Some(store.messages(id, since, Some(last + 1), limit + 1, false).await?)
+                }
+                _ => None,
+            };
+            Ok((tail, replay))
+        });
+        AtomicResponse::new(Box::pin(load.into_actor(self).map(move |result, room, ctx| {
+            let (tail, replay) = result?;
+            room.check_alive()?;
+            if room.last_seq != last {
+                // Cannot happen while the mailbox is held (actix pauses spawned futures during
+                // an atomic response), but a replay built on a moved log would have a gap.
+                return Err(RoomError::Unavailable("room busy; retry the join".into()));
+            }
+            if room.recent.is_none() && room.last_seq == last {
+                let mut recent = VecDeque::with_capacity(tail.len());
+                for m in tail.iter().skip(tail.len().saturating_sub(room.deps.limits.recent_cache)) {
+                    recent.push_back(Recent { seq: m.seq, frame: room.stored_frame(m) });
+                }
+                room.recent = Some(recent);
+            }
+            let (frames, truncated) = match (replay, room.replay_from_cache(since)) {
+                (_, Some(cached)) => cached,
+                (Some(mut rows), None) => {
+                    let truncated = rows.len() as u64 > limit;
+                    rows.truncate(limit as usize);
+                    (rows.iter().map(|m| room.stored_frame(m)).collect(), truncated)
+                }
+                (None, None) => {
+                    // since without a replay read (covered by tail), or no since: use the tail.
+                    let from = match since {
+                        Some(s) => s + 1,
+                        None => last.saturating_sub(room.state.config.history_on_join as u64) + 1,
+                    };
+                    (tail.iter().filter(|m| m.seq >= from).map(|m| room.stored_frame(m)).collect(), false)
+                }
+            };
+            room.admit(ctx, msg.session.clone(), msg.nick.clone());
+            room.send_join_replay(&msg.session, msg.re, msg.nick, aff, frames, truncated);
+            Ok(())
+        })))
+    }
+}
+
+/// A session leaves the room (`re` is `None` when the connection closed).
+#[derive(Message, Clone)]
+#[rtype(result = "Result<(), RoomError>")]
+pub struct Leave {
+    pub session: u64,
+    pub re: Option<RequestId>,
+}
+
+impl Handler<Leave> for Room {
+    type Result = Result<(), RoomError>;
+
+    fn handle(&mut self, msg: Leave, _ctx: &mut Context<Self>) -> Self::Result {
+        let Some(session) = self.occupants.get(&msg.session).cloned() else {
+            return if msg.re.is_some() { Err(RoomError::Forbidden("not in this room".into())) } else { Ok(()) };
+        };
+        self.remove_occupant(msg.session, "left", None);
+        if let Some(re) = msg.re {
+            session.send(&ServerFrame::Left { re, room: self.addr.clone() });
+        }
+        Ok(())
+    }
+}
+
+/// An occupant posts a message. The ack (after commit) or the error goes to its queue.
+#[derive(Message, Clone)]
+#[rtype(result = "Result<(), RoomError>")]
+pub struct Post {
+    pub session: u64,
+    pub re: RequestId,
+    pub body: String,
+    pub client_msg_id: String,
+}
+
+impl Handler<Post> for Room {
+    type Result = Result<(), RoomError>;
+
+    fn handle(&mut self, msg: Post, ctx: &mut Context<Self>) -> Self::Result {
+        self.check_alive()?;
+        let session = self.occupant(msg.session)?.clone();
+        let user = session.user.clone();
+        let nick = self.state.occupants.get(&msg.session).map(|o| o.nick.clone()).unwrap_or_default();
+        self.last_activity = Instant::now();
+        let key = (user, msg.client_msg_id);
+        if let Some(&(seq, ts)) = self.committed_cids.get(&key) {
+            session.send(&ServerFrame::Ack { re: msg.re, room: self.addr.clone(), seq, ts, duplicate: true });
+            return Ok(());
+        }
+        if let Some(p) = self.queue.iter_mut().find(|p| p.message.sender == key.0 && p.message.client_msg_id == key.1) {
+            p.waiters.push((session, msg.re));
+            return Ok(());
+        }
+        // A resend of a post whose append is in flight is answered by the store's dedupe.
+        let (sender, client_msg_id) = key;
+        self.queue.push_back(PendingPost {
+            message: NewMessage { sender, nick, body: msg.body, client_msg_id, created_at: now_ms() },
+            waiters: vec![(session, msg.re)],
+        });
+        self.flush(ctx);
+        Ok(())
+    }
+}
+
+/// May this user read the room's history? Answers the room's id and log position.
+#[derive(Message, Clone)]
+#[rtype(result = "Result<crate::store::RoomId, RoomError>")]
+pub struct CheckRead {
+    pub session: u64,
+    pub user: String,
+}
+
+impl Handler<CheckRead> for Room {
+    type Result = Result<crate::store::RoomId, RoomError>;
+
+    fn handle(&mut self, msg: CheckRead, _ctx: &mut Context<Self>) -> Self::Result {
+        self.check_alive()?;
+        self.last_activity = Instant::now();
+        if !self.occupants.contains_key(&msg.session) {
+            let aff = self.state.may_enter(&msg.user)?;
+            if self.state.config.password.is_some() && aff < Affiliation::Admin {
+                return Err(RoomError::Forbidden("join this password-protected room to read its history".into()));
+            }
+        }
+        Ok(self.fence.room)
+    }
+}
+
+/// Owners and admins change the subject.
+#[derive(Message, Clone)]
+#[rtype(result = "Result<(), RoomError>")]
+pub struct SetSubject {
+    pub session: u64,
+    pub user: String,
+    pub subject: String,
+}
+
+impl Handler<SetSubject> for Room {
+    type Result = AtomicResponse<Self, Result<(), RoomError>>;
+
+    fn handle(&mut self, msg: SetSubject, _ctx: &mut Context<Self>) -> Self::Result {
+        if let Err(e) = self.check_alive().and_then(|_| self.state.check_subject(&msg.user).map_err(RoomError::from)) {
+            return AtomicResponse::new(Box::pin(fut::ready(Err(e))));
+        }
+        let config = RoomConfig { subject: msg.subject.clone(), ..self.state.config.clone() };
+        self.store_config(config, move |room| {
+            room.broadcast_frame(&ServerFrame::Subject { room: room.addr.clone(), subject: msg.subject, by: msg.user });
+        })
+    }
+}
+
+/// Owners change the room configuration.
+#[derive(Message, Clone)]
+#[rtype(result = "Result<(), RoomError>")]
+pub struct Configure {
+    pub user: String,
+    pub patch: RoomConfigPatch,
+}
+
+impl Handler<Configure> for Room {
+    type Result = AtomicResponse<Self, Result<(), RoomError>>;
+
+    fn handle(&mut self, msg: Configure, _ctx: &mut Context<Self>) -> Self::Result {
+        if let Err(e) = self.check_alive().and_then(|_| self.state.check_owner(&msg.user).map_err(RoomError::from)) {
+            return AtomicResponse::new(Box::pin(fut::ready(Err(e))));
+        }
+        let config = self.state.config.patched(&msg.patch);
+        let subject_changed = config.subject != self.state.config.subject;
+        self.store_config(config, move |room| {
+            room.broadcast_frame(&ServerFrame::Configured { room: room.addr.clone(), config: room.state.config.public_view() });
+            if subject_changed {
+                room.broadcast_frame(&ServerFrame::Subject {
+                    room: room.addr.clone(),
+                    subject: room.state.config.subject.clone(),
+                    by: msg.user,
+                });
+            }
+        })
+    }
+}
+
+impl Room {
+    /// Store `config` (fenced); on success adopt it and run `then`.
+    fn store_config(
+        &mut self,
+        config: RoomConfig,
+        then: impl FnOnce(&mut Room) + 'static,
+    ) -> AtomicResponse<Self, Result<(), RoomError>> {
+        let store = self.deps.store.clone();
+        let fence = self.fence.clone();
+        let stored = config.clone();
+        let write = self.on_io(async move { store.update_config(&fence, &stored).await });
+        AtomicResponse::new(Box::pin(write.into_actor(self).map(move |result, room, _ctx| {
+            result?;
+            room.state.config = config;
+            then(room);
+            Ok(())
+        })))
+    }
+}
+
+/// Owners and admins set a user's affiliation.
+#[derive(Message, Clone)]
+#[rtype(result = "Result<(), RoomError>")]
+pub struct Affiliate {
+    pub user: String,
+    pub target: String,
+    pub affiliation: Affiliation,
+}
+
+impl Handler<Affiliate> for Room {
+    type Result = AtomicResponse<Self, Result<(), RoomError>>;
+
+    fn handle(&mut self, msg: Affiliate, _ctx: &mut Context<Self>) -> Self::Result {
+        if let Err(e) = self
+            .check_alive()
+            .and_then(|_| self.state.check_affiliate(&msg.user, &msg.target, msg.affiliation).map_err(RoomError::from))
+        {
+            return AtomicResponse::new(Box::pin(fut::ready(Err(e))));
+        }
+        let store = self.deps.store.clone();
+        let fence = self.fence.clone();
+        let (target, aff) = (msg.target.clone(), msg.affiliation);
+        let write = self.on_io(async move { store.set_affiliation(&fence, &target, aff).await });
+        AtomicResponse::new(Box::pin(write.into_actor(self).map(move |result, room, _ctx| {
+            result?;
+            if msg.affiliation == Affiliation::None {
+                room.state.affiliations.remove(&msg.target);
+            } else {
+                room.state.affiliations.insert(msg.target.clone(), msg.affiliation);
+            }
+            let reason = if msg.affiliation == Affiliation::Outcast { "banned" } else { "membership removed" };
+            for session in room.state.evicted_by(&msg.target, msg.affiliation) {
+                room.remove_occupant(session, "kicked", Some(reason.into()));
+            }
+            Ok(())
+        })))
+    }
+}
+
+/// Owners and admins remove an occupant by nick.
+#[derive(Message, Clone)]
+#[rtype(result = "Result<(), RoomError>")]
+pub struct Kick {
+    pub user: String,
+    pub nick: String,
+    pub reason: Option<String>,
+}
+
+impl Handler<Kick> for Room {
+    type Result = Result<(), RoomError>;
+
+    fn handle(&mut self, msg: Kick, _ctx: &mut Context<Self>) -> Self::Result {
+        self.check_alive()?;
+        let targets = self.state.check_kick(&msg.user, &msg.nick).map_err(|d| match d {
+            Denied::NotFound(m) => RoomError::Conflict(m.into()),
+            other => RoomError::from(other),
+        })?;
+        for session in targets {
+            self.remove_occupant(session, "kicked", msg.reason.clone());
+        }
+        Ok(())
+    }
+}
+
+/// Owners destroy the room: its log, affiliations and row are deleted.
+#[derive(Message, Clone)]
+#[rtype(result = "Result<(), RoomError>")]
+pub struct Destroy {
+    pub user: String,
+    pub reason: Option<String>,
+}
+
+impl Handler<Destroy> for Room {
+    type Result = AtomicResponse<Self, Result<(), RoomError>>;
+
+    fn handle(&mut self, msg: Destroy, _ctx: &mut Context<Self>) -> Self::Result {
+        if let Err(e) = self.check_alive().and_then(|_| self.state.check_owner(&msg.user).map_err(RoomError::from)) {
+            return AtomicResponse::new(Box::pin(fut::ready(Err(e))));
+        }
+        let store = self.deps.store.clone();
+        let fence = self.fence.clone();
+        let write = self.on_io(async move { store.destroy_room(&fence).await });
+        AtomicResponse::new(Box::pin(write.into_actor(self).map(move |result, room, ctx| {
+            result?;
+            room.passivating = true;
+            let frame = ServerFrame::Destroyed { room: room.addr.clone(), reason: msg.reason };
+            room.broadcast_frame(&frame);
+            for session in room.occupants.values() {
+                session.exited(&room.addr);
+            }
+            room.occupants.clear();
+            let posts: Vec<PendingPost> = room.queue.drain(..).collect();
+            room.fail_posts(posts, ErrorCode::NotFound, "room was destroyed");
+            room.deps.registry.passivated(&room.addr, room.incarnation);
+            ctx.stop();
+            Ok(())
+        })))
+    }
+}
+
+/// A snapshot for the admin API.
+#[derive(Message, Clone)]
+#[rtype(result = "RoomSnapshot")]
+pub struct Inspect;
+
+/// What an active room reports about itself.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RoomSnapshot {
+    pub room: RoomAddr,
+    pub epoch: i64,
+    pub host_node: String,
+    pub last_seq: u64,
+    pub occupants: usize,
+    pub queued: usize,
+    pub config: serde_json::Value,
+}
+
+impl Handler<Inspect> for Room {
+    type Result = MessageResult<Inspect>;
+
+    fn handle(&mut self, _msg: Inspect, _ctx: &mut Context<Self>) -> Self::Result {
+        MessageResult(RoomSnapshot {
+            room: self.addr.clone(),
+            epoch: self.fence.epoch.0,
+            host_node: self.fence.host.0.clone(),
+            last_seq: self.last_seq,
+            occupants: self.occupants.len(),
+            queued: self.queue.len(),
+            config: self.state.config.public_view(),
+        })
+    }
+}

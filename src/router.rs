@@ -1,0 +1,448 @@
+//! The router: one [`Connection`] per client connection turns protocol frames into room
+//! operations and answers. It validates every request (shape, sizes, charsets, rate) before it
+//! reaches a room, maps every failure to a documented error code, and never lets one bad
+//! request end the connection (only transport violations do, in `transport::ws`).
+
+use crate::auth::{Auth, AuthError};
+use crate::config::Settings;
+use crate::protocol::{
+    ClientFrame, ErrorCode, FrameError, PROTOCOL_VERSION, RequestId, RoomAddr, RoomConfig, RoomConfigPatch, ServerFrame,
+    parse_client_frame,
+};
+use crate::registry::RoomRegistry;
+use crate::room::{self, RoomError};
+use crate::session::{Outbound, SessionHandle};
+use crate::store::Store;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+use tokio_util::sync::CancellationToken;
+
+/// Default `limit` of a `history` request.
+pub const HISTORY_DEFAULT_LIMIT: u32 = 50;
+
+/// Most rooms a `list` answer holds.
+pub const LIST_MAX_ROOMS: u64 = 1000;
+
+/// Longest subject, room password, and kick reason.
+pub const MAX_TEXT_CHARS: usize = 1024;
+
+/// Failed logins after which a connection is closed.
+pub const MAX_FAILED_LOGINS: u32 = 5;
+
+/// What the node's connections share.
+pub struct Router {
+    pub settings: Arc<Settings>,
+    pub registry: RoomRegistry,
+    pub store: Store,
+    pub auth: Auth,
+    next_session: AtomicU64,
+    connections: std::sync::atomic::AtomicI64,
+}
+
+impl Router {
+    /// Open client connections right now.
+    pub fn connection_count(&self) -> i64 {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Count a connection in (`+1`) or out (`-1`).
+    pub fn count_connection(&self, delta: i64) {
+        self.connections.fetch_add(delta, Ordering::Relaxed);
+        metrics::gauge!("stoa_connections").set(self.connection_count() as f64);
+    }
+
+    pub fn new(settings: Arc<Settings>, registry: RoomRegistry, store: Store, auth: Auth) -> Self {
+        Router { settings, registry, store, auth, next_session: AtomicU64::new(1), connections: Default::default() }
+    }
+}
+
+/// A token bucket: `rate` tokens per second, at most `burst` saved up.
+#[derive(Debug)]
+pub struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl TokenBucket {
+    pub fn new(rate: u32, burst: u32) -> Self {
+        let burst = burst.max(1) as f64;
+        TokenBucket { rate: rate as f64, burst, tokens: burst, at: Instant::now() }
+    }
+
+    /// Take one token if there is one.
+    pub fn take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// What the transport should do after a frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    /// Close the connection with this WebSocket close code and reason.
+    Close(u16, &'static str),
+}
+
+/// One client connection's protocol state.
+pub struct Connection {
+    router: Arc<Router>,
+    outbound: mpsc::Sender<Outbound>,
+    kill: CancellationToken,
+    session: Option<Arc<SessionHandle>>,
+    bucket: TokenBucket,
+    failed_logins: u32,
+}
+
+/// An answer to send, `None` when the room answers through the session queue itself.
+type Answer = Result<Option<ServerFrame>, (ErrorCode, String)>;
+
+fn err<T>(code: ErrorCode, message: impl Into<String>) -> Result<T, (ErrorCode, String)> {
+    Err((code, message.into()))
+}
+
+fn room_err(e: RoomError) -> (ErrorCode, String) {
+    if let RoomError::Internal(detail) = &e {
+        tracing::error!(%detail, "internal room error");
+    }
+    (e.code(), e.client_message())
+}
+
+impl Connection {
+    /// A connection writing its frames to `outbound`; `kill` ends it.
+    pub fn new(router: Arc<Router>, outbound: mpsc::Sender<Outbound>, kill: CancellationToken) -> Self {
+        let limits = &router.settings.limits;
+        let bucket = TokenBucket::new(limits.requests_per_second, limits.request_burst);
+        Connection { router, outbound, kill, session: None, bucket, failed_logins: 0 }
+    }
+
+    /// The logged-in session, if any.
+    pub fn session(&self) -> Option<&Arc<SessionHandle>> {
+        self.session.as_ref()
+    }
+
+    fn push(&self, frame: &ServerFrame) {
+        if let ServerFrame::Error { code, .. } = frame {
+            metrics::counter!("stoa_errors_total", "code" => code.as_str()).increment(1);
+        }
+        match &self.session {
+            Some(s) => s.send(frame),
+            None => {
+                let _ = self.outbound.try_send(Outbound::Frame(Utf8Bytes::from(frame.to_json())));
+            }
+        }
+    }
+
+    /// Handle one text frame.
+    pub async fn handle_text(&mut self, text: &str) -> Flow {
+        if !self.bucket.take(Instant::now()) {
+            let re = parse_client_frame(text).ok().and_then(|f| f.id().cloned());
+            self.push(&ServerFrame::error(re, ErrorCode::RateLimited, "too many requests; slow down"));
+            return Flow::Continue;
+        }
+        let frame = match parse_client_frame(text) {
+            Ok(f) => f,
+            Err(FrameError { re, message }) => {
+                self.push(&ServerFrame::error(re, ErrorCode::BadRequest, message));
+                return Flow::Continue;
+            }
+        };
+        let re = frame.id().cloned();
+        let answer = match frame {
+            ClientFrame::Hello { v, user, password, token, id } => {
+                let answer = self.hello(v, user, password, token, id).await;
+                if answer.is_err() && self.session.is_none() {
+                    self.failed_logins += 1;
+                }
+                answer
+            }
+            other => match self.session.clone() {
+                None => err(ErrorCode::Unauthorized, "send `hello` first"),
+                Some(session) => self.request(&session, other).await,
+            },
+        };
+        match answer {
+            Ok(Some(frame)) => self.push(&frame),
+            Ok(None) => {}
+            Err((code, message)) => self.push(&ServerFrame::error(re, code, message)),
+        }
+        if self.session.is_none() && self.failed_logins >= MAX_FAILED_LOGINS {
+            return Flow::Close(crate::protocol::close_code::POLICY, "too many failed logins");
+        }
+        Flow::Continue
+    }
+
+    async fn hello(
+        &mut self,
+        v: u32,
+        user: Option<String>,
+        password: Option<String>,
+        token: Option<String>,
+        id: Option<RequestId>,
+    ) -> Answer {
+        if self.session.is_some() {
+            return err(ErrorCode::BadRequest, "already logged in");
+        }
+        if v != PROTOCOL_VERSION {
+            return err(ErrorCode::BadRequest, format!("unsupported protocol version {v}; this server speaks {PROTOCOL_VERSION}"));
+        }
+        let logged_in = match self.router.auth.login(user.as_deref(), password.as_deref(), token.as_deref()).await {
+            Ok(l) => l,
+            Err(AuthError::Denied(m)) => return err(ErrorCode::Unauthorized, m),
+            Err(AuthError::InvalidName(m)) => return err(ErrorCode::BadRequest, m),
+            Err(e) => {
+                tracing::warn!(error = %e, "login failed on the store");
+                return err(ErrorCode::Unavailable, "login service unavailable; retry");
+            }
+        };
+        let id_num = self.router.next_session.fetch_add(1, Ordering::Relaxed);
+        let session = Arc::new(SessionHandle::new(id_num, logged_in.user.clone(), self.outbound.clone(), self.kill.clone()));
+        tracing::debug!(session = id_num, user = %logged_in.user, guest = logged_in.guest, "logged in");
+        self.session = Some(session);
+        let s = &self.router.settings;
+        Ok(Some(ServerFrame::Welcome {
+            v: PROTOCOL_VERSION,
+            user: logged_in.user,
+            node: s.node.id.clone(),
+            session: logged_in.token,
+            service: s.node.service.clone(),
+            guest: logged_in.guest,
+            peers: Vec::new(),
+            re: id,
+        }))
+    }
+
+    fn check_room(&self, room: &RoomAddr) -> Result<(), (ErrorCode, String)> {
+        let limits = &self.router.settings.limits;
+        let Some((name, service)) = room.0.split_once('@') else {
+            return err(ErrorCode::BadRequest, "room addresses are name@service");
+        };
+        let name_ok = !name.is_empty()
+            && name.chars().count() <= limits.max_room_name_chars
+            && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'));
+        if !name_ok {
+            return err(
+                ErrorCode::BadRequest,
+                format!("room names are 1 to {} characters of a-z, 0-9, '.', '_' or '-'", limits.max_room_name_chars),
+            );
+        }
+        let service_ok = !service.is_empty()
+            && service.len() <= 253
+            && service.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-'));
+        if !service_ok {
+            return err(ErrorCode::BadRequest, "invalid room service");
+        }
+        if service != self.router.settings.node.service {
+            return err(ErrorCode::NotFound, format!("unknown room service `{service}`"));
+        }
+        Ok(())
+    }
+
+    fn check_nick(&self, nick: &str) -> Result<(), (ErrorCode, String)> {
+        let max = self.router.settings.limits.max_nick_chars;
+        let ok = !nick.is_empty()
+            && nick.chars().count() <= max
+            && nick.trim() == nick
+            && nick.chars().all(|c| c.is_alphanumeric() || matches!(c, '_' | '-' | '.' | ' '));
+        if ok {
+            Ok(())
+        } else {
+            err(ErrorCode::BadRequest, format!("nicks are 1 to {max} letters, digits, '_', '-', '.' or inner spaces"))
+        }
+    }
+
+    fn check_text(&self, what: &str, text: &str) -> Result<(), (ErrorCode, String)> {
+        if text.chars().count() > MAX_TEXT_CHARS {
+            return err(ErrorCode::TooLarge, format!("{what} is longer than {MAX_TEXT_CHARS} characters"));
+        }
+        Ok(())
+    }
+
+    fn check_config(&self, patch: &RoomConfigPatch) -> Result<(), (ErrorCode, String)> {
+        if patch.persistent == Some(false) {
+            return err(ErrorCode::BadRequest, "non-persistent rooms are not supported: every Stoa room is persistent");
+        }
+        if patch.history_on_join.is_some_and(|h| h > self.router.settings.rooms.history_max_limit) {
+            return err(
+                ErrorCode::BadRequest,
+                format!("history_on_join is at most {}", self.router.settings.rooms.history_max_limit),
+            );
+        }
+        if let Some(p) = &patch.password {
+            self.check_text("password", p)?;
+        }
+        if let Some(s) = &patch.subject {
+            self.check_text("subject", s)?;
+        }
+        Ok(())
+    }
+
+    async fn request(&mut self, session: &Arc<SessionHandle>, frame: ClientFrame) -> Answer {
+        let router = self.router.clone();
+        let registry = &router.registry;
+        let limits = &router.settings.limits;
+        let user = session.user.clone();
+        match frame {
+            ClientFrame::Hello { .. } => err(ErrorCode::BadRequest, "already logged in"),
+            ClientFrame::Ping { id } => Ok(Some(ServerFrame::Pong { re: id })),
+            ClientFrame::Create { id, room, config } => {
+                self.check_room(&room)?;
+                self.check_config(&config)?;
+                let config = RoomConfig::default().patched(&config);
+                registry.create(&room, &config, &user).await.map_err(room_err)?;
+                tracing::info!(room = %room, owner = %user, "room created");
+                Ok(Some(ServerFrame::Created { re: id, room }))
+            }
+            ClientFrame::Join { id, room, nick, since, password } => {
+                self.check_room(&room)?;
+                self.check_nick(&nick)?;
+                if session.room(&room).is_none() && session.room_count() >= limits.max_rooms_per_connection {
+                    return err(
+                        ErrorCode::TooLarge,
+                        format!("a connection may occupy at most {} rooms", limits.max_rooms_per_connection),
+                    );
+                }
+                let join = room::Join { session: session.clone(), re: id, nick, since, password };
+                registry.call(&room, join).await.and_then(|r| r).map_err(room_err)?;
+                // `joined` and the replay were queued by the room itself, in order.
+                Ok(None)
+            }
+            ClientFrame::Leave { id, room } => {
+                self.check_room(&room)?;
+                let addr = session.room(&room).ok_or((ErrorCode::Forbidden, "not in this room".to_string()))?;
+                addr.send(room::Leave { session: session.id, re: Some(id) })
+                    .await
+                    .map_err(|_| (ErrorCode::Unavailable, "room unavailable; retry".to_string()))?
+                    .map_err(room_err)?;
+                Ok(None)
+            }
+            ClientFrame::Send { id, room, body, cid } => {
+                self.check_room(&room)?;
+                if body.len() > limits.max_body_bytes {
+                    return err(ErrorCode::TooLarge, format!("body is over {} bytes", limits.max_body_bytes));
+                }
+                if body.is_empty() {
+                    return err(ErrorCode::BadRequest, "body is empty");
+                }
+                if cid.0.is_empty() || cid.0.chars().count() > limits.max_cid_chars {
+                    return err(ErrorCode::BadRequest, format!("cid must be 1 to {} characters", limits.max_cid_chars));
+                }
+                let addr = session.room(&room).ok_or((ErrorCode::Forbidden, "join the room first".to_string()))?;
+                addr.send(room::Post { session: session.id, re: id, body, client_msg_id: cid.0 })
+                    .await
+                    .map_err(|_| (ErrorCode::Unavailable, "room unavailable; retry with the same cid".to_string()))?
+                    .map_err(room_err)?;
+                // The ack (after commit) or the error comes from the room.
+                Ok(None)
+            }
+            ClientFrame::History { id, room, before, after, limit } => {
+                self.check_room(&room)?;
+                let limit = limit.unwrap_or(HISTORY_DEFAULT_LIMIT);
+                if limit == 0 {
+                    return err(ErrorCode::BadRequest, "limit must be at least 1");
+                }
+                let limit = limit.min(router.settings.rooms.history_max_limit) as u64;
+                let room_id = registry
+                    .call(&room, room::CheckRead { session: session.id, user: user.clone() })
+                    .await
+                    .and_then(|r| r)
+                    .map_err(room_err)?;
+                // Without `after`, the newest `limit` before `before`; with it, the oldest after.
+                let newest_first = after.is_none();
+                let mut rows = router
+                    .store
+                    .messages(room_id, after.unwrap_or(0), before, limit + 1, newest_first)
+                    .await
+                    .map_err(|e| room_err(e.into()))?;
+                let truncated = rows.len() as u64 > limit;
+                if truncated {
+                    if newest_first {
+                        rows.remove(0);
+                    } else {
+                        rows.pop();
+                    }
+                }
+                let messages = rows
+                    .into_iter()
+                    .map(|m| crate::protocol::MessageEvent {
+                        room: room.clone(),
+                        seq: m.seq,
+                        from: m.sender,
+                        nick: m.nick,
+                        body: m.body,
+                        cid: m.client_msg_id,
+                        ts: m.created_at,
+                    })
+                    .collect();
+                Ok(Some(ServerFrame::History { re: id, room, messages, truncated }))
+            }
+            ClientFrame::Subject { id, room, subject } => {
+                self.check_room(&room)?;
+                self.check_text("subject", &subject)?;
+                let msg = room::SetSubject { session: session.id, user, subject };
+                registry.call(&room, msg).await.and_then(|r| r).map_err(room_err)?;
+                Ok(Some(ServerFrame::Ok { re: id }))
+            }
+            ClientFrame::Configure { id, room, config } => {
+                self.check_room(&room)?;
+                self.check_config(&config)?;
+                registry.call(&room, room::Configure { user, patch: config }).await.and_then(|r| r).map_err(room_err)?;
+                Ok(Some(ServerFrame::Ok { re: id }))
+            }
+            ClientFrame::Affiliate { id, room, user: target, affiliation } => {
+                self.check_room(&room)?;
+                crate::auth::validate_user_name(&target).map_err(|e| (ErrorCode::BadRequest, e.to_string()))?;
+                let msg = room::Affiliate { user, target, affiliation };
+                registry.call(&room, msg).await.and_then(|r| r).map_err(room_err)?;
+                Ok(Some(ServerFrame::Ok { re: id }))
+            }
+            ClientFrame::Kick { id, room, nick, reason } => {
+                self.check_room(&room)?;
+                if let Some(r) = &reason {
+                    self.check_text("reason", r)?;
+                }
+                registry.call(&room, room::Kick { user, nick, reason }).await.and_then(|r| r).map_err(room_err)?;
+                Ok(Some(ServerFrame::Ok { re: id }))
+            }
+            ClientFrame::Destroy { id, room, reason } => {
+                self.check_room(&room)?;
+                if let Some(r) = &reason {
+                    self.check_text("reason", r)?;
+                }
+                registry.call(&room, room::Destroy { user, reason }).await.and_then(|r| r).map_err(room_err)?;
+                tracing::info!(room = %room, "room destroyed");
+                Ok(Some(ServerFrame::Ok { re: id }))
+            }
+            ClientFrame::List { id } => {
+                let rooms = router.store.list_rooms_for(&user, LIST_MAX_ROOMS).await.map_err(|e| room_err(e.into()))?;
+                Ok(Some(ServerFrame::Rooms { re: id, rooms }))
+            }
+        }
+    }
+
+    /// Queue a WebSocket ping (idle check).
+    pub fn ping(&self) {
+        let _ = self.outbound.try_send(Outbound::Ping);
+    }
+
+    /// The connection ended: leave every room.
+    pub fn closed(&mut self) {
+        if let Some(session) = self.session.take() {
+            for (_, addr) in session.rooms() {
+                addr.do_send(room::Leave { session: session.id, re: None });
+            }
+        }
+    }
+}

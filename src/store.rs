@@ -1,0 +1,854 @@
+//! The store: SeaORM over PostgreSQL, MySQL/MariaDB or SQLite, and the fenced write path.
+//!
+//! Every statement that mutates a room checks the room row's `host_node` and `epoch` in the same
+//! transaction ([`Fence`]); zero matching rows means the caller no longer hosts the room
+//! ([`AppendError::Fenced`]). Appends additionally check `last_seq`, so a room actor whose idea of
+//! the log is stale (after an ambiguous commit) learns it instead of writing a gap or a clash.
+
+pub mod entity;
+
+use crate::protocol::{Affiliation, RoomAddr, RoomConfig, RoomSummary};
+use entity::{affiliation, message, room, session, user};
+use sea_orm::sea_query::{CaseStatement, Cond, Expr, OnConflict, Query};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait,
+    QueryFilter, QueryOrder, QuerySelect, SqlErr, TransactionTrait,
+};
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// A node's id (`node.id`), as recorded in `home_node` / `host_node`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct NodeId(pub String);
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A room's fencing token: bumped every time its host changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Epoch(pub i64);
+
+/// The primary key of a room row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RoomId(pub i64);
+
+/// Who may write a room: the host node at an epoch. Carried by every room mutation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fence {
+    pub room: RoomId,
+    pub host: NodeId,
+    pub epoch: Epoch,
+}
+
+/// Which database a store runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreKind {
+    Sqlite,
+    Postgres,
+    MySql,
+}
+
+impl StoreKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreKind::Sqlite => "sqlite",
+            StoreKind::Postgres => "postgres",
+            StoreKind::MySql => "mysql",
+        }
+    }
+}
+
+/// Errors at the store boundary.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The URL names no supported backend.
+    #[error("unsupported store URL `{0}` (use sqlite://, postgres:// or mysql://)")]
+    UnsupportedUrl(String),
+    /// A uniqueness rule was violated (room exists, user exists, cid stored).
+    #[error("already exists")]
+    Conflict,
+    /// The caller does not hold the room at its epoch any more.
+    #[error("room is fenced: hosted by {host} at epoch {epoch}")]
+    Fenced { host: String, epoch: i64 },
+    /// A stored value could not be decoded.
+    #[error("corrupt stored value: {0}")]
+    Corrupt(String),
+    /// The migration lock could not be taken or released.
+    #[error("migration lock: {0}")]
+    Lock(String),
+    /// Any other database error (connection lost, timeout, SQL error).
+    #[error("database: {0}")]
+    Db(#[from] DbErr),
+    /// A raw sqlx error (pool set-up, migration lock connection).
+    #[error("database: {0}")]
+    Sqlx(#[from] sqlx::Error),
+}
+
+impl StoreError {
+    fn classify(e: DbErr) -> StoreError {
+        match e.sql_err() {
+            Some(SqlErr::UniqueConstraintViolation(_)) => StoreError::Conflict,
+            _ => StoreError::Db(e),
+        }
+    }
+}
+
+/// A room as stored.
+#[derive(Clone, Debug)]
+pub struct RoomRow {
+    pub id: RoomId,
+    pub address: RoomAddr,
+    pub config: RoomConfig,
+    pub home_node: NodeId,
+    pub host_node: NodeId,
+    pub epoch: Epoch,
+    pub last_seq: u64,
+    pub created_at: i64,
+}
+
+impl TryFrom<room::Model> for RoomRow {
+    type Error = StoreError;
+    fn try_from(m: room::Model) -> Result<Self, StoreError> {
+        let config = serde_json::from_str(&m.config)
+            .map_err(|e| StoreError::Corrupt(format!("config of room {}: {e}", m.address)))?;
+        Ok(RoomRow {
+            id: RoomId(m.id),
+            address: RoomAddr(m.address),
+            config,
+            home_node: NodeId(m.home_node),
+            host_node: NodeId(m.host_node),
+            epoch: Epoch(m.epoch),
+            last_seq: m.last_seq as u64,
+            created_at: m.created_at,
+        })
+    }
+}
+
+/// A stored message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredMessage {
+    pub seq: u64,
+    pub sender: String,
+    pub nick: String,
+    pub body: String,
+    pub client_msg_id: String,
+    pub created_at: i64,
+}
+
+/// A message a room actor wants appended; the store assigns its seq.
+#[derive(Clone, Debug)]
+pub struct NewMessage {
+    pub sender: String,
+    pub nick: String,
+    pub body: String,
+    pub client_msg_id: String,
+    pub created_at: i64,
+}
+
+/// One room's appends in a group commit: written only if the room row still matches
+/// `fence` and `base_seq` (the last seq the actor knows).
+#[derive(Clone, Debug)]
+pub struct AppendRequest {
+    pub fence: Fence,
+    pub base_seq: u64,
+    pub messages: Vec<NewMessage>,
+}
+
+/// What became of one message of an [`AppendRequest`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MessageOutcome {
+    pub seq: u64,
+    pub created_at: i64,
+    /// The `(room, sender, cid)` was already stored: `seq` is the original one.
+    pub duplicate: bool,
+}
+
+/// A committed [`AppendRequest`]: one outcome per message, in order, and the room's new last seq.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Appended {
+    pub outcomes: Vec<MessageOutcome>,
+    pub last_seq: u64,
+}
+
+/// Why one room's part of a group commit was not written (the rest of the batch was).
+#[derive(Debug, thiserror::Error)]
+pub enum AppendError {
+    /// Another node (or a newer epoch) hosts the room now.
+    #[error("room is fenced: hosted by {host} at epoch {epoch}")]
+    Fenced { host: String, epoch: i64 },
+    /// The room's log is ahead of what the actor knew; it must resync from `last_seq`.
+    #[error("room log moved on to seq {last_seq}")]
+    Stale { last_seq: u64 },
+    /// The room row is gone (destroyed).
+    #[error("room no longer exists")]
+    Gone,
+}
+
+/// Most rows in one INSERT: keeps every backend under its bind-parameter limit.
+const INSERT_CHUNK_ROWS: usize = 500;
+
+/// Key of the advisory lock / named lock that serializes migrations across processes.
+const MIGRATION_LOCK_KEY: i64 = 0x5374_6f61; // "Stoa"
+
+/// The store of one redundancy group.
+#[derive(Clone)]
+pub struct Store {
+    db: DatabaseConnection,
+    kind: StoreKind,
+    url: String,
+}
+
+/// Current wall-clock time in milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Store {
+    /// Connect to the store named by `url`. SQLite databases (and their directory) are created
+    /// if missing, in WAL mode with the given `synchronous` level.
+    pub async fn connect(url: &str, max_connections: u32, sqlite_synchronous: &str) -> Result<Store, StoreError> {
+        let settings = crate::config::StoreSettings {
+            max_connections,
+            sqlite_synchronous: sqlite_synchronous.to_owned(),
+            ..Default::default()
+        };
+        Store::connect_with(url, &settings).await
+    }
+
+    /// Connect with every store setting (pool size, SQLite `synchronous` and busy timeout).
+    pub async fn connect_with(url: &str, settings: &crate::config::StoreSettings) -> Result<Store, StoreError> {
+        let max_connections = settings.max_connections;
+        let sqlite_synchronous = settings.sqlite_synchronous.as_str();
+        let (db, kind) = if url.starts_with("sqlite:") {
+            use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+            let sync = SqliteSynchronous::from_str(sqlite_synchronous)
+                .map_err(|_| StoreError::UnsupportedUrl(format!("synchronous={sqlite_synchronous}")))?;
+            let opts = SqliteConnectOptions::from_str(url)?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(sync)
+                .busy_timeout(Duration::from_millis(settings.sqlite_busy_timeout_ms));
+            if let Some(dir) = sqlite_path(url).and_then(|p| p.parent().map(|d| d.to_path_buf())) {
+                if !dir.as_os_str().is_empty() {
+                    std::fs::create_dir_all(&dir).map_err(|e| StoreError::Lock(format!("create {}: {e}", dir.display())))?;
+                }
+            }
+            let pool = SqlitePoolOptions::new()
+                .max_connections(max_connections.clamp(1, 8))
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(opts)
+                .await?;
+            (sea_orm::SqlxSqliteConnector::from_sqlx_sqlite_pool(pool), StoreKind::Sqlite)
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(max_connections)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect(url)
+                .await?;
+            (sea_orm::SqlxPostgresConnector::from_sqlx_postgres_pool(pool), StoreKind::Postgres)
+        } else if url.starts_with("mysql:") || url.starts_with("mariadb:") {
+            let url = url.replacen("mariadb:", "mysql:", 1);
+            let pool = sqlx::mysql::MySqlPoolOptions::new()
+                .max_connections(max_connections)
+                .acquire_timeout(Duration::from_secs(5))
+                .after_connect(|conn, _| {
+                    Box::pin(async move {
+                        // The fencing argument (DESIGN.md) is made for READ COMMITTED.
+                        sqlx::Executor::execute(&mut *conn, "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                            .await
+                            .map(|_| ())
+                    })
+                })
+                .connect(&url)
+                .await?;
+            (sea_orm::SqlxMySqlConnector::from_sqlx_mysql_pool(pool), StoreKind::MySql)
+        } else {
+            return Err(StoreError::UnsupportedUrl(url.to_owned()));
+        };
+        Ok(Store { db, kind, url: url.to_owned() })
+    }
+
+    /// Which backend this store runs on.
+    pub fn kind(&self) -> StoreKind {
+        self.kind
+    }
+
+    /// The SeaORM connection (for tests and tools).
+    pub fn connection(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
+    /// Run pending migrations under a cross-process lock, so two nodes starting at once never
+    /// race: PostgreSQL advisory lock, MySQL `GET_LOCK`, or an exclusive file lock for SQLite.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        use migration::MigratorTrait;
+        match self.kind {
+            StoreKind::Postgres => {
+                use sqlx::Connection;
+                let mut lock = sqlx::PgConnection::connect(&self.url).await?;
+                sqlx::query("SELECT pg_advisory_lock($1)").bind(MIGRATION_LOCK_KEY).execute(&mut lock).await?;
+                let result = migration::Migrator::up(&self.db, None).await;
+                sqlx::query("SELECT pg_advisory_unlock($1)").bind(MIGRATION_LOCK_KEY).execute(&mut lock).await?;
+                lock.close().await?;
+                result?;
+            }
+            StoreKind::MySql => {
+                use sqlx::{Connection, Row};
+                let url = self.url.replacen("mariadb:", "mysql:", 1);
+                let mut lock = sqlx::MySqlConnection::connect(&url).await?;
+                let got: Option<i64> = sqlx::query("SELECT GET_LOCK(?, 300)")
+                    .bind(format!("stoa_migrate_{MIGRATION_LOCK_KEY}"))
+                    .fetch_one(&mut lock)
+                    .await?
+                    .try_get(0)?;
+                if got != Some(1) {
+                    return Err(StoreError::Lock("GET_LOCK timed out after 300 s".into()));
+                }
+                let result = migration::Migrator::up(&self.db, None).await;
+                sqlx::query("SELECT RELEASE_LOCK(?)")
+                    .bind(format!("stoa_migrate_{MIGRATION_LOCK_KEY}"))
+                    .execute(&mut lock)
+                    .await?;
+                lock.close().await?;
+                result?;
+            }
+            StoreKind::Sqlite => {
+                let lock_path = sqlite_path(&self.url)
+                    .map(|p| p.with_extension("migrate-lock"))
+                    .unwrap_or_else(|| PathBuf::from("stoa.migrate-lock"));
+                let file = tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
+                    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path)?;
+                    file.lock()?;
+                    Ok(file)
+                })
+                .await
+                .map_err(|e| StoreError::Lock(e.to_string()))?
+                .map_err(|e| StoreError::Lock(e.to_string()))?;
+                let result = migration::Migrator::up(&self.db, None).await;
+                drop(file); // closing the file releases the lock
+                result?;
+            }
+        }
+        Ok(())
+    }
+
+    // ---- rooms ---------------------------------------------------------------------------
+
+    /// Create a room hosted by `home` at epoch 1, with `owner` as its owner.
+    /// [`StoreError::Conflict`] if the address is taken.
+    pub async fn create_room(
+        &self,
+        address: &RoomAddr,
+        config: &RoomConfig,
+        owner: &str,
+        home: &NodeId,
+    ) -> Result<RoomRow, StoreError> {
+        let now = now_ms();
+        let config_json = serde_json::to_string(config).expect("room config serializes");
+        let txn = self.db.begin().await?;
+        let inserted = room::Entity::insert(room::ActiveModel {
+            address: Set(address.0.clone()),
+            config: Set(config_json),
+            public: Set(config.public),
+            home_node: Set(home.0.clone()),
+            host_node: Set(home.0.clone()),
+            epoch: Set(1),
+            last_seq: Set(0),
+            created_at: Set(now),
+            ..Default::default()
+        })
+        .exec(&txn)
+        .await
+        .map_err(StoreError::classify)?;
+        let id = inserted.last_insert_id;
+        affiliation::Entity::insert(affiliation::ActiveModel {
+            room_id: Set(id),
+            user_name: Set(owner.to_owned()),
+            affiliation: Set(Affiliation::Owner.as_str().to_owned()),
+        })
+        .exec(&txn)
+        .await
+        .map_err(StoreError::classify)?;
+        txn.commit().await?;
+        Ok(RoomRow {
+            id: RoomId(id),
+            address: address.clone(),
+            config: config.clone(),
+            home_node: home.clone(),
+            host_node: home.clone(),
+            epoch: Epoch(1),
+            last_seq: 0,
+            created_at: now,
+        })
+    }
+
+    /// The room at `address`, if it exists.
+    pub async fn load_room(&self, address: &RoomAddr) -> Result<Option<RoomRow>, StoreError> {
+        room::Entity::find()
+            .filter(room::Column::Address.eq(address.as_str()))
+            .one(&self.db)
+            .await?
+            .map(RoomRow::try_from)
+            .transpose()
+    }
+
+    /// The room with primary key `id`, if it exists.
+    pub async fn load_room_by_id(&self, id: RoomId) -> Result<Option<RoomRow>, StoreError> {
+        room::Entity::find_by_id(id.0).one(&self.db).await?.map(RoomRow::try_from).transpose()
+    }
+
+    /// Every affiliation of a room other than `none`.
+    pub async fn load_affiliations(&self, id: RoomId) -> Result<HashMap<String, Affiliation>, StoreError> {
+        let rows = affiliation::Entity::find()
+            .filter(affiliation::Column::RoomId.eq(id.0))
+            .all(&self.db)
+            .await?;
+        rows.into_iter()
+            .map(|r| {
+                let a = Affiliation::parse(&r.affiliation)
+                    .ok_or_else(|| StoreError::Corrupt(format!("affiliation `{}`", r.affiliation)))?;
+                Ok((r.user_name, a))
+            })
+            .collect()
+    }
+
+    /// Check the fence inside `txn`: locks the room row; zero rows means fenced.
+    async fn check_fence<C: ConnectionTrait>(&self, txn: &C, fence: &Fence) -> Result<(), StoreError> {
+        let stmt = Query::update()
+            .table(room::Entity)
+            .value(room::Column::Epoch, Expr::col(room::Column::Epoch))
+            .and_where(room::Column::Id.eq(fence.room.0))
+            .and_where(room::Column::HostNode.eq(fence.host.0.as_str()))
+            .and_where(room::Column::Epoch.eq(fence.epoch.0))
+            .to_owned();
+        if txn.execute(&stmt).await?.rows_affected() == 1 {
+            return Ok(());
+        }
+        Err(self.fenced_error(txn, fence.room).await)
+    }
+
+    async fn fenced_error<C: ConnectionTrait>(&self, conn: &C, id: RoomId) -> StoreError {
+        match room::Entity::find_by_id(id.0).one(conn).await {
+            Ok(Some(row)) => StoreError::Fenced { host: row.host_node, epoch: row.epoch },
+            Ok(None) => StoreError::Fenced { host: String::new(), epoch: 0 },
+            Err(e) => StoreError::Db(e),
+        }
+    }
+
+    /// Store a new room config (fenced).
+    pub async fn update_config(&self, fence: &Fence, config: &RoomConfig) -> Result<(), StoreError> {
+        let stmt = Query::update()
+            .table(room::Entity)
+            .value(room::Column::Config, serde_json::to_string(config).expect("room config serializes"))
+            .value(room::Column::Public, config.public)
+            .and_where(room::Column::Id.eq(fence.room.0))
+            .and_where(room::Column::HostNode.eq(fence.host.0.as_str()))
+            .and_where(room::Column::Epoch.eq(fence.epoch.0))
+            .to_owned();
+        if self.db.execute(&stmt).await?.rows_affected() == 1 {
+            Ok(())
+        } else {
+            Err(self.fenced_error(&self.db, fence.room).await)
+        }
+    }
+
+    /// Set (or, with `Affiliation::None`, remove) a user's affiliation (fenced).
+    pub async fn set_affiliation(&self, fence: &Fence, user: &str, affiliation: Affiliation) -> Result<(), StoreError> {
+        let txn = self.db.begin().await?;
+        self.check_fence(&txn, fence).await?;
+        if affiliation == Affiliation::None {
+            affiliation::Entity::delete_many()
+                .filter(affiliation::Column::RoomId.eq(fence.room.0))
+                .filter(affiliation::Column::UserName.eq(user))
+                .exec(&txn)
+                .await?;
+        } else {
+            affiliation::Entity::insert(affiliation::ActiveModel {
+                room_id: Set(fence.room.0),
+                user_name: Set(user.to_owned()),
+                affiliation: Set(affiliation.as_str().to_owned()),
+            })
+            .on_conflict(
+                OnConflict::columns([affiliation::Column::RoomId, affiliation::Column::UserName])
+                    .update_column(affiliation::Column::Affiliation)
+                    .to_owned(),
+            )
+            .exec(&txn)
+            .await?;
+        }
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// Delete a room, its log and its affiliations (fenced).
+    pub async fn destroy_room(&self, fence: &Fence) -> Result<(), StoreError> {
+        let txn = self.db.begin().await?;
+        self.check_fence(&txn, fence).await?;
+        message::Entity::delete_many().filter(message::Column::RoomId.eq(fence.room.0)).exec(&txn).await?;
+        affiliation::Entity::delete_many()
+            .filter(affiliation::Column::RoomId.eq(fence.room.0))
+            .exec(&txn)
+            .await?;
+        room::Entity::delete_by_id(fence.room.0).exec(&txn).await?;
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// Rooms `user` may see: public ones and those where the user has an affiliation (at most `limit`).
+    pub async fn list_rooms_for(&self, user: &str, limit: u64) -> Result<Vec<RoomSummary>, StoreError> {
+        let affiliated: HashMap<i64, Affiliation> = affiliation::Entity::find()
+            .filter(affiliation::Column::UserName.eq(user))
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .filter_map(|a| Affiliation::parse(&a.affiliation).map(|aff| (a.room_id, aff)))
+            .collect();
+        let visible_ids: Vec<i64> = affiliated
+            .iter()
+            .filter(|(_, a)| **a != Affiliation::Outcast)
+            .map(|(id, _)| *id)
+            .collect();
+        let mut cond = Cond::any().add(room::Column::Public.eq(true));
+        if !visible_ids.is_empty() {
+            cond = cond.add(room::Column::Id.is_in(visible_ids));
+        }
+        let rows = room::Entity::find()
+            .filter(cond)
+            .order_by_asc(room::Column::Address)
+            .limit(limit)
+            .all(&self.db)
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for m in rows {
+            let aff = affiliated.get(&m.id).copied();
+            if aff == Some(Affiliation::Outcast) {
+                continue;
+            }
+            let r = RoomRow::try_from(m)?;
+            out.push(RoomSummary {
+                room: r.address,
+                subject: r.config.subject,
+                public: r.config.public,
+                last_seq: r.last_seq,
+                affiliation: aff,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Every room, for the admin API and `stoa room list` (ordered by address, paged).
+    pub async fn list_rooms(&self, offset: u64, limit: u64) -> Result<Vec<RoomRow>, StoreError> {
+        room::Entity::find()
+            .order_by_asc(room::Column::Address)
+            .offset(offset)
+            .limit(limit)
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(RoomRow::try_from)
+            .collect()
+    }
+
+    /// Number of rooms in the store.
+    pub async fn count_rooms(&self) -> Result<u64, StoreError> {
+        use sea_orm::PaginatorTrait;
+        Ok(room::Entity::find().count(&self.db).await?)
+    }
+
+    // ---- messages ------------------------------------------------------------------------
+
+    /// Messages of a room with `after < seq < before`, ascending, at most `limit`. With
+    /// `newest_first` the *last* `limit` of that range are returned (still ascending).
+    pub async fn messages(
+        &self,
+        room: RoomId,
+        after: u64,
+        before: Option<u64>,
+        limit: u64,
+        newest_first: bool,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        let mut q = message::Entity::find()
+            .filter(message::Column::RoomId.eq(room.0))
+            .filter(message::Column::Seq.gt(after as i64));
+        if let Some(before) = before {
+            q = q.filter(message::Column::Seq.lt(before as i64));
+        }
+        q = if newest_first {
+            q.order_by_desc(message::Column::Seq)
+        } else {
+            q.order_by_asc(message::Column::Seq)
+        };
+        let mut rows: Vec<StoredMessage> = q
+            .limit(limit)
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|m| StoredMessage {
+                seq: m.seq as u64,
+                sender: m.sender,
+                nick: m.nick,
+                body: m.body,
+                client_msg_id: m.client_msg_id,
+                created_at: m.created_at,
+            })
+            .collect();
+        if newest_first {
+            rows.reverse();
+        }
+        Ok(rows)
+    }
+
+    /// One group commit: every request's messages in one transaction. Each room's part is
+    /// written only if its row still matches its fence and `base_seq`; the others are answered
+    /// with an [`AppendError`] and the rest still commit. Messages whose `(room, sender, cid)`
+    /// is already stored are answered with the original seq and not stored again.
+    ///
+    /// `Err` means the whole transaction failed (and nothing of it is visible).
+    pub async fn append_batch(&self, requests: &[AppendRequest]) -> Result<Vec<Result<Appended, AppendError>>, StoreError> {
+        match self.try_append(requests, false).await {
+            // A unique violation means some cid is already stored (a resend the room actor had
+            // no memory of, e.g. after a restart): redo the batch looking every cid up first.
+            Err(StoreError::Conflict) => self.try_append(requests, true).await,
+            other => other,
+        }
+    }
+
+    async fn try_append(
+        &self,
+        requests: &[AppendRequest],
+        check_duplicates: bool,
+    ) -> Result<Vec<Result<Appended, AppendError>>, StoreError> {
+        let txn = self.db.begin().await?;
+
+        // Plan: which messages of each request are new, and the seq each one gets.
+        let mut plans: Vec<Vec<MessageOutcome>> = Vec::with_capacity(requests.len());
+        for req in requests {
+            let existing = if check_duplicates { self.stored_cids(&txn, req).await? } else { HashMap::new() };
+            let mut next = req.base_seq;
+            let mut seen_in_request: HashMap<&str, MessageOutcome> = HashMap::new();
+            let mut plan = Vec::with_capacity(req.messages.len());
+            for m in &req.messages {
+                let outcome = if let Some(o) = existing.get(&(m.sender.clone(), m.client_msg_id.clone())) {
+                    *o
+                } else if let Some(o) = seen_in_request.get(m.client_msg_id.as_str()).filter(|_| check_duplicates) {
+                    MessageOutcome { duplicate: true, ..*o }
+                } else {
+                    next += 1;
+                    let o = MessageOutcome { seq: next, created_at: m.created_at, duplicate: false };
+                    seen_in_request.insert(m.client_msg_id.as_str(), o);
+                    o
+                };
+                plan.push(outcome);
+            }
+            plans.push(plan);
+        }
+
+        // Fence + advance last_seq for every room that has new rows, in one statement.
+        let writing: Vec<usize> = (0..requests.len())
+            .filter(|&i| plans[i].iter().any(|o| !o.duplicate))
+            .collect();
+        let mut rejected: HashMap<usize, AppendError> = HashMap::new();
+        if !writing.is_empty() {
+            let new_last: HashMap<usize, u64> = writing.iter().map(|&i| (i, last_new_seq(&plans[i], requests[i].base_seq))).collect();
+            let mut case = CaseStatement::new();
+            let mut any = Cond::any();
+            for &i in &writing {
+                let r = &requests[i];
+                case = case.case(room::Column::Id.eq(r.fence.room.0), Expr::val(new_last[&i] as i64));
+                any = any.add(
+                    Cond::all()
+                        .add(room::Column::Id.eq(r.fence.room.0))
+                        .add(room::Column::HostNode.eq(r.fence.host.0.as_str()))
+                        .add(room::Column::Epoch.eq(r.fence.epoch.0))
+                        .add(room::Column::LastSeq.eq(r.base_seq as i64)),
+                );
+            }
+            let case = case.finally(Expr::col(room::Column::LastSeq));
+            let stmt = Query::update().table(room::Entity).value(room::Column::LastSeq, case).cond_where(any).to_owned();
+            let updated = txn.execute(&stmt).await?.rows_affected();
+            if updated != writing.len() as u64 {
+                // Find which rooms failed: their rows do not show our new last_seq under our fence.
+                let ids: Vec<i64> = writing.iter().map(|&i| requests[i].fence.room.0).collect();
+                let rows: HashMap<i64, room::Model> = room::Entity::find()
+                    .filter(room::Column::Id.is_in(ids))
+                    .all(&txn)
+                    .await?
+                    .into_iter()
+                    .map(|m| (m.id, m))
+                    .collect();
+                for &i in &writing {
+                    let r = &requests[i];
+                    let err = match rows.get(&r.fence.room.0) {
+                        None => Some(AppendError::Gone),
+                        Some(row) if row.host_node != r.fence.host.0 || row.epoch != r.fence.epoch.0 => {
+                            Some(AppendError::Fenced { host: row.host_node.clone(), epoch: row.epoch })
+                        }
+                        Some(row) if row.last_seq as u64 != new_last[&i] => Some(AppendError::Stale { last_seq: row.last_seq as u64 }),
+                        Some(_) => None,
+                    };
+                    if let Some(err) = err {
+                        rejected.insert(i, err);
+                    }
+                }
+            }
+        }
+
+        // Insert the new rows of every room that passed its fence.
+        let columns = [
+            message::Column::RoomId,
+            message::Column::Seq,
+            message::Column::Id,
+            message::Column::Sender,
+            message::Column::Nick,
+            message::Column::Body,
+            message::Column::ClientMsgId,
+            message::Column::CreatedAt,
+        ];
+        let mut rows: Vec<(RoomId, &NewMessage, MessageOutcome)> = Vec::new();
+        for &i in writing.iter().filter(|i| !rejected.contains_key(i)) {
+            let r = &requests[i];
+            for (m, o) in r.messages.iter().zip(&plans[i]) {
+                if !o.duplicate {
+                    rows.push((r.fence.room, m, *o));
+                }
+            }
+        }
+        let mut insert = Query::insert().into_table(message::Entity).columns(columns).to_owned();
+        let mut pending = 0;
+        for (room_id, m, o) in rows {
+            insert.values_panic([
+                room_id.0.into(),
+                (o.seq as i64).into(),
+                uuid::Uuid::now_v7().to_string().into(),
+                m.sender.clone().into(),
+                m.nick.clone().into(),
+                m.body.clone().into(),
+                m.client_msg_id.clone().into(),
+                m.created_at.into(),
+            ]);
+            pending += 1;
+            if pending == INSERT_CHUNK_ROWS {
+                txn.execute(&insert).await.map_err(StoreError::classify)?;
+                insert = Query::insert().into_table(message::Entity).columns(columns).to_owned();
+                pending = 0;
+            }
+        }
+        if pending > 0 {
+            txn.execute(&insert).await.map_err(StoreError::classify)?;
+        }
+        txn.commit().await?;
+
+        Ok(plans
+            .into_iter()
+            .enumerate()
+            .map(|(i, outcomes)| match rejected.remove(&i) {
+                Some(err) => Err(err),
+                None => {
+                    let last_seq = last_new_seq(&outcomes, requests[i].base_seq);
+                    Ok(Appended { outcomes, last_seq })
+                }
+            })
+            .collect())
+    }
+
+    /// Already-stored `(sender, cid)` of a request's messages, with their original outcome.
+    async fn stored_cids<C: ConnectionTrait>(
+        &self,
+        conn: &C,
+        req: &AppendRequest,
+    ) -> Result<HashMap<(String, String), MessageOutcome>, StoreError> {
+        let cids: HashSet<&str> = req.messages.iter().map(|m| m.client_msg_id.as_str()).collect();
+        let rows = message::Entity::find()
+            .filter(message::Column::RoomId.eq(req.fence.room.0))
+            .filter(message::Column::ClientMsgId.is_in(cids))
+            .all(conn)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|m| {
+                let o = MessageOutcome { seq: m.seq as u64, created_at: m.created_at, duplicate: true };
+                ((m.sender, m.client_msg_id), o)
+            })
+            .collect())
+    }
+
+    // ---- users and sessions --------------------------------------------------------------
+
+    /// Register a user. [`StoreError::Conflict`] if the name is taken.
+    pub async fn add_user(&self, name: &str, password_hash: &str) -> Result<(), StoreError> {
+        user::Entity::insert(user::ActiveModel {
+            name: Set(name.to_owned()),
+            password_hash: Set(password_hash.to_owned()),
+            created_at: Set(now_ms()),
+        })
+        .exec(&self.db)
+        .await
+        .map_err(StoreError::classify)?;
+        Ok(())
+    }
+
+    /// A registered user's password hash.
+    pub async fn user_password_hash(&self, name: &str) -> Result<Option<String>, StoreError> {
+        Ok(user::Entity::find_by_id(name.to_owned()).one(&self.db).await?.map(|u| u.password_hash))
+    }
+
+    /// Every registered user name with its creation time, by name.
+    pub async fn list_users(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        Ok(user::Entity::find()
+            .order_by_asc(user::Column::Name)
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|u| (u.name, u.created_at))
+            .collect())
+    }
+
+    /// Record a session (by token hash).
+    pub async fn create_session(&self, token_hash: &str, user: &str, guest: bool, expires_at: i64) -> Result<(), StoreError> {
+        session::Entity::insert(session::ActiveModel {
+            token_hash: Set(token_hash.to_owned()),
+            user_name: Set(user.to_owned()),
+            guest: Set(guest),
+            created_at: Set(now_ms()),
+            expires_at: Set(expires_at),
+        })
+        .exec(&self.db)
+        .await
+        .map_err(StoreError::classify)?;
+        Ok(())
+    }
+
+    /// The (user, guest) of an unexpired session.
+    pub async fn lookup_session(&self, token_hash: &str) -> Result<Option<(String, bool)>, StoreError> {
+        Ok(session::Entity::find_by_id(token_hash.to_owned())
+            .filter(session::Column::ExpiresAt.gt(now_ms()))
+            .one(&self.db)
+            .await?
+            .map(|s| (s.user_name, s.guest)))
+    }
+
+    /// Round-trip to the database (health probe).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        Ok(self.db.ping().await?)
+    }
+}
+
+/// The highest seq a plan stores, or `base` if it stores nothing new.
+fn last_new_seq(plan: &[MessageOutcome], base: u64) -> u64 {
+    plan.iter().filter(|o| !o.duplicate).map(|o| o.seq).max().unwrap_or(base)
+}
+
+fn sqlite_path(url: &str) -> Option<PathBuf> {
+    let rest = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next().unwrap_or(rest);
+    (!path.is_empty() && path != ":memory:").then(|| PathBuf::from(path))
+}

@@ -1,0 +1,3 @@
+//! Client transports. Protocol v1 runs over WebSocket ([`ws`]); XMPP will join here.
+
+pub mod ws;
