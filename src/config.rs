@@ -401,3 +401,22 @@ mod tests {
         assert_eq!(Settings::default().store_url(), "sqlite://./stoa-data/stoa.db");
     }
 }
+
+#[cfg(test)]
+mod example_config {
+    /// The annotated example config loads and equals the built-in defaults, so it stays true.
+    #[test]
+    fn examples_stoa_toml_matches_the_defaults() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/stoa.toml");
+        let loaded: super::Settings = config::Config::builder()
+            .add_source(config::File::from(path.as_path()))
+            .build()
+            .unwrap()
+            .try_deserialize()
+            .unwrap();
+        assert_eq!(
+            serde_json::to_value(&loaded).unwrap(),
+            serde_json::to_value(super::Settings::default()).unwrap()
+        );
+    }
+}

@@ -1,11 +1,29 @@
 //! Stoa: a persistent chat-room runtime.
 //!
-//! Module map (the data path is client → router → room actor → committer → store → fan-out):
+//! The data path is client → router → room actor → committer → store → fan-out:
 //!
-//! - [`protocol`]: wire frames of protocol v1 (serde), id newtypes, error codes.
-//! - [`config`]: `Settings` from defaults, a TOML file and `STOA__*` environment variables.
-//! - [`committer`]: the group committer, many rooms' appends per transaction, acks after commit.
+//! ```text
+//! transport::ws ─frames─▶ router::Connection ─actix msg─▶ room::Room ─AppendRequest─▶ committer
+//!       ▲                                                      │                          │
+//!       └──── session::SessionHandle queue ◀── ack + message ──┴──── after commit ◀── store (fenced txn)
+//! ```
+//!
+//! Module map:
+//!
+//! - [`protocol`]: wire frames of protocol v1 (serde), id newtypes, error codes, close codes.
+//! - [`config`]: `Settings` from defaults, a TOML file and `STOA__SECTION__KEY` variables; dev mode.
+//! - [`node`]: start-up and ordered shutdown of one node (actix System, arbiters, listeners).
+//! - [`transport`]: client transports; `transport::ws` is the WebSocket listener at `/ws`.
+//! - [`router`]: per-connection protocol state: login, validation, rate limit, dispatch to rooms.
+//! - [`session`]: a logged-in session as rooms see it: its bounded outbound queue.
+//! - [`registry`]: room address → room actor; activation, passivation, spreading over arbiters.
+//! - [`room`]: the room actor (joins, posts, permissions, fan-out); pure rules in `room::state`.
+//! - [`committer`]: the group committer: many rooms' appends per transaction, answers after commit.
 //! - [`store`]: SeaORM entities, migrations under a lock, the fenced write path (`append_batch`).
+//! - [`auth`]: argon2 users, session tokens, guest login.
+//! - [`admin`]: admin HTTP API (`/health`, `/api/...`) and Prometheus `/metrics`.
+//! - [`client`]: a Rust client library (request/answer matching, reconnect and resume).
+//! - [`bench`]: `stoa bench`, the load generator behind docs/benchmarks.md.
 
 pub mod admin;
 pub mod auth;
@@ -13,8 +31,8 @@ pub mod bench;
 pub mod client;
 pub mod committer;
 pub mod config;
-pub mod protocol;
 pub mod node;
+pub mod protocol;
 pub mod registry;
 pub mod room;
 pub mod router;

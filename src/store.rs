@@ -5,6 +5,7 @@
 //! ([`AppendError::Fenced`]). Appends additionally check `last_seq`, so a room actor whose idea of
 //! the log is stale (after an ambiguous commit) learns it instead of writing a gap or a clash.
 
+pub mod bulk;
 pub mod entity;
 
 use crate::protocol::{Affiliation, RoomAddr, RoomConfig, RoomSummary};

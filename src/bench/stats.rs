@@ -1,0 +1,172 @@
+//! Measurements without shared hot state: every worker thread records into its own histograms
+//! (a mutex only that thread takes, until the merge at the end), and only what happens inside
+//! the measured window counts.
+
+use hdrhistogram::Histogram;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+/// Highest latency a histogram records: 120 s, in microseconds (longer ones saturate).
+const MAX_LATENCY_US: u64 = 120_000_000;
+
+fn base() -> Instant {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    *BASE.get_or_init(Instant::now)
+}
+
+/// Nanoseconds since the process's shared time base: what a message body carries.
+pub fn now_ns() -> u64 {
+    base().elapsed().as_nanos() as u64
+}
+
+/// The measured window `[start, end)` in [`now_ns`] time; empty until [`set_window`].
+static WINDOW_START: AtomicU64 = AtomicU64::new(u64::MAX);
+static WINDOW_END: AtomicU64 = AtomicU64::new(u64::MAX);
+
+/// Count what happens in `[start_ns, end_ns)` from now on.
+pub fn set_window(start_ns: u64, end_ns: u64) {
+    WINDOW_END.store(end_ns, Ordering::Relaxed);
+    WINDOW_START.store(start_ns, Ordering::Relaxed);
+}
+
+/// True when `now_ns` falls in the measured window.
+pub fn in_window(now_ns: u64) -> bool {
+    now_ns >= WINDOW_START.load(Ordering::Relaxed) && now_ns < WINDOW_END.load(Ordering::Relaxed)
+}
+
+/// The window's end (`u64::MAX` until set).
+pub fn window_end() -> u64 {
+    WINDOW_END.load(Ordering::Relaxed)
+}
+
+/// What one thread (or, merged, the whole generator) measured.
+pub struct Stats {
+    /// `send` → `ack`, microseconds.
+    pub ack: Histogram<u64>,
+    /// `send` → `message` at an occupant, microseconds.
+    pub e2e: Histogram<u64>,
+    /// Acks of new (non-duplicate) messages.
+    pub acks: u64,
+    /// `message` frames received.
+    pub deliveries: u64,
+    /// `send` frames written.
+    pub sent: u64,
+    /// Due sends skipped because the window of unacked sends was full (fixed-rate runs).
+    pub skipped: u64,
+    /// Errors by protocol code (or `disconnected`).
+    pub errors: BTreeMap<String, u64>,
+}
+
+impl Stats {
+    fn new() -> Stats {
+        let h = || Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("valid histogram bounds");
+        Stats { ack: h(), e2e: h(), acks: 0, deliveries: 0, sent: 0, skipped: 0, errors: BTreeMap::new() }
+    }
+
+    fn reset(&mut self) {
+        self.ack.reset();
+        self.e2e.reset();
+        self.acks = 0;
+        self.deliveries = 0;
+        self.sent = 0;
+        self.skipped = 0;
+        self.errors.clear();
+    }
+
+    fn merge(&mut self, other: &Stats) {
+        self.ack.add(&other.ack).expect("same histogram bounds");
+        self.e2e.add(&other.e2e).expect("same histogram bounds");
+        self.acks += other.acks;
+        self.deliveries += other.deliveries;
+        self.sent += other.sent;
+        self.skipped += other.skipped;
+        for (k, v) in &other.errors {
+            *self.errors.entry(k.clone()).or_default() += v;
+        }
+    }
+
+    /// A percentile in milliseconds.
+    pub fn ms(h: &Histogram<u64>, quantile: f64) -> f64 {
+        if h.is_empty() { 0.0 } else { h.value_at_quantile(quantile) as f64 / 1000.0 }
+    }
+}
+
+fn registry() -> &'static Mutex<Vec<Arc<Mutex<Stats>>>> {
+    static REGISTRY: OnceLock<Mutex<Vec<Arc<Mutex<Stats>>>>> = OnceLock::new();
+    REGISTRY.get_or_init(Default::default)
+}
+
+thread_local! {
+    static LOCAL: Arc<Mutex<Stats>> = {
+        let s = Arc::new(Mutex::new(Stats::new()));
+        registry().lock().expect("stats registry").push(s.clone());
+        s
+    };
+}
+
+fn with_local(f: impl FnOnce(&mut Stats)) {
+    LOCAL.with(|s| f(&mut s.lock().expect("thread stats")));
+}
+
+/// A `message` received at `now`, sent at `sent_ns`.
+pub fn delivery(now: u64, sent_ns: Option<u64>) {
+    if in_window(now) {
+        with_local(|s| {
+            s.deliveries += 1;
+            if let Some(sent) = sent_ns {
+                s.e2e.saturating_record(now.saturating_sub(sent) / 1000);
+            }
+        });
+    }
+}
+
+/// An `ack` received at `now` for a send at `sent_ns`.
+pub fn ack(now: u64, sent_ns: u64, duplicate: bool) {
+    if in_window(now) {
+        with_local(|s| {
+            if !duplicate {
+                s.acks += 1;
+            }
+            s.ack.saturating_record(now.saturating_sub(sent_ns) / 1000);
+        });
+    }
+}
+
+/// `n` sends written at `now`.
+pub fn sent(now: u64, n: u64) {
+    if in_window(now) {
+        with_local(|s| s.sent += n);
+    }
+}
+
+/// `n` due sends skipped at `now` (window full).
+pub fn skipped(now: u64, n: u64) {
+    if in_window(now) {
+        with_local(|s| s.skipped += n);
+    }
+}
+
+/// An error, counted whenever it happens (errors matter outside the window too).
+pub fn error(code: &str) {
+    with_local(|s| *s.errors.entry(code.to_owned()).or_default() += 1);
+}
+
+/// Forget everything recorded so far and close the window (before a new run).
+pub fn reset() {
+    WINDOW_START.store(u64::MAX, Ordering::Relaxed);
+    WINDOW_END.store(u64::MAX, Ordering::Relaxed);
+    for s in registry().lock().expect("stats registry").iter() {
+        s.lock().expect("thread stats").reset();
+    }
+}
+
+/// Every thread's measurements merged.
+pub fn collect() -> Stats {
+    let mut total = Stats::new();
+    for s in registry().lock().expect("stats registry").iter() {
+        total.merge(&s.lock().expect("thread stats"));
+    }
+    total
+}
