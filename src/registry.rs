@@ -31,6 +31,8 @@ struct Inner {
     arbiters: Vec<ArbiterHandle>,
     hasher: std::collections::hash_map::RandomState,
     incarnations: AtomicU64,
+    /// Number of `Slot::Active` entries (kept beside the map so reading it is O(1)).
+    active: AtomicU64,
     /// Set once at start-up: rooms need the registry and the registry creates rooms.
     deps: OnceLock<Weak<RoomDeps>>,
 }
@@ -56,6 +58,7 @@ impl RoomRegistry {
                 arbiters,
                 hasher: Default::default(),
                 incarnations: AtomicU64::new(1),
+                active: AtomicU64::new(0),
                 deps: OnceLock::new(),
             }),
         }
@@ -72,7 +75,11 @@ impl RoomRegistry {
 
     /// Number of active rooms.
     pub fn active_count(&self) -> usize {
-        self.slots().values().filter(|s| matches!(s, Slot::Active { .. })).count()
+        self.inner.active.load(Ordering::Relaxed) as usize
+    }
+
+    fn set_active_gauge(&self) {
+        metrics::gauge!("stoa_rooms_active").set(self.active_count() as f64);
     }
 
     /// The actors of every active room.
@@ -96,42 +103,49 @@ impl RoomRegistry {
 
     /// The actor of `room`, activating it from the store if needed.
     pub async fn resolve(&self, room: &RoomAddr) -> Result<Addr<Room>, RoomError> {
-        let waiter = {
+        let (tx, rx) = oneshot::channel();
+        {
             let mut slots = self.slots();
             match slots.get_mut(room) {
                 Some(Slot::Active { addr, .. }) if addr.connected() => return Ok(addr.clone()),
-                Some(Slot::Loading(waiters)) => {
-                    let (tx, rx) = oneshot::channel();
-                    waiters.push(tx);
-                    Some(rx)
-                }
+                Some(Slot::Loading(waiters)) => waiters.push(tx),
                 _ => {
-                    slots.insert(room.clone(), Slot::Loading(Vec::new()));
-                    None
+                    if let Some(Slot::Active { .. }) = slots.insert(room.clone(), Slot::Loading(vec![tx])) {
+                        // A dead incarnation that never deregistered.
+                        self.inner.active.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    // The activation runs on its own task: if this caller goes away (its
+                    // connection closed), the other waiters and the slot are still settled.
+                    let registry = self.clone();
+                    let room = room.clone();
+                    tokio::spawn(async move { registry.finish_activation(room).await });
                 }
             }
-        };
-        if let Some(rx) = waiter {
-            return rx.await.unwrap_or_else(|_| Err(RoomError::Unavailable("room activation aborted".into())));
         }
-        let result = self.activate(room).await;
+        rx.await.unwrap_or_else(|_| Err(RoomError::Unavailable("room activation aborted".into())))
+    }
+
+    async fn finish_activation(&self, room: RoomAddr) {
+        let result = self.activate(&room).await;
         let waiters = {
             let mut slots = self.slots();
             let previous = match &result {
-                Ok((addr, incarnation)) => slots.insert(room.clone(), Slot::Active { addr: addr.clone(), incarnation: *incarnation }),
-                Err(_) => slots.remove(room),
+                Ok((addr, incarnation)) => {
+                    self.inner.active.fetch_add(1, Ordering::Relaxed);
+                    slots.insert(room.clone(), Slot::Active { addr: addr.clone(), incarnation: *incarnation })
+                }
+                Err(_) => slots.remove(&room),
             };
             match previous {
                 Some(Slot::Loading(waiters)) => waiters,
                 _ => Vec::new(),
             }
         };
+        self.set_active_gauge();
         let result = result.map(|(addr, _)| addr);
-        metrics::gauge!("stoa_rooms_active").set(self.active_count() as f64);
         for w in waiters {
             let _ = w.send(result.clone());
         }
-        result
     }
 
     async fn activate(&self, room: &RoomAddr) -> Result<(Addr<Room>, u64), RoomError> {
@@ -167,10 +181,10 @@ impl RoomRegistry {
         let mut slots = self.slots();
         if matches!(slots.get(room), Some(Slot::Active { incarnation: i, .. }) if *i == incarnation) {
             slots.remove(room);
+            self.inner.active.fetch_sub(1, Ordering::Relaxed);
         }
-        let active = slots.values().filter(|s| matches!(s, Slot::Active { .. })).count();
         drop(slots);
-        metrics::gauge!("stoa_rooms_active").set(active as f64);
+        self.set_active_gauge();
     }
 
     /// Send `msg` to the room's current incarnation, resolving again if it meets a stopping one.

@@ -22,6 +22,9 @@ use tokio_util::task::TaskTracker;
 /// Most frames written per flush: bounds the latency of the first frame in a burst.
 const MAX_FRAMES_PER_FLUSH: usize = 256;
 
+/// Bytes of outgoing frames gathered before a socket write.
+const WRITE_BUFFER_BYTES: usize = 16 * 1024;
+
 /// How long the writer may take to push one batch into the socket before the client counts as
 /// a slow consumer.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -64,7 +67,9 @@ async fn run_connection(stream: TcpStream, router: Arc<Router>, shutdown: Cancel
     let limits = router.settings.limits.clone();
     let config = WebSocketConfig::default()
         .read_buffer_size(4096)
-        .write_buffer_size(0)
+        // Frames accumulate up to this much before a write; the writer flushes after each batch,
+        // so a burst of queued frames becomes one syscall (coalescing).
+        .write_buffer_size(WRITE_BUFFER_BYTES)
         .max_write_buffer_size(limits.max_frame_bytes * 4 + 65536)
         .max_message_size(Some(limits.max_frame_bytes))
         .max_frame_size(Some(limits.max_frame_bytes));
