@@ -134,12 +134,10 @@ impl Connection {
     }
 
     fn push(&self, frame: &ServerFrame) {
-        if let ServerFrame::Error { code, .. } = frame {
-            metrics::counter!("stoa_errors_total", "code" => code.as_str()).increment(1);
-        }
         match &self.session {
             Some(s) => s.send(frame),
             None => {
+                crate::session::count_error(frame);
                 let _ = self.outbound.try_send(Outbound::Frame(Utf8Bytes::from(frame.to_json())));
             }
         }

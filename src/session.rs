@@ -62,8 +62,9 @@ impl SessionHandle {
         }
     }
 
-    /// Queue a frame.
+    /// Queue a frame (error answers are counted in `stoa_errors_total` by code).
     pub fn send(&self, frame: &ServerFrame) {
+        count_error(frame);
         self.push(Utf8Bytes::from(frame.to_json()));
     }
 
@@ -113,5 +114,12 @@ impl SessionHandle {
     /// How many rooms this session occupies.
     pub fn room_count(&self) -> usize {
         self.rooms.lock().expect("rooms lock poisoned").len()
+    }
+}
+
+/// Count an error frame in `stoa_errors_total{code}`.
+pub fn count_error(frame: &ServerFrame) {
+    if let ServerFrame::Error { code, .. } = frame {
+        metrics::counter!("stoa_errors_total", "code" => code.as_str()).increment(1);
     }
 }
