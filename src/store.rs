@@ -712,28 +712,30 @@ impl Store {
             message::Column::Nick,
             message::Column::Body,
             message::Column::ClientMsgId,
+            message::Column::Epoch,
             message::Column::CreatedAt,
         ];
-        let mut rows: Vec<(RoomId, &NewMessage, MessageOutcome)> = Vec::new();
+        let mut rows: Vec<(&Fence, &NewMessage, MessageOutcome)> = Vec::new();
         for &i in writing.iter().filter(|i| !rejected.contains_key(i)) {
             let r = &requests[i];
             for (m, o) in r.messages.iter().zip(&plans[i]) {
                 if !o.duplicate {
-                    rows.push((r.fence.room, m, *o));
+                    rows.push((&r.fence, m, *o));
                 }
             }
         }
         let mut insert = Query::insert().into_table(message::Entity).columns(columns).to_owned();
         let mut pending = 0;
-        for (room_id, m, o) in rows {
+        for (fence, m, o) in rows {
             insert.values_panic([
-                room_id.0.into(),
+                fence.room.0.into(),
                 (o.seq as i64).into(),
                 uuid::Uuid::now_v7().to_string().into(),
                 m.sender.clone().into(),
                 m.nick.clone().into(),
                 m.body.clone().into(),
                 m.client_msg_id.clone().into(),
+                fence.epoch.0.into(),
                 m.created_at.into(),
             ]);
             pending += 1;

@@ -1,3 +1,6 @@
+//! Messages record the room epoch they were committed under, so a history checker can prove
+//! that no row was written by a fenced host.
+//!
 //! Core tables: rooms (with `public` copied out of the config JSON so `list` can filter in SQL), messages, affiliations, users, sessions, node_leases, node_states.
 //!
 //! Timestamps that the application assigns (message and room creation) are BIGINT milliseconds
@@ -33,6 +36,7 @@ enum Messages {
     Nick,
     Body,
     ClientMsgId,
+    Epoch,
     CreatedAt,
 }
 
@@ -124,6 +128,7 @@ impl MigrationTrait for Migration {
                     .col(string_len(Messages::Nick, 64))
                     .col(text(Messages::Body))
                     .col(string_len(Messages::ClientMsgId, 128))
+                    .col(big_integer(Messages::Epoch))
                     .col(big_integer(Messages::CreatedAt))
                     .primary_key(Index::create().col(Messages::RoomId).col(Messages::Seq))
                     .to_owned(),

@@ -44,6 +44,8 @@ pub mod message {
         pub nick: String,
         pub body: String,
         pub client_msg_id: String,
+        /// The room epoch this row was committed under.
+        pub epoch: i64,
         pub created_at: i64,
     }
 
