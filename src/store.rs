@@ -194,6 +194,9 @@ pub enum AppendError {
 /// Most rows in one INSERT: keeps every backend under its bind-parameter limit.
 const INSERT_CHUNK_ROWS: usize = 500;
 
+/// Attempts to open a SQLite database that another process is initialising at the same moment.
+const SQLITE_OPEN_RETRIES: u32 = 25;
+
 /// Key of the advisory lock / named lock that serializes migrations across processes.
 const MIGRATION_LOCK_KEY: i64 = 0x5374_6f61; // "Stoa"
 
@@ -243,11 +246,21 @@ impl Store {
                     std::fs::create_dir_all(&dir).map_err(|e| StoreError::Lock(format!("create {}: {e}", dir.display())))?;
                 }
             }
-            let pool = SqlitePoolOptions::new()
+            let pool_options = SqlitePoolOptions::new()
                 .max_connections(max_connections.clamp(1, 8))
-                .acquire_timeout(Duration::from_secs(10))
-                .connect_with(opts)
-                .await?;
+                .acquire_timeout(Duration::from_secs(10));
+            // Switching a new file to WAL needs a moment of exclusive access and fails at once
+            // (without honouring busy_timeout) if another process does the same: retry briefly.
+            let mut attempt = 0;
+            let pool = loop {
+                match pool_options.clone().connect_with(opts.clone()).await {
+                    Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("5") && attempt < SQLITE_OPEN_RETRIES => {
+                        attempt += 1;
+                        tokio::time::sleep(Duration::from_millis(20 * attempt as u64)).await;
+                    }
+                    other => break other?,
+                }
+            };
             (sea_orm::SqlxSqliteConnector::from_sqlx_sqlite_pool(pool), StoreKind::Sqlite)
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let pool = sqlx::postgres::PgPoolOptions::new()
@@ -635,17 +648,20 @@ impl Store {
         for req in requests {
             let existing = if check_duplicates { self.stored_cids(&txn, req).await? } else { HashMap::new() };
             let mut next = req.base_seq;
-            let mut seen_in_request: HashMap<&str, MessageOutcome> = HashMap::new();
+            let mut seen_in_request: HashMap<(&str, &str), MessageOutcome> = HashMap::new();
             let mut plan = Vec::with_capacity(req.messages.len());
             for m in &req.messages {
                 let outcome = if let Some(o) = existing.get(&(m.sender.clone(), m.client_msg_id.clone())) {
                     *o
-                } else if let Some(o) = seen_in_request.get(m.client_msg_id.as_str()).filter(|_| check_duplicates) {
+                } else if let Some(o) = seen_in_request
+                    .get(&(m.sender.as_str(), m.client_msg_id.as_str()))
+                    .filter(|_| check_duplicates)
+                {
                     MessageOutcome { duplicate: true, ..*o }
                 } else {
                     next += 1;
                     let o = MessageOutcome { seq: next, created_at: m.created_at, duplicate: false };
-                    seen_in_request.insert(m.client_msg_id.as_str(), o);
+                    seen_in_request.insert((m.sender.as_str(), m.client_msg_id.as_str()), o);
                     o
                 };
                 plan.push(outcome);

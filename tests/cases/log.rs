@@ -1,0 +1,457 @@
+//! The room log: durability across crashes, contiguous per-room order, dedupe by cid, and
+//! ack-after-commit when the store fails.
+
+use crate::harness::*;
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use stoa::store::StoredMessage;
+use tokio::time::Instant;
+
+/// Send every `(body, cid)` without waiting; returns request id → cid.
+async fn pipeline(c: &mut Client, room: &str, cids: &[String]) -> HashMap<String, String> {
+    let mut ids = HashMap::new();
+    for cid in cids {
+        let id = c.send_json(json!({"op": "send", "room": room, "body": format!("body of {cid}"), "cid": cid})).await;
+        ids.insert(id, cid.clone());
+    }
+    ids
+}
+
+/// Wait for the answer to every request in `ids`; returns cid → answer.
+async fn answers(c: &mut Client, ids: &HashMap<String, String>) -> HashMap<String, Value> {
+    let mut out = HashMap::new();
+    while out.len() < ids.len() {
+        let a = c.wait_for("answers to pipelined sends", |f| f["re"].as_str().is_some_and(|re| ids.contains_key(re))).await;
+        let re = a["re"].as_str().expect("re").to_owned();
+        // A request id is answered once: remove it from consideration by recording it.
+        assert!(out.insert(ids[&re].clone(), a.clone()).is_none(), "request {re} answered twice: {a}");
+    }
+    out
+}
+
+/// The (sender, cid) → seq map of a stored log, asserting no (sender, cid) is stored twice.
+fn stored_index(stored: &[StoredMessage]) -> HashMap<(String, String), u64> {
+    let mut index = HashMap::new();
+    for m in stored {
+        let key = (m.sender.clone(), m.client_msg_id.clone());
+        if let Some(first) = index.insert(key.clone(), m.seq) {
+            panic!("{key:?} is stored twice, at seq {first} and {}", m.seq);
+        }
+    }
+    index
+}
+
+/// Acked messages survive a kill -9 of a real `stoa` process: after a restart on the same
+/// store, every acked message is there with its acked seq, in order, and the log is
+/// contiguous from 1, including sends that were in flight when the process died.
+pub async fn acked_messages_survive_kill_and_restart(db: &TestDb) {
+    let config = db.write_config("solo", "");
+    let mut first = NodeProcess::start(&config, "first run").await;
+    let r = room("persist");
+    let mut ann = first.client("ann").await;
+    let mut bob = first.client("bob").await;
+    ann.create(&r, json!({})).await;
+    ann.join(&r, "ann").await;
+    bob.join(&r, "bob").await;
+
+    // cid → acked seq, per sender.
+    let mut acked: HashMap<(String, String), u64> = HashMap::new();
+    let record = |user: &str, cid: &str, answer: &Value, acked: &mut HashMap<(String, String), u64>| {
+        if answer["op"] == "ack" {
+            acked.insert((user.to_owned(), cid.to_owned()), answer["seq"].as_u64().expect("seq"));
+        }
+    };
+
+    // Phase 1: 2 × 25 pipelined sends, all acked.
+    let a_cids: Vec<String> = (0..25).map(|i| format!("a{i}")).collect();
+    let b_cids: Vec<String> = (0..25).map(|i| format!("b{i}")).collect();
+    let a_ids = pipeline(&mut ann, &r, &a_cids).await;
+    let b_ids = pipeline(&mut bob, &r, &b_cids).await;
+    for (cid, a) in answers(&mut ann, &a_ids).await {
+        assert_eq!(a["op"], "ack", "ann {cid}: {a}");
+        record("ann", &cid, &a, &mut acked);
+    }
+    for (cid, a) in answers(&mut bob, &b_ids).await {
+        assert_eq!(a["op"], "ack", "bob {cid}: {a}");
+        record("bob", &cid, &a, &mut acked);
+    }
+    assert_eq!(acked.len(), 50);
+
+    // Phase 2: 2 × 40 more in flight; kill -9 as soon as a few of them are acked.
+    let a_cids: Vec<String> = (0..40).map(|i| format!("a-late{i}")).collect();
+    let b_cids: Vec<String> = (0..40).map(|i| format!("b-late{i}")).collect();
+    let a_ids = pipeline(&mut ann, &r, &a_cids).await;
+    let b_ids = pipeline(&mut bob, &r, &b_cids).await;
+    let mut late_acks = 0;
+    while late_acks < 3 {
+        let a = ann.wait_for("a late answer", |f| f["re"].as_str().is_some_and(|re| a_ids.contains_key(re))).await;
+        assert_eq!(a["op"], "ack", "{a}");
+        record("ann", &a_ids[a["re"].as_str().expect("re")], &a, &mut acked);
+        late_acks += 1;
+    }
+    first.kill();
+    // Acks already on the wire were committed: collect them too.
+    for (c, ids) in [(&mut ann, &a_ids), (&mut bob, &b_ids)] {
+        while let Some(a) = c.wait_for_or_close(|f| f["op"] == "ack").await {
+            let re = a["re"].as_str().expect("re");
+            if let Some(cid) = ids.get(re) {
+                let user = c.user.clone();
+                record(&user, cid, &a, &mut acked);
+            }
+        }
+    }
+    drop((ann, bob));
+
+    let second = NodeProcess::start(&config, "second run").await;
+    let mut cat = second.client("cat").await;
+    let joined = cat.join_since(&r, "cat", 0).await;
+    let last = joined["last_seq"].as_u64().expect("last_seq");
+    assert!(last >= acked.len() as u64, "log ends at {last} but {} messages were acked", acked.len());
+    let replay = if last > 0 { cat.messages_through(&r, last).await } else { Vec::new() };
+    assert_contiguous(&seqs(&replay), last, "replay after restart");
+    let history = cat.history_all(&r).await;
+    assert_eq!(seqs(&history), seqs(&replay), "history and replay disagree");
+    let stored = db.stored_messages(&r).await;
+    let index = stored_index(&stored);
+    assert_eq!(stored.len() as u64, last);
+    for ((user, cid), seq) in &acked {
+        assert_eq!(index.get(&(user.clone(), cid.clone())), Some(seq), "acked {user}/{cid} at seq {seq} is not stored there");
+        let m = &replay[(*seq - 1) as usize];
+        assert_eq!((m["from"].as_str(), m["cid"].as_str()), (Some(user.as_str()), Some(cid.as_str())), "replay at seq {seq}");
+        assert_eq!(m["body"], format!("body of {cid}"));
+    }
+    // Per sender, the log keeps each client's send order.
+    for user in ["ann", "bob"] {
+        let order: Vec<String> = stored.iter().filter(|m| m.sender == user).map(|m| m.client_msg_id.clone()).collect();
+        let prefix = if user == "ann" { "a" } else { "b" };
+        let mut expected: Vec<String> = (0..25).map(|i| format!("{prefix}{i}")).collect();
+        expected.extend((0..40).map(|i| format!("{prefix}-late{i}")));
+        assert_eq!(order, expected[..order.len()], "{user}'s messages are stored out of order");
+    }
+    // The restarted node carries on after the stored log.
+    let seq = cat.send_acked(&r, "after restart", "c1").await;
+    assert_eq!(seq, last + 1);
+}
+
+/// 8 clients × 50 pipelined sends into one room: the acks are exactly 1..=400 with no
+/// repeats, every occupant sees all 400 messages in seq order with no gap, and the store's
+/// history agrees with what was acked and delivered.
+pub async fn seq_is_contiguous_under_concurrent_senders(db: &TestDb) {
+    const SENDERS: usize = 8;
+    const EACH: usize = 50;
+    const TOTAL: u64 = (SENDERS * EACH) as u64;
+    let node = TestNode::start(db.settings("n1")).await;
+    let r = room("busy");
+    let mut watcher = node.client("watcher").await;
+    watcher.create(&r, json!({})).await;
+    watcher.join(&r, "watcher").await;
+    let mut clients = Vec::new();
+    for i in 0..SENDERS {
+        let mut c = node.client(&format!("user{i}")).await;
+        c.join(&r, &format!("user{i}")).await;
+        clients.push(c);
+    }
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|mut c| {
+            let r = r.clone();
+            tokio::spawn(async move {
+                let cids: Vec<String> = (0..EACH).map(|j| format!("{}-{j}", c.user)).collect();
+                let ids = pipeline(&mut c, &r, &cids).await;
+                let answers = answers(&mut c, &ids).await;
+                let messages = c.messages_through(&r, TOTAL).await;
+                (c.user.clone(), answers, messages)
+            })
+        })
+        .collect();
+    let mut acks: BTreeMap<u64, (String, String)> = BTreeMap::new();
+    let mut views = Vec::new();
+    for t in tasks {
+        let (user, answers, messages) = t.await.expect("sender task");
+        for (cid, a) in answers {
+            assert_eq!(a["op"], "ack", "{user} {cid}: {a}");
+            assert!(a.get("duplicate").is_none(), "fresh cid acked as duplicate: {a}");
+            let seq = a["seq"].as_u64().expect("seq");
+            if let Some(other) = acks.insert(seq, (user.clone(), cid.clone())) {
+                panic!("seq {seq} acked twice: to {other:?} and to {user}/{cid}");
+            }
+        }
+        views.push((user, messages));
+    }
+    views.push(("watcher".into(), watcher.messages_through(&r, TOTAL).await));
+    assert_contiguous(&acks.keys().copied().collect::<Vec<_>>(), TOTAL, "acked seqs");
+    for (user, messages) in &views {
+        assert_contiguous(&seqs(messages), TOTAL, &format!("messages seen by {user}"));
+        for m in messages {
+            let (from, cid) = &acks[&m["seq"].as_u64().expect("seq")];
+            assert_eq!((m["from"].as_str(), m["cid"].as_str()), (Some(from.as_str()), Some(cid.as_str())), "{user} saw {m}");
+        }
+    }
+    let history = watcher.history_all(&r).await;
+    assert_contiguous(&seqs(&history), TOTAL, "history");
+    let stored = db.stored_messages(&r).await;
+    stored_index(&stored);
+    for m in &stored {
+        let (from, cid) = &acks[&m.seq];
+        assert_eq!((&m.sender, &m.client_msg_id), (from, cid), "stored seq {}", m.seq);
+    }
+    assert_eq!(stored.len() as u64, TOTAL);
+}
+
+/// A resend of (room, sender, cid) is answered with the original seq and `duplicate`, and is
+/// stored once; this holds after a node restart too (the store dedupes, not the actor's
+/// memory), and different senders may use the same cid, even in the same commit.
+pub async fn resends_are_deduplicated_by_cid(db: &TestDb) {
+    let r = room("dedupe");
+    let node = TestNode::start(db.settings("n1")).await;
+    let mut ann = node.client("ann").await;
+    let mut bob = node.client("bob").await;
+    ann.create(&r, json!({})).await;
+    ann.join(&r, "ann").await;
+    bob.join(&r, "bob").await;
+
+    assert_eq!(ann.send_acked(&r, "hello", "c1").await, 1);
+    let again = ann.send(&r, "hello (resent)", "c1").await;
+    assert_eq!((again["op"].as_str(), again["seq"].as_u64(), again["duplicate"].as_bool()), (Some("ack"), Some(1), Some(true)), "{again}");
+    let bobs = bob.send(&r, "bob's own c1", "c1").await;
+    assert_eq!((bobs["op"].as_str(), bobs["seq"].as_u64()), (Some("ack"), Some(2)), "another sender's c1 is a new message: {bobs}");
+    assert!(bobs.get("duplicate").is_none(), "{bobs}");
+    // Back-to-back resend while the first may still be in flight: one seq.
+    let ids = [
+        ann.send_json(json!({"op": "send", "room": r, "body": "twice", "cid": "c2"})).await,
+        ann.send_json(json!({"op": "send", "room": r, "body": "twice", "cid": "c2"})).await,
+    ];
+    let (x, y) = (ann.answer(&ids[0]).await, ann.answer(&ids[1]).await);
+    assert_eq!((x["op"].as_str(), x["seq"].as_u64()), (Some("ack"), Some(3)), "{x}");
+    assert_eq!((y["op"].as_str(), y["seq"].as_u64()), (Some("ack"), Some(3)), "{y}");
+    let seen = bob.messages_through(&r, 3).await;
+    assert_eq!(seqs(&seen), vec![1, 2, 3], "a duplicate must not be delivered again");
+    drop((ann, bob));
+    node.stop().await;
+
+    let node = TestNode::start(db.settings("n1")).await;
+    let mut ann = node.client("ann").await;
+    let mut bob = node.client("bob").await;
+    ann.join(&r, "ann").await;
+    bob.join(&r, "bob").await;
+    for (who, cid, seq) in [("ann", "c1", 1), ("bob", "c1", 2), ("ann", "c2", 3)] {
+        let c = if who == "ann" { &mut ann } else { &mut bob };
+        let a = c.send(&r, "resent after restart", cid).await;
+        assert_eq!(
+            (a["op"].as_str(), a["seq"].as_u64(), a["duplicate"].as_bool()),
+            (Some("ack"), Some(seq), Some(true)),
+            "{} resending {cid} after a restart: {a}",
+            c.user
+        );
+    }
+    // A forgotten resend and a new message in one pipeline.
+    let resend = ann.send_json(json!({"op": "send", "room": r, "body": "again", "cid": "c1"})).await;
+    let fresh = ann.send_json(json!({"op": "send", "room": r, "body": "new", "cid": "c3"})).await;
+    let (resend, fresh) = (ann.answer(&resend).await, ann.answer(&fresh).await);
+    assert_eq!((resend["seq"].as_u64(), resend["duplicate"].as_bool()), (Some(1), Some(true)), "{resend}");
+    assert_eq!((fresh["op"].as_str(), fresh["seq"].as_u64()), (Some("ack"), Some(4)), "{fresh}");
+    assert!(fresh.get("duplicate").is_none(), "{fresh}");
+    let seen = bob.messages_through(&r, 4).await;
+    assert_eq!(seqs(&seen), vec![1, 2, 3, 4], "bob sees the join replay and the one new message, no duplicate");
+
+    let stored = db.stored_messages(&r).await;
+    let index = stored_index(&stored);
+    assert_contiguous(&stored.iter().map(|m| m.seq).collect::<Vec<_>>(), 4, "stored log");
+    assert_eq!(index[&("ann".to_string(), "c1".to_string())], 1);
+    assert_eq!(index[&("bob".to_string(), "c1".to_string())], 2);
+    assert_eq!(index[&("ann".to_string(), "c2".to_string())], 3);
+    assert_eq!(index[&("ann".to_string(), "c3".to_string())], 4);
+}
+
+/// Two senders' messages with the same cid are two messages even when they share one
+/// commit with a resend the room actor has forgotten (the store's duplicate check then runs
+/// for the whole append): both are acked as new with their own seqs and both are stored.
+pub async fn one_cid_from_two_senders_in_one_commit_is_two_messages(db: &TestDb) {
+    let r = room("shared-cid");
+    let node = TestNode::start(db.settings("n1")).await;
+    let mut ann = node.client("ann").await;
+    ann.create(&r, json!({})).await;
+    ann.join(&r, "ann").await;
+    // Old cids the restarted actor will not remember.
+    for i in 0..5 {
+        ann.send_acked(&r, "old", &format!("old{i}")).await;
+    }
+    drop(ann);
+    node.stop().await;
+
+    let node = TestNode::start(db.settings("n1")).await;
+    let mut ann = node.client("ann").await;
+    let mut bob = node.client("bob").await;
+    let mut cat = node.client("cat").await;
+    ann.join(&r, "ann").await;
+    bob.join(&r, "bob").await;
+    cat.join(&r, "cat").await;
+    let mut last = 5;
+    // While ann's `busy` append is in flight, her forgotten resend and bob's and cat's
+    // `same` queue up behind it and go out as the room's next append.
+    for i in 0..5 {
+        let busy = ann.send_json(json!({"op": "send", "room": r, "body": "busy", "cid": format!("busy{i}")})).await;
+        let resend = ann.send_json(json!({"op": "send", "room": r, "body": "old", "cid": format!("old{i}")})).await;
+        let same = format!("same{i}");
+        let b = bob.send_json(json!({"op": "send", "room": r, "body": "from bob", "cid": same})).await;
+        let c = cat.send_json(json!({"op": "send", "room": r, "body": "from cat", "cid": same})).await;
+        let busy = ann.answer(&busy).await;
+        let resend = ann.answer(&resend).await;
+        let b = bob.answer(&b).await;
+        let c = cat.answer(&c).await;
+        assert_eq!(busy["op"], "ack", "{busy}");
+        assert_eq!((resend["op"].as_str(), resend["duplicate"].as_bool()), (Some("ack"), Some(true)), "forgotten resend old{i}: {resend}");
+        assert_eq!((b["op"].as_str(), b.get("duplicate")), (Some("ack"), None), "bob's {same}: {b}");
+        assert_eq!((c["op"].as_str(), c.get("duplicate")), (Some("ack"), None), "cat's {same} is its own message, not bob's: {c}");
+        assert_ne!(b["seq"], c["seq"], "bob's and cat's {same} got one seq: {b} {c}");
+        last += 3;
+    }
+    let seen = ann.messages_through(&r, last).await;
+    assert_contiguous(&seqs(&seen), last, "messages ann saw");
+    let stored = db.stored_messages(&r).await;
+    let index = stored_index(&stored);
+    assert_contiguous(&stored.iter().map(|m| m.seq).collect::<Vec<_>>(), last, "stored log");
+    for i in 0..5 {
+        assert!(index.contains_key(&("bob".to_string(), format!("same{i}"))), "bob's same{i} is not stored");
+        assert!(index.contains_key(&("cat".to_string(), format!("same{i}"))), "cat's same{i} is not stored");
+    }
+}
+
+/// When the store fails under traffic (connections killed on PostgreSQL / MariaDB, the write
+/// lock held past the busy timeout on SQLite), the sender gets `unavailable` instead of an ack;
+/// every acked cid is stored exactly once at its acked seq; no occupant sees a message that is
+/// not stored; and once the store is back the room works again with a contiguous log.
+pub async fn nothing_is_acked_when_the_commit_fails(db: &TestDb) {
+    let mut settings = db.settings("n1");
+    // The sender keeps 8 sends in flight for as long as the faults take to bite.
+    settings.limits.requests_per_second = 100_000;
+    settings.limits.request_burst = 100_000;
+    // SQLite: a commit gives up on the held write lock after this long.
+    settings.store.sqlite_busy_timeout_ms = 300;
+    let node = TestNode::start(settings).await;
+    let r = room("flaky");
+    let mut ann = node.client("ann").await;
+    let mut bob = node.client("bob").await;
+    ann.create(&r, json!({})).await;
+    ann.join(&r, "ann").await;
+    bob.join(&r, "bob").await;
+
+    let mut acked: HashMap<String, u64> = HashMap::new();
+    let mut failed: Vec<String> = Vec::new();
+    let note = |cid: &str, a: &Value, acked: &mut HashMap<String, u64>, failed: &mut Vec<String>| match a["op"].as_str() {
+        Some("ack") => {
+            assert!(acked.insert(cid.to_owned(), a["seq"].as_u64().expect("seq")).is_none(), "{cid} acked twice");
+        }
+        Some("error") => {
+            assert_eq!(a["code"], "unavailable", "a failed commit must answer unavailable: {a}");
+            failed.push(cid.to_owned());
+        }
+        _ => panic!("unexpected answer to a send: {a}"),
+    };
+    for i in 0..5 {
+        let cid = format!("before{i}");
+        let a = ann.send(&r, "before", &cid).await;
+        assert_eq!(a["op"], "ack", "{a}");
+        note(&cid, &a, &mut acked, &mut failed);
+    }
+
+    if db.backend == Backend::Sqlite {
+        // Hold the write lock until a commit has given up on it (busy timeout), then let go.
+        use sqlx::Connection;
+        let mut lock = sqlx::SqliteConnection::connect(&db.url).await.expect("second SQLite connection");
+        sqlx::raw_sql("BEGIN EXCLUSIVE").execute(&mut lock).await.expect("BEGIN EXCLUSIVE");
+        let cids: Vec<String> = (0..3).map(|i| format!("locked{i}")).collect();
+        let ids = pipeline(&mut ann, &r, &cids).await;
+        let first = ann.wait_for("a send failing on the locked store", |f| f["re"].as_str().is_some_and(|re| ids.contains_key(re))).await;
+        assert_error(&first, "unavailable", "send while the store is locked");
+        sqlx::raw_sql("ROLLBACK").execute(&mut lock).await.expect("ROLLBACK");
+        lock.close().await.ok();
+        note(&ids[first["re"].as_str().expect("re")], &first, &mut acked, &mut failed);
+        let rest: HashMap<String, String> = ids.into_iter().filter(|(id, _)| first["re"] != id.as_str()).collect();
+        for (cid, a) in answers(&mut ann, &rest).await {
+            note(&cid, &a, &mut acked, &mut failed);
+        }
+    } else {
+        // Keep 8 sends in flight while another task keeps killing the node's connections,
+        // until a few sends have failed.
+        let stop = Arc::new(AtomicBool::new(false));
+        let killer = db.connection_killer();
+        let stop_killing = stop.clone();
+        let chaos = tokio::spawn(async move {
+            let mut rounds = 0usize;
+            while !stop_killing.load(Ordering::Relaxed) {
+                killer.kill().await;
+                rounds += 1;
+                tokio::time::sleep(Duration::from_millis(15)).await; // pacing of the fault injection
+            }
+            rounds
+        });
+        let started = Instant::now();
+        let mut in_flight: HashMap<String, String> = HashMap::new();
+        let mut next = 0;
+        loop {
+            let stopping = failed.len() >= 3 || started.elapsed() > Duration::from_secs(15);
+            if stopping {
+                stop.store(true, Ordering::Relaxed);
+            }
+            while !stopping && in_flight.len() < 8 {
+                let cid = format!("chaos{next}");
+                next += 1;
+                let id = ann.send_json(json!({"op": "send", "room": r, "body": format!("body of {cid}"), "cid": cid})).await;
+                in_flight.insert(id, cid);
+            }
+            if in_flight.is_empty() {
+                break;
+            }
+            let a = ann.wait_for("an answer during the store faults", |f| f["re"].as_str().is_some_and(|re| in_flight.contains_key(re))).await;
+            let cid = in_flight.remove(a["re"].as_str().expect("re")).expect("in flight");
+            note(&cid, &a, &mut acked, &mut failed);
+        }
+        let rounds = chaos.await.expect("chaos task");
+        eprintln!("killed the node's connections {rounds} times");
+    }
+    assert!(!failed.is_empty(), "no commit failed: the fault injection did not bite ({} sends acked)", acked.len());
+    eprintln!("store faults: {} sends acked, {} answered unavailable", acked.len(), failed.len());
+
+    // The store is back: a send goes through (retrying the same cid while the pool recovers),
+    // then every further send is acked at once.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let a = ann.send(&r, "after", "after0").await;
+        if a["op"] == "ack" {
+            note("after0", &a, &mut acked, &mut failed);
+            break;
+        }
+        assert_error(&a, "unavailable", "send after the store recovered");
+        assert!(Instant::now() < deadline, "the room did not recover: {a}");
+        tokio::time::sleep(Duration::from_millis(100)).await; // retry pacing
+    }
+    let mut previous = acked["after0"];
+    for i in 1..10 {
+        let cid = format!("after{i}");
+        let seq = ann.send_acked(&r, "after", &cid).await;
+        assert_eq!(seq, previous + 1, "seq not contiguous after recovery");
+        previous = seq;
+        acked.insert(cid, seq);
+    }
+
+    let stored = db.stored_messages(&r).await;
+    let index = stored_index(&stored);
+    assert_contiguous(&stored.iter().map(|m| m.seq).collect::<Vec<_>>(), previous, "stored log");
+    for (cid, seq) in &acked {
+        assert_eq!(index.get(&("ann".to_string(), cid.clone())), Some(seq), "acked {cid} is not stored at its seq");
+    }
+    let stored_cids: HashSet<&str> = stored.iter().map(|m| m.client_msg_id.as_str()).collect();
+    for (who, c) in [("bob", &mut bob), ("ann", &mut ann)] {
+        let seen = c.messages_through(&r, previous).await;
+        for m in &seen {
+            let cid = m["cid"].as_str().expect("cid");
+            assert!(stored_cids.contains(cid), "{who} received {cid}, which is not stored: {m}");
+            assert_eq!(index.get(&("ann".to_string(), cid.to_owned())), m["seq"].as_u64().as_ref(), "{who} got {m}");
+        }
+        assert_contiguous(&seqs(&seen), previous, &format!("messages {who} received"));
+    }
+}

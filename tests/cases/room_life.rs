@@ -1,0 +1,138 @@
+//! Room actors come and go: passivation when idle, re-activation from the store.
+
+use crate::harness::*;
+use serde_json::json;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+/// An idle, empty room passivates (the node's `active_rooms` drops to 0) and the next join
+/// re-activates it from the store with its history intact and its seq continuing, twice over.
+pub async fn idle_room_passivates_and_reactivates_intact(db: &TestDb) {
+    let mut settings = db.settings("n1");
+    settings.rooms.passivate_after_ms = 300;
+    let node = TestNode::start(settings).await;
+    let r = room("sleepy");
+    let mut ann = node.client("ann").await;
+    ann.create(&r, json!({"subject": "naps"})).await;
+    let mut expected_last = 0;
+    for round in 0..3 {
+        let joined = ann.join_since(&r, "ann", 0).await;
+        assert_eq!(joined["last_seq"].as_u64(), Some(expected_last), "round {round}: {joined}");
+        assert_eq!(joined["subject"], "naps", "the config survives passivation");
+        if expected_last > 0 {
+            let replay = ann.messages_through(&r, expected_last).await;
+            assert_contiguous(&seqs(&replay), expected_last, &format!("replay in round {round}"));
+        }
+        node.await_node_state("the room to be active", |n| n["active_rooms"] == 1).await;
+        for i in 0..3 {
+            let seq = ann.send_acked(&r, "zzz", &format!("r{round}-{i}")).await;
+            expected_last += 1;
+            assert_eq!(seq, expected_last, "seq continues after re-activation");
+        }
+        ann.messages_through(&r, expected_last).await;
+        let left = ann.request(json!({"op": "leave", "room": r})).await;
+        assert_eq!(left["op"], "left", "{left}");
+        node.await_node_state("the idle room to passivate", |n| n["active_rooms"] == 0).await;
+        let detail = node.admin_json(&format!("/api/rooms/{r}")).await;
+        assert_eq!(detail["active"], false, "{detail}");
+        assert_eq!(detail["last_seq"].as_u64(), Some(expected_last), "{detail}");
+    }
+    // A history read re-activates too, and sees everything.
+    let history = ann.history_all(&r).await;
+    assert_contiguous(&seqs(&history), expected_last, "history after passivation");
+}
+
+/// Clients join, send and leave two rooms in a loop while the rooms passivate again and
+/// again (50 ms idle): every request is answered with success, and each room's log is
+/// contiguous and matches the acks exactly.
+pub async fn churn_with_repeated_passivation_drops_no_request(db: &TestDb) {
+    const CLIENTS: usize = 4;
+    const ROUNDS: usize = 25;
+    let mut settings = db.settings("n1");
+    settings.rooms.passivate_after_ms = 50;
+    let node = TestNode::start(settings).await;
+    let rooms = [room("churn-a"), room("churn-b")];
+    let mut owner = node.client("owner").await;
+    for r in &rooms {
+        owner.create(r, json!({})).await;
+    }
+    drop(owner);
+
+    // Count passivations as the admin API sees them.
+    let stop = Arc::new(AtomicBool::new(false));
+    let passivations = Arc::new(AtomicUsize::new(0));
+    let sampler = {
+        let (stop, passivations, admin) = (stop.clone(), passivations.clone(), node.admin_addr);
+        tokio::spawn(async move {
+            let mut previous = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let (status, body) = http_get(admin, "/api/node", None).await;
+                if status == 200 {
+                    let now = serde_json::from_str::<serde_json::Value>(&body).ok().and_then(|v| v["active_rooms"].as_u64()).unwrap_or(0);
+                    if now < previous {
+                        passivations.fetch_add((previous - now) as usize, Ordering::Relaxed);
+                    }
+                    previous = now;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await; // sampling interval
+            }
+        })
+    };
+
+    let tasks: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let rooms = rooms.clone();
+            let addr = node.client_addr;
+            tokio::spawn(async move {
+                let user = format!("churner{i}");
+                let mut c = Client::connect(addr, &user).await;
+                let mut acks: Vec<(String, u64, String)> = Vec::new();
+                for round in 0..ROUNDS {
+                    let r = &rooms[(i + round) % 2];
+                    let joined = c.request(json!({"op": "join", "room": r, "nick": user})).await;
+                    assert_eq!(joined["op"], "joined", "{user} round {round}: {joined}");
+                    for k in 0..2 {
+                        let cid = format!("{user}-{round}-{k}");
+                        let seq = c.send_acked(r, "churn", &cid).await;
+                        acks.push((r.clone(), seq, cid));
+                    }
+                    let left = c.request(json!({"op": "leave", "room": r})).await;
+                    assert_eq!(left["op"], "left", "{user} round {round}: {left}");
+                    // Let rooms go idle between rounds, for a varying while.
+                    let pause = (rand::random::<u64>() % 90) as u64;
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                }
+                acks
+            })
+        })
+        .collect();
+    let mut acked: HashMap<String, BTreeMap<u64, String>> = HashMap::new();
+    for t in tasks {
+        for (r, seq, cid) in t.await.expect("churn task") {
+            if let Some(other) = acked.entry(r.clone()).or_default().insert(seq, cid.clone()) {
+                panic!("{r}: seq {seq} acked to both {other} and {cid}");
+            }
+        }
+    }
+    node.await_node_state("every room to passivate", |n| n["active_rooms"] == 0).await;
+    stop.store(true, Ordering::Relaxed);
+    sampler.await.expect("sampler");
+    let seen = passivations.load(Ordering::Relaxed);
+    eprintln!("rooms passivated {seen} times during the churn");
+    assert!(seen >= 3, "rooms passivated only {seen} times during the churn: the test did not exercise passivation");
+
+    let mut total = 0;
+    for r in &rooms {
+        let acks = &acked[r];
+        total += acks.len();
+        assert_contiguous(&acks.keys().copied().collect::<Vec<_>>(), acks.len() as u64, &format!("acked seqs of {r}"));
+        let stored = db.stored_messages(r).await;
+        assert_eq!(stored.len(), acks.len(), "{r}: stored vs acked");
+        for m in stored {
+            assert_eq!(acks.get(&m.seq), Some(&m.client_msg_id), "{r}: stored seq {}", m.seq);
+        }
+    }
+    assert_eq!(total, CLIENTS * ROUNDS * 2);
+}
