@@ -12,6 +12,7 @@
 //!
 //! - [`protocol`]: wire frames of protocol v1 (serde), id newtypes, error codes, close codes.
 //! - [`config`]: `Settings` from defaults, a TOML file and `STOA__SECTION__KEY` variables; dev mode.
+//! - [`ha`]: redundancy pairs: the recovery state machine (leases and takeover to come, docs/ha.md).
 //! - [`node`]: start-up and ordered shutdown of one node (actix System, arbiters, listeners).
 //! - [`transport`]: client transports; `transport::ws` is the WebSocket listener at `/ws`.
 //! - [`router`]: per-connection protocol state: login, validation, rate limit, dispatch to rooms.
@@ -31,6 +32,7 @@ pub mod bench;
 pub mod client;
 pub mod committer;
 pub mod config;
+pub mod ha;
 pub mod node;
 pub mod protocol;
 pub mod registry;

@@ -150,6 +150,7 @@ async fn run(settings: Settings, shutdown: CancellationToken, ready: Ready) -> a
         io: tokio::runtime::Handle::current(),
     });
     registry.set_room_deps(&deps);
+    registry.start_sweeper(settings.passivate_after(), shutdown.clone());
     tracing::info!(arbiters = arbiter_count, "room registry ready");
 
     let auth = Auth::new(store.clone(), settings.auth.allow_guests, settings.auth.session_ttl_s);

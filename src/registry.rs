@@ -7,7 +7,7 @@
 //! and get the next incarnation ([`RoomRegistry::call`] does this), so no request is dropped.
 
 use crate::protocol::{RoomAddr, RoomConfig};
-use crate::room::{Room, RoomDeps, RoomError};
+use crate::room::{Activity, PassivateIfIdle, Room, RoomDeps, RoomError};
 use crate::store::{NodeId, RoomRow, Store};
 use actix::dev::ToEnvelope;
 use actix::prelude::*;
@@ -15,12 +15,14 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
 use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
 
 type Activation = oneshot::Sender<Result<Addr<Room>, RoomError>>;
 
 enum Slot {
-    Active { addr: Addr<Room>, incarnation: u64 },
+    Active { addr: Addr<Room>, incarnation: u64, activity: Activity },
     Loading(Vec<Activation>),
 }
 
@@ -130,9 +132,10 @@ impl RoomRegistry {
         let waiters = {
             let mut slots = self.slots();
             let previous = match &result {
-                Ok((addr, incarnation)) => {
+                Ok((addr, incarnation, activity)) => {
                     self.inner.active.fetch_add(1, Ordering::Relaxed);
-                    slots.insert(room.clone(), Slot::Active { addr: addr.clone(), incarnation: *incarnation })
+                    let slot = Slot::Active { addr: addr.clone(), incarnation: *incarnation, activity: activity.clone() };
+                    slots.insert(room.clone(), slot)
                 }
                 Err(_) => slots.remove(&room),
             };
@@ -142,13 +145,13 @@ impl RoomRegistry {
             }
         };
         self.set_active_gauge();
-        let result = result.map(|(addr, _)| addr);
+        let result = result.map(|(addr, _, _)| addr);
         for w in waiters {
             let _ = w.send(result.clone());
         }
     }
 
-    async fn activate(&self, room: &RoomAddr) -> Result<(Addr<Room>, u64), RoomError> {
+    async fn activate(&self, room: &RoomAddr) -> Result<(Addr<Room>, u64, Activity), RoomError> {
         let started = std::time::Instant::now();
         let row = self.inner.store.load_room(room).await?.ok_or(RoomError::NotFound)?;
         if row.host_node != self.inner.node {
@@ -163,17 +166,46 @@ impl RoomRegistry {
             .ok_or_else(|| RoomError::Unavailable("node is shutting down".into()))?;
         let incarnation = self.inner.incarnations.fetch_add(1, Ordering::Relaxed);
         let arbiter = &self.inner.arbiters[self.arbiter_index(room)];
-        let addr = Room::start_in_arbiter(arbiter, move |_ctx| Room::new(row, affiliations, incarnation, deps));
+        let activity: Activity = Arc::new(AtomicU64::new(monotonic_ms()));
+        let shared = activity.clone();
+        let addr = Room::start_in_arbiter(arbiter, move |_ctx| Room::new(row, affiliations, incarnation, shared, deps));
         metrics::histogram!("stoa_room_activation_seconds").record(started.elapsed().as_secs_f64());
         metrics::counter!("stoa_room_activations_total").increment(1);
         tracing::debug!(room = %room, incarnation, "room activated");
-        Ok((addr, incarnation))
+        Ok((addr, incarnation, activity))
     }
 
     fn arbiter_index(&self, room: &RoomAddr) -> usize {
         let mut h = self.inner.hasher.build_hasher();
         room.hash(&mut h);
         (h.finish() % self.inner.arbiters.len() as u64) as usize
+    }
+
+    /// Ask every room that has seen no traffic for `after` to passivate, every `after / 4`
+    /// (at most every 10 s), until `shutdown`. Rooms decide themselves (they may have occupants).
+    pub fn start_sweeper(&self, after: Duration, shutdown: CancellationToken) {
+        let registry = self.clone();
+        let every = (after / 4).clamp(Duration::from_millis(50), Duration::from_secs(10));
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+                let cutoff = monotonic_ms().saturating_sub(after.as_millis() as u64);
+                let idle: Vec<Addr<Room>> = registry
+                    .slots()
+                    .values()
+                    .filter_map(|s| match s {
+                        Slot::Active { addr, activity, .. } if activity.load(Ordering::Relaxed) <= cutoff => Some(addr.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                for addr in idle {
+                    addr.do_send(PassivateIfIdle { after });
+                }
+            }
+        });
     }
 
     /// Called by a room that is stopping: forget it if it is still the current incarnation.
@@ -215,6 +247,12 @@ impl RoomRegistry {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// Milliseconds on a process-wide monotonic clock (for room activity stamps).
+pub fn monotonic_ms() -> u64 {
+    static START: OnceLock<std::time::Instant> = OnceLock::new();
+    START.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64
 }
 
 /// Room answers that mean "this incarnation is stopping; resolve again".

@@ -19,7 +19,7 @@ use actix::prelude::*;
 use state::{Denied, OccupantState, RoomState};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 /// Why a room refused or failed a request. Mapped to protocol codes by [`RoomError::code`].
@@ -116,10 +116,9 @@ const MAX_APPEND_MESSAGES: usize = 500;
 /// Older resends are still caught by the store's unique key.
 const CID_MEMORY: usize = 1024;
 
-/// How often an empty room checks whether it has been idle long enough to passivate.
-fn idle_check_interval(passivate_after: Duration) -> Duration {
-    (passivate_after / 4).clamp(Duration::from_millis(50), Duration::from_secs(10))
-}
+/// When a room last saw traffic, in [`crate::registry::monotonic_ms`]; shared with the registry,
+/// whose sweeper asks rooms that look idle to passivate (one timer per node, not per room).
+pub type Activity = Arc<std::sync::atomic::AtomicU64>;
 
 /// A post waiting for its commit, with everyone to ack (a resend joins the original).
 struct PendingPost {
@@ -153,7 +152,7 @@ pub struct Room {
     /// Connected occupants' sessions by session id (their nicks are in `state.occupants`).
     occupants: HashMap<u64, Arc<SessionHandle>>,
     passivating: bool,
-    last_activity: Instant,
+    activity: Activity,
     deps: Arc<RoomDeps>,
 }
 
@@ -169,7 +168,13 @@ pub struct RoomDeps {
 
 impl Room {
     /// A room actor for a loaded row (`row.host_node` must be this node).
-    pub fn new(row: RoomRow, affiliations: HashMap<String, Affiliation>, incarnation: u64, deps: Arc<RoomDeps>) -> Room {
+    pub fn new(
+        row: RoomRow,
+        affiliations: HashMap<String, Affiliation>,
+        incarnation: u64,
+        activity: Activity,
+        deps: Arc<RoomDeps>,
+    ) -> Room {
         Room {
             fence: Fence { room: row.id, host: row.host_node.clone(), epoch: row.epoch },
             addr: row.address,
@@ -184,9 +189,14 @@ impl Room {
             cid_order: VecDeque::new(),
             occupants: HashMap::new(),
             passivating: false,
-            last_activity: Instant::now(),
+            activity,
             deps,
         }
+    }
+
+    /// Record traffic (keeps the room from passivating).
+    fn touch(&self) {
+        self.activity.store(crate::registry::monotonic_ms(), std::sync::atomic::Ordering::Relaxed);
     }
 
     fn check_alive(&self) -> Result<(), RoomError> {
@@ -491,7 +501,7 @@ impl Room {
         self.state.occupants.insert(session.id, OccupantState { user: session.user.clone(), nick });
         session.entered(self.addr.clone(), ctx.address());
         self.occupants.insert(session.id, session);
-        self.last_activity = Instant::now();
+        self.touch();
     }
 
     fn remove_occupant(&mut self, session_id: u64, status: &str, reason: Option<String>) {
@@ -507,7 +517,7 @@ impl Room {
             };
             session.send(&frame);
             self.broadcast_frame(&frame);
-            self.last_activity = Instant::now();
+            self.touch();
         }
     }
 }
@@ -517,16 +527,29 @@ impl Actor for Room {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(1024);
-        let every = idle_check_interval(self.deps.limits.passivate_after);
-        ctx.run_interval(every, |room, ctx| {
-            let idle = room.occupants.is_empty() && room.queue.is_empty() && !room.busy;
-            if idle && room.last_activity.elapsed() >= room.deps.limits.passivate_after && !room.passivating {
-                room.passivating = true;
-                tracing::debug!(room = %room.addr, "passivating idle room");
-                room.deps.registry.passivated(&room.addr, room.incarnation);
-                ctx.stop();
-            }
-        });
+    }
+}
+
+/// The registry's sweeper thinks this room has been idle for `after`: stop if it is empty and
+/// has nothing queued or in flight.
+#[derive(Message, Clone)]
+#[rtype(result = "()")]
+pub struct PassivateIfIdle {
+    pub after: Duration,
+}
+
+impl Handler<PassivateIfIdle> for Room {
+    type Result = ();
+
+    fn handle(&mut self, msg: PassivateIfIdle, ctx: &mut Context<Self>) {
+        let idle_ms = crate::registry::monotonic_ms().saturating_sub(self.activity.load(std::sync::atomic::Ordering::Relaxed));
+        let idle = self.occupants.is_empty() && self.queue.is_empty() && !self.busy;
+        if idle && idle_ms >= msg.after.as_millis() as u64 && !self.passivating {
+            self.passivating = true;
+            tracing::debug!(room = %self.addr, "passivating idle room");
+            self.deps.registry.passivated(&self.addr, self.incarnation);
+            ctx.stop();
+        }
     }
 }
 
@@ -658,7 +681,7 @@ impl Handler<Post> for Room {
         let session = self.occupant(msg.session)?.clone();
         let user = session.user.clone();
         let nick = self.state.occupants.get(&msg.session).map(|o| o.nick.clone()).unwrap_or_default();
-        self.last_activity = Instant::now();
+        self.touch();
         let key = (user, msg.client_msg_id);
         if let Some(&(seq, ts)) = self.committed_cids.get(&key) {
             session.send(&ServerFrame::Ack { re: msg.re, room: self.addr.clone(), seq, ts, duplicate: true });
@@ -692,7 +715,7 @@ impl Handler<CheckRead> for Room {
 
     fn handle(&mut self, msg: CheckRead, _ctx: &mut Context<Self>) -> Self::Result {
         self.check_alive()?;
-        self.last_activity = Instant::now();
+        self.touch();
         if !self.occupants.contains_key(&msg.session) {
             let aff = self.state.may_enter(&msg.user)?;
             if self.state.config.password.is_some() && aff < Affiliation::Admin {
