@@ -92,6 +92,10 @@ pub struct TargetArgs {
     /// Any other setting of the spawned server, as `section.key=value` (repeatable).
     #[arg(long = "server-set", global = true, value_name = "SECTION.KEY=VALUE")]
     pub server_set: Vec<String>,
+    /// An environment variable for the spawned server only, as `KEY=VALUE` (repeatable), e.g.
+    /// `--server-env LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2`.
+    #[arg(long = "server-env", global = true, value_name = "KEY=VALUE")]
+    pub server_env: Vec<String>,
     /// Keep the temp dir (config, server log, SQLite database) and print its path.
     #[arg(long, global = true)]
     pub keep: bool,

@@ -145,6 +145,8 @@ pub struct Outcome {
     pub setup_s: f64,
     pub server_rss: Option<u64>,
     pub server_peak_rss: Option<u64>,
+    /// Cores used during the window by the server, the generator, and everything else.
+    pub cpu: stats::CpuCores,
 }
 
 impl Outcome {
@@ -242,7 +244,7 @@ fn describe(summary: &mut Summary, shape: &Shape, args: &TargetArgs) {
         if let Some(v) = args.store_connections {
             server.insert("store_connections".into(), v.into());
         }
-        for kv in &args.server_set {
+        for kv in args.server_set.iter().chain(&args.server_env) {
             if let Some((k, v)) = kv.split_once('=') {
                 server.insert(k.into(), v.into());
             }
@@ -271,6 +273,11 @@ fn report(summary: &mut Summary, out: &Outcome) {
         summary.push("sends_skipped_window_full", s.skipped);
     }
     summary.push("errors", serde_json::to_value(&s.errors).expect("a map of counts serializes"));
+    let cpu = out.cpu;
+    summary.push("cpu_cores_server", cpu.server.map_or(serde_json::Value::Null, |c| round3(c).into()));
+    summary.push("cpu_cores_bench", round3(cpu.bench));
+    summary.push("cpu_cores_db", round3(cpu.db));
+    summary.push("cpu_cores_other", round3(cpu.other));
     summary.push("setup_s", round3(out.setup_s));
     summary.push("measured_s", round3(out.window_s));
 }
@@ -365,13 +372,25 @@ pub async fn run(target: &mut Target, shape: &Shape) -> anyhow::Result<Outcome> 
         })
     };
     let mut alive_check = tokio::time::interval(Duration::from_millis(500));
-    let end = tokio::time::Instant::now() + total;
+    let started = tokio::time::Instant::now();
+    let measure_from = started + shape.warmup + Duration::from_millis(10);
+    let end = measure_from + shape.duration;
+    let mut cpu_start = None;
     loop {
+        let phase_end = if cpu_start.is_none() { measure_from } else { end };
         tokio::select! {
-            _ = tokio::time::sleep_until(end) => break,
+            _ = tokio::time::sleep_until(phase_end) => {
+                if cpu_start.is_none() {
+                    cpu_start = Some(stats::CpuSnapshot::take(target.pid));
+                } else {
+                    break;
+                }
+            }
             _ = alive_check.tick() => target.check_alive()?,
         }
     }
+    let cpu_end = stats::CpuSnapshot::take(target.pid);
+    let cpu = cpu_start.expect("taken at the window start").cores_until(&cpu_end, shape.duration.as_secs_f64());
     ticker.abort();
     bar.finish_and_clear();
     let server_rss = target.rss_bytes();
@@ -381,7 +400,7 @@ pub async fn run(target: &mut Target, shape: &Shape) -> anyhow::Result<Outcome> 
     if tokio::time::timeout(Duration::from_secs(10), drain).await.is_err() {
         tasks.abort_all();
     }
-    Ok(Outcome { stats: stats::collect(), window_s: shape.duration.as_secs_f64(), setup_s, server_rss, server_peak_rss })
+    Ok(Outcome { stats: stats::collect(), window_s: shape.duration.as_secs_f64(), setup_s, server_rss, server_peak_rss, cpu })
 }
 
 /// Wait until `n` occupants are set up; the first failure (or a dead server) ends the run.

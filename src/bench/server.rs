@@ -109,10 +109,10 @@ impl Target {
 
     /// Fail if a spawned server has died (with the tail of its log).
     pub fn check_alive(&mut self) -> anyhow::Result<()> {
-        if let Some(child) = &mut self.child {
-            if let Ok(Some(status)) = child.process.try_wait() {
-                bail!("the server exited ({status}); its log ends with:\n{}", log_tail(&child.log));
-            }
+        if let Some(child) = &mut self.child
+            && let Ok(Some(status)) = child.process.try_wait()
+        {
+            bail!("the server exited ({status}); its log ends with:\n{}", log_tail(&child.log));
         }
         Ok(())
     }
@@ -229,6 +229,10 @@ async fn spawn(dir: &Path, store_url: &str, args: &TargetArgs, tuning: &Tuning) 
         .stdout(log_file.try_clone()?)
         .stderr(log_file)
         .kill_on_drop(true);
+    for kv in &args.server_env {
+        let (k, v) = kv.split_once('=').with_context(|| format!("--server-env `{kv}` is not KEY=VALUE"))?;
+        cmd.env(k, v);
+    }
     // SAFETY: prctl is async-signal-safe; it only asks the kernel to SIGKILL the child when the
     // thread that spawned it (the bench's main thread, which lives as long as the bench) dies,
     // so a bench killed with SIGKILL leaves no server behind.

@@ -170,3 +170,80 @@ pub fn collect() -> Stats {
     }
     total
 }
+
+/// CPU time used so far by the whole machine (busy, all cores), the server and this process,
+/// in seconds: two snapshots give who used how many cores during the measured window, which
+/// says whether the figure was CPU-bound and whether anything else was running.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuSnapshot {
+    pub machine_busy_s: f64,
+    pub server_s: Option<f64>,
+    pub bench_s: f64,
+    /// Every local database server process (postgres, mariadbd, mysqld).
+    pub db_s: f64,
+}
+
+impl CpuSnapshot {
+    pub fn take(server_pid: Option<u32>) -> CpuSnapshot {
+        // SAFETY: sysconf has no preconditions.
+        let tick = (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).max(1) as f64;
+        let machine_busy_s = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| {
+                let line = s.lines().next()?.to_owned();
+                let v: Vec<f64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+                // user nice system idle iowait irq softirq steal: busy = all - idle - iowait.
+                let all: f64 = v.iter().take(8).sum();
+                Some((all - v.get(3)? - v.get(4).copied().unwrap_or(0.0)) / tick)
+            })
+            .unwrap_or(0.0);
+        let proc_s = |path: String| -> Option<f64> {
+            let s = std::fs::read_to_string(path).ok()?;
+            // Fields after the parenthesised command name: utime is the 12th, stime the 13th.
+            let rest = &s[s.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / tick)
+        };
+        let mut db_s = 0.0;
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name.to_str().filter(|n| n.bytes().all(|b| b.is_ascii_digit())) else { continue };
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if matches!(comm.trim(), "postgres" | "mariadbd" | "mysqld") {
+                db_s += proc_s(format!("/proc/{pid}/stat")).unwrap_or(0.0);
+            }
+        }
+        CpuSnapshot {
+            machine_busy_s,
+            server_s: server_pid.and_then(|p| proc_s(format!("/proc/{p}/stat"))),
+            bench_s: proc_s("/proc/self/stat".into()).unwrap_or(0.0),
+            db_s,
+        }
+    }
+
+    /// Cores used between `self` and `later` over `secs`.
+    pub fn cores_until(&self, later: &CpuSnapshot, secs: f64) -> CpuCores {
+        let server = match (self.server_s, later.server_s) {
+            (Some(a), Some(b)) => Some((b - a) / secs),
+            _ => None,
+        };
+        let bench = (later.bench_s - self.bench_s) / secs;
+        // A database process that exited in between makes the difference meaningless.
+        let db = ((later.db_s - self.db_s) / secs).max(0.0);
+        let machine = (later.machine_busy_s - self.machine_busy_s) / secs;
+        CpuCores { server, bench, db, other: (machine - bench - db - server.unwrap_or(0.0)).max(0.0) }
+    }
+}
+
+/// Cores used during a window.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuCores {
+    /// The server under test (when its pid is known).
+    pub server: Option<f64>,
+    /// This load generator.
+    pub bench: f64,
+    /// Local database servers.
+    pub db: f64,
+    /// Everything else on the machine (other work sharing it).
+    pub other: f64,
+}

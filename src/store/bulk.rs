@@ -78,3 +78,31 @@ impl Store {
         Ok(addresses.len() as u64)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rooms created in bulk are ordinary rooms: loadable, hosted at epoch 1, owned by `owner`,
+    /// and a taken address fails the whole call.
+    #[tokio::test]
+    async fn bulk_rooms_load_like_created_rooms() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/bulk.db", dir.path().display());
+        let store = Store::connect(&url, 2, "normal").await.unwrap();
+        store.migrate().await.unwrap();
+        let home = NodeId("n1".into());
+        let addrs: Vec<RoomAddr> = (0..2500).map(|i| RoomAddr(format!("r{i}@conference.localhost"))).collect();
+        let n = store.bulk_create_rooms(&addrs, &RoomConfig::default(), "alice", &home).await.unwrap();
+        assert_eq!(n, 2500);
+        assert_eq!(store.count_rooms().await.unwrap(), 2500);
+        let row = store.load_room(&addrs[1234]).await.unwrap().unwrap();
+        assert_eq!((row.host_node.clone(), row.epoch.0, row.last_seq), (home.clone(), 1, 0));
+        let affs = store.load_affiliations(row.id).await.unwrap();
+        assert_eq!(affs.get("alice"), Some(&Affiliation::Owner));
+        assert_eq!(affs.len(), 1);
+        let again = store.bulk_create_rooms(&addrs[2499..], &RoomConfig::default(), "bob", &home).await;
+        assert!(matches!(again, Err(StoreError::Conflict)), "{again:?}");
+        assert_eq!(store.count_rooms().await.unwrap(), 2500);
+    }
+}
