@@ -42,10 +42,6 @@ pub struct Committer {
 /// Jobs waiting for the committer; beyond this room actors wait (backpressure).
 const QUEUE_CAPACITY: usize = 16 * 1024;
 
-/// Below this, a flush delay is waited for by yielding rather than with a timer: tokio's
-/// timer wheel has millisecond resolution, far coarser than a typical batch delay.
-const TIMER_RESOLUTION: Duration = Duration::from_millis(1);
-
 impl Committer {
     /// Start the committer task on the current tokio runtime.
     pub fn start(store: Store, settings: &CommitterSettings, shutdown: CancellationToken) -> (Committer, tokio::task::JoinHandle<()>) {
@@ -87,24 +83,22 @@ async fn run(
         let started = Instant::now();
         let mut rows = first.request.messages.len();
         let mut batch = vec![first];
-        // Fill until the row cap or the delay, whichever comes first.
+        // Take whatever is already queued; then, if a gather delay is configured, wait for more
+        // until the row cap or the delay. With no delay a batch goes as soon as a transaction
+        // slot is free, and batches still grow under load while every slot is busy (below).
         while rows < max_rows {
             match jobs.try_recv() {
                 Ok(job) => {
                     rows += job.request.messages.len();
                     batch.push(job);
-                    continue;
                 }
-                Err(mpsc::error::TryRecvError::Disconnected) => break,
-                Err(mpsc::error::TryRecvError::Empty) => {}
+                Err(_) => break,
             }
+        }
+        while rows < max_rows && !max_delay.is_zero() {
             let left = max_delay.saturating_sub(started.elapsed());
             if left.is_zero() {
                 break;
-            }
-            if left < TIMER_RESOLUTION {
-                tokio::task::yield_now().await;
-                continue;
             }
             tokio::select! {
                 job = jobs.recv() => match job {

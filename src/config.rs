@@ -81,7 +81,8 @@ pub struct StoreSettings {
 pub struct CommitterSettings {
     /// Flush a batch when it holds this many message rows.
     pub max_batch_rows: usize,
-    /// ... or when its first row has waited this long.
+    /// Gather for up to this long before sending a batch (0 = send as soon as a transaction
+    /// slot is free; batches still grow while all slots are busy).
     pub max_batch_delay_us: u64,
     /// Transactions in flight at once (forced to 1 on SQLite, which has one writer).
     pub max_in_flight: usize,
@@ -197,7 +198,7 @@ impl Default for StoreSettings {
 
 impl Default for CommitterSettings {
     fn default() -> Self {
-        CommitterSettings { max_batch_rows: 1000, max_batch_delay_us: 500, max_in_flight: 4 }
+        CommitterSettings { max_batch_rows: 1000, max_batch_delay_us: 0, max_in_flight: 4 }
     }
 }
 

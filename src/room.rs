@@ -518,6 +518,11 @@ impl Room {
             session.send(&frame);
             self.broadcast_frame(&frame);
             self.touch();
+            if self.occupants.is_empty() {
+                // An empty room may stay loaded for a long time: give back the tables.
+                self.occupants.shrink_to_fit();
+                self.state.occupants.shrink_to_fit();
+            }
         }
     }
 }
