@@ -7,8 +7,9 @@
 //! once (one on SQLite). Each request's answer is sent only after its transaction committed.
 
 use crate::config::CommitterSettings;
-use crate::store::{AppendError, AppendRequest, Appended, Store, StoreKind};
-use std::sync::Arc;
+use crate::store::{AppendError, AppendRequest, Appended, RoomId, Store, StoreKind};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -33,106 +34,213 @@ struct Job {
     reply: oneshot::Sender<Result<Appended, CommitError>>,
 }
 
+impl Job {
+    fn room(&self) -> RoomId {
+        self.request.fence.room
+    }
+}
+
 /// Handle to the group committer; cheap to clone, one per room actor.
 #[derive(Clone)]
 pub struct Committer {
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::UnboundedSender<Job>,
 }
-
-/// Jobs waiting for the committer; beyond this room actors wait (backpressure).
-const QUEUE_CAPACITY: usize = 16 * 1024;
 
 impl Committer {
     /// Start the committer task on the current tokio runtime.
     pub fn start(store: Store, settings: &CommitterSettings, shutdown: CancellationToken) -> (Committer, tokio::task::JoinHandle<()>) {
-        let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+        let (tx, rx) = mpsc::unbounded_channel();
         let in_flight = if store.kind() == StoreKind::Sqlite { 1 } else { settings.max_in_flight };
-        let task = tokio::spawn(run(
-            store,
-            rx,
-            settings.max_batch_rows,
-            Duration::from_micros(settings.max_batch_delay_us),
-            in_flight,
-            shutdown,
-        ));
+        let task = tokio::spawn(
+            Batcher {
+                store,
+                jobs: rx,
+                max_rows: settings.max_batch_rows,
+                max_delay: Duration::from_micros(settings.max_batch_delay_us),
+                permits: Arc::new(Semaphore::new(in_flight)),
+                in_flight,
+                busy: Arc::default(),
+                deferred: VecDeque::new(),
+                deferred_rooms: HashMap::new(),
+            }
+            .run(shutdown),
+        );
         (Committer { jobs: tx }, task)
     }
 
-    /// Append one room's messages; resolves after the commit (or its failure).
-    pub async fn append(&self, request: AppendRequest) -> Result<Appended, CommitError> {
+    /// Queue one room's append; the answer resolves after its commit (or its failure).
+    ///
+    /// Queuing is synchronous, so a room's appends reach the committer in the order the room
+    /// submitted them, and the committer keeps that order: a room's next append never shares a
+    /// transaction with, nor runs concurrently with, its previous one. That is what lets a room
+    /// pipeline appends (each based on the previous one's expected `last_seq`) safely.
+    /// The queue is unbounded; rooms bound it by limiting their appends in flight.
+    pub fn submit(&self, request: AppendRequest) -> impl Future<Output = Result<Appended, CommitError>> + 'static {
         let (reply, answer) = oneshot::channel();
-        self.jobs.send(Job { request, reply }).await.map_err(|_| CommitError::Stopped)?;
-        answer.await.unwrap_or(Err(CommitError::Stopped))
+        let queued = self.jobs.send(Job { request, reply }).is_ok();
+        async move {
+            if !queued {
+                return Err(CommitError::Stopped);
+            }
+            answer.await.unwrap_or(Err(CommitError::Stopped))
+        }
     }
 }
 
-async fn run(
+/// The committer task's state.
+struct Batcher {
     store: Store,
-    mut jobs: mpsc::Receiver<Job>,
+    jobs: mpsc::UnboundedReceiver<Job>,
     max_rows: usize,
     max_delay: Duration,
+    permits: Arc<Semaphore>,
     in_flight: usize,
-    shutdown: CancellationToken,
-) {
-    let permits = Arc::new(Semaphore::new(in_flight));
-    loop {
-        let first = tokio::select! {
-            job = jobs.recv() => match job { Some(job) => job, None => break },
-            _ = shutdown.cancelled() => break,
-        };
-        let started = Instant::now();
-        let mut rows = first.request.messages.len();
-        let mut batch = vec![first];
-        // Take whatever is already queued; then, if a gather delay is configured, wait for more
-        // until the row cap or the delay. With no delay a batch goes as soon as a transaction
-        // slot is free, and batches still grow under load while every slot is busy (below).
-        while rows < max_rows {
-            match jobs.try_recv() {
-                Ok(job) => {
-                    rows += job.request.messages.len();
-                    batch.push(job);
+    /// Rooms with an append in a transaction now.
+    busy: Arc<Mutex<HashSet<RoomId>>>,
+    /// Jobs whose room is busy (or already in the batch being built), in arrival order.
+    deferred: VecDeque<Job>,
+    /// How many deferred jobs each room has.
+    deferred_rooms: HashMap<RoomId, usize>,
+}
+
+/// A batch being built.
+#[derive(Default)]
+struct Batch {
+    jobs: Vec<Job>,
+    rows: usize,
+    rooms: HashSet<RoomId>,
+}
+
+impl Batcher {
+    async fn run(mut self, shutdown: CancellationToken) {
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<()>();
+        'serve: loop {
+            let mut batch = Batch::default();
+            // Wait for at least one job that may go now.
+            while batch.jobs.is_empty() {
+                self.take_deferred(&mut batch);
+                if !batch.jobs.is_empty() {
+                    break;
                 }
-                Err(_) => break,
+                tokio::select! {
+                    job = self.jobs.recv() => match job {
+                        Some(job) => self.offer(job, &mut batch),
+                        None => break 'serve,
+                    },
+                    _ = done_rx.recv() => {}
+                    _ = shutdown.cancelled() => break 'serve,
+                }
+            }
+            let started = Instant::now();
+            // Take whatever is already queued; then, if a gather delay is configured, wait for
+            // more until the row cap or the delay. With no delay a batch goes as soon as a
+            // transaction slot is free; while every slot is busy it keeps growing (below).
+            while batch.rows < self.max_rows {
+                match self.jobs.try_recv() {
+                    Ok(job) => self.offer(job, &mut batch),
+                    Err(_) => break,
+                }
+            }
+            while batch.rows < self.max_rows && !self.max_delay.is_zero() {
+                let left = self.max_delay.saturating_sub(started.elapsed());
+                if left.is_zero() {
+                    break;
+                }
+                tokio::select! {
+                    job = self.jobs.recv() => match job {
+                        Some(job) => self.offer(job, &mut batch),
+                        None => break,
+                    },
+                    _ = tokio::time::sleep(left) => break,
+                }
+            }
+            // While every transaction slot is busy, keep growing the batch: that is group commit.
+            let permit = loop {
+                if let Ok(p) = self.permits.clone().try_acquire_owned() {
+                    break p;
+                }
+                tokio::select! {
+                    p = self.permits.clone().acquire_owned() => break p.expect("semaphore never closed"),
+                    job = self.jobs.recv(), if batch.rows < self.max_rows => match job {
+                        Some(job) => self.offer(job, &mut batch),
+                        None => break self.permits.clone().acquire_owned().await.expect("semaphore never closed"),
+                    },
+                }
+            };
+            self.busy.lock().expect("busy lock").extend(batch.rooms.iter().copied());
+            let (store, busy, done) = (self.store.clone(), self.busy.clone(), done_tx.clone());
+            tokio::spawn(async move {
+                let rooms = batch.rooms;
+                commit(&store, batch.jobs, batch.rows).await;
+                // Answers are sent; only now may these rooms' next appends go.
+                let mut busy = busy.lock().expect("busy lock");
+                for room in &rooms {
+                    busy.remove(room);
+                }
+                drop(busy);
+                drop(permit);
+                let _ = done.send(());
+            });
+        }
+        // Drain: answer what is queued, then wait for every transaction in flight.
+        self.jobs.close();
+        self.deferred_rooms.clear();
+        for job in self.deferred.drain(..) {
+            let _ = job.reply.send(Err(CommitError::Stopped));
+        }
+        while let Some(job) = self.jobs.recv().await {
+            let _ = job.reply.send(Err(CommitError::Stopped));
+        }
+        let _ = self.permits.acquire_many(self.in_flight as u32).await;
+    }
+
+    /// Put a new job in the batch, or defer it behind its room's earlier append.
+    fn offer(&mut self, job: Job, batch: &mut Batch) {
+        let room = job.room();
+        let waits = batch.rooms.contains(&room)
+            || self.deferred_rooms.contains_key(&room)
+            || self.busy.lock().expect("busy lock").contains(&room);
+        if waits {
+            *self.deferred_rooms.entry(room).or_default() += 1;
+            self.deferred.push_back(job);
+        } else {
+            batch.add(job);
+        }
+    }
+
+    /// Move deferred jobs whose room is free into the batch, keeping each room's order.
+    fn take_deferred(&mut self, batch: &mut Batch) {
+        if self.deferred.is_empty() {
+            return;
+        }
+        let busy = self.busy.lock().expect("busy lock");
+        let mut blocked: HashSet<RoomId> = HashSet::new();
+        let mut keep = VecDeque::with_capacity(self.deferred.len());
+        for job in self.deferred.drain(..) {
+            let room = job.room();
+            if batch.rows >= self.max_rows || blocked.contains(&room) || busy.contains(&room) || batch.rooms.contains(&room) {
+                blocked.insert(room);
+                keep.push_back(job);
+            } else {
+                if let Some(n) = self.deferred_rooms.get_mut(&room) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.deferred_rooms.remove(&room);
+                    }
+                }
+                batch.add(job);
             }
         }
-        while rows < max_rows && !max_delay.is_zero() {
-            let left = max_delay.saturating_sub(started.elapsed());
-            if left.is_zero() {
-                break;
-            }
-            tokio::select! {
-                job = jobs.recv() => match job {
-                    Some(job) => { rows += job.request.messages.len(); batch.push(job); }
-                    None => break,
-                },
-                _ = tokio::time::sleep(left) => break,
-            }
-        }
-        // While every transaction slot is busy, keep growing the batch: that is group commit.
-        let permit = loop {
-            if let Ok(p) = permits.clone().try_acquire_owned() {
-                break p;
-            }
-            tokio::select! {
-                p = permits.clone().acquire_owned() => break p.expect("semaphore never closed"),
-                job = jobs.recv(), if rows < max_rows => match job {
-                    Some(job) => { rows += job.request.messages.len(); batch.push(job); }
-                    None => break permits.clone().acquire_owned().await.expect("semaphore never closed"),
-                },
-            }
-        };
-        let store = store.clone();
-        tokio::spawn(async move {
-            commit(&store, batch, rows).await;
-            drop(permit);
-        });
+        self.deferred = keep;
     }
-    // Drain: answer what is queued, then wait for every transaction in flight.
-    jobs.close();
-    while let Some(job) = jobs.recv().await {
-        let _ = job.reply.send(Err(CommitError::Stopped));
+}
+
+impl Batch {
+    fn add(&mut self, job: Job) {
+        self.rows += job.request.messages.len();
+        self.rooms.insert(job.room());
+        self.jobs.push(job);
     }
-    let _ = permits.acquire_many(in_flight as u32).await;
 }
 
 async fn commit(store: &Store, batch: Vec<Job>, rows: usize) {

@@ -185,7 +185,7 @@ impl RoomRegistry {
     /// (at most every 10 s), until `shutdown`. Rooms decide themselves (they may have occupants).
     pub fn start_sweeper(&self, after: Duration, shutdown: CancellationToken) {
         let registry = self.clone();
-        let every = (after / 4).clamp(Duration::from_millis(50), Duration::from_secs(10));
+        let every = (after / 4).clamp(Duration::from_millis(10), Duration::from_secs(10));
         tokio::spawn(async move {
             loop {
                 tokio::select! {

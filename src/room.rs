@@ -1,8 +1,9 @@
 //! The room actor: one per active room, on one of the node's arbiters.
 //!
 //! A room owns its ordering. Posts are queued in the actor and handed to the group committer
-//! one append at a time (everything queued goes in that one append), so the room's seq is
-//! assigned by exactly one writer and stays contiguous. Only after the commit does the room
+//! as appends (everything queued goes in the next one), at most two in flight, which the
+//! committer commits strictly in order; the store assigns seqs from each append's expected
+//! base and refuses a wrong base, so the room's seq stays contiguous. Only after the commit does the room
 //! ack the senders and fan the messages out; a failed commit acks nobody and shows nothing.
 //! Every frame for a client is pushed to that client's session queue, in order.
 
@@ -112,6 +113,10 @@ pub struct RoomLimits {
 /// Most messages in one append: bounds one room's share of a batch and its bind parameters.
 const MAX_APPEND_MESSAGES: usize = 500;
 
+/// Appends a room may have in flight at once. Two is enough: while one commits, the next is
+/// already waiting in the committer, so a post waits for at most one commit before its own.
+const PIPELINE_DEPTH: usize = 2;
+
 /// Committed `(sender, cid)` pairs a room remembers, to answer resends without the store.
 /// Older resends are still caught by the store's unique key.
 const CID_MEMORY: usize = 1024;
@@ -140,11 +145,18 @@ pub struct Room {
     state: RoomState,
     /// Highest committed seq.
     last_seq: u64,
+    /// Posts not yet handed to the committer.
     queue: VecDeque<PendingPost>,
-    /// True while an append (or a resync) is outstanding: a room has at most one.
-    busy: bool,
-    /// The last commit failed without an answer: reload `last_seq` before the next append.
+    /// Posts of the appends in flight, oldest first (at most [`PIPELINE_DEPTH`]).
+    in_flight: VecDeque<Vec<PendingPost>>,
+    /// The `last_seq` the next append assumes: `last_seq` plus everything in flight.
+    next_base: u64,
+    /// Posts put back at the head of `queue` after `Stale` answers (keeps them in order).
+    requeued: usize,
+    /// An append failed or was stale: submit nothing more until the appends in flight are
+    /// answered, then reload `last_seq` from the store (`resync`).
     needs_resync: bool,
+    resyncing: bool,
     /// The last committed messages, newest last; `None` until first needed.
     recent: Option<VecDeque<Recent>>,
     committed_cids: HashMap<(String, String), (u64, i64)>,
@@ -182,8 +194,11 @@ impl Room {
             state: RoomState::new(row.config, affiliations),
             last_seq: row.last_seq,
             queue: VecDeque::new(),
-            busy: false,
+            in_flight: VecDeque::new(),
+            next_base: row.last_seq,
+            requeued: 0,
             needs_resync: false,
+            resyncing: false,
             recent: None,
             committed_cids: HashMap::new(),
             cid_order: VecDeque::new(),
@@ -282,35 +297,42 @@ impl Room {
 
     // ---- write path ----------------------------------------------------------------------
 
-    /// Hand everything queued to the committer as one append, unless one is outstanding.
+    /// Hand queued posts to the committer, up to [`PIPELINE_DEPTH`] appends in flight. Each
+    /// append assumes the previous ones will commit in full (`next_base`); the store checks
+    /// that assumption (`last_seq = base_seq`), so a wrong guess comes back as `Stale`.
     fn flush(&mut self, ctx: &mut Context<Self>) {
-        if self.busy || self.queue.is_empty() {
-            return;
+        while !self.queue.is_empty() && self.in_flight.len() < PIPELINE_DEPTH && !self.resyncing {
+            if self.needs_resync {
+                if self.in_flight.is_empty() {
+                    self.resync(ctx);
+                }
+                return;
+            }
+            let take = self.queue.len().min(MAX_APPEND_MESSAGES);
+            let posts: Vec<PendingPost> = self.queue.drain(..take).collect();
+            let request = AppendRequest {
+                fence: self.fence.clone(),
+                base_seq: self.next_base,
+                messages: posts.iter().map(|p| p.message.clone()).collect(),
+            };
+            self.next_base += posts.len() as u64;
+            self.in_flight.push_back(posts);
+            let answer = self.deps.committer.submit(request);
+            ctx.spawn(answer.into_actor(self).map(|result, room, ctx| room.committed(result, ctx)));
         }
-        if self.needs_resync {
-            self.resync(ctx, None);
-            return;
-        }
-        self.busy = true;
-        let take = self.queue.len().min(MAX_APPEND_MESSAGES);
-        let posts: Vec<PendingPost> = self.queue.drain(..take).collect();
-        let request = AppendRequest {
-            fence: self.fence.clone(),
-            base_seq: self.last_seq,
-            messages: posts.iter().map(|p| p.message.clone()).collect(),
-        };
-        let committer = self.deps.committer.clone();
-        ctx.spawn(
-            async move { committer.append(request).await }
-                .into_actor(self)
-                .map(move |result, room, ctx| room.committed(result, posts, ctx)),
-        );
     }
 
-    fn committed(&mut self, result: Result<Appended, CommitError>, posts: Vec<PendingPost>, ctx: &mut Context<Self>) {
-        self.busy = false;
+    /// The answer to the oldest append in flight (the committer answers a room's appends in
+    /// the order they were submitted).
+    fn committed(&mut self, result: Result<Appended, CommitError>, ctx: &mut Context<Self>) {
+        let Some(posts) = self.in_flight.pop_front() else {
+            return; // the room was stopped and its posts answered already
+        };
         match result {
             Ok(appended) => {
+                // After an earlier failure the log may hold messages this room never showed:
+                // ack now, but leave delivery to the resync, which shows everything in order.
+                let deliver = !self.needs_resync;
                 for (post, outcome) in posts.into_iter().zip(appended.outcomes) {
                     for (session, re) in &post.waiters {
                         session.send(&ServerFrame::Ack {
@@ -321,24 +343,30 @@ impl Room {
                             duplicate: outcome.duplicate,
                         });
                     }
-                    let NewMessage { sender, client_msg_id, .. } = &post.message;
-                    self.remember_cid(sender.clone(), client_msg_id.clone(), outcome.seq, outcome.created_at);
-                    if !outcome.duplicate {
-                        let frame = self.message_frame(outcome.seq, &post.message, outcome.created_at);
-                        self.broadcast(&frame);
-                        self.remember(outcome.seq, frame);
+                    if deliver {
+                        let NewMessage { sender, client_msg_id, .. } = &post.message;
+                        self.remember_cid(sender.clone(), client_msg_id.clone(), outcome.seq, outcome.created_at);
+                        if !outcome.duplicate {
+                            let frame = self.message_frame(outcome.seq, &post.message, outcome.created_at);
+                            self.broadcast(&frame);
+                            self.remember(outcome.seq, frame);
+                        }
                     }
                 }
-                self.last_seq = appended.last_seq;
+                if deliver {
+                    self.last_seq = appended.last_seq;
+                }
             }
             Err(CommitError::Append(AppendError::Stale { last_seq })) => {
                 tracing::info!(room = %self.addr, known = self.last_seq, stored = last_seq, "room log moved on; resyncing");
-                // Nothing of this append was written: put it back in front and catch up first.
-                for p in posts.into_iter().rev() {
-                    self.queue.push_front(p);
+                // Nothing of this append was written: back in the queue, ahead of every post
+                // that was never sent, behind the ones requeued before it.
+                let n = posts.len();
+                for (i, p) in posts.into_iter().enumerate() {
+                    self.queue.insert(self.requeued + i, p);
                 }
-                self.resync(ctx, Some(last_seq));
-                return;
+                self.requeued += n;
+                self.needs_resync = true;
             }
             Err(CommitError::Append(AppendError::Fenced { host, epoch })) => {
                 tracing::warn!(room = %self.addr, %host, epoch, "room fenced; stopping this incarnation");
@@ -358,6 +386,9 @@ impl Room {
                 self.needs_resync = true;
             }
         }
+        if self.in_flight.is_empty() {
+            self.requeued = 0;
+        }
         self.flush(ctx);
     }
 
@@ -374,10 +405,18 @@ impl Room {
         }
     }
 
+    /// Answer every post in flight or queued with an error (the room is stopping).
+    fn fail_all(&mut self, code: ErrorCode, message: &str) {
+        let mut posts: Vec<PendingPost> = self.in_flight.drain(..).flatten().collect();
+        posts.extend(self.queue.drain(..));
+        self.fail_posts(posts, code, message);
+    }
+
     /// Reload the room's log position from the store and deliver whatever was committed that
-    /// this incarnation has not shown yet, then carry on with the queue.
-    fn resync(&mut self, ctx: &mut Context<Self>, _hint: Option<u64>) {
-        self.busy = true;
+    /// this incarnation has not shown yet, then carry on with the queue. Runs only with no
+    /// append in flight.
+    fn resync(&mut self, ctx: &mut Context<Self>) {
+        self.resyncing = true;
         let store = self.deps.store.clone();
         let id = self.fence.room;
         let known = self.last_seq;
@@ -390,7 +429,7 @@ impl Room {
             Ok((row, missing))
         });
         ctx.spawn(load.into_actor(self).map(|result, room, ctx| {
-            room.busy = false;
+            room.resyncing = false;
             match result {
                 Ok((Some(row), missing)) if row.host_node == room.fence.host && row.epoch == room.fence.epoch => {
                     for m in &missing {
@@ -400,24 +439,21 @@ impl Room {
                         room.remember_cid(m.sender.clone(), m.client_msg_id.clone(), m.seq, m.created_at);
                     }
                     room.last_seq = row.last_seq;
+                    room.next_base = row.last_seq;
                     room.needs_resync = false;
                     room.flush(ctx);
                 }
                 Ok((Some(_), _)) => {
-                    let posts: Vec<PendingPost> = room.queue.drain(..).collect();
-                    room.fail_posts(posts, ErrorCode::Unavailable, "room moved to another node; retry");
+                    room.fail_all(ErrorCode::Unavailable, "room moved to another node; retry");
                     room.stop_fenced(ctx);
                 }
                 Ok((None, _)) => {
-                    let posts: Vec<PendingPost> = room.queue.drain(..).collect();
-                    room.fail_posts(posts, ErrorCode::NotFound, "room was destroyed");
+                    room.fail_all(ErrorCode::NotFound, "room was destroyed");
                     room.stop_fenced(ctx);
                 }
                 Err(e) => {
                     // Store still unreachable: fail what is queued; try again on the next post.
-                    let posts: Vec<PendingPost> = room.queue.drain(..).collect();
-                    room.fail_posts(posts, e.code(), &e.client_message());
-                    room.needs_resync = true;
+                    room.fail_all(e.code(), &e.client_message());
                 }
             }
         }));
@@ -427,6 +463,7 @@ impl Room {
     /// for the room activates a fresh incarnation from the store (or finds it moved).
     fn stop_fenced(&mut self, ctx: &mut Context<Self>) {
         self.passivating = true;
+        self.fail_all(ErrorCode::Unavailable, "room is no longer served here; retry");
         let frame = ServerFrame::Error {
             re: None,
             code: ErrorCode::Unavailable,
@@ -548,7 +585,7 @@ impl Handler<PassivateIfIdle> for Room {
 
     fn handle(&mut self, msg: PassivateIfIdle, ctx: &mut Context<Self>) {
         let idle_ms = crate::registry::monotonic_ms().saturating_sub(self.activity.load(std::sync::atomic::Ordering::Relaxed));
-        let idle = self.occupants.is_empty() && self.queue.is_empty() && !self.busy;
+        let idle = self.occupants.is_empty() && self.queue.is_empty() && self.in_flight.is_empty() && !self.resyncing;
         if idle && idle_ms >= msg.after.as_millis() as u64 && !self.passivating {
             self.passivating = true;
             tracing::debug!(room = %self.addr, "passivating idle room");
@@ -692,11 +729,12 @@ impl Handler<Post> for Room {
             session.send(&ServerFrame::Ack { re: msg.re, room: self.addr.clone(), seq, ts, duplicate: true });
             return Ok(());
         }
-        if let Some(p) = self.queue.iter_mut().find(|p| p.message.sender == key.0 && p.message.client_msg_id == key.1) {
+        let pending = self.in_flight.iter_mut().flatten().chain(self.queue.iter_mut());
+        if let Some(p) = pending.into_iter().find(|p| p.message.sender == key.0 && p.message.client_msg_id == key.1) {
+            // A resend of a post not yet committed: answer both with the one commit.
             p.waiters.push((session, msg.re));
             return Ok(());
         }
-        // A resend of a post whose append is in flight is answered by the store's dedupe.
         let (sender, client_msg_id) = key;
         self.queue.push_back(PendingPost {
             message: NewMessage { sender, nick, body: msg.body, client_msg_id, created_at: now_ms() },
@@ -895,8 +933,7 @@ impl Handler<Destroy> for Room {
                 session.exited(&room.addr);
             }
             room.occupants.clear();
-            let posts: Vec<PendingPost> = room.queue.drain(..).collect();
-            room.fail_posts(posts, ErrorCode::NotFound, "room was destroyed");
+            room.fail_all(ErrorCode::NotFound, "room was destroyed");
             room.deps.registry.passivated(&room.addr, room.incarnation);
             ctx.stop();
             Ok(())
@@ -931,7 +968,7 @@ impl Handler<Inspect> for Room {
             host_node: self.fence.host.0.clone(),
             last_seq: self.last_seq,
             occupants: self.occupants.len(),
-            queued: self.queue.len(),
+            queued: self.queue.len() + self.in_flight.iter().map(Vec::len).sum::<usize>(),
             config: self.state.config.public_view(),
         })
     }

@@ -368,7 +368,7 @@ impl Store {
     ) -> Result<RoomRow, StoreError> {
         let now = now_ms();
         let config_json = serde_json::to_string(config).expect("room config serializes");
-        let txn = self.db.begin().await?;
+        let txn = self.begin_write().await?;
         let inserted = room::Entity::insert(room::ActiveModel {
             address: Set(address.0.clone()),
             config: Set(config_json),
@@ -477,7 +477,7 @@ impl Store {
 
     /// Set (or, with `Affiliation::None`, remove) a user's affiliation (fenced).
     pub async fn set_affiliation(&self, fence: &Fence, user: &str, affiliation: Affiliation) -> Result<(), StoreError> {
-        let txn = self.db.begin().await?;
+        let txn = self.begin_write().await?;
         self.check_fence(&txn, fence).await?;
         if affiliation == Affiliation::None {
             affiliation::Entity::delete_many()
@@ -505,7 +505,7 @@ impl Store {
 
     /// Delete a room, its log and its affiliations (fenced).
     pub async fn destroy_room(&self, fence: &Fence) -> Result<(), StoreError> {
-        let txn = self.db.begin().await?;
+        let txn = self.begin_write().await?;
         self.check_fence(&txn, fence).await?;
         message::Entity::delete_many().filter(message::Column::RoomId.eq(fence.room.0)).exec(&txn).await?;
         affiliation::Entity::delete_many()
@@ -641,12 +641,47 @@ impl Store {
         requests: &[AppendRequest],
         check_duplicates: bool,
     ) -> Result<Vec<Result<Appended, AppendError>>, StoreError> {
-        let txn = self.db.begin().await?;
+        let txn = self.begin_write().await?;
+        match self.append_in(&txn, requests, check_duplicates).await {
+            Ok(answers) => {
+                txn.commit().await?;
+                Ok(answers)
+            }
+            Err(e) => {
+                // Roll back now, not lazily on the connection's next use: on SQLite the failed
+                // transaction would otherwise keep the write lock from the retry.
+                let _ = txn.rollback().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Start a transaction that will write. On SQLite it takes the write lock at BEGIN
+    /// (`BEGIN IMMEDIATE`), so it waits for the lock (busy timeout) instead of failing when a
+    /// read snapshot cannot be upgraded.
+    async fn begin_write(&self) -> Result<sea_orm::DatabaseTransaction, StoreError> {
+        if self.kind == StoreKind::Sqlite {
+            let options = sea_orm::TransactionOptions {
+                sqlite_transaction_mode: Some(sea_orm::SqliteTransactionMode::Immediate),
+                ..Default::default()
+            };
+            Ok(self.db.begin_with_options(options).await?)
+        } else {
+            Ok(self.db.begin().await?)
+        }
+    }
+
+    async fn append_in(
+        &self,
+        txn: &sea_orm::DatabaseTransaction,
+        requests: &[AppendRequest],
+        check_duplicates: bool,
+    ) -> Result<Vec<Result<Appended, AppendError>>, StoreError> {
 
         // Plan: which messages of each request are new, and the seq each one gets.
         let mut plans: Vec<Vec<MessageOutcome>> = Vec::with_capacity(requests.len());
         for req in requests {
-            let existing = if check_duplicates { self.stored_cids(&txn, req).await? } else { HashMap::new() };
+            let existing = if check_duplicates { self.stored_cids(txn, req).await? } else { HashMap::new() };
             let mut next = req.base_seq;
             let mut seen_in_request: HashMap<(&str, &str), MessageOutcome> = HashMap::new();
             let mut plan = Vec::with_capacity(req.messages.len());
@@ -697,7 +732,7 @@ impl Store {
                 let ids: Vec<i64> = writing.iter().map(|&i| requests[i].fence.room.0).collect();
                 let rows: HashMap<i64, room::Model> = room::Entity::find()
                     .filter(room::Column::Id.is_in(ids))
-                    .all(&txn)
+                    .all(txn)
                     .await?
                     .into_iter()
                     .map(|m| (m.id, m))
@@ -764,7 +799,6 @@ impl Store {
         if pending > 0 {
             txn.execute(&insert).await.map_err(StoreError::classify)?;
         }
-        txn.commit().await?;
 
         Ok(plans
             .into_iter()
