@@ -66,3 +66,40 @@ on_every_backend! {
     admin::admin_api_reports_health_rooms_and_metrics,
     admin::concurrent_migrations_both_succeed,
 }
+
+/// The short CI version of the benchmarks: `stoa bench` (the real binary, spawning its own
+/// SQLite server) runs each load mode briefly and prints the JSON summary with real figures.
+/// The full runs are `scripts/bench-suite.sh` (docs/benchmarks.md).
+mod bench_smoke {
+    fn run_bench(args: &[&str]) -> serde_json::Value {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_stoa"))
+            .arg("bench")
+            .args(args)
+            .args(["--format", "json"])
+            .output()
+            .expect("running stoa bench");
+        assert!(
+            out.status.success(),
+            "stoa bench {args:?} failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("stoa bench {args:?} printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+    }
+
+    #[test]
+    fn throughput_bench_commits_and_reports_every_field() {
+        let v = run_bench(&["throughput", "--rooms", "4", "--duration", "1s", "--warmup", "0s"]);
+        for field in ["committed_per_s", "deliveries_per_s", "ack_p50_ms", "ack_p99_ms", "e2e_p50_ms", "e2e_p99_ms", "e2e_p999_ms", "server_rss_bytes"] {
+            assert!(v[field].is_number(), "`{field}` missing in {v}");
+        }
+        assert_eq!(v["store"], "sqlite", "{v}");
+        assert!(v["committed_per_s"].as_f64().unwrap() > 0.0, "nothing committed: {v}");
+    }
+
+    #[test]
+    fn idle_room_bench_measures_memory_per_room() {
+        let v = run_bench(&["idle-rooms", "--rooms", "2000", "--warm-rooms", "200"]);
+        assert!(v["bytes_per_idle_room"].as_f64().is_some_and(|b| b > 0.0), "{v}");
+    }
+}
