@@ -1,4 +1,6 @@
-//! High availability for redundancy pairs (docs/ha.md): the recovery state machine so far;
-//! leases, the node link and takeover build on it.
+//! High availability for redundancy pairs (docs/ha.md). So far: the recovery state machine
+//! ([`state`]) and node leases on the database clock ([`lease`]); the node link, the recovery
+//! manager and takeover build on them.
 
+pub mod lease;
 pub mod state;

@@ -12,6 +12,8 @@ mod harness;
 mod cases {
     #[path = "admin.rs"]
     pub mod admin;
+    #[path = "../ha.rs"]
+    pub mod ha;
     #[path = "bad_input.rs"]
     pub mod bad_input;
     #[path = "log.rs"]
@@ -50,6 +52,7 @@ macro_rules! on_every_backend {
 }
 
 on_every_backend! {
+    ha::leases_live_and_expire_on_the_database_clock,
     log::acked_messages_survive_kill_and_restart,
     log::seq_is_contiguous_under_concurrent_senders,
     log::resends_are_deduplicated_by_cid,

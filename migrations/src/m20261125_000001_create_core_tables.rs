@@ -86,6 +86,16 @@ enum NodeStates {
     At,
 }
 
+/// A time on the database clock with microseconds: MySQL's plain TIMESTAMP keeps whole
+/// seconds only, far too coarse for a lease measured in hundreds of milliseconds.
+fn db_clock_time<T: IntoIden>(manager: &SchemaManager, col: T) -> ColumnDef {
+    if manager.get_database_backend() == sea_orm_migration::sea_orm::DbBackend::MySql {
+        ColumnDef::new(col).custom(Alias::new("DATETIME(6)")).not_null().to_owned()
+    } else {
+        timestamp_with_time_zone(col)
+    }
+}
+
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
@@ -206,7 +216,7 @@ impl MigrationTrait for Migration {
                     .if_not_exists()
                     .col(string_len(NodeLeases::NodeId, 64).primary_key())
                     .col(string_len(NodeLeases::Holder, 64))
-                    .col(timestamp_with_time_zone(NodeLeases::AliveUntil))
+                    .col(db_clock_time(manager, NodeLeases::AliveUntil))
                     .col(big_integer(NodeLeases::Incarnation))
                     .to_owned(),
             )
@@ -222,7 +232,7 @@ impl MigrationTrait for Migration {
                     .col(string_len(NodeStates::State, 64))
                     .col(string_len(NodeStates::Reason, 64))
                     .col(big_integer(NodeStates::Epoch))
-                    .col(timestamp_with_time_zone(NodeStates::At))
+                    .col(db_clock_time(manager, NodeStates::At))
                     .to_owned(),
             )
             .await?;

@@ -1,0 +1,53 @@
+//! Redundancy-pair building blocks, tested against the real stores.
+
+use crate::harness::{Backend, DEADLINE, TestDb};
+use std::time::{Duration, Instant};
+use stoa::ha::lease::{self, LeaseError};
+use stoa::store::NodeId;
+
+/// A lease renewed on the database clock is live, expires on that clock after its TTL, and a
+/// released lease is expired at once; a new incarnation takes the lease over. SQLite (single
+/// node only) refuses leases with a clear error.
+pub async fn leases_live_and_expire_on_the_database_clock(db: &TestDb) {
+    let store = db.store().await;
+    store.migrate().await.expect("migrations");
+    let node = NodeId("1a".into());
+    if db.backend == Backend::Sqlite {
+        let err = lease::renew(&store, &node, 1, Duration::from_secs(5)).await.unwrap_err();
+        assert!(matches!(err, LeaseError::Unsupported), "{err}");
+        assert!(err.to_string().contains("SQLite"), "{err}");
+        return;
+    }
+    assert_eq!(lease::read(&store, &node).await.unwrap(), None, "no lease before the first renewal");
+
+    lease::renew(&store, &node, 1, Duration::from_secs(30)).await.unwrap();
+    let live = lease::read(&store, &node).await.unwrap().expect("lease after renewal");
+    assert!(!live.expired, "{live:?}");
+    assert_eq!((live.holder.as_str(), live.incarnation), ("1a/1", 1));
+    assert!((25_000..=30_000).contains(&live.remaining_ms), "remaining {} ms of a 30 s lease", live.remaining_ms);
+
+    // A short lease runs out on the database clock.
+    lease::renew(&store, &node, 1, Duration::from_millis(200)).await.unwrap();
+    let started = Instant::now();
+    loop {
+        let l = lease::read(&store, &node).await.unwrap().expect("lease");
+        if l.expired {
+            assert!(l.remaining_ms <= 0, "{l:?}");
+            break;
+        }
+        assert!(started.elapsed() < DEADLINE, "a 200 ms lease did not expire: {l:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await; // polling interval
+    }
+    assert!(started.elapsed() >= Duration::from_millis(100), "expired too early");
+
+    // Renewal by a restarted process (new incarnation) takes over the same row.
+    lease::renew(&store, &node, 2, Duration::from_secs(30)).await.unwrap();
+    let taken = lease::read(&store, &node).await.unwrap().expect("lease");
+    assert_eq!((taken.incarnation, taken.expired), (2, false));
+
+    // Release: expired at once, so a peer need not wait for the TTL.
+    lease::release(&store, &node).await.unwrap();
+    assert!(lease::read(&store, &node).await.unwrap().expect("lease").expired);
+    // Another node's lease is untouched by all of this.
+    assert_eq!(lease::read(&store, &NodeId("1b".into())).await.unwrap(), None);
+}
