@@ -38,6 +38,40 @@ pub struct Settings {
     pub auth: AuthSettings,
     pub limits: LimitSettings,
     pub log: LogSettings,
+    pub cluster: ClusterSettings,
+}
+
+/// The cluster topology: redundancy groups (pairs) of nodes. Empty = a standalone node.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterSettings {
+    /// Shared secret that authenticates node links (required when any group has `ha = true`).
+    pub secret: String,
+    pub secret_file: Option<PathBuf>,
+    pub groups: Vec<GroupSettings>,
+}
+
+/// One redundancy group: one node, or two that back each other up and share one store.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GroupSettings {
+    pub name: String,
+    /// Automatic failover between the two nodes (needs a PostgreSQL or MySQL/MariaDB store).
+    pub ha: bool,
+    pub nodes: Vec<PeerSettings>,
+}
+
+/// How the cluster reaches one node.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PeerSettings {
+    pub id: String,
+    /// The client WebSocket URL, as clients should dial it (`ws://host:port/ws`).
+    pub client: String,
+    /// The node-link address (`host:port`).
+    pub link: String,
+    /// The node's room service alias.
+    pub service: String,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -160,6 +194,7 @@ impl Default for Settings {
             auth: AuthSettings::default(),
             limits: LimitSettings::default(),
             log: LogSettings::default(),
+            cluster: ClusterSettings::default(),
         }
     }
 }
@@ -289,6 +324,9 @@ impl Settings {
         if let Some(path) = &self.auth.admin_token_file {
             self.auth.admin_token = read(path)?;
         }
+        if let Some(path) = &self.cluster.secret_file {
+            self.cluster.secret = read(path)?;
+        }
         Ok(())
     }
 
@@ -343,6 +381,63 @@ impl Settings {
         if self.limits.outbound_queue == 0 || self.limits.requests_per_second == 0 {
             return invalid("limits.outbound_queue and requests_per_second must be at least 1".into());
         }
+        self.check_cluster()
+    }
+
+    /// This node's redundancy group, if a topology is configured.
+    pub fn group(&self) -> Option<&GroupSettings> {
+        self.cluster.groups.iter().find(|g| g.nodes.iter().any(|n| n.id == self.node.id))
+    }
+
+    /// The other node of this node's group, if it has one.
+    pub fn peer(&self) -> Option<&PeerSettings> {
+        self.group()?.nodes.iter().find(|n| n.id != self.node.id)
+    }
+
+    fn check_cluster(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.cluster.groups.is_empty() {
+            return Ok(());
+        }
+        let mut ids = std::collections::HashSet::new();
+        for g in &self.cluster.groups {
+            if g.nodes.is_empty() || g.nodes.len() > 2 {
+                return invalid(format!("group `{}` must have one or two nodes", g.name));
+            }
+            if g.ha && g.nodes.len() != 2 {
+                return invalid(format!("group `{}` has ha = true but no second node to fail over to", g.name));
+            }
+            for n in &g.nodes {
+                if !ids.insert(n.id.as_str()) {
+                    return invalid(format!("node `{}` appears twice in the topology", n.id));
+                }
+                if n.service.is_empty() || n.client.is_empty() || n.link.is_empty() {
+                    return invalid(format!("node `{}` needs client, link and service", n.id));
+                }
+            }
+        }
+        let Some(group) = self.group() else {
+            return invalid(format!("this node (`{}`) is not in any group of [cluster]", self.node.id));
+        };
+        let me = group.nodes.iter().find(|n| n.id == self.node.id).expect("group() found this node");
+        if me.service != self.node.service {
+            return invalid(format!(
+                "node.service is `{}` but the topology says `{}` for node `{}`",
+                self.node.service, me.service, me.id
+            ));
+        }
+        if group.ha {
+            if self.store_url().starts_with("sqlite:") {
+                return invalid(format!(
+                    "group `{}` has ha = true, but its store is SQLite, which only one process can use: \
+                     give both nodes the same PostgreSQL or MySQL/MariaDB store.url",
+                    group.name
+                ));
+            }
+            if self.cluster.secret.len() < 16 {
+                return invalid("cluster.secret (at least 16 characters) is required for a redundancy group".into());
+            }
+        }
         Ok(())
     }
 
@@ -395,6 +490,52 @@ mod tests {
         s.check().unwrap();
         s.listen.client = "10.0.0.1:7450".parse().unwrap();
         assert!(s.check().unwrap_err().to_string().contains("dev mode"));
+    }
+
+    fn pair(ha: bool) -> Settings {
+        let mut s = Settings::default();
+        s.node.id = "1a".into();
+        s.node.service = "conference-1a.example.com".into();
+        s.cluster.secret = "0123456789abcdef".into();
+        s.cluster.groups = vec![GroupSettings {
+            name: "pair-1".into(),
+            ha,
+            nodes: vec![
+                PeerSettings { id: "1a".into(), client: "ws://127.0.0.1:7450/ws".into(), link: "127.0.0.1:7460".into(), service: "conference-1a.example.com".into() },
+                PeerSettings { id: "1b".into(), client: "ws://127.0.0.1:7550/ws".into(), link: "127.0.0.1:7560".into(), service: "conference-1b.example.com".into() },
+            ],
+        }];
+        s
+    }
+
+    #[test]
+    fn an_ha_group_on_sqlite_is_refused() {
+        let s = pair(true);
+        let err = s.check().unwrap_err().to_string();
+        assert!(err.contains("SQLite") && err.contains("pair-1"), "{err}");
+        let mut s = pair(true);
+        s.store.url = "postgres://stoa@db/stoa".into();
+        s.check().unwrap();
+        assert_eq!(s.peer().map(|p| p.id.as_str()), Some("1b"));
+        pair(false).check().unwrap();
+    }
+
+    #[test]
+    fn topology_mistakes_are_refused() {
+        let mut s = pair(true);
+        s.store.url = "postgres://stoa@db/stoa".into();
+        s.cluster.secret = "short".into();
+        assert!(s.check().unwrap_err().to_string().contains("cluster.secret"));
+        let mut s = pair(false);
+        s.node.id = "9z".into();
+        assert!(s.check().unwrap_err().to_string().contains("not in any group"));
+        let mut s = pair(false);
+        s.node.service = "other.example.com".into();
+        assert!(s.check().unwrap_err().to_string().contains("node.service"));
+        let mut s = pair(true);
+        s.store.url = "postgres://stoa@db/stoa".into();
+        s.cluster.groups[0].nodes.pop();
+        assert!(s.check().unwrap_err().to_string().contains("no second node"));
     }
 
     #[test]

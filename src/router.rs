@@ -217,7 +217,8 @@ impl Connection {
             session: logged_in.token,
             service: s.node.service.clone(),
             guest: logged_in.guest,
-            peers: Vec::new(),
+            // Where to resume if this node goes away (the session token is valid there too).
+            peers: s.peer().map(|p| p.client.clone()).into_iter().collect(),
             re: id,
         }))
     }

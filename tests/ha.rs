@@ -51,3 +51,29 @@ pub async fn leases_live_and_expire_on_the_database_clock(db: &TestDb) {
     // Another node's lease is untouched by all of this.
     assert_eq!(lease::read(&store, &NodeId("1b".into())).await.unwrap(), None);
 }
+
+/// A node in a pair tells its clients where to resume: `welcome.peers` holds the peer's client
+/// URL from the topology, and the session token works on any node sharing the store.
+pub async fn welcome_names_the_peer_and_tokens_work_across_the_group(db: &TestDb) {
+    use stoa::config::{GroupSettings, PeerSettings};
+    let peer_url = "ws://127.0.0.1:1/ws";
+    let mut settings = db.settings("1a");
+    settings.cluster.groups = vec![GroupSettings {
+        name: "pair-1".into(),
+        ha: false,
+        nodes: vec![
+            PeerSettings { id: "1a".into(), client: "ws://127.0.0.1:0/ws".into(), link: "127.0.0.1:1".into(), service: settings.node.service.clone() },
+            PeerSettings { id: "1b".into(), client: peer_url.into(), link: "127.0.0.1:2".into(), service: "conference-1b.localhost".into() },
+        ],
+    }];
+    let node = crate::harness::TestNode::start(settings).await;
+    let mut raw = crate::harness::Client::connect_raw(node.client_addr).await;
+    let welcome = raw.hello("ann").await;
+    assert_eq!(welcome["peers"], serde_json::json!([peer_url]), "{welcome}");
+    let token = welcome["session"].as_str().expect("session token").to_owned();
+
+    // The token logs in again (as on the peer after a failover: same store).
+    let mut again = crate::harness::Client::connect_raw(node.client_addr).await;
+    let w = again.request(serde_json::json!({"op": "hello", "v": 1, "token": token})).await;
+    assert_eq!((w["op"].as_str(), w["user"].as_str()), (Some("welcome"), Some("ann")), "{w}");
+}
