@@ -47,12 +47,19 @@ pub struct AdminState {
     registry: RoomRegistry,
     router: Arc<ClientRouter>,
     started: Instant,
+    recovery: Option<crate::ha::recovery::Recovery>,
 }
 
 impl AdminState {
     pub fn new(settings: Arc<Settings>, store: Store, registry: RoomRegistry, router: Arc<ClientRouter>) -> Self {
         prometheus();
-        AdminState { settings, store, registry, router, started: Instant::now() }
+        AdminState { settings, store, registry, router, started: Instant::now(), recovery: None }
+    }
+
+    /// Report this node's recovery manager (nodes in an HA group).
+    pub fn with_recovery(mut self, recovery: Option<crate::ha::recovery::Recovery>) -> Self {
+        self.recovery = recovery;
+        self
     }
 }
 
@@ -61,6 +68,7 @@ pub async fn serve(listener: TcpListener, state: AdminState, shutdown: Cancellat
     let protected = Router::new()
         .route("/api/node", get(node))
         .route("/api/rooms", get(rooms))
+        .route("/api/topology", get(topology))
         .route("/api/rooms/{room}", get(room))
         .route("/metrics", get(metrics_text))
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
@@ -182,6 +190,27 @@ async fn room(State(state): State<AdminState>, Path(room): Path<String>) -> Resp
         "live": live,
     }))
     .into_response()
+}
+
+async fn topology(State(state): State<AdminState>) -> Json<serde_json::Value> {
+    let mut groups = Vec::new();
+    for g in &state.settings.cluster.groups {
+        let mut nodes = Vec::new();
+        for n in &g.nodes {
+            let lease = match crate::ha::lease::read(&state.store, &crate::store::NodeId(n.id.clone())).await {
+                Ok(Some(l)) => json!({"holder": l.holder, "expired": l.expired, "remaining_ms": l.remaining_ms}),
+                Ok(None) => serde_json::Value::Null,
+                Err(e) => json!({"error": e.to_string()}),
+            };
+            nodes.push(json!({"id": n.id, "client": n.client, "service": n.service, "lease": lease}));
+        }
+        groups.push(json!({"name": g.name, "ha": g.ha, "nodes": nodes}));
+    }
+    Json(json!({
+        "node": state.settings.node.id,
+        "status": state.recovery.as_ref().map(|r| r.status()),
+        "groups": groups,
+    }))
 }
 
 async fn metrics_text() -> impl IntoResponse {

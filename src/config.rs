@@ -42,13 +42,23 @@ pub struct Settings {
 }
 
 /// The cluster topology: redundancy groups (pairs) of nodes. Empty = a standalone node.
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterSettings {
     /// Shared secret that authenticates node links (required when any group has `ha = true`).
     pub secret: String,
     pub secret_file: Option<PathBuf>,
     pub groups: Vec<GroupSettings>,
+    /// A node's lease lasts this long on the database clock after each renewal.
+    pub lease_ttl_ms: u64,
+    /// How often a node renews its lease.
+    pub lease_renew_ms: u64,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        ClusterSettings { secret: String::new(), secret_file: None, groups: Vec::new(), lease_ttl_ms: 5000, lease_renew_ms: 1000 }
+    }
 }
 
 /// One redundancy group: one node, or two that back each other up and share one store.
@@ -398,6 +408,9 @@ impl Settings {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
         if self.cluster.groups.is_empty() {
             return Ok(());
+        }
+        if self.cluster.lease_renew_ms == 0 || self.cluster.lease_renew_ms * 2 > self.cluster.lease_ttl_ms {
+            return invalid("cluster.lease_renew_ms must be at least 1 and at most half of cluster.lease_ttl_ms".into());
         }
         let mut ids = std::collections::HashSet::new();
         for g in &self.cluster.groups {

@@ -34,6 +34,7 @@ pub struct Node {
 impl Node {
     /// Start a node with `settings`; returns when it accepts connections.
     pub fn start(settings: Settings) -> anyhow::Result<Node> {
+        settings.check().context("checking the settings")?;
         let shutdown = CancellationToken::new();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let token = shutdown.clone();
@@ -123,6 +124,19 @@ async fn run(settings: Settings, shutdown: CancellationToken, ready: Ready) -> a
         tracing::info!("migrations applied");
     }
 
+    let recovery = match settings.group() {
+        Some(group) if group.ha => {
+            let ttl = std::time::Duration::from_millis(settings.cluster.lease_ttl_ms);
+            let renew = std::time::Duration::from_millis(settings.cluster.lease_renew_ms);
+            let (recovery, task) = crate::ha::recovery::start(store.clone(), node_id.clone(), ttl, renew, shutdown.clone())
+                .await
+                .context("starting the recovery manager")?;
+            tracing::info!(group = %group.name, "recovery manager started");
+            Some((recovery, task))
+        }
+        _ => None,
+    };
+
     let committer_stop = CancellationToken::new();
     let (committer, committer_task) = Committer::start(store.clone(), &settings.committer, committer_stop.clone());
     tracing::info!(
@@ -165,7 +179,8 @@ async fn run(settings: Settings, shutdown: CancellationToken, ready: Ready) -> a
     let client_addr = client_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
     let clients = tokio::spawn(transport::ws::serve(client_listener, router.clone(), shutdown.clone()));
-    let admin_state = admin::AdminState::new(settings.clone(), store.clone(), registry.clone(), router.clone());
+    let admin_state = admin::AdminState::new(settings.clone(), store.clone(), registry.clone(), router.clone())
+        .with_recovery(recovery.as_ref().map(|(r, _)| r.clone()));
     let admin = tokio::spawn(admin::serve(admin_listener, admin_state, shutdown.clone()));
     tracing::info!(%client_addr, %admin_addr, "listening: clients at ws://{client_addr}/ws, admin at http://{admin_addr}/");
     let _ = ready.send(Ok((client_addr, admin_addr)));
@@ -178,6 +193,9 @@ async fn run(settings: Settings, shutdown: CancellationToken, ready: Ready) -> a
     drop(deps);
     committer_stop.cancel();
     let _ = committer_task.await;
+    if let Some((_, task)) = recovery {
+        let _ = task.await; // releases the lease
+    }
     for arbiter in &arbiters {
         arbiter.stop();
     }

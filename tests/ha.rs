@@ -77,3 +77,55 @@ pub async fn welcome_names_the_peer_and_tokens_work_across_the_group(db: &TestDb
     let w = again.request(serde_json::json!({"op": "hello", "v": 1, "token": token})).await;
     assert_eq!((w["op"].as_str(), w["user"].as_str()), (Some("welcome"), Some("ann")), "{w}");
 }
+
+/// A node in an HA group records `initializing` then `normal` in `node_states`, holds a live
+/// lease while it runs (shown by `/api/topology`), and releases it when it stops, so a peer
+/// would not have to wait for the TTL. On SQLite such a node refuses to start.
+pub async fn an_ha_node_records_its_states_and_holds_its_lease(db: &TestDb) {
+    use sea_orm::sea_query::{Alias, Expr, ExprTrait, Order, Query};
+    use sea_orm::ConnectionTrait;
+    use stoa::config::{GroupSettings, PeerSettings};
+    let mut settings = db.settings("1a");
+    settings.cluster.secret = "a-secret-of-sixteen+".into();
+    settings.cluster.lease_ttl_ms = 2000;
+    settings.cluster.lease_renew_ms = 200;
+    settings.cluster.groups = vec![GroupSettings {
+        name: "pair-1".into(),
+        ha: true,
+        nodes: vec![
+            PeerSettings { id: "1a".into(), client: "ws://127.0.0.1:1/ws".into(), link: "127.0.0.1:1".into(), service: settings.node.service.clone() },
+            PeerSettings { id: "1b".into(), client: "ws://127.0.0.1:2/ws".into(), link: "127.0.0.1:2".into(), service: "conference-1b.localhost".into() },
+        ],
+    }];
+    if db.backend == Backend::Sqlite {
+        let err = tokio::task::spawn_blocking(move || stoa::node::Node::start(settings).err()).await.unwrap();
+        let err = format!("{:#}", err.expect("an HA node on SQLite must not start"));
+        assert!(err.contains("SQLite") && err.contains("pair-1"), "{err}");
+        return;
+    }
+    let node = crate::harness::TestNode::start(settings).await;
+    let topo = node.admin_json("/api/topology").await;
+    assert_eq!(topo["status"]["state"], "normal", "{topo}");
+    assert_eq!(topo["groups"][0]["nodes"][0]["lease"]["expired"], false, "{topo}");
+    assert_eq!(topo["groups"][0]["nodes"][1]["lease"], serde_json::Value::Null, "the absent peer never held a lease: {topo}");
+
+    let store = db.store().await;
+    let q = Query::select()
+        .column(Alias::new("state"))
+        .column(Alias::new("reason"))
+        .from(Alias::new("node_states"))
+        .and_where(Expr::col(Alias::new("node_id")).eq("1a"))
+        .order_by(Alias::new("id"), Order::Asc)
+        .to_owned();
+    let rows = store.connection().query_all(&q).await.expect("node_states");
+    let states: Vec<(String, String)> =
+        rows.iter().map(|r| (r.try_get("", "state").unwrap(), r.try_get("", "reason").unwrap())).collect();
+    assert_eq!(
+        states,
+        vec![("initializing".into(), "initializing".into()), ("normal".into(), "initializing".into())],
+    );
+
+    node.stop().await;
+    let l = lease::read(&store, &NodeId("1a".into())).await.unwrap().expect("lease");
+    assert!(l.expired, "the lease must be released on shutdown: {l:?}");
+}

@@ -54,6 +54,7 @@ macro_rules! on_every_backend {
 on_every_backend! {
     ha::leases_live_and_expire_on_the_database_clock,
     ha::welcome_names_the_peer_and_tokens_work_across_the_group,
+    ha::an_ha_node_records_its_states_and_holds_its_lease,
     log::acked_messages_survive_kill_and_restart,
     log::seq_is_contiguous_under_concurrent_senders,
     log::resends_are_deduplicated_by_cid,
