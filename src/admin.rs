@@ -48,17 +48,19 @@ pub struct AdminState {
     router: Arc<ClientRouter>,
     started: Instant,
     recovery: Option<crate::ha::recovery::Recovery>,
+    link: Option<crate::ha::link::Link>,
 }
 
 impl AdminState {
     pub fn new(settings: Arc<Settings>, store: Store, registry: RoomRegistry, router: Arc<ClientRouter>) -> Self {
         prometheus();
-        AdminState { settings, store, registry, router, started: Instant::now(), recovery: None }
+        AdminState { settings, store, registry, router, started: Instant::now(), recovery: None, link: None }
     }
 
-    /// Report this node's recovery manager (nodes in an HA group).
-    pub fn with_recovery(mut self, recovery: Option<crate::ha::recovery::Recovery>) -> Self {
+    /// Report this node's recovery manager and node link (nodes in an HA group).
+    pub fn with_recovery(mut self, recovery: Option<crate::ha::recovery::Recovery>, link: Option<crate::ha::link::Link>) -> Self {
         self.recovery = recovery;
+        self.link = link;
         self
     }
 }
@@ -209,6 +211,7 @@ async fn topology(State(state): State<AdminState>) -> Json<serde_json::Value> {
     Json(json!({
         "node": state.settings.node.id,
         "status": state.recovery.as_ref().map(|r| r.status()),
+        "peer": state.link.as_ref().map(|l| l.peer()),
         "groups": groups,
     }))
 }

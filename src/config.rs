@@ -53,11 +53,13 @@ pub struct ClusterSettings {
     pub lease_ttl_ms: u64,
     /// How often a node renews its lease.
     pub lease_renew_ms: u64,
+    /// How often a node sends its peer a heartbeat over the node link; three missed = down.
+    pub heartbeat_ms: u64,
 }
 
 impl Default for ClusterSettings {
     fn default() -> Self {
-        ClusterSettings { secret: String::new(), secret_file: None, groups: Vec::new(), lease_ttl_ms: 5000, lease_renew_ms: 1000 }
+        ClusterSettings { secret: String::new(), secret_file: None, groups: Vec::new(), lease_ttl_ms: 5000, lease_renew_ms: 1000, heartbeat_ms: 500 }
     }
 }
 

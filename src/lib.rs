@@ -12,7 +12,7 @@
 //!
 //! - [`protocol`]: wire frames of protocol v1 (serde), id newtypes, error codes, close codes.
 //! - [`config`]: `Settings` from defaults, a TOML file and `STOA__SECTION__KEY` variables; dev mode.
-//! - [`ha`]: redundancy pairs: the recovery state machine (leases and takeover to come, docs/ha.md).
+//! - [`ha`]: redundancy pairs (docs/ha.md): state machine, leases, recovery manager, node link; takeover to come.
 //! - [`node`]: start-up and ordered shutdown of one node (actix System, arbiters, listeners).
 //! - [`transport`]: client transports; `transport::ws` is the WebSocket listener at `/ws`.
 //! - [`router`]: per-connection protocol state: login, validation, rate limit, dispatch to rooms.

@@ -137,6 +137,27 @@ async fn run(settings: Settings, shutdown: CancellationToken, ready: Ready) -> a
         _ => None,
     };
 
+    let link = match (&recovery, settings.group(), settings.peer()) {
+        (Some((recovery, _)), Some(group), Some(peer)) => {
+            let me = group.nodes.iter().find(|n| n.id == settings.node.id).expect("settings checked: this node is in its group");
+            let listener = TcpListener::bind(&me.link)
+                .await
+                .with_context(|| format!("binding the node link listener on {}", me.link))?;
+            let config = crate::ha::link::LinkConfig {
+                me: me.id.clone(),
+                peer_id: peer.id.clone(),
+                peer_link: peer.link.clone(),
+                secret: settings.cluster.secret.clone(),
+                heartbeat: std::time::Duration::from_millis(settings.cluster.heartbeat_ms),
+            };
+            let recovery = recovery.clone();
+            let link = crate::ha::link::start(listener, config, move || recovery.status().state, shutdown.clone());
+            tracing::info!(link = %me.link, peer = %peer.id, "node link started");
+            Some(link)
+        }
+        _ => None,
+    };
+
     let committer_stop = CancellationToken::new();
     let (committer, committer_task) = Committer::start(store.clone(), &settings.committer, committer_stop.clone());
     tracing::info!(
@@ -180,7 +201,7 @@ async fn run(settings: Settings, shutdown: CancellationToken, ready: Ready) -> a
     let admin_addr = admin_listener.local_addr()?;
     let clients = tokio::spawn(transport::ws::serve(client_listener, router.clone(), shutdown.clone()));
     let admin_state = admin::AdminState::new(settings.clone(), store.clone(), registry.clone(), router.clone())
-        .with_recovery(recovery.as_ref().map(|(r, _)| r.clone()));
+        .with_recovery(recovery.as_ref().map(|(r, _)| r.clone()), link);
     let admin = tokio::spawn(admin::serve(admin_listener, admin_state, shutdown.clone()));
     tracing::info!(%client_addr, %admin_addr, "listening: clients at ws://{client_addr}/ws, admin at http://{admin_addr}/");
     let _ = ready.send(Ok((client_addr, admin_addr)));

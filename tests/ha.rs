@@ -78,25 +78,38 @@ pub async fn welcome_names_the_peer_and_tokens_work_across_the_group(db: &TestDb
     assert_eq!((w["op"].as_str(), w["user"].as_str()), (Some("welcome"), Some("ann")), "{w}");
 }
 
+/// A free loopback port (bound, then released) for a node-link listener.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// An HA pair `1a` + `1b` on the test database: settings for `me`, with short timings.
+fn pair_settings(db: &TestDb, me: &str, links: (u16, u16)) -> stoa::config::Settings {
+    use stoa::config::{GroupSettings, PeerSettings};
+    let mut settings = db.settings(me);
+    settings.node.service = format!("conference-{me}.localhost");
+    settings.cluster.secret = "a-secret-of-sixteen+".into();
+    settings.cluster.lease_ttl_ms = 2000;
+    settings.cluster.lease_renew_ms = 200;
+    settings.cluster.heartbeat_ms = 100;
+    let node = |id: &str, link: u16| PeerSettings {
+        id: id.into(),
+        client: format!("ws://127.0.0.1:{}/ws", link + 1),
+        link: format!("127.0.0.1:{link}"),
+        service: format!("conference-{id}.localhost"),
+    };
+    settings.cluster.groups =
+        vec![GroupSettings { name: "pair-1".into(), ha: true, nodes: vec![node("1a", links.0), node("1b", links.1)] }];
+    settings
+}
+
 /// A node in an HA group records `initializing` then `normal` in `node_states`, holds a live
 /// lease while it runs (shown by `/api/topology`), and releases it when it stops, so a peer
 /// would not have to wait for the TTL. On SQLite such a node refuses to start.
 pub async fn an_ha_node_records_its_states_and_holds_its_lease(db: &TestDb) {
     use sea_orm::sea_query::{Alias, Expr, ExprTrait, Order, Query};
     use sea_orm::ConnectionTrait;
-    use stoa::config::{GroupSettings, PeerSettings};
-    let mut settings = db.settings("1a");
-    settings.cluster.secret = "a-secret-of-sixteen+".into();
-    settings.cluster.lease_ttl_ms = 2000;
-    settings.cluster.lease_renew_ms = 200;
-    settings.cluster.groups = vec![GroupSettings {
-        name: "pair-1".into(),
-        ha: true,
-        nodes: vec![
-            PeerSettings { id: "1a".into(), client: "ws://127.0.0.1:1/ws".into(), link: "127.0.0.1:1".into(), service: settings.node.service.clone() },
-            PeerSettings { id: "1b".into(), client: "ws://127.0.0.1:2/ws".into(), link: "127.0.0.1:2".into(), service: "conference-1b.localhost".into() },
-        ],
-    }];
+    let settings = pair_settings(db, "1a", (free_port(), free_port()));
     if db.backend == Backend::Sqlite {
         let err = tokio::task::spawn_blocking(move || stoa::node::Node::start(settings).err()).await.unwrap();
         let err = format!("{:#}", err.expect("an HA node on SQLite must not start"));
@@ -128,4 +141,30 @@ pub async fn an_ha_node_records_its_states_and_holds_its_lease(db: &TestDb) {
     node.stop().await;
     let l = lease::read(&store, &NodeId("1a".into())).await.unwrap().expect("lease");
     assert!(l.expired, "the lease must be released on shutdown: {l:?}");
+}
+
+/// The two nodes of a pair find each other over the authenticated node link (each sees the
+/// other reachable and `normal`), and a node notices when its peer stops. A node with the wrong
+/// cluster secret is never seen as reachable.
+pub async fn peers_see_each_other_over_the_link_and_notice_a_stop(db: &TestDb) {
+    let links = (free_port(), free_port());
+    let a = crate::harness::TestNode::start(pair_settings(db, "1a", links)).await;
+    let b = crate::harness::TestNode::start(pair_settings(db, "1b", links)).await;
+    let peer_up = |t: &serde_json::Value| t["peer"]["reachable"] == true && t["peer"]["state"] == "normal";
+    crate::harness::await_admin(a.admin_addr, None, "/api/topology", "1a to see 1b", peer_up).await;
+    crate::harness::await_admin(b.admin_addr, None, "/api/topology", "1b to see 1a", peer_up).await;
+
+    let stopped = Instant::now();
+    b.stop().await;
+    crate::harness::await_admin(a.admin_addr, None, "/api/topology", "1a to see 1b gone", |t| t["peer"]["reachable"] == false).await;
+    eprintln!("peer loss noticed {} ms after the stop", stopped.elapsed().as_millis());
+
+    // An impostor with another secret never gets a link.
+    let mut impostor = pair_settings(db, "1b", links);
+    impostor.cluster.secret = "not-the-cluster-secret".into();
+    let impostor = crate::harness::TestNode::start(impostor).await;
+    tokio::time::sleep(Duration::from_millis(500)).await; // five heartbeat intervals of the impostor
+    let t = a.admin_json("/api/topology").await;
+    assert_eq!(t["peer"]["reachable"], false, "a node with the wrong secret was accepted: {t}");
+    drop(impostor);
 }

@@ -51,6 +51,31 @@ macro_rules! on_every_backend {
     )*};
 }
 
+/// For each `module::case` that needs a store shared by two nodes (PostgreSQL, MariaDB).
+macro_rules! on_shared_stores {
+    ($($module:ident :: $case:ident),* $(,)?) => {$(
+        mod $case {
+            use crate::harness::{Backend, TestDb};
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                let db = TestDb::new(Backend::Postgres, stringify!($case)).await;
+                crate::cases::$module::$case(&db).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn mysql() {
+                let db = TestDb::new(Backend::MySql, stringify!($case)).await;
+                crate::cases::$module::$case(&db).await;
+            }
+        }
+    )*};
+}
+
+on_shared_stores! {
+    ha::peers_see_each_other_over_the_link_and_notice_a_stop,
+}
+
 on_every_backend! {
     ha::leases_live_and_expire_on_the_database_clock,
     ha::welcome_names_the_peer_and_tokens_work_across_the_group,

@@ -1,0 +1,211 @@
+//! The node link: an authenticated WebSocket between the two nodes of a pair, carrying
+//! heartbeats (and, later, forwarded room operations). Each node dials its peer's link address
+//! and sends a heartbeat every `cluster.heartbeat_ms`; each node's listener records the
+//! heartbeats it receives. The peer counts as unreachable when its connection closes or three
+//! heartbeats are missed. This is detection only: whether a peer may be taken over is decided by
+//! its lease in the store (docs/ha.md).
+//!
+//! Authentication: the dialer's first frame carries an HMAC-SHA256, keyed with
+//! `cluster.secret`, over `stoa-link|from|to|timestamp_ms`; the listener refuses a wrong MAC, a
+//! node it does not know, or a timestamp more than 30 s off.
+
+use super::state::NodeState;
+use futures_util::{SinkExt, StreamExt};
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+/// How far a link hello's timestamp may be from the listener's clock.
+const MAX_CLOCK_SKEW_MS: i64 = 30_000;
+
+/// Missed heartbeats after which the peer counts as unreachable.
+const MISSED_HEARTBEATS: u32 = 3;
+
+/// Frames on the node link.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum LinkFrame {
+    LinkHello { from: String, to: String, ts: i64, mac: String },
+    Heartbeat { from: String, state: NodeState, seq: u64 },
+}
+
+fn mac(secret: &str, from: &str, to: &str, ts: i64) -> String {
+    let mut m = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
+    m.update(format!("stoa-link|{from}|{to}|{ts}").as_bytes());
+    hex::encode(m.finalize().into_bytes())
+}
+
+fn mac_ok(secret: &str, from: &str, to: &str, ts: i64, given: &str) -> bool {
+    let Ok(given) = hex::decode(given) else { return false };
+    let mut m = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
+    m.update(format!("stoa-link|{from}|{to}|{ts}").as_bytes());
+    m.verify_slice(&given).is_ok()
+}
+
+/// What this node knows about its peer from the link.
+#[derive(Clone, Debug, Serialize)]
+pub struct PeerStatus {
+    pub id: String,
+    /// A heartbeat arrived within the last three intervals on an open link.
+    pub reachable: bool,
+    /// The state the peer last reported.
+    pub state: Option<NodeState>,
+    /// Milliseconds since the last heartbeat, if any arrived.
+    pub last_heartbeat_ms_ago: Option<u64>,
+}
+
+struct PeerView {
+    connected: bool,
+    last: Option<Instant>,
+    state: Option<NodeState>,
+}
+
+/// The link of one node: its listener and its dialer to the peer.
+#[derive(Clone)]
+pub struct Link {
+    peer_id: String,
+    heartbeat: Duration,
+    view: Arc<Mutex<PeerView>>,
+}
+
+/// Node link settings for [`start`].
+pub struct LinkConfig {
+    pub me: String,
+    pub peer_id: String,
+    pub peer_link: String,
+    pub secret: String,
+    pub heartbeat: Duration,
+}
+
+impl Link {
+    /// The peer as seen from here now.
+    pub fn peer(&self) -> PeerStatus {
+        let v = self.view.lock().expect("peer view lock");
+        let ago = v.last.map(|t| t.elapsed());
+        let fresh = ago.is_some_and(|a| a < self.heartbeat * MISSED_HEARTBEATS);
+        PeerStatus {
+            id: self.peer_id.clone(),
+            reachable: v.connected && fresh,
+            state: v.state,
+            last_heartbeat_ms_ago: ago.map(|a| a.as_millis() as u64),
+        }
+    }
+}
+
+/// Start the link: serve `listener` and keep dialing the peer, until `shutdown`.
+/// `my_state` is read for every heartbeat.
+pub fn start(
+    listener: TcpListener,
+    config: LinkConfig,
+    my_state: impl Fn() -> NodeState + Send + Sync + 'static,
+    shutdown: CancellationToken,
+) -> Link {
+    let view = Arc::new(Mutex::new(PeerView { connected: false, last: None, state: None }));
+    let link = Link { peer_id: config.peer_id.clone(), heartbeat: config.heartbeat, view: view.clone() };
+    let config = Arc::new(config);
+    tokio::spawn(serve(listener, config.clone(), view, shutdown.clone()));
+    tokio::spawn(dial(config, Arc::new(my_state), shutdown));
+    link
+}
+
+async fn serve(listener: TcpListener, config: Arc<LinkConfig>, view: Arc<Mutex<PeerView>>, shutdown: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            a = listener.accept() => match a { Ok((s, _)) => s, Err(_) => continue },
+            _ = shutdown.cancelled() => return,
+        };
+        let (config, view, shutdown) = (config.clone(), view.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else { return };
+            // The first frame must be a valid hello from our peer.
+            let hello = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
+            let Ok(Some(Ok(Message::Text(text)))) = hello else { return };
+            match serde_json::from_str::<LinkFrame>(text.as_str()) {
+                Ok(LinkFrame::LinkHello { from, to, ts, mac }) => {
+                    let skew = (crate::store::now_ms() - ts).abs();
+                    if from != config.peer_id || to != config.me || skew > MAX_CLOCK_SKEW_MS || !mac_ok(&config.secret, &from, &to, ts, &mac) {
+                        tracing::warn!(%from, "node link refused: bad hello");
+                        let _ = ws.close(None).await;
+                        return;
+                    }
+                }
+                _ => return,
+            }
+            view.lock().expect("peer view lock").connected = true;
+            tracing::info!(peer = %config.peer_id, "node link up");
+            loop {
+                let next = tokio::select! {
+                    n = ws.next() => n,
+                    _ = shutdown.cancelled() => break,
+                };
+                match next {
+                    Some(Ok(Message::Text(text))) => {
+                        if let Ok(LinkFrame::Heartbeat { state, .. }) = serde_json::from_str::<LinkFrame>(text.as_str()) {
+                            let mut v = view.lock().expect("peer view lock");
+                            v.last = Some(Instant::now());
+                            v.state = Some(state);
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    _ => break,
+                }
+            }
+            view.lock().expect("peer view lock").connected = false;
+            tracing::warn!(peer = %config.peer_id, "node link down");
+        });
+    }
+}
+
+async fn dial(config: Arc<LinkConfig>, my_state: Arc<dyn Fn() -> NodeState + Send + Sync>, shutdown: CancellationToken) {
+    let url = format!("ws://{}/link", config.peer_link);
+    let mut seq = 0u64;
+    loop {
+        if shutdown.is_cancelled() {
+            return;
+        }
+        if let Ok(Ok((mut ws, _))) = tokio::time::timeout(Duration::from_secs(2), tokio_tungstenite::connect_async(&url)).await {
+            let ts = crate::store::now_ms();
+            let hello = LinkFrame::LinkHello {
+                from: config.me.clone(),
+                to: config.peer_id.clone(),
+                ts,
+                mac: mac(&config.secret, &config.me, &config.peer_id, ts),
+            };
+            let mut ok = ws.send(Message::Text(serde_json::to_string(&hello).expect("link frames serialize").into())).await.is_ok();
+            while ok {
+                seq += 1;
+                let beat = LinkFrame::Heartbeat { from: config.me.clone(), state: my_state(), seq };
+                ok = ws.send(Message::Text(serde_json::to_string(&beat).expect("link frames serialize").into())).await.is_ok();
+                tokio::select! {
+                    _ = tokio::time::sleep(config.heartbeat) => {}
+                    _ = shutdown.cancelled() => { let _ = ws.close(None).await; return; }
+                }
+            }
+        }
+        // Peer not there (yet): try again after one heartbeat interval.
+        tokio::select! {
+            _ = tokio::time::sleep(config.heartbeat) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_mac_binds_secret_direction_and_time() {
+        let m = mac("secret-0123456789", "1a", "1b", 42);
+        assert!(mac_ok("secret-0123456789", "1a", "1b", 42, &m));
+        assert!(!mac_ok("another-secret-xx", "1a", "1b", 42, &m), "wrong secret");
+        assert!(!mac_ok("secret-0123456789", "1b", "1a", 42, &m), "wrong direction");
+        assert!(!mac_ok("secret-0123456789", "1a", "1b", 43, &m), "other timestamp");
+        assert!(!mac_ok("secret-0123456789", "1a", "1b", 42, "zz"), "not hex");
+    }
+}
