@@ -729,8 +729,8 @@ impl Handler<Post> for Room {
             session.send(&ServerFrame::Ack { re: msg.re, room: self.addr.clone(), seq, ts, duplicate: true });
             return Ok(());
         }
-        let pending = self.in_flight.iter_mut().flatten().chain(self.queue.iter_mut());
-        if let Some(p) = pending.into_iter().find(|p| p.message.sender == key.0 && p.message.client_msg_id == key.1) {
+        let mut pending = self.in_flight.iter_mut().flatten().chain(self.queue.iter_mut());
+        if let Some(p) = pending.find(|p| p.message.sender == key.0 && p.message.client_msg_id == key.1) {
             // A resend of a post not yet committed: answer both with the one commit.
             p.waiters.push((session, msg.re));
             return Ok(());
