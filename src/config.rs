@@ -24,7 +24,7 @@ pub enum ConfigError {
 }
 
 /// Everything a node needs to run.
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
     /// True when no config file was given (dev mode: loopback only, guests allowed).
@@ -194,22 +194,6 @@ pub struct LogSettings {
     pub json: bool,
 }
 
-impl Default for Settings {
-    fn default() -> Self {
-        Settings {
-            dev_mode: false,
-            node: NodeSettings::default(),
-            listen: ListenSettings::default(),
-            store: StoreSettings::default(),
-            committer: CommitterSettings::default(),
-            rooms: RoomSettings::default(),
-            auth: AuthSettings::default(),
-            limits: LimitSettings::default(),
-            log: LogSettings::default(),
-            cluster: ClusterSettings::default(),
-        }
-    }
-}
 
 impl Default for NodeSettings {
     fn default() -> Self {

@@ -12,7 +12,7 @@ use crate::store::{NodeId, RoomRow, Store};
 use actix::dev::ToEnvelope;
 use actix::prelude::*;
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
@@ -176,9 +176,9 @@ impl RoomRegistry {
     }
 
     fn arbiter_index(&self, room: &RoomAddr) -> usize {
-        let mut h = self.inner.hasher.build_hasher();
-        room.hash(&mut h);
-        (h.finish() % self.inner.arbiters.len() as u64) as usize
+        
+        
+        (self.inner.hasher.hash_one(room) % self.inner.arbiters.len() as u64) as usize
     }
 
     /// Ask every room that has seen no traffic for `after` to passivate, every `after / 4`

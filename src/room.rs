@@ -287,11 +287,10 @@ impl Room {
         let key = (sender, cid);
         if self.committed_cids.insert(key.clone(), (seq, ts)).is_none() {
             self.cid_order.push_back(key);
-            if self.cid_order.len() > CID_MEMORY {
-                if let Some(old) = self.cid_order.pop_front() {
+            if self.cid_order.len() > CID_MEMORY
+                && let Some(old) = self.cid_order.pop_front() {
                     self.committed_cids.remove(&old);
                 }
-            }
         }
     }
 

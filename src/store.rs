@@ -241,11 +241,10 @@ impl Store {
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(sync)
                 .busy_timeout(Duration::from_millis(settings.sqlite_busy_timeout_ms));
-            if let Some(dir) = sqlite_path(url).and_then(|p| p.parent().map(|d| d.to_path_buf())) {
-                if !dir.as_os_str().is_empty() {
+            if let Some(dir) = sqlite_path(url).and_then(|p| p.parent().map(|d| d.to_path_buf()))
+                && !dir.as_os_str().is_empty() {
                     std::fs::create_dir_all(&dir).map_err(|e| StoreError::Lock(format!("create {}: {e}", dir.display())))?;
                 }
-            }
             let pool_options = SqlitePoolOptions::new()
                 .max_connections(max_connections.clamp(1, 8))
                 .acquire_timeout(Duration::from_secs(10));

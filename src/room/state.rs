@@ -64,11 +64,10 @@ impl RoomState {
         node_max_occupants: u32,
     ) -> Result<Affiliation, Denied> {
         let aff = self.may_enter(user)?;
-        if let Some(expected) = &self.config.password {
-            if aff < Affiliation::Admin && password != Some(expected.as_str()) {
+        if let Some(expected) = &self.config.password
+            && aff < Affiliation::Admin && password != Some(expected.as_str()) {
                 return Err(Denied::Forbidden("wrong or missing room password"));
             }
-        }
         if self.occupants.values().any(|o| o.nick == nick && o.user != user) {
             return Err(Denied::Conflict("nick is taken in this room"));
         }
