@@ -1,10 +1,12 @@
 //! The group committer: batches appends from many rooms into one transaction.
 //!
-//! Room actors hand it one [`AppendRequest`] at a time per room (a room never has two in
-//! flight, which is what keeps its seq contiguous). The committer collects requests until the
-//! batch holds `max_batch_rows` rows or its first request has waited `max_batch_delay_us`, then
-//! commits it while it already collects the next one, with up to `max_in_flight` transactions at
-//! once (one on SQLite). Each request's answer is sent only after its transaction committed.
+//! Room actors submit [`AppendRequest`]s (a room may have two in flight). The committer keeps
+//! each room's appends in submission order and never puts two of one room in the same or in
+//! concurrent transactions: a later one is deferred until the earlier one is answered, which is
+//! what lets the store's `last_seq = base_seq` check keep every room's seq contiguous. A batch
+//! holds at most `max_batch_rows` rows; it is sent when a transaction slot is free (after an
+//! optional `max_batch_delay_us` gather), with up to `max_in_flight` transactions at once (one on
+//! SQLite). Each request's answer is sent only after its transaction committed.
 
 use crate::config::CommitterSettings;
 use crate::store::{AppendError, AppendRequest, Appended, RoomId, Store, StoreKind};

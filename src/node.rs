@@ -177,7 +177,6 @@ async fn run(settings: Settings, shutdown: CancellationToken, ready: Ready) -> a
         committer,
         registry: registry.clone(),
         limits: RoomLimits {
-            passivate_after: settings.passivate_after(),
             join_replay_limit: settings.rooms.join_replay_limit,
             max_occupants: settings.rooms.max_occupants,
             recent_cache: settings.rooms.recent_cache,

@@ -84,17 +84,6 @@ impl RoomRegistry {
         metrics::gauge!("stoa_rooms_active").set(self.active_count() as f64);
     }
 
-    /// The actors of every active room.
-    pub fn active_rooms(&self) -> Vec<(RoomAddr, Addr<Room>)> {
-        self.slots()
-            .iter()
-            .filter_map(|(r, s)| match s {
-                Slot::Active { addr, .. } => Some((r.clone(), addr.clone())),
-                Slot::Loading(_) => None,
-            })
-            .collect()
-    }
-
     /// The actor of an already active room, without activating it.
     pub fn lookup(&self, room: &RoomAddr) -> Option<Addr<Room>> {
         match self.slots().get(room) {

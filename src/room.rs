@@ -104,7 +104,6 @@ impl From<crate::store::StoreError> for RoomError {
 /// Node-wide room settings every room reads.
 #[derive(Clone, Debug)]
 pub struct RoomLimits {
-    pub passivate_after: Duration,
     pub join_replay_limit: u32,
     pub max_occupants: u32,
     pub recent_cache: usize,
