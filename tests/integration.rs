@@ -24,52 +24,45 @@ mod cases {
     pub mod room_life;
 }
 
-/// For each `module::case`, a test module `case` with one test per backend.
-macro_rules! on_every_backend {
-    ($($module:ident :: $case:ident),* $(,)?) => {$(
-        mod $case {
-            use crate::harness::{Backend, TestDb};
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                let db = TestDb::new(Backend::Sqlite, stringify!($case)).await;
-                crate::cases::$module::$case(&db).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() {
-                let db = TestDb::new(Backend::Postgres, stringify!($case)).await;
-                crate::cases::$module::$case(&db).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn mysql() {
-                let db = TestDb::new(Backend::MySql, stringify!($case)).await;
-                crate::cases::$module::$case(&db).await;
-            }
-        }
+/// For each `module::case`, a test module `case` with one test per listed backend
+/// (`sqlite` / `postgres` / `mysql`, named after the `Backend` variants below).
+macro_rules! on_backends {
+    ($backends:tt $($module:ident :: $case:ident),* $(,)?) => {$(
+        case_on_backends!($backends $module $case);
     )*};
 }
 
-/// For each `module::case` that needs a store shared by two nodes (PostgreSQL, MariaDB).
-macro_rules! on_shared_stores {
-    ($($module:ident :: $case:ident),* $(,)?) => {$(
+/// One case's test module: one test per backend in `[..]`.
+macro_rules! case_on_backends {
+    ([$($backend:ident),+] $module:ident $case:ident) => {
         mod $case {
-            use crate::harness::{Backend, TestDb};
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() {
-                let db = TestDb::new(Backend::Postgres, stringify!($case)).await;
-                crate::cases::$module::$case(&db).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn mysql() {
-                let db = TestDb::new(Backend::MySql, stringify!($case)).await;
-                crate::cases::$module::$case(&db).await;
-            }
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $backend() {
+                    let db = crate::harness::TestDb::new(crate::backend!($backend), stringify!($case)).await;
+                    crate::cases::$module::$case(&db).await;
+                }
+            )+
         }
-    )*};
+    };
+}
+
+/// The harness backend a test-function name stands for.
+#[macro_export]
+macro_rules! backend {
+    (sqlite) => { crate::harness::Backend::Sqlite };
+    (postgres) => { crate::harness::Backend::Postgres };
+    (mysql) => { crate::harness::Backend::MySql };
+}
+
+/// Cases that run on every backend.
+macro_rules! on_every_backend {
+    ($($t:tt)*) => { on_backends!([sqlite, postgres, mysql] $($t)*); };
+}
+
+/// Cases that need a store shared by two nodes (PostgreSQL, MariaDB).
+macro_rules! on_shared_stores {
+    ($($t:tt)*) => { on_backends!([postgres, mysql] $($t)*); };
 }
 
 on_shared_stores! {
