@@ -11,7 +11,7 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Deserialize;
@@ -72,6 +72,11 @@ pub async fn serve(listener: TcpListener, state: AdminState, shutdown: Cancellat
         .route("/api/rooms", get(rooms))
         .route("/api/topology", get(topology))
         .route("/api/rooms/{room}", get(room))
+        .route("/api/nodes/{node}", get(node_status))
+        .route("/api/nodes/{node}/failover", post(failover))
+        .route("/api/nodes/{node}/fallback", post(fallback))
+        .route("/api/nodes/{node}/services/{service}/{action}", post(service))
+        .route("/api/audit", get(audit))
         .route("/metrics", get(metrics_text))
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     let app = Router::new().route("/health", get(health)).merge(protected).with_state(state);
@@ -204,7 +209,11 @@ async fn topology(State(state): State<AdminState>) -> Json<serde_json::Value> {
                 Ok(None) => serde_json::Value::Null,
                 Err(e) => json!({"error": e.to_string()}),
             };
-            nodes.push(json!({"id": n.id, "client": n.client, "service": n.service, "lease": lease}));
+            let mut view = node_view(&state, &n.id).await;
+            view["client"] = json!(n.client);
+            view["service"] = json!(n.service);
+            view["lease"] = lease;
+            nodes.push(view);
         }
         groups.push(json!({"name": g.name, "ha": g.ha, "nodes": nodes}));
     }
@@ -214,6 +223,108 @@ async fn topology(State(state): State<AdminState>) -> Json<serde_json::Value> {
         "peer": state.link.as_ref().map(|l| l.peer()),
         "groups": groups,
     }))
+}
+
+/// One node as this node sees it: its recovery state (its own status for this node; the
+/// heartbeat and the store's record for the peer), rooms it hosts, users connected here.
+async fn node_view(state: &AdminState, id: &str) -> serde_json::Value {
+    use crate::ha::fencing;
+    let node = crate::store::NodeId(id.to_owned());
+    let hosted = fencing::hosted_by(&state.store, &node).await.ok();
+    let recorded = fencing::last_state(&state.store, &node).await.ok().flatten();
+    let me = id == state.settings.node.id;
+    let (recovery_state, reason, since_ms) = match (me, state.recovery.as_ref(), &recorded) {
+        (true, Some(r), _) => {
+            let s = r.status();
+            (json!(s.state), json!(s.reason), json!(s.since_ms))
+        }
+        (_, _, Some((st, reason, at))) => (json!(st), json!(reason), json!(at)),
+        _ => (json!(null), json!(null), json!(null)),
+    };
+    let peer = state.link.as_ref().map(|l| l.peer()).filter(|p| p.id == id);
+    json!({
+        "id": id,
+        "this_node": me,
+        "state": peer.as_ref().filter(|p| p.reachable).and_then(|p| p.state).map_or(recovery_state, |s| json!(s)),
+        "reason": reason,
+        "since_ms": since_ms,
+        "rooms_hosted": hosted,
+        "active_rooms": me.then(|| state.registry.active_count()),
+        "users_connected": me.then(|| state.router.connection_count()),
+        "services": if me { state.recovery.as_ref().map(|r| json!(r.status().services)) } else { None },
+        "write_gate_ms": if me { state.recovery.as_ref().map(|r| r.status().lease_remaining_ms) } else { None },
+        "last_takeover": if me { state.recovery.as_ref().map(|r| json!(r.status().last_takeover)) } else { None },
+        "link": peer,
+    })
+}
+
+async fn node_status(State(state): State<AdminState>, Path(node): Path<String>) -> Response {
+    if !state.settings.cluster.groups.iter().flat_map(|g| &g.nodes).any(|n| n.id == node) && node != state.settings.node.id {
+        return (StatusCode::NOT_FOUND, Json(json!({"error": "not_found", "message": format!("no node {node} in the topology")})))
+            .into_response();
+    }
+    let mut view = node_view(&state, &node).await;
+    if let Ok(Some(l)) = crate::ha::lease::read(&state.store, &crate::store::NodeId(node.clone())).await {
+        view["lease"] = json!({"holder": l.holder, "expired": l.expired, "remaining_ms": l.remaining_ms});
+    }
+    Json(view).into_response()
+}
+
+/// Carry out an HA admin request, answer it, and write it to the audit log.
+async fn ha_request(state: &AdminState, action: &str, target: &str, request: crate::ha::recovery::Request) -> Response {
+    let Some(recovery) = &state.recovery else {
+        return (
+            StatusCode::CONFLICT,
+            Json(json!({"error": "conflict", "message": "this node is not in an HA group (cluster.groups with ha = true)"})),
+        )
+            .into_response();
+    };
+    let detail = format!("{request:?}");
+    let answer = recovery.request(request).await;
+    let (outcome, status, body) = match &answer {
+        Ok(m) => ("done", StatusCode::OK, json!({"ok": true, "message": m})),
+        Err(m) => ("refused", StatusCode::CONFLICT, json!({"error": "conflict", "message": m})),
+    };
+    let me = crate::store::NodeId(state.settings.node.id.clone());
+    if let Err(e) = crate::ha::fencing::audit(&state.store, &me, action, target, &detail, outcome).await {
+        tracing::warn!(error = %e, "could not write the audit log");
+    }
+    tracing::info!(target: "stoa::audit", action, target, outcome, "admin action");
+    (status, Json(body)).into_response()
+}
+
+async fn failover(State(state): State<AdminState>, Path(node): Path<String>) -> Response {
+    ha_request(&state, "failover", &node, crate::ha::recovery::Request::Failover { node: node.clone() }).await
+}
+
+async fn fallback(State(state): State<AdminState>, Path(node): Path<String>) -> Response {
+    ha_request(&state, "fallback", &node, crate::ha::recovery::Request::Fallback { node: node.clone() }).await
+}
+
+async fn service(State(state): State<AdminState>, Path((node, service, action)): Path<(String, String, String)>) -> Response {
+    let bad = |m: String| (StatusCode::BAD_REQUEST, Json(json!({"error": "bad_request", "message": m}))).into_response();
+    let Some(svc) = crate::ha::recovery::Service::parse(&service) else {
+        return bad(format!("unknown service `{service}`; the critical services are rooms, router and store"));
+    };
+    let start = match action.as_str() {
+        "start" => true,
+        "stop" => false,
+        _ => return bad(format!("unknown action `{action}`; use start or stop")),
+    };
+    let request = crate::ha::recovery::Request::Service { node: node.clone(), service: svc, start };
+    ha_request(&state, &format!("service_{action}"), &format!("{node}/{service}"), request).await
+}
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    limit: Option<u64>,
+}
+
+async fn audit(State(state): State<AdminState>, Query(q): Query<AuditQuery>) -> Response {
+    match crate::ha::fencing::audit_log(&state.store, q.limit.unwrap_or(100).min(1000)).await {
+        Ok(rows) => Json(json!({"entries": rows})).into_response(),
+        Err(e) => store_down(e),
+    }
 }
 
 async fn metrics_text() -> impl IntoResponse {

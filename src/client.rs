@@ -329,6 +329,8 @@ pub enum ClientEvent {
     Goaway {
         /// Why.
         reason: String,
+        /// Where to resume, if the server said.
+        to: Option<String>,
     },
     /// An `error` frame that answers no request (e.g. `rate_limited` on a dropped frame).
     Error {
@@ -1060,6 +1062,8 @@ impl Shared {
         }
         for rx in joins {
             match rx.await {
+                // A room that cannot be served right now (moving between nodes): try again.
+                Ok(Err(e @ ClientError::Server { code: ErrorCode::Unavailable, .. })) => return Err(e),
                 // A refused re-join was reported by the reader (RejoinFailed); carry on.
                 Ok(Ok(_)) | Ok(Err(ClientError::Server { .. })) => {}
                 Ok(Err(e)) => return Err(e),
@@ -1102,8 +1106,32 @@ impl Shared {
 
     /// Route one server frame: answers to their waiting request, everything else to events.
     /// Also keeps the resume state: rooms joined and the last `seq` seen in each.
-    fn route(&self, frame: ServerFrame) {
+    ///
+    /// Returns where to move the connection to when the server says the node no longer serves
+    /// it (`goaway` with a URL, or `moved` to another node) and the client reconnects by itself.
+    fn route(&self, frame: ServerFrame) -> Option<String> {
+        let relocate = match (&frame, self.options.reconnect.is_some()) {
+            (ServerFrame::Goaway { to: Some(to), .. }, true) => Some(peer_url(to)),
+            (ServerFrame::Moved { to, .. }, true) => Some(peer_url(to)),
+            _ => None,
+        };
         let mut st = self.state();
+        if let Some(to) = &relocate {
+            let current = st.urls.get(st.url_index).cloned();
+            if current.as_deref() == Some(to.as_str()) && matches!(frame, ServerFrame::Moved { .. }) {
+                self.route_locked(st, frame);
+                return None;
+            }
+            // Resume there first: `resume_once` takes the URL after `url_index`.
+            st.urls.retain(|u| u != to);
+            st.urls.insert(0, to.clone());
+            st.url_index = st.urls.len() - 1;
+        }
+        self.route_locked(st, frame);
+        relocate
+    }
+
+    fn route_locked(&self, mut st: MutexGuard<'_, State>, frame: ServerFrame) {
         let pending = frame
             .re()
             .and_then(|re| re.0.parse::<u64>().ok())
@@ -1117,7 +1145,10 @@ impl Shared {
     fn answer(&self, st: &mut State, p: Pending, frame: ServerFrame) {
         let result = match (p.kind, frame) {
             (kind, ServerFrame::Error { code, message, .. }) => {
-                if let PendingKind::Join { room, rejoin: true, .. } = kind {
+                // A room that is moving (`unavailable`) is kept: the resume fails and is retried.
+                if let PendingKind::Join { room, rejoin: true, .. } = kind
+                    && code != ErrorCode::Unavailable
+                {
                     st.rooms.remove(&room);
                     self.emit(ClientEvent::RejoinFailed { room, code, message: message.clone() });
                 }
@@ -1173,7 +1204,7 @@ impl Shared {
                 ClientEvent::Destroyed { room, reason }
             }
             ServerFrame::Moved { room, to } => ClientEvent::Moved { room, to },
-            ServerFrame::Goaway { reason } => ClientEvent::Goaway { reason },
+            ServerFrame::Goaway { reason, to } => ClientEvent::Goaway { reason, to },
             ServerFrame::Error { code, message, room, .. } => ClientEvent::Error { code, message, room },
             other => {
                 tracing::debug!(frame = %other.to_json(), "answer to no pending request");
@@ -1263,7 +1294,11 @@ async fn read_loop(shared: Arc<Shared>, generation: u64, mut stream: SplitStream
     let reason = loop {
         match stream.next().await {
             Some(Ok(Message::Text(text))) => match serde_json::from_str::<ServerFrame>(&text) {
-                Ok(frame) => shared.route(frame),
+                Ok(frame) => {
+                    if let Some(to) = shared.route(frame) {
+                        break format!("moved to {to}");
+                    }
+                }
                 Err(e) => tracing::warn!(error = %e, "unreadable server frame ignored"),
             },
             Some(Ok(Message::Close(frame))) => break close_reason(frame.as_ref()),
@@ -1454,10 +1489,10 @@ mod tests {
         let (s, mut events) = shared(false);
         s.route(msg(1));
         s.route(ServerFrame::error(None, ErrorCode::RateLimited, "slow"));
-        s.route(ServerFrame::Goaway { reason: "bye".into() });
+        s.route(ServerFrame::Goaway { reason: "bye".into(), to: None });
         assert!(matches!(events.try_recv().unwrap(), ClientEvent::Message(m) if m.seq == 1));
         assert!(matches!(events.try_recv().unwrap(), ClientEvent::Error { code: ErrorCode::RateLimited, .. }));
-        assert_eq!(events.try_recv().unwrap(), ClientEvent::Goaway { reason: "bye".into() });
+        assert_eq!(events.try_recv().unwrap(), ClientEvent::Goaway { reason: "bye".into(), to: None });
     }
 
     /// A join without `since` starts the resume point at the room's last seq; message events

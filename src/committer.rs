@@ -9,6 +9,7 @@
 //! SQLite). Each request's answer is sent only after its transaction committed.
 
 use crate::config::CommitterSettings;
+use crate::ha::gate::WriteGate;
 use crate::store::{AppendError, AppendRequest, Appended, RoomId, Store, StoreKind};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -29,6 +30,10 @@ pub enum CommitError {
     /// The committer is shutting down.
     #[error("committer stopped")]
     Stopped,
+    /// The node's write gate is closed: its lease may have run out (docs/ha.md), or it is
+    /// failing over. Nothing was written.
+    #[error("this node may not write now: {0}")]
+    Gated(&'static str),
 }
 
 struct Job {
@@ -50,12 +55,19 @@ pub struct Committer {
 
 impl Committer {
     /// Start the committer task on the current tokio runtime.
-    pub fn start(store: Store, settings: &CommitterSettings, shutdown: CancellationToken) -> (Committer, tokio::task::JoinHandle<()>) {
+    /// Transactions start only while `gate` is open (always, for a node without a peer).
+    pub fn start(
+        store: Store,
+        settings: &CommitterSettings,
+        gate: WriteGate,
+        shutdown: CancellationToken,
+    ) -> (Committer, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let in_flight = if store.kind() == StoreKind::Sqlite { 1 } else { settings.max_in_flight };
         let task = tokio::spawn(
             Batcher {
                 store,
+                gate,
                 jobs: rx,
                 max_rows: settings.max_batch_rows,
                 max_delay: Duration::from_micros(settings.max_batch_delay_us),
@@ -92,6 +104,7 @@ impl Committer {
 /// The committer task's state.
 struct Batcher {
     store: Store,
+    gate: WriteGate,
     jobs: mpsc::UnboundedReceiver<Job>,
     max_rows: usize,
     max_delay: Duration,
@@ -171,9 +184,17 @@ impl Batcher {
             };
             self.busy.lock().expect("busy lock").extend(batch.rooms.iter().copied());
             let (store, busy, done) = (self.store.clone(), self.busy.clone(), done_tx.clone());
+            let gate = self.gate.clone();
             tokio::spawn(async move {
                 let rooms = batch.rooms;
-                commit(&store, batch.jobs, batch.rows).await;
+                if gate.is_open() {
+                    commit(&store, batch.jobs, batch.rows).await;
+                } else {
+                    metrics::counter!("stoa_commits_gated_total").increment(1);
+                    for job in batch.jobs {
+                        let _ = job.reply.send(Err(CommitError::Gated("its lease is not renewed, or it is failing over")));
+                    }
+                }
                 // Answers are sent; only now may these rooms' next appends go.
                 let mut busy = busy.lock().expect("busy lock");
                 for room in &rooms {

@@ -55,11 +55,26 @@ pub struct ClusterSettings {
     pub lease_renew_ms: u64,
     /// How often a node sends its peer a heartbeat over the node link; three missed = down.
     pub heartbeat_ms: u64,
+    /// A critical service (`rooms`, `router`, `store`) down this long makes the node fail over
+    /// to its peer (Cisco uses 90 s; 5 s is the default here).
+    pub critical_service_down_delay_ms: u64,
+    /// Fall back automatically once the failed-over node has been healthy this long
+    /// (Cisco uses 30 minutes); 0 = fallback only on an admin's request.
+    pub auto_fallback_after_s: u64,
 }
 
 impl Default for ClusterSettings {
     fn default() -> Self {
-        ClusterSettings { secret: String::new(), secret_file: None, groups: Vec::new(), lease_ttl_ms: 5000, lease_renew_ms: 1000, heartbeat_ms: 500 }
+        ClusterSettings {
+            secret: String::new(),
+            secret_file: None,
+            groups: Vec::new(),
+            lease_ttl_ms: 5000,
+            lease_renew_ms: 1000,
+            heartbeat_ms: 500,
+            critical_service_down_delay_ms: 5000,
+            auto_fallback_after_s: 0,
+        }
     }
 }
 

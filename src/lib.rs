@@ -12,7 +12,8 @@
 //!
 //! - [`protocol`]: wire frames of protocol v1 (serde), id newtypes, error codes, close codes.
 //! - [`config`]: `Settings` from defaults, a TOML file and `STOA__SECTION__KEY` variables; dev mode.
-//! - [`ha`]: redundancy pairs (docs/ha.md): state machine, leases, recovery manager, node link; takeover to come.
+//! - [`ha`]: redundancy pairs (docs/ha.md): state machine, leases, fencing moves, write gate, node link,
+//!   and the recovery manager (failover, takeover, fallback).
 //! - [`node`]: start-up and ordered shutdown of one node (actix System, arbiters, listeners).
 //! - [`transport`]: client transports; `transport::ws` is the WebSocket listener at `/ws`.
 //! - [`router`]: per-connection protocol state: login, validation, rate limit, dispatch to rooms.
@@ -22,11 +23,13 @@
 //! - [`committer`]: the group committer: many rooms' appends per transaction, answers after commit.
 //! - [`store`]: SeaORM entities, migrations under a lock, the fenced write path (`append_batch`).
 //! - [`auth`]: argon2 users, session tokens, guest login.
-//! - [`admin`]: admin HTTP API (`/health`, `/api/...`) and Prometheus `/metrics`.
+//! - [`admin`]: admin HTTP API (`/health`, `/api/...`, HA verbs, audit log) and Prometheus `/metrics`.
+//! - [`admin_client`]: the small HTTP client behind `stoa admin …`.
 //! - [`client`]: a Rust client library (request/answer matching, reconnect and resume).
 //! - [`bench`]: `stoa bench`, the load generator behind docs/benchmarks.md.
 
 pub mod admin;
+pub mod admin_client;
 pub mod auth;
 pub mod bench;
 pub mod client;

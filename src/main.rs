@@ -37,6 +37,54 @@ enum Command {
     },
     /// Load generator and benchmarks (see docs/benchmarks.md).
     Bench(stoa::bench::BenchArgs),
+    /// Talk to a running node's admin API: status, failover, fallback, critical services.
+    Admin(AdminArgs),
+}
+
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// The node's admin address (`host:port`); default: `listen.admin` of --config.
+    #[arg(long)]
+    admin: Option<String>,
+    /// Bearer token; default: `auth.admin_token` of --config.
+    #[arg(long, env = "STOA_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    #[command(flatten)]
+    config: ConfigArg,
+    #[command(subcommand)]
+    command: AdminCommand,
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Every node of the topology: state, reason, since, rooms, users, services, lease.
+    Status {
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One node, as JSON.
+    Node { node: String },
+    /// Fail NODE over to its peer (maintenance; reason on_admin_request).
+    Failover { node: String },
+    /// Hand NODE's rooms back from its backup.
+    Fallback { node: String },
+    /// Stop or start a critical service (rooms, router, store) of a node.
+    Service {
+        /// stop or start
+        #[arg(value_parser = ["stop", "start"])]
+        action: String,
+        /// rooms, router or store
+        #[arg(value_parser = ["rooms", "router", "store"])]
+        service: String,
+        #[arg(long)]
+        node: String,
+    },
+    /// The admin audit log, newest first.
+    Audit {
+        #[arg(long, default_value_t = 50)]
+        limit: u64,
+    },
 }
 
 #[derive(clap::Args)]
@@ -150,6 +198,7 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             })
         }
+        Command::Admin(args) => runtime()?.block_on(admin(args)),
         Command::User { command } => match command {
             UserCommand::Add { name, password_file, config } => {
                 let settings = load(&config)?;
@@ -250,5 +299,76 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+async fn admin(args: AdminArgs) -> anyhow::Result<()> {
+    let settings = match (&args.admin, &args.config.config) {
+        (Some(_), None) => None,
+        _ => Some(load(&args.config)?),
+    };
+    let addr = args.admin.clone().unwrap_or_else(|| settings.as_ref().map(|s| s.listen.admin.to_string()).unwrap_or_default());
+    let token = args.token.clone().or_else(|| settings.as_ref().map(|s| s.auth.admin_token.clone()));
+    let timeout = std::time::Duration::from_secs(60);
+    let call = |method: &'static str, path: String| {
+        let (addr, token) = (addr.clone(), token.clone());
+        async move { stoa::admin_client::request(&addr, method, &path, token.as_deref(), timeout).await }
+    };
+    let answer = match &args.command {
+        AdminCommand::Status { .. } => call("GET", "/api/topology".into()).await?,
+        AdminCommand::Node { node } => call("GET", format!("/api/nodes/{node}")).await?,
+        AdminCommand::Failover { node } => call("POST", format!("/api/nodes/{node}/failover")).await?,
+        AdminCommand::Fallback { node } => call("POST", format!("/api/nodes/{node}/fallback")).await?,
+        AdminCommand::Service { action, service, node } => call("POST", format!("/api/nodes/{node}/services/{service}/{action}")).await?,
+        AdminCommand::Audit { limit } => call("GET", format!("/api/audit?limit={limit}")).await?,
+    };
+    let json = answer.json();
+    match &args.command {
+        AdminCommand::Status { json: false } if answer.status == 200 => print_status(&json),
+        AdminCommand::Failover { .. } | AdminCommand::Fallback { .. } | AdminCommand::Service { .. } if answer.status == 200 => {
+            println!("{}", json["message"].as_str().unwrap_or(&answer.body));
+        }
+        _ if answer.status == 200 => println!("{}", serde_json::to_string_pretty(&json).unwrap_or(answer.body.clone())),
+        _ => {
+            let message = json["message"].as_str().map(str::to_owned).unwrap_or(answer.body.clone());
+            anyhow::bail!("{} ({}): {message}", json["error"].as_str().unwrap_or("error"), answer.status);
+        }
+    }
+    Ok(())
+}
+
+fn print_status(topology: &serde_json::Value) {
+    println!("{:<8} {:<42} {:<26} {:>6} {:>6} {:<28} {:>9}", "NODE", "STATE", "REASON", "ROOMS", "USERS", "SERVICES", "LEASE_MS");
+    let groups = topology["groups"].as_array().cloned().unwrap_or_default();
+    if groups.is_empty() {
+        println!("(no [cluster] topology configured on this node)");
+    }
+    for group in groups {
+        for n in group["nodes"].as_array().cloned().unwrap_or_default() {
+            let services = n["services"]
+                .as_array()
+                .map(|s| {
+                    s.iter()
+                        .map(|x| format!("{}:{}", x["service"].as_str().unwrap_or("?"), if x["running"] == true { "up" } else { "DOWN" }))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .unwrap_or_else(|| "-".into());
+            let show = |v: &serde_json::Value| match v {
+                serde_json::Value::Null => "-".to_owned(),
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            println!(
+                "{:<8} {:<42} {:<26} {:>6} {:>6} {:<28} {:>9}",
+                show(&n["id"]),
+                show(&n["state"]),
+                show(&n["reason"]),
+                show(&n["rooms_hosted"]),
+                show(&n["users_connected"]),
+                services,
+                show(&n["lease"]["remaining_ms"]),
+            );
+        }
     }
 }

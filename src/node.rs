@@ -9,6 +9,8 @@
 use crate::admin;
 use crate::auth::Auth;
 use crate::committer::Committer;
+use crate::ha::gate::WriteGate;
+use crate::ha::recovery::{PeerRef, RecoveryConfig};
 use crate::config::Settings;
 use crate::registry::RoomRegistry;
 use crate::room::{RoomDeps, RoomLimits};
@@ -18,6 +20,7 @@ use crate::transport;
 use anyhow::Context as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -124,42 +127,12 @@ async fn run(settings: Settings, shutdown: CancellationToken, ready: Ready) -> a
         tracing::info!("migrations applied");
     }
 
-    let recovery = match settings.group() {
-        Some(group) if group.ha => {
-            let ttl = std::time::Duration::from_millis(settings.cluster.lease_ttl_ms);
-            let renew = std::time::Duration::from_millis(settings.cluster.lease_renew_ms);
-            let (recovery, task) = crate::ha::recovery::start(store.clone(), node_id.clone(), ttl, renew, shutdown.clone())
-                .await
-                .context("starting the recovery manager")?;
-            tracing::info!(group = %group.name, "recovery manager started");
-            Some((recovery, task))
-        }
-        _ => None,
-    };
-
-    let link = match (&recovery, settings.group(), settings.peer()) {
-        (Some((recovery, _)), Some(group), Some(peer)) => {
-            let me = group.nodes.iter().find(|n| n.id == settings.node.id).expect("settings checked: this node is in its group");
-            let listener = TcpListener::bind(&me.link)
-                .await
-                .with_context(|| format!("binding the node link listener on {}", me.link))?;
-            let config = crate::ha::link::LinkConfig {
-                me: me.id.clone(),
-                peer_id: peer.id.clone(),
-                peer_link: peer.link.clone(),
-                secret: settings.cluster.secret.clone(),
-                heartbeat: std::time::Duration::from_millis(settings.cluster.heartbeat_ms),
-            };
-            let recovery = recovery.clone();
-            let link = crate::ha::link::start(listener, config, move || recovery.status().state, shutdown.clone());
-            tracing::info!(link = %me.link, peer = %peer.id, "node link started");
-            Some(link)
-        }
-        _ => None,
-    };
-
     let committer_stop = CancellationToken::new();
-    let (committer, committer_task) = Committer::start(store.clone(), &settings.committer, committer_stop.clone());
+    let ha_group = settings.group().filter(|g| g.ha).is_some();
+    // In an HA group the node writes only while its lease is fresh (the recovery manager
+    // opens the gate); a node without a peer has no lease to lose.
+    let gate = if ha_group { WriteGate::closed() } else { WriteGate::always_open() };
+    let (committer, committer_task) = Committer::start(store.clone(), &settings.committer, gate.clone(), committer_stop.clone());
     tracing::info!(
         max_batch_rows = settings.committer.max_batch_rows,
         max_batch_delay_us = settings.committer.max_batch_delay_us,
@@ -182,6 +155,7 @@ async fn run(settings: Settings, shutdown: CancellationToken, ready: Ready) -> a
             recent_cache: settings.rooms.recent_cache,
         },
         io: tokio::runtime::Handle::current(),
+        peer_client: settings.peer().map(|p| p.client.clone()),
     });
     registry.set_room_deps(&deps);
     registry.start_sweeper(settings.passivate_after(), shutdown.clone());
@@ -189,6 +163,53 @@ async fn run(settings: Settings, shutdown: CancellationToken, ready: Ready) -> a
 
     let auth = Auth::new(store.clone(), settings.auth.allow_guests, settings.auth.session_ttl_s);
     let router = Arc::new(Router::new(settings.clone(), registry.clone(), store.clone(), auth));
+
+    let recovery = if ha_group {
+        let config = RecoveryConfig {
+            me: node_id.clone(),
+            peer: settings.peer().map(|p| PeerRef { id: NodeId(p.id.clone()), client: p.client.clone() }),
+            ttl: Duration::from_millis(settings.cluster.lease_ttl_ms),
+            renew: Duration::from_millis(settings.cluster.lease_renew_ms),
+            service_down_delay: Duration::from_millis(settings.cluster.critical_service_down_delay_ms),
+            auto_fallback_after: (settings.cluster.auto_fallback_after_s > 0).then(|| Duration::from_secs(settings.cluster.auto_fallback_after_s)),
+            tick: Duration::from_millis((settings.cluster.heartbeat_ms / 5).clamp(20, 200)),
+        };
+        let (recovery, task) = crate::ha::recovery::start(config, store.clone(), gate, registry.clone(), router.clone(), shutdown.clone())
+            .await
+            .context("starting the recovery manager")?;
+        tracing::info!(state = %recovery.state(), "recovery manager started");
+        Some((recovery, task))
+    } else {
+        None
+    };
+
+    let link = match (&recovery, settings.group(), settings.peer()) {
+        (Some((recovery, _)), Some(group), Some(peer)) => {
+            let me = group.nodes.iter().find(|n| n.id == settings.node.id).expect("settings checked: this node is in its group");
+            let listener = TcpListener::bind(&me.link)
+                .await
+                .with_context(|| format!("binding the node link listener on {}", me.link))?;
+            let config = crate::ha::link::LinkConfig {
+                me: me.id.clone(),
+                peer_id: peer.id.clone(),
+                peer_link: peer.link.clone(),
+                secret: settings.cluster.secret.clone(),
+                heartbeat: Duration::from_millis(settings.cluster.heartbeat_ms),
+            };
+            let (commands, mut from_peer) = tokio::sync::mpsc::unbounded_channel();
+            let link = crate::ha::link::start(listener, config, Arc::new(recovery.clone()), commands, shutdown.clone());
+            recovery.set_link(link.clone());
+            let r = recovery.clone();
+            tokio::spawn(async move {
+                while let Some(command) = from_peer.recv().await {
+                    r.from_peer(command);
+                }
+            });
+            tracing::info!(link = %me.link, peer = %peer.id, "node link started");
+            Some(link)
+        }
+        _ => None,
+    };
 
     let client_listener = TcpListener::bind(settings.listen.client)
         .await

@@ -513,6 +513,9 @@ pub enum ServerFrame {
     },
     Goaway {
         reason: String,
+        /// Where to resume (the peer's client URL), if the server knows.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to: Option<String>,
     },
     Pong {
         re: RequestId,

@@ -7,13 +7,13 @@
 //! and get the next incarnation ([`RoomRegistry::call`] does this), so no request is dropped.
 
 use crate::protocol::{RoomAddr, RoomConfig};
-use crate::room::{Activity, PassivateIfIdle, Room, RoomDeps, RoomError};
+use crate::room::{Activity, HandOff, PassivateIfIdle, Room, RoomDeps, RoomError};
 use crate::store::{NodeId, RoomRow, Store};
 use actix::dev::ToEnvelope;
 use actix::prelude::*;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -37,6 +37,11 @@ struct Inner {
     active: AtomicU64,
     /// Set once at start-up: rooms need the registry and the registry creates rooms.
     deps: OnceLock<Weak<RoomDeps>>,
+    /// Whether this node serves rooms now (the recovery manager turns it off while the node
+    /// is failed over, or fails over).
+    hosting: AtomicBool,
+    /// Homes whose rooms are being handed back (fallback): not activated meanwhile.
+    moving_homes: Mutex<HashSet<NodeId>>,
 }
 
 /// Handle to the node's room registry; cheap to clone.
@@ -62,6 +67,8 @@ impl RoomRegistry {
                 incarnations: AtomicU64::new(1),
                 active: AtomicU64::new(0),
                 deps: OnceLock::new(),
+                hosting: AtomicBool::new(true),
+                moving_homes: Mutex::new(HashSet::new()),
             }),
         }
     }
@@ -142,9 +149,13 @@ impl RoomRegistry {
 
     async fn activate(&self, room: &RoomAddr) -> Result<(Addr<Room>, u64, Activity), RoomError> {
         let started = std::time::Instant::now();
+        self.check_hosting()?;
         let row = self.inner.store.load_room(room).await?.ok_or(RoomError::NotFound)?;
         if row.host_node != self.inner.node {
             return Err(RoomError::Unavailable(format!("room is hosted by node {}", row.host_node)));
+        }
+        if self.inner.moving_homes.lock().expect("registry lock poisoned").contains(&row.home_node) {
+            return Err(RoomError::Unavailable(format!("room is moving back to node {}; retry", row.home_node)));
         }
         let affiliations = self.inner.store.load_affiliations(row.id).await?;
         let deps = self
@@ -230,10 +241,79 @@ impl RoomRegistry {
 
     /// Create a room hosted (and homed) on this node; `owner` becomes its owner.
     pub async fn create(&self, room: &RoomAddr, config: &RoomConfig, owner: &str) -> Result<RoomRow, RoomError> {
+        self.check_hosting()?;
         match self.inner.store.create_room(room, config, owner, &self.inner.node).await {
             Ok(row) => Ok(row),
             Err(crate::store::StoreError::Conflict) => Err(RoomError::Conflict("room already exists".into())),
             Err(e) => Err(e.into()),
+        }
+    }
+}
+
+impl RoomRegistry {
+    fn check_hosting(&self) -> Result<(), RoomError> {
+        if self.inner.hosting.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(RoomError::Unavailable(format!("node {} does not serve rooms now (failed over); use its peer", self.inner.node)))
+        }
+    }
+
+    /// Serve rooms (again), or stop activating any.
+    pub fn set_hosting(&self, hosting: bool) {
+        self.inner.hosting.store(hosting, Ordering::Release);
+    }
+
+    /// Whether this node serves rooms now.
+    pub fn is_hosting(&self) -> bool {
+        self.inner.hosting.load(Ordering::Acquire)
+    }
+
+    /// Activate none of `home`'s rooms until [`RoomRegistry::unblock_home`] (fallback).
+    pub fn block_home(&self, home: &NodeId) {
+        self.inner.moving_homes.lock().expect("registry lock poisoned").insert(home.clone());
+    }
+
+    pub fn unblock_home(&self, home: &NodeId) {
+        self.inner.moving_homes.lock().expect("registry lock poisoned").remove(home);
+    }
+
+    /// Addresses of the active rooms.
+    pub fn active_addresses(&self) -> Vec<RoomAddr> {
+        self.slots()
+            .iter()
+            .filter(|(_, slot)| matches!(slot, Slot::Active { .. }))
+            .map(|(room, _)| room.clone())
+            .collect()
+    }
+
+    /// Hand off every active room (only `only_home`'s, if given): each finishes its appends in
+    /// flight, tells its occupants `moved` to `to`, and stops. Returns how many stopped, once
+    /// all have (or after `timeout`). Call after [`RoomRegistry::set_hosting`]`(false)` or
+    /// [`RoomRegistry::block_home`], so nothing re-activates them meanwhile.
+    pub async fn hand_off(&self, only_home: Option<&NodeId>, to: &str, timeout: Duration) -> usize {
+        let addrs: Vec<Addr<Room>> = self
+            .slots()
+            .values()
+            .filter_map(|slot| match slot {
+                Slot::Active { addr, .. } => Some(addr.clone()),
+                Slot::Loading(_) => None,
+            })
+            .collect();
+        let mut waits = Vec::with_capacity(addrs.len());
+        for addr in addrs {
+            let (done, rx) = oneshot::channel();
+            addr.do_send(HandOff { only_home: only_home.cloned(), to: to.to_owned(), done });
+            waits.push(rx);
+        }
+        let all = futures_util::future::join_all(waits);
+        match tokio::time::timeout(timeout, all).await {
+            // A dropped sender means the room stopped anyway (fenced, or its arbiter ended).
+            Ok(results) => results.into_iter().filter(|r| !matches!(r, Ok(false))).count(),
+            Err(_) => {
+                tracing::warn!("rooms did not finish their hand-off in time");
+                0
+            }
         }
     }
 }

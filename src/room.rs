@@ -163,6 +163,11 @@ pub struct Room {
     /// Connected occupants' sessions by session id (their nicks are in `state.occupants`).
     occupants: HashMap<u64, Arc<SessionHandle>>,
     passivating: bool,
+    /// The node whose room this is (`home_node`): fallback hands rooms back by home.
+    home: crate::store::NodeId,
+    /// Set by [`HandOff`]: take no new posts, finish the appends in flight, then tell the
+    /// occupants `moved` and stop.
+    handoff: Option<(String, tokio::sync::oneshot::Sender<bool>)>,
     activity: Activity,
     deps: Arc<RoomDeps>,
 }
@@ -175,6 +180,8 @@ pub struct RoomDeps {
     pub limits: RoomLimits,
     /// The I/O runtime: store reads run there, never on an arbiter thread.
     pub io: tokio::runtime::Handle,
+    /// The peer's client address (`host:port`), where a fenced room has most likely gone.
+    pub peer_client: Option<String>,
 }
 
 impl Room {
@@ -203,6 +210,8 @@ impl Room {
             cid_order: VecDeque::new(),
             occupants: HashMap::new(),
             passivating: false,
+            home: row.home_node,
+            handoff: None,
             activity,
             deps,
         }
@@ -214,7 +223,13 @@ impl Room {
     }
 
     fn check_alive(&self) -> Result<(), RoomError> {
-        if self.passivating { Err(RoomError::Passivating) } else { Ok(()) }
+        if self.passivating {
+            Err(RoomError::Passivating)
+        } else if self.handoff.is_some() {
+            Err(RoomError::Unavailable("room is moving to another node; retry".into()))
+        } else {
+            Ok(())
+        }
     }
 
     fn occupant(&self, session: u64) -> Result<&Arc<SessionHandle>, RoomError> {
@@ -299,6 +314,10 @@ impl Room {
     /// append assumes the previous ones will commit in full (`next_base`); the store checks
     /// that assumption (`last_seq = base_seq`), so a wrong guess comes back as `Stale`.
     fn flush(&mut self, ctx: &mut Context<Self>) {
+        if self.handoff.is_some() {
+            self.finish_handoff_if_drained(ctx);
+            return;
+        }
         while !self.queue.is_empty() && self.in_flight.len() < PIPELINE_DEPTH && !self.resyncing {
             if self.needs_resync {
                 if self.in_flight.is_empty() {
@@ -462,11 +481,15 @@ impl Room {
     fn stop_fenced(&mut self, ctx: &mut Context<Self>) {
         self.passivating = true;
         self.fail_all(ErrorCode::Unavailable, "room is no longer served here; retry");
-        let frame = ServerFrame::Error {
-            re: None,
-            code: ErrorCode::Unavailable,
-            message: "room is no longer served here; join again".into(),
-            room: Some(self.addr.clone()),
+        let frame = match &self.deps.peer_client {
+            // In a pair, a fenced room has moved to the peer: say so.
+            Some(peer) => ServerFrame::Moved { room: self.addr.clone(), to: peer.clone() },
+            None => ServerFrame::Error {
+                re: None,
+                code: ErrorCode::Unavailable,
+                message: "room is no longer served here; join again".into(),
+                room: Some(self.addr.clone()),
+            },
         };
         for session in self.occupants.values() {
             session.send(&frame);
@@ -475,6 +498,28 @@ impl Room {
         self.occupants.clear();
         self.deps.registry.passivated(&self.addr, self.incarnation);
         ctx.stop();
+    }
+
+    /// During a [`HandOff`]: once no append is in flight, refuse what is queued (nothing of it
+    /// was acked; clients resend with the same `cid` on the new host), tell every occupant
+    /// `moved`, and stop.
+    fn finish_handoff_if_drained(&mut self, ctx: &mut Context<Self>) {
+        if !self.in_flight.is_empty() || self.resyncing || self.passivating {
+            return;
+        }
+        let Some((to, done)) = self.handoff.take() else { return };
+        self.passivating = true;
+        let queued: Vec<PendingPost> = self.queue.drain(..).collect();
+        self.fail_posts(queued, ErrorCode::Unavailable, "room is moving to another node; resend with the same cid");
+        let frame = ServerFrame::Moved { room: self.addr.clone(), to };
+        for session in self.occupants.values() {
+            session.send(&frame);
+            session.exited(&self.addr);
+        }
+        self.occupants.clear();
+        self.deps.registry.passivated(&self.addr, self.incarnation);
+        ctx.stop();
+        let _ = done.send(true);
     }
 
     // ---- joins ---------------------------------------------------------------------------
@@ -590,6 +635,32 @@ impl Handler<PassivateIfIdle> for Room {
             self.deps.registry.passivated(&self.addr, self.incarnation);
             ctx.stop();
         }
+    }
+}
+
+/// Move this room away (failover of its host, or fallback to its home): stop taking posts,
+/// let the appends in flight finish (their acks go out), then tell the occupants `moved` to
+/// `to` and stop. `done` gets `true` once stopped, `false` if the room is not `only_home`'s.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct HandOff {
+    /// Hand off only a room whose home is this node (`None`: any room).
+    pub only_home: Option<crate::store::NodeId>,
+    /// The client address (`host:port`) the room is moving to.
+    pub to: String,
+    pub done: tokio::sync::oneshot::Sender<bool>,
+}
+
+impl Handler<HandOff> for Room {
+    type Result = ();
+
+    fn handle(&mut self, msg: HandOff, ctx: &mut Context<Self>) {
+        if msg.only_home.as_ref().is_some_and(|home| *home != self.home) || self.passivating {
+            let _ = msg.done.send(false);
+            return;
+        }
+        self.handoff = Some((msg.to, msg.done));
+        self.flush(ctx);
     }
 }
 

@@ -40,6 +40,11 @@ pub struct Router {
     pub auth: Auth,
     next_session: AtomicU64,
     connections: std::sync::atomic::AtomicI64,
+    /// Logged-in sessions, so the node can send them all `goaway` (failover).
+    sessions: std::sync::Mutex<std::collections::HashMap<u64, std::sync::Weak<SessionHandle>>>,
+    /// Whether logins are taken (off while the `router` service is stopped or the node is
+    /// failed over).
+    accepting: std::sync::atomic::AtomicBool,
 }
 
 impl Router {
@@ -55,7 +60,49 @@ impl Router {
     }
 
     pub fn new(settings: Arc<Settings>, registry: RoomRegistry, store: Store, auth: Auth) -> Self {
-        Router { settings, registry, store, auth, next_session: AtomicU64::new(1), connections: Default::default() }
+        Router {
+            settings,
+            registry,
+            store,
+            auth,
+            next_session: AtomicU64::new(1),
+            connections: Default::default(),
+            sessions: Default::default(),
+            accepting: std::sync::atomic::AtomicBool::new(true),
+        }
+    }
+
+    /// Take logins (again), or refuse them with `unavailable` (clients then try the peer).
+    pub fn set_accepting(&self, accepting: bool) {
+        self.accepting.store(accepting, Ordering::Release);
+    }
+
+    pub fn is_accepting(&self) -> bool {
+        self.accepting.load(Ordering::Acquire)
+    }
+
+    /// Send every logged-in session `goaway` (naming `to`, where to resume) and close it
+    /// shortly after, once the frame is written. Returns how many were told.
+    pub fn goaway_all(&self, reason: &str, to: Option<String>) -> usize {
+        let sessions: Vec<Arc<SessionHandle>> = {
+            let mut map = self.sessions.lock().expect("sessions lock");
+            let live = map.values().filter_map(std::sync::Weak::upgrade).collect();
+            map.clear();
+            live
+        };
+        let frame = ServerFrame::Goaway { reason: reason.to_owned(), to };
+        for s in &sessions {
+            s.send(&frame);
+        }
+        let n = sessions.len();
+        tokio::spawn(async move {
+            // Let the writers flush the frame before the sockets close.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            for s in sessions {
+                s.kill(crate::session::KillReason::Moved);
+            }
+        });
+        n
     }
 }
 
@@ -196,6 +243,16 @@ impl Connection {
         if v != PROTOCOL_VERSION {
             return err(ErrorCode::BadRequest, format!("unsupported protocol version {v}; this server speaks {PROTOCOL_VERSION}"));
         }
+        if !self.router.is_accepting() {
+            let peer = self.router.settings.peer().map(|p| p.client.clone());
+            return err(
+                ErrorCode::Unavailable,
+                match peer {
+                    Some(p) => format!("this node does not serve clients now (failed over); connect to {p}"),
+                    None => "this node does not serve clients now; retry later".to_owned(),
+                },
+            );
+        }
         let logged_in = match self.router.auth.login(user.as_deref(), password.as_deref(), token.as_deref()).await {
             Ok(l) => l,
             Err(AuthError::Denied(m)) => return err(ErrorCode::Unauthorized, m),
@@ -208,6 +265,7 @@ impl Connection {
         let id_num = self.router.next_session.fetch_add(1, Ordering::Relaxed);
         let session = Arc::new(SessionHandle::new(id_num, logged_in.user.clone(), self.outbound.clone(), self.kill.clone()));
         tracing::debug!(session = id_num, user = %logged_in.user, guest = logged_in.guest, "logged in");
+        self.router.sessions.lock().expect("sessions lock").insert(id_num, Arc::downgrade(&session));
         self.session = Some(session);
         let s = &self.router.settings;
         Ok(Some(ServerFrame::Welcome {
@@ -439,6 +497,7 @@ impl Connection {
     /// The connection ended: leave every room.
     pub fn closed(&mut self) {
         if let Some(session) = self.session.take() {
+            self.router.sessions.lock().expect("sessions lock").remove(&session.id);
             for (_, addr) in session.rooms() {
                 addr.do_send(room::Leave { session: session.id, re: None });
             }

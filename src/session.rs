@@ -30,6 +30,8 @@ pub enum KillReason {
     SlowConsumer,
     /// The node is shutting down.
     Shutdown,
+    /// The node no longer serves this session (failover): it was told `goaway`.
+    Moved,
 }
 
 /// A connected, logged-in session as seen by rooms. Shared (`Arc`) between the connection

@@ -290,6 +290,11 @@ impl Store {
         Ok(Store { db, kind, url: url.to_owned() })
     }
 
+    /// The URL this store was opened with (it may hold a password: never log it as is).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
     /// Which backend this store runs on.
     pub fn kind(&self) -> StoreKind {
         self.kind

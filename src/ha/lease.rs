@@ -70,6 +70,24 @@ pub async fn renew(store: &Store, node: &NodeId, incarnation: i64, ttl: Duration
     Ok(())
 }
 
+/// Extend `node`'s lease for `ttl` from now, but only while `incarnation` still holds it.
+/// `Ok(false)` means it does not: the peer took this node's rooms over (it marks the lease as
+/// taken in the same transaction), so this node must step down.
+pub async fn extend(store: &Store, node: &NodeId, incarnation: i64, ttl: Duration) -> Result<bool, LeaseError> {
+    let db = backend(store)?;
+    let micros = ttl.as_micros() as i64;
+    let sql = match db {
+        DbBackend::Postgres => {
+            "UPDATE node_leases SET alive_until = now() + make_interval(secs => $1::double precision / 1000000) \
+             WHERE node_id = $2 AND incarnation = $3"
+        }
+        _ => "UPDATE node_leases SET alive_until = NOW(6) + INTERVAL ? MICROSECOND WHERE node_id = ? AND incarnation = ?",
+    };
+    let stmt = Statement::from_sql_and_values(db, sql, [micros.into(), node.0.clone().into(), incarnation.into()]);
+    let r = store.connection().execute_raw(stmt).await?;
+    Ok(r.rows_affected() == 1)
+}
+
 /// Give the lease up now (the peer may take over at once).
 pub async fn release(store: &Store, node: &NodeId) -> Result<(), LeaseError> {
     let db = backend(store)?;

@@ -1,9 +1,10 @@
-//! The node link: an authenticated WebSocket between the two nodes of a pair, carrying
-//! heartbeats (and, later, forwarded room operations). Each node dials its peer's link address
-//! and sends a heartbeat every `cluster.heartbeat_ms`; each node's listener records the
-//! heartbeats it receives. The peer counts as unreachable when its connection closes or three
-//! heartbeats are missed. This is detection only: whether a peer may be taken over is decided by
-//! its lease in the store (docs/ha.md).
+//! The node link: an authenticated WebSocket between the two nodes of a pair. Each node dials
+//! its peer's link address and sends, on that connection, a heartbeat (with its recovery state)
+//! every `cluster.heartbeat_ms`, the list of its active rooms every few heartbeats (so the peer
+//! knows which rooms to activate at once if it takes over), and admin requests meant for the
+//! peer (fallback, failover). Each node's listener records what it receives. The peer counts as
+//! unreachable when its connection closes or three heartbeats are missed. This is detection
+//! only: whether a peer may be taken over is decided in the store (docs/ha.md).
 //!
 //! Authentication: the dialer's first frame carries an HMAC-SHA256, keyed with
 //! `cluster.secret`, over `stoa-link|from|to|timestamp_ms`; the listener refuses a wrong MAC, a
@@ -32,7 +33,26 @@ const MISSED_HEARTBEATS: u32 = 3;
 enum LinkFrame {
     LinkHello { from: String, to: String, ts: i64, mac: String },
     Heartbeat { from: String, state: NodeState, seq: u64 },
+    /// The sender's active rooms (addresses), sent when the set changed.
+    Rooms { rooms: Vec<String> },
+    /// An admin request for the receiver (it owns the action).
+    Command { command: PeerCommand },
 }
+
+/// An admin request one node passes to its peer over the link.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum PeerCommand {
+    /// Hand `node`'s rooms back to it (sent to the backup).
+    Fallback { node: String },
+    /// Fail `node` (the receiver) over to the sender.
+    Failover { node: String },
+    /// Stop or start a critical service of `node` (the receiver).
+    Service { node: String, service: String, start: bool },
+}
+
+/// How often (in heartbeats) the active-room list is checked for changes and re-sent.
+const ROOMS_EVERY: u64 = 4;
 
 fn mac(secret: &str, from: &str, to: &str, ts: i64) -> String {
     let mut m = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
@@ -57,12 +77,16 @@ pub struct PeerStatus {
     pub state: Option<NodeState>,
     /// Milliseconds since the last heartbeat, if any arrived.
     pub last_heartbeat_ms_ago: Option<u64>,
+    /// The peer's link connection to this node is open (it closes at once when the peer's
+    /// process dies; silence alone is judged by `reachable`).
+    pub link_up: bool,
 }
 
 struct PeerView {
     connected: bool,
     last: Option<Instant>,
     state: Option<NodeState>,
+    rooms: Vec<String>,
 }
 
 /// The link of one node: its listener and its dialer to the peer.
@@ -71,6 +95,7 @@ pub struct Link {
     peer_id: String,
     heartbeat: Duration,
     view: Arc<Mutex<PeerView>>,
+    outbox: tokio::sync::mpsc::UnboundedSender<PeerCommand>,
 }
 
 /// Node link settings for [`start`].
@@ -93,33 +118,59 @@ impl Link {
             reachable: v.connected && fresh,
             state: v.state,
             last_heartbeat_ms_ago: ago.map(|a| a.as_millis() as u64),
+            link_up: v.connected,
         }
     }
+
+    /// The peer's active rooms, as it last reported them.
+    pub fn peer_rooms(&self) -> Vec<String> {
+        self.view.lock().expect("peer view lock").rooms.clone()
+    }
+
+    /// Send `command` to the peer (delivered once the link is up; lost if it never comes up).
+    pub fn send(&self, command: PeerCommand) {
+        let _ = self.outbox.send(command);
+    }
+}
+
+/// What a node tells its peer about itself, read for every heartbeat.
+pub trait LocalView: Send + Sync + 'static {
+    fn state(&self) -> NodeState;
+    fn active_rooms(&self) -> Vec<String>;
 }
 
 /// Start the link: serve `listener` and keep dialing the peer, until `shutdown`.
 /// `my_state` is read for every heartbeat.
+/// `local` is read for every heartbeat; commands from the peer go to `commands`.
 pub fn start(
     listener: TcpListener,
     config: LinkConfig,
-    my_state: impl Fn() -> NodeState + Send + Sync + 'static,
+    local: Arc<dyn LocalView>,
+    commands: tokio::sync::mpsc::UnboundedSender<PeerCommand>,
     shutdown: CancellationToken,
 ) -> Link {
-    let view = Arc::new(Mutex::new(PeerView { connected: false, last: None, state: None }));
-    let link = Link { peer_id: config.peer_id.clone(), heartbeat: config.heartbeat, view: view.clone() };
+    let view = Arc::new(Mutex::new(PeerView { connected: false, last: None, state: None, rooms: Vec::new() }));
+    let (outbox, outbox_rx) = tokio::sync::mpsc::unbounded_channel();
+    let link = Link { peer_id: config.peer_id.clone(), heartbeat: config.heartbeat, view: view.clone(), outbox };
     let config = Arc::new(config);
-    tokio::spawn(serve(listener, config.clone(), view, shutdown.clone()));
-    tokio::spawn(dial(config, Arc::new(my_state), shutdown));
+    tokio::spawn(serve(listener, config.clone(), view, commands, shutdown.clone()));
+    tokio::spawn(dial(config, local, outbox_rx, shutdown));
     link
 }
 
-async fn serve(listener: TcpListener, config: Arc<LinkConfig>, view: Arc<Mutex<PeerView>>, shutdown: CancellationToken) {
+async fn serve(
+    listener: TcpListener,
+    config: Arc<LinkConfig>,
+    view: Arc<Mutex<PeerView>>,
+    commands: tokio::sync::mpsc::UnboundedSender<PeerCommand>,
+    shutdown: CancellationToken,
+) {
     loop {
         let stream = tokio::select! {
             a = listener.accept() => match a { Ok((s, _)) => s, Err(_) => continue },
             _ = shutdown.cancelled() => return,
         };
-        let (config, view, shutdown) = (config.clone(), view.clone(), shutdown.clone());
+        let (config, view, commands, shutdown) = (config.clone(), view.clone(), commands.clone(), shutdown.clone());
         tokio::spawn(async move {
             let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else { return };
             // The first frame must be a valid hello from our peer.
@@ -144,13 +195,19 @@ async fn serve(listener: TcpListener, config: Arc<LinkConfig>, view: Arc<Mutex<P
                     _ = shutdown.cancelled() => break,
                 };
                 match next {
-                    Some(Ok(Message::Text(text))) => {
-                        if let Ok(LinkFrame::Heartbeat { state, .. }) = serde_json::from_str::<LinkFrame>(text.as_str()) {
+                    Some(Ok(Message::Text(text))) => match serde_json::from_str::<LinkFrame>(text.as_str()) {
+                        Ok(LinkFrame::Heartbeat { state, .. }) => {
                             let mut v = view.lock().expect("peer view lock");
                             v.last = Some(Instant::now());
                             v.state = Some(state);
                         }
-                    }
+                        Ok(LinkFrame::Rooms { rooms }) => view.lock().expect("peer view lock").rooms = rooms,
+                        Ok(LinkFrame::Command { command }) => {
+                            tracing::info!(peer = %config.peer_id, ?command, "request from the peer");
+                            let _ = commands.send(command);
+                        }
+                        Ok(LinkFrame::LinkHello { .. }) | Err(_) => tracing::warn!(peer = %config.peer_id, "unexpected node-link frame"),
+                    },
                     Some(Ok(_)) => {}
                     _ => break,
                 }
@@ -161,9 +218,15 @@ async fn serve(listener: TcpListener, config: Arc<LinkConfig>, view: Arc<Mutex<P
     }
 }
 
-async fn dial(config: Arc<LinkConfig>, my_state: Arc<dyn Fn() -> NodeState + Send + Sync>, shutdown: CancellationToken) {
+async fn dial(
+    config: Arc<LinkConfig>,
+    local: Arc<dyn LocalView>,
+    mut outbox: tokio::sync::mpsc::UnboundedReceiver<PeerCommand>,
+    shutdown: CancellationToken,
+) {
     let url = format!("ws://{}/link", config.peer_link);
     let mut seq = 0u64;
+    let encode = |f: &LinkFrame| Message::Text(serde_json::to_string(f).expect("link frames serialize").into());
     loop {
         if shutdown.is_cancelled() {
             return;
@@ -176,13 +239,30 @@ async fn dial(config: Arc<LinkConfig>, my_state: Arc<dyn Fn() -> NodeState + Sen
                 ts,
                 mac: mac(&config.secret, &config.me, &config.peer_id, ts),
             };
-            let mut ok = ws.send(Message::Text(serde_json::to_string(&hello).expect("link frames serialize").into())).await.is_ok();
+            let mut ok = ws.send(encode(&hello)).await.is_ok();
+            // A new connection always gets the room list.
+            let mut sent_rooms: Option<Vec<String>> = None;
+            let mut next_beat = tokio::time::Instant::now();
             while ok {
-                seq += 1;
-                let beat = LinkFrame::Heartbeat { from: config.me.clone(), state: my_state(), seq };
-                ok = ws.send(Message::Text(serde_json::to_string(&beat).expect("link frames serialize").into())).await.is_ok();
                 tokio::select! {
-                    _ = tokio::time::sleep(config.heartbeat) => {}
+                    _ = tokio::time::sleep_until(next_beat) => {
+                        seq += 1;
+                        next_beat += config.heartbeat;
+                        let beat = LinkFrame::Heartbeat { from: config.me.clone(), state: local.state(), seq };
+                        ok = ws.send(encode(&beat)).await.is_ok();
+                        if ok && (seq % ROOMS_EVERY == 1 || sent_rooms.is_none()) {
+                            let mut rooms = local.active_rooms();
+                            rooms.sort_unstable();
+                            if sent_rooms.as_ref() != Some(&rooms) {
+                                ok = ws.send(encode(&LinkFrame::Rooms { rooms: rooms.clone() })).await.is_ok();
+                                sent_rooms = Some(rooms);
+                            }
+                        }
+                    }
+                    command = outbox.recv() => match command {
+                        Some(command) => ok = ws.send(encode(&LinkFrame::Command { command })).await.is_ok(),
+                        None => return,
+                    },
                     _ = shutdown.cancelled() => { let _ = ws.close(None).await; return; }
                 }
             }

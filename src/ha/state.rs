@@ -86,8 +86,12 @@ impl NodeState {
             (self, to),
             (Initializing, Normal | FailedOver | FailedOverCriticalServicesNotRunning | RunningInFailedMode | Idle)
                 | (Normal, FailingOver | TakingOver | Idle)
+                // A node that finds its rooms taken (paused past its lease) steps down.
+                | (RunningInBackupMode | FallingBack | TakingBack | RunningInFailedMode, FailingOver)
                 | (FailingOver, FailedOver | FailedOverCriticalServicesNotRunning)
-                | (TakingOver, RunningInBackupMode | Normal)
+                // A failed-over node whose backup dies takes everything over.
+                | (FailedOver | FailedOverCriticalServicesNotRunning | RunningInFailedMode, TakingOver)
+                | (TakingOver, RunningInBackupMode | Normal | FailedOver)
                 | (RunningInBackupMode, FallingBack | Normal)
                 | (FallingBack, Normal | RunningInBackupMode)
                 | (FailedOver | FailedOverCriticalServicesNotRunning, TakingBack | FailedOver)
@@ -146,7 +150,7 @@ mod tests {
     fn shortcuts_are_refused() {
         assert!(!Normal.can_become(RunningInBackupMode), "backup mode only after taking over");
         assert!(!FailedOver.can_become(Normal), "a failed-over node must take its rooms back first");
-        assert!(!TakingOver.can_become(FailedOver));
+        assert!(!FailingOver.can_become(Normal), "a node that gave its rooms away must take them back");
         assert!(!Initializing.can_become(RunningInBackupMode));
     }
 

@@ -159,7 +159,12 @@ async fn run_connection(stream: TcpStream, router: Arc<Router>, shutdown: Cancel
             idle
         };
         let next = tokio::select! {
-            _ = kill.cancelled() => break,
+            _ = kill.cancelled() => {
+                if conn.session().and_then(|s| s.killed_for()) == Some(KillReason::Moved) {
+                    close(close_code::GOING_AWAY, "node failed over; resume on its peer");
+                }
+                break;
+            }
             _ = shutdown.cancelled() => {
                 if let Some(s) = conn.session() { s.kill(KillReason::Shutdown); }
                 close(close_code::GOING_AWAY, "server shutting down");
