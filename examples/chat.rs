@@ -347,7 +347,10 @@ impl Session {
                 self.forget(&room);
             }
             ClientEvent::Moved { room, to } => println!("* {room} moved to {to}"),
-            ClientEvent::Goaway { reason } => println!("* the server is going away: {reason}"),
+            ClientEvent::Goaway { reason, to } => match to {
+                Some(to) => println!("* the server is going away ({reason}); resuming on {to}"),
+                None => println!("* the server is going away: {reason}"),
+            },
             ClientEvent::Error { code, message, room } => {
                 let room = room.map(|r| format!(" [{r}]")).unwrap_or_default();
                 println!("! {}{room}: {message}", code.as_str());
