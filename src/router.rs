@@ -301,7 +301,9 @@ impl Connection {
         if !service_ok {
             return err(ErrorCode::BadRequest, "invalid room service");
         }
-        if service != self.router.settings.node.service {
+        // This node's rooms, and its peer's (which it serves after a takeover).
+        let settings = &self.router.settings;
+        if service != settings.node.service && settings.peer().is_none_or(|p| p.service != service) {
             return err(ErrorCode::NotFound, format!("unknown room service `{service}`"));
         }
         Ok(())

@@ -162,6 +162,22 @@ impl TestDb {
         messages
     }
 
+    /// The epoch each stored message of `room` was committed under, by seq.
+    pub async fn stored_epochs(&self, room: &str) -> Vec<(u64, i64)> {
+        use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
+        use stoa::store::entity::message;
+        let store = self.store().await;
+        let row = store.load_room(&stoa::protocol::RoomAddr(room.to_owned())).await.expect("room row").expect("room exists");
+        let rows = message::Entity::find()
+            .filter(message::Column::RoomId.eq(row.id.0))
+            .order_by_asc(message::Column::Seq)
+            .all(store.connection())
+            .await
+            .expect("reading message epochs");
+        store.connection().clone().close().await.ok();
+        rows.into_iter().map(|m| (m.seq as u64, m.epoch)).collect()
+    }
+
     /// Settings for an in-process node on this database: loopback, port 0, guests allowed.
     pub fn settings(&self, node_id: &str) -> Settings {
         let mut s = Settings::default();
@@ -428,6 +444,11 @@ impl NodeProcess {
     /// Everything the process wrote to stderr so far.
     pub fn log_text(&self) -> String {
         self.log.lock().expect("log lock").join("\n")
+    }
+
+    /// The process id (for SIGSTOP / SIGCONT).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// kill -9 and reap.

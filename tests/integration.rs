@@ -18,6 +18,8 @@ mod cases {
     pub mod bad_input;
     #[path = "log.rs"]
     pub mod log;
+    #[path = "failover.rs"]
+    pub mod failover;
     #[path = "permission.rs"]
     pub mod permission;
     #[path = "room_life.rs"]
@@ -67,6 +69,20 @@ macro_rules! on_shared_stores {
 
 on_shared_stores! {
     ha::peers_see_each_other_over_the_link_and_notice_a_stop,
+    failover::kill9_failover_restart_and_fallback_lose_nothing,
+    failover::critical_service_stop_fails_over_then_fallback,
+}
+
+/// Fault cases that run on PostgreSQL only (the fencing itself is covered on MariaDB above).
+macro_rules! on_postgres {
+    ($($t:tt)*) => { on_backends!([postgres] $($t)*); };
+}
+
+on_postgres! {
+    failover::sigstop_past_the_lease_then_the_node_steps_down,
+    failover::store_connections_killed_lose_nothing,
+    failover::no_failover_without_the_link_while_the_store_sees_both,
+    failover::fallback_racing_a_second_failover,
 }
 
 on_every_backend! {
