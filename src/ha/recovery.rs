@@ -738,10 +738,14 @@ impl Control {
         if peer_lease.is_none_or(|l| l.expired) {
             return Err(format!("node {} is not running (its lease has expired): start it first", peer.id));
         }
-        if let Some(p) = self.peer_status()
-            && p.state == Some(NodeState::FailedOverCriticalServicesNotRunning)
-        {
-            return Err(format!("node {} still has a critical service down: start it first", peer.id));
+        // The peer's recorded state (written before its heartbeats can tell).
+        let recorded = fencing::last_state(store, &peer.id).await.map_err(|e| e.to_string())?.map(|(s, _, _)| s);
+        match recorded.as_deref() {
+            Some("failed_over") => {}
+            Some("failed_over_critical_services_not_running") => {
+                return Err(format!("node {} still has a critical service down: start it first", peer.id));
+            }
+            other => return Err(format!("node {} is {}, not failed_over: it cannot take its rooms back now", peer.id, other.unwrap_or("unknown"))),
         }
         let started = Instant::now();
         self.enter(NodeState::FallingBack, reason).await;
