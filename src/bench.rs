@@ -14,11 +14,14 @@
 //!   unless `--total-rate` is given).
 //! - `idle-rooms`: server memory per activated idle room.
 //! - `cold-activation`: join latency of never-activated rooms with a million rooms in the store.
+//! - `failover`: a redundancy pair under probe load; detection, failover, client resume and
+//!   fallback times over repeated faults, and a check that no acked probe was lost or doubled.
 //!
 //! The generator shares the machine with the server, so it is frugal: raw `tokio-tungstenite`
 //! connections with small buffers, no per-delivery shared state (each message body starts with
 //! its send time, and each worker thread keeps its own histograms, merged at the end).
 
+mod failover;
 mod load;
 mod rooms;
 mod server;
@@ -52,6 +55,9 @@ pub enum Mode {
     IdleRooms(IdleArgs),
     /// Join latency of never-activated rooms with many rooms (default 1,000,000) in the store.
     ColdActivation(ColdArgs),
+    /// A redundancy pair under probe load: kill -9 (or a critical service stop) of the host,
+    /// failover, restart, fallback, repeated; needs --store postgres://… or mysql://….
+    Failover(failover::FailoverArgs),
 }
 
 /// Which server to load, and how to configure the one the bench starts.
@@ -240,6 +246,7 @@ async fn run_mode(mode: Mode, target: &TargetArgs) -> anyhow::Result<Summary> {
         Mode::Latency(a) => load::latency(&a, target).await,
         Mode::IdleRooms(a) => rooms::idle_rooms(&a, target).await,
         Mode::ColdActivation(a) => rooms::cold_activation(&a, target).await,
+        Mode::Failover(a) => failover::failover(&a, target).await,
     }?;
     summary.insert_front("command", std::env::args().collect::<Vec<_>>().join(" "));
     summary.insert_front("date", utc_now());
@@ -254,7 +261,7 @@ pub struct Summary {
 }
 
 impl Summary {
-    fn push(&mut self, key: &str, value: impl Into<serde_json::Value>) {
+    pub(crate) fn push(&mut self, key: &str, value: impl Into<serde_json::Value>) {
         self.fields.push((key.to_owned(), value.into()));
     }
     fn insert_front(&mut self, key: &str, value: impl Into<serde_json::Value>) {

@@ -26,7 +26,7 @@ fn tuning() -> Tuning {
     Tuning { settings: vec![("rooms.passivate_after_ms", "86400000".into())] }
 }
 
-fn run_tag() -> String {
+pub(super) fn run_tag() -> String {
     rand::rng().sample_iter(rand::distr::Alphanumeric).take(6).map(|b| (b as char).to_ascii_lowercase()).collect()
 }
 
@@ -43,7 +43,7 @@ async fn home_of(target_args: &TargetArgs) -> anyhow::Result<(String, String)> {
 }
 
 /// Bulk-insert `count` rooms `{prefix}{i}@{service}` in transactions of `batch`.
-async fn fill_store(
+pub(super) async fn fill_store(
     workspace: &Workspace,
     prefix: &str,
     count: usize,

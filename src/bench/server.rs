@@ -63,6 +63,13 @@ impl Workspace {
     }
 }
 
+impl Workspace {
+    /// The temp dir (absent with `--url`).
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
+    }
+}
+
 impl Drop for Workspace {
     fn drop(&mut self) {
         if let Some(dir) = &self.dir {
@@ -151,7 +158,8 @@ fn toml_literal(v: &str) -> String {
 }
 
 /// The generated config: the bench's settings, then the mode's, then `--server-set`.
-fn config_toml(dir: &Path, store_url: &str, client: SocketAddr, admin: SocketAddr, args: &TargetArgs, tuning: &Tuning) -> anyhow::Result<String> {
+fn config_toml(dir: &Path, store_url: &str, spec: &NodeSpec, args: &TargetArgs, tuning: &Tuning) -> anyhow::Result<String> {
+    let (client, admin) = (spec.client, spec.admin);
     let mut sections: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
     let mut set = |key: &str, value: String| -> anyhow::Result<()> {
         let (section, name) = key.split_once('.').with_context(|| format!("server setting `{key}` is not section.key"))?;
@@ -159,9 +167,9 @@ fn config_toml(dir: &Path, store_url: &str, client: SocketAddr, admin: SocketAdd
         Ok(())
     };
     let q = |s: &str| format!("{s:?}");
-    set("node.id", q(NODE_ID))?;
-    set("node.service", q(SERVICE))?;
-    set("node.data_dir", q(&dir.join("data").display().to_string()))?;
+    set("node.id", q(&spec.id))?;
+    set("node.service", q(&spec.service))?;
+    set("node.data_dir", q(&dir.join(format!("data-{}", spec.id)).display().to_string()))?;
     set("listen.client", q(&client.to_string()))?;
     set("listen.admin", q(&admin.to_string()))?;
     set("store.url", q(store_url))?;
@@ -205,21 +213,54 @@ fn config_toml(dir: &Path, store_url: &str, client: SocketAddr, admin: SocketAdd
             out.push_str(&format!("{k} = {v}\n"));
         }
     }
+    out.push_str(&spec.extra_toml);
     Ok(out)
 }
 
+/// One server to spawn: its id, room service, loopback addresses, and TOML appended to the
+/// generated config (e.g. `[[cluster.groups]]` tables).
+pub struct NodeSpec {
+    pub id: String,
+    pub service: String,
+    pub client: SocketAddr,
+    pub admin: SocketAddr,
+    pub extra_toml: String,
+}
+
+impl NodeSpec {
+    /// A node on free loopback ports.
+    pub fn on_free_ports(id: &str, service: &str) -> anyhow::Result<NodeSpec> {
+        Ok(NodeSpec {
+            id: id.to_owned(),
+            service: service.to_owned(),
+            client: format!("127.0.0.1:{}", free_port()?).parse()?,
+            admin: format!("127.0.0.1:{}", free_port()?).parse()?,
+            extra_toml: String::new(),
+        })
+    }
+}
+
+/// A free loopback port.
+pub fn loopback_port() -> anyhow::Result<u16> {
+    free_port()
+}
+
 async fn spawn(dir: &Path, store_url: &str, args: &TargetArgs, tuning: &Tuning) -> anyhow::Result<Target> {
-    let client: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-    let config = dir.join("stoa.toml");
-    std::fs::write(&config, config_toml(dir, store_url, client, admin, args, tuning)?)
+    spawn_node(dir, store_url, args, tuning, &NodeSpec::on_free_ports(NODE_ID, SERVICE)?).await
+}
+
+/// Spawn `stoa serve` for `spec` and wait until `/health` answers.
+pub async fn spawn_node(dir: &Path, store_url: &str, args: &TargetArgs, tuning: &Tuning, spec: &NodeSpec) -> anyhow::Result<Target> {
+    let (client, admin) = (spec.client, spec.admin);
+    let config = dir.join(format!("{}.toml", spec.id));
+    std::fs::write(&config, config_toml(dir, store_url, spec, args, tuning)?)
         .with_context(|| format!("writing {}", config.display()))?;
     let bin = match &args.server_bin {
         Some(b) => b.clone(),
         None => std::env::current_exe().context("finding the stoa executable")?,
     };
-    let log = dir.join("server.log");
-    let log_file = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let log = dir.join(format!("{}.log", spec.id));
+    let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log).with_context(|| format!("creating {}", log.display()))?;
     let mut cmd = tokio::process::Command::new(&bin);
     cmd.arg("serve")
         .arg("--config")
@@ -299,7 +340,9 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("stoa-bench-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let tuning = Tuning { settings: vec![("rooms.passivate_after_ms", "3600000".into())] };
-        let text = config_toml(&dir, "sqlite:///tmp/x.db", "127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap(), &cli.target, &tuning).unwrap();
+        let mut spec = NodeSpec::on_free_ports("n1", "conference.localhost").unwrap();
+        spec.extra_toml = "\n[cluster]\nheartbeat_ms = 250\n".into();
+        let text = config_toml(&dir, "sqlite:///tmp/x.db", &spec, &cli.target, &tuning).unwrap();
         let path = dir.join("stoa.toml");
         std::fs::write(&path, text).unwrap();
         let s = crate::config::Settings::load(Some(&path)).unwrap();
@@ -311,5 +354,6 @@ mod tests {
         assert!(s.auth.allow_guests);
         assert_eq!(s.limits.requests_per_second, 1_000_000);
         assert_eq!(s.store.sqlite_synchronous, "full");
+        assert_eq!((s.node.id.as_str(), s.cluster.heartbeat_ms), ("n1", 250));
     }
 }
