@@ -575,4 +575,27 @@ mod example_config {
             serde_json::to_value(super::Settings::default()).unwrap()
         );
     }
+
+    /// The pair examples load and pass the start-up checks (HA on PostgreSQL; HA off on SQLite).
+    #[test]
+    fn pair_examples_load_and_pass_the_checks() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        // The secret file path in the example is relative to the repository root, which is
+        // where cargo runs tests.
+        for (file, ha, peer) in [
+            ("examples/ha-pair/1a.toml", true, "1b"),
+            ("examples/ha-pair/1b.toml", true, "1a"),
+            ("examples/non-ha-pair/2a.toml", false, "2b"),
+            ("examples/non-ha-pair/2b.toml", false, "2a"),
+        ] {
+            let s = super::Settings::load(Some(&root.join(file))).unwrap_or_else(|e| panic!("{file}: {e}"));
+            s.check().unwrap_or_else(|e| panic!("{file}: {e}"));
+            assert_eq!(s.group().map(|g| g.ha), Some(ha), "{file}");
+            assert_eq!(s.peer().map(|p| p.id.as_str()), Some(peer), "{file}");
+            if ha {
+                assert!(s.cluster.secret.len() >= 16, "{file}: the secret file was read");
+                assert!(s.store_url().starts_with("postgres://"), "{file}");
+            }
+        }
+    }
 }
