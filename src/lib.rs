@@ -17,6 +17,7 @@
 //! - [`node`]: start-up and ordered shutdown of one node (actix System, arbiters, listeners).
 //! - [`transport`]: client transports; `transport::ws` is the WebSocket listener at `/ws`.
 //! - [`router`]: per-connection protocol state: login, validation, rate limit, dispatch to rooms.
+//! - [`forward`]: room operations of a client on one node served by its peer, over the node link.
 //! - [`session`]: a logged-in session as rooms see it: its bounded outbound queue.
 //! - [`registry`]: room address → room actor; activation, passivation, spreading over arbiters.
 //! - [`room`]: the room actor (joins, posts, permissions, fan-out); pure rules in `room::state`.
@@ -35,6 +36,7 @@ pub mod bench;
 pub mod client;
 pub mod committer;
 pub mod config;
+pub mod forward;
 pub mod ha;
 pub mod node;
 pub mod protocol;

@@ -196,20 +196,17 @@ async fn run(settings: Settings, shutdown: CancellationToken, ready: Ready) -> a
                 secret: settings.cluster.secret.clone(),
                 heartbeat: Duration::from_millis(settings.cluster.heartbeat_ms),
             };
-            let (commands, mut from_peer) = tokio::sync::mpsc::unbounded_channel();
-            let link = crate::ha::link::start(listener, config, Arc::new(recovery.clone()), commands, shutdown.clone());
+            let forwarder = crate::forward::Forwarder::new(router.clone(), NodeId(peer.id.clone()), me.client.clone());
+            let link = crate::ha::link::start(listener, config, Arc::new(recovery.clone()), forwarder.clone(), shutdown.clone());
             recovery.set_link(link.clone());
-            let r = recovery.clone();
-            tokio::spawn(async move {
-                while let Some(command) = from_peer.recv().await {
-                    r.from_peer(command);
-                }
-            });
+            forwarder.attach(link.clone(), recovery.clone());
+            router.set_forwarder(&forwarder);
             tracing::info!(link = %me.link, peer = %peer.id, "node link started");
-            Some(link)
+            Some((link, forwarder))
         }
         _ => None,
     };
+    let (link, _forwarder) = link.unzip();
 
     let client_listener = TcpListener::bind(settings.listen.client)
         .await

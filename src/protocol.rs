@@ -286,6 +286,22 @@ impl ClientFrame {
             | ClientFrame::Ping { id } => Some(id),
         }
     }
+
+    /// The room a room-scoped request is about.
+    pub fn room(&self) -> Option<&RoomAddr> {
+        match self {
+            ClientFrame::Join { room, .. }
+            | ClientFrame::Leave { room, .. }
+            | ClientFrame::Send { room, .. }
+            | ClientFrame::History { room, .. }
+            | ClientFrame::Subject { room, .. }
+            | ClientFrame::Configure { room, .. }
+            | ClientFrame::Affiliate { room, .. }
+            | ClientFrame::Kick { room, .. }
+            | ClientFrame::Destroy { room, .. } => Some(room),
+            ClientFrame::Hello { .. } | ClientFrame::Create { .. } | ClientFrame::List { .. } | ClientFrame::Ping { .. } => None,
+        }
+    }
 }
 
 /// A frame that could not be parsed: the answer's `re` (when the id was readable) and why.

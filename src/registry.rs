@@ -152,7 +152,7 @@ impl RoomRegistry {
         self.check_hosting()?;
         let row = self.inner.store.load_room(room).await?.ok_or(RoomError::NotFound)?;
         if row.host_node != self.inner.node {
-            return Err(RoomError::Unavailable(format!("room is hosted by node {}", row.host_node)));
+            return Err(RoomError::HostedBy(row.host_node));
         }
         if self.inner.moving_homes.lock().expect("registry lock poisoned").contains(&row.home_node) {
             return Err(RoomError::Unavailable(format!("room is moving back to node {}; retry", row.home_node)));

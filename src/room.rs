@@ -47,6 +47,9 @@ pub enum RoomError {
     /// This incarnation is stopping; the caller should resolve the room again (never sent to clients).
     #[error("room is passivating")]
     Passivating,
+    /// Another node hosts the room (the router may forward to it over the node link).
+    #[error("room is hosted by node {0}")]
+    HostedBy(crate::store::NodeId),
     /// Unexpected fault; details are logged, not sent.
     #[error("{0}")]
     Internal(String),
@@ -61,7 +64,7 @@ impl RoomError {
             RoomError::Conflict(_) => ErrorCode::Conflict,
             RoomError::TooLarge(_) => ErrorCode::TooLarge,
             RoomError::BadRequest(_) => ErrorCode::BadRequest,
-            RoomError::Unavailable(_) | RoomError::Passivating => ErrorCode::Unavailable,
+            RoomError::Unavailable(_) | RoomError::Passivating | RoomError::HostedBy(_) => ErrorCode::Unavailable,
             RoomError::Internal(_) => ErrorCode::Internal,
         }
     }

@@ -45,6 +45,8 @@ pub struct Router {
     /// Whether logins are taken (off while the `router` service is stopped or the node is
     /// failed over).
     accepting: std::sync::atomic::AtomicBool,
+    /// Forwarding to the peer over the node link (HA pairs), set once at start-up.
+    forwarder: std::sync::OnceLock<std::sync::Weak<crate::forward::Forwarder>>,
 }
 
 impl Router {
@@ -69,7 +71,42 @@ impl Router {
             connections: Default::default(),
             sessions: Default::default(),
             accepting: std::sync::atomic::AtomicBool::new(true),
+            forwarder: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Attach the forwarder (once, at start-up).
+    pub fn set_forwarder(&self, forwarder: &Arc<crate::forward::Forwarder>) {
+        let _ = self.forwarder.set(Arc::downgrade(forwarder));
+    }
+
+    fn forwarder(&self) -> Option<Arc<crate::forward::Forwarder>> {
+        self.forwarder.get().and_then(std::sync::Weak::upgrade)
+    }
+
+    /// A logged-in session of this node, by id.
+    pub fn session(&self, id: u64) -> Option<Arc<SessionHandle>> {
+        self.sessions.lock().expect("sessions lock").get(&id).and_then(std::sync::Weak::upgrade)
+    }
+
+    /// Send these sessions `goaway` (naming `to`) and close them shortly after.
+    pub fn goaway_sessions(&self, ids: &[u64], reason: &str, to: Option<String>) {
+        let sessions: Vec<Arc<SessionHandle>> = ids.iter().filter_map(|id| self.session(*id)).collect();
+        Self::goaway(sessions, reason, to);
+    }
+
+    fn goaway(sessions: Vec<Arc<SessionHandle>>, reason: &str, to: Option<String>) {
+        let frame = ServerFrame::Goaway { reason: reason.to_owned(), to };
+        for s in &sessions {
+            s.send(&frame);
+        }
+        tokio::spawn(async move {
+            // Let the writers flush the frame before the sockets close.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            for s in sessions {
+                s.kill(crate::session::KillReason::Moved);
+            }
+        });
     }
 
     /// Take logins (again), or refuse them with `unavailable` (clients then try the peer).
@@ -90,18 +127,8 @@ impl Router {
             map.clear();
             live
         };
-        let frame = ServerFrame::Goaway { reason: reason.to_owned(), to };
-        for s in &sessions {
-            s.send(&frame);
-        }
         let n = sessions.len();
-        tokio::spawn(async move {
-            // Let the writers flush the frame before the sockets close.
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            for s in sessions {
-                s.kill(crate::session::KillReason::Moved);
-            }
-        });
+        Self::goaway(sessions, reason, to);
         n
     }
 }
@@ -151,6 +178,8 @@ pub struct Connection {
     session: Option<Arc<SessionHandle>>,
     bucket: TokenBucket,
     failed_logins: u32,
+    /// Set by a room request that found the room hosted by another node (it may be forwarded).
+    hosted_elsewhere: Option<crate::store::NodeId>,
 }
 
 /// An answer to send, `None` when the room answers through the session queue itself.
@@ -172,7 +201,18 @@ impl Connection {
     pub fn new(router: Arc<Router>, outbound: mpsc::Sender<Outbound>, kill: CancellationToken) -> Self {
         let limits = &router.settings.limits;
         let bucket = TokenBucket::new(limits.requests_per_second, limits.request_burst);
-        Connection { router, outbound, kill, session: None, bucket, failed_logins: 0 }
+        Connection { router, outbound, kill, session: None, bucket, failed_logins: 0, hosted_elsewhere: None }
+    }
+
+    /// A connection already logged in as `user`: the peer's session whose room operations this
+    /// node serves over the node link (the link is authenticated; the peer did the login).
+    pub fn trusted(router: Arc<Router>, outbound: mpsc::Sender<Outbound>, kill: CancellationToken, user: String) -> Self {
+        let mut conn = Connection::new(router, outbound, kill);
+        let id = conn.router.next_session.fetch_add(1, Ordering::Relaxed);
+        let session = Arc::new(SessionHandle::new(id, user, conn.outbound.clone(), conn.kill.clone()));
+        conn.router.sessions.lock().expect("sessions lock").insert(id, Arc::downgrade(&session));
+        conn.session = Some(session);
+        conn
     }
 
     /// The logged-in session, if any.
@@ -215,7 +255,27 @@ impl Connection {
             }
             other => match self.session.clone() {
                 None => err(ErrorCode::Unauthorized, "send `hello` first"),
-                Some(session) => self.request(&session, other).await,
+                Some(session) => {
+                    let room = other.room().cloned();
+                    let forwarder = self.router.forwarder();
+                    match (&forwarder, &room) {
+                        // A room this session uses on the peer: straight over the link.
+                        (Some(f), Some(room)) if f.is_forwarded(session.id, room) => {
+                            f.forward(&session, room, text);
+                            Ok(None)
+                        }
+                        _ => {
+                            let answer = self.request(&session, other).await;
+                            match (self.hosted_elsewhere.take(), forwarder, room) {
+                                (Some(host), Some(f), Some(room)) if f.can_forward(&host) => {
+                                    f.forward(&session, &room, text);
+                                    Ok(None)
+                                }
+                                _ => answer,
+                            }
+                        }
+                    }
+                }
             },
         };
         match answer {
@@ -279,6 +339,14 @@ impl Connection {
             peers: s.peer().map(|p| p.client.clone()).into_iter().collect(),
             re: id,
         }))
+    }
+
+    /// [`room_err`], remembering a room hosted by another node (for forwarding).
+    fn room_err(&mut self, e: RoomError) -> (ErrorCode, String) {
+        if let RoomError::HostedBy(node) = &e {
+            self.hosted_elsewhere = Some(node.clone());
+        }
+        room_err(e)
     }
 
     fn check_room(&self, room: &RoomAddr) -> Result<(), (ErrorCode, String)> {
@@ -374,7 +442,7 @@ impl Connection {
                     );
                 }
                 let join = room::Join { session: session.clone(), re: id, nick, since, password };
-                registry.call(&room, join).await.and_then(|r| r).map_err(room_err)?;
+                registry.call(&room, join).await.and_then(|r| r).map_err(|e| self.room_err(e))?;
                 // `joined` and the replay were queued by the room itself, in order.
                 Ok(None)
             }
@@ -417,7 +485,7 @@ impl Connection {
                     .call(&room, room::CheckRead { session: session.id, user: user.clone() })
                     .await
                     .and_then(|r| r)
-                    .map_err(room_err)?;
+                    .map_err(|e| self.room_err(e))?;
                 // Without `after`, the newest `limit` before `before`; with it, the oldest after.
                 let newest_first = after.is_none();
                 let mut rows = router
@@ -500,6 +568,9 @@ impl Connection {
     pub fn closed(&mut self) {
         if let Some(session) = self.session.take() {
             self.router.sessions.lock().expect("sessions lock").remove(&session.id);
+            if let Some(f) = self.router.forwarder() {
+                f.session_closed(session.id);
+            }
             for (_, addr) in session.rooms() {
                 addr.do_send(room::Leave { session: session.id, re: None });
             }

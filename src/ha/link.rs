@@ -37,6 +37,26 @@ enum LinkFrame {
     Rooms { rooms: Vec<String> },
     /// An admin request for the receiver (it owns the action).
     Command { command: PeerCommand },
+    /// A client frame from a session on the sender, for a room the receiver hosts.
+    Client { session: u64, user: String, frame: String },
+    /// That session ended on the sender.
+    ClientGone { session: u64 },
+    /// A server frame for a session on the receiver (answers and events of forwarded rooms).
+    ToClient { session: u64, frame: String },
+}
+
+/// What a node does with what its peer sends it over the link.
+pub trait Inbound: Send + Sync + 'static {
+    /// An admin request from the peer.
+    fn command(&self, command: PeerCommand);
+    /// A client frame from session `session` of `user` on the peer.
+    fn client(&self, session: u64, user: String, frame: String);
+    /// Session `session` on the peer ended.
+    fn client_gone(&self, session: u64);
+    /// A frame for this node's session `session`.
+    fn to_client(&self, session: u64, frame: String);
+    /// The peer's link connection closed (it died, restarted, or the network broke).
+    fn peer_lost(&self);
 }
 
 /// An admin request one node passes to its peer over the link.
@@ -95,7 +115,7 @@ pub struct Link {
     peer_id: String,
     heartbeat: Duration,
     view: Arc<Mutex<PeerView>>,
-    outbox: tokio::sync::mpsc::UnboundedSender<PeerCommand>,
+    outbox: tokio::sync::mpsc::UnboundedSender<LinkFrame>,
 }
 
 /// Node link settings for [`start`].
@@ -127,9 +147,29 @@ impl Link {
         self.view.lock().expect("peer view lock").rooms.clone()
     }
 
-    /// Send `command` to the peer (delivered once the link is up; lost if it never comes up).
+    /// Send `command` to the peer (dropped if the link is down).
     pub fn send(&self, command: PeerCommand) {
-        let _ = self.outbox.send(command);
+        let _ = self.outbox.send(LinkFrame::Command { command });
+    }
+
+    /// Pass a client frame of this node's session to the peer, which hosts its room.
+    pub fn forward_client(&self, session: u64, user: &str, frame: &str) {
+        let _ = self.outbox.send(LinkFrame::Client { session, user: user.to_owned(), frame: frame.to_owned() });
+    }
+
+    /// Tell the peer a session whose frames it served has ended.
+    pub fn client_gone(&self, session: u64) {
+        let _ = self.outbox.send(LinkFrame::ClientGone { session });
+    }
+
+    /// Send a server frame to the peer's session `session`.
+    pub fn to_client(&self, session: u64, frame: String) {
+        let _ = self.outbox.send(LinkFrame::ToClient { session, frame });
+    }
+
+    /// Whether the link to the peer is up in both directions as far as this node knows.
+    pub fn is_up(&self) -> bool {
+        self.peer().reachable
     }
 }
 
@@ -141,19 +181,19 @@ pub trait LocalView: Send + Sync + 'static {
 
 /// Start the link: serve `listener` and keep dialing the peer, until `shutdown`.
 /// `my_state` is read for every heartbeat.
-/// `local` is read for every heartbeat; commands from the peer go to `commands`.
+/// `local` is read for every heartbeat; what the peer sends goes to `inbound`.
 pub fn start(
     listener: TcpListener,
     config: LinkConfig,
     local: Arc<dyn LocalView>,
-    commands: tokio::sync::mpsc::UnboundedSender<PeerCommand>,
+    inbound: Arc<dyn Inbound>,
     shutdown: CancellationToken,
 ) -> Link {
     let view = Arc::new(Mutex::new(PeerView { connected: false, last: None, state: None, rooms: Vec::new() }));
     let (outbox, outbox_rx) = tokio::sync::mpsc::unbounded_channel();
     let link = Link { peer_id: config.peer_id.clone(), heartbeat: config.heartbeat, view: view.clone(), outbox };
     let config = Arc::new(config);
-    tokio::spawn(serve(listener, config.clone(), view, commands, shutdown.clone()));
+    tokio::spawn(serve(listener, config.clone(), view, inbound, shutdown.clone()));
     tokio::spawn(dial(config, local, outbox_rx, shutdown));
     link
 }
@@ -162,7 +202,7 @@ async fn serve(
     listener: TcpListener,
     config: Arc<LinkConfig>,
     view: Arc<Mutex<PeerView>>,
-    commands: tokio::sync::mpsc::UnboundedSender<PeerCommand>,
+    inbound: Arc<dyn Inbound>,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -170,7 +210,7 @@ async fn serve(
             a = listener.accept() => match a { Ok((s, _)) => s, Err(_) => continue },
             _ = shutdown.cancelled() => return,
         };
-        let (config, view, commands, shutdown) = (config.clone(), view.clone(), commands.clone(), shutdown.clone());
+        let (config, view, inbound, shutdown) = (config.clone(), view.clone(), inbound.clone(), shutdown.clone());
         tokio::spawn(async move {
             let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else { return };
             // The first frame must be a valid hello from our peer.
@@ -204,8 +244,11 @@ async fn serve(
                         Ok(LinkFrame::Rooms { rooms }) => view.lock().expect("peer view lock").rooms = rooms,
                         Ok(LinkFrame::Command { command }) => {
                             tracing::info!(peer = %config.peer_id, ?command, "request from the peer");
-                            let _ = commands.send(command);
+                            inbound.command(command);
                         }
+                        Ok(LinkFrame::Client { session, user, frame }) => inbound.client(session, user, frame),
+                        Ok(LinkFrame::ClientGone { session }) => inbound.client_gone(session),
+                        Ok(LinkFrame::ToClient { session, frame }) => inbound.to_client(session, frame),
                         Ok(LinkFrame::LinkHello { .. }) | Err(_) => tracing::warn!(peer = %config.peer_id, "unexpected node-link frame"),
                     },
                     Some(Ok(_)) => {}
@@ -214,6 +257,7 @@ async fn serve(
             }
             view.lock().expect("peer view lock").connected = false;
             tracing::warn!(peer = %config.peer_id, "node link down");
+            inbound.peer_lost();
         });
     }
 }
@@ -221,7 +265,7 @@ async fn serve(
 async fn dial(
     config: Arc<LinkConfig>,
     local: Arc<dyn LocalView>,
-    mut outbox: tokio::sync::mpsc::UnboundedReceiver<PeerCommand>,
+    mut outbox: tokio::sync::mpsc::UnboundedReceiver<LinkFrame>,
     shutdown: CancellationToken,
 ) {
     let url = format!("ws://{}/link", config.peer_link);
@@ -259,14 +303,17 @@ async fn dial(
                             }
                         }
                     }
-                    command = outbox.recv() => match command {
-                        Some(command) => ok = ws.send(encode(&LinkFrame::Command { command })).await.is_ok(),
+                    frame = outbox.recv() => match frame {
+                        Some(frame) => ok = ws.send(encode(&frame)).await.is_ok(),
                         None => return,
                     },
                     _ = shutdown.cancelled() => { let _ = ws.close(None).await; return; }
                 }
             }
         }
+        // Whatever was queued for a link that is gone is stale now (forwarded client frames are
+        // resent by their clients; admin requests are answered by the node that got them).
+        while outbox.try_recv().is_ok() {}
         // Peer not there (yet): try again after one heartbeat interval.
         tokio::select! {
             _ = tokio::time::sleep(config.heartbeat) => {}

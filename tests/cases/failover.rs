@@ -533,3 +533,35 @@ pub async fn fallback_racing_a_second_failover(db: &TestDb) {
     let history = traffic.finish().await;
     check_history(db, &rooms, &history).await;
 }
+
+/// Forwarding over the node link: clients on 1b join, read and post in rooms hosted by 1a
+/// (beside clients on 1a in the same rooms), and everyone sees one order. Then 1a is killed:
+/// the forwarding sessions are told `goaway`, resume on 1b, and find the rooms taken over.
+pub async fn clients_on_the_peer_use_rooms_over_the_link(db: &TestDb) {
+    let mut pair = start_pair(db).await;
+    let rooms = create_rooms(&pair, 2).await;
+    let on_a = Traffic::start(vec![pair.url(0), pair.url(1)], &rooms, 2).await;
+    let on_b = Traffic::start(vec![pair.url(1), pair.url(0)], &rooms, 2).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(on_b.acked_count() > 0, "clients on 1b got no ack for rooms hosted by 1a");
+    assert_eq!(hosted(db, "1b").await, 0, "forwarding must not move rooms");
+
+    // History through the peer.
+    let (reader, _) = Client::connect(&pair.url(1), Login::guest("reader")).await.expect("reader on 1b");
+    let page = reader.history(rooms[0].as_str(), None, None, Some(10)).await.expect("history of a room on 1a, asked on 1b");
+    assert!(!page.messages.is_empty(), "history over the link is empty");
+    reader.close().await;
+
+    let killed = Instant::now();
+    pair.kill(0);
+    pair.await_state(1, "running_in_backup_mode", DEADLINE).await;
+    on_b.await_all_rooms_writable(&rooms, killed, DEADLINE).await;
+    on_a.await_all_rooms_writable(&rooms, killed, DEADLINE).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut history = on_a.finish().await;
+    let b = on_b.finish().await;
+    history.acked.extend(b.acked);
+    history.views.extend(b.views);
+    history.abandoned += b.abandoned;
+    check_history(db, &rooms, &history).await;
+}
