@@ -696,7 +696,23 @@ impl Control {
                         if self.inner().config.auto_fallback_after.is_some() { Reason::AutomaticFallback } else { Reason::OnAdminRequest };
                     self.enter(NodeState::TakingBack, reason).await;
                     match self.host(true).await {
-                        Ok(()) => self.enter(NodeState::Normal, reason).await,
+                        Ok(()) => {
+                            // Warm up the rooms that were active on the backup, for the clients
+                            // it is sending here.
+                            let service = format!("@{}", self.inner().router.settings.node.service);
+                            let mine: Vec<String> = self
+                                .r
+                                .link()
+                                .map(|l| l.peer_rooms())
+                                .unwrap_or_default()
+                                .into_iter()
+                                .filter(|r| r.ends_with(&service))
+                                .collect();
+                            let started = Instant::now();
+                            let n = activate_all(&self.inner().registry, mine).await;
+                            tracing::info!(node = %self.me(), activated = n, activate_ms = started.elapsed().as_millis() as u64, "rooms taken back and activated");
+                            self.enter(NodeState::Normal, reason).await
+                        }
                         Err(e) => {
                             tracing::warn!(error = %e, "cannot take the lease back yet");
                             self.enter(NodeState::FailedOver, reason).await;
@@ -838,16 +854,14 @@ impl Control {
     }
 }
 
-/// Activate `rooms` on this node, a bounded number at a time; returns how many came up.
+/// Activate `rooms` on this node in bulk; returns how many were started.
 async fn activate_all(registry: &RoomRegistry, rooms: Vec<String>) -> usize {
-    use futures_util::StreamExt;
-    futures_util::stream::iter(rooms)
-        .map(|room| {
-            let registry = registry.clone();
-            async move { registry.resolve(&crate::protocol::RoomAddr(room)).await.is_ok() }
-        })
-        .buffer_unordered(32)
-        .filter(|ok| std::future::ready(*ok))
-        .count()
-        .await
+    let rooms = rooms.into_iter().map(crate::protocol::RoomAddr).collect();
+    match registry.activate_many(rooms).await {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "bulk activation stopped early; the rest activate on first use");
+            0
+        }
+    }
 }
