@@ -19,6 +19,8 @@ struct Cli {
     command: Option<Command>,
 }
 
+// Parsed once per run: the size difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run a node (with no --config: dev mode, SQLite in ./stoa-data, loopback only).

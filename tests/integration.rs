@@ -52,9 +52,9 @@ macro_rules! case_on_backends {
 /// The harness backend a test-function name stands for.
 #[macro_export]
 macro_rules! backend {
-    (sqlite) => { crate::harness::Backend::Sqlite };
-    (postgres) => { crate::harness::Backend::Postgres };
-    (mysql) => { crate::harness::Backend::MySql };
+    (sqlite) => { $crate::harness::Backend::Sqlite };
+    (postgres) => { $crate::harness::Backend::Postgres };
+    (mysql) => { $crate::harness::Backend::MySql };
 }
 
 /// Cases that run on every backend.

@@ -679,7 +679,8 @@ impl Control {
         let store = &self.inner().store;
         match self.state() {
             NodeState::FailingOver if self.awaiting_takeover => {
-                if fencing::hosted_by(store, self.me()).await? == 0 {
+                let still_hosted = fencing::hosted_by(store, self.me()).await?;
+                if still_hosted == 0 {
                     self.awaiting_takeover = false;
                     self.new_lease().await?;
                     let critical = self.r.services().iter().any(|s| !s.running);
@@ -691,7 +692,8 @@ impl Control {
                 }
             }
             NodeState::FailedOver => {
-                if fencing::hosted_elsewhere(store, self.me()).await? == 0 {
+                let away = fencing::hosted_elsewhere(store, self.me()).await?;
+                if away == 0 {
                     let reason =
                         if self.inner().config.auto_fallback_after.is_some() { Reason::AutomaticFallback } else { Reason::OnAdminRequest };
                     self.enter(NodeState::TakingBack, reason).await;

@@ -73,6 +73,8 @@ async fn run_connection(stream: TcpStream, router: Arc<Router>, shutdown: Cancel
         .max_write_buffer_size(limits.max_frame_bytes * 4 + 65536)
         .max_message_size(Some(limits.max_frame_bytes))
         .max_frame_size(Some(limits.max_frame_bytes));
+    // tungstenite's handshake callback fixes this signature, large error variant and all.
+    #[allow(clippy::result_large_err)]
     let check = move |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
         let refuse = |status: StatusCode, body: &str| {
             let mut r = ErrorResponse::new(Some(body.to_owned()));

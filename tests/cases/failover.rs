@@ -486,9 +486,9 @@ pub async fn no_failover_without_the_link_while_the_store_sees_both(db: &TestDb)
     let rooms = create_rooms(&pair, 2).await;
     let traffic = Traffic::start(vec![pair.url(0)], &rooms, 2).await;
     tokio::time::sleep(Duration::from_millis(3 * 2000)).await; // three lease TTLs
-    for i in 0..2 {
+    for (i, id) in IDS.iter().enumerate() {
         let n = pair.node(i).await;
-        assert_eq!(n["state"], "normal", "node {} changed state without a failure: {n}", IDS[i]);
+        assert_eq!(n["state"], "normal", "node {id} changed state without a failure: {n}");
         assert_eq!(n["link"], Value::Null, "the node must not show a link to itself");
     }
     let topo = pair.call(0, "GET", "/api/topology").await.json();
