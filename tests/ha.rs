@@ -168,3 +168,42 @@ pub async fn peers_see_each_other_over_the_link_and_notice_a_stop(db: &TestDb) {
     assert_eq!(t["peer"]["reachable"], false, "a node with the wrong secret was accepted: {t}");
     drop(impostor);
 }
+
+/// A group with HA off (two nodes, here on one shared store so each can see the other's
+/// rooms): a room of node 2a answers `unavailable` naming 2a to a client on 2b, whether 2a is
+/// up or down (no takeover, no forwarding without HA), and comes back intact when 2a returns.
+pub async fn without_ha_a_down_nodes_rooms_are_unavailable_then_intact(db: &TestDb) {
+    use stoa::config::{GroupSettings, PeerSettings};
+    let settings = |me: &str| {
+        let mut s = db.settings(me);
+        s.node.service = format!("conference-{me}.localhost");
+        let node = |id: &str| PeerSettings {
+            id: id.into(),
+            client: "ws://127.0.0.1:1/ws".into(),
+            link: "127.0.0.1:1".into(),
+            service: format!("conference-{id}.localhost"),
+        };
+        s.cluster.groups = vec![GroupSettings { name: "pair-2".into(), ha: false, nodes: vec![node("2a"), node("2b")] }];
+        s
+    };
+    let room = "ops@conference-2a.localhost";
+    let a = crate::harness::TestNode::start(settings("2a")).await;
+    let mut ann = a.client("ann").await;
+    ann.create(room, serde_json::json!({})).await;
+    ann.join(room, "ann").await;
+    let seq = ann.send_acked(room, "before the outage", "c1").await;
+    a.stop().await;
+
+    let b = crate::harness::TestNode::start(settings("2b")).await;
+    let mut bob = b.client("bob").await;
+    let answer = bob.request(serde_json::json!({"op": "join", "room": room, "nick": "bob"})).await;
+    crate::harness::assert_error(&answer, "unavailable", "a room of a down node without HA");
+    assert!(answer["message"].as_str().unwrap_or("").contains("2a"), "the error names the host: {answer}");
+
+    let a = crate::harness::TestNode::start(settings("2a")).await;
+    let mut ann = a.client("ann").await;
+    ann.join(room, "ann").await;
+    let history = ann.history_all(room).await;
+    assert_eq!(crate::harness::seqs(&history), vec![seq], "the room is back intact: {history:?}");
+    drop(b);
+}

@@ -69,6 +69,7 @@ macro_rules! on_shared_stores {
 
 on_shared_stores! {
     ha::peers_see_each_other_over_the_link_and_notice_a_stop,
+    ha::without_ha_a_down_nodes_rooms_are_unavailable_then_intact,
     failover::kill9_failover_restart_and_fallback_lose_nothing,
     failover::critical_service_stop_fails_over_then_fallback,
 }
