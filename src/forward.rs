@@ -26,6 +26,9 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
+/// How long a request for a room of a peer that looks down waits for the takeover.
+const TAKEOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(8);
+
 /// Both directions of forwarding for one node.
 pub struct Forwarder {
     me: Weak<Forwarder>,
@@ -64,6 +67,16 @@ impl Forwarder {
     /// May a room hosted by `host` be forwarded now?
     pub fn can_forward(&self, host: &NodeId) -> bool {
         *host == self.peer && self.link.get().is_some_and(Link::is_up)
+    }
+
+    /// `host` is the peer and looks down (its link is not up): wait until this node has taken
+    /// over (or the wait is pointless). True if a takeover happened meanwhile.
+    pub async fn await_takeover(&self, host: &NodeId) -> bool {
+        if *host != self.peer || self.link.get().is_some_and(Link::is_up) {
+            return false;
+        }
+        let Some(recovery) = self.recovery.get() else { return false };
+        recovery.await_takeover(TAKEOVER_WAIT).await
     }
 
     /// Does `session` use `room` on the peer?

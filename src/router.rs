@@ -44,10 +44,14 @@ pub struct Router {
     sessions: std::sync::Mutex<std::collections::HashMap<u64, std::sync::Weak<SessionHandle>>>,
     /// Whether logins are taken (off while the `router` service is stopped or the node is
     /// failed over).
-    accepting: std::sync::atomic::AtomicBool,
+    accepting: tokio::sync::watch::Sender<bool>,
     /// Forwarding to the peer over the node link (HA pairs), set once at start-up.
     forwarder: std::sync::OnceLock<std::sync::Weak<crate::forward::Forwarder>>,
 }
+
+/// How long a login waits for a node that does not serve clients yet (it may be taking its
+/// rooms back right now) before it is refused.
+const ACCEPT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Router {
     /// Open client connections right now.
@@ -70,7 +74,7 @@ impl Router {
             next_session: AtomicU64::new(1),
             connections: Default::default(),
             sessions: Default::default(),
-            accepting: std::sync::atomic::AtomicBool::new(true),
+            accepting: tokio::sync::watch::Sender::new(true),
             forwarder: std::sync::OnceLock::new(),
         }
     }
@@ -111,11 +115,17 @@ impl Router {
 
     /// Take logins (again), or refuse them with `unavailable` (clients then try the peer).
     pub fn set_accepting(&self, accepting: bool) {
-        self.accepting.store(accepting, Ordering::Release);
+        self.accepting.send_replace(accepting);
     }
 
     pub fn is_accepting(&self) -> bool {
-        self.accepting.load(Ordering::Acquire)
+        *self.accepting.borrow()
+    }
+
+    /// Wait up to `limit` for logins to be taken; true if they are.
+    async fn await_accepting(&self, limit: std::time::Duration) -> bool {
+        let mut rx = self.accepting.subscribe();
+        matches!(tokio::time::timeout(limit, rx.wait_for(|a| *a)).await, Ok(Ok(_)))
     }
 
     /// Send every logged-in session `goaway` (naming `to`, where to resume) and close it
@@ -271,6 +281,12 @@ impl Connection {
                                     f.forward(&session, &room, text);
                                     Ok(None)
                                 }
+                                // The host looks down: rather than have every client of it
+                                // retry, wait for this node's takeover, then try once more.
+                                (Some(host), Some(f), Some(_)) if f.await_takeover(&host).await => match parse_client_frame(text) {
+                                    Ok(again) => self.request(&session, again).await,
+                                    Err(_) => answer,
+                                },
                                 _ => answer,
                             }
                         }
@@ -303,7 +319,7 @@ impl Connection {
         if v != PROTOCOL_VERSION {
             return err(ErrorCode::BadRequest, format!("unsupported protocol version {v}; this server speaks {PROTOCOL_VERSION}"));
         }
-        if !self.router.is_accepting() {
+        if !self.router.is_accepting() && !self.router.await_accepting(ACCEPT_WAIT).await {
             let peer = self.router.settings.peer().map(|p| p.client.clone());
             return err(
                 ErrorCode::Unavailable,

@@ -162,6 +162,8 @@ struct Inner {
     lease_wanted: AtomicBool,
     link: OnceLock<Link>,
     commands: mpsc::UnboundedSender<Command>,
+    /// Counts the takeovers this node has done (requests for a down peer's rooms wait on it).
+    takeovers: tokio::sync::watch::Sender<u64>,
 }
 
 /// Handle to a running recovery manager.
@@ -218,6 +220,17 @@ impl Recovery {
                 }
             })
             .collect()
+    }
+
+    /// Wait up to `limit` for this node's next takeover (only while it may take over: in
+    /// `normal` or `taking_over`). True if one happened.
+    pub async fn await_takeover(&self, limit: Duration) -> bool {
+        let mut rx = self.inner.takeovers.subscribe();
+        rx.mark_unchanged();
+        if !matches!(self.state(), NodeState::Normal | NodeState::TakingOver | NodeState::FailedOver) {
+            return false;
+        }
+        matches!(tokio::time::timeout(limit, rx.changed()).await, Ok(Ok(())))
     }
 
     /// The node link, once started.
@@ -308,6 +321,7 @@ pub async fn start(
         lease_wanted: AtomicBool::new(true),
         link: OnceLock::new(),
         commands,
+        takeovers: tokio::sync::watch::Sender::new(0),
         config,
         store,
         gate,
@@ -627,6 +641,7 @@ impl Control {
         metrics::histogram!("stoa_ha_takeover_fence_seconds").record(decided.elapsed().as_secs_f64());
         tracing::info!(node = %self.me(), peer = %peer.id, rooms = moved, fence_ms, "peer's rooms fenced and taken over");
         self.enter(NodeState::RunningInBackupMode, Reason::OnPeerDown).await;
+        inner.takeovers.send_modify(|n| *n += 1);
         // Activate what the peer had active, so its clients' rejoins find warm rooms.
         let rooms = self.r.link().map(|l| l.peer_rooms()).unwrap_or_default();
         let started = Instant::now();
