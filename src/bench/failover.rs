@@ -2,8 +2,8 @@
 //!
 //! The bench bulk-inserts R rooms homed on node `1a`, spawns `1a` and `1b` on the given shared
 //! store (PostgreSQL or MySQL/MariaDB), and connects C clients (the `stoa::client` library, which
-//! resumes on the peer by itself), each joined to R / C rooms and sending probes to them round
-//! robin, resending a probe with its `cid` until acked. Each cycle:
+//! resumes on the peer by itself), each joined to R / C rooms, with one prober per room sending a
+//! probe every `--probe-interval` and resending it with its `cid` until acked. Each cycle:
 //!
 //! 1. fault: `kill -9` of `1a` (or `--fault service`: stop its `rooms` critical service);
 //! 2. failover figures: `detect` (fault → `1b` leaves `normal`), per-room fault → first probe
@@ -45,8 +45,10 @@ pub struct FailoverArgs {
     /// Steady probing between phases.
     #[arg(long, value_parser = super::parse_duration, default_value = "2s")]
     pub settle: Duration,
-    /// Pause between two probes of one client.
-    #[arg(long, value_parser = super::parse_duration, default_value = "20ms")]
+    /// Pause between two probes of one room (every room has a prober; probes in flight or
+    /// sent during the outage are acked as soon as their room is writable again, so the
+    /// failover figures are at most this much late).
+    #[arg(long, value_parser = super::parse_duration, default_value = "1s")]
     pub probe_interval: Duration,
 }
 
@@ -211,32 +213,36 @@ pub async fn failover(args: &FailoverArgs, target_args: &TargetArgs) -> anyhow::
     while let Some(joined) = connect.next().await {
         let (c, client, mine) = joined?;
         bar.inc(1);
-        let (probes, stop, rooms, interval) = (probes.clone(), stop.clone(), rooms.clone(), args.probe_interval);
-        tasks.push(tokio::spawn(async move {
-            let mut n = 0usize;
-            while !stop.is_cancelled() {
-                let r = mine[n % mine.len()];
-                n += 1;
-                let cid = new_cid();
-                loop {
-                    match client.send(rooms[r].as_str(), "probe", cid.clone()).await {
-                        Ok(ack) => {
-                            let now = Instant::now();
-                            let mut p = probes.lock().expect("probes lock");
-                            p.acked.push((r, cid.0.clone(), ack.seq));
-                            p.room_acks[r].push(now);
-                            p.client_acks[c].push(now);
-                            break;
+        // One prober per room: a room's probe in flight (or parked while the client resumes)
+        // is acked as soon as that room is writable again, whatever its neighbours do.
+        let client = Arc::new(client);
+        for r in mine {
+            let (probes, stop, rooms, client, interval) = (probes.clone(), stop.clone(), rooms.clone(), client.clone(), args.probe_interval);
+            tasks.push(tokio::spawn(async move {
+                // Spread the probes of all rooms over the interval.
+                tokio::time::sleep(interval.mul_f64(rand::random::<f64>())).await;
+                while !stop.is_cancelled() {
+                    let cid = new_cid();
+                    loop {
+                        match client.send(rooms[r].as_str(), "probe", cid.clone()).await {
+                            Ok(ack) => {
+                                let now = Instant::now();
+                                let mut p = probes.lock().expect("probes lock");
+                                p.acked.push((r, cid.0.clone(), ack.seq));
+                                p.room_acks[r].push(now);
+                                p.client_acks[c].push(now);
+                                break;
+                            }
+                            Err(crate::client::ClientError::Closed) => return client,
+                            Err(_) if stop.is_cancelled() => return client,
+                            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await, // resend pace
                         }
-                        Err(crate::client::ClientError::Closed) => return client,
-                        Err(_) if stop.is_cancelled() => return client,
-                        Err(_) => tokio::time::sleep(Duration::from_millis(20)).await, // resend pace
                     }
+                    tokio::time::sleep(interval).await;
                 }
-                tokio::time::sleep(interval).await;
-            }
-            client
-        }));
+                client
+            }));
+        }
     }
     bar.finish_and_clear();
     drop(connect);
@@ -298,8 +304,14 @@ pub async fn failover(args: &FailoverArgs, target_args: &TargetArgs) -> anyhow::
     }
     .await;
     stop.cancel();
+    let mut clients = Vec::new();
     for t in tasks {
         if let Ok(client) = t.await {
+            clients.push(client);
+        }
+    }
+    for client in clients {
+        if let Ok(client) = Arc::try_unwrap(client) {
             client.close().await;
         }
     }

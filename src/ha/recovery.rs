@@ -563,7 +563,11 @@ impl Control {
             longest
         };
         match (self.state(), down_longest) {
-            (NodeState::Normal, Some(d)) if d >= self.inner().config.service_down_delay && self.peer().is_some() => {
+            // Only to a peer that can take the rooms: with the peer gone too, limping on is
+            // better than going dark.
+            (NodeState::Normal, Some(d))
+                if d >= self.inner().config.service_down_delay && self.peer_status().is_some_and(|p| p.reachable) =>
+            {
                 self.fail_over(Reason::OnCriticalServiceDown).await;
             }
             (NodeState::FailedOverCriticalServicesNotRunning, None) => {
@@ -785,12 +789,20 @@ impl Control {
         let inner = self.inner();
         inner.registry.block_home(&peer.id);
         let handed = inner.registry.hand_off(Some(&peer.id), &peer.client, Duration::from_secs(10)).await;
+        let mut attempts = 0;
         let moved = loop {
             match fencing::hand_back(store, &peer.id, self.me()).await {
                 Ok(n) => break n,
-                Err(e) => {
+                Err(e) if attempts < 50 => {
+                    attempts += 1;
                     tracing::warn!(error = %e, "fallback statement failed; retrying");
                     tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => {
+                    // The rooms never left: serve them here again.
+                    inner.registry.unblock_home(&peer.id);
+                    self.enter(NodeState::RunningInBackupMode, reason).await;
+                    return Err(format!("fallback failed, the rooms stay on {}: {e}", self.me()));
                 }
             }
         };
