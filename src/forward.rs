@@ -26,8 +26,9 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
-/// How long a request for a room of a peer that looks down waits for the takeover.
-const TAKEOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(8);
+/// How long a request for a room of a peer that looks down (or whose `rooms` service is down)
+/// waits for the takeover: more than the default lease TTL plus critical-service delay.
+const TAKEOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(12);
 
 /// Both directions of forwarding for one node.
 pub struct Forwarder {
@@ -58,21 +59,47 @@ impl Forwarder {
         })
     }
 
-    /// Attach the link and the recovery manager (once, at start-up).
+    /// Attach the link and the recovery manager (once, at start-up). After each takeover by
+    /// this node, forwarding is reset: the rooms are local now.
     pub fn attach(&self, link: Link, recovery: Recovery) {
+        let mut takeovers = recovery.takeovers();
         let _ = self.link.set(link);
         let _ = self.recovery.set(recovery);
+        let me = self.me.clone();
+        tokio::spawn(async move {
+            while takeovers.changed().await.is_ok() {
+                match me.upgrade() {
+                    Some(f) => f.reset("this node took over the rooms you used through its peer; resume"),
+                    None => return,
+                }
+            }
+        });
     }
 
-    /// May a room hosted by `host` be forwarded now?
+    /// May a room hosted by `host` be forwarded now (the host is the peer, reachable, and
+    /// serving rooms)?
     pub fn can_forward(&self, host: &NodeId) -> bool {
-        *host == self.peer && self.link.get().is_some_and(Link::is_up)
+        *host == self.peer && self.link.get().is_some_and(|l| {
+            let p = l.peer();
+            p.reachable && p.hosting
+        })
     }
 
-    /// `host` is the peer and looks down (its link is not up): wait until this node has taken
-    /// over (or the wait is pointless). True if a takeover happened meanwhile.
+    /// Drop the peer's virtual connections here and send this node's sessions that use rooms
+    /// on the peer `goaway` naming this node, so they resume cleanly.
+    fn reset(&self, reason: &str) {
+        self.hosted.lock().expect("hosted lock").clear();
+        let sessions: Vec<u64> = self.forwarding.lock().expect("forwarding lock").drain().map(|(id, _)| id).collect();
+        if !sessions.is_empty() {
+            tracing::info!(sessions = sessions.len(), "forwarding reset: sessions with rooms on the peer resume here");
+            self.router.goaway_sessions(&sessions, reason, Some(self.my_url.clone()));
+        }
+    }
+
+    /// `host` is the peer and cannot serve (its link is down, or it does not host rooms now):
+    /// wait until this node has taken over. True if a takeover happened meanwhile.
     pub async fn await_takeover(&self, host: &NodeId) -> bool {
-        if *host != self.peer || self.link.get().is_some_and(Link::is_up) {
+        if *host != self.peer || self.can_forward(host) {
             return false;
         }
         let Some(recovery) = self.recovery.get() else { return false };
@@ -175,11 +202,6 @@ impl Inbound for Forwarder {
     }
 
     fn peer_lost(&self) {
-        self.hosted.lock().expect("hosted lock").clear();
-        let sessions: Vec<u64> = self.forwarding.lock().expect("forwarding lock").drain().map(|(id, _)| id).collect();
-        if !sessions.is_empty() {
-            tracing::info!(sessions = sessions.len(), "node link lost: sessions with rooms on the peer resume here");
-            self.router.goaway_sessions(&sessions, "the node serving some of your rooms went away; resume", Some(self.my_url.clone()));
-        }
+        self.reset("the node serving some of your rooms went away; resume");
     }
 }

@@ -32,7 +32,14 @@ const MISSED_HEARTBEATS: u32 = 3;
 #[serde(tag = "op", rename_all = "snake_case")]
 enum LinkFrame {
     LinkHello { from: String, to: String, ts: i64, mac: String },
-    Heartbeat { from: String, state: NodeState, seq: u64 },
+    Heartbeat {
+        from: String,
+        state: NodeState,
+        seq: u64,
+        /// Whether the sender serves rooms right now (false while its `rooms` service is down).
+        #[serde(default = "yes")]
+        hosting: bool,
+    },
     /// The sender's active rooms (addresses), sent when the set changed.
     Rooms { rooms: Vec<String> },
     /// An admin request for the receiver (it owns the action).
@@ -57,6 +64,10 @@ pub trait Inbound: Send + Sync + 'static {
     fn to_client(&self, session: u64, frame: String);
     /// The peer's link connection closed (it died, restarted, or the network broke).
     fn peer_lost(&self);
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// An admin request one node passes to its peer over the link.
@@ -95,6 +106,8 @@ pub struct PeerStatus {
     pub reachable: bool,
     /// The state the peer last reported.
     pub state: Option<NodeState>,
+    /// Whether the peer serves rooms right now (as of its last heartbeat).
+    pub hosting: bool,
     /// Milliseconds since the last heartbeat, if any arrived.
     pub last_heartbeat_ms_ago: Option<u64>,
     /// The peer's link connection to this node is open (it closes at once when the peer's
@@ -106,6 +119,7 @@ struct PeerView {
     connected: bool,
     last: Option<Instant>,
     state: Option<NodeState>,
+    hosting: bool,
     rooms: Vec<String>,
 }
 
@@ -137,6 +151,7 @@ impl Link {
             id: self.peer_id.clone(),
             reachable: v.connected && fresh,
             state: v.state,
+            hosting: v.hosting,
             last_heartbeat_ms_ago: ago.map(|a| a.as_millis() as u64),
             link_up: v.connected,
         }
@@ -176,6 +191,7 @@ impl Link {
 /// What a node tells its peer about itself, read for every heartbeat.
 pub trait LocalView: Send + Sync + 'static {
     fn state(&self) -> NodeState;
+    fn hosting(&self) -> bool;
     fn active_rooms(&self) -> Vec<String>;
 }
 
@@ -189,7 +205,7 @@ pub fn start(
     inbound: Arc<dyn Inbound>,
     shutdown: CancellationToken,
 ) -> Link {
-    let view = Arc::new(Mutex::new(PeerView { connected: false, last: None, state: None, rooms: Vec::new() }));
+    let view = Arc::new(Mutex::new(PeerView { connected: false, last: None, state: None, hosting: false, rooms: Vec::new() }));
     let (outbox, outbox_rx) = tokio::sync::mpsc::unbounded_channel();
     let link = Link { peer_id: config.peer_id.clone(), heartbeat: config.heartbeat, view: view.clone(), outbox };
     let config = Arc::new(config);
@@ -236,10 +252,11 @@ async fn serve(
                 };
                 match next {
                     Some(Ok(Message::Text(text))) => match serde_json::from_str::<LinkFrame>(text.as_str()) {
-                        Ok(LinkFrame::Heartbeat { state, .. }) => {
+                        Ok(LinkFrame::Heartbeat { state, hosting, .. }) => {
                             let mut v = view.lock().expect("peer view lock");
                             v.last = Some(Instant::now());
                             v.state = Some(state);
+                            v.hosting = hosting;
                         }
                         Ok(LinkFrame::Rooms { rooms }) => view.lock().expect("peer view lock").rooms = rooms,
                         Ok(LinkFrame::Command { command }) => {
@@ -292,7 +309,7 @@ async fn dial(
                     _ = tokio::time::sleep_until(next_beat) => {
                         seq += 1;
                         next_beat += config.heartbeat;
-                        let beat = LinkFrame::Heartbeat { from: config.me.clone(), state: local.state(), seq };
+                        let beat = LinkFrame::Heartbeat { from: config.me.clone(), state: local.state(), seq, hosting: local.hosting() };
                         ok = ws.send(encode(&beat)).await.is_ok();
                         if ok && (seq % ROOMS_EVERY == 1 || sent_rooms.is_none()) {
                             let mut rooms = local.active_rooms();

@@ -222,15 +222,25 @@ impl Recovery {
             .collect()
     }
 
-    /// Wait up to `limit` for this node's next takeover (only while it may take over: in
-    /// `normal` or `taking_over`). True if one happened.
+    /// Wait up to `limit` for this node's next takeover (only while it may take over); true if
+    /// one happened, or if this node already runs in backup mode (the caller's attempt raced
+    /// with the takeover).
     pub async fn await_takeover(&self, limit: Duration) -> bool {
         let mut rx = self.inner.takeovers.subscribe();
         rx.mark_unchanged();
-        if !matches!(self.state(), NodeState::Normal | NodeState::TakingOver | NodeState::FailedOver) {
-            return false;
+        match self.state() {
+            // The takeover finished between the caller's attempt and now: retry at once.
+            NodeState::RunningInBackupMode => true,
+            NodeState::Normal | NodeState::TakingOver | NodeState::FailedOver => {
+                matches!(tokio::time::timeout(limit, rx.changed()).await, Ok(Ok(())))
+            }
+            _ => false,
         }
-        matches!(tokio::time::timeout(limit, rx.changed()).await, Ok(Ok(())))
+    }
+
+    /// Changes whenever this node completes a takeover.
+    pub fn takeovers(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.takeovers.subscribe()
     }
 
     /// The node link, once started.
@@ -268,6 +278,10 @@ impl Recovery {
 impl super::link::LocalView for Recovery {
     fn state(&self) -> NodeState {
         Recovery::state(self)
+    }
+
+    fn hosting(&self) -> bool {
+        self.inner.registry.is_hosting()
     }
 
     fn active_rooms(&self) -> Vec<String> {
