@@ -135,6 +135,11 @@ pub struct StoreSettings {
     pub migrate_on_start: bool,
     /// SQLite: how long a writer waits for the database lock before the write fails.
     pub sqlite_busy_timeout_ms: u64,
+    /// PostgreSQL / MariaDB: the server ends a session of this node that sits in an open
+    /// transaction this long (`idle_in_transaction_session_timeout` /
+    /// `idle_transaction_timeout`). A paused node (SIGSTOP, VM freeze) cannot then hold room
+    /// rows locked against its peer's takeover for longer than this. 0 = off.
+    pub idle_in_transaction_timeout_ms: u64,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -238,6 +243,7 @@ impl Default for StoreSettings {
             sqlite_synchronous: "full".into(),
             migrate_on_start: true,
             sqlite_busy_timeout_ms: 10_000,
+            idle_in_transaction_timeout_ms: 5_000,
         }
     }
 }

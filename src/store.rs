@@ -262,23 +262,34 @@ impl Store {
             };
             (sea_orm::SqlxSqliteConnector::from_sqlx_sqlite_pool(pool), StoreKind::Sqlite)
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            let mut options = sqlx::postgres::PgConnectOptions::from_str(url)?;
+            if settings.idle_in_transaction_timeout_ms > 0 {
+                let ms = settings.idle_in_transaction_timeout_ms.to_string();
+                options = options.options([("idle_in_transaction_session_timeout", ms.as_str())]);
+            }
             let pool = sqlx::postgres::PgPoolOptions::new()
                 .max_connections(max_connections)
                 .acquire_timeout(Duration::from_secs(5))
-                .connect(url)
+                .connect_with(options)
                 .await?;
             (sea_orm::SqlxPostgresConnector::from_sqlx_postgres_pool(pool), StoreKind::Postgres)
         } else if url.starts_with("mysql:") || url.starts_with("mariadb:") {
             let url = url.replacen("mariadb:", "mysql:", 1);
+            // Whole seconds, at least 1 when on.
+            let idle_timeout_s = settings.idle_in_transaction_timeout_ms.div_ceil(1000);
             let pool = sqlx::mysql::MySqlPoolOptions::new()
                 .max_connections(max_connections)
                 .acquire_timeout(Duration::from_secs(5))
-                .after_connect(|conn, _| {
+                .after_connect(move |conn, _| {
                     Box::pin(async move {
                         // The fencing argument (DESIGN.md) is made for READ COMMITTED.
-                        sqlx::Executor::execute(&mut *conn, "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
-                            .await
-                            .map(|_| ())
+                        sqlx::Executor::execute(&mut *conn, "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED").await?;
+                        if idle_timeout_s > 0 {
+                            // MariaDB only (MySQL has no such variable): ignore a refusal.
+                            let set = format!("SET SESSION idle_transaction_timeout = {idle_timeout_s}");
+                            let _ = sqlx::Executor::execute(&mut *conn, sqlx::AssertSqlSafe(set)).await;
+                        }
+                        Ok(())
                     })
                 })
                 .connect(&url)

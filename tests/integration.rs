@@ -72,6 +72,7 @@ on_shared_stores! {
     ha::without_ha_a_down_nodes_rooms_are_unavailable_then_intact,
     failover::kill9_failover_restart_and_fallback_lose_nothing,
     failover::critical_service_stop_fails_over_then_fallback,
+    failover::sigstop_past_the_lease_then_the_node_steps_down,
 }
 
 /// Fault cases that run on PostgreSQL only (the fencing itself is covered on MariaDB above).
@@ -80,7 +81,6 @@ macro_rules! on_postgres {
 }
 
 on_postgres! {
-    failover::sigstop_past_the_lease_then_the_node_steps_down,
     failover::store_connections_killed_lose_nothing,
     failover::no_failover_without_the_link_while_the_store_sees_both,
     failover::fallback_racing_a_second_failover,

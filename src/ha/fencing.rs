@@ -48,14 +48,17 @@ fn stmt(db: DbBackend, sql: &str, values: Vec<sea_orm::Value>) -> Statement {
 pub async fn take_over(store: &Store, failed: &NodeId, me: &NodeId) -> Result<u64, LeaseError> {
     let db = backend(store)?;
     let txn = store.connection().begin().await?;
-    let moved = txn
-        .execute_raw(stmt(
-            db,
-            "UPDATE rooms SET host_node = ?, epoch = epoch + 1 WHERE host_node = ?",
-            vec![me.0.clone().into(), failed.0.clone().into()],
-        ))
-        .await?
-        .rows_affected();
+    // A paused node may hold room rows locked (a commit in flight): do not wait on it for long;
+    // the caller retries, and the server ends such a session after
+    // `store.idle_in_transaction_timeout_ms`.
+    let update = match db {
+        DbBackend::Postgres => {
+            txn.execute_raw(Statement::from_string(db, "SET LOCAL lock_timeout = '2s'")).await?;
+            "UPDATE rooms SET host_node = ?, epoch = epoch + 1 WHERE host_node = ?"
+        }
+        _ => "SET STATEMENT innodb_lock_wait_timeout = 2 FOR UPDATE rooms SET host_node = ?, epoch = epoch + 1 WHERE host_node = ?",
+    };
+    let moved = txn.execute_raw(stmt(db, update, vec![me.0.clone().into(), failed.0.clone().into()])).await?.rows_affected();
     txn.execute_raw(stmt(
         db,
         "UPDATE node_leases SET incarnation = -1, holder = ? WHERE node_id = ?",

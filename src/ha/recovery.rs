@@ -650,7 +650,13 @@ impl Control {
         let moved = match fencing::take_over(&inner.store, &peer.id, self.me()).await {
             Ok(n) => n,
             Err(e) => {
-                tracing::error!(error = %e, "takeover statement failed; will retry");
+                // Nothing moved (the statement is one transaction): back to where we were, and
+                // the next check tries again.
+                tracing::warn!(error = %e, "takeover statement failed; will retry");
+                if !was.hosts_rooms() {
+                    self.host(false).await.ok();
+                }
+                self.enter(was, Reason::OnPeerDown).await;
                 return;
             }
         };

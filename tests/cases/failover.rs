@@ -61,7 +61,7 @@ impl Pair {
             let text = format!(
                 "[node]\nid = \"{id}\"\nservice = \"conference-{id}.localhost\"\ndata_dir = \"{data}\"\n\n\
                  [listen]\nclient = \"127.0.0.1:{c}\"\nadmin = \"127.0.0.1:{a}\"\n\n\
-                 [store]\nurl = \"{url}\"\nmax_connections = 8\n\n\
+                 [store]\nurl = \"{url}\"\nmax_connections = 8\nidle_in_transaction_timeout_ms = 2000\n\n\
                  [auth]\nallow_guests = true\n\n[log]\nlevel = \"info\"\n\n\
                  [cluster]\nsecret = \"{SECRET}\"\nlease_ttl_ms = 2000\nlease_renew_ms = 200\nheartbeat_ms = 100\n\
                  critical_service_down_delay_ms = 1000\n\n\
