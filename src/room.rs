@@ -7,6 +7,7 @@
 //! ack the senders and fan the messages out; a failed commit acks nobody and shows nothing.
 //! Every frame for a client is pushed to that client's session queue, in order.
 
+pub mod plugin;
 pub mod state;
 
 use crate::committer::{CommitError, Committer};
@@ -50,6 +51,9 @@ pub enum RoomError {
     /// Unexpected fault; details are logged, not sent.
     #[error("{0}")]
     Internal(String),
+    /// A plugin refused the request (the reason is the plugin's).
+    #[error("{0}")]
+    Rejected(String),
 }
 
 impl RoomError {
@@ -63,6 +67,7 @@ impl RoomError {
             RoomError::BadRequest(_) => ErrorCode::BadRequest,
             RoomError::Unavailable(_) | RoomError::Passivating => ErrorCode::Unavailable,
             RoomError::Internal(_) => ErrorCode::Internal,
+            RoomError::Rejected(_) => ErrorCode::Rejected,
         }
     }
 
@@ -164,6 +169,8 @@ pub struct Room {
     occupants: HashMap<u64, Arc<SessionHandle>>,
     passivating: bool,
     activity: Activity,
+    /// Plugins of this room and the posts waiting for their decisions.
+    hooks: plugin::RoomHooks,
     deps: Arc<RoomDeps>,
 }
 
@@ -175,6 +182,8 @@ pub struct RoomDeps {
     pub limits: RoomLimits,
     /// The I/O runtime: store reads run there, never on an arbiter thread.
     pub io: tokio::runtime::Handle,
+    /// The node's plugin host (`None`: no plugin runs on this node).
+    pub plugins: Option<crate::plugin::PluginHost>,
 }
 
 impl Room {
@@ -204,6 +213,7 @@ impl Room {
             occupants: HashMap::new(),
             passivating: false,
             activity,
+            hooks: Default::default(),
             deps,
         }
     }
@@ -407,6 +417,7 @@ impl Room {
     fn fail_all(&mut self, code: ErrorCode, message: &str) {
         let mut posts: Vec<PendingPost> = self.in_flight.drain(..).flatten().collect();
         posts.extend(self.queue.drain(..));
+        posts.extend(self.hooks.drain_posts());
         self.fail_posts(posts, code, message);
     }
 
@@ -552,6 +563,7 @@ impl Room {
             };
             session.send(&frame);
             self.broadcast_frame(&frame);
+            self.plugins_left(&session.user, &nick);
             self.touch();
             if self.occupants.is_empty() {
                 // An empty room may stay loaded for a long time: give back the tables.
@@ -567,6 +579,7 @@ impl Actor for Room {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(1024);
+        self.start_plugins(ctx);
     }
 }
 
@@ -583,7 +596,7 @@ impl Handler<PassivateIfIdle> for Room {
 
     fn handle(&mut self, msg: PassivateIfIdle, ctx: &mut Context<Self>) {
         let idle_ms = crate::registry::monotonic_ms().saturating_sub(self.activity.load(std::sync::atomic::Ordering::Relaxed));
-        let idle = self.occupants.is_empty() && self.queue.is_empty() && self.in_flight.is_empty() && !self.resyncing;
+        let idle = self.occupants.is_empty() && self.queue.is_empty() && self.in_flight.is_empty() && self.hooks.len() == 0 && !self.resyncing;
         if idle && idle_ms >= msg.after.as_millis() as u64 && !self.passivating {
             self.passivating = true;
             tracing::debug!(room = %self.addr, "passivating idle room");
@@ -727,18 +740,18 @@ impl Handler<Post> for Room {
             session.send(&ServerFrame::Ack { re: msg.re, room: self.addr.clone(), seq, ts, duplicate: true });
             return Ok(());
         }
-        let mut pending = self.in_flight.iter_mut().flatten().chain(self.queue.iter_mut());
+        let mut pending = self.in_flight.iter_mut().flatten().chain(self.queue.iter_mut()).chain(self.hooks.posts_mut());
         if let Some(p) = pending.find(|p| p.message.sender == key.0 && p.message.client_msg_id == key.1) {
             // A resend of a post not yet committed: answer both with the one commit.
             p.waiters.push((session, msg.re));
             return Ok(());
         }
         let (sender, client_msg_id) = key;
-        self.queue.push_back(PendingPost {
+        let post = PendingPost {
             message: NewMessage { sender, nick, body: msg.body, client_msg_id, created_at: now_ms() },
             waiters: vec![(session, msg.re)],
-        });
-        self.flush(ctx);
+        };
+        self.enqueue_post(post, false, ctx);
         Ok(())
     }
 }
@@ -831,10 +844,11 @@ impl Room {
         let fence = self.fence.clone();
         let stored = config.clone();
         let write = self.on_io(async move { store.update_config(&fence, &stored).await });
-        AtomicResponse::new(Box::pin(write.into_actor(self).map(move |result, room, _ctx| {
+        AtomicResponse::new(Box::pin(write.into_actor(self).map(move |result, room, ctx| {
             result?;
             room.state.config = config;
             then(room);
+            room.plugins_config_changed(ctx);
             Ok(())
         })))
     }
@@ -966,7 +980,7 @@ impl Handler<Inspect> for Room {
             host_node: self.fence.host.0.clone(),
             last_seq: self.last_seq,
             occupants: self.occupants.len(),
-            queued: self.queue.len() + self.in_flight.iter().map(Vec::len).sum::<usize>(),
+            queued: self.queue.len() + self.hooks.len() + self.in_flight.iter().map(Vec::len).sum::<usize>(),
             config: self.state.config.public_view(),
         })
     }
