@@ -554,6 +554,7 @@ impl Room {
         if let Some(session) = self.occupants.remove(&session_id) {
             let nick = self.state.occupants.remove(&session_id).map(|s| s.nick).unwrap_or_default();
             session.exited(&self.addr);
+            self.plugins_left(&session.user, &nick);
             let frame = ServerFrame::Presence {
                 room: self.addr.clone(),
                 user: session.user.clone(),
@@ -563,7 +564,6 @@ impl Room {
             };
             session.send(&frame);
             self.broadcast_frame(&frame);
-            self.plugins_left(&session.user, &nick);
             self.touch();
             if self.occupants.is_empty() {
                 // An empty room may stay loaded for a long time: give back the tables.

@@ -96,7 +96,7 @@ on_every_backend! {
     plugins::plugin_state_survives_a_node_restart,
 }
 
-/// Plugin behaviour does not depend on the store: these run on SQLite only.
+// Plugin behaviour does not depend on the store: these run on SQLite only.
 on_backends! {[sqlite]
     plugins::message_hooks_filter_rewrite_and_answer_commands,
     plugins::join_leave_created_and_config_hooks_run,

@@ -11,7 +11,7 @@ wasmtime::component::bindgen!({
     exports: { default: async },
 });
 
-pub use stoa::plugin::types::{Admission, Level, Message, Occupant, RoomCtx, RoomSnapshot, Verdict};
+pub use stoa::plugin::types::{Level, RoomSnapshot};
 
 /// Longest key of `state-set`.
 pub const MAX_STATE_KEY_BYTES: usize = 255;

@@ -200,7 +200,7 @@ impl Worker {
             Lookup::Ready(loaded, policy, calls) => (loaded, policy, calls),
         };
         if self.state.is_none() {
-            match self.load_state().await {
+            match load_state(self.attachment.store.clone(), self.name.clone()).await {
                 Ok(state) => self.state = Some(state),
                 Err(e) => {
                     tracing::warn!(plugin = %self.name, room = %self.attachment.room, error = %e, "plugin state unavailable");
@@ -273,13 +273,6 @@ impl Worker {
         reply.send();
     }
 
-    async fn load_state(&self) -> Result<HashMap<String, String>, crate::store::StoreError> {
-        match &self.attachment.store {
-            Some((store, fence)) => store.plugin_state_load(fence.room, &self.name).await,
-            None => Ok(HashMap::new()),
-        }
-    }
-
     async fn store_state(&mut self, dirty: &HashMap<String, Option<String>>) -> Result<(), crate::store::StoreError> {
         if let Some((store, fence)) = &self.attachment.store {
             store.plugin_state_apply(fence, &self.name, dirty).await?;
@@ -292,6 +285,13 @@ impl Worker {
             };
         }
         Ok(())
+    }
+}
+
+async fn load_state(store: Option<(Store, Fence)>, plugin: Arc<str>) -> Result<HashMap<String, String>, crate::store::StoreError> {
+    match store {
+        Some((store, fence)) => store.plugin_state_load(fence.room, &plugin).await,
+        None => Ok(HashMap::new()),
     }
 }
 

@@ -12,10 +12,11 @@ use super::{PendingPost, Room};
 use crate::plugin::v0_1::{Message, Occupant};
 use crate::plugin::worker::{self, Attachment, JoinDecision, MessageDecision, PluginHandle};
 use crate::plugin::{RoomInfo, RoomLink};
-use crate::protocol::{ErrorCode, RoomAddr, RoomConfig, ServerFrame};
+use crate::protocol::{ErrorCode, RoomAddr, RoomConfig};
 use crate::registry::RoomRegistry;
 use crate::room::RoomError;
 use crate::store::{NewMessage, now_ms};
+use actix::WeakAddr;
 use actix::prelude::*;
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -33,7 +34,7 @@ pub(super) struct RoomHooks {
     next_ticket: u64,
 }
 
-struct Hooked {
+pub(super) struct Hooked {
     ticket: u64,
     post: PendingPost,
     decision: Option<MessageDecision>,
@@ -46,7 +47,7 @@ impl RoomHooks {
     }
 
     /// The waiting posts (to find a resend of one of them).
-    pub(super) fn posts_mut(&mut self) -> impl Iterator<Item = &mut PendingPost> {
+    pub(super) fn posts_mut(&mut self) -> std::iter::Map<std::collections::vec_deque::IterMut<'_, Hooked>, fn(&mut Hooked) -> &mut PendingPost> {
         self.pending.iter_mut().map(|h| &mut h.post)
     }
 

@@ -234,16 +234,17 @@ pub async fn misbehaving_plugins_are_stopped_and_the_room_keeps_working(db: &Tes
     let calm = room("calm");
     bob.create(&calm, json!({})).await;
     bob.join(&calm, "bob").await;
+    // (fault, metric kind, how `last_fault` names it)
     let cases = [
-        ("loop", "deadline"),
-        ("alloc", "memory"),
-        ("recursion", "trap"),
-        ("trap", "trap"),
-        ("huge", "result_size"),
-        ("storm", "host_calls"),
-        ("init", "init"),
+        ("loop", "deadline", "deadline of 100 ms exceeded"),
+        ("alloc", "memory", "memory cap of 33554432 bytes exceeded"),
+        ("recursion", "trap", "trap: "),
+        ("trap", "trap", "trap: wasm trap: wasm `unreachable` instruction executed"),
+        ("huge", "result_size", "result of 4194304 bytes over the limit of 16384"),
+        ("storm", "host_calls", "host-call budget of 1000 exceeded"),
+        ("init", "init", "init failed: misbehave: failing init on purpose"),
     ];
-    for (i, (fault, kind)) in cases.iter().enumerate() {
+    for (i, (fault, kind, named)) in cases.iter().enumerate() {
         let r = room(&format!("bad-{fault}"));
         ann.create(&r, json!({"plugins": [{"name": "misbehave", "config": {"fault": fault}}]})).await;
         ann.join(&r, "ann").await;
@@ -257,13 +258,16 @@ pub async fn misbehaving_plugins_are_stopped_and_the_room_keeps_working(db: &Tes
         assert_eq!(answer["op"], "ack", "{fault}: fail_open stores the message: {answer}");
         // Debug builds, two cores shared with other tests: generous, but far from unbounded.
         assert!(took < Duration::from_secs(5), "{fault}: stopped only after {took:?}");
+        if *fault == "loop" {
+            assert!(took >= Duration::from_millis(100), "the loop ran its full deadline: {took:?}");
+        }
         // The same room serves the next message (the plugin was re-instantiated).
         ann.send_acked(&r, "an ordinary message", "ok").await;
         let info = plugin_info(&node, "misbehave").await;
         let after = info["faults"].as_u64().unwrap();
         let expected = if *fault == "init" { 2 } else { 1 }; // init fails for every call
         assert_eq!(after - before, expected, "{fault}: {info}");
-        assert!(info["last_fault"].as_str().is_some(), "{info}");
+        assert!(info["last_fault"].as_str().is_some_and(|f| f.starts_with(named) && f.ends_with(&format!("(room {r})"))), "{fault}: {info}");
         let metrics = node.admin_json("/api/node").await;
         assert!(metrics["connections"].as_u64().unwrap() >= 2, "{metrics}");
         let prom = http_get(node.admin_addr, "/metrics", None).await.1;
@@ -378,11 +382,17 @@ pub async fn reload_under_traffic_loses_nothing(db: &TestDb) {
             seqs
         }));
     }
-    for _ in 0..5 {
+    // Reload again and again until both senders are done.
+    let mut during_traffic = 0;
+    while !senders.iter().all(|s| s.is_finished()) {
         let (status, body) = admin_post(node.admin_addr, "/api/plugins/word-filter/reload").await;
         assert_eq!(status, 200, "{body}");
-        tokio::time::sleep(Duration::from_millis(30)).await; // spread the reloads over the traffic
+        during_traffic += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await; // spread the reloads over the traffic
     }
+    assert!(during_traffic >= 3, "only {during_traffic} reloads happened during the traffic");
+    let info = plugin_info(&node, "word-filter").await;
+    assert!(info["generation"].as_u64().unwrap() > during_traffic, "{info}");
     let mut all = Vec::new();
     for s in senders {
         all.extend(s.await.expect("sender task"));
