@@ -11,7 +11,7 @@ wasmtime::component::bindgen!({
     exports: { default: async },
 });
 
-pub use stoa::plugin::types::{Level, RoomSnapshot};
+pub use self::stoa::plugin::types::{Level, RoomSnapshot};
 
 /// Longest key of `state-set`.
 pub const MAX_STATE_KEY_BYTES: usize = 255;
@@ -36,9 +36,9 @@ impl PluginCtx {
     }
 }
 
-impl stoa::plugin::types::Host for PluginCtx {}
+impl self::stoa::plugin::types::Host for PluginCtx {}
 
-impl stoa::plugin::host::Host for PluginCtx {
+impl self::stoa::plugin::host::Host for PluginCtx {
     async fn log(&mut self, level: Level, msg: String) -> wasmtime::Result<()> {
         self.host_call()?;
         let msg: String = msg.chars().take(1024).collect();
