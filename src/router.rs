@@ -314,7 +314,8 @@ impl Connection {
                         format!("a connection may occupy at most {} rooms", limits.max_rooms_per_connection),
                     );
                 }
-                room::plugin::check_join(registry, &room, &user, &nick).await.map_err(room_err)?;
+                let check = room::plugin::PluginChain { session: session.id, user: user.clone(), nick: nick.clone(), password: password.clone() };
+                room::plugin::check_join(registry, &room, check).await.map_err(room_err)?;
                 let join = room::Join { session: session.clone(), re: id, nick, since, password };
                 registry.call(&room, join).await.and_then(|r| r).map_err(room_err)?;
                 // `joined` and the replay were queued by the room itself, in order.

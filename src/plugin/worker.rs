@@ -55,13 +55,13 @@ enum Call {
 }
 
 impl Call {
-    fn hook(&self) -> &'static str {
+    fn hook_index(&self) -> usize {
         match self {
-            Call::Message { .. } => "on_message",
-            Call::Join { .. } => "on_join",
-            Call::Leave { .. } => "on_leave",
-            Call::RoomCreated => "on_room_created",
-            Call::ConfigChanged { .. } => "on_config_changed",
+            Call::Message { .. } => 0,
+            Call::Join { .. } => 1,
+            Call::Leave { .. } => 2,
+            Call::RoomCreated => 3,
+            Call::ConfigChanged { .. } => 4,
         }
     }
 
@@ -158,6 +158,12 @@ fn pass_on(message: Message, rewritten: bool, mut rest: Vec<PluginHandle>, reply
 pub fn spawn(host: &PluginHost, name: &str, config: String, attachment: Attachment, rt: &tokio::runtime::Handle) -> PluginHandle {
     let (tx, rx) = mpsc::channel(host.settings().queue_depth);
     let name: Arc<str> = name.into();
+    // Metric handles resolved once per worker, not per call.
+    let counter = |hook: &'static str| metrics::counter!("stoa_plugin_calls_total", "plugin" => name.to_string(), "hook" => hook);
+    let metrics = WorkerMetrics {
+        calls: [counter("on_message"), counter("on_join"), counter("on_leave"), counter("on_room_created"), counter("on_config_changed")],
+        seconds: metrics::histogram!("stoa_plugin_call_seconds", "plugin" => name.to_string()),
+    };
     let worker = Worker {
         host: host.clone(),
         name: name.clone(),
@@ -165,12 +171,20 @@ pub fn spawn(host: &PluginHost, name: &str, config: String, attachment: Attachme
         attachment,
         state: None,
         instance: None,
+        metrics,
     };
     rt.spawn(worker.run(rx));
     PluginHandle { name, config, host: host.clone(), tx }
 }
 
+struct WorkerMetrics {
+    /// `stoa_plugin_calls_total` per hook, in the order of [`Call::hook_index`].
+    calls: [metrics::Counter; 5],
+    seconds: metrics::Histogram,
+}
+
 struct Worker {
+    metrics: WorkerMetrics,
     host: PluginHost,
     name: Arc<str>,
     config: String,
@@ -229,9 +243,8 @@ impl Worker {
             }
         }
         let instance = self.instance.as_mut().expect("instantiated above");
-        let hook = call.hook();
         calls.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("stoa_plugin_calls_total", "plugin" => self.name.to_string(), "hook" => hook).increment(1);
+        self.metrics.calls[call.hook_index()].increment(1);
         let ctx = RoomCtx { room: self.attachment.room.0.clone(), plugin: self.name.to_string() };
         let started = Instant::now();
         let outcome = match call {
@@ -249,7 +262,7 @@ impl Worker {
                 instance.on_config_changed(&ctx, &config).await.map(|_| Reply::None).map_err(|f| (f, Call::RoomCreated))
             }
         };
-        metrics::histogram!("stoa_plugin_call_seconds", "plugin" => self.name.to_string()).record(started.elapsed().as_secs_f64());
+        self.metrics.seconds.record(started.elapsed().as_secs_f64());
         let reply = match outcome {
             Ok(reply) => reply,
             Err((fault, call)) => {

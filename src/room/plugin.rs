@@ -235,16 +235,28 @@ impl Handler<PluginRoomInfo> for Room {
     }
 }
 
-/// The room's plugin chain (for hooks that run outside the actor, like `on-join`).
+/// The room's plugin chain, for `on-join` (which runs outside the actor). The join is checked
+/// against the room's own rules first, so plugins only see joins the room would admit.
 #[derive(Message, Clone)]
 #[rtype(result = "Result<Vec<PluginHandle>, RoomError>")]
-pub struct PluginChain;
+pub struct PluginChain {
+    pub session: u64,
+    pub user: String,
+    pub nick: String,
+    pub password: Option<String>,
+}
 
 impl Handler<PluginChain> for Room {
     type Result = Result<Vec<PluginHandle>, RoomError>;
 
-    fn handle(&mut self, _msg: PluginChain, _ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: PluginChain, _ctx: &mut Context<Self>) -> Self::Result {
         self.check_alive()?;
+        if self.hooks.chain.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.state
+            .check_join(msg.session, &msg.user, &msg.nick, msg.password.as_deref(), self.deps.limits.max_occupants)
+            .map_err(RoomError::from)?;
         Ok(self.hooks.chain.clone())
     }
 }
@@ -266,12 +278,14 @@ impl Handler<PluginRoomCreated> for Room {
     }
 }
 
-/// Run the room's `on-join` hooks for `user` as `nick` (outside the room actor, so a slow
-/// plugin holds up this join only). A denial is [`RoomError::Rejected`].
-pub async fn check_join(registry: &RoomRegistry, room: &RoomAddr, user: &str, nick: &str) -> Result<(), RoomError> {
-    let chain = registry.call(room, PluginChain).await.and_then(|r| r)?;
+/// Run the room's `on-join` hooks for a join (outside the room actor, so a slow plugin holds
+/// up this join only). A denial is [`RoomError::Rejected`]; a join the room itself would refuse
+/// gets the room's error without running any plugin.
+pub async fn check_join(registry: &RoomRegistry, room: &RoomAddr, join: PluginChain) -> Result<(), RoomError> {
+    let (user, nick) = (join.user.clone(), join.nick.clone());
+    let chain = registry.call(room, join).await.and_then(|r| r)?;
     for h in chain {
-        if let JoinDecision::Deny(reason) = h.on_join(Occupant { user: user.to_owned(), nick: nick.to_owned() }).await {
+        if let JoinDecision::Deny(reason) = h.on_join(Occupant { user: user.clone(), nick: nick.clone() }).await {
             return Err(RoomError::Rejected(reason));
         }
     }

@@ -167,6 +167,9 @@ pub async fn join_leave_created_and_config_hooks_run(db: &TestDb) {
     let denied = ann.request(json!({"op": "join", "room": r, "nick": "root"})).await;
     assert_error(&denied, "rejected", "a denied nick");
     assert_eq!(denied["message"], "the nick `root` is not welcome here");
+    // A join the room itself refuses (nick taken) never reaches the plugin: no visit counted.
+    let taken = ann.request(json!({"op": "join", "room": r, "nick": "bob"})).await;
+    assert_error(&taken, "conflict", "a taken nick");
 
     ann.join(&r, "ann").await;
     bot_message(&mut bob, &r, "greeter", |b| b == "welcome ann (visit 1)").await;
