@@ -528,3 +528,52 @@ impl PluginHost {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(dir: &Path) -> PluginHost {
+        PluginHost::new(PluginSettings::default(), dir.to_path_buf(), dir.join("cache"), 16 * 1024).expect("plugin host")
+    }
+
+    #[test]
+    fn plugin_names_are_file_safe() {
+        for ok in ["noop", "word-filter", "rate_limit", "a1"] {
+            assert!(valid_name(ok), "{ok}");
+        }
+        for bad in ["", "Word", "a.b", "../x", "a b", &"x".repeat(65)] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+    }
+
+    /// Missing files, files that are not components and bad names get distinct errors, and
+    /// nothing is registered.
+    #[test]
+    fn bad_loads_are_refused_with_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = host(dir.path());
+        assert!(matches!(host.load("absent"), Err(PluginError::Read { .. })));
+        std::fs::write(dir.path().join("junk.wasm"), b"\0asm\x0d\0\x01\0garbage").unwrap();
+        let err = host.load("junk").unwrap_err();
+        assert!(matches!(err, PluginError::Invalid { .. }), "{err}");
+        assert!(err.to_string().contains("not a valid stoa:plugin@0.1.0 component"), "{err}");
+        assert!(matches!(host.load("../etc/passwd"), Err(PluginError::BadName(_))));
+        assert!(matches!(host.unload("junk"), Err(PluginError::NotLoaded(_))));
+        assert!(host.list().is_empty());
+        assert!(matches!(host.lookup("junk"), Lookup::Missing));
+    }
+
+    #[test]
+    fn limits_that_cannot_work_are_refused() {
+        let mut s = PluginSettings { epoch_tick_ms: 200, ..PluginSettings::default() };
+        assert!(s.check().is_err(), "a tick longer than the deadline");
+        s.epoch_tick_ms = 5;
+        s.check().unwrap();
+        s.enabled.push(EnabledPlugin { name: "Not Valid".into(), config: serde_json::json!({}) });
+        assert!(s.check().unwrap_err().contains("Not Valid"));
+        let s = PluginSettings { policies: [("strict".to_owned(), FailurePolicy::FailClosed)].into(), ..PluginSettings::default() };
+        assert_eq!(s.policy("strict"), FailurePolicy::FailClosed);
+        assert_eq!(s.policy("other"), FailurePolicy::FailOpen);
+    }
+}

@@ -302,3 +302,38 @@ pub async fn room_created(registry: &RoomRegistry, settings: &crate::config::Set
         tracing::warn!(room = %room, error = %e, "on-room-created not run");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plugin::EnabledPlugin;
+    use crate::protocol::RoomPlugin;
+    use serde_json::json;
+
+    /// Node-wide plugins come first; a room entry of the same name replaces its config in
+    /// place; other room entries follow in order; a missing config is `{}`.
+    #[test]
+    fn room_plugins_follow_the_node_wide_ones() {
+        let everywhere = vec![
+            EnabledPlugin { name: "rate-limit".into(), config: json!({"budget": 5}) },
+            EnabledPlugin { name: "word-filter".into(), config: serde_json::Value::Null },
+        ];
+        let config = RoomConfig {
+            plugins: vec![
+                RoomPlugin { name: "greeter".into(), config: json!({}) },
+                RoomPlugin { name: "rate-limit".into(), config: json!({"budget": 1}) },
+            ],
+            ..RoomConfig::default()
+        };
+        let wanted = wanted_plugins(&everywhere, &config);
+        assert_eq!(
+            wanted,
+            vec![
+                ("rate-limit".to_owned(), r#"{"budget":1}"#.to_owned()),
+                ("word-filter".to_owned(), "{}".to_owned()),
+                ("greeter".to_owned(), "{}".to_owned()),
+            ]
+        );
+        assert!(wanted_plugins(&[], &RoomConfig::default()).is_empty());
+    }
+}
