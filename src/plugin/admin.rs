@@ -33,8 +33,8 @@ fn error(status: StatusCode, code: &str, message: String) -> Response {
     (status, Json(json!({"error": code, "message": message}))).into_response()
 }
 
-fn host(state: &AdminState) -> Result<&PluginHost, Response> {
-    state.plugins().ok_or_else(|| error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "this node runs no plugin host".into()))
+fn host(state: &AdminState) -> Result<&PluginHost, Box<Response>> {
+    state.plugins().ok_or_else(|| Box::new(error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "this node runs no plugin host".into())))
 }
 
 fn plugin_error(e: PluginError) -> Response {
@@ -50,7 +50,7 @@ fn plugin_error(e: PluginError) -> Response {
 async fn list(State(state): State<AdminState>) -> Response {
     match host(&state) {
         Ok(h) => Json(json!({"dir": h.dir().display().to_string(), "plugins": h.list()})).into_response(),
-        Err(r) => r,
+        Err(r) => *r,
     }
 }
 
@@ -60,14 +60,14 @@ async fn show(State(state): State<AdminState>, Path(name): Path<String>) -> Resp
             Some(s) => Json(s).into_response(),
             None => plugin_error(PluginError::NotLoaded(name)),
         },
-        Err(r) => r,
+        Err(r) => *r,
     }
 }
 
 async fn load_as(state: AdminState, name: String, must_exist: bool) -> Response {
     let h = match host(&state) {
         Ok(h) => h.clone(),
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     if must_exist && !h.is_loaded(&name) {
         return plugin_error(PluginError::NotLoaded(name));
@@ -101,6 +101,6 @@ async fn unload(State(state): State<AdminState>, Path(name): Path<String>) -> Re
             }
             Err(e) => plugin_error(e),
         },
-        Err(r) => r,
+        Err(r) => *r,
     }
 }
