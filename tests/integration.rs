@@ -94,6 +94,7 @@ on_every_backend! {
 
 on_every_backend! {
     plugins::plugin_state_survives_a_node_restart,
+    plugins::plugin_state_writes_are_fenced,
 }
 
 // Plugin behaviour does not depend on the store: these run on SQLite only.

@@ -436,3 +436,34 @@ pub async fn reload_under_traffic_loses_nothing(db: &TestDb) {
     let last = db.stored_messages(&r).await.pop().unwrap();
     assert_eq!(last.body, "darn, unfiltered now");
 }
+
+/// Plugin state is written under the room's fence: a writer holding an old epoch (or another
+/// node id) is refused with `Fenced` and changes nothing, so after a failover only the new host
+/// writes it; deletes and sets of one call land together.
+pub async fn plugin_state_writes_are_fenced(db: &TestDb) {
+    use std::collections::HashMap;
+    use stoa::store::{Epoch, Fence, NodeId, StoreError};
+    let store = db.store().await;
+    store.migrate().await.expect("migrations");
+    let home = NodeId("n1".into());
+    let row = store
+        .create_room(&stoa::protocol::RoomAddr(room("fenced")), &Default::default(), "ann", &home)
+        .await
+        .expect("creating the room");
+    let fence = Fence { room: row.id, host: home.clone(), epoch: row.epoch };
+    let set = |pairs: &[(&str, Option<&str>)]| -> HashMap<String, Option<String>> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.map(str::to_owned))).collect()
+    };
+    store.plugin_state_apply(&fence, "p", &set(&[("a", Some("1")), ("b", Some("2"))])).await.expect("a fenced write by the host");
+    let stale = Fence { epoch: Epoch(row.epoch.0 + 1), ..fence.clone() };
+    let err = store.plugin_state_apply(&stale, "p", &set(&[("a", Some("stale"))])).await.unwrap_err();
+    assert!(matches!(err, StoreError::Fenced { .. }), "{err}");
+    let other = Fence { host: NodeId("n2".into()), ..fence.clone() };
+    assert!(matches!(store.plugin_state_apply(&other, "p", &set(&[("c", Some("3"))])).await, Err(StoreError::Fenced { .. })));
+    store.plugin_state_apply(&fence, "p", &set(&[("a", None), ("b", Some("22"))])).await.expect("delete + update");
+    let state = store.plugin_state_load(row.id, "p").await.unwrap();
+    assert_eq!(state, HashMap::from([("b".to_owned(), "22".to_owned())]));
+    assert!(store.plugin_state_load(row.id, "other").await.unwrap().is_empty(), "state is per plugin");
+    store.destroy_room(&fence).await.expect("destroying the room");
+    assert!(store.plugin_state_load(row.id, "p").await.unwrap().is_empty(), "destroying a room deletes its plugin state");
+}
