@@ -215,6 +215,8 @@ pub async fn plugin_state_survives_a_node_restart(db: &TestDb) {
         node.stop().await;
     }
     let node = TestNode::start(settings).await;
+    let info = plugin_info(&node, "rate-limit").await;
+    assert_eq!(info["cached"], true, "the second start takes the compiled component from the disk cache: {info}");
     let mut ann = node.client("ann").await;
     let mut bob = node.client("bob").await;
     ann.join(&r, "ann").await;
