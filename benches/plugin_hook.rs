@@ -92,7 +92,7 @@ fn bench(c: &mut Criterion) {
     // The path rooms use: the worker task and its queue (two task hops per call).
     let mt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
     let handle: PluginHandle =
-        worker::spawn(&host, "noop", "{}".into(), Attachment { room: room.clone(), store: None, link: None }, mt.handle());
+        worker::spawn(&host, "noop", "{}".into(), Attachment { room: room.clone(), store: None, link: None, io: None }, worker::Runner::Runtime(mt.handle()));
     let chain = [handle];
     group.bench_function("wasm via worker queue", |b| b.iter(|| mt.block_on(PluginHandle::run_chain(&chain, message.clone()))));
     group.finish();

@@ -4,7 +4,8 @@
 //! (`wit/`). The node compiles each one once (cached on disk by content hash and engine), keeps
 //! an [`InstancePre`](wasmtime::component::InstancePre) per loaded version, and instantiates it
 //! per room and plugin. Every instance is driven by its own worker task ([`worker`]): one call
-//! at a time, fed by a bounded queue, owning its `Store`.
+//! at a time, fed by a bounded queue, owning its `Store`; rooms run their workers on their own
+//! arbiter, which the guest gives back at every epoch tick.
 //!
 //! Limits of one call: a wall-clock deadline enforced by epoch interruption (one ticker thread
 //! per node; the guest yields to the executor on every tick, so it never holds a runtime

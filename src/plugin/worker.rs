@@ -42,6 +42,19 @@ pub struct Attachment {
     /// (benchmarks).
     pub store: Option<(Store, Fence)>,
     pub link: Option<Arc<dyn RoomLink>>,
+    /// Where state reads and writes run (the node's I/O runtime) when the worker itself runs
+    /// on a room's arbiter; `None` = in the worker's own task.
+    pub io: Option<tokio::runtime::Handle>,
+}
+
+/// Where a worker task runs.
+pub enum Runner<'a> {
+    /// On this runtime (benchmarks, tools).
+    Runtime(&'a tokio::runtime::Handle),
+    /// On the current actix arbiter, beside the room that owns it: no thread hop per call.
+    /// The guest yields to the arbiter every epoch tick, so other rooms of the arbiter keep
+    /// being served while it runs (a plugin holds the thread at most one tick at a time).
+    CurrentArbiter,
 }
 
 enum Call {
@@ -155,7 +168,7 @@ fn pass_on(message: Message, rewritten: bool, mut rest: Vec<PluginHandle>, reply
 }
 
 /// Start the worker of plugin `name` for a room, on runtime `rt`.
-pub fn spawn(host: &PluginHost, name: &str, config: String, attachment: Attachment, rt: &tokio::runtime::Handle) -> PluginHandle {
+pub fn spawn(host: &PluginHost, name: &str, config: String, attachment: Attachment, runner: Runner<'_>) -> PluginHandle {
     let (tx, rx) = mpsc::channel(host.settings().queue_depth);
     let name: Arc<str> = name.into();
     // Metric handles resolved once per worker, not per call.
@@ -173,7 +186,10 @@ pub fn spawn(host: &PluginHost, name: &str, config: String, attachment: Attachme
         instance: None,
         metrics,
     };
-    rt.spawn(worker.run(rx));
+    match runner {
+        Runner::Runtime(rt) => drop(rt.spawn(worker.run(rx))),
+        Runner::CurrentArbiter => drop(actix_rt::spawn(worker.run(rx))),
+    }
     PluginHandle { name, config, host: host.clone(), tx }
 }
 
@@ -214,7 +230,7 @@ impl Worker {
             Lookup::Ready(loaded, policy, calls) => (loaded, policy, calls),
         };
         if self.state.is_none() {
-            match load_state(self.attachment.store.clone(), self.name.clone()).await {
+            match on_io(self.attachment.io.as_ref(), load_state(self.attachment.store.clone(), self.name.clone())).await {
                 Ok(state) => self.state = Some(state),
                 Err(e) => {
                     tracing::warn!(plugin = %self.name, room = %self.attachment.room, error = %e, "plugin state unavailable");
@@ -287,8 +303,9 @@ impl Worker {
     }
 
     async fn store_state(&mut self, dirty: &HashMap<String, Option<String>>) -> Result<(), crate::store::StoreError> {
-        if let Some((store, fence)) = &self.attachment.store {
-            store.plugin_state_apply(fence, &self.name, dirty).await?;
+        if let Some((store, fence)) = self.attachment.store.clone() {
+            let (name, changes) = (self.name.clone(), dirty.clone());
+            on_io(self.attachment.io.as_ref(), async move { store.plugin_state_apply(&fence, &name, &changes).await }).await?;
         }
         let state = self.state.get_or_insert_with(HashMap::new);
         for (k, v) in dirty {
@@ -298,6 +315,20 @@ impl Worker {
             };
         }
         Ok(())
+    }
+}
+
+/// Run a store operation on the I/O runtime if one is given (never on an arbiter thread).
+async fn on_io<T: Send + 'static>(
+    io: Option<&tokio::runtime::Handle>,
+    f: impl Future<Output = Result<T, crate::store::StoreError>> + Send + 'static,
+) -> Result<T, crate::store::StoreError> {
+    match io {
+        Some(io) => io
+            .spawn(f)
+            .await
+            .unwrap_or_else(|e| Err(crate::store::StoreError::Db(sea_orm::DbErr::Custom(format!("plugin state task failed: {e}"))))),
+        None => f.await,
     }
 }
 

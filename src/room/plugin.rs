@@ -111,8 +111,9 @@ impl Room {
                         room: self.addr.clone(),
                         store: Some((self.deps.store.clone(), self.fence.clone())),
                         link: Some(link.clone()),
+                        io: Some(self.deps.io.clone()),
                     },
-                    &self.deps.io,
+                    worker::Runner::CurrentArbiter,
                 ),
             })
             .collect();
