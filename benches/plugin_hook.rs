@@ -93,7 +93,7 @@ fn bench(c: &mut Criterion) {
     let mt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
     let handle: PluginHandle =
         worker::spawn(&host, "noop", "{}".into(), Attachment { room: room.clone(), store: None, link: None, io: None }, worker::Runner::Runtime(mt.handle()));
-    let chain = [handle];
+    let chain: worker::Chain = vec![handle].into();
     group.bench_function("wasm via worker queue", |b| b.iter(|| mt.block_on(PluginHandle::run_chain(&chain, message.clone()))));
     group.finish();
 

@@ -58,9 +58,9 @@ pub enum Runner<'a> {
 }
 
 enum Call {
-    /// `rest` are the plugins after this one in the room's chain: the worker hands the message
-    /// on to the next one itself, so every plugin sees a room's messages in arrival order.
-    Message { message: Message, rewritten: bool, rest: Vec<PluginHandle>, reply: oneshot::Sender<MessageDecision> },
+    /// `chain[next..]` are the plugins after this one in the room's chain: the worker hands the
+    /// message on to the next one itself, so every plugin sees a room's messages in arrival order.
+    Message { message: Message, rewritten: bool, chain: Chain, next: usize, reply: oneshot::Sender<MessageDecision> },
     Join { occupant: Occupant, reply: oneshot::Sender<JoinDecision> },
     Leave { occupant: Occupant },
     RoomCreated,
@@ -82,8 +82,8 @@ impl Call {
     fn answer_without(self, name: &str, failed: Option<(FailurePolicy, String)>) {
         let closed = failed.filter(|(p, _)| *p == FailurePolicy::FailClosed).map(|(_, why)| why);
         match self {
-            Call::Message { message, rewritten, rest, reply } => match closed {
-                None => pass_on(message, rewritten, rest, reply),
+            Call::Message { message, rewritten, chain, next, reply } => match closed {
+                None => pass_on(message, rewritten, chain, next, reply),
                 Some(why) => {
                     let _ = reply.send(MessageDecision::Reject(format!("plugin `{name}` could not check this message ({why})")));
                 }
@@ -128,9 +128,9 @@ impl PluginHandle {
     /// Run `on-message` through a room's chain of plugins (`chain[0]` first). The message is
     /// queued at once, so calls made in arrival order are served in arrival order by every
     /// plugin of the chain; the decision comes when the last plugin is done or one rejects.
-    pub fn run_chain(chain: &[PluginHandle], message: Message) -> impl Future<Output = MessageDecision> + Send + 'static {
+    pub fn run_chain(chain: &Chain, message: Message) -> impl Future<Output = MessageDecision> + Send + 'static {
         let (reply, rx) = oneshot::channel();
-        pass_on(message, false, chain.to_vec(), reply);
+        pass_on(message, false, chain.clone(), 0, reply);
         async move { rx.await.unwrap_or(MessageDecision::Accept) }
     }
 
@@ -158,14 +158,16 @@ impl PluginHandle {
 }
 
 /// Hand a message to the next plugin of its chain, or answer if none is left.
-fn pass_on(message: Message, rewritten: bool, mut rest: Vec<PluginHandle>, reply: oneshot::Sender<MessageDecision>) {
-    if rest.is_empty() {
+fn pass_on(message: Message, rewritten: bool, chain: Chain, next: usize, reply: oneshot::Sender<MessageDecision>) {
+    let Some(handle) = chain.get(next) else {
         let _ = reply.send(if rewritten { MessageDecision::Rewrite(message.body) } else { MessageDecision::Accept });
         return;
-    }
-    let next = rest.remove(0);
-    next.enqueue(Call::Message { message, rewritten, rest, reply });
+    };
+    handle.enqueue(Call::Message { message, rewritten, chain: chain.clone(), next: next + 1, reply });
 }
+
+/// A room's plugins in order, shared by every message on its way through them.
+pub type Chain = Arc<[PluginHandle]>;
 
 /// Start the worker of plugin `name` for a room, on runtime `rt`.
 pub fn spawn(host: &PluginHost, name: &str, config: String, attachment: Attachment, runner: Runner<'_>) -> PluginHandle {
@@ -178,6 +180,7 @@ pub fn spawn(host: &PluginHost, name: &str, config: String, attachment: Attachme
         seconds: metrics::histogram!("stoa_plugin_call_seconds", "plugin" => name.to_string()),
     };
     let worker = Worker {
+        ctx: RoomCtx { room: attachment.room.0.clone(), plugin: name.to_string() },
         host: host.clone(),
         name: name.clone(),
         config: config.clone(),
@@ -200,6 +203,8 @@ struct WorkerMetrics {
 }
 
 struct Worker {
+    /// What every hook is told about where it runs.
+    ctx: RoomCtx,
     metrics: WorkerMetrics,
     host: PluginHost,
     name: Arc<str>,
@@ -261,21 +266,21 @@ impl Worker {
         let instance = self.instance.as_mut().expect("instantiated above");
         calls.fetch_add(1, Ordering::Relaxed);
         self.metrics.calls[call.hook_index()].increment(1);
-        let ctx = RoomCtx { room: self.attachment.room.0.clone(), plugin: self.name.to_string() };
+        let ctx = &self.ctx;
         let started = Instant::now();
         let outcome = match call {
-            Call::Message { message, rewritten, rest, reply } => match instance.on_message(&ctx, &message).await {
-                Ok(v) => Ok(Reply::Message { message, rewritten, rest, reply, verdict: v }),
-                Err(f) => Err((f, Call::Message { message, rewritten, rest, reply })),
+            Call::Message { message, rewritten, chain, next, reply } => match instance.on_message(ctx, &message).await {
+                Ok(v) => Ok(Reply::Message { message, rewritten, chain, next, reply, verdict: v }),
+                Err(f) => Err((f, Call::Message { message, rewritten, chain, next, reply })),
             },
-            Call::Join { occupant, reply } => match instance.on_join(&ctx, &occupant).await {
+            Call::Join { occupant, reply } => match instance.on_join(ctx, &occupant).await {
                 Ok(a) => Ok(Reply::Join(reply, a)),
                 Err(f) => Err((f, Call::Join { occupant, reply })),
             },
-            Call::Leave { occupant } => instance.on_leave(&ctx, &occupant).await.map(|_| Reply::None).map_err(|f| (f, Call::RoomCreated)),
-            Call::RoomCreated => instance.on_room_created(&ctx).await.map(|_| Reply::None).map_err(|f| (f, Call::RoomCreated)),
+            Call::Leave { occupant } => instance.on_leave(ctx, &occupant).await.map(|_| Reply::None).map_err(|f| (f, Call::RoomCreated)),
+            Call::RoomCreated => instance.on_room_created(ctx).await.map(|_| Reply::None).map_err(|f| (f, Call::RoomCreated)),
             Call::ConfigChanged { config } => {
-                instance.on_config_changed(&ctx, &config).await.map(|_| Reply::None).map_err(|f| (f, Call::RoomCreated))
+                instance.on_config_changed(ctx, &config).await.map(|_| Reply::None).map_err(|f| (f, Call::RoomCreated))
             }
         };
         self.metrics.seconds.record(started.elapsed().as_secs_f64());
@@ -341,7 +346,7 @@ async fn load_state(store: Option<(Store, Fence)>, plugin: Arc<str>) -> Result<H
 
 /// A successful call's answer, held until its state is stored.
 enum Reply {
-    Message { message: Message, rewritten: bool, rest: Vec<PluginHandle>, reply: oneshot::Sender<MessageDecision>, verdict: Verdict },
+    Message { message: Message, rewritten: bool, chain: Chain, next: usize, reply: oneshot::Sender<MessageDecision>, verdict: Verdict },
     Join(oneshot::Sender<JoinDecision>, Admission),
     None,
 }
@@ -349,11 +354,11 @@ enum Reply {
 impl Reply {
     fn send(self) {
         match self {
-            Reply::Message { mut message, rewritten, rest, reply, verdict } => match verdict {
-                Verdict::Accept => pass_on(message, rewritten, rest, reply),
+            Reply::Message { mut message, rewritten, chain, next, reply, verdict } => match verdict {
+                Verdict::Accept => pass_on(message, rewritten, chain, next, reply),
                 Verdict::Rewrite(body) => {
                     message.body = body;
-                    pass_on(message, true, rest, reply);
+                    pass_on(message, true, chain, next, reply);
                 }
                 Verdict::Reject(reason) => {
                     let _ = reply.send(MessageDecision::Reject(reason));
@@ -371,7 +376,7 @@ impl Reply {
 
     fn fail(self, name: &str, policy: FailurePolicy, why: &str) {
         let call = match self {
-            Reply::Message { message, rewritten, rest, reply, .. } => Call::Message { message, rewritten, rest, reply },
+            Reply::Message { message, rewritten, chain, next, reply, .. } => Call::Message { message, rewritten, chain, next, reply },
             Reply::Join(reply, _) => Call::Join { occupant: Occupant { user: String::new(), nick: String::new() }, reply },
             Reply::None => return,
         };

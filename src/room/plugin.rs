@@ -10,7 +10,7 @@
 
 use super::{PendingPost, Room};
 use crate::plugin::v0_1::{Message, Occupant};
-use crate::plugin::worker::{self, Attachment, JoinDecision, MessageDecision, PluginHandle};
+use crate::plugin::worker::{self, Attachment, Chain, JoinDecision, MessageDecision, PluginHandle};
 use crate::plugin::{RoomInfo, RoomLink};
 use crate::protocol::{ErrorCode, RoomAddr, RoomConfig};
 use crate::registry::RoomRegistry;
@@ -29,7 +29,7 @@ pub fn bot_sender(plugin: &str) -> String {
 /// A room's plugins and its posts waiting for their decisions.
 #[derive(Default)]
 pub(super) struct RoomHooks {
-    chain: Vec<PluginHandle>,
+    chain: Chain,
     pending: VecDeque<Hooked>,
     next_ticket: u64,
 }
@@ -99,7 +99,7 @@ impl Room {
         }
         let link: Arc<dyn RoomLink> = Arc::new(ActorLink(ctx.address().downgrade()));
         let old = std::mem::take(&mut self.hooks.chain);
-        self.hooks.chain = wanted
+        let chain: Vec<PluginHandle> = wanted
             .into_iter()
             .map(|(name, config)| match old.iter().find(|h| *h.name == *name && h.config == config) {
                 Some(h) => h.clone(),
@@ -117,6 +117,7 @@ impl Room {
                 ),
             })
             .collect();
+        self.hooks.chain = chain.into();
     }
 
     /// Queue a post for the committer, through the room's plugins if it has any. `bot` posts
@@ -172,7 +173,7 @@ impl Room {
 
     /// Tell the plugins someone left.
     pub(super) fn plugins_left(&self, user: &str, nick: &str) {
-        for h in &self.hooks.chain {
+        for h in self.hooks.chain.iter() {
             h.on_leave(Occupant { user: user.to_owned(), nick: nick.to_owned() });
         }
     }
@@ -183,7 +184,7 @@ impl Room {
         let before: Vec<Arc<str>> = self.hooks.chain.iter().map(|h| h.name.clone()).collect();
         self.start_plugins(ctx);
         let view = self.state.config.public_view().to_string();
-        for h in &self.hooks.chain {
+        for h in self.hooks.chain.iter() {
             if before.contains(&h.name) {
                 h.on_config_changed(view.clone());
             }
@@ -258,7 +259,7 @@ impl Handler<PluginChain> for Room {
         self.state
             .check_join(msg.session, &msg.user, &msg.nick, msg.password.as_deref(), self.deps.limits.max_occupants)
             .map_err(RoomError::from)?;
-        Ok(self.hooks.chain.clone())
+        Ok(self.hooks.chain.to_vec())
     }
 }
 
@@ -272,7 +273,7 @@ impl Handler<PluginRoomCreated> for Room {
 
     fn handle(&mut self, _msg: PluginRoomCreated, _ctx: &mut Context<Self>) -> Self::Result {
         self.check_alive()?;
-        for h in &self.hooks.chain {
+        for h in self.hooks.chain.iter() {
             h.on_room_created();
         }
         Ok(())
