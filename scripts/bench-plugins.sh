@@ -27,19 +27,27 @@ run() { # $1 = none | noop, then the bench's arguments
   if [[ "$mode" == noop ]]; then
     extra=(--server-set "plugins.dir=\"$PLUGINS\"" --server-set 'plugins.enabled=[{ name = "noop" }]')
   fi
-  "$STOA" bench throughput --duration "$DURATION" --format json "${extra[@]}" "$@" | python3 -c 'import json,sys; print(json.load(sys.stdin)["committed_per_s"])'
+  # committed/s, server CPU µs per message, cores used by other processes during the run
+  "$STOA" bench throughput --duration "$DURATION" --format json "${extra[@]}" "$@" | python3 -c '
+import json, sys
+d = json.load(sys.stdin)
+rate = d["committed_per_s"]
+print(rate, 1e6 * d["cpu_cores_server"] / rate if rate else 0, d["cpu_cores_other"])'
 }
 
-none=(); noop=()
+none=(); noop=(); ratios=(); cpu=()
 for i in $(seq "$PAIRS"); do
-  a="$(run none "$@")"; b="$(run noop "$@")"
+  read -r a a_us a_other < <(run none "$@")
+  read -r b b_us b_other < <(run noop "$@")
   none+=("$a"); noop+=("$b")
-  printf 'pair %d: none %.0f/s  noop plugin %.0f/s  (%.1f %%)\n' "$i" "$a" "$b" "$(python3 -c "print(100*$b/$a)")"
+  ratios+=("$(python3 -c "print(100*$b/$a)")"); cpu+=("$(python3 -c "print(100*$b_us/$a_us)")")
+  printf 'pair %d: none %.0f/s (%.1f us server CPU/msg, other load %.2f cores)  noop plugin %.0f/s (%.1f us/msg, other %.2f)  throughput %.1f %%  CPU/msg %.1f %%\n' \
+    "$i" "$a" "$a_us" "$a_other" "$b" "$b_us" "$b_other" "${ratios[-1]}" "${cpu[-1]}"
 done
-python3 - "${none[*]}" "${noop[*]}" <<'PY'
+python3 - "${none[*]}" "${noop[*]}" "${ratios[*]}" "${cpu[*]}" <<'PY'
 import statistics, sys
-none = [float(x) for x in sys.argv[1].split()]
-noop = [float(x) for x in sys.argv[2].split()]
+none, noop, ratios, cpu = ([float(x) for x in a.split()] for a in sys.argv[1:5])
 a, b = statistics.median(none), statistics.median(noop)
-print(f"median: none {a:.0f}/s  noop plugin {b:.0f}/s  ratio {100*b/a:.1f} %")
+print(f"medians: none {a:.0f}/s  noop plugin {b:.0f}/s  (ratio of medians {100*b/a:.1f} %)")
+print(f"median of pair ratios: throughput {statistics.median(ratios):.1f} %  server CPU per message {statistics.median(cpu):.1f} %")
 PY
