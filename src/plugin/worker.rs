@@ -60,7 +60,7 @@ pub enum Runner<'a> {
 enum Call {
     /// `chain[next..]` are the plugins after this one in the room's chain: the worker hands the
     /// message on to the next one itself, so every plugin sees a room's messages in arrival order.
-    Message { message: Message, rewritten: bool, chain: Chain, next: usize, reply: oneshot::Sender<MessageDecision> },
+    Message { message: Message, rewritten: bool, chain: Chain, next: usize, reply: DecisionTo },
     Join { occupant: Occupant, reply: oneshot::Sender<JoinDecision> },
     Leave { occupant: Occupant },
     RoomCreated,
@@ -85,7 +85,7 @@ impl Call {
             Call::Message { message, rewritten, chain, next, reply } => match closed {
                 None => pass_on(message, rewritten, chain, next, reply),
                 Some(why) => {
-                    let _ = reply.send(MessageDecision::Reject(format!("plugin `{name}` could not check this message ({why})")));
+                    reply.send(MessageDecision::Reject(format!("plugin `{name}` could not check this message ({why})")));
                 }
             },
             Call::Join { reply, .. } => {
@@ -130,7 +130,7 @@ impl PluginHandle {
     /// plugin of the chain; the decision comes when the last plugin is done or one rejects.
     pub fn run_chain(chain: &Chain, message: Message) -> impl Future<Output = MessageDecision> + Send + 'static {
         let (reply, rx) = oneshot::channel();
-        pass_on(message, false, chain.clone(), 0, reply);
+        pass_on(message, false, chain.clone(), 0, DecisionTo::Oneshot(reply));
         async move { rx.await.unwrap_or(MessageDecision::Accept) }
     }
 
@@ -158,12 +158,39 @@ impl PluginHandle {
 }
 
 /// Hand a message to the next plugin of its chain, or answer if none is left.
-fn pass_on(message: Message, rewritten: bool, chain: Chain, next: usize, reply: oneshot::Sender<MessageDecision>) {
+fn pass_on(message: Message, rewritten: bool, chain: Chain, next: usize, reply: DecisionTo) {
     let Some(handle) = chain.get(next) else {
-        let _ = reply.send(if rewritten { MessageDecision::Rewrite(message.body) } else { MessageDecision::Accept });
+        reply.send(if rewritten { MessageDecision::Rewrite(message.body) } else { MessageDecision::Accept });
         return;
     };
     handle.enqueue(Call::Message { message, rewritten, chain: chain.clone(), next: next + 1, reply });
+}
+
+/// Where the decision on a message goes.
+pub enum DecisionTo {
+    /// To one waiting future.
+    Oneshot(oneshot::Sender<MessageDecision>),
+    /// To the room's one stream of decisions, tagged with the post's ticket: a room with many
+    /// posts in its plugins then has one stream in its actor context, not one future per post.
+    Room { ticket: u64, decisions: mpsc::UnboundedSender<(u64, MessageDecision)> },
+}
+
+impl DecisionTo {
+    fn send(self, decision: MessageDecision) {
+        match self {
+            DecisionTo::Oneshot(tx) => {
+                let _ = tx.send(decision);
+            }
+            DecisionTo::Room { ticket, decisions } => {
+                let _ = decisions.send((ticket, decision));
+            }
+        }
+    }
+}
+
+/// Start a message through `chain`; its decision goes to `to`.
+pub fn start_chain(chain: &Chain, message: Message, to: DecisionTo) {
+    pass_on(message, false, chain.clone(), 0, to);
 }
 
 /// A room's plugins in order, shared by every message on its way through them.
@@ -346,7 +373,7 @@ async fn load_state(store: Option<(Store, Fence)>, plugin: Arc<str>) -> Result<H
 
 /// A successful call's answer, held until its state is stored.
 enum Reply {
-    Message { message: Message, rewritten: bool, chain: Chain, next: usize, reply: oneshot::Sender<MessageDecision>, verdict: Verdict },
+    Message { message: Message, rewritten: bool, chain: Chain, next: usize, reply: DecisionTo, verdict: Verdict },
     Join(oneshot::Sender<JoinDecision>, Admission),
     None,
 }
@@ -361,7 +388,7 @@ impl Reply {
                     pass_on(message, true, chain, next, reply);
                 }
                 Verdict::Reject(reason) => {
-                    let _ = reply.send(MessageDecision::Reject(reason));
+                    reply.send(MessageDecision::Reject(reason));
                 }
             },
             Reply::Join(tx, a) => {

@@ -10,7 +10,7 @@
 
 use super::{PendingPost, Room};
 use crate::plugin::v0_1::{Message, Occupant};
-use crate::plugin::worker::{self, Attachment, Chain, JoinDecision, MessageDecision, PluginHandle};
+use crate::plugin::worker::{self, Attachment, Chain, DecisionTo, JoinDecision, MessageDecision, PluginHandle};
 use crate::plugin::{RoomInfo, RoomLink};
 use crate::protocol::{ErrorCode, RoomAddr, RoomConfig};
 use crate::registry::RoomRegistry;
@@ -32,6 +32,8 @@ pub(super) struct RoomHooks {
     chain: Chain,
     pending: VecDeque<Hooked>,
     next_ticket: u64,
+    /// Where workers send decisions (a stream of the room's actor context), once started.
+    decisions: Option<tokio::sync::mpsc::UnboundedSender<(u64, MessageDecision)>>,
 }
 
 pub(super) struct Hooked {
@@ -97,6 +99,11 @@ impl Room {
         if wanted == current {
             return;
         }
+        if self.hooks.decisions.is_none() {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            ctx.add_stream(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)));
+            self.hooks.decisions = Some(tx);
+        }
         let link: Arc<dyn RoomLink> = Arc::new(ActorLink(ctx.address().downgrade()));
         let old = std::mem::take(&mut self.hooks.chain);
         let chain: Vec<PluginHandle> = wanted
@@ -134,14 +141,15 @@ impl Room {
         if decision.is_none() {
             let m = &post.message;
             let message = Message { sender: m.sender.clone(), nick: m.nick.clone(), body: m.body.clone(), cid: m.client_msg_id.clone() };
-            let decided = PluginHandle::run_chain(&self.hooks.chain, message);
-            ctx.spawn(decided.into_actor(self).map(move |decision, room, ctx| room.hook_decided(ticket, decision, ctx)));
+            let decisions = self.hooks.decisions.clone().expect("started with the chain");
+            worker::start_chain(&self.hooks.chain, message, DecisionTo::Room { ticket, decisions });
         }
         self.hooks.pending.push_back(Hooked { ticket, post, decision });
         self.drain_hooked(ctx);
     }
 
     fn hook_decided(&mut self, ticket: u64, decision: MessageDecision, ctx: &mut Context<Self>) {
+        // Decisions mostly come in order: the post is usually at the head.
         if let Some(h) = self.hooks.pending.iter_mut().find(|h| h.ticket == ticket) {
             h.decision = Some(decision);
         }
@@ -190,6 +198,16 @@ impl Room {
             }
         }
     }
+}
+
+impl StreamHandler<(u64, MessageDecision)> for Room {
+    fn handle(&mut self, (ticket, decision): (u64, MessageDecision), ctx: &mut Context<Self>) {
+        self.hook_decided(ticket, decision, ctx);
+    }
+
+    /// The room holds a sender itself, so the stream never ends while the room lives; never
+    /// stop the room because of it.
+    fn finished(&mut self, _ctx: &mut Context<Self>) {}
 }
 
 /// A plugin's bot posts to the room (host import `send`).
