@@ -1,5 +1,5 @@
 //! The admin HTTP API on its own listener: `/health`, `/api/node`, `/api/rooms`,
-//! `/api/rooms/{room}`, and `/metrics` (Prometheus). Everything but `/health` needs
+//! `/api/rooms/{room}`, `/api/plugins...` (`plugin::admin`), and `/metrics` (Prometheus). Everything but `/health` needs
 //! `Authorization: Bearer <auth.admin_token>` when a token is configured.
 
 use crate::config::Settings;
@@ -49,12 +49,13 @@ pub struct AdminState {
     started: Instant,
     recovery: Option<crate::ha::recovery::Recovery>,
     link: Option<crate::ha::link::Link>,
+    plugins: Option<crate::plugin::PluginHost>,
 }
 
 impl AdminState {
     pub fn new(settings: Arc<Settings>, store: Store, registry: RoomRegistry, router: Arc<ClientRouter>) -> Self {
         prometheus();
-        AdminState { settings, store, registry, router, started: Instant::now(), recovery: None, link: None }
+        AdminState { settings, store, registry, router, started: Instant::now(), recovery: None, link: None, plugins: None }
     }
 
     /// Report this node's recovery manager and node link (nodes in an HA group).
@@ -62,6 +63,17 @@ impl AdminState {
         self.recovery = recovery;
         self.link = link;
         self
+    }
+
+    /// Serve the plugin routes for this node's plugin host.
+    pub fn with_plugins(mut self, plugins: Option<crate::plugin::PluginHost>) -> Self {
+        self.plugins = plugins;
+        self
+    }
+
+    /// The node's plugin host, if it runs one.
+    pub fn plugins(&self) -> Option<&crate::plugin::PluginHost> {
+        self.plugins.as_ref()
     }
 }
 
@@ -78,6 +90,7 @@ pub async fn serve(listener: TcpListener, state: AdminState, shutdown: Cancellat
         .route("/api/nodes/{node}/services/{service}/{action}", post(service))
         .route("/api/audit", get(audit))
         .route("/metrics", get(metrics_text))
+        .merge(crate::plugin::admin::routes())
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     let app = Router::new().route("/health", get(health)).merge(protected).with_state(state);
     let result = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;

@@ -39,6 +39,7 @@ pub struct Settings {
     pub limits: LimitSettings,
     pub log: LogSettings,
     pub cluster: ClusterSettings,
+    pub plugins: crate::plugin::PluginSettings,
 }
 
 /// The cluster topology: redundancy groups (pairs) of nodes. Empty = a standalone node.
@@ -398,6 +399,7 @@ impl Settings {
         if self.limits.outbound_queue == 0 || self.limits.requests_per_second == 0 {
             return invalid("limits.outbound_queue and requests_per_second must be at least 1".into());
         }
+        self.plugins.check().map_err(ConfigError::Invalid)?;
         self.check_cluster()
     }
 

@@ -24,6 +24,8 @@
 //! - [`committer`]: the group committer: many rooms' appends per transaction, answers after commit.
 //! - [`store`]: SeaORM entities, migrations under a lock, the fenced write path (`append_batch`).
 //! - [`auth`]: argon2 users, session tokens, guest login.
+//! - [`plugin`]: Wasm plugins (wasmtime components, WIT `stoa:plugin@0.1.0`): limits, per-room
+//!   workers, fault counting; the room side is `room::plugin` (docs/plugins.md).
 //! - [`admin`]: admin HTTP API (`/health`, `/api/...`, HA verbs, audit log) and Prometheus `/metrics`.
 //! - [`admin_client`]: the small HTTP client behind `stoa admin …`.
 //! - [`client`]: a Rust client library (request/answer matching, reconnect and resume).
@@ -39,6 +41,7 @@ pub mod config;
 pub mod forward;
 pub mod ha;
 pub mod node;
+pub mod plugin;
 pub mod protocol;
 pub mod registry;
 pub mod room;

@@ -41,6 +41,31 @@ enum Command {
     Bench(stoa::bench::BenchArgs),
     /// Talk to a running node's admin API: status, failover, fallback, critical services.
     Admin(AdminArgs),
+    /// Manage the Wasm plugins of a running node (through its admin API; docs/plugins.md).
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+        /// The node's admin address (default: `listen.admin` of the config).
+        #[arg(long, global = true, value_name = "HOST:PORT")]
+        admin: Option<std::net::SocketAddr>,
+        /// Admin bearer token (default: `auth.admin_token` of the config).
+        #[arg(long, global = true, env = "STOA_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// List loaded plugins (or show one) with their calls, faults and state.
+    List { name: Option<String> },
+    /// Load `<plugins.dir>/<name>.wasm` (or replace the loaded version).
+    Load { name: String },
+    /// Swap a loaded plugin for the file's current version, without dropping connections.
+    Reload { name: String },
+    /// Unload a plugin: rooms skip its hooks from their next event on.
+    Unload { name: String },
 }
 
 #[derive(clap::Args)]
@@ -287,6 +312,21 @@ fn main() -> anyhow::Result<()> {
                 })
             }
         },
+        Command::Plugin { command, admin, token, config } => {
+            let settings = load(&config)?;
+            use stoa::plugin::cli::Op;
+            let (op, name) = match command {
+                PluginCommand::List { name } => (Op::List, name),
+                PluginCommand::Load { name } => (Op::Load, Some(name)),
+                PluginCommand::Reload { name } => (Op::Reload, Some(name)),
+                PluginCommand::Unload { name } => (Op::Unload, Some(name)),
+            };
+            let admin = admin.unwrap_or(settings.listen.admin);
+            let token = token.unwrap_or_else(|| settings.auth.admin_token.clone());
+            let answer = runtime()?.block_on(stoa::plugin::cli::run(admin, &token, op, name.as_deref()))?;
+            println!("{}", serde_json::to_string_pretty(&answer)?);
+            Ok(())
+        }
         Command::Bench(args) => {
             let settings = Settings::default();
             init_tracing(&Settings { log: stoa::config::LogSettings { level: "warn".into(), json: false }, ..settings });

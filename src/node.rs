@@ -139,6 +139,10 @@ async fn run(settings: Settings, shutdown: CancellationToken, ready: Ready) -> a
         "group committer started"
     );
 
+    let plugins = crate::plugin::PluginHost::for_node(&settings).context("starting the plugin host")?;
+    tracing::info!(dir = %plugins.dir().display(), loaded = plugins.list().len(), "plugin host started");
+    let plugins = Some(plugins);
+
     let arbiter_count = match settings.rooms.arbiters {
         0 => worker_threads(),
         n => n,
@@ -156,6 +160,7 @@ async fn run(settings: Settings, shutdown: CancellationToken, ready: Ready) -> a
         },
         io: tokio::runtime::Handle::current(),
         peer_client: settings.peer().map(|p| p.client.clone()),
+        plugins: plugins.clone(),
     });
     registry.set_room_deps(&deps);
     registry.start_sweeper(settings.passivate_after(), shutdown.clone());
@@ -218,7 +223,8 @@ async fn run(settings: Settings, shutdown: CancellationToken, ready: Ready) -> a
     let admin_addr = admin_listener.local_addr()?;
     let clients = tokio::spawn(transport::ws::serve(client_listener, router.clone(), shutdown.clone()));
     let admin_state = admin::AdminState::new(settings.clone(), store.clone(), registry.clone(), router.clone())
-        .with_recovery(recovery.as_ref().map(|(r, _)| r.clone()), link);
+        .with_recovery(recovery.as_ref().map(|(r, _)| r.clone()), link)
+        .with_plugins(plugins);
     let admin = tokio::spawn(admin::serve(admin_listener, admin_state, shutdown.clone()));
     tracing::info!(%client_addr, %admin_addr, "listening: clients at ws://{client_addr}/ws, admin at http://{admin_addr}/");
     let _ = ready.send(Ok((client_addr, admin_addr)));

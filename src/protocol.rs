@@ -101,6 +101,22 @@ pub struct RoomConfig {
     pub subject: String,
     /// Kept in the store forever (always true in v1; non-persistent rooms are refused).
     pub persistent: bool,
+    /// Plugins this room runs after the node-wide ones (docs/plugins.md), in order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub plugins: Vec<RoomPlugin>,
+}
+
+/// A plugin enabled on one room, with its JSON config (passed to the plugin's `init`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoomPlugin {
+    pub name: String,
+    #[serde(default = "empty_object")]
+    pub config: serde_json::Value,
+}
+
+fn empty_object() -> serde_json::Value {
+    serde_json::json!({})
 }
 
 impl Default for RoomConfig {
@@ -112,6 +128,7 @@ impl Default for RoomConfig {
             history_on_join: 20,
             subject: String::new(),
             persistent: true,
+            plugins: Vec::new(),
         }
     }
 }
@@ -133,6 +150,9 @@ pub struct RoomConfigPatch {
     pub subject: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub persistent: Option<bool>,
+    /// Replaces the room's plugin list (`[]` removes them all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plugins: Option<Vec<RoomPlugin>>,
 }
 
 impl RoomConfig {
@@ -157,6 +177,9 @@ impl RoomConfig {
         if let Some(v) = patch.persistent {
             c.persistent = v;
         }
+        if let Some(v) = &patch.plugins {
+            c.plugins = v.clone();
+        }
         c
     }
 
@@ -169,6 +192,7 @@ impl RoomConfig {
             "history_on_join": self.history_on_join,
             "subject": self.subject,
             "persistent": self.persistent,
+            "plugins": self.plugins.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
         })
     }
 }
@@ -376,6 +400,8 @@ pub enum ErrorCode {
     Unavailable,
     /// An unexpected server fault; details are in the server log only.
     Internal,
+    /// A plugin refused the message or join (the message says why); nothing was stored.
+    Rejected,
 }
 
 impl ErrorCode {
@@ -390,10 +416,11 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
+            ErrorCode::Rejected => "rejected",
         }
     }
     /// All codes, for metrics and docs.
-    pub const ALL: [ErrorCode; 9] = [
+    pub const ALL: [ErrorCode; 10] = [
         ErrorCode::BadRequest,
         ErrorCode::Unauthorized,
         ErrorCode::Forbidden,
@@ -403,6 +430,7 @@ impl ErrorCode {
         ErrorCode::RateLimited,
         ErrorCode::Unavailable,
         ErrorCode::Internal,
+        ErrorCode::Rejected,
     ];
 }
 

@@ -7,6 +7,7 @@
 //! ack the senders and fan the messages out; a failed commit acks nobody and shows nothing.
 //! Every frame for a client is pushed to that client's session queue, in order.
 
+pub mod plugin;
 pub mod state;
 
 use crate::committer::{CommitError, Committer};
@@ -53,6 +54,9 @@ pub enum RoomError {
     /// Unexpected fault; details are logged, not sent.
     #[error("{0}")]
     Internal(String),
+    /// A plugin refused the request (the reason is the plugin's).
+    #[error("{0}")]
+    Rejected(String),
 }
 
 impl RoomError {
@@ -66,6 +70,7 @@ impl RoomError {
             RoomError::BadRequest(_) => ErrorCode::BadRequest,
             RoomError::Unavailable(_) | RoomError::Passivating | RoomError::HostedBy(_) => ErrorCode::Unavailable,
             RoomError::Internal(_) => ErrorCode::Internal,
+            RoomError::Rejected(_) => ErrorCode::Rejected,
         }
     }
 
@@ -172,6 +177,8 @@ pub struct Room {
     /// occupants `moved` and stop.
     handoff: Option<(String, tokio::sync::oneshot::Sender<bool>)>,
     activity: Activity,
+    /// Plugins of this room and the posts waiting for their decisions.
+    hooks: plugin::RoomHooks,
     deps: Arc<RoomDeps>,
 }
 
@@ -185,6 +192,8 @@ pub struct RoomDeps {
     pub io: tokio::runtime::Handle,
     /// The peer's client address (`host:port`), where a fenced room has most likely gone.
     pub peer_client: Option<String>,
+    /// The node's plugin host (`None`: no plugin runs on this node).
+    pub plugins: Option<crate::plugin::PluginHost>,
 }
 
 impl Room {
@@ -216,6 +225,7 @@ impl Room {
             home: row.home_node,
             handoff: None,
             activity,
+            hooks: Default::default(),
             deps,
         }
     }
@@ -429,6 +439,7 @@ impl Room {
     fn fail_all(&mut self, code: ErrorCode, message: &str) {
         let mut posts: Vec<PendingPost> = self.in_flight.drain(..).flatten().collect();
         posts.extend(self.queue.drain(..));
+        posts.extend(self.hooks.drain_posts());
         self.fail_posts(posts, code, message);
     }
 
@@ -512,7 +523,8 @@ impl Room {
         }
         let Some((to, done)) = self.handoff.take() else { return };
         self.passivating = true;
-        let queued: Vec<PendingPost> = self.queue.drain(..).collect();
+        let mut queued: Vec<PendingPost> = self.queue.drain(..).collect();
+        queued.extend(self.hooks.drain_posts());
         self.fail_posts(queued, ErrorCode::Unavailable, "room is moving to another node; resend with the same cid");
         let frame = ServerFrame::Moved { room: self.addr.clone(), to };
         for session in self.occupants.values() {
@@ -591,6 +603,7 @@ impl Room {
         if let Some(session) = self.occupants.remove(&session_id) {
             let nick = self.state.occupants.remove(&session_id).map(|s| s.nick).unwrap_or_default();
             session.exited(&self.addr);
+            self.plugins_left(&session.user, &nick);
             let frame = ServerFrame::Presence {
                 room: self.addr.clone(),
                 user: session.user.clone(),
@@ -615,6 +628,7 @@ impl Actor for Room {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(1024);
+        self.start_plugins(ctx);
     }
 }
 
@@ -631,7 +645,7 @@ impl Handler<PassivateIfIdle> for Room {
 
     fn handle(&mut self, msg: PassivateIfIdle, ctx: &mut Context<Self>) {
         let idle_ms = crate::registry::monotonic_ms().saturating_sub(self.activity.load(std::sync::atomic::Ordering::Relaxed));
-        let idle = self.occupants.is_empty() && self.queue.is_empty() && self.in_flight.is_empty() && !self.resyncing;
+        let idle = self.occupants.is_empty() && self.queue.is_empty() && self.in_flight.is_empty() && self.hooks.len() == 0 && !self.resyncing;
         if idle && idle_ms >= msg.after.as_millis() as u64 && !self.passivating {
             self.passivating = true;
             tracing::debug!(room = %self.addr, "passivating idle room");
@@ -801,18 +815,18 @@ impl Handler<Post> for Room {
             session.send(&ServerFrame::Ack { re: msg.re, room: self.addr.clone(), seq, ts, duplicate: true });
             return Ok(());
         }
-        let mut pending = self.in_flight.iter_mut().flatten().chain(self.queue.iter_mut());
+        let mut pending = self.in_flight.iter_mut().flatten().chain(self.queue.iter_mut()).chain(self.hooks.posts_mut());
         if let Some(p) = pending.find(|p| p.message.sender == key.0 && p.message.client_msg_id == key.1) {
             // A resend of a post not yet committed: answer both with the one commit.
             p.waiters.push((session, msg.re));
             return Ok(());
         }
         let (sender, client_msg_id) = key;
-        self.queue.push_back(PendingPost {
+        let post = PendingPost {
             message: NewMessage { sender, nick, body: msg.body, client_msg_id, created_at: now_ms() },
             waiters: vec![(session, msg.re)],
-        });
-        self.flush(ctx);
+        };
+        self.enqueue_post(post, false, ctx);
         Ok(())
     }
 }
@@ -905,10 +919,11 @@ impl Room {
         let fence = self.fence.clone();
         let stored = config.clone();
         let write = self.on_io(async move { store.update_config(&fence, &stored).await });
-        AtomicResponse::new(Box::pin(write.into_actor(self).map(move |result, room, _ctx| {
+        AtomicResponse::new(Box::pin(write.into_actor(self).map(move |result, room, ctx| {
             result?;
             room.state.config = config;
             then(room);
+            room.plugins_config_changed(ctx);
             Ok(())
         })))
     }
@@ -1040,7 +1055,7 @@ impl Handler<Inspect> for Room {
             host_node: self.fence.host.0.clone(),
             last_seq: self.last_seq,
             occupants: self.occupants.len(),
-            queued: self.queue.len() + self.in_flight.iter().map(Vec::len).sum::<usize>(),
+            queued: self.queue.len() + self.hooks.len() + self.in_flight.iter().map(Vec::len).sum::<usize>(),
             config: self.state.config.public_view(),
         })
     }

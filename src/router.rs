@@ -446,6 +446,7 @@ impl Connection {
                 let config = RoomConfig::default().patched(&config);
                 registry.create(&room, &config, &user).await.map_err(room_err)?;
                 tracing::info!(room = %room, owner = %user, "room created");
+                room::plugin::room_created(registry, &router.settings, &room, &config).await;
                 Ok(Some(ServerFrame::Created { re: id, room }))
             }
             ClientFrame::Join { id, room, nick, since, password } => {
@@ -457,6 +458,8 @@ impl Connection {
                         format!("a connection may occupy at most {} rooms", limits.max_rooms_per_connection),
                     );
                 }
+                let check = room::plugin::PluginChain { session: session.id, user: user.clone(), nick: nick.clone(), password: password.clone() };
+                room::plugin::check_join(registry, &room, check).await.map_err(|e| self.room_err(e))?;
                 let join = room::Join { session: session.clone(), re: id, nick, since, password };
                 registry.call(&room, join).await.and_then(|r| r).map_err(|e| self.room_err(e))?;
                 // `joined` and the replay were queued by the room itself, in order.

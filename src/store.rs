@@ -7,6 +7,7 @@
 
 pub mod bulk;
 pub mod entity;
+pub mod plugin_state;
 
 use crate::protocol::{Affiliation, RoomAddr, RoomConfig, RoomSummary};
 use entity::{affiliation, message, room, session, user};
@@ -556,6 +557,7 @@ impl Store {
             .filter(affiliation::Column::RoomId.eq(fence.room.0))
             .exec(&txn)
             .await?;
+        self.plugin_state_delete_room(&txn, fence.room).await?;
         room::Entity::delete_by_id(fence.room.0).exec(&txn).await?;
         txn.commit().await?;
         Ok(())

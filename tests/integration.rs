@@ -22,6 +22,8 @@ mod cases {
     pub mod failover;
     #[path = "permission.rs"]
     pub mod permission;
+    #[path = "plugins.rs"]
+    pub mod plugins;
     #[path = "room_life.rs"]
     pub mod room_life;
 }
@@ -106,6 +108,21 @@ on_every_backend! {
     bad_input::slow_consumer_is_disconnected_and_others_are_unaffected,
     admin::admin_api_reports_health_rooms_and_metrics,
     admin::concurrent_migrations_both_succeed,
+}
+
+on_every_backend! {
+    plugins::plugin_state_survives_a_node_restart,
+    plugins::plugin_state_writes_are_fenced,
+}
+
+// Plugin behaviour does not depend on the store: these run on SQLite only.
+on_backends! {[sqlite]
+    plugins::message_hooks_filter_rewrite_and_answer_commands,
+    plugins::join_leave_created_and_config_hooks_run,
+    plugins::misbehaving_plugins_are_stopped_and_the_room_keeps_working,
+    plugins::plugin_is_disabled_after_repeated_faults_and_reload_restores_it,
+    plugins::fail_closed_refuses_what_a_faulting_plugin_could_not_check,
+    plugins::reload_under_traffic_loses_nothing,
 }
 
 /// The short CI version of the benchmarks: `stoa bench` (the real binary, spawning its own

@@ -7,6 +7,7 @@
 pub use sea_orm_migration::prelude::*;
 
 mod m20261125_000001_create_core_tables;
+mod m20261126_000002_plugins;
 mod m20261126_000003_failover;
 
 /// Every migration of the Stoa schema, oldest first.
@@ -17,6 +18,7 @@ impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
         vec![
             Box::new(m20261125_000001_create_core_tables::Migration),
+            Box::new(m20261126_000002_plugins::Migration),
             Box::new(m20261126_000003_failover::Migration),
         ]
     }

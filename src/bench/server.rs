@@ -148,9 +148,10 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-/// A TOML value: numbers and booleans as they are, anything else as a quoted string.
+/// A TOML value: numbers, booleans, arrays and inline tables as they are, anything else as a
+/// quoted string.
 fn toml_literal(v: &str) -> String {
-    if v == "true" || v == "false" || v.parse::<i64>().is_ok() || v.parse::<f64>().is_ok() || v.starts_with('"') {
+    if v == "true" || v == "false" || v.parse::<i64>().is_ok() || v.parse::<f64>().is_ok() || v.starts_with(['"', '[', '{']) {
         v.to_owned()
     } else {
         format!("{v:?}")

@@ -1,0 +1,580 @@
+//! Wasm plugins: sandboxed hooks on room events (docs/plugins.md).
+//!
+//! A plugin is a WebAssembly component for the WIT world `stoa:plugin/room-plugin@0.1.0`
+//! (`wit/`). The node compiles each one once (cached on disk by content hash and engine), keeps
+//! an [`InstancePre`](wasmtime::component::InstancePre) per loaded version, and instantiates it
+//! per room and plugin. Every instance is driven by its own worker task ([`worker`]): one call
+//! at a time, fed by a bounded queue, owning its `Store`; rooms run their workers on their own
+//! arbiter, which the guest gives back at every epoch tick.
+//!
+//! Limits of one call: a wall-clock deadline enforced by epoch interruption (one ticker thread
+//! per node; the guest yields to the executor on every tick, so it never holds a runtime
+//! thread longer than a tick), a linear-memory cap, a stack cap, a host-call budget and a
+//! maximum result size. WASI is linked with an empty context: no files, no network, no
+//! environment, no clocks beyond `now`. A call that breaks a limit or traps is a *fault*: the
+//! instance is dropped (re-instantiated for the next call), the fault is counted, and after
+//! `fault_limit` faults within `fault_window_ms` the plugin is disabled until it is reloaded.
+//! While faulting or disabled, the plugin's failure policy decides the event.
+//!
+//! - [`settings`]: the `[plugins]` section.
+//! - [`admin`] and [`cli`]: the admin API routes and `stoa plugin ...`.
+//! - [`v0_1`]: bindings and host imports of WIT `stoa:plugin@0.1.0`.
+//! - [`instance`]: one instance in one store, with the limits applied to every call.
+//! - [`worker`]: the per-room, per-plugin task and the decisions it hands rooms.
+
+pub mod admin;
+pub mod cli;
+pub mod instance;
+pub mod settings;
+pub mod v0_1;
+pub mod worker;
+
+pub use settings::{EnabledPlugin, FailurePolicy, PluginSettings};
+
+use crate::protocol::RoomAddr;
+use sha2::{Digest, Sha256};
+use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::{Config, Engine};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+/// Errors of loading and managing plugins (calls fail with [`Fault`] instead).
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    /// The name is not `[a-z0-9_-]{1,64}`.
+    #[error("`{0}` is not a valid plugin name (a-z, 0-9, - and _, at most 64 characters)")]
+    BadName(String),
+    /// No `<name>.wasm` in the plugin directory.
+    #[error("plugin `{name}`: cannot read {path}: {source}")]
+    Read { name: String, path: PathBuf, source: std::io::Error },
+    /// The file is not a component of the `stoa:plugin/room-plugin@0.1.0` world.
+    #[error("plugin `{name}` is not a valid stoa:plugin@0.1.0 component: {detail}")]
+    Invalid { name: String, detail: String },
+    /// No plugin of that name is loaded.
+    #[error("no plugin `{0}` is loaded")]
+    NotLoaded(String),
+    /// The wasm engine could not be set up.
+    #[error("wasm engine: {0}")]
+    Engine(String),
+}
+
+/// Why one hook call failed. Every fault is counted against the plugin.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Fault {
+    /// The call ran past `call_deadline_ms`.
+    #[error("deadline of {0} ms exceeded")]
+    Deadline(u64),
+    /// The guest tried to grow its memory past `max_memory_bytes`.
+    #[error("memory cap of {0} bytes exceeded")]
+    Memory(u64),
+    /// The guest made more than `max_host_calls` host calls.
+    #[error("host-call budget of {0} exceeded")]
+    HostCalls(u32),
+    /// A returned string was over `max_result_bytes` (or not a valid body).
+    #[error("result of {got} bytes over the limit of {limit}")]
+    ResultTooLarge { got: usize, limit: usize },
+    /// The guest trapped (unreachable, stack overflow, out-of-bounds access, ...).
+    #[error("trap: {0}")]
+    Trap(String),
+    /// `init` returned an error or the component could not be instantiated.
+    #[error("init failed: {0}")]
+    Init(String),
+}
+
+impl Fault {
+    /// Short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Fault::Deadline(_) => "deadline",
+            Fault::Memory(_) => "memory",
+            Fault::HostCalls(_) => "host_calls",
+            Fault::ResultTooLarge { .. } => "result_size",
+            Fault::Trap(_) => "trap",
+            Fault::Init(_) => "init",
+        }
+    }
+}
+
+/// Is `name` usable as a plugin name (and file name)?
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+/// A room as a plugin's host imports see it: where `send` posts and what `room-info` reads.
+pub trait RoomLink: Send + Sync {
+    /// Queue `body` as a message from the plugin's bot (through the room's write path).
+    fn send(&self, plugin: &str, body: String);
+    /// The room's subject, last seq and occupants (user, nick); `None` if the room is gone.
+    fn info(&self) -> futures_util::future::BoxFuture<'static, Option<RoomInfo>>;
+}
+
+/// What [`RoomLink::info`] reports.
+#[derive(Clone, Debug, Default)]
+pub struct RoomInfo {
+    pub subject: String,
+    pub last_seq: u64,
+    pub occupants: Vec<(String, String)>,
+}
+
+/// Per-call bookkeeping in the store, reset before every call.
+#[derive(Debug, Default)]
+pub struct CallState {
+    pub started: Option<Instant>,
+    pub deadline: Duration,
+    pub deadline_hit: bool,
+    pub host_calls: u32,
+    pub max_host_calls: u32,
+    pub host_calls_exceeded: bool,
+}
+
+/// Caps linear memory and remembers whether the cap was hit (the guest then traps with
+/// `unreachable` when its allocator gives up, which alone would not say why).
+#[derive(Debug)]
+pub struct MemoryCap {
+    pub max_bytes: u64,
+    pub hit: bool,
+}
+
+impl wasmtime::ResourceLimiter for MemoryCap {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired as u64 > self.max_bytes {
+            self.hit = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}
+
+/// The data of one instance's `Store`.
+pub struct PluginCtx {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub(crate) memory: MemoryCap,
+    pub(crate) call: CallState,
+    pub(crate) plugin: Arc<str>,
+    pub(crate) room: RoomAddr,
+    /// This plugin's state in this room (loaded from the store when the worker starts).
+    pub(crate) state: HashMap<String, String>,
+    /// Keys changed by the current call: `None` = deleted. Written after the call returns.
+    pub(crate) dirty: HashMap<String, Option<String>>,
+    pub(crate) link: Option<Arc<dyn RoomLink>>,
+    pub(crate) max_body_bytes: usize,
+}
+
+impl WasiView for PluginCtx {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl PluginCtx {
+    /// Store data for plugin `plugin` serving `room`, with no WASI capabilities at all.
+    pub fn new(plugin: Arc<str>, room: RoomAddr, limits: &PluginSettings, max_body_bytes: usize, link: Option<Arc<dyn RoomLink>>) -> Self {
+        PluginCtx {
+            // Empty: no preopened directories, no sockets, no environment or arguments,
+            // stdin empty, stdout/stderr discarded.
+            wasi: WasiCtx::builder().build(),
+            table: ResourceTable::new(),
+            memory: MemoryCap { max_bytes: limits.max_memory_bytes, hit: false },
+            call: CallState { max_host_calls: limits.max_host_calls, ..Default::default() },
+            plugin,
+            room,
+            state: HashMap::new(),
+            dirty: HashMap::new(),
+            link,
+            max_body_bytes,
+        }
+    }
+}
+
+/// One loaded version of a plugin, ready to instantiate.
+pub struct LoadedPlugin {
+    pub name: Arc<str>,
+    /// Bumped on every load/reload of any plugin: instances compare it before each call.
+    pub generation: u64,
+    pub pre: v0_1::RoomPluginPre<PluginCtx>,
+    /// SHA-256 of the wasm bytes.
+    pub digest: String,
+    pub size: usize,
+    pub path: PathBuf,
+    /// Whether the compiled form came from the disk cache.
+    pub cached: bool,
+}
+
+/// A loaded plugin's bookkeeping.
+struct Entry {
+    loaded: Arc<LoadedPlugin>,
+    faults: VecDeque<Instant>,
+    fault_total: u64,
+    last_fault: Option<String>,
+    disabled: Option<String>,
+    calls: Arc<AtomicU64>,
+}
+
+/// What a worker needs to know about its plugin before a call.
+#[derive(Clone)]
+pub enum Lookup {
+    /// Not loaded (never, or unloaded): the hook is skipped.
+    Missing,
+    /// Disabled after repeated faults: the failure policy decides.
+    Disabled(FailurePolicy),
+    /// Serve the call with this version.
+    Ready(Arc<LoadedPlugin>, FailurePolicy, Arc<AtomicU64>),
+}
+
+/// A plugin as `stoa plugin list` shows it.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct PluginSummary {
+    pub name: String,
+    pub generation: u64,
+    pub digest: String,
+    pub size: usize,
+    pub path: String,
+    pub cached: bool,
+    pub policy: FailurePolicy,
+    pub calls: u64,
+    pub faults: u64,
+    pub recent_faults: usize,
+    pub last_fault: Option<String>,
+    pub disabled: Option<String>,
+}
+
+struct HostInner {
+    engine: Engine,
+    linker: Linker<PluginCtx>,
+    settings: PluginSettings,
+    dir: PathBuf,
+    cache_dir: PathBuf,
+    max_body_bytes: usize,
+    plugins: RwLock<HashMap<String, Entry>>,
+    generation: AtomicU64,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+impl Drop for HostInner {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The node's plugin host: engine, epoch ticker, loaded plugins and their fault windows.
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct PluginHost {
+    inner: Arc<HostInner>,
+}
+
+/// The engine configuration every plugin is compiled for.
+fn engine_config(settings: &PluginSettings) -> Config {
+    let mut config = Config::new();
+    config.wasm_component_model(true);
+    config.epoch_interruption(true);
+    config.max_wasm_stack(settings.max_stack_bytes);
+    // Fibers run the guest; their stack must hold the wasm stack plus host frames.
+    config.async_stack_size(settings.max_stack_bytes + (1 << 20));
+    config
+}
+
+impl PluginHost {
+    /// A host for plugins under `settings` (dirs already resolved against the data dir).
+    /// Starts the epoch ticker thread; it stops when the last clone is dropped.
+    pub fn new(settings: PluginSettings, dir: PathBuf, cache_dir: PathBuf, max_body_bytes: usize) -> Result<PluginHost, PluginError> {
+        settings.check().map_err(PluginError::Engine)?;
+        let engine = Engine::new(&engine_config(&settings)).map_err(|e| PluginError::Engine(format!("{e:#}")))?;
+        let mut linker: Linker<PluginCtx> = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| PluginError::Engine(format!("linking WASI: {e:#}")))?;
+        v0_1::RoomPlugin::add_to_linker::<PluginCtx, wasmtime::component::HasSelf<PluginCtx>>(&mut linker, |c| c)
+            .map_err(|e| PluginError::Engine(format!("linking the host API: {e:#}")))?;
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        {
+            let engine = engine.clone();
+            let stop = ticker_stop.clone();
+            let tick = Duration::from_millis(settings.epoch_tick_ms);
+            std::thread::Builder::new()
+                .name("stoa-plugin-epoch".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(tick);
+                        engine.increment_epoch();
+                    }
+                })
+                .map_err(|e| PluginError::Engine(format!("starting the epoch ticker: {e}")))?;
+        }
+        Ok(PluginHost {
+            inner: Arc::new(HostInner {
+                engine,
+                linker,
+                settings,
+                dir,
+                cache_dir,
+                max_body_bytes,
+                plugins: RwLock::new(HashMap::new()),
+                generation: AtomicU64::new(0),
+                ticker_stop,
+            }),
+        })
+    }
+
+    /// The host for a node: dirs default to `{data_dir}/plugins` and `{data_dir}/plugin-cache`;
+    /// every `*.wasm` in the plugin directory is loaded (failures are logged, not fatal).
+    pub fn for_node(settings: &crate::config::Settings) -> Result<PluginHost, PluginError> {
+        let p = &settings.plugins;
+        let or_data = |dir: &Path, default: &str| if dir.as_os_str().is_empty() { settings.node.data_dir.join(default) } else { dir.to_path_buf() };
+        let host = PluginHost::new(p.clone(), or_data(&p.dir, "plugins"), or_data(&p.cache_dir, "plugin-cache"), settings.limits.max_body_bytes)?;
+        let mut names: Vec<String> = match std::fs::read_dir(&host.inner.dir) {
+            Ok(entries) => entries
+                .filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".wasm")).map(str::to_owned))
+                .filter(|n| valid_name(n))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        names.sort();
+        for name in names {
+            match host.load(&name) {
+                Ok(s) => tracing::info!(plugin = %name, digest = %&s.digest[..12], cached = s.cached, "plugin loaded"),
+                Err(e) => tracing::warn!(plugin = %name, error = %e, "plugin not loaded"),
+            }
+        }
+        for p in &p.enabled {
+            if !host.is_loaded(&p.name) {
+                tracing::warn!(plugin = %p.name, dir = %host.inner.dir.display(), "plugin enabled on every room but not loaded");
+            }
+        }
+        Ok(host)
+    }
+
+    /// The limits every call runs under.
+    pub fn settings(&self) -> &PluginSettings {
+        &self.inner.settings
+    }
+
+    /// Largest message body (what a rewrite and a bot message may be).
+    pub fn max_body_bytes(&self) -> usize {
+        self.inner.max_body_bytes
+    }
+
+    /// The plugins every room runs, before its own.
+    pub fn enabled_everywhere(&self) -> &[EnabledPlugin] {
+        &self.inner.settings.enabled
+    }
+
+    /// The directory `load` reads `<name>.wasm` from.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// The wasm engine (for benches and tests that drive an instance directly).
+    pub fn engine(&self) -> &Engine {
+        &self.inner.engine
+    }
+
+    fn plugins_read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Entry>> {
+        self.inner.plugins.read().expect("plugin table lock poisoned")
+    }
+
+    fn plugins_write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Entry>> {
+        self.inner.plugins.write().expect("plugin table lock poisoned")
+    }
+
+    /// Is a plugin of this name loaded?
+    pub fn is_loaded(&self, name: &str) -> bool {
+        self.plugins_read().contains_key(name)
+    }
+
+    /// Compile a component (or take it from the disk cache) and pre-link it.
+    fn compile(&self, name: &str, path: &Path) -> Result<LoadedPlugin, PluginError> {
+        let bytes = std::fs::read(path).map_err(|source| PluginError::Read { name: name.into(), path: path.to_path_buf(), source })?;
+        let digest = hex::encode(Sha256::digest(&bytes));
+        let mut engine_hash = std::collections::hash_map::DefaultHasher::new();
+        self.inner.engine.precompile_compatibility_hash().hash(&mut engine_hash);
+        let cache_file = self.inner.cache_dir.join(format!("{}-{:016x}.cwasm", &digest[..32], engine_hash.finish()));
+        let invalid = |e: wasmtime::Error| PluginError::Invalid { name: name.into(), detail: format!("{e:#}") };
+        // SAFETY: the cache directory is this node's own; a file there was written by
+        // `Component::serialize` of an engine with the same compatibility hash (it is in the
+        // file name), and wasmtime re-checks version and settings on load.
+        let cached = cache_file.exists().then(|| unsafe { Component::deserialize_file(&self.inner.engine, &cache_file) }).and_then(Result::ok);
+        let was_cached = cached.is_some();
+        let component = match cached {
+            Some(c) => c,
+            None => {
+                let started = Instant::now();
+                let c = Component::new(&self.inner.engine, &bytes).map_err(invalid)?;
+                tracing::info!(plugin = name, ms = started.elapsed().as_millis() as u64, "plugin compiled");
+                if let Ok(serialized) = c.serialize() {
+                    let tmp = cache_file.with_extension(format!("tmp{}", std::process::id()));
+                    let written = std::fs::create_dir_all(&self.inner.cache_dir)
+                        .and_then(|_| std::fs::write(&tmp, serialized))
+                        .and_then(|_| std::fs::rename(&tmp, &cache_file));
+                    if let Err(e) = written {
+                        tracing::warn!(plugin = name, error = %e, "could not cache the compiled plugin");
+                    }
+                }
+                c
+            }
+        };
+        let pre = self.inner.linker.instantiate_pre(&component).map_err(invalid)?;
+        let pre = v0_1::RoomPluginPre::new(pre).map_err(invalid)?;
+        Ok(LoadedPlugin {
+            name: name.into(),
+            generation: self.inner.generation.fetch_add(1, Ordering::Relaxed) + 1,
+            pre,
+            digest,
+            size: bytes.len(),
+            path: path.to_path_buf(),
+            cached: was_cached,
+        })
+    }
+
+    /// Load (or reload) `<dir>/<name>.wasm`. A reload swaps the component for the next call of
+    /// every instance (each re-instantiates and re-runs `init`); queued calls are not lost.
+    /// It also clears the fault window and re-enables a disabled plugin.
+    pub fn load(&self, name: &str) -> Result<PluginSummary, PluginError> {
+        if !valid_name(name) {
+            return Err(PluginError::BadName(name.into()));
+        }
+        let path = self.inner.dir.join(format!("{name}.wasm"));
+        let loaded = Arc::new(self.compile(name, &path)?);
+        let mut plugins = self.plugins_write();
+        let calls = plugins.get(name).map(|e| e.calls.clone()).unwrap_or_default();
+        let fault_total = plugins.get(name).map_or(0, |e| e.fault_total);
+        plugins.insert(
+            name.into(),
+            Entry { loaded, faults: VecDeque::new(), fault_total, last_fault: None, disabled: None, calls },
+        );
+        metrics::gauge!("stoa_plugin_disabled", "plugin" => name.to_owned()).set(0.0);
+        let summary = self.summary(name, &plugins[name]);
+        drop(plugins);
+        Ok(summary)
+    }
+
+    /// Forget a plugin: rooms skip its hooks from their next event on.
+    pub fn unload(&self, name: &str) -> Result<(), PluginError> {
+        match self.plugins_write().remove(name) {
+            Some(_) => Ok(()),
+            None => Err(PluginError::NotLoaded(name.into())),
+        }
+    }
+
+    fn summary(&self, name: &str, e: &Entry) -> PluginSummary {
+        PluginSummary {
+            name: name.into(),
+            generation: e.loaded.generation,
+            digest: e.loaded.digest.clone(),
+            size: e.loaded.size,
+            path: e.loaded.path.display().to_string(),
+            cached: e.loaded.cached,
+            policy: self.inner.settings.policy(name),
+            calls: e.calls.load(Ordering::Relaxed),
+            faults: e.fault_total,
+            recent_faults: e.faults.len(),
+            last_fault: e.last_fault.clone(),
+            disabled: e.disabled.clone(),
+        }
+    }
+
+    /// Every loaded plugin, by name.
+    pub fn list(&self) -> Vec<PluginSummary> {
+        let plugins = self.plugins_read();
+        let mut out: Vec<PluginSummary> = plugins.iter().map(|(n, e)| self.summary(n, e)).collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// One plugin's summary.
+    pub fn get(&self, name: &str) -> Option<PluginSummary> {
+        self.plugins_read().get(name).map(|e| self.summary(name, e))
+    }
+
+    /// What a worker should do with its next call.
+    pub fn lookup(&self, name: &str) -> Lookup {
+        let policy = self.inner.settings.policy(name);
+        match self.plugins_read().get(name) {
+            None => Lookup::Missing,
+            Some(e) if e.disabled.is_some() => Lookup::Disabled(policy),
+            Some(e) => Lookup::Ready(e.loaded.clone(), policy, e.calls.clone()),
+        }
+    }
+
+    /// Count a fault of `generation` of plugin `name`; disables the plugin when the window is
+    /// full. Faults of an older generation (before a reload) still count against the window.
+    pub fn record_fault(&self, name: &str, room: &RoomAddr, fault: &Fault) {
+        metrics::counter!("stoa_plugin_faults_total", "plugin" => name.to_owned(), "kind" => fault.kind()).increment(1);
+        let window = Duration::from_millis(self.inner.settings.fault_window_ms);
+        let limit = self.inner.settings.fault_limit as usize;
+        let mut plugins = self.plugins_write();
+        let Some(entry) = plugins.get_mut(name) else { return };
+        let now = Instant::now();
+        entry.fault_total += 1;
+        entry.last_fault = Some(format!("{fault} (room {room})"));
+        entry.faults.push_back(now);
+        while entry.faults.front().is_some_and(|t| now.duration_since(*t) > window) {
+            entry.faults.pop_front();
+        }
+        tracing::warn!(plugin = name, room = %room, fault = %fault, recent = entry.faults.len(), "plugin fault");
+        if entry.disabled.is_none() && entry.faults.len() >= limit {
+            let why = format!("{} faults within {} ms; last: {fault}", entry.faults.len(), window.as_millis());
+            tracing::error!(plugin = name, reason = %why, "plugin disabled until it is reloaded");
+            metrics::gauge!("stoa_plugin_disabled", "plugin" => name.to_owned()).set(1.0);
+            entry.disabled = Some(why);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(dir: &Path) -> PluginHost {
+        PluginHost::new(PluginSettings::default(), dir.to_path_buf(), dir.join("cache"), 16 * 1024).expect("plugin host")
+    }
+
+    #[test]
+    fn plugin_names_are_file_safe() {
+        for ok in ["noop", "word-filter", "rate_limit", "a1"] {
+            assert!(valid_name(ok), "{ok}");
+        }
+        for bad in ["", "Word", "a.b", "../x", "a b", &"x".repeat(65)] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+    }
+
+    /// Missing files, files that are not components and bad names get distinct errors, and
+    /// nothing is registered.
+    #[test]
+    fn bad_loads_are_refused_with_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = host(dir.path());
+        assert!(matches!(host.load("absent"), Err(PluginError::Read { .. })));
+        std::fs::write(dir.path().join("junk.wasm"), b"\0asm\x0d\0\x01\0garbage").unwrap();
+        let err = host.load("junk").unwrap_err();
+        assert!(matches!(err, PluginError::Invalid { .. }), "{err}");
+        assert!(err.to_string().contains("not a valid stoa:plugin@0.1.0 component"), "{err}");
+        assert!(matches!(host.load("../etc/passwd"), Err(PluginError::BadName(_))));
+        assert!(matches!(host.unload("junk"), Err(PluginError::NotLoaded(_))));
+        assert!(host.list().is_empty());
+        assert!(matches!(host.lookup("junk"), Lookup::Missing));
+    }
+
+    #[test]
+    fn limits_that_cannot_work_are_refused() {
+        let mut s = PluginSettings { epoch_tick_ms: 200, ..PluginSettings::default() };
+        assert!(s.check().is_err(), "a tick longer than the deadline");
+        s.epoch_tick_ms = 5;
+        s.check().unwrap();
+        s.enabled.push(EnabledPlugin { name: "Not Valid".into(), config: serde_json::json!({}) });
+        assert!(s.check().unwrap_err().contains("Not Valid"));
+        let s = PluginSettings { policies: [("strict".to_owned(), FailurePolicy::FailClosed)].into(), ..PluginSettings::default() };
+        assert_eq!(s.policy("strict"), FailurePolicy::FailClosed);
+        assert_eq!(s.policy("other"), FailurePolicy::FailOpen);
+    }
+}

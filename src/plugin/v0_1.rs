@@ -1,0 +1,121 @@
+//! Host side of WIT `stoa:plugin@0.1.0` (`wit/stoa-plugin.wit`): the generated bindings and
+//! the host imports. A future breaking WIT version gets a module of its own beside this one.
+
+use super::{CallState, PluginCtx};
+use std::time::Duration;
+
+wasmtime::component::bindgen!({
+    world: "room-plugin",
+    path: "wit",
+    imports: { default: async | trappable },
+    exports: { default: async },
+});
+
+pub use self::stoa::plugin::types::{Level, RoomSnapshot};
+
+/// Longest key of `state-set`.
+pub const MAX_STATE_KEY_BYTES: usize = 255;
+/// Largest value of `state-set`.
+pub const MAX_STATE_VALUE_BYTES: usize = 64 * 1024;
+/// Most keys one plugin may keep per room.
+pub const MAX_STATE_KEYS: usize = 10_000;
+
+/// How long `room-info` waits for the room actor (it answers at once unless it is stopping).
+const ROOM_INFO_TIMEOUT: Duration = Duration::from_secs(1);
+
+impl PluginCtx {
+    /// Count one host call; past the budget the guest traps.
+    fn host_call(&mut self) -> wasmtime::Result<&mut CallState> {
+        let call = &mut self.call;
+        call.host_calls += 1;
+        if call.host_calls > call.max_host_calls {
+            call.host_calls_exceeded = true;
+            return Err(wasmtime::Error::msg("host-call budget of this hook call exceeded"));
+        }
+        Ok(call)
+    }
+}
+
+impl self::stoa::plugin::types::Host for PluginCtx {}
+
+impl self::stoa::plugin::host::Host for PluginCtx {
+    async fn log(&mut self, level: Level, msg: String) -> wasmtime::Result<()> {
+        self.host_call()?;
+        let msg: String = msg.chars().take(1024).collect();
+        let (plugin, room) = (&*self.plugin, self.room.as_str());
+        match level {
+            Level::Trace => tracing::trace!(target: "stoa::plugin", plugin, room, "{msg}"),
+            Level::Debug => tracing::debug!(target: "stoa::plugin", plugin, room, "{msg}"),
+            Level::Info => tracing::info!(target: "stoa::plugin", plugin, room, "{msg}"),
+            Level::Warn => tracing::warn!(target: "stoa::plugin", plugin, room, "{msg}"),
+            Level::Error => tracing::error!(target: "stoa::plugin", plugin, room, "{msg}"),
+        }
+        Ok(())
+    }
+
+    async fn send(&mut self, room: String, body: String) -> wasmtime::Result<Result<(), String>> {
+        self.host_call()?;
+        if room != self.room.as_str() {
+            return Ok(Err(format!("a plugin may only send to the room of the current event ({})", self.room)));
+        }
+        if body.is_empty() || body.len() > self.max_body_bytes {
+            return Ok(Err(format!("body must be 1 to {} bytes", self.max_body_bytes)));
+        }
+        match &self.link {
+            Some(link) => {
+                link.send(&self.plugin, body);
+                Ok(Ok(()))
+            }
+            None => Ok(Err("this instance is not attached to a room".into())),
+        }
+    }
+
+    async fn state_get(&mut self, key: String) -> wasmtime::Result<Option<String>> {
+        self.host_call()?;
+        Ok(self.state.get(&key).cloned())
+    }
+
+    async fn state_set(&mut self, key: String, value: String) -> wasmtime::Result<Result<(), String>> {
+        self.host_call()?;
+        if key.is_empty() || key.len() > MAX_STATE_KEY_BYTES {
+            return Ok(Err(format!("keys are 1 to {MAX_STATE_KEY_BYTES} bytes")));
+        }
+        if value.len() > MAX_STATE_VALUE_BYTES {
+            return Ok(Err(format!("values are at most {MAX_STATE_VALUE_BYTES} bytes")));
+        }
+        if !self.state.contains_key(&key) && self.state.len() >= MAX_STATE_KEYS {
+            return Ok(Err(format!("at most {MAX_STATE_KEYS} keys per plugin and room")));
+        }
+        self.state.insert(key.clone(), value.clone());
+        self.dirty.insert(key, Some(value));
+        Ok(Ok(()))
+    }
+
+    async fn state_delete(&mut self, key: String) -> wasmtime::Result<()> {
+        self.host_call()?;
+        if self.state.remove(&key).is_some() {
+            self.dirty.insert(key, None);
+        }
+        Ok(())
+    }
+
+    async fn now(&mut self) -> wasmtime::Result<u64> {
+        self.host_call()?;
+        Ok(crate::store::now_ms().max(0) as u64)
+    }
+
+    async fn room_info(&mut self) -> wasmtime::Result<RoomSnapshot> {
+        self.host_call()?;
+        let empty = RoomSnapshot { room: self.room.0.clone(), subject: String::new(), last_seq: 0, occupants: Vec::new() };
+        let Some(link) = self.link.clone() else { return Ok(empty) };
+        match tokio::time::timeout(ROOM_INFO_TIMEOUT, link.info()).await {
+            Ok(Some(info)) => Ok(RoomSnapshot {
+                room: self.room.0.clone(),
+                subject: info.subject,
+                last_seq: info.last_seq,
+                occupants: info.occupants.into_iter().map(|(user, nick)| Occupant { user, nick }).collect(),
+            }),
+            _ => Ok(empty),
+        }
+    }
+}
