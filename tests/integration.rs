@@ -75,6 +75,7 @@ on_shared_stores! {
     failover::kill9_failover_restart_and_fallback_lose_nothing,
     failover::critical_service_stop_fails_over_then_fallback,
     failover::sigstop_past_the_lease_then_the_node_steps_down,
+    plugins::plugin_state_moves_with_the_room_on_failover,
 }
 
 /// Fault cases that run on PostgreSQL only (the fencing itself is covered on MariaDB above).

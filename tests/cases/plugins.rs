@@ -469,3 +469,51 @@ pub async fn plugin_state_writes_are_fenced(db: &TestDb) {
     store.destroy_room(&fence).await.expect("destroying the room");
     assert!(store.plugin_state_load(row.id, "p").await.unwrap().is_empty(), "destroying a room deletes its plugin state");
 }
+
+/// Plugin state moves with the room on failover: rate-limit's spent budget, written fenced on
+/// node 1a, is what 1b's plugin instance reads after it takes the room over.
+pub async fn plugin_state_moves_with_the_room_on_failover(db: &TestDb) {
+    use stoa::config::{GroupSettings, PeerSettings};
+    let base = plugin_settings(db, &["rate-limit"]).await;
+    let port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let links = (port(), port());
+    let pair = |me: &str| {
+        let mut s = base.clone();
+        s.node.id = me.into();
+        s.node.service = format!("conference-{me}.localhost");
+        s.plugins.enabled = vec![stoa::plugin::EnabledPlugin { name: "rate-limit".into(), config: json!({"budget": 2, "window_ms": 3_600_000}) }];
+        s.cluster.secret = "a-secret-of-sixteen+".into();
+        s.cluster.lease_ttl_ms = 2000;
+        s.cluster.lease_renew_ms = 200;
+        s.cluster.heartbeat_ms = 100;
+        let node = |id: &str, link: u16| PeerSettings {
+            id: id.into(),
+            client: "ws://127.0.0.1:1/ws".into(),
+            link: format!("127.0.0.1:{link}"),
+            service: format!("conference-{id}.localhost"),
+        };
+        s.cluster.groups = vec![GroupSettings { name: "pair-1".into(), ha: true, nodes: vec![node("1a", links.0), node("1b", links.1)] }];
+        s
+    };
+    let r = "metered@conference-1a.localhost";
+    let a = TestNode::start(pair("1a")).await;
+    let b = TestNode::start(pair("1b")).await;
+    crate::harness::await_admin(b.admin_addr, None, "/api/topology", "1b to see 1a", |t| t["peer"]["reachable"] == true).await;
+    let mut ann = a.client("ann").await;
+    ann.create(r, json!({})).await;
+    ann.join(r, "ann").await;
+    ann.send_acked(r, "one", "m1").await;
+    ann.send_acked(r, "two", "m2").await;
+    assert_error(&ann.send(r, "three", "m3").await, "rejected", "over budget on 1a");
+    a.stop().await; // releases its lease: 1b takes the room over
+    crate::harness::await_admin(b.admin_addr, None, "/api/topology", "1b in backup mode", |t| t["status"]["state"] == "running_in_backup_mode").await;
+
+    let mut ann = b.client("ann").await;
+    let mut bob = b.client("bob").await;
+    ann.join(r, "ann").await;
+    bob.join(r, "bob").await;
+    assert_error(&ann.send(r, "four", "m4").await, "rejected", "the budget spent on 1a is spent on 1b");
+    bob.send_acked(r, "bob on 1b", "b1").await;
+    let bodies: Vec<String> = db.stored_messages(r).await.into_iter().map(|m| m.body).collect();
+    assert_eq!(bodies, vec!["one", "two", "bob on 1b"]);
+}
