@@ -85,7 +85,7 @@ macro_rules! on_postgres {
 
 on_postgres! {
     failover::store_connections_killed_lose_nothing,
-    failover::no_failover_without_the_link_while_the_store_sees_both,
+    failover::no_failover_when_the_link_is_cut_while_the_store_sees_both,
     failover::fallback_racing_a_second_failover,
     failover::clients_on_the_peer_use_rooms_over_the_link,
 }
