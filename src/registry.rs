@@ -322,6 +322,22 @@ impl RoomRegistry {
         self.inner.moving_homes.lock().expect("registry lock poisoned").remove(home);
     }
 
+    /// The `rooms` critical service's probe: every arbiter (room thread) runs a task within
+    /// `limit`. A wedged arbiter (a room stuck in a loop) fails it.
+    pub async fn probe(&self, limit: Duration) -> bool {
+        let mut answers = Vec::with_capacity(self.inner.arbiters.len());
+        for arbiter in &self.inner.arbiters {
+            let (tx, rx) = oneshot::channel::<()>();
+            if !arbiter.spawn(async move {
+                let _ = tx.send(());
+            }) {
+                return false;
+            }
+            answers.push(rx);
+        }
+        matches!(tokio::time::timeout(limit, futures_util::future::join_all(answers)).await, Ok(r) if r.iter().all(Result::is_ok))
+    }
+
     /// Addresses of the active rooms.
     pub fn active_addresses(&self) -> Vec<RoomAddr> {
         self.slots()

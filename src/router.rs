@@ -47,6 +47,8 @@ pub struct Router {
     accepting: tokio::sync::watch::Sender<bool>,
     /// Forwarding to the peer over the node link (HA pairs), set once at start-up.
     forwarder: std::sync::OnceLock<std::sync::Weak<crate::forward::Forwarder>>,
+    /// Since when every `accept` on the client listener has failed (the `router` probe).
+    accept_failing_since: std::sync::Mutex<Option<Instant>>,
 }
 
 /// How long a login waits for a node that does not serve clients yet (it may be taking its
@@ -76,7 +78,24 @@ impl Router {
             sessions: Default::default(),
             accepting: tokio::sync::watch::Sender::new(true),
             forwarder: std::sync::OnceLock::new(),
+            accept_failing_since: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Record the outcome of an `accept` on the client listener.
+    pub fn accept_result(&self, ok: bool) {
+        let mut since = self.accept_failing_since.lock().expect("accept probe lock");
+        match (ok, *since) {
+            (true, _) => *since = None,
+            (false, None) => *since = Some(Instant::now()),
+            (false, Some(_)) => {}
+        }
+    }
+
+    /// The `router` critical service's probe: the client listener is not failing every
+    /// `accept` (out of file descriptors, say) for longer than a second.
+    pub fn probe(&self) -> bool {
+        self.accept_failing_since.lock().expect("accept probe lock").is_none_or(|t| t.elapsed() < std::time::Duration::from_secs(1))
     }
 
     /// Attach the forwarder (once, at start-up).

@@ -145,6 +145,9 @@ pub struct PeerRef {
 
 struct ServiceFlags {
     admin_stopped: bool,
+    /// The service's health probe passed last time (rooms: every arbiter answers; router: the
+    /// client listener accepts; store: the lease renewal succeeds).
+    probe_ok: bool,
     down_since: Option<Instant>,
 }
 
@@ -206,15 +209,13 @@ impl Recovery {
 
     fn services(&self) -> Vec<ServiceStatus> {
         let flags = self.inner.services.lock().expect("services lock");
-        let store_ok = self.inner.status.lock().expect("ha status lock").store_ok;
         Service::ALL
             .into_iter()
             .map(|service| {
                 let f = &flags[service.index()];
-                let probe_ok = service != Service::Store || store_ok;
                 ServiceStatus {
                     service,
-                    running: !f.admin_stopped && probe_ok,
+                    running: !f.admin_stopped && f.probe_ok,
                     stopped_by_admin: f.admin_stopped,
                     down_for_ms: f.down_since.map(|t| t.elapsed().as_millis() as u64),
                 }
@@ -330,7 +331,7 @@ pub async fn start(
             services: Vec::new(),
             last_takeover: None,
         }),
-        services: Mutex::new(std::array::from_fn(|_| ServiceFlags { admin_stopped: false, down_since: None })),
+        services: Mutex::new(std::array::from_fn(|_| ServiceFlags { admin_stopped: false, probe_ok: true, down_since: None })),
         incarnation: AtomicI64::new(incarnation),
         lease_wanted: AtomicBool::new(true),
         link: OnceLock::new(),
@@ -344,6 +345,7 @@ pub async fn start(
     });
     let recovery = Recovery { inner: inner.clone() };
     let control = Control { r: recovery.clone(), awaiting_takeover: false, healthy_since: None };
+    tokio::spawn(probe_task(recovery.clone(), shutdown.clone()));
     control.initial_state(Instant::now()).await.context("deciding the starting state")?;
 
     let lease_task = tokio::spawn(lease_task(recovery.clone(), shutdown.clone()));
@@ -411,6 +413,32 @@ struct Control {
     /// Failed over with every service running since then (automatic fallback's quiet period,
     /// judged on the backup from the peer's reported state).
     healthy_since: Option<Instant>,
+}
+
+/// How often the `rooms` and `router` services are probed, and how long the rooms probe may
+/// take (generous: a heavily loaded arbiter is slow, not dead).
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+const PROBE_LIMIT: Duration = Duration::from_secs(5);
+
+/// Probe the `rooms` and `router` critical services every [`PROBE_EVERY`] (off the control
+/// loop: a wedged arbiter must not stall failover decisions).
+async fn probe_task(r: Recovery, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(PROBE_EVERY) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let rooms_ok = r.inner.registry.probe(PROBE_LIMIT).await;
+        let router_ok = r.inner.router.probe();
+        let mut flags = r.inner.services.lock().expect("services lock");
+        for (service, ok) in [(Service::Rooms, rooms_ok), (Service::Router, router_ok)] {
+            let f = &mut flags[service.index()];
+            if f.probe_ok != ok {
+                tracing::warn!(service = service.as_str(), ok, "critical service probe changed");
+            }
+            f.probe_ok = ok;
+        }
+    }
 }
 
 impl Control {
@@ -558,13 +586,17 @@ impl Control {
 
     /// Critical services: restart what came back; fail over when one stays down too long.
     async fn watch_services(&mut self) -> Result<(), lease::LeaseError> {
-        let down_longest = {
+        {
+            // The store's probe is the lease renewal; rooms and router are probed by `probe_task`.
             let store_ok = self.inner().status.lock().expect("ha status lock").store_ok;
+            self.inner().services.lock().expect("services lock")[Service::Store.index()].probe_ok = store_ok;
+        }
+        let down_longest = {
             let mut flags = self.inner().services.lock().expect("services lock");
             let mut longest: Option<Duration> = None;
             for service in Service::ALL {
                 let f = &mut flags[service.index()];
-                let down = f.admin_stopped || (service == Service::Store && !store_ok);
+                let down = f.admin_stopped || !f.probe_ok;
                 match (down, f.down_since) {
                     (true, None) => f.down_since = Some(Instant::now()),
                     (false, Some(_)) => f.down_since = None,

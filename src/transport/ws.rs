@@ -37,9 +37,13 @@ pub async fn serve(listener: TcpListener, router: Arc<Router>, shutdown: Cancell
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok(a) => a,
+                Ok(a) => {
+                    router.accept_result(true);
+                    a
+                }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
+                    router.accept_result(false);
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
