@@ -207,3 +207,68 @@ pub async fn without_ha_a_down_nodes_rooms_are_unavailable_then_intact(db: &Test
     assert_eq!(crate::harness::seqs(&history), vec![seq], "the room is back intact: {history:?}");
     drop(b);
 }
+
+/// Manual failover of a healthy node (maintenance, reason `on_admin_request`), then automatic
+/// fallback once the failed-over node has been healthy for `auto_fallback_after_s`; the room's
+/// log is continuous across both moves.
+pub async fn admin_failover_then_automatic_fallback(db: &TestDb) {
+    let links = (free_port(), free_port());
+    let mut sa = pair_settings(db, "1a", links);
+    let mut sb = pair_settings(db, "1b", links);
+    sa.cluster.auto_fallback_after_s = 1;
+    sb.cluster.auto_fallback_after_s = 1;
+    let a = crate::harness::TestNode::start(sa).await;
+    let b = crate::harness::TestNode::start(sb).await;
+    crate::harness::await_admin(a.admin_addr, None, "/api/topology", "1a to see 1b", |t| t["peer"]["reachable"] == true).await;
+    let room = "ops@conference-1a.localhost";
+    let mut ann = a.client("ann").await;
+    ann.create(room, serde_json::json!({})).await;
+    ann.join(room, "ann").await;
+    ann.send_acked(room, "before", "c1").await;
+
+    let answer = stoa::admin_client::request(&a.admin_addr.to_string(), "POST", "/api/nodes/1a/failover", None, DEADLINE).await.unwrap();
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let status = |t: &serde_json::Value| t["status"].clone();
+    let s = crate::harness::await_admin(b.admin_addr, None, "/api/topology", "1b in backup mode", |t| status(t)["state"] == "running_in_backup_mode").await;
+    eprintln!("1b: {}", status(&s));
+    // 1a is failed over (not critical) for a second: 1b falls back by itself.
+    let s = crate::harness::await_admin(a.admin_addr, None, "/api/topology", "1a normal again", |t| status(t)["state"] == "normal").await;
+    assert_eq!(status(&s)["reason"], "automatic_fallback", "{s}");
+    crate::harness::await_admin(b.admin_addr, None, "/api/topology", "1b normal again", |t| status(t)["state"] == "normal").await;
+
+    let store = db.store().await;
+    let reasons = stoa::ha::fencing::last_state(&store, &NodeId("1b".into())).await.unwrap().unwrap();
+    assert_eq!((reasons.0.as_str(), reasons.1.as_str()), ("normal", "automatic_fallback"));
+    let mut bob = a.client("bob").await;
+    bob.join(room, "bob").await;
+    bob.send_acked(room, "after", "c2").await;
+    let seqs: Vec<u64> = db.stored_messages(room).await.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, vec![1, 2]);
+    drop(b);
+}
+
+/// Both nodes fail; the one that comes back first finds its rooms on a peer that is gone
+/// (lease expired, no presence): it reclaims them and serves (recovery).
+pub async fn both_down_then_the_first_back_reclaims_its_rooms(db: &TestDb) {
+    let links = (free_port(), free_port());
+    let a = crate::harness::TestNode::start(pair_settings(db, "1a", links)).await;
+    let b = crate::harness::TestNode::start(pair_settings(db, "1b", links)).await;
+    crate::harness::await_admin(b.admin_addr, None, "/api/topology", "1b to see 1a", |t| t["peer"]["reachable"] == true).await;
+    let room = "ops@conference-1a.localhost";
+    let mut ann = a.client("ann").await;
+    ann.create(room, serde_json::json!({})).await;
+    ann.join(room, "ann").await;
+    ann.send_acked(room, "one", "c1").await;
+    a.stop().await; // 1b takes the room over
+    crate::harness::await_admin(b.admin_addr, None, "/api/topology", "1b in backup mode", |t| t["status"]["state"] == "running_in_backup_mode").await;
+    b.stop().await; // both down; the room is hosted by the stopped 1b
+
+    let a = crate::harness::TestNode::start(pair_settings(db, "1a", links)).await;
+    let t = a.admin_json("/api/topology").await;
+    assert_eq!(t["status"]["state"], "normal", "1a reclaims its rooms when its peer is gone too: {t}");
+    let mut ann = a.client("ann").await;
+    ann.join(room, "ann").await;
+    ann.send_acked(room, "two", "c2").await;
+    let seqs: Vec<u64> = db.stored_messages(room).await.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, vec![1, 2]);
+}

@@ -72,6 +72,8 @@ macro_rules! on_shared_stores {
 on_shared_stores! {
     ha::peers_see_each_other_over_the_link_and_notice_a_stop,
     ha::without_ha_a_down_nodes_rooms_are_unavailable_then_intact,
+    ha::admin_failover_then_automatic_fallback,
+    ha::both_down_then_the_first_back_reclaims_its_rooms,
     failover::kill9_failover_restart_and_fallback_lose_nothing,
     failover::critical_service_stop_fails_over_then_fallback,
     failover::sigstop_past_the_lease_then_the_node_steps_down,
