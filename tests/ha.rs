@@ -78,10 +78,7 @@ pub async fn welcome_names_the_peer_and_tokens_work_across_the_group(db: &TestDb
     assert_eq!((w["op"].as_str(), w["user"].as_str()), (Some("welcome"), Some("ann")), "{w}");
 }
 
-/// A free loopback port (bound, then released) for a node-link listener.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+use crate::harness::free_port;
 
 /// An HA pair `1a` + `1b` on the test database: settings for `me`, with short timings.
 fn pair_settings(db: &TestDb, me: &str, links: (u16, u16)) -> stoa::config::Settings {

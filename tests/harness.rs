@@ -311,6 +311,25 @@ impl Drop for TestDb {
 
 // ---- nodes -----------------------------------------------------------------------------------
 
+/// A free loopback port for a listener a test must name in advance (a pair's configs name each
+/// other's addresses). Taken *below* the kernel's ephemeral range (32768–60999 here): a port
+/// from that range, released and bound again later, can meanwhile become the source port of an
+/// outgoing connection (even a TCP self-connect of a node dialing a peer that is down), and
+/// the bind then fails. Each call returns a different port.
+pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    // Start at a per-process offset so concurrent test binaries rarely meet.
+    let _ = NEXT.compare_exchange(0, 20_000 + (std::process::id() % 1000) as u16 * 12, Ordering::Relaxed, Ordering::Relaxed);
+    loop {
+        let port = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = if port >= 32_000 { 20_000 + port % 12_000 } else { port };
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
 /// An in-process node (stopped when dropped).
 pub struct TestNode {
     node: Option<Node>,

@@ -14,9 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 const SECRET: &str = "a-secret-of-sixteen+";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+use crate::harness::free_port;
 
 /// Fixed loopback ports of one node (a pair's configs name each other's addresses).
 #[derive(Clone, Copy)]

@@ -475,8 +475,7 @@ pub async fn plugin_state_writes_are_fenced(db: &TestDb) {
 pub async fn plugin_state_moves_with_the_room_on_failover(db: &TestDb) {
     use stoa::config::{GroupSettings, PeerSettings};
     let base = plugin_settings(db, &["rate-limit"]).await;
-    let port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let links = (port(), port());
+    let links = (crate::harness::free_port(), crate::harness::free_port());
     let pair = |me: &str| {
         let mut s = base.clone();
         s.node.id = me.into();
