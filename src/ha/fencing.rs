@@ -69,31 +69,17 @@ pub async fn take_over(store: &Store, failed: &NodeId, me: &NodeId) -> Result<u6
     Ok(moved)
 }
 
-/// Reclaim this node's own rooms from a peer that is gone (both nodes failed, this one came
-/// back first): the same one-statement move, restricted to rooms whose home is `me`.
-pub async fn reclaim(store: &Store, me: &NodeId, from: &NodeId) -> Result<u64, LeaseError> {
+/// Send `home`'s rooms that `from` hosts back to `home`, with a new epoch: fallback (the
+/// backup `from` returns them) and recovery (a node reclaiming its rooms from a peer that is
+/// gone, `home` = itself). Returns how many rooms moved.
+pub async fn return_home(store: &Store, home: &NodeId, from: &NodeId) -> Result<u64, LeaseError> {
     let db = backend(store)?;
     let r = store
         .connection()
         .execute_raw(stmt(
             db,
             "UPDATE rooms SET host_node = ?, epoch = epoch + 1 WHERE home_node = ? AND host_node = ?",
-            vec![me.0.clone().into(), me.0.clone().into(), from.0.clone().into()],
-        ))
-        .await?;
-    Ok(r.rows_affected())
-}
-
-/// Fallback: hand every room whose home is `home` and that `me` hosts back to `home`, with a
-/// new epoch. Returns how many rooms moved.
-pub async fn hand_back(store: &Store, home: &NodeId, me: &NodeId) -> Result<u64, LeaseError> {
-    let db = backend(store)?;
-    let r = store
-        .connection()
-        .execute_raw(stmt(
-            db,
-            "UPDATE rooms SET host_node = ?, epoch = epoch + 1 WHERE home_node = ? AND host_node = ?",
-            vec![home.0.clone().into(), home.0.clone().into(), me.0.clone().into()],
+            vec![home.0.clone().into(), home.0.clone().into(), from.0.clone().into()],
         ))
         .await?;
     Ok(r.rows_affected())

@@ -533,7 +533,7 @@ impl Control {
             let peer_lease = lease::read(&inner.store, &peer.id).await?;
             let peer_gone = peer_lease.is_none_or(|l| l.expired) && !fencing::is_present(&inner.store, &peer.id).await?;
             if peer_gone {
-                let moved = fencing::reclaim(&inner.store, self.me(), &peer.id).await?;
+                let moved = fencing::return_home(&inner.store, self.me(), &peer.id).await?;
                 tracing::info!(node = %self.me(), peer = %peer.id, rooms = moved, "peer is down too: reclaimed this node's rooms");
                 self.host(true).await?;
                 self.enter(NodeState::Normal, Reason::Initializing).await;
@@ -843,7 +843,7 @@ impl Control {
         let handed = inner.registry.hand_off(Some(&peer.id), &peer.client, Duration::from_secs(10)).await;
         let mut attempts = 0;
         let moved = loop {
-            match fencing::hand_back(store, &peer.id, self.me()).await {
+            match fencing::return_home(store, &peer.id, self.me()).await {
                 Ok(n) => break n,
                 Err(e) if attempts < 50 => {
                     attempts += 1;
