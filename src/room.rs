@@ -505,8 +505,13 @@ impl Room {
                 room: Some(self.addr.clone()),
             },
         };
+        self.dismiss_all_and_stop(&frame, ctx);
+    }
+
+    /// Send every occupant `frame` (they are no longer in the room here), deregister, stop.
+    fn dismiss_all_and_stop(&mut self, frame: &ServerFrame, ctx: &mut Context<Self>) {
         for session in self.occupants.values() {
-            session.send(&frame);
+            session.send(frame);
             session.exited(&self.addr);
         }
         self.occupants.clear();
@@ -527,13 +532,7 @@ impl Room {
         queued.extend(self.hooks.drain_posts());
         self.fail_posts(queued, ErrorCode::Unavailable, "room is moving to another node; resend with the same cid");
         let frame = ServerFrame::Moved { room: self.addr.clone(), to };
-        for session in self.occupants.values() {
-            session.send(&frame);
-            session.exited(&self.addr);
-        }
-        self.occupants.clear();
-        self.deps.registry.passivated(&self.addr, self.incarnation);
-        ctx.stop();
+        self.dismiss_all_and_stop(&frame, ctx);
         let _ = done.send(true);
     }
 
