@@ -209,6 +209,8 @@ pub struct Connection {
     failed_logins: u32,
     /// Set by a room request that found the room hosted by another node (it may be forwarded).
     hosted_elsewhere: Option<crate::store::NodeId>,
+    /// This connection has forwarded a room request to the peer (so later frames may have to).
+    forwards: bool,
 }
 
 /// An answer to send, `None` when the room answers through the session queue itself.
@@ -230,7 +232,7 @@ impl Connection {
     pub fn new(router: Arc<Router>, outbound: mpsc::Sender<Outbound>, kill: CancellationToken) -> Self {
         let limits = &router.settings.limits;
         let bucket = TokenBucket::new(limits.requests_per_second, limits.request_burst);
-        Connection { router, outbound, kill, session: None, bucket, failed_logins: 0, hosted_elsewhere: None }
+        Connection { router, outbound, kill, session: None, bucket, failed_logins: 0, hosted_elsewhere: None, forwards: false }
     }
 
     /// A connection already logged in as `user`: the peer's session whose room operations this
@@ -284,33 +286,14 @@ impl Connection {
             }
             other => match self.session.clone() {
                 None => err(ErrorCode::Unauthorized, "send `hello` first"),
-                Some(session) => {
-                    let room = other.room().cloned();
-                    let forwarder = self.router.forwarder();
-                    match (&forwarder, &room) {
-                        // A room this session uses on the peer: straight over the link.
-                        (Some(f), Some(room)) if f.is_forwarded(session.id, room) => {
-                            f.forward(&session, room, text);
-                            Ok(None)
-                        }
-                        _ => {
-                            let answer = self.request(&session, other).await;
-                            match (self.hosted_elsewhere.take(), forwarder, room) {
-                                (Some(host), Some(f), Some(room)) if f.can_forward(&host) => {
-                                    f.forward(&session, &room, text);
-                                    Ok(None)
-                                }
-                                // The host looks down: rather than have every client of it
-                                // retry, wait for this node's takeover, then try once more.
-                                (Some(host), Some(f), Some(_)) if f.await_takeover(&host).await => match parse_client_frame(text) {
-                                    Ok(again) => self.request(&session, again).await,
-                                    Err(_) => answer,
-                                },
-                                _ => answer,
-                            }
-                        }
+                Some(session) => match self.router.forwarder() {
+                    // A room this session already uses on the peer: straight over the link.
+                    Some(f) if self.forwards && other.room().is_some_and(|room| f.is_forwarded(session.id, room)) => {
+                        f.forward(&session, other.room().expect("checked above"), text);
+                        Ok(None)
                     }
-                }
+                    _ => self.request_or_forward(&session, other, text).await,
+                },
             },
         };
         match answer {
@@ -374,6 +357,27 @@ impl Connection {
             peers: s.peer().map(|p| p.client.clone()).into_iter().collect(),
             re: id,
         }))
+    }
+
+    /// Serve `frame` here; if its room turns out to be hosted by the peer, forward it (or, when
+    /// the peer cannot serve it, wait for this node's takeover and try once more).
+    async fn request_or_forward(&mut self, session: &Arc<SessionHandle>, frame: ClientFrame, text: &str) -> Answer {
+        let answer = self.request(session, frame).await;
+        // Rare path (a room hosted elsewhere): the frame is read again rather than cloned
+        // ahead of every request.
+        let Some(host) = self.hosted_elsewhere.take() else { return answer };
+        let (Some(f), Ok(again)) = (self.router.forwarder(), parse_client_frame(text)) else { return answer };
+        let Some(room) = again.room().cloned() else { return answer };
+        if f.can_forward(&host) {
+            f.forward(session, &room, text);
+            self.forwards = true;
+            return Ok(None);
+        }
+        // The host looks down: rather than have every client of it retry, wait.
+        if f.await_takeover(&host).await {
+            return self.request(session, again).await;
+        }
+        answer
     }
 
     /// [`room_err`], remembering a room hosted by another node (for forwarding).
