@@ -81,7 +81,7 @@ pub async fn welcome_names_the_peer_and_tokens_work_across_the_group(db: &TestDb
 use crate::harness::free_port;
 
 /// An HA pair `1a` + `1b` on the test database: settings for `me`, with short timings.
-fn pair_settings(db: &TestDb, me: &str, links: (u16, u16)) -> stoa::config::Settings {
+pub fn pair_settings(db: &TestDb, me: &str, links: (u16, u16)) -> stoa::config::Settings {
     use stoa::config::{GroupSettings, PeerSettings};
     let mut settings = db.settings(me);
     settings.node.service = format!("conference-{me}.localhost");

@@ -473,25 +473,12 @@ pub async fn plugin_state_writes_are_fenced(db: &TestDb) {
 /// Plugin state moves with the room on failover: rate-limit's spent budget, written fenced on
 /// node 1a, is what 1b's plugin instance reads after it takes the room over.
 pub async fn plugin_state_moves_with_the_room_on_failover(db: &TestDb) {
-    use stoa::config::{GroupSettings, PeerSettings};
     let base = plugin_settings(db, &["rate-limit"]).await;
     let links = (crate::harness::free_port(), crate::harness::free_port());
     let pair = |me: &str| {
-        let mut s = base.clone();
-        s.node.id = me.into();
-        s.node.service = format!("conference-{me}.localhost");
+        let mut s = crate::cases::ha::pair_settings(db, me, links);
+        s.plugins = base.plugins.clone();
         s.plugins.enabled = vec![stoa::plugin::EnabledPlugin { name: "rate-limit".into(), config: json!({"budget": 2, "window_ms": 3_600_000}) }];
-        s.cluster.secret = "a-secret-of-sixteen+".into();
-        s.cluster.lease_ttl_ms = 2000;
-        s.cluster.lease_renew_ms = 200;
-        s.cluster.heartbeat_ms = 100;
-        let node = |id: &str, link: u16| PeerSettings {
-            id: id.into(),
-            client: "ws://127.0.0.1:1/ws".into(),
-            link: format!("127.0.0.1:{link}"),
-            service: format!("conference-{id}.localhost"),
-        };
-        s.cluster.groups = vec![GroupSettings { name: "pair-1".into(), ha: true, nodes: vec![node("1a", links.0), node("1b", links.1)] }];
         s
     };
     let r = "metered@conference-1a.localhost";
