@@ -2,7 +2,8 @@
 //!
 //! With no file the node runs in *dev mode*: one node, SQLite under `./stoa-data`, loopback
 //! listeners and guest login. [`Settings::check`] refuses to start a node that would expose
-//! guest login (or an admin API without a token) on anything but loopback.
+//! guest login (or an admin API without a token) on anything but loopback, and a listener off
+//! loopback without TLS unless that listener's `*_insecure` flag says so.
 
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
@@ -40,6 +41,42 @@ pub struct Settings {
     pub log: LogSettings,
     pub cluster: ClusterSettings,
     pub plugins: crate::plugin::PluginSettings,
+    pub tls: TlsSettings,
+}
+
+/// TLS for every listener (client `wss://`, admin `https://`, node link `wss://`) and the trust
+/// anchors this node's dialers use. Paths are read like the `*_file` secrets: relative to the
+/// working directory of the process.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSettings {
+    /// PEM certificate chain, leaf first. With `key_file`, every listener speaks TLS.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of the leaf (PKCS#8, RSA or EC).
+    pub key_file: Option<PathBuf>,
+    /// PEM trust anchors for what this node (and `stoa admin`) dials: the peer's node link, the
+    /// admin API. Unset = the Mozilla roots (`webpki-roots`).
+    pub ca_file: Option<PathBuf>,
+}
+
+impl TlsSettings {
+    /// Whether the listeners speak TLS (a certificate and a key are configured).
+    pub fn enabled(&self) -> bool {
+        self.cert_file.is_some() && self.key_file.is_some()
+    }
+}
+
+/// A listener that serves plaintext on a non-loopback address (see [`Settings::plaintext_exposed`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlaintextListener {
+    /// `client`, `admin` or `node link`.
+    pub listener: &'static str,
+    /// The address it binds.
+    pub addr: String,
+    /// The key that allows it (`listen.client_insecure`, ...).
+    pub insecure_key: &'static str,
+    /// Whether that key is set.
+    pub allowed: bool,
 }
 
 /// The cluster topology: redundancy groups (pairs) of nodes. Empty = a standalone node.
@@ -50,6 +87,9 @@ pub struct ClusterSettings {
     pub secret: String,
     pub secret_file: Option<PathBuf>,
     pub groups: Vec<GroupSettings>,
+    /// Let the node link listen in plaintext on a non-loopback address (no `[tls]`): only on a
+    /// network that is itself encrypted and private to the pair.
+    pub link_insecure: bool,
     /// A node's lease lasts this long on the database clock after each renewal.
     pub lease_ttl_ms: u64,
     /// How often a node renews its lease.
@@ -70,6 +110,7 @@ impl Default for ClusterSettings {
             secret: String::new(),
             secret_file: None,
             groups: Vec::new(),
+            link_insecure: false,
             lease_ttl_ms: 5000,
             lease_renew_ms: 1000,
             heartbeat_ms: 500,
@@ -120,6 +161,11 @@ pub struct ListenSettings {
     pub client: SocketAddr,
     /// Admin HTTP listener (`/health`, `/api/...`, `/metrics`).
     pub admin: SocketAddr,
+    /// Let the client listener serve plaintext `ws://` on a non-loopback address (no `[tls]`),
+    /// e.g. behind a TLS-terminating proxy.
+    pub client_insecure: bool,
+    /// Let the admin listener serve plaintext `http://` on a non-loopback address (no `[tls]`).
+    pub admin_insecure: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -231,6 +277,8 @@ impl Default for ListenSettings {
         ListenSettings {
             client: "127.0.0.1:7450".parse().expect("literal address"),
             admin: "127.0.0.1:7451".parse().expect("literal address"),
+            client_insecure: false,
+            admin_insecure: false,
         }
     }
 }
@@ -345,6 +393,12 @@ impl Settings {
         if let Some(path) = &self.cluster.secret_file {
             self.cluster.secret = read(path)?;
         }
+        // An empty path (e.g. `STOA__TLS__CERT_FILE=`) means unset.
+        for path in [&mut self.tls.cert_file, &mut self.tls.key_file, &mut self.tls.ca_file] {
+            if path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+                *path = None;
+            }
+        }
         Ok(())
     }
 
@@ -399,8 +453,43 @@ impl Settings {
         if self.limits.outbound_queue == 0 || self.limits.requests_per_second == 0 {
             return invalid("limits.outbound_queue and requests_per_second must be at least 1".into());
         }
+        if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
+            return invalid("tls.cert_file and tls.key_file go together: set both (TLS on every listener) or neither".into());
+        }
+        if let Some(l) = self.plaintext_exposed().into_iter().find(|l| !l.allowed) {
+            return invalid(format!(
+                "refusing to serve the {} listener in plaintext on non-loopback address {}: set tls.cert_file and \
+                 tls.key_file, or {} = true if the network or a TLS proxy in front of it protects the traffic",
+                l.listener, l.addr, l.insecure_key
+            ));
+        }
         self.plugins.check().map_err(ConfigError::Invalid)?;
         self.check_cluster()
+    }
+
+    /// The listeners that would serve plaintext on a non-loopback address: none when `[tls]`
+    /// is on. [`Settings::check`] refuses those whose insecure flag is off; the node warns
+    /// about the others at start-up. The node link counts only where a node runs one (a node
+    /// in an HA group), at this node's `link` address of the topology.
+    pub fn plaintext_exposed(&self) -> Vec<PlaintextListener> {
+        if self.tls.enabled() {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        let mut add = |listener, addr: String, exposed: bool, insecure_key, allowed| {
+            if exposed {
+                out.push(PlaintextListener { listener, addr, insecure_key, allowed });
+            }
+        };
+        let exposed = |a: &SocketAddr| !a.ip().is_loopback();
+        add("client", self.listen.client.to_string(), exposed(&self.listen.client), "listen.client_insecure", self.listen.client_insecure);
+        add("admin", self.listen.admin.to_string(), exposed(&self.listen.admin), "listen.admin_insecure", self.listen.admin_insecure);
+        if let Some(group) = self.group().filter(|g| g.ha) {
+            if let Some(me) = group.nodes.iter().find(|n| n.id == self.node.id) {
+                add("node link", me.link.clone(), !link_is_loopback(&me.link), "cluster.link_insecure", self.cluster.link_insecure);
+            }
+        }
+        out
     }
 
     /// This node's redundancy group, if a topology is configured.
@@ -463,10 +552,24 @@ impl Settings {
         Ok(())
     }
 
+    /// The trust anchors for this node's TLS dialers (`tls.ca_file`, or the Mozilla roots).
+    pub fn tls_client_config(&self) -> Result<std::sync::Arc<rustls::ClientConfig>, crate::tls::TlsError> {
+        crate::tls::client_config(self.tls.ca_file.as_deref())
+    }
+
     /// Passivation delay as a duration.
     pub fn passivate_after(&self) -> Duration {
         Duration::from_millis(self.rooms.passivate_after_ms)
     }
+}
+
+/// Whether a node-link address (`host:port`) is on loopback: a loopback IP or `localhost`.
+fn link_is_loopback(link: &str) -> bool {
+    if let Ok(addr) = link.parse::<SocketAddr>() {
+        return addr.ip().is_loopback();
+    }
+    let host = link.rsplit_once(':').map_or(link, |(h, _)| h);
+    host.eq_ignore_ascii_case("localhost")
 }
 
 #[cfg(test)]
@@ -500,10 +603,67 @@ mod tests {
         let err = s.check().unwrap_err().to_string();
         assert!(err.contains("refusing to offer guest login"), "{err}");
         s.auth.allow_guests = false;
+        s.listen.client_insecure = true;
         s.check().unwrap();
         s.auth.admin_token.clear();
         s.listen.admin = "0.0.0.0:7451".parse().unwrap();
-        assert!(s.check().is_err());
+        s.listen.admin_insecure = true;
+        assert!(s.check().unwrap_err().to_string().contains("admin_token"));
+    }
+
+    /// Each listener off loopback needs TLS or its insecure flag: the refusal names the
+    /// listener and the key; with the flag the node may start (and warns); with `[tls]` no
+    /// flag is needed; loopback never needs either.
+    #[test]
+    fn plaintext_off_loopback_needs_tls_or_the_insecure_flag() {
+        let mut s = Settings::default();
+        s.auth.admin_token = "t".into();
+        s.check().unwrap();
+        assert!(s.plaintext_exposed().is_empty(), "loopback is fine in plaintext");
+
+        s.listen.client = "0.0.0.0:7450".parse().unwrap();
+        let err = s.check().unwrap_err().to_string();
+        assert!(err.contains("client listener") && err.contains("listen.client_insecure") && err.contains("0.0.0.0:7450"), "{err}");
+        s.listen.client_insecure = true;
+        s.check().unwrap();
+        assert_eq!(s.plaintext_exposed().len(), 1);
+        assert!(s.plaintext_exposed()[0].allowed);
+
+        s.listen.admin = "10.1.2.3:7451".parse().unwrap();
+        let err = s.check().unwrap_err().to_string();
+        assert!(err.contains("admin listener") && err.contains("listen.admin_insecure"), "{err}");
+        s.listen.admin_insecure = true;
+        s.check().unwrap();
+
+        let mut s = pair(true);
+        s.store.url = "postgres://stoa@db/stoa".into();
+        s.cluster.groups[0].nodes[0].link = "10.0.0.1:7460".into();
+        let err = s.check().unwrap_err().to_string();
+        assert!(err.contains("node link listener") && err.contains("cluster.link_insecure") && err.contains("10.0.0.1:7460"), "{err}");
+        s.cluster.link_insecure = true;
+        s.check().unwrap();
+        s.cluster.link_insecure = false;
+        s.cluster.groups[0].nodes[0].link = "node-1a.internal:7460".into();
+        assert!(s.check().is_err(), "a host name is not loopback");
+        s.cluster.groups[0].nodes[0].link = "localhost:7460".into();
+        s.check().unwrap();
+        // Without HA there is no link listener to refuse.
+        let mut s = pair(false);
+        s.cluster.groups[0].nodes[0].link = "10.0.0.1:7460".into();
+        s.check().unwrap();
+
+        // With TLS every listener may bind anywhere, no flag needed.
+        let mut s = pair(true);
+        s.store.url = "postgres://stoa@db/stoa".into();
+        s.auth.admin_token = "t".into();
+        s.cluster.groups[0].nodes[0].link = "10.0.0.1:7460".into();
+        s.listen.client = "0.0.0.0:7450".parse().unwrap();
+        s.listen.admin = "0.0.0.0:7451".parse().unwrap();
+        s.tls.cert_file = Some("cert.pem".into());
+        assert!(s.check().unwrap_err().to_string().contains("go together"));
+        s.tls.key_file = Some("key.pem".into());
+        s.check().unwrap();
+        assert!(s.plaintext_exposed().is_empty());
     }
 
     #[test]

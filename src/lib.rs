@@ -27,7 +27,9 @@
 //! - [`plugin`]: Wasm plugins (wasmtime components, WIT `stoa:plugin@0.1.0`): limits, per-room
 //!   workers, fault counting; the room side is `room::plugin` (docs/plugins.md).
 //! - [`admin`]: admin HTTP API (`/health`, `/api/...`, HA verbs, audit log) and Prometheus `/metrics`.
-//! - [`admin_client`]: the small HTTP client behind `stoa admin …`.
+//! - [`admin_client`]: the small HTTP(S) client behind `stoa admin …`.
+//! - [`tls`]: rustls (ring) for every listener and dialer: a reloadable server certificate,
+//!   a bounded handshake, trust anchors from `tls.ca_file` or the Mozilla roots.
 //! - [`client`]: a Rust client library (request/answer matching, reconnect and resume).
 //! - [`bench`]: `stoa bench`, the load generator behind docs/benchmarks.md.
 
@@ -48,4 +50,5 @@ pub mod room;
 pub mod router;
 pub mod session;
 pub mod store;
+pub mod tls;
 pub mod transport;
