@@ -1,6 +1,7 @@
 //! The admin HTTP API on its own listener: `/health`, `/api/node`, `/api/rooms`,
-//! `/api/rooms/{room}`, `/api/plugins...` (`plugin::admin`), and `/metrics` (Prometheus). Everything but `/health` needs
-//! `Authorization: Bearer <auth.admin_token>` when a token is configured.
+//! `/api/rooms/{room}`, `/api/plugins...` (`plugin::admin`), `POST /api/tls/reload`, and `/metrics` (Prometheus). Everything but `/health` needs
+//! `Authorization: Bearer <auth.admin_token>` when a token is configured. With `[tls]` the listener
+//! speaks https only.
 
 use crate::config::Settings;
 use crate::registry::RoomRegistry;
@@ -50,12 +51,13 @@ pub struct AdminState {
     recovery: Option<crate::ha::recovery::Recovery>,
     link: Option<crate::ha::link::Link>,
     plugins: Option<crate::plugin::PluginHost>,
+    tls: Option<crate::tls::ServerTls>,
 }
 
 impl AdminState {
     pub fn new(settings: Arc<Settings>, store: Store, registry: RoomRegistry, router: Arc<ClientRouter>) -> Self {
         prometheus();
-        AdminState { settings, store, registry, router, started: Instant::now(), recovery: None, link: None, plugins: None }
+        AdminState { settings, store, registry, router, started: Instant::now(), recovery: None, link: None, plugins: None, tls: None }
     }
 
     /// Report this node's recovery manager and node link (nodes in an HA group).
@@ -68,6 +70,12 @@ impl AdminState {
     /// Serve the plugin routes for this node's plugin host.
     pub fn with_plugins(mut self, plugins: Option<crate::plugin::PluginHost>) -> Self {
         self.plugins = plugins;
+        self
+    }
+
+    /// Serve https with this node's TLS (and its certificate reload), if it has one.
+    pub fn with_tls(mut self, tls: Option<crate::tls::ServerTls>) -> Self {
+        self.tls = tls;
         self
     }
 
@@ -89,11 +97,19 @@ pub async fn serve(listener: TcpListener, state: AdminState, shutdown: Cancellat
         .route("/api/nodes/{node}/fallback", post(fallback))
         .route("/api/nodes/{node}/services/{service}/{action}", post(service))
         .route("/api/audit", get(audit))
+        .route("/api/tls/reload", post(tls_reload))
         .route("/metrics", get(metrics_text))
         .merge(crate::plugin::admin::routes())
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
+    let tls = state.tls.clone();
     let app = Router::new().route("/health", get(health)).merge(protected).with_state(state);
-    let result = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+    let result = match tls {
+        None => axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned()).await,
+        Some(tls) => match crate::tls::TlsListener::new(listener, tls, "admin", shutdown.clone()) {
+            Ok(listener) => axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await,
+            Err(e) => Err(e),
+        },
+    };
     if let Err(e) = result {
         tracing::error!(error = %e, "admin listener failed");
     }
@@ -143,6 +159,7 @@ async fn node(State(state): State<AdminState>) -> Json<serde_json::Value> {
         "connections": state.router.connection_count(),
         "active_rooms": state.registry.active_count(),
         "listen": {"client": s.listen.client.to_string(), "admin": s.listen.admin.to_string()},
+        "tls": state.tls.as_ref().map(|t| t.certificate()),
     }))
 }
 
@@ -338,6 +355,42 @@ async fn audit(State(state): State<AdminState>, Query(q): Query<AuditQuery>) -> 
         Ok(rows) => Json(json!({"entries": rows})).into_response(),
         Err(e) => store_down(e),
     }
+}
+
+/// Re-read the TLS certificate and key: new connections get the new certificate, open ones
+/// keep theirs; on an error the old certificate stays and the answer says why. Audited.
+async fn tls_reload(State(state): State<AdminState>) -> Response {
+    let Some(tls) = &state.tls else {
+        return (
+            StatusCode::CONFLICT,
+            Json(json!({"error": "conflict", "message": "TLS is not configured on this node (tls.cert_file, tls.key_file)"})),
+        )
+            .into_response();
+    };
+    let (outcome, detail, status, body) = match crate::tls::reload_logged(tls, "admin API") {
+        Ok(info) => (
+            "done",
+            format!("fingerprint_sha256={} serial={}", info.fingerprint_sha256, info.serial),
+            StatusCode::OK,
+            json!({"ok": true, "message": "TLS certificate reloaded", "certificate": info}),
+        ),
+        Err(e) => (
+            "failed",
+            e.to_string(),
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({
+                "error": "tls_reload_failed",
+                "message": format!("{e}; the previous certificate stays in use"),
+                "certificate": tls.certificate(),
+            }),
+        ),
+    };
+    let me = crate::store::NodeId(state.settings.node.id.clone());
+    if let Err(e) = crate::ha::fencing::audit(&state.store, &me, "tls_reload", &me.0, &detail, outcome).await {
+        tracing::warn!(error = %e, "could not write the audit log");
+    }
+    tracing::info!(target: "stoa::audit", action = "tls_reload", outcome, "admin action");
+    (status, Json(body)).into_response()
 }
 
 async fn metrics_text() -> impl IntoResponse {

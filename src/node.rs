@@ -30,6 +30,8 @@ pub struct Node {
     pub client_addr: SocketAddr,
     /// Where the admin HTTP listener is bound.
     pub admin_addr: SocketAddr,
+    /// The listeners' TLS (`[tls]`), for reloading the certificate (SIGHUP).
+    tls: Option<crate::tls::ServerTls>,
     shutdown: CancellationToken,
     thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
 }
@@ -38,7 +40,12 @@ impl Node {
     /// Start a node with `settings`; returns when it accepts connections.
     pub fn start(settings: Settings) -> anyhow::Result<Node> {
         settings.check().context("checking the settings")?;
+        let tls = match (&settings.tls.cert_file, &settings.tls.key_file) {
+            (Some(cert), Some(key)) => Some(crate::tls::ServerTls::load(cert, key).context("loading the TLS certificate ([tls])")?),
+            _ => None,
+        };
         let shutdown = CancellationToken::new();
+        let node_tls = tls.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let token = shutdown.clone();
         let thread = std::thread::Builder::new()
@@ -53,7 +60,7 @@ impl Node {
                         .build()
                         .expect("tokio runtime builds")
                 });
-                let result = system.block_on(run(settings, token, ready_tx.clone()));
+                let result = system.block_on(run(settings, tls, token, ready_tx.clone()));
                 if let Err(e) = &result {
                     let _ = ready_tx.send(Err(anyhow::anyhow!("{e:#}")));
                 }
@@ -61,7 +68,7 @@ impl Node {
             })
             .context("spawning the node thread")?;
         match ready_rx.recv() {
-            Ok(Ok((client_addr, admin_addr))) => Ok(Node { client_addr, admin_addr, shutdown, thread: Some(thread) }),
+            Ok(Ok((client_addr, admin_addr))) => Ok(Node { client_addr, admin_addr, tls: node_tls, shutdown, thread: Some(thread) }),
             Ok(Err(e)) => {
                 let _ = thread.join();
                 Err(e)
@@ -71,6 +78,12 @@ impl Node {
                 _ => Err(anyhow::anyhow!("node thread ended during start-up")),
             },
         }
+    }
+
+    /// The listeners' TLS, if `[tls]` is configured: [`crate::tls::ServerTls::reload`] swaps
+    /// the certificate for new connections.
+    pub fn tls(&self) -> Option<&crate::tls::ServerTls> {
+        self.tls.as_ref()
     }
 
     /// The token that stops the node when cancelled.
@@ -106,7 +119,7 @@ fn worker_threads() -> usize {
 
 type Ready = std::sync::mpsc::Sender<anyhow::Result<(SocketAddr, SocketAddr)>>;
 
-async fn run(settings: Settings, shutdown: CancellationToken, ready: Ready) -> anyhow::Result<()> {
+async fn run(settings: Settings, tls: Option<crate::tls::ServerTls>, shutdown: CancellationToken, ready: Ready) -> anyhow::Result<()> {
     let settings = Arc::new(settings);
     let node_id = NodeId(settings.node.id.clone());
     if settings.dev_mode {
@@ -116,6 +129,34 @@ async fn run(settings: Settings, shutdown: CancellationToken, ready: Ready) -> a
         );
     }
     tracing::info!(node = %node_id, service = %settings.node.service, "starting node");
+    match &tls {
+        Some(tls) => {
+            let cert = tls.certificate();
+            tracing::info!(
+                cert_file = %tls.files().0.display(),
+                fingerprint_sha256 = %cert.fingerprint_sha256,
+                serial = %cert.serial,
+                "TLS on every listener (client wss://, admin https://, node link wss://)"
+            );
+        }
+        None => {
+            for l in settings.plaintext_exposed() {
+                tracing::warn!(
+                    listener = l.listener,
+                    addr = %l.addr,
+                    "plaintext {} listener on a non-loopback address, allowed by {} = true: anyone on that network can read and alter its traffic",
+                    l.listener,
+                    l.insecure_key
+                );
+            }
+        }
+    }
+    // The node link dials its peer with TLS when this node's listeners have it (both nodes of a
+    // pair share the [tls] shape), trusting tls.ca_file.
+    let link_client_tls = match &tls {
+        Some(_) => Some(settings.tls_client_config().context("loading the TLS trust anchors (tls.ca_file)")?),
+        None => None,
+    };
 
     let url = settings.store_url();
     let store = Store::connect_with(&url, &settings.store)
@@ -221,12 +262,14 @@ async fn run(settings: Settings, shutdown: CancellationToken, ready: Ready) -> a
         .with_context(|| format!("binding the admin listener on {}", settings.listen.admin))?;
     let client_addr = client_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
-    let clients = tokio::spawn(transport::ws::serve(client_listener, router.clone(), shutdown.clone()));
+    let clients = tokio::spawn(transport::ws::serve(client_listener, router.clone(), tls.clone(), shutdown.clone()));
     let admin_state = admin::AdminState::new(settings.clone(), store.clone(), registry.clone(), router.clone())
         .with_recovery(recovery.as_ref().map(|(r, _)| r.clone()), link)
-        .with_plugins(plugins);
+        .with_plugins(plugins)
+        .with_tls(tls.clone());
     let admin = tokio::spawn(admin::serve(admin_listener, admin_state, shutdown.clone()));
-    tracing::info!(%client_addr, %admin_addr, "listening: clients at ws://{client_addr}/ws, admin at http://{admin_addr}/");
+    let (ws, http) = if tls.is_some() { ("wss", "https") } else { ("ws", "http") };
+    tracing::info!(%client_addr, %admin_addr, "listening: clients at {ws}://{client_addr}/ws, admin at {http}://{admin_addr}/");
     let _ = ready.send(Ok((client_addr, admin_addr)));
 
     shutdown.cancelled().await;

@@ -259,6 +259,99 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, TlsErr
     Ok(Arc::new(config))
 }
 
+/// Most TLS handshakes an [`TlsListener`] runs at once; more connections wait in the kernel's
+/// backlog. With [`HANDSHAKE_TIMEOUT`] this bounds what stalled peers can hold.
+const MAX_PENDING_HANDSHAKES: usize = 64;
+
+/// A TCP listener whose connections come out TLS-terminated, for `axum::serve` (the admin API).
+/// Handshakes run concurrently in a task of their own (each bounded by the handshake timeout),
+/// so one slow peer never holds up the next connection.
+pub struct TlsListener {
+    ready: tokio::sync::mpsc::Receiver<(tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::net::SocketAddr)>,
+    local: std::net::SocketAddr,
+}
+
+impl TlsListener {
+    /// Accept on `listener` and hand out streams that finished the TLS handshake, until
+    /// `shutdown`. `label` names the listener in logs and metrics.
+    pub fn new(
+        listener: tokio::net::TcpListener,
+        tls: ServerTls,
+        label: &'static str,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> std::io::Result<TlsListener> {
+        let local = listener.local_addr()?;
+        let (tx, ready) = tokio::sync::mpsc::channel(MAX_PENDING_HANDSHAKES);
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
+        tokio::spawn(async move {
+            loop {
+                let permit = tokio::select! {
+                    p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+                    _ = shutdown.cancelled() => return,
+                };
+                let (stream, peer) = tokio::select! {
+                    a = listener.accept() => match a {
+                        Ok(a) => a,
+                        Err(e) => {
+                            tracing::warn!(listener = label, error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                    _ = shutdown.cancelled() => return,
+                };
+                let (tls, tx) = (tls.clone(), tx.clone());
+                tokio::spawn(async move {
+                    match tls.accept(stream).await {
+                        Ok(stream) => {
+                            let _ = tx.send((stream, peer)).await;
+                        }
+                        Err(e) => {
+                            metrics::counter!("stoa_tls_handshake_failures_total", "listener" => label).increment(1);
+                            tracing::debug!(listener = label, %peer, error = %e, "TLS handshake failed");
+                        }
+                    }
+                    drop(permit);
+                });
+            }
+        });
+        Ok(TlsListener { ready, local })
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(accepted) => accepted,
+            // The accept task ended (shutdown): nothing more will come.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
+}
+
+/// Reload `tls` and log the outcome (`trigger`: what asked for it, e.g. `SIGHUP`).
+pub fn reload_logged(tls: &ServerTls, trigger: &str) -> Result<CertInfo, TlsError> {
+    let result = tls.reload();
+    match &result {
+        Ok(info) => tracing::info!(
+            trigger,
+            cert_file = %tls.files().0.display(),
+            fingerprint_sha256 = %info.fingerprint_sha256,
+            serial = %info.serial,
+            "TLS certificate reloaded"
+        ),
+        Err(e) => tracing::error!(trigger, error = %e, "TLS certificate reload failed; the previous certificate stays in use"),
+    }
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

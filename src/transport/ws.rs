@@ -1,4 +1,5 @@
-//! The WebSocket listener (`ws://HOST:PORT/ws`): accepts connections, enforces the transport
+//! The WebSocket listener (`ws://HOST:PORT/ws`, or `wss://` with `[tls]`: the TLS handshake runs
+//! first, bounded by [`crate::tls::HANDSHAKE_TIMEOUT`]): accepts connections, enforces the transport
 //! rules (text frames only, UTF-8, frame size, idle timeout, login timeout), and runs one reader
 //! (feeding the [`Connection`]) and one writer (draining the session queue, coalescing every
 //! frame already queued into one flush) per connection.
@@ -9,7 +10,8 @@ use crate::session::{KillReason, Outbound};
 use futures_util::{SinkExt, StreamExt};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::StatusCode;
@@ -29,8 +31,9 @@ const WRITE_BUFFER_BYTES: usize = 16 * 1024;
 /// a slow consumer.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Serve clients on `listener` until `shutdown`; returns once every connection has ended.
-pub async fn serve(listener: TcpListener, router: Arc<Router>, shutdown: CancellationToken) {
+/// Serve clients on `listener` (over TLS when `tls` is given) until `shutdown`; returns once
+/// every connection has ended.
+pub async fn serve(listener: TcpListener, router: Arc<Router>, tls: Option<crate::tls::ServerTls>, shutdown: CancellationToken) {
     let limits = &router.settings.limits;
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let tracker = TaskTracker::new();
@@ -54,10 +57,27 @@ pub async fn serve(listener: TcpListener, router: Arc<Router>, shutdown: Cancell
         let permit = slots.clone().try_acquire_owned().ok();
         let router = router.clone();
         let shutdown = shutdown.clone();
+        let tls = tls.clone();
         tracker.spawn(async move {
             let _ = stream.set_nodelay(true);
             router.count_connection(1);
-            run_connection(stream, router.clone(), shutdown, permit.is_some()).await;
+            match tls {
+                None => run_connection(stream, router.clone(), shutdown, permit.is_some()).await,
+                Some(tls) => {
+                    let accepted = tokio::select! {
+                        a = tls.accept(stream) => Some(a),
+                        _ = shutdown.cancelled() => None,
+                    };
+                    match accepted {
+                        Some(Ok(stream)) => run_connection(stream, router.clone(), shutdown, permit.is_some()).await,
+                        Some(Err(e)) => {
+                            metrics::counter!("stoa_tls_handshake_failures_total", "listener" => "client").increment(1);
+                            tracing::debug!(%peer, error = %e, "client TLS handshake failed");
+                        }
+                        None => {}
+                    }
+                }
+            }
             router.count_connection(-1);
             tracing::trace!(%peer, "connection ended");
             drop(permit);
@@ -67,7 +87,10 @@ pub async fn serve(listener: TcpListener, router: Arc<Router>, shutdown: Cancell
     tracker.wait().await;
 }
 
-async fn run_connection(stream: TcpStream, router: Arc<Router>, shutdown: CancellationToken, admitted: bool) {
+async fn run_connection<S>(stream: S, router: Arc<Router>, shutdown: CancellationToken, admitted: bool)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let limits = router.settings.limits.clone();
     let config = WebSocketConfig::default()
         .read_buffer_size(4096)
