@@ -191,6 +191,27 @@ impl TokenBucket {
     }
 }
 
+/// Sequence numbers are stored as signed 64-bit integers: larger cursors are refused rather
+/// than wrapped.
+fn check_seq(what: &str, seq: Option<u64>) -> Result<(), (ErrorCode, String)> {
+    match seq {
+        Some(s) if s > i64::MAX as u64 => err(ErrorCode::BadRequest, format!("{what} is at most {}", i64::MAX)),
+        _ => Ok(()),
+    }
+}
+
+/// How many of `items` (from the end when `from_end`) fit in `budget` bytes of JSON; at least
+/// one, so a page always moves on (one item always fits: the settings check guarantees it).
+fn fitting<T: serde::Serialize>(items: &[T], budget: usize, from_end: bool) -> usize {
+    let mut used = 512; // the answer's own fields
+    let mut take = |item: &T| {
+        used += serde_json::to_string(item).map_or(0, |j| j.len()) + 1;
+        used <= budget
+    };
+    let fit = if from_end { items.iter().rev().take_while(|i| take(i)).count() } else { items.iter().take_while(|i| take(i)).count() };
+    fit.max(1).min(items.len())
+}
+
 /// What the transport should do after a frame.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Flow {
@@ -475,6 +496,7 @@ impl Connection {
             ClientFrame::Join { id, room, nick, since, password } => {
                 self.check_room(&room)?;
                 self.check_nick(&nick)?;
+                check_seq("since", since)?;
                 if session.room(&room).is_none() && session.room_count() >= limits.max_rooms_per_connection {
                     return err(
                         ErrorCode::TooLarge,
@@ -518,6 +540,8 @@ impl Connection {
             }
             ClientFrame::History { id, room, before, after, limit } => {
                 self.check_room(&room)?;
+                check_seq("before", before)?;
+                check_seq("after", after)?;
                 let limit = limit.unwrap_or(HISTORY_DEFAULT_LIMIT);
                 if limit == 0 {
                     return err(ErrorCode::BadRequest, "limit must be at least 1");
@@ -535,7 +559,7 @@ impl Connection {
                     .messages(room_id, after.unwrap_or(0), before, limit + 1, newest_first)
                     .await
                     .map_err(|e| room_err(e.into()))?;
-                let truncated = rows.len() as u64 > limit;
+                let mut truncated = rows.len() as u64 > limit;
                 if truncated {
                     if newest_first {
                         rows.remove(0);
@@ -543,7 +567,7 @@ impl Connection {
                         rows.pop();
                     }
                 }
-                let messages = rows
+                let mut messages: Vec<_> = rows
                     .into_iter()
                     .map(|m| crate::protocol::MessageEvent {
                         room: room.clone(),
@@ -555,6 +579,16 @@ impl Connection {
                         ts: m.created_at,
                     })
                     .collect();
+                // Page by bytes too: keep the messages nearest the cursor that fit.
+                let kept = fitting(&messages, limits.max_answer_bytes, newest_first);
+                if kept < messages.len() {
+                    truncated = true;
+                    if newest_first {
+                        messages.drain(..messages.len() - kept);
+                    } else {
+                        messages.truncate(kept);
+                    }
+                }
                 Ok(Some(ServerFrame::History { re: id, room, messages, truncated }))
             }
             ClientFrame::Subject { id, room, subject } => {

@@ -9,10 +9,10 @@ use crate::session::{KillReason, Outbound};
 use futures_util::{SinkExt, StreamExt};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
-use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
-use tokio_tungstenite::tungstenite::http::StatusCode;
+use super::upgrade::{self, HeadError, Prefixed};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
@@ -29,10 +29,22 @@ const WRITE_BUFFER_BYTES: usize = 16 * 1024;
 /// a slow consumer.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Largest frame the server writes. A `joined` of a full room is the largest frame there is
+/// (answers are paged by `limits.max_answer_bytes`); this equals the largest frame common
+/// WebSocket clients accept (tungstenite's default), and bounds what one stuck connection can
+/// hold in its write buffer.
+const MAX_SERVER_FRAME_BYTES: usize = 16 * 1024 * 1024;
+
 /// Serve clients on `listener` until `shutdown`; returns once every connection has ended.
+///
+/// A connection holds a *handshake slot* (`limits.max_pending_handshakes`) from TCP accept
+/// until its WebSocket upgrade is done or `limits.handshake_timeout_ms` runs out, and a
+/// *connection slot* (`limits.max_connections`) only once a whole upgrade request has arrived:
+/// sockets that trickle bytes (slow-loris) cannot keep real clients out.
 pub async fn serve(listener: TcpListener, router: Arc<Router>, shutdown: CancellationToken) {
     let limits = &router.settings.limits;
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let handshakes = Arc::new(Semaphore::new(limits.max_pending_handshakes));
     let tracker = TaskTracker::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -51,55 +63,87 @@ pub async fn serve(listener: TcpListener, router: Arc<Router>, shutdown: Cancell
             },
             _ = shutdown.cancelled() => break,
         };
-        let permit = slots.clone().try_acquire_owned().ok();
+        let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
+            metrics::counter!("stoa_connections_refused_total", "reason" => "handshakes").increment(1);
+            tracing::debug!(%peer, "refused: too many connections in their handshake");
+            continue; // dropping the socket closes it
+        };
         let router = router.clone();
         let shutdown = shutdown.clone();
+        let slots = slots.clone();
         tracker.spawn(async move {
             let _ = stream.set_nodelay(true);
+            let timeout = Duration::from_millis(router.settings.limits.handshake_timeout_ms);
+            let upgraded = match tokio::time::timeout(timeout, upgrade(stream, &router, &slots)).await {
+                Ok(upgraded) => upgraded,
+                Err(_) => {
+                    metrics::counter!("stoa_connections_refused_total", "reason" => "handshake_timeout").increment(1);
+                    tracing::debug!(%peer, "closed: no WebSocket upgrade in time");
+                    None
+                }
+            };
+            drop(handshake);
+            let Some((ws, slot)) = upgraded else { return };
             router.count_connection(1);
-            run_connection(stream, router.clone(), shutdown, permit.is_some()).await;
+            run_connection(ws, router.clone(), shutdown).await;
             router.count_connection(-1);
             tracing::trace!(%peer, "connection ended");
-            drop(permit);
+            drop(slot);
         });
     }
     tracker.close();
     tracker.wait().await;
 }
 
-async fn run_connection(stream: TcpStream, router: Arc<Router>, shutdown: CancellationToken, admitted: bool) {
-    let limits = router.settings.limits.clone();
+type Ws<S> = tokio_tungstenite::WebSocketStream<Prefixed<S>>;
+
+/// Read the request, answer what is not an upgrade at `/ws` (or finds every slot taken) with
+/// an HTTP error, and upgrade the rest; returns the WebSocket and its connection slot.
+async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, router: &Router, slots: &Arc<Semaphore>) -> Option<(Ws<S>, OwnedSemaphorePermit)> {
+    let limits = &router.settings.limits;
+    let (head, read) = match upgrade::read_head(&mut stream).await {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::debug!(error = %e, "no WebSocket upgrade request");
+            if matches!(e, HeadError::TooLarge | HeadError::Malformed) {
+                upgrade::refuse(&mut stream, 400, "Bad Request", "not an HTTP request Stoa can serve\n").await;
+            }
+            return None;
+        }
+    };
+    if head.path != "/ws" {
+        upgrade::refuse(&mut stream, 404, "Not Found", "Stoa speaks WebSocket at /ws\n").await;
+        return None;
+    }
+    if !head.websocket {
+        let body = "this is Stoa's WebSocket endpoint: connect with a WebSocket client and speak protocol v1 (docs/protocol.md)\n";
+        upgrade::refuse(&mut stream, 426, "Upgrade Required", body).await;
+        return None;
+    }
+    let Ok(slot) = slots.clone().try_acquire_owned() else {
+        metrics::counter!("stoa_connections_refused_total", "reason" => "max_connections").increment(1);
+        upgrade::refuse(&mut stream, 503, "Service Unavailable", "too many connections\n").await;
+        return None;
+    };
     let config = WebSocketConfig::default()
         .read_buffer_size(4096)
         // Frames accumulate up to this much before a write; the writer flushes after each batch,
         // so a burst of queued frames becomes one syscall (coalescing).
         .write_buffer_size(WRITE_BUFFER_BYTES)
-        .max_write_buffer_size(limits.max_frame_bytes * 4 + 65536)
+        .max_write_buffer_size(WRITE_BUFFER_BYTES + MAX_SERVER_FRAME_BYTES)
         .max_message_size(Some(limits.max_frame_bytes))
         .max_frame_size(Some(limits.max_frame_bytes));
-    // tungstenite's handshake callback fixes this signature, large error variant and all.
-    #[allow(clippy::result_large_err)]
-    let check = move |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
-        let refuse = |status: StatusCode, body: &str| {
-            let mut r = ErrorResponse::new(Some(body.to_owned()));
-            *r.status_mut() = status;
-            Err(r)
-        };
-        if req.uri().path() != "/ws" {
-            return refuse(StatusCode::NOT_FOUND, "Stoa speaks WebSocket at /ws\n");
-        }
-        if !admitted {
-            return refuse(StatusCode::SERVICE_UNAVAILABLE, "too many connections\n");
-        }
-        Ok(resp)
-    };
-    let ws = match tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(config)).await {
-        Ok(ws) => ws,
+    match tokio_tungstenite::accept_async_with_config(Prefixed::new(read, stream), Some(config)).await {
+        Ok(ws) => Some((ws, slot)),
         Err(e) => {
             tracing::debug!(error = %e, "websocket handshake failed");
-            return;
+            None
         }
-    };
+    }
+}
+
+async fn run_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(ws: Ws<S>, router: Arc<Router>, shutdown: CancellationToken) {
+    let limits = router.settings.limits.clone();
     let (mut sink, mut source) = ws.split();
     let (tx, mut rx) = mpsc::channel::<Outbound>(limits.outbound_queue);
     let kill = CancellationToken::new();
@@ -138,8 +182,20 @@ async fn run_connection(stream: TcpStream, router: Arc<Router>, shutdown: Cancel
                         };
                         match result {
                             Ok(Ok(())) => {}
-                            Ok(Err(_)) => return, // the socket is gone
-                            Err(_) => { writer_kill.cancel(); break; }
+                            Err(_) => {
+                                metrics::counter!("stoa_slow_consumers_total").increment(1);
+                                tracing::info!("disconnecting a slow consumer: a write took over {WRITE_TIMEOUT:?}");
+                                writer_kill.cancel();
+                                break;
+                            }
+                            Ok(Err(e)) => {
+                                // The socket is gone or cannot take the frame: end the connection
+                                // (the reader leaves its rooms) rather than leave it half dead.
+                                metrics::counter!("stoa_write_failures_total").increment(1);
+                                tracing::debug!(error = %e, "write failed; closing the connection");
+                                writer_kill.cancel();
+                                return;
+                            }
                         }
                     }
                 },
