@@ -182,6 +182,12 @@ pub struct AuthSettings {
     pub admin_token_file: Option<PathBuf>,
     /// Session tokens expire after this long.
     pub session_ttl_s: u64,
+    /// Failed logins allowed per user name (across connections) per `login_failure_window_s`;
+    /// then logins for that name are refused with `rate_limited` until the budget refills.
+    pub login_failures_per_user: u32,
+    /// The same per source address, over every user name it tries.
+    pub login_failures_per_address: u32,
+    pub login_failure_window_s: u64,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -284,6 +290,9 @@ impl Default for AuthSettings {
             admin_token: String::new(),
             admin_token_file: None,
             session_ttl_s: 7 * 24 * 3600,
+            login_failures_per_user: 5,
+            login_failures_per_address: 30,
+            login_failure_window_s: 60,
         }
     }
 }
@@ -412,6 +421,9 @@ impl Settings {
             // A body of control characters is six times longer as JSON; one message must
             // always fit in an answer.
             return invalid("limits.max_answer_bytes must be at least 6 × limits.max_body_bytes + 4096".into());
+        }
+        if self.auth.login_failures_per_user == 0 || self.auth.login_failures_per_address == 0 || self.auth.login_failure_window_s == 0 {
+            return invalid("auth.login_failures_per_user, login_failures_per_address and login_failure_window_s must be at least 1".into());
         }
         if self.limits.max_pending_handshakes == 0 || self.limits.handshake_timeout_ms == 0 {
             return invalid("limits.max_pending_handshakes and handshake_timeout_ms must be at least 1".into());

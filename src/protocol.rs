@@ -649,6 +649,9 @@ pub enum ServerFrame {
         message: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         room: Option<RoomAddr>,
+        /// With `rate_limited`: how long to wait before trying again.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
     },
 }
 
@@ -660,7 +663,7 @@ impl ServerFrame {
 
     /// An error answer.
     pub fn error(re: Option<RequestId>, code: ErrorCode, message: impl Into<String>) -> Self {
-        ServerFrame::Error { re, code, message: message.into(), room: None }
+        ServerFrame::Error { re, code, message: message.into(), room: None, retry_after_ms: None }
     }
 
     /// The `re` of an answer, if this frame is one.

@@ -126,6 +126,7 @@ on_every_backend! {
 // Transport behaviour does not depend on the store.
 on_backends! {[sqlite]
     security::slow_loris_sockets_do_not_lock_out_real_clients,
+    security::failed_logins_are_throttled_across_connections,
 }
 
 // Plugin behaviour does not depend on the store: these run on SQLite only.

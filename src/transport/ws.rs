@@ -85,7 +85,7 @@ pub async fn serve(listener: TcpListener, router: Arc<Router>, shutdown: Cancell
             drop(handshake);
             let Some((ws, slot)) = upgraded else { return };
             router.count_connection(1);
-            run_connection(ws, router.clone(), shutdown).await;
+            run_connection(ws, peer.ip(), router.clone(), shutdown).await;
             router.count_connection(-1);
             tracing::trace!(%peer, "connection ended");
             drop(slot);
@@ -142,12 +142,12 @@ async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, router: &Rout
     }
 }
 
-async fn run_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(ws: Ws<S>, router: Arc<Router>, shutdown: CancellationToken) {
+async fn run_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(ws: Ws<S>, address: std::net::IpAddr, router: Arc<Router>, shutdown: CancellationToken) {
     let limits = router.settings.limits.clone();
     let (mut sink, mut source) = ws.split();
     let (tx, mut rx) = mpsc::channel::<Outbound>(limits.outbound_queue);
     let kill = CancellationToken::new();
-    let mut conn = Connection::new(router.clone(), tx, kill.clone());
+    let mut conn = Connection::new(router.clone(), tx, kill.clone()).from_address(address);
 
     // Writer: everything the client receives goes through here, in queue order.
     let writer_kill = kill.clone();

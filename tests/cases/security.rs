@@ -251,3 +251,60 @@ pub async fn out_of_range_numbers_nul_and_duplicate_keys_are_refused(db: &TestDb
     let history = ann.history_all(&r).await;
     assert_eq!(history.len(), 50, "only bob's messages are stored");
 }
+
+/// Issue 8, finding 6: failed logins are throttled per user name and per source address
+/// across connections (a new connection per guess used to get 560 guesses in 6 s, and the
+/// right password still worked at once). Past the budget even the right password is refused
+/// with `rate_limited` and `retry_after_ms`, until the budget refills. Also (finding 7) a
+/// session token with a wrong password beside it no longer logs in.
+pub async fn failed_logins_are_throttled_across_connections(db: &TestDb) {
+    use serde_json::json;
+    let mut settings = db.settings("n1");
+    settings.auth.login_failures_per_user = 3;
+    settings.auth.login_failures_per_address = 6;
+    settings.auth.login_failure_window_s = 5;
+    settings.auth.allow_guests = false;
+    let node = TestNode::start(settings).await;
+    let auth = stoa::auth::Auth::new(db.store().await, false, 3600);
+    auth.add_user("rita", "correct horse battery").await.unwrap();
+    auth.add_user("bob", "battery staple horse").await.unwrap();
+    let hello = |user: &str, password: &str| json!({"op": "hello", "v": 1, "user": user, "password": password});
+    let attempt = |v: serde_json::Value| async move { crate::harness::Client::connect_raw(node.client_addr).await.request(v).await };
+
+    for i in 0..3 {
+        crate::harness::assert_error(&attempt(hello("rita", &format!("guess {i}"))).await, "unauthorized", "a wrong guess");
+    }
+    let refused = attempt(hello("rita", "correct horse battery")).await;
+    crate::harness::assert_error(&refused, "rate_limited", "the right password past the budget");
+    assert!(refused["retry_after_ms"].as_u64().is_some_and(|ms| ms > 0 && ms <= 5_000), "{refused}");
+    assert!(refused["message"].as_str().unwrap_or("").contains("user"), "{refused}");
+
+    // Another user from the same address is not held up by rita's budget ...
+    let w = attempt(hello("bob", "battery staple horse")).await;
+    assert_eq!(w["op"], "welcome", "{w}");
+    let token = w["session"].as_str().unwrap().to_owned();
+    let a = attempt(json!({"op": "hello", "v": 1, "token": token, "password": "wrong"})).await;
+    crate::harness::assert_error(&a, "unauthorized", "a token beside a wrong password");
+    // ... until the address's own budget is spent on other names.
+    for i in 0..3 {
+        attempt(hello(&format!("nobody{i}"), "x")).await;
+    }
+    let by_address = attempt(hello("bob", "battery staple horse")).await;
+    crate::harness::assert_error(&by_address, "rate_limited", "past the address's budget");
+    assert!(by_address["message"].as_str().unwrap_or("").contains("address"), "{by_address}");
+
+    // The budget refills: the right password works again.
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let w = attempt(hello("rita", "correct horse battery")).await;
+        if w["op"] == "welcome" {
+            break;
+        }
+        crate::harness::assert_error(&w, "rate_limited", "while the budget refills");
+        assert!(std::time::Instant::now() < deadline, "the budget never refilled: {w}");
+        let wait = w["retry_after_ms"].as_u64().unwrap_or(100).min(1_000);
+        tokio::time::sleep(Duration::from_millis(wait)).await; // the server said when
+    }
+    let metrics = crate::harness::http_get(node.admin_addr, "/metrics", None).await.1;
+    assert!(metrics.contains("stoa_logins_throttled_total"), "throttled logins are counted");
+}
