@@ -175,8 +175,35 @@ fn default_page() -> u64 {
     100
 }
 
-async fn rooms(State(state): State<AdminState>, Query(page): Query<Page>) -> Response {
-    let limit = page.limit.clamp(1, 1000);
+/// Largest `limit` of a paged admin list.
+const MAX_PAGE: u64 = 1000;
+
+fn bad_request(message: String) -> Response {
+    (StatusCode::BAD_REQUEST, Json(json!({"error": "bad_request", "message": message}))).into_response()
+}
+
+/// A query string that parsed, or the 400 that says why not.
+fn query<T>(q: Result<Query<T>, axum::extract::rejection::QueryRejection>) -> Result<T, Response> {
+    q.map(|Query(t)| t).map_err(|e| bad_request(e.body_text()))
+}
+
+/// `limit` in 1..=[`MAX_PAGE`], `offset` a position the store can seek to.
+fn check_page(offset: u64, limit: u64) -> Result<(), Response> {
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(bad_request(format!("limit must be 1 to {MAX_PAGE}")));
+    }
+    if offset > i64::MAX as u64 {
+        return Err(bad_request(format!("offset must be at most {}", i64::MAX)));
+    }
+    Ok(())
+}
+
+async fn rooms(State(state): State<AdminState>, page: Result<Query<Page>, axum::extract::rejection::QueryRejection>) -> Response {
+    let page = match query(page).and_then(|p| check_page(p.offset, p.limit).map(|()| p)) {
+        Ok(p) => p,
+        Err(answer) => return answer,
+    };
+    let limit = page.limit;
     let (total, rows) = match tokio::try_join!(state.store.count_rooms(), state.store.list_rooms(page.offset, limit)) {
         Ok(r) => r,
         Err(e) => return store_down(e),
@@ -350,8 +377,12 @@ struct AuditQuery {
     limit: Option<u64>,
 }
 
-async fn audit(State(state): State<AdminState>, Query(q): Query<AuditQuery>) -> Response {
-    match crate::ha::fencing::audit_log(&state.store, q.limit.unwrap_or(100).min(1000)).await {
+async fn audit(State(state): State<AdminState>, q: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>) -> Response {
+    let limit = match query(q).and_then(|q| check_page(0, q.limit.unwrap_or(100)).map(|()| q.limit.unwrap_or(100))) {
+        Ok(l) => l,
+        Err(answer) => return answer,
+    };
+    match crate::ha::fencing::audit_log(&state.store, limit).await {
         Ok(rows) => Json(json!({"entries": rows})).into_response(),
         Err(e) => store_down(e),
     }

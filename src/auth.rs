@@ -4,6 +4,8 @@
 //! database does not leak live sessions. Tokens live in the shared store, so a client can
 //! resume on any node of its group with the token from `welcome`.
 
+pub mod throttle;
+
 use crate::store::{Store, StoreError, now_ms};
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier, phc::PasswordHash};
@@ -110,6 +112,10 @@ impl Auth {
     /// Log in with a token, a password, or (if allowed) as a guest with an unregistered name.
     pub async fn login(&self, user: Option<&str>, password: Option<&str>, token: Option<&str>) -> Result<LoggedIn, AuthError> {
         if let Some(token) = token {
+            if password.is_some() {
+                // A password beside a token would be ignored; say so rather than log in.
+                return Err(AuthError::Denied("give either `token` or `password`, not both"));
+            }
             let (name, guest) = self
                 .store
                 .lookup_session(&token_hash(token))

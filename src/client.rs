@@ -1540,6 +1540,7 @@ mod tests {
             code: ErrorCode::Forbidden,
             message: "outcast".into(),
             room: Some(room()),
+            retry_after_ms: None,
         });
         assert!(matches!(events.try_recv().unwrap(), ClientEvent::RejoinFailed { code: ErrorCode::Forbidden, .. }));
         assert!(s.state().rooms.is_empty());

@@ -270,24 +270,36 @@ async fn commit(store: &Store, batch: Vec<Job>, rows: usize) {
     let started = Instant::now();
     let (requests, replies): (Vec<AppendRequest>, Vec<_>) = batch.into_iter().map(|j| (j.request, j.reply)).unzip();
     metrics::histogram!("stoa_commit_batch_rows").record(rows as f64);
-    match store.append_batch(&requests).await {
-        Ok(results) => {
-            metrics::histogram!("stoa_commit_seconds").record(started.elapsed().as_secs_f64());
-            let mut committed = 0u64;
-            for (result, reply) in results.into_iter().zip(replies) {
-                if let Ok(a) = &result {
-                    committed += a.outcomes.iter().filter(|o| !o.duplicate).count() as u64;
-                }
-                let _ = reply.send(result.map_err(CommitError::from));
-            }
-            metrics::counter!("stoa_messages_committed_total").increment(committed);
+    let results = commit_isolating(store, &requests).await;
+    metrics::histogram!("stoa_commit_seconds").record(started.elapsed().as_secs_f64());
+    let mut committed = 0u64;
+    for (result, reply) in results.into_iter().zip(replies) {
+        if let Ok(a) = &result {
+            committed += a.outcomes.iter().filter(|o| !o.duplicate).count() as u64;
+        }
+        let _ = reply.send(result);
+    }
+    metrics::counter!("stoa_messages_committed_total").increment(committed);
+}
+
+/// Commit `requests` in one transaction; if the database refuses it (one room's rows it will
+/// not take), commit each half on its own, down to the request it refuses, so one bad row
+/// never fails another sender's message. A failed connection fails the whole batch: nothing
+/// is gained by retrying its parts.
+async fn commit_isolating(store: &Store, requests: &[AppendRequest]) -> Vec<Result<Appended, CommitError>> {
+    match store.append_batch(requests).await {
+        Ok(results) => results.into_iter().map(|r| r.map_err(CommitError::from)).collect(),
+        Err(e) if requests.len() > 1 && e.is_refused_statement() => {
+            tracing::debug!(error = %e, rooms = requests.len(), "group commit refused; committing its halves apart");
+            let (left, right) = requests.split_at(requests.len() / 2);
+            let mut results = Box::pin(commit_isolating(store, left)).await;
+            results.extend(Box::pin(commit_isolating(store, right)).await);
+            results
         }
         Err(e) => {
-            tracing::warn!(error = %e, rooms = requests.len(), rows, "group commit failed");
+            tracing::warn!(error = %e, rooms = requests.len(), "group commit failed");
             metrics::counter!("stoa_commit_failures_total").increment(1);
-            for reply in replies {
-                let _ = reply.send(Err(CommitError::Failed(e.to_string())));
-            }
+            requests.iter().map(|_| Err(CommitError::Failed(e.to_string()))).collect()
         }
     }
 }

@@ -228,6 +228,12 @@ pub struct AuthSettings {
     pub admin_token_file: Option<PathBuf>,
     /// Session tokens expire after this long.
     pub session_ttl_s: u64,
+    /// Failed logins allowed per user name (across connections) per `login_failure_window_s`;
+    /// then logins for that name are refused with `rate_limited` until the budget refills.
+    pub login_failures_per_user: u32,
+    /// The same per source address, over every user name it tries.
+    pub login_failures_per_address: u32,
+    pub login_failure_window_s: u64,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -249,8 +255,17 @@ pub struct LimitSettings {
     pub hello_timeout_ms: u64,
     /// Frames queued for one connection; a connection that lets it fill is disconnected.
     pub outbound_queue: usize,
-    /// Max connections the client listener accepts at once.
+    /// Max connections the client listener accepts at once (a slot is taken once a whole
+    /// WebSocket upgrade request has arrived).
     pub max_connections: usize,
+    /// Connections that may be in their handshake (TCP accepted, upgrade not done) at once;
+    /// more are closed at accept.
+    pub max_pending_handshakes: usize,
+    /// A connection must complete its WebSocket upgrade within this long.
+    pub handshake_timeout_ms: u64,
+    /// Largest answer a request gets, in bytes of JSON: `history` and `list` pages stop
+    /// before it and say `truncated`.
+    pub max_answer_bytes: usize,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -323,6 +338,9 @@ impl Default for AuthSettings {
             admin_token: String::new(),
             admin_token_file: None,
             session_ttl_s: 7 * 24 * 3600,
+            login_failures_per_user: 5,
+            login_failures_per_address: 30,
+            login_failure_window_s: 60,
         }
     }
 }
@@ -342,6 +360,9 @@ impl Default for LimitSettings {
             hello_timeout_ms: 10_000,
             outbound_queue: 4096,
             max_connections: 15_000,
+            max_pending_handshakes: 1024,
+            handshake_timeout_ms: 5_000,
+            max_answer_bytes: 256 * 1024,
         }
     }
 }
@@ -449,6 +470,17 @@ impl Settings {
         }
         if !matches!(self.store.sqlite_synchronous.as_str(), "full" | "normal" | "extra" | "off") {
             return invalid("store.sqlite_synchronous must be full, normal, extra or off".into());
+        }
+        if self.limits.max_answer_bytes < 6 * self.limits.max_body_bytes + 4096 {
+            // A body of control characters is six times longer as JSON; one message must
+            // always fit in an answer.
+            return invalid("limits.max_answer_bytes must be at least 6 × limits.max_body_bytes + 4096".into());
+        }
+        if self.auth.login_failures_per_user == 0 || self.auth.login_failures_per_address == 0 || self.auth.login_failure_window_s == 0 {
+            return invalid("auth.login_failures_per_user, login_failures_per_address and login_failure_window_s must be at least 1".into());
+        }
+        if self.limits.max_pending_handshakes == 0 || self.limits.handshake_timeout_ms == 0 {
+            return invalid("limits.max_pending_handshakes and handshake_timeout_ms must be at least 1".into());
         }
         if self.limits.outbound_queue == 0 || self.limits.requests_per_second == 0 {
             return invalid("limits.outbound_queue and requests_per_second must be at least 1".into());

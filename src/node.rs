@@ -241,6 +241,8 @@ async fn run(settings: Settings, tls: Option<crate::tls::ServerTls>, shutdown: C
                 peer_link: peer.link.clone(),
                 secret: settings.cluster.secret.clone(),
                 heartbeat: Duration::from_millis(settings.cluster.heartbeat_ms),
+                tls: tls.clone(),
+                client_tls: link_client_tls.clone(),
             };
             let forwarder = crate::forward::Forwarder::new(router.clone(), NodeId(peer.id.clone()), me.client.clone());
             let link = crate::ha::link::start(listener, config, Arc::new(recovery.clone()), forwarder.clone(), shutdown.clone());

@@ -335,13 +335,89 @@ pub struct FrameError {
     pub message: String,
 }
 
+/// Rules a frame's JSON must follow beyond its shape: no key twice in one object (which value
+/// counts would be a guess), and no U+0000 in any string (no store keeps it in text, and it
+/// hides the rest of a string from C-based tools).
+mod strict {
+    use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+    use std::borrow::Cow;
+    use std::fmt;
+
+    /// Check `text` (already known to be JSON); the error is the client's message.
+    pub fn check(text: &str) -> Result<(), String> {
+        let mut de = serde_json::Deserializer::from_str(text);
+        Walk.deserialize(&mut de).map_err(|e| {
+            // serde_json appends " at line L column C"; the rule is the useful part.
+            let m = e.to_string();
+            m.split(" at line ").next().unwrap_or(&m).to_owned()
+        })
+    }
+
+    struct Walk;
+
+    impl<'de> DeserializeSeed<'de> for Walk {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    fn no_nul<E: de::Error>(s: &str) -> Result<(), E> {
+        if s.contains('\0') { Err(E::custom("strings may not contain U+0000 (NUL)")) } else { Ok(()) }
+    }
+
+    impl<'de> Visitor<'de> for Walk {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("JSON")
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_unit<E>(self) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_str<E: de::Error>(self, s: &str) -> Result<(), E> {
+            no_nul(s)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            while seq.next_element_seed(Walk)?.is_some() {}
+            Ok(())
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            let mut keys: Vec<Cow<'de, str>> = Vec::new();
+            while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                no_nul(&key)?;
+                if keys.contains(&key) {
+                    return Err(de::Error::custom(format!("duplicate key `{key}`")));
+                }
+                keys.push(key);
+                map.next_value_seed(Walk)?;
+            }
+            Ok(())
+        }
+    }
+}
+
 /// Parse a client text frame. Errors say which rule the frame broke: not JSON, not an object,
 /// no `op`, unknown op, or a missing / mistyped / unknown field.
 pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
     // Well-formed frames (nearly all of them) parse in one pass; only a failure pays for the
     // second, diagnosing pass below.
     if let Ok(frame) = serde_json::from_str::<ClientFrame>(text) {
-        return Ok(frame);
+        return match strict::check(text) {
+            Ok(()) => Ok(frame),
+            Err(message) => Err(FrameError { re: frame.id().cloned(), message }),
+        };
     }
     let value: serde_json::Value = serde_json::from_str(text).map_err(|e| FrameError {
         re: None,
@@ -351,6 +427,8 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
         re: None,
         message: "a frame must be a JSON object".into(),
     })?;
+    let id = || obj.get("id").and_then(|v| v.as_str()).map(|s| RequestId(s.to_owned()));
+    strict::check(text).map_err(|message| FrameError { re: id(), message })?;
     let re = obj
         .get("id")
         .and_then(|v| v.as_str())
@@ -571,6 +649,9 @@ pub enum ServerFrame {
         message: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         room: Option<RoomAddr>,
+        /// With `rate_limited`: how long to wait before trying again.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
     },
 }
 
@@ -582,7 +663,7 @@ impl ServerFrame {
 
     /// An error answer.
     pub fn error(re: Option<RequestId>, code: ErrorCode, message: impl Into<String>) -> Self {
-        ServerFrame::Error { re, code, message: message.into(), room: None }
+        ServerFrame::Error { re, code, message: message.into(), room: None, retry_after_ms: None }
     }
 
     /// The `re` of an answer, if this frame is one.
@@ -623,6 +704,25 @@ pub mod close_code {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn duplicate_keys_and_nul_characters_are_refused() {
+        let dup = r#"{"op":"send","id":"1","room":"a@b","body":"x","body":"y","cid":"c"}"#;
+        let e = parse_client_frame(dup).unwrap_err();
+        assert!(e.message.contains("duplicate key `body`"), "{}", e.message);
+        assert_eq!(e.re, Some(RequestId("1".into())), "the error answers the request");
+        let nested = r#"{"op":"create","id":"2","room":"a@b","config":{"public":true,"public":false}}"#;
+        assert!(parse_client_frame(nested).unwrap_err().message.contains("duplicate key"));
+        for nul in [
+            r#"{"op":"send","id":"3","room":"a@b","body":"a\u0000b","cid":"c"}"#,
+            r#"{"op":"send","id":"3","room":"a@b","body":"ab","cid":"\u0000"}"#,
+        ] {
+            assert!(parse_client_frame(nul).unwrap_err().message.contains("U+0000"), "{nul}");
+        }
+        // An escaped backslash before `u0000` is no NUL.
+        let fine = r#"{"op":"send","id":"4","room":"a@b","body":"a\\u0000b","cid":"c"}"#;
+        assert!(parse_client_frame(fine).is_ok());
+    }
 
     #[test]
     fn every_client_frame_round_trips() {

@@ -430,6 +430,7 @@ impl Room {
                     code,
                     message: message.into(),
                     room: Some(self.addr.clone()),
+                    retry_after_ms: None,
                 });
             }
         }
@@ -503,6 +504,7 @@ impl Room {
                 code: ErrorCode::Unavailable,
                 message: "room is no longer served here; join again".into(),
                 room: Some(self.addr.clone()),
+                retry_after_ms: None,
             },
         };
         self.dismiss_all_and_stop(&frame, ctx);

@@ -49,6 +49,8 @@ pub struct Router {
     forwarder: std::sync::OnceLock<std::sync::Weak<crate::forward::Forwarder>>,
     /// Since when every `accept` on the client listener has failed (the `router` probe).
     accept_failing_since: std::sync::Mutex<Option<Instant>>,
+    /// Failed logins per user name and source address, across connections.
+    throttle: crate::auth::throttle::LoginThrottle,
 }
 
 /// How long a login waits for a node that does not serve clients yet (it may be taking its
@@ -68,7 +70,14 @@ impl Router {
     }
 
     pub fn new(settings: Arc<Settings>, registry: RoomRegistry, store: Store, auth: Auth) -> Self {
+        use crate::auth::throttle::{LoginThrottle, Policy};
+        let window = std::time::Duration::from_secs(settings.auth.login_failure_window_s);
+        let throttle = LoginThrottle::new(
+            Policy { burst: settings.auth.login_failures_per_user, window },
+            Policy { burst: settings.auth.login_failures_per_address, window },
+        );
         Router {
+            throttle,
             settings,
             registry,
             store,
@@ -191,6 +200,27 @@ impl TokenBucket {
     }
 }
 
+/// Sequence numbers are stored as signed 64-bit integers: larger cursors are refused rather
+/// than wrapped.
+fn check_seq(what: &str, seq: Option<u64>) -> Result<(), (ErrorCode, String)> {
+    match seq {
+        Some(s) if s > i64::MAX as u64 => err(ErrorCode::BadRequest, format!("{what} is at most {}", i64::MAX)),
+        _ => Ok(()),
+    }
+}
+
+/// How many of `items` (from the end when `from_end`) fit in `budget` bytes of JSON; at least
+/// one, so a page always moves on (one item always fits: the settings check guarantees it).
+fn fitting<T: serde::Serialize>(items: &[T], budget: usize, from_end: bool) -> usize {
+    let mut used = 512; // the answer's own fields
+    let mut take = |item: &T| {
+        used += serde_json::to_string(item).map_or(0, |j| j.len()) + 1;
+        used <= budget
+    };
+    let fit = if from_end { items.iter().rev().take_while(|i| take(i)).count() } else { items.iter().take_while(|i| take(i)).count() };
+    fit.max(1).min(items.len())
+}
+
 /// What the transport should do after a frame.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Flow {
@@ -211,6 +241,10 @@ pub struct Connection {
     hosted_elsewhere: Option<crate::store::NodeId>,
     /// This connection has forwarded a room request to the peer (so later frames may have to).
     forwards: bool,
+    /// The client's address, for login throttling (none for the peer's forwarded sessions).
+    address: Option<std::net::IpAddr>,
+    /// When the answer being built refuses a throttled login: how long to wait.
+    retry_after_ms: Option<u64>,
 }
 
 /// An answer to send, `None` when the room answers through the session queue itself.
@@ -232,7 +266,13 @@ impl Connection {
     pub fn new(router: Arc<Router>, outbound: mpsc::Sender<Outbound>, kill: CancellationToken) -> Self {
         let limits = &router.settings.limits;
         let bucket = TokenBucket::new(limits.requests_per_second, limits.request_burst);
-        Connection { router, outbound, kill, session: None, bucket, failed_logins: 0, hosted_elsewhere: None, forwards: false }
+        Connection { router, outbound, kill, session: None, bucket, failed_logins: 0, hosted_elsewhere: None, forwards: false, address: None, retry_after_ms: None }
+    }
+
+    /// The client connects from `address` (its failed logins count against it).
+    pub fn from_address(mut self, address: std::net::IpAddr) -> Self {
+        self.address = Some(address);
+        self
     }
 
     /// A connection already logged in as `user`: the peer's session whose room operations this
@@ -299,7 +339,10 @@ impl Connection {
         match answer {
             Ok(Some(frame)) => self.push(&frame),
             Ok(None) => {}
-            Err((code, message)) => self.push(&ServerFrame::error(re, code, message)),
+            Err((code, message)) => {
+                let retry_after_ms = self.retry_after_ms.take();
+                self.push(&ServerFrame::Error { re, code, message, room: None, retry_after_ms })
+            }
         }
         if self.session.is_none() && self.failed_logins >= MAX_FAILED_LOGINS {
             return Flow::Close(crate::protocol::close_code::POLICY, "too many failed logins");
@@ -331,15 +374,28 @@ impl Connection {
                 },
             );
         }
+        let throttle = &self.router.throttle;
+        if let Err(t) = throttle.check(user.as_deref(), self.address, Instant::now()) {
+            let secs = t.retry_after.as_secs().max(1);
+            let message = format!("too many failed logins for this {}; retry in {secs} s", t.by);
+            self.retry_after_ms = Some(t.retry_after.as_millis() as u64);
+            return err(ErrorCode::RateLimited, message);
+        }
         let logged_in = match self.router.auth.login(user.as_deref(), password.as_deref(), token.as_deref()).await {
             Ok(l) => l,
-            Err(AuthError::Denied(m)) => return err(ErrorCode::Unauthorized, m),
+            Err(AuthError::Denied(m)) => {
+                throttle.failed(user.as_deref(), self.address, Instant::now());
+                return err(ErrorCode::Unauthorized, m);
+            }
             Err(AuthError::InvalidName(m)) => return err(ErrorCode::BadRequest, m),
             Err(e) => {
                 tracing::warn!(error = %e, "login failed on the store");
                 return err(ErrorCode::Unavailable, "login service unavailable; retry");
             }
         };
+        if !logged_in.guest {
+            throttle.succeeded(&logged_in.user);
+        }
         let id_num = self.router.next_session.fetch_add(1, Ordering::Relaxed);
         let session = Arc::new(SessionHandle::new(id_num, logged_in.user.clone(), self.outbound.clone(), self.kill.clone()));
         tracing::debug!(session = id_num, user = %logged_in.user, guest = logged_in.guest, "logged in");
@@ -475,6 +531,7 @@ impl Connection {
             ClientFrame::Join { id, room, nick, since, password } => {
                 self.check_room(&room)?;
                 self.check_nick(&nick)?;
+                check_seq("since", since)?;
                 if session.room(&room).is_none() && session.room_count() >= limits.max_rooms_per_connection {
                     return err(
                         ErrorCode::TooLarge,
@@ -518,6 +575,8 @@ impl Connection {
             }
             ClientFrame::History { id, room, before, after, limit } => {
                 self.check_room(&room)?;
+                check_seq("before", before)?;
+                check_seq("after", after)?;
                 let limit = limit.unwrap_or(HISTORY_DEFAULT_LIMIT);
                 if limit == 0 {
                     return err(ErrorCode::BadRequest, "limit must be at least 1");
@@ -535,7 +594,7 @@ impl Connection {
                     .messages(room_id, after.unwrap_or(0), before, limit + 1, newest_first)
                     .await
                     .map_err(|e| room_err(e.into()))?;
-                let truncated = rows.len() as u64 > limit;
+                let mut truncated = rows.len() as u64 > limit;
                 if truncated {
                     if newest_first {
                         rows.remove(0);
@@ -543,7 +602,7 @@ impl Connection {
                         rows.pop();
                     }
                 }
-                let messages = rows
+                let mut messages: Vec<_> = rows
                     .into_iter()
                     .map(|m| crate::protocol::MessageEvent {
                         room: room.clone(),
@@ -555,6 +614,16 @@ impl Connection {
                         ts: m.created_at,
                     })
                     .collect();
+                // Page by bytes too: keep the messages nearest the cursor that fit.
+                let kept = fitting(&messages, limits.max_answer_bytes, newest_first);
+                if kept < messages.len() {
+                    truncated = true;
+                    if newest_first {
+                        messages.drain(..messages.len() - kept);
+                    } else {
+                        messages.truncate(kept);
+                    }
+                }
                 Ok(Some(ServerFrame::History { re: id, room, messages, truncated }))
             }
             ClientFrame::Subject { id, room, subject } => {

@@ -93,6 +93,18 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// The database answered and refused a statement (bad data, a constraint, a lock
+    /// timeout), as opposed to a lost connection or an exhausted pool: the same statement
+    /// with other rows may well succeed.
+    pub fn is_refused_statement(&self) -> bool {
+        let sqlx = match self {
+            StoreError::Db(DbErr::Exec(sea_orm::RuntimeErr::SqlxError(e)) | DbErr::Query(sea_orm::RuntimeErr::SqlxError(e))) => e.as_ref(),
+            StoreError::Sqlx(e) => e,
+            _ => return false,
+        };
+        matches!(sqlx, sqlx::Error::Database(_))
+    }
+
     fn classify(e: DbErr) -> StoreError {
         match e.sql_err() {
             Some(SqlErr::UniqueConstraintViolation(_)) => StoreError::Conflict,

@@ -26,6 +26,8 @@ mod cases {
     pub mod plugins;
     #[path = "room_life.rs"]
     pub mod room_life;
+    #[path = "security.rs"]
+    pub mod security;
 }
 
 /// For each `module::case`, a test module `case` with one test per listed backend
@@ -90,6 +92,7 @@ on_postgres! {
     failover::no_failover_when_the_link_is_cut_while_the_store_sees_both,
     failover::fallback_racing_a_second_failover,
     failover::clients_on_the_peer_use_rooms_over_the_link,
+    security::a_captured_node_link_hello_cannot_be_replayed,
 }
 
 on_every_backend! {
@@ -111,11 +114,19 @@ on_every_backend! {
     bad_input::slow_consumer_is_disconnected_and_others_are_unaffected,
     admin::admin_api_reports_health_rooms_and_metrics,
     admin::concurrent_migrations_both_succeed,
+    security::history_is_paged_by_bytes_and_the_connection_keeps_working,
+    security::out_of_range_numbers_nul_and_duplicate_keys_are_refused,
 }
 
 on_every_backend! {
     plugins::plugin_state_survives_a_node_restart,
     plugins::plugin_state_writes_are_fenced,
+}
+
+// Transport behaviour does not depend on the store.
+on_backends! {[sqlite]
+    security::slow_loris_sockets_do_not_lock_out_real_clients,
+    security::failed_logins_are_throttled_across_connections,
 }
 
 // Plugin behaviour does not depend on the store: these run on SQLite only.

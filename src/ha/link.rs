@@ -6,9 +6,24 @@
 //! unreachable when its connection closes or three heartbeats are missed. This is detection
 //! only: whether a peer may be taken over is decided in the store (docs/ha.md).
 //!
-//! Authentication: the dialer's first frame carries an HMAC-SHA256, keyed with
-//! `cluster.secret`, over `stoa-link|from|to|timestamp_ms`; the listener refuses a wrong MAC, a
-//! node it does not know, or a timestamp more than 30 s off.
+//! Authentication is a challenge-response keyed with `cluster.secret`, so a hello captured off
+//! the wire is worth nothing a second time:
+//!
+//! 1. the listener sends `challenge { nonce: N_l }` (32 fresh random bytes) right after the
+//!    upgrade;
+//! 2. the dialer answers `link_hello { from, to, nonce: N_d, mac }` with
+//!    `mac = HMAC-SHA256(secret, "stoa-link-v2|hello|from|to|N_l|N_d")`;
+//! 3. the listener checks it and answers `link_welcome { mac }` with
+//!    `HMAC-SHA256(secret, "stoa-link-v2|welcome|from|to|N_l|N_d")`, which proves to the dialer
+//!    that the listener knows the secret too (the dialer sends commands and client frames, so it
+//!    must not talk to an impostor).
+//!
+//! Only then does either side act on a frame. A newer authenticated connection from the peer
+//! (it restarted, or the old TCP connection is half-open) replaces the older one; the older
+//! one's end is then not taken for the peer going away. Unauthenticated connections change
+//! nothing, and at most [`MAX_PENDING_HANDSHAKES`] of them are served at once, each for at most
+//! [`HANDSHAKE_TIMEOUT`]. What travels after the handshake is protected on the wire by TLS
+//! (`[tls]`), which a node requires for a link off loopback (docs/operations.md#security).
 
 use super::state::NodeState;
 use futures_util::{SinkExt, StreamExt};
@@ -17,12 +32,20 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
-/// How far a link hello's timestamp may be from the listener's clock.
-const MAX_CLOCK_SKEW_MS: i64 = 30_000;
+/// How long an incoming link connection has to upgrade and authenticate; after that it is
+/// dropped (a slow or silent dialer must not hold the listener).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Incoming link connections that may be in their handshake at once; more are closed at once.
+/// The peer needs one; the rest are strangers.
+const MAX_PENDING_HANDSHAKES: usize = 8;
 
 /// Missed heartbeats after which the peer counts as unreachable.
 const MISSED_HEARTBEATS: u32 = 3;
@@ -31,7 +54,12 @@ const MISSED_HEARTBEATS: u32 = 3;
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 enum LinkFrame {
-    LinkHello { from: String, to: String, ts: i64, mac: String },
+    /// The listener's fresh nonce (hex), its first frame.
+    Challenge { nonce: String },
+    /// The dialer's answer: who it is, its own fresh nonce, and the MAC over both nonces.
+    LinkHello { from: String, to: String, nonce: String, mac: String },
+    /// The listener's proof that it knows the secret too.
+    LinkWelcome { mac: String },
     Heartbeat {
         from: String,
         state: NodeState,
@@ -85,17 +113,54 @@ pub enum PeerCommand {
 /// How often (in heartbeats) the active-room list is checked for changes and re-sent.
 const ROOMS_EVERY: u64 = 4;
 
-fn mac(secret: &str, from: &str, to: &str, ts: i64) -> String {
-    let mut m = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
-    m.update(format!("stoa-link|{from}|{to}|{ts}").as_bytes());
-    hex::encode(m.finalize().into_bytes())
+/// Which message of the handshake a MAC is for (a hello MAC is no welcome MAC).
+#[derive(Clone, Copy)]
+enum Step {
+    Hello,
+    Welcome,
 }
 
-fn mac_ok(secret: &str, from: &str, to: &str, ts: i64, given: &str) -> bool {
-    let Ok(given) = hex::decode(given) else { return false };
-    let mut m = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
-    m.update(format!("stoa-link|{from}|{to}|{ts}").as_bytes());
-    m.verify_slice(&given).is_ok()
+/// The handshake transcript both sides MAC: the direction (`from` dials `to`) and both nonces.
+struct Transcript<'a> {
+    from: &'a str,
+    to: &'a str,
+    listener_nonce: &'a str,
+    dialer_nonce: &'a str,
+}
+
+impl Transcript<'_> {
+    fn hmac(&self, secret: &str, step: Step) -> Hmac<Sha256> {
+        let step = match step {
+            Step::Hello => "hello",
+            Step::Welcome => "welcome",
+        };
+        let mut m = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
+        m.update(format!("stoa-link-v2|{step}|{}|{}|{}|{}", self.from, self.to, self.listener_nonce, self.dialer_nonce).as_bytes());
+        m
+    }
+
+    fn mac(&self, secret: &str, step: Step) -> String {
+        hex::encode(self.hmac(secret, step).finalize().into_bytes())
+    }
+
+    /// Constant-time check of `given` (hex).
+    fn verify(&self, secret: &str, step: Step, given: &str) -> bool {
+        let Ok(given) = hex::decode(given) else { return false };
+        self.hmac(secret, step).verify_slice(&given).is_ok()
+    }
+}
+
+/// 32 fresh random bytes, hex.
+fn nonce() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    hex::encode(bytes)
+}
+
+/// A nonce as [`nonce`] makes them: 64 hex digits.
+fn nonce_ok(n: &str) -> bool {
+    n.len() == 64 && n.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// What this node knows about its peer from the link.
@@ -116,11 +181,21 @@ pub struct PeerStatus {
 }
 
 struct PeerView {
-    connected: bool,
+    /// The authenticated connection from the peer that counts now: its generation, and the
+    /// token that ends it when a newer one replaces it.
+    current: Option<(u64, CancellationToken)>,
+    /// Generations handed out so far.
+    generations: u64,
     last: Option<Instant>,
     state: Option<NodeState>,
     hosting: bool,
     rooms: Vec<String>,
+}
+
+impl PeerView {
+    fn connected(&self) -> bool {
+        self.current.is_some()
+    }
 }
 
 /// The link of one node: its listener and its dialer to the peer.
@@ -139,6 +214,11 @@ pub struct LinkConfig {
     pub peer_link: String,
     pub secret: String,
     pub heartbeat: Duration,
+    /// `[tls]`: the listener accepts TLS only (before the WebSocket upgrade).
+    pub tls: Option<crate::tls::ServerTls>,
+    /// `[tls]`: dial the peer with `wss://`, verifying its certificate for the host of its
+    /// `link` address against these trust anchors (`tls.ca_file`).
+    pub client_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Link {
@@ -149,11 +229,11 @@ impl Link {
         let fresh = ago.is_some_and(|a| a < self.heartbeat * MISSED_HEARTBEATS);
         PeerStatus {
             id: self.peer_id.clone(),
-            reachable: v.connected && fresh,
+            reachable: v.connected() && fresh,
             state: v.state,
             hosting: v.hosting,
             last_heartbeat_ms_ago: ago.map(|a| a.as_millis() as u64),
-            link_up: v.connected,
+            link_up: v.connected(),
         }
     }
 
@@ -205,13 +285,78 @@ pub fn start(
     inbound: Arc<dyn Inbound>,
     shutdown: CancellationToken,
 ) -> Link {
-    let view = Arc::new(Mutex::new(PeerView { connected: false, last: None, state: None, hosting: false, rooms: Vec::new() }));
+    let view = Arc::new(Mutex::new(PeerView { current: None, generations: 0, last: None, state: None, hosting: false, rooms: Vec::new() }));
     let (outbox, outbox_rx) = tokio::sync::mpsc::unbounded_channel();
     let link = Link { peer_id: config.peer_id.clone(), heartbeat: config.heartbeat, view: view.clone(), outbox };
     let config = Arc::new(config);
     tokio::spawn(serve(listener, config.clone(), view, inbound, shutdown.clone()));
     tokio::spawn(dial(config, local, outbox_rx, shutdown));
     link
+}
+
+fn encode(frame: &LinkFrame) -> Message {
+    Message::Text(serde_json::to_string(frame).expect("link frames serialize").into())
+}
+
+/// The next text frame as a link frame (`None`: closed, not text, or not a link frame).
+async fn next_frame<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>) -> Option<LinkFrame> {
+    match ws.next().await {
+        Some(Ok(Message::Text(text))) => serde_json::from_str(text.as_str()).ok(),
+        _ => None,
+    }
+}
+
+/// Why a link handshake failed (logged and counted; never told to the other side).
+#[derive(Debug, thiserror::Error)]
+enum HandshakeError {
+    #[error("the connection closed or sent something else")]
+    Closed,
+    #[error("hello from `{from}` to `{to}`: not this node's peer")]
+    WrongNodes { from: String, to: String },
+    #[error("the MAC does not match (wrong cluster.secret, or a replayed hello)")]
+    BadMac,
+}
+
+/// The listener's side of the handshake: challenge, check the hello, prove the secret.
+async fn accept_handshake<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>, config: &LinkConfig) -> Result<(), HandshakeError> {
+    let listener_nonce = nonce();
+    ws.send(encode(&LinkFrame::Challenge { nonce: listener_nonce.clone() })).await.map_err(|_| HandshakeError::Closed)?;
+    let Some(LinkFrame::LinkHello { from, to, nonce: dialer_nonce, mac }) = next_frame(ws).await else {
+        return Err(HandshakeError::Closed);
+    };
+    if from != config.peer_id || to != config.me {
+        return Err(HandshakeError::WrongNodes { from, to });
+    }
+    let transcript = Transcript { from: &from, to: &to, listener_nonce: &listener_nonce, dialer_nonce: &dialer_nonce };
+    if !nonce_ok(&dialer_nonce) || dialer_nonce == listener_nonce || !transcript.verify(&config.secret, Step::Hello, &mac) {
+        return Err(HandshakeError::BadMac);
+    }
+    let welcome = LinkFrame::LinkWelcome { mac: transcript.mac(&config.secret, Step::Welcome) };
+    ws.send(encode(&welcome)).await.map_err(|_| HandshakeError::Closed)
+}
+
+/// The dialer's side: answer the challenge, check the listener's proof.
+async fn dial_handshake<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>, config: &LinkConfig) -> Result<(), HandshakeError> {
+    let Some(LinkFrame::Challenge { nonce: listener_nonce }) = next_frame(ws).await else {
+        return Err(HandshakeError::Closed);
+    };
+    if !nonce_ok(&listener_nonce) {
+        return Err(HandshakeError::BadMac);
+    }
+    let dialer_nonce = nonce();
+    let transcript = Transcript { from: &config.me, to: &config.peer_id, listener_nonce: &listener_nonce, dialer_nonce: &dialer_nonce };
+    let hello = LinkFrame::LinkHello {
+        from: config.me.clone(),
+        to: config.peer_id.clone(),
+        nonce: dialer_nonce.clone(),
+        mac: transcript.mac(&config.secret, Step::Hello),
+    };
+    ws.send(encode(&hello)).await.map_err(|_| HandshakeError::Closed)?;
+    match next_frame(ws).await {
+        Some(LinkFrame::LinkWelcome { mac }) if transcript.verify(&config.secret, Step::Welcome, &mac) => Ok(()),
+        Some(LinkFrame::LinkWelcome { .. }) => Err(HandshakeError::BadMac),
+        _ => Err(HandshakeError::Closed),
+    }
 }
 
 async fn serve(
@@ -221,33 +366,58 @@ async fn serve(
     inbound: Arc<dyn Inbound>,
     shutdown: CancellationToken,
 ) {
+    let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
     loop {
-        let stream = tokio::select! {
-            a = listener.accept() => match a { Ok((s, _)) => s, Err(_) => continue },
+        let (stream, remote) = tokio::select! {
+            a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
             _ = shutdown.cancelled() => return,
+        };
+        let Ok(permit) = pending.clone().try_acquire_owned() else {
+            metrics::counter!("stoa_link_handshakes_refused_total", "reason" => "busy").increment(1);
+            tracing::warn!(%remote, "node link refused: too many connections in their handshake");
+            continue;
         };
         let (config, view, inbound, shutdown) = (config.clone(), view.clone(), inbound.clone(), shutdown.clone());
         tokio::spawn(async move {
-            let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else { return };
-            // The first frame must be a valid hello from our peer.
-            let hello = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
-            let Ok(Some(Ok(Message::Text(text)))) = hello else { return };
-            match serde_json::from_str::<LinkFrame>(text.as_str()) {
-                Ok(LinkFrame::LinkHello { from, to, ts, mac }) => {
-                    let skew = (crate::store::now_ms() - ts).abs();
-                    if from != config.peer_id || to != config.me || skew > MAX_CLOCK_SKEW_MS || !mac_ok(&config.secret, &from, &to, ts, &mac) {
-                        tracing::warn!(%from, "node link refused: bad hello");
-                        let _ = ws.close(None).await;
-                        return;
-                    }
+            let handshake = async {
+                let stream = crate::tls::MaybeTls::accept(stream, config.tls.as_ref()).await.map_err(|e| {
+                    tracing::warn!(%remote, error = %e, "node link: TLS handshake failed");
+                    HandshakeError::Closed
+                })?;
+                let mut ws = tokio_tungstenite::accept_async(stream).await.map_err(|_| HandshakeError::Closed)?;
+                accept_handshake(&mut ws, &config).await.map(|()| ws)
+            };
+            let mut ws = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+                Ok(Ok(ws)) => ws,
+                Ok(Err(e)) => {
+                    metrics::counter!("stoa_link_handshakes_refused_total", "reason" => "auth").increment(1);
+                    tracing::warn!(%remote, error = %e, "node link refused");
+                    return;
                 }
-                _ => return,
-            }
-            view.lock().expect("peer view lock").connected = true;
-            tracing::info!(peer = %config.peer_id, "node link up");
+                Err(_) => {
+                    metrics::counter!("stoa_link_handshakes_refused_total", "reason" => "timeout").increment(1);
+                    tracing::warn!(%remote, "node link refused: no handshake in time");
+                    return;
+                }
+            };
+            drop(permit);
+            // This connection is the peer's now; an older one (half-open, or from before the
+            // peer restarted) ends without counting as the peer going away.
+            let ended = CancellationToken::new();
+            let generation = {
+                let mut v = view.lock().expect("peer view lock");
+                v.generations += 1;
+                let generation = v.generations;
+                if let Some((_, older)) = v.current.replace((generation, ended.clone())) {
+                    older.cancel();
+                }
+                generation
+            };
+            tracing::info!(peer = %config.peer_id, generation, "node link up");
             loop {
                 let next = tokio::select! {
                     n = ws.next() => n,
+                    _ = ended.cancelled() => break,
                     _ = shutdown.cancelled() => break,
                 };
                 match next {
@@ -266,15 +436,30 @@ async fn serve(
                         Ok(LinkFrame::Client { session, user, frame }) => inbound.client(session, user, frame),
                         Ok(LinkFrame::ClientGone { session }) => inbound.client_gone(session),
                         Ok(LinkFrame::ToClient { session, frame }) => inbound.to_client(session, frame),
-                        Ok(LinkFrame::LinkHello { .. }) | Err(_) => tracing::warn!(peer = %config.peer_id, "unexpected node-link frame"),
+                        Ok(LinkFrame::Challenge { .. } | LinkFrame::LinkHello { .. } | LinkFrame::LinkWelcome { .. }) | Err(_) => {
+                            tracing::warn!(peer = %config.peer_id, "unexpected node-link frame")
+                        }
                     },
                     Some(Ok(_)) => {}
                     _ => break,
                 }
             }
-            view.lock().expect("peer view lock").connected = false;
-            tracing::warn!(peer = %config.peer_id, "node link down");
-            inbound.peer_lost();
+            let replaced = {
+                let mut v = view.lock().expect("peer view lock");
+                match &v.current {
+                    Some((g, _)) if *g == generation => {
+                        v.current = None;
+                        false
+                    }
+                    _ => true,
+                }
+            };
+            if replaced {
+                tracing::info!(peer = %config.peer_id, generation, "older node link connection closed (a newer one serves)");
+            } else if !shutdown.is_cancelled() {
+                tracing::warn!(peer = %config.peer_id, "node link down");
+                inbound.peer_lost();
+            }
         });
     }
 }
@@ -285,47 +470,69 @@ async fn dial(
     mut outbox: tokio::sync::mpsc::UnboundedReceiver<LinkFrame>,
     shutdown: CancellationToken,
 ) {
-    let url = format!("ws://{}/link", config.peer_link);
+    let scheme = if config.client_tls.is_some() { "wss" } else { "ws" };
+    let url = format!("{scheme}://{}/link", config.peer_link);
+    let connector = config.client_tls.clone().map(tokio_tungstenite::Connector::Rustls);
+    // A TLS failure (untrusted or wrong certificate) repeats on every attempt: log each new one once.
+    let mut last_tls_error = String::new();
     let mut seq = 0u64;
-    let encode = |f: &LinkFrame| Message::Text(serde_json::to_string(f).expect("link frames serialize").into());
     loop {
         if shutdown.is_cancelled() {
             return;
         }
-        if let Ok(Ok((mut ws, _))) = tokio::time::timeout(Duration::from_secs(2), tokio_tungstenite::connect_async(&url)).await {
-            let ts = crate::store::now_ms();
-            let hello = LinkFrame::LinkHello {
-                from: config.me.clone(),
-                to: config.peer_id.clone(),
-                ts,
-                mac: mac(&config.secret, &config.me, &config.peer_id, ts),
-            };
-            let mut ok = ws.send(encode(&hello)).await.is_ok();
-            // A new connection always gets the room list.
-            let mut sent_rooms: Option<Vec<String>> = None;
-            let mut next_beat = tokio::time::Instant::now();
-            while ok {
-                tokio::select! {
-                    _ = tokio::time::sleep_until(next_beat) => {
-                        seq += 1;
-                        next_beat += config.heartbeat;
-                        let beat = LinkFrame::Heartbeat { from: config.me.clone(), state: local.state(), seq, hosting: local.hosting() };
-                        ok = ws.send(encode(&beat)).await.is_ok();
-                        if ok && (seq % ROOMS_EVERY == 1 || sent_rooms.is_none()) {
-                            let mut rooms = local.active_rooms();
-                            rooms.sort_unstable();
-                            if sent_rooms.as_ref() != Some(&rooms) {
-                                ok = ws.send(encode(&LinkFrame::Rooms { rooms: rooms.clone() })).await.is_ok();
-                                sent_rooms = Some(rooms);
+        let connect = async {
+            let dialed = tokio_tungstenite::connect_async_tls_with_config(&url, None, false, connector.clone()).await;
+            let (mut ws, _) = dialed.map_err(|e| {
+                // rustls reports a refused certificate as an I/O error wrapping a rustls::Error.
+                let tls_error = match &e {
+                    tokio_tungstenite::tungstenite::Error::Io(io) => io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()).map(|e| e.to_string()),
+                    tokio_tungstenite::tungstenite::Error::Tls(e) => Some(e.to_string()),
+                    _ => None,
+                };
+                if let Some(e) = tls_error {
+                    if e != last_tls_error {
+                        tracing::warn!(peer = %config.peer_id, url = %url, error = %e, "node link: TLS to the peer failed");
+                        last_tls_error = e;
+                    }
+                }
+                HandshakeError::Closed
+            })?;
+            dial_handshake(&mut ws, &config).await.map(|()| ws)
+        };
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, connect).await {
+            Ok(Ok(mut ws)) => {
+                let mut ok = true;
+                // A new connection always gets the room list.
+                let mut sent_rooms: Option<Vec<String>> = None;
+                let mut next_beat = tokio::time::Instant::now();
+                while ok {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(next_beat) => {
+                            seq += 1;
+                            next_beat += config.heartbeat;
+                            let beat = LinkFrame::Heartbeat { from: config.me.clone(), state: local.state(), seq, hosting: local.hosting() };
+                            ok = ws.send(encode(&beat)).await.is_ok();
+                            if ok && (seq % ROOMS_EVERY == 1 || sent_rooms.is_none()) {
+                                let mut rooms = local.active_rooms();
+                                rooms.sort_unstable();
+                                if sent_rooms.as_ref() != Some(&rooms) {
+                                    ok = ws.send(encode(&LinkFrame::Rooms { rooms: rooms.clone() })).await.is_ok();
+                                    sent_rooms = Some(rooms);
+                                }
                             }
                         }
+                        frame = outbox.recv() => match frame {
+                            Some(frame) => ok = ws.send(encode(&frame)).await.is_ok(),
+                            None => return,
+                        },
+                        _ = shutdown.cancelled() => { let _ = ws.close(None).await; return; }
                     }
-                    frame = outbox.recv() => match frame {
-                        Some(frame) => ok = ws.send(encode(&frame)).await.is_ok(),
-                        None => return,
-                    },
-                    _ = shutdown.cancelled() => { let _ = ws.close(None).await; return; }
                 }
+            }
+            Ok(Err(HandshakeError::Closed)) | Err(_) => {} // the peer is not there (yet)
+            Ok(Err(e)) => {
+                metrics::counter!("stoa_link_handshakes_refused_total", "reason" => "peer_auth").increment(1);
+                tracing::warn!(peer = %config.peer_id, error = %e, "node link: the peer failed to prove the shared secret");
             }
         }
         // Whatever was queued for a link that is gone is stale now (forwarded client frames are
@@ -343,13 +550,30 @@ async fn dial(
 mod tests {
     use super::*;
 
+    fn transcript<'a>(from: &'a str, to: &'a str, l: &'a str, d: &'a str) -> Transcript<'a> {
+        Transcript { from, to, listener_nonce: l, dialer_nonce: d }
+    }
+
     #[test]
-    fn link_mac_binds_secret_direction_and_time() {
-        let m = mac("secret-0123456789", "1a", "1b", 42);
-        assert!(mac_ok("secret-0123456789", "1a", "1b", 42, &m));
-        assert!(!mac_ok("another-secret-xx", "1a", "1b", 42, &m), "wrong secret");
-        assert!(!mac_ok("secret-0123456789", "1b", "1a", 42, &m), "wrong direction");
-        assert!(!mac_ok("secret-0123456789", "1a", "1b", 43, &m), "other timestamp");
-        assert!(!mac_ok("secret-0123456789", "1a", "1b", 42, "zz"), "not hex");
+    fn link_mac_binds_secret_direction_nonces_and_step() {
+        let (l, d) = (nonce(), nonce());
+        let t = transcript("1a", "1b", &l, &d);
+        let m = t.mac("secret-0123456789", Step::Hello);
+        assert!(t.verify("secret-0123456789", Step::Hello, &m));
+        assert!(!t.verify("another-secret-xx", Step::Hello, &m), "wrong secret");
+        assert!(!t.verify("secret-0123456789", Step::Welcome, &m), "a hello MAC is no welcome MAC");
+        assert!(!transcript("1b", "1a", &l, &d).verify("secret-0123456789", Step::Hello, &m), "wrong direction");
+        let other = nonce();
+        assert!(!transcript("1a", "1b", &other, &d).verify("secret-0123456789", Step::Hello, &m), "another challenge (a replay)");
+        assert!(!transcript("1a", "1b", &l, &other).verify("secret-0123456789", Step::Hello, &m), "another dialer nonce");
+        assert!(!t.verify("secret-0123456789", Step::Hello, "zz"), "not hex");
+    }
+
+    #[test]
+    fn nonces_are_fresh_and_well_formed() {
+        let (a, b) = (nonce(), nonce());
+        assert_ne!(a, b);
+        assert!(nonce_ok(&a) && nonce_ok(&b));
+        assert!(!nonce_ok("") && !nonce_ok(&"g".repeat(64)) && !nonce_ok(&"a".repeat(63)));
     }
 }

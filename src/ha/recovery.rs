@@ -262,17 +262,43 @@ impl Recovery {
         rx.await.unwrap_or_else(|_| Err("the recovery manager has stopped".to_owned()))
     }
 
-    /// A request the peer passed over the link.
+    /// A request the peer passed over the link (an admin asked the peer for something only
+    /// this node can do). It is carried out only if it is this node's to do: fail this node
+    /// over, stop or start one of its services, or hand the peer's rooms back to it; anything
+    /// else is refused. Either way it lands in the audit log with its outcome.
     pub fn from_peer(&self, command: PeerCommand) {
-        let request = match command {
-            PeerCommand::Fallback { node } => Request::Fallback { node },
-            PeerCommand::Failover { node } => Request::Failover { node },
-            PeerCommand::Service { node, service, start } => match Service::parse(&service) {
-                Some(service) => Request::Service { node, service, start },
-                None => return,
-            },
+        let me = self.inner.config.me.0.clone();
+        let peer = self.inner.config.peer.as_ref().map(|p| p.id.0.clone()).unwrap_or_default();
+        let (action, target, request) = match command {
+            PeerCommand::Failover { node } if node == me => ("failover", node.clone(), Ok(Request::Failover { node })),
+            PeerCommand::Fallback { node } if node == peer => ("fallback", node.clone(), Ok(Request::Fallback { node })),
+            PeerCommand::Service { node, service, start } if node == me => {
+                let action = if start { "service_start" } else { "service_stop" };
+                let target = format!("{node}/{service}");
+                match Service::parse(&service) {
+                    Some(service) => (action, target, Ok(Request::Service { node, service, start })),
+                    None => (action, target, Err(format!("unknown service `{service}`"))),
+                }
+            }
+            other => ("peer_command", format!("{other:?}"), Err(format!("not node {me}'s to do"))),
         };
-        let _ = self.inner.commands.send(Command::Admin(request, None));
+        let this = self.clone();
+        tokio::spawn(async move {
+            let answer = match request {
+                Ok(request) => this.request(request).await,
+                Err(refusal) => Err(refusal),
+            };
+            let (outcome, message) = match &answer {
+                Ok(m) => ("done", m.as_str()),
+                Err(m) => ("refused", m.as_str()),
+            };
+            tracing::info!(target: "stoa::audit", action, target, outcome, message, "admin action from the peer over the node link");
+            let detail = format!("asked by node {peer} over the node link: {message}");
+            let store = &this.inner.store;
+            if let Err(e) = super::fencing::audit(store, &this.inner.config.me, action, &target, &detail, outcome).await {
+                tracing::warn!(error = %e, "could not write the audit log");
+            }
+        });
     }
 }
 

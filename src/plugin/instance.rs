@@ -82,6 +82,9 @@ impl PluginInstance {
                 if body.is_empty() {
                     return Err(Fault::Trap("rewrote the message to an empty body".into()));
                 }
+                if body.contains('\0') {
+                    return Err(Fault::Trap("rewrote the message to a body with U+0000 (NUL)".into()));
+                }
             }
         }
         Ok(verdict)

@@ -61,6 +61,9 @@ impl self::stoa::plugin::host::Host for PluginCtx {
         if body.is_empty() || body.len() > self.max_body_bytes {
             return Ok(Err(format!("body must be 1 to {} bytes", self.max_body_bytes)));
         }
+        if body.contains('\0') {
+            return Ok(Err("body may not contain U+0000 (NUL)".into()));
+        }
         match &self.link {
             Some(link) => {
                 link.send(&self.plugin, body);
@@ -82,6 +85,10 @@ impl self::stoa::plugin::host::Host for PluginCtx {
         }
         if value.len() > MAX_STATE_VALUE_BYTES {
             return Ok(Err(format!("values are at most {MAX_STATE_VALUE_BYTES} bytes")));
+        }
+        if key.contains('\0') || value.contains('\0') {
+            // No store keeps U+0000 in text; refused here, not at the commit.
+            return Ok(Err("keys and values may not contain U+0000 (NUL)".into()));
         }
         if !self.state.contains_key(&key) && self.state.len() >= MAX_STATE_KEYS {
             return Ok(Err(format!("at most {MAX_STATE_KEYS} keys per plugin and room")));

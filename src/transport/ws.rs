@@ -1,5 +1,5 @@
-//! The WebSocket listener (`ws://HOST:PORT/ws`, or `wss://` with `[tls]`: the TLS handshake runs
-//! first, bounded by [`crate::tls::HANDSHAKE_TIMEOUT`]): accepts connections, enforces the transport
+//! The WebSocket listener (`ws://HOST:PORT/ws`, or `wss://` with `[tls]`: the TLS handshake comes
+//! first, within the same handshake deadline): accepts connections, enforces the transport
 //! rules (text frames only, UTF-8, frame size, idle timeout, login timeout), and runs one reader
 //! (feeding the [`Connection`]) and one writer (draining the session queue, coalescing every
 //! frame already queued into one flush) per connection.
@@ -10,11 +10,10 @@ use crate::session::{KillReason, Outbound};
 use futures_util::{SinkExt, StreamExt};
 use std::sync::Arc;
 use std::time::Duration;
+use super::upgrade::{self, HeadError, Prefixed};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, mpsc};
-use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
-use tokio_tungstenite::tungstenite::http::StatusCode;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
@@ -31,11 +30,23 @@ const WRITE_BUFFER_BYTES: usize = 16 * 1024;
 /// a slow consumer.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Serve clients on `listener` (over TLS when `tls` is given) until `shutdown`; returns once
-/// every connection has ended.
+/// Largest frame the server writes. A `joined` of a full room is the largest frame there is
+/// (answers are paged by `limits.max_answer_bytes`); this equals the largest frame common
+/// WebSocket clients accept (tungstenite's default), and bounds what one stuck connection can
+/// hold in its write buffer.
+const MAX_SERVER_FRAME_BYTES: usize = 16 * 1024 * 1024;
+
+/// Serve clients on `listener` until `shutdown`; returns once every connection has ended.
+///
+/// A connection holds a *handshake slot* (`limits.max_pending_handshakes`) from TCP accept
+/// until its WebSocket upgrade is done or `limits.handshake_timeout_ms` runs out, and a
+/// *connection slot* (`limits.max_connections`) only once a whole upgrade request has arrived:
+/// sockets that trickle bytes (slow-loris) cannot keep real clients out.
+/// With `tls` the TLS handshake runs first, in the same slot and under the same deadline.
 pub async fn serve(listener: TcpListener, router: Arc<Router>, tls: Option<crate::tls::ServerTls>, shutdown: CancellationToken) {
     let limits = &router.settings.limits;
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let handshakes = Arc::new(Semaphore::new(limits.max_pending_handshakes));
     let tracker = TaskTracker::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -54,79 +65,110 @@ pub async fn serve(listener: TcpListener, router: Arc<Router>, tls: Option<crate
             },
             _ = shutdown.cancelled() => break,
         };
-        let permit = slots.clone().try_acquire_owned().ok();
+        let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
+            metrics::counter!("stoa_connections_refused_total", "reason" => "handshakes").increment(1);
+            tracing::debug!(%peer, "refused: too many connections in their handshake");
+            continue; // dropping the socket closes it
+        };
         let router = router.clone();
         let shutdown = shutdown.clone();
+        let slots = slots.clone();
         let tls = tls.clone();
         tracker.spawn(async move {
             let _ = stream.set_nodelay(true);
-            router.count_connection(1);
-            match tls {
-                None => run_connection(stream, router.clone(), shutdown, permit.is_some()).await,
-                Some(tls) => {
-                    let accepted = tokio::select! {
-                        a = tls.accept(stream) => Some(a),
-                        _ = shutdown.cancelled() => None,
-                    };
-                    match accepted {
-                        Some(Ok(stream)) => run_connection(stream, router.clone(), shutdown, permit.is_some()).await,
-                        Some(Err(e)) => {
-                            metrics::counter!("stoa_tls_handshake_failures_total", "listener" => "client").increment(1);
-                            tracing::debug!(%peer, error = %e, "client TLS handshake failed");
-                        }
-                        None => {}
-                    }
+            let timeout = Duration::from_millis(router.settings.limits.handshake_timeout_ms);
+            let upgraded = match tokio::time::timeout(timeout, upgrade_maybe_tls(stream, tls.as_ref(), &router, &slots)).await {
+                Ok(upgraded) => upgraded,
+                Err(_) => {
+                    metrics::counter!("stoa_connections_refused_total", "reason" => "handshake_timeout").increment(1);
+                    tracing::debug!(%peer, "closed: no WebSocket upgrade in time");
+                    None
                 }
-            }
+            };
+            drop(handshake);
+            let Some((ws, slot)) = upgraded else { return };
+            router.count_connection(1);
+            run_connection(ws, peer.ip(), router.clone(), shutdown).await;
             router.count_connection(-1);
             tracing::trace!(%peer, "connection ended");
-            drop(permit);
+            drop(slot);
         });
     }
     tracker.close();
     tracker.wait().await;
 }
 
-async fn run_connection<S>(stream: S, router: Arc<Router>, shutdown: CancellationToken, admitted: bool)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let limits = router.settings.limits.clone();
+type Ws<S> = tokio_tungstenite::WebSocketStream<Prefixed<S>>;
+
+/// [`upgrade`] after the TLS handshake, when the listener has `[tls]`.
+async fn upgrade_maybe_tls(
+    stream: tokio::net::TcpStream,
+    tls: Option<&crate::tls::ServerTls>,
+    router: &Router,
+    slots: &Arc<Semaphore>,
+) -> Option<(Ws<crate::tls::MaybeTls<tokio::net::TcpStream>>, OwnedSemaphorePermit)> {
+    let stream = match crate::tls::MaybeTls::accept(stream, tls).await {
+        Ok(s) => s,
+        Err(e) => {
+            metrics::counter!("stoa_tls_handshake_failures_total", "listener" => "client").increment(1);
+            tracing::debug!(error = %e, "client TLS handshake failed");
+            return None;
+        }
+    };
+    upgrade(stream, router, slots).await
+}
+
+/// Read the request, answer what is not an upgrade at `/ws` (or finds every slot taken) with
+/// an HTTP error, and upgrade the rest; returns the WebSocket and its connection slot.
+async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, router: &Router, slots: &Arc<Semaphore>) -> Option<(Ws<S>, OwnedSemaphorePermit)> {
+    let limits = &router.settings.limits;
+    let (head, read) = match upgrade::read_head(&mut stream).await {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::debug!(error = %e, "no WebSocket upgrade request");
+            if matches!(e, HeadError::TooLarge | HeadError::Malformed) {
+                upgrade::refuse(&mut stream, 400, "Bad Request", "not an HTTP request Stoa can serve\n").await;
+            }
+            return None;
+        }
+    };
+    if head.path != "/ws" {
+        upgrade::refuse(&mut stream, 404, "Not Found", "Stoa speaks WebSocket at /ws\n").await;
+        return None;
+    }
+    if !head.websocket {
+        let body = "this is Stoa's WebSocket endpoint: connect with a WebSocket client and speak protocol v1 (docs/protocol.md)\n";
+        upgrade::refuse(&mut stream, 426, "Upgrade Required", body).await;
+        return None;
+    }
+    let Ok(slot) = slots.clone().try_acquire_owned() else {
+        metrics::counter!("stoa_connections_refused_total", "reason" => "max_connections").increment(1);
+        upgrade::refuse(&mut stream, 503, "Service Unavailable", "too many connections\n").await;
+        return None;
+    };
     let config = WebSocketConfig::default()
         .read_buffer_size(4096)
         // Frames accumulate up to this much before a write; the writer flushes after each batch,
         // so a burst of queued frames becomes one syscall (coalescing).
         .write_buffer_size(WRITE_BUFFER_BYTES)
-        .max_write_buffer_size(limits.max_frame_bytes * 4 + 65536)
+        .max_write_buffer_size(WRITE_BUFFER_BYTES + MAX_SERVER_FRAME_BYTES)
         .max_message_size(Some(limits.max_frame_bytes))
         .max_frame_size(Some(limits.max_frame_bytes));
-    // tungstenite's handshake callback fixes this signature, large error variant and all.
-    #[allow(clippy::result_large_err)]
-    let check = move |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
-        let refuse = |status: StatusCode, body: &str| {
-            let mut r = ErrorResponse::new(Some(body.to_owned()));
-            *r.status_mut() = status;
-            Err(r)
-        };
-        if req.uri().path() != "/ws" {
-            return refuse(StatusCode::NOT_FOUND, "Stoa speaks WebSocket at /ws\n");
-        }
-        if !admitted {
-            return refuse(StatusCode::SERVICE_UNAVAILABLE, "too many connections\n");
-        }
-        Ok(resp)
-    };
-    let ws = match tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(config)).await {
-        Ok(ws) => ws,
+    match tokio_tungstenite::accept_async_with_config(Prefixed::new(read, stream), Some(config)).await {
+        Ok(ws) => Some((ws, slot)),
         Err(e) => {
             tracing::debug!(error = %e, "websocket handshake failed");
-            return;
+            None
         }
-    };
+    }
+}
+
+async fn run_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(ws: Ws<S>, address: std::net::IpAddr, router: Arc<Router>, shutdown: CancellationToken) {
+    let limits = router.settings.limits.clone();
     let (mut sink, mut source) = ws.split();
     let (tx, mut rx) = mpsc::channel::<Outbound>(limits.outbound_queue);
     let kill = CancellationToken::new();
-    let mut conn = Connection::new(router.clone(), tx, kill.clone());
+    let mut conn = Connection::new(router.clone(), tx, kill.clone()).from_address(address);
 
     // Writer: everything the client receives goes through here, in queue order.
     let writer_kill = kill.clone();
@@ -161,8 +203,20 @@ where
                         };
                         match result {
                             Ok(Ok(())) => {}
-                            Ok(Err(_)) => return, // the socket is gone
-                            Err(_) => { writer_kill.cancel(); break; }
+                            Err(_) => {
+                                metrics::counter!("stoa_slow_consumers_total").increment(1);
+                                tracing::info!("disconnecting a slow consumer: a write took over {WRITE_TIMEOUT:?}");
+                                writer_kill.cancel();
+                                break;
+                            }
+                            Ok(Err(e)) => {
+                                // The socket is gone or cannot take the frame: end the connection
+                                // (the reader leaves its rooms) rather than leave it half dead.
+                                metrics::counter!("stoa_write_failures_total").increment(1);
+                                tracing::debug!(error = %e, "write failed; closing the connection");
+                                writer_kill.cancel();
+                                return;
+                            }
                         }
                     }
                 },
