@@ -4,6 +4,8 @@
 //! cargo run --example chat                               # guest login on the dev node
 //! cargo run --example chat -- --user ann --password pw   # registered user
 //! cargo run --example chat -- --url ws://10.0.0.5:7450/ws --user ann
+//! cargo run --example chat -- --url wss://chat.example.com:7450/ws --user ann   # TLS, public CA
+//! cargo run --example chat -- --url wss://127.0.0.1:7450/ws --ca ca.pem          # TLS, private CA
 //! ```
 //!
 //! Type `/help` for the commands; any other line is sent to the current room. Incoming
@@ -38,20 +40,22 @@ commands:
 any other line is sent to the current room";
 
 const USAGE: &str = "\
-usage: chat [--url URL] [--user NAME] [--password PASSWORD]
-  --url        WebSocket endpoint (default ws://127.0.0.1:7450/ws)
+usage: chat [--url URL] [--ca FILE] [--user NAME] [--password PASSWORD]
+  --url        WebSocket endpoint, ws:// or wss:// (default ws://127.0.0.1:7450/ws)
+  --ca         PEM trust anchors for a wss:// server (default: the Mozilla roots)
   --user       user name (default: a guest name; guest login works on a dev node only)
   --password   password of a registered user (or env STOA_PASSWORD); without it, guest login";
 
 /// Command-line arguments.
 struct Args {
     url: String,
+    ca: Option<std::path::PathBuf>,
     user: Option<String>,
     password: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
-    let mut args = Args { url: DEFAULT_URL.to_owned(), user: None, password: std::env::var("STOA_PASSWORD").ok() };
+    let mut args = Args { url: DEFAULT_URL.to_owned(), ca: None, user: None, password: std::env::var("STOA_PASSWORD").ok() };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -61,6 +65,7 @@ fn parse_args() -> Result<Args, String> {
         let mut value = || inline.clone().or_else(|| it.next()).ok_or(format!("{flag} needs a value"));
         match flag.as_str() {
             "--url" => args.url = value()?,
+            "--ca" => args.ca = Some(value()?.into()),
             "--user" => args.user = Some(value()?),
             "--password" => args.password = Some(value()?),
             "-h" | "--help" => return Err(String::new()),
@@ -108,7 +113,11 @@ async fn run(args: Args) -> Result<(), Box<dyn Error>> {
         (None, Some(_)) => return Err("--password needs --user".into()),
         (None, None) => Login::guest(format!("guest{}", std::process::id() % 10_000)),
     };
-    let (client, welcome) = Client::connect_with(&args.url, login, ClientOptions::reconnecting())
+    let mut options = ClientOptions::reconnecting();
+    if let Some(ca) = &args.ca {
+        options = options.trust_ca_file(ca).map_err(|e| format!("--ca {}: {e}", ca.display()))?;
+    }
+    let (client, welcome) = Client::connect_with(&args.url, login, options)
         .await
         .map_err(|e| format!("cannot connect to {}: {e}", args.url))?;
     println!(

@@ -187,6 +187,9 @@ pub struct ClientOptions {
     pub write_queue: usize,
     /// Resume automatically after a lost connection; `None` leaves it to [`Client::reconnect`].
     pub reconnect: Option<ReconnectPolicy>,
+    /// TLS for `wss://` URLs: the trust anchors and settings (see [`ClientOptions::trust_ca_file`]).
+    /// `None`: the Mozilla roots (`webpki-roots`). Plain `ws://` URLs ignore it.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Default for ClientOptions {
@@ -195,6 +198,7 @@ impl Default for ClientOptions {
             connect_timeout: Duration::from_secs(5),
             write_queue: 64,
             reconnect: None,
+            tls: None,
         }
     }
 }
@@ -203,6 +207,13 @@ impl ClientOptions {
     /// Default options with automatic reconnect under the default [`ReconnectPolicy`].
     pub fn reconnecting() -> Self {
         ClientOptions { reconnect: Some(ReconnectPolicy::default()), ..Default::default() }
+    }
+
+    /// Trust the PEM certificates in `ca_file` (and only them) for `wss://` servers: a private
+    /// CA, or a node's self-signed certificate.
+    pub fn trust_ca_file(mut self, ca_file: &std::path::Path) -> Result<Self, crate::tls::TlsError> {
+        self.tls = Some(crate::tls::client_config(Some(ca_file))?);
+        Ok(self)
     }
 }
 
@@ -1233,13 +1244,22 @@ impl Shared {
     }
 }
 
+/// The TLS config for a `wss://` URL: the options', or one shared config with the Mozilla roots.
+fn tls_config(options: &ClientOptions) -> Arc<rustls::ClientConfig> {
+    static DEFAULT: std::sync::OnceLock<Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
+    options.tls.clone().unwrap_or_else(|| {
+        DEFAULT.get_or_init(|| crate::tls::client_config(None).expect("the built-in roots make a valid config")).clone()
+    })
+}
+
 /// Open the socket and log in; answers the stream and the `welcome`.
 async fn handshake(url: &str, login: &Login, options: &ClientOptions) -> Result<(WsStream, Welcome), ClientError> {
     let attempt = async {
         let config = WebSocketConfig::default()
             .read_buffer_size(READ_BUFFER_SIZE)
             .write_buffer_size(WRITE_BUFFER_SIZE);
-        let (mut ws, _response) = tokio_tungstenite::connect_async_with_config(url, Some(config), true).await?;
+        let connector = url.starts_with("wss://").then(|| tokio_tungstenite::Connector::Rustls(tls_config(options)));
+        let (mut ws, _response) = tokio_tungstenite::connect_async_tls_with_config(url, Some(config), true, connector).await?;
         ws.send(Message::text(encode(&login.hello()))).await?;
         loop {
             match ws.next().await {

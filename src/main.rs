@@ -45,9 +45,13 @@ enum Command {
     Plugin {
         #[command(subcommand)]
         command: PluginCommand,
-        /// The node's admin address (default: `listen.admin` of the config).
+        /// The node's admin address: `host:port`, `http://…` or `https://…` (default:
+        /// `listen.admin` of the config, https when it has `[tls]`).
         #[arg(long, global = true, value_name = "HOST:PORT")]
-        admin: Option<std::net::SocketAddr>,
+        admin: Option<String>,
+        /// PEM trust anchors for an https admin API (default: `tls.ca_file` of the config).
+        #[arg(long, global = true, value_name = "FILE")]
+        ca: Option<PathBuf>,
         /// Admin bearer token (default: `auth.admin_token` of the config).
         #[arg(long, global = true, env = "STOA_ADMIN_TOKEN", hide_env_values = true)]
         token: Option<String>,
@@ -70,9 +74,14 @@ enum PluginCommand {
 
 #[derive(clap::Args)]
 struct AdminArgs {
-    /// The node's admin address (`host:port`); default: `listen.admin` of --config.
+    /// The node's admin address: `host:port`, `http://host:port` or `https://host:port`;
+    /// default: `listen.admin` of --config (https when it has `[tls]`).
     #[arg(long)]
     admin: Option<String>,
+    /// PEM trust anchors for an https admin API; default: `tls.ca_file` of --config, else the
+    /// Mozilla roots.
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
     /// Bearer token; default: `auth.admin_token` of --config.
     #[arg(long, env = "STOA_ADMIN_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -107,6 +116,8 @@ enum AdminCommand {
         #[arg(long)]
         node: String,
     },
+    /// Re-read the node's TLS certificate and key (like SIGHUP); the old one stays on error.
+    TlsReload,
     /// The admin audit log, newest first.
     Audit {
         #[arg(long, default_value_t = 50)]
@@ -208,9 +219,10 @@ fn main() -> anyhow::Result<()> {
             init_tracing(&settings);
             let mut node = stoa::node::Node::start(settings)?;
             let token = node.shutdown_token();
+            let tls = node.tls().cloned();
             let rt = runtime()?;
             rt.spawn(async move {
-                wait_for_signal().await;
+                wait_for_signal(tls.as_ref()).await;
                 tracing::info!("signal received");
                 token.cancel();
             });
@@ -312,7 +324,7 @@ fn main() -> anyhow::Result<()> {
                 })
             }
         },
-        Command::Plugin { command, admin, token, config } => {
+        Command::Plugin { command, admin, ca, token, config } => {
             let settings = load(&config)?;
             use stoa::plugin::cli::Op;
             let (op, name) = match command {
@@ -321,9 +333,11 @@ fn main() -> anyhow::Result<()> {
                 PluginCommand::Reload { name } => (Op::Reload, Some(name)),
                 PluginCommand::Unload { name } => (Op::Unload, Some(name)),
             };
-            let admin = admin.unwrap_or(settings.listen.admin);
+            let admin = admin.unwrap_or_else(|| settings.listen.admin.to_string());
+            let ca = ca.or_else(|| settings.tls.ca_file.clone());
+            let (addr, tls) = stoa::admin_client::target(&admin, settings.tls.enabled(), ca.as_deref())?;
             let token = token.unwrap_or_else(|| settings.auth.admin_token.clone());
-            let answer = runtime()?.block_on(stoa::plugin::cli::run(admin, &token, op, name.as_deref()))?;
+            let answer = runtime()?.block_on(stoa::plugin::cli::run(&addr, tls.as_ref(), &token, op, name.as_deref()))?;
             println!("{}", serde_json::to_string_pretty(&answer)?);
             Ok(())
         }
@@ -335,12 +349,21 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn wait_for_signal() {
+/// Wait for SIGINT or SIGTERM (stop). SIGHUP reloads the TLS certificate and keeps running.
+async fn wait_for_signal(tls: Option<&stoa::tls::ServerTls>) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return,
+            _ = term.recv() => return,
+            _ = hup.recv() => match tls {
+                // The outcome is logged either way; a failed reload keeps the old certificate.
+                Some(tls) => { let _ = stoa::tls::reload_logged(tls, "SIGHUP"); }
+                None => tracing::info!("SIGHUP: no [tls] configured, nothing to reload"),
+            },
+        }
     }
 }
 
@@ -349,12 +372,15 @@ async fn admin(args: AdminArgs) -> anyhow::Result<()> {
         (Some(_), None) => None,
         _ => Some(load(&args.config)?),
     };
-    let addr = args.admin.clone().unwrap_or_else(|| settings.as_ref().map(|s| s.listen.admin.to_string()).unwrap_or_default());
+    let admin = args.admin.clone().unwrap_or_else(|| settings.as_ref().map(|s| s.listen.admin.to_string()).unwrap_or_default());
+    let ca = args.ca.clone().or_else(|| settings.as_ref().and_then(|s| s.tls.ca_file.clone()));
+    let tls_by_default = settings.as_ref().is_some_and(|s| s.tls.enabled());
+    let (addr, tls) = stoa::admin_client::target(&admin, tls_by_default, ca.as_deref())?;
     let token = args.token.clone().or_else(|| settings.as_ref().map(|s| s.auth.admin_token.clone()));
     let timeout = std::time::Duration::from_secs(60);
     let call = |method: &'static str, path: String| {
-        let (addr, token) = (addr.clone(), token.clone());
-        async move { stoa::admin_client::request(&addr, method, &path, token.as_deref(), timeout).await }
+        let (addr, tls, token) = (addr.clone(), tls.clone(), token.clone());
+        async move { stoa::admin_client::request_with(&addr, tls.as_ref(), method, &path, token.as_deref(), timeout).await }
     };
     let answer = match &args.command {
         AdminCommand::Status { .. } => call("GET", "/api/topology".into()).await?,
@@ -363,11 +389,12 @@ async fn admin(args: AdminArgs) -> anyhow::Result<()> {
         AdminCommand::Fallback { node } => call("POST", format!("/api/nodes/{node}/fallback")).await?,
         AdminCommand::Service { action, service, node } => call("POST", format!("/api/nodes/{node}/services/{service}/{action}")).await?,
         AdminCommand::Audit { limit } => call("GET", format!("/api/audit?limit={limit}")).await?,
+        AdminCommand::TlsReload => call("POST", "/api/tls/reload".into()).await?,
     };
     let json = answer.json();
     match &args.command {
         AdminCommand::Status { json: false } if answer.status == 200 => print_status(&json),
-        AdminCommand::Failover { .. } | AdminCommand::Fallback { .. } | AdminCommand::Service { .. } if answer.status == 200 => {
+        AdminCommand::Failover { .. } | AdminCommand::Fallback { .. } | AdminCommand::Service { .. } | AdminCommand::TlsReload if answer.status == 200 => {
             println!("{}", json["message"].as_str().unwrap_or(&answer.body));
         }
         _ if answer.status == 200 => println!("{}", serde_json::to_string_pretty(&json).unwrap_or(answer.body.clone())),
