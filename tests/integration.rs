@@ -28,6 +28,8 @@ mod cases {
     pub mod room_life;
     #[path = "security.rs"]
     pub mod security;
+    #[path = "tls.rs"]
+    pub mod tls;
 }
 
 /// For each `module::case`, a test module `case` with one test per listed backend
@@ -93,6 +95,7 @@ on_postgres! {
     failover::fallback_racing_a_second_failover,
     failover::clients_on_the_peer_use_rooms_over_the_link,
     security::a_captured_node_link_hello_cannot_be_replayed,
+    tls::ha_pair_node_link_runs_over_tls,
 }
 
 on_every_backend! {
@@ -127,6 +130,7 @@ on_every_backend! {
 on_backends! {[sqlite]
     security::slow_loris_sockets_do_not_lock_out_real_clients,
     security::failed_logins_are_throttled_across_connections,
+    tls::tls_on_client_and_admin_listeners_with_certificate_reload,
 }
 
 // Plugin behaviour does not depend on the store: these run on SQLite only.

@@ -381,7 +381,7 @@ async fn serve(
         tokio::spawn(async move {
             let handshake = async {
                 let stream = crate::tls::MaybeTls::accept(stream, config.tls.as_ref()).await.map_err(|e| {
-                    tracing::warn!(%remote, error = %e, "node link: TLS handshake failed");
+                    tracing::debug!(%remote, error = %e, "node link: TLS handshake failed");
                     HandshakeError::Closed
                 })?;
                 let mut ws = tokio_tungstenite::accept_async(stream).await.map_err(|_| HandshakeError::Closed)?;
