@@ -497,7 +497,9 @@ fn parse_listening(line: &str) -> Option<(SocketAddr, SocketAddr)> {
         let rest = &line[line.find(marker)? + marker.len()..];
         rest[..rest.find(end)?].parse().ok()
     };
-    Some((after("clients at ws://", '/')?, after("admin at http://", '/')?))
+    // `wss://` and `https://` when the node has [tls].
+    let client = after("clients at ws://", '/').or_else(|| after("clients at wss://", '/'))?;
+    Some((client, after("admin at http://", '/').or_else(|| after("admin at https://", '/'))?))
 }
 
 /// Run `stoa ARGS` to completion; returns (success, combined output).

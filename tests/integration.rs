@@ -131,6 +131,7 @@ on_backends! {[sqlite]
     security::slow_loris_sockets_do_not_lock_out_real_clients,
     security::failed_logins_are_throttled_across_connections,
     tls::tls_on_client_and_admin_listeners_with_certificate_reload,
+    tls::sighup_reloads_the_certificate_of_a_running_process,
 }
 
 // Plugin behaviour does not depend on the store: these run on SQLite only.

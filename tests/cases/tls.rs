@@ -214,3 +214,41 @@ pub async fn ha_pair_node_link_runs_over_tls(db: &TestDb) {
     drop(impostor);
     a.stop().await;
 }
+
+/// `stoa serve` reloads its certificate on SIGHUP and keeps running (it used to stop), logging
+/// the outcome; `stoa admin tls-reload` over https reports a failed reload as an error and the
+/// node keeps serving the certificate it had.
+pub async fn sighup_reloads_the_certificate_of_a_running_process(db: &TestDb) {
+    let (pki, first) = Pki::new(db.dir(), "proc");
+    let extra = format!(
+        "[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nca_file = \"{}\"\n",
+        pki.cert_file.display(),
+        pki.key_file.display(),
+        pki.ca_file.display()
+    );
+    let config = db.write_config("hup1", &extra);
+    let node = NodeProcess::start(&config, "hup1").await;
+    assert_eq!(served_certificate(node.client_addr, &pki.ca_file).await, first);
+
+    let second = pki.install_new_leaf();
+    // SAFETY: signalling a child process this test started.
+    assert_eq!(unsafe { libc::kill(node.pid() as i32, libc::SIGHUP) }, 0);
+    let deadline = Instant::now() + DEADLINE;
+    while served_certificate(node.client_addr, &pki.ca_file).await != second {
+        assert!(Instant::now() < deadline, "no new certificate after SIGHUP:\n{}", node.log_text());
+        tokio::time::sleep(Duration::from_millis(20)).await; // polling interval, not a wait
+    }
+    assert!(node.log_text().contains("TLS certificate reloaded"), "{}", node.log_text());
+    assert_eq!(https(node.admin_addr, &pki.admin_tls(), "GET", "/health", None).await.0, 200, "still serving after SIGHUP");
+
+    std::fs::write(&pki.key_file, "not a key").unwrap();
+    let admin = format!("https://127.0.0.1:{}", node.admin_addr.port());
+    let ca = pki.ca_file.display().to_string();
+    let (ok, out) = run_stoa(&["admin", "--admin", &admin, "--ca", &ca, "tls-reload"]).await;
+    assert!(!ok && out.contains("proc-key.pem"), "a failed reload is an error naming the file: {out}");
+    assert_eq!(served_certificate(node.client_addr, &pki.ca_file).await, second, "the certificate in use stays");
+    let (ok, out) = run_stoa(&["admin", "--admin", &admin, "--ca", &ca, "status", "--json"]).await;
+    assert!(ok, "stoa admin over https: {out}");
+    let (ok, out) = run_stoa(&["admin", "--admin", &format!("127.0.0.1:{}", node.admin_addr.port()), "status"]).await;
+    assert!(!ok, "stoa admin in plain HTTP against an https admin API must fail: {out}");
+}
