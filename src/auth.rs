@@ -58,6 +58,37 @@ pub fn validate_user_name(name: &str) -> Result<(), AuthError> {
     }
 }
 
+/// Longest name a guest may ask for (the server adds [`GUEST_SUFFIX_CHARS`] + 1).
+pub const MAX_GUEST_CHARS: usize = MAX_USER_CHARS - GUEST_SUFFIX_CHARS - 1;
+
+/// Random characters after the `~` of a guest's user name.
+pub const GUEST_SUFFIX_CHARS: usize = 6;
+
+/// A guest's user name: the name asked for, `~`, and random characters. `~` is in no name a
+/// login may ask for, so no other connection can ever log in as this guest (only its session
+/// token resumes it).
+fn guest_name(asked: &str) -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"abcdefghijkmnpqrstuvwxyz23456789";
+    let mut rng = rand::rng();
+    let suffix: String = (0..GUEST_SUFFIX_CHARS).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect();
+    format!("{asked}~{suffix}")
+}
+
+/// Check a user name as a request may name someone (an affiliation's target): a registered
+/// name, or a guest's `name~suffix`.
+pub fn validate_user_ref(name: &str) -> Result<(), AuthError> {
+    match name.split_once('~') {
+        Some((asked, suffix))
+            if suffix.chars().count() == GUEST_SUFFIX_CHARS && suffix.chars().all(|c| c.is_ascii_alphanumeric()) =>
+        {
+            validate_user_name(asked)
+        }
+        Some(_) => validate_user_name("~"),
+        None => validate_user_name(name),
+    }
+}
+
 /// Hash a password (argon2id, random salt) to a PHC string.
 pub fn hash_password(password: &str) -> Result<String, AuthError> {
     Argon2::default()
@@ -141,12 +172,18 @@ impl Auth {
                 false
             }
             (Some(_), None) => return Err(AuthError::Denied("this user name is registered: a password is required")),
-            (None, _) if self.allow_guests => true,
+            (None, _) if self.allow_guests => {
+                if user.chars().count() > MAX_GUEST_CHARS {
+                    return Err(AuthError::InvalidName(format!("guest names are at most {MAX_GUEST_CHARS} characters")));
+                }
+                true
+            }
             (None, _) => return Err(AuthError::Denied("wrong user name or password")),
         };
+        let user = if guest { guest_name(user) } else { user.to_owned() };
         let token = new_token();
-        self.store.create_session(&token_hash(&token), user, guest, now_ms() + self.session_ttl_ms).await?;
-        Ok(LoggedIn { user: user.to_owned(), guest, token })
+        self.store.create_session(&token_hash(&token), &user, guest, now_ms() + self.session_ttl_ms).await?;
+        Ok(LoggedIn { user, guest, token })
     }
 }
 
@@ -170,6 +207,17 @@ mod tests {
         assert!(validate_user_name("a b").is_err());
         assert!(validate_user_name("a@b").is_err());
         assert!(validate_user_name(&"x".repeat(65)).is_err());
+    }
+
+    #[test]
+    fn guest_names_cannot_be_asked_for_but_can_be_named() {
+        let g = guest_name("erin");
+        assert!(g.starts_with("erin~") && g.len() == "erin~".len() + GUEST_SUFFIX_CHARS, "{g}");
+        assert_ne!(g, guest_name("erin"));
+        assert!(validate_user_name(&g).is_err(), "no hello may ask for a guest's name");
+        assert!(validate_user_ref(&g).is_ok() && validate_user_ref("erin").is_ok());
+        assert!(validate_user_ref("erin~").is_err() && validate_user_ref("erin~abc").is_err() && validate_user_ref("~abcdef").is_err());
+        assert!(guest_name(&"e".repeat(MAX_GUEST_CHARS)).chars().count() <= MAX_USER_CHARS);
     }
 
     #[test]

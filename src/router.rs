@@ -641,7 +641,7 @@ impl Connection {
             }
             ClientFrame::Affiliate { id, room, user: target, affiliation } => {
                 self.check_room(&room)?;
-                crate::auth::validate_user_name(&target).map_err(|e| (ErrorCode::BadRequest, e.to_string()))?;
+                crate::auth::validate_user_ref(&target).map_err(|e| (ErrorCode::BadRequest, e.to_string()))?;
                 let msg = room::Affiliate { user, target, affiliation };
                 registry.call(&room, msg).await.and_then(|r| r).map_err(room_err)?;
                 Ok(Some(ServerFrame::Ok { re: id }))

@@ -35,6 +35,11 @@ pub const DEADLINE: Duration = Duration::from_secs(20);
 pub const SERVICE: &str = "conference.localhost";
 
 /// `name@conference.localhost`.
+/// The name a guest asked for: its user name without the server's `~suffix`.
+pub fn asked_name(user: &str) -> &str {
+    user.split_once('~').map_or(user, |(asked, _)| asked)
+}
+
 pub fn room(name: &str) -> String {
     format!("{name}@{SERVICE}")
 }
@@ -159,7 +164,8 @@ impl TestDb {
             "rooms.last_seq of {room} disagrees with its last stored message"
         );
         store.connection().clone().close().await.ok();
-        messages
+        // Tests name guests by the name they asked for; the store keeps `name~suffix`.
+        messages.into_iter().map(|m| StoredMessage { sender: asked_name(&m.sender).to_owned(), ..m }).collect()
     }
 
     /// The epoch each stored message of `room` was committed under, by seq.
@@ -333,6 +339,8 @@ pub fn free_port() -> u16 {
 /// An in-process node (stopped when dropped).
 pub struct TestNode {
     node: Option<Node>,
+    /// Its store: guests of one store resume with their tokens ([`Client::connect_guest`]).
+    identity: String,
     pub client_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub token: Option<String>,
@@ -342,11 +350,12 @@ impl TestNode {
     /// Start a node with `settings` (start-up runs off the test's runtime threads).
     pub async fn start(settings: Settings) -> TestNode {
         let token = (!settings.auth.admin_token.is_empty()).then(|| settings.auth.admin_token.clone());
+        let identity = settings.store_url();
         let node = tokio::task::spawn_blocking(move || Node::start(settings))
             .await
             .expect("node start-up task")
             .unwrap_or_else(|e| panic!("node failed to start: {e:#}"));
-        TestNode { client_addr: node.client_addr, admin_addr: node.admin_addr, node: Some(node), token }
+        TestNode { client_addr: node.client_addr, admin_addr: node.admin_addr, node: Some(node), token, identity }
     }
 
     /// Stop the node and wait until it has shut down.
@@ -356,9 +365,9 @@ impl TestNode {
         }
     }
 
-    /// A logged-in guest client.
+    /// A logged-in guest client: guest `user` of this node's store (the same guest every time).
     pub async fn client(&self, user: &str) -> Client {
-        Client::connect(self.client_addr, user).await
+        Client::connect_guest(self.client_addr, user, &self.identity).await
     }
 
     /// GET an admin path (with the node's admin token, if any) and parse the JSON answer.
@@ -404,6 +413,8 @@ pub async fn await_admin(addr: SocketAddr, token: Option<&str>, path: &str, what
 /// is failing.
 pub struct NodeProcess {
     child: Child,
+    /// Its store URL, as for [`TestNode`].
+    identity: String,
     pub client_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     log: Arc<Mutex<Vec<String>>>,
@@ -440,7 +451,14 @@ impl NodeProcess {
                 lines.lock().expect("log lock").push(line);
             }
         });
+        let config_text = std::fs::read_to_string(config).unwrap_or_default();
+        let identity = config_text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("url = \"").and_then(|u| u.strip_suffix('"')))
+            .unwrap_or_default()
+            .to_owned();
         let mut process = NodeProcess {
+            identity,
             child,
             client_addr: "0.0.0.0:0".parse().expect("literal"),
             admin_addr: "0.0.0.0:0".parse().expect("literal"),
@@ -476,9 +494,9 @@ impl NodeProcess {
         let _ = self.child.wait();
     }
 
-    /// A logged-in guest client.
+    /// A logged-in guest client: guest `user` of this node's store (the same guest every time).
     pub async fn client(&self, user: &str) -> Client {
-        Client::connect(self.client_addr, user).await
+        Client::connect_guest(self.client_addr, user, &self.identity).await
     }
 }
 
@@ -620,11 +638,33 @@ impl Client {
         c
     }
 
+    /// Connect as guest `user` of the store `identity`: the first time a fresh guest, later
+    /// the same guest again through its session token (a guest's user name is unique, so
+    /// "the same guest" is a token, not a name).
+    pub async fn connect_guest(addr: SocketAddr, user: &str, identity: &str) -> Client {
+        static TOKENS: std::sync::LazyLock<Mutex<std::collections::HashMap<(String, String), String>>> = std::sync::LazyLock::new(Default::default);
+        let key = (identity.to_owned(), user.to_owned());
+        let mut c = Self::connect_raw(addr).await;
+        let token = TOKENS.lock().unwrap().get(&key).cloned();
+        if let Some(token) = token {
+            let w = c.request(json!({"op": "hello", "v": 1, "token": token})).await;
+            if w["op"] == "welcome" {
+                c.user = w["user"].as_str().unwrap_or(user).into();
+                return c;
+            }
+            c = Self::connect_raw(addr).await; // the token expired: a new guest
+        }
+        let w = c.hello(user).await;
+        TOKENS.lock().unwrap().insert(key, w["session"].as_str().expect("a session token").to_owned());
+        c
+    }
+
     /// Log in as guest `user`; panics unless welcomed.
     pub async fn hello(&mut self, user: &str) -> Value {
         let w = self.request(json!({"op": "hello", "v": 1, "user": user})).await;
         assert_eq!(w["op"], "welcome", "hello as {user}: {w}");
-        self.user = user.into();
+        // A guest's user name is the one asked for plus a server-chosen `~suffix`.
+        self.user = w["user"].as_str().unwrap_or(user).into();
         w
     }
 

@@ -130,6 +130,7 @@ on_every_backend! {
 on_backends! {[sqlite]
     security::slow_loris_sockets_do_not_lock_out_real_clients,
     security::failed_logins_are_throttled_across_connections,
+    security::a_guest_cannot_be_claimed_by_another_connection,
     tls::tls_on_client_and_admin_listeners_with_certificate_reload,
     tls::sighup_reloads_the_certificate_of_a_running_process,
 }

@@ -57,7 +57,7 @@ pub async fn admin_api_reports_health_rooms_and_metrics(db: &TestDb) {
     assert_eq!(detail["last_seq"], 3, "{detail}");
     assert_eq!(detail["live"]["occupants"], 2, "{detail}");
     assert_eq!(detail["config"]["subject"], "welcome", "{detail}");
-    assert_eq!(detail["affiliations"]["ann"], "owner", "{detail}");
+    assert_eq!(detail["affiliations"][&ann.user], "owner", "{detail}");
     let (status, _) = http_get(admin, &format!("/api/rooms/{}", room("ghost")), node.token.as_deref()).await;
     assert_eq!(status, 404);
 

@@ -73,7 +73,7 @@ pub async fn malformed_requests_get_errors_and_the_room_keeps_working(db: &TestD
         assert_room_works(&mut bob, &mut ann, &r, &format!("after-{i}")).await;
     }
     // Wrong room password, as the owner's guest (not the owner) sees it.
-    ann.request(json!({"op": "affiliate", "room": members, "user": "bob", "affiliation": "member"})).await;
+    ann.request(json!({"op": "affiliate", "room": members, "user": bob.user, "affiliation": "member"})).await;
     let a = bob.request(json!({"op": "join", "room": members, "nick": "bob", "password": "nope"})).await;
     assert_error(&a, "forbidden", "wrong room password");
     let a = bob.request(json!({"op": "join", "room": members, "nick": "bob", "password": "pw"})).await;
@@ -140,7 +140,7 @@ pub async fn transport_violations_close_with_documented_codes(db: &TestDb) {
         let code = c.await_close().await;
         assert_eq!(code, Some(expected), "{label}: close code");
         let gone = ann.wait_for(&format!("mallory leaving after the {label}"), |f| {
-            f["op"] == "presence" && f["user"] == "mallory" && f["status"] == "left"
+            f["op"] == "presence" && f["user"] == c.user.as_str() && f["status"] == "left"
         }).await;
         assert_eq!(gone["room"], r.as_str());
         assert_room_works(&mut ann, &mut bob, &r, label).await;

@@ -171,8 +171,12 @@ impl Traffic {
         let stop = CancellationToken::new();
         let history: Arc<Mutex<History>> = Arc::default();
         let mut tasks = Vec::new();
-        for w in 0..writers {
-            let room = rooms[w % rooms.len()].clone();
+        // Writer names are unique in the test process: two `Traffic`s in one room are
+        // different users (guest names are their own), so their nicks must differ too.
+        static NEXT_WRITER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        for i in 0..writers {
+            let room = rooms[i % rooms.len()].clone();
+            let w = NEXT_WRITER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let options = ClientOptions {
                 reconnect: Some(ReconnectPolicy {
                     extra_urls: urls.clone(),

@@ -15,8 +15,10 @@ pub async fn room_permissions_are_enforced(db: &TestDb) {
     let (club, open, secret, locked) = (room("club"), room("open"), room("secret"), room("locked"));
     let mut olga = node.client("olga").await; // owner of everything
     let mut mia = node.client("mia").await;
+    let mia_user = mia.user.clone();
     let mut adam = node.client("adam").await;
     let mut gus = node.client("gus").await;
+    let gus_user = gus.user.clone();
 
     olga.create(&club, json!({"public": false})).await;
     olga.create(&open, json!({})).await;
@@ -28,7 +30,7 @@ pub async fn room_permissions_are_enforced(db: &TestDb) {
     assert_error(&a, "forbidden", "non-member joins a members-only room");
     let a = mia.request(json!({"op": "history", "room": club})).await;
     assert_error(&a, "forbidden", "non-member reads a members-only room");
-    let a = olga.request(json!({"op": "affiliate", "room": club, "user": "mia", "affiliation": "member"})).await;
+    let a = olga.request(json!({"op": "affiliate", "room": club, "user": mia.user, "affiliation": "member"})).await;
     assert_eq!(a["op"], "ok", "{a}");
     let joined = mia.join(&club, "mia").await;
     assert_eq!(joined["affiliation"], "member", "{joined}");
@@ -63,9 +65,9 @@ pub async fn room_permissions_are_enforced(db: &TestDb) {
     assert_eq!(a["op"], "ok", "{a}");
 
     // Admins kick, members do not.
-    let a = olga.request(json!({"op": "affiliate", "room": open, "user": "adam", "affiliation": "admin"})).await;
+    let a = olga.request(json!({"op": "affiliate", "room": open, "user": adam.user, "affiliation": "admin"})).await;
     assert_eq!(a["op"], "ok", "{a}");
-    let a = mia.request(json!({"op": "affiliate", "room": open, "user": "gus", "affiliation": "member"})).await;
+    let a = mia.request(json!({"op": "affiliate", "room": open, "user": gus.user, "affiliation": "member"})).await;
     assert_error(&a, "forbidden", "unaffiliated user sets an affiliation");
     adam.join(&open, "adam").await;
     mia.join(&open, "mia").await;
@@ -73,7 +75,7 @@ pub async fn room_permissions_are_enforced(db: &TestDb) {
     assert_error(&a, "forbidden", "plain occupant kicks an admin");
     let a = adam.request(json!({"op": "kick", "room": open, "nick": "mia", "reason": "test"})).await;
     assert_eq!(a["op"], "ok", "{a}");
-    let kicked = mia.wait_for("mia's own kick", |f| f["op"] == "presence" && f["room"] == open && f["user"] == "mia").await;
+    let kicked = mia.wait_for("mia's own kick", |f| f["op"] == "presence" && f["room"] == open && f["user"] == mia_user.as_str()).await;
     assert_eq!(kicked["status"], "kicked", "{kicked}");
     let a = mia.send(&open, "still here?", "k1").await;
     assert_error(&a, "forbidden", "a kicked occupant sends");
@@ -88,11 +90,11 @@ pub async fn room_permissions_are_enforced(db: &TestDb) {
     assert_error(&a, "conflict", "nick taken by another user");
 
     // Outcasts: a present outcast is kicked, and cannot come back.
-    let a = olga.request(json!({"op": "affiliate", "room": open, "user": "gus", "affiliation": "outcast"})).await;
+    let a = olga.request(json!({"op": "affiliate", "room": open, "user": gus.user, "affiliation": "outcast"})).await;
     assert_eq!(a["op"], "ok", "{a}");
-    let banned = gus.wait_for("gus's ban", |f| f["op"] == "presence" && f["room"] == open && f["user"] == "gus").await;
+    let banned = gus.wait_for("gus's ban", |f| f["op"] == "presence" && f["room"] == open && f["user"] == gus_user.as_str()).await;
     assert_eq!(banned["status"], "kicked", "{banned}");
-    let seen = adam.wait_for("gus leaving, as others see it", |f| f["op"] == "presence" && f["user"] == "gus" && f["status"] != "joined").await;
+    let seen = adam.wait_for("gus leaving, as others see it", |f| f["op"] == "presence" && f["user"] == gus_user.as_str() && f["status"] != "joined").await;
     assert_eq!(seen["status"], "kicked", "{seen}");
     let a = gus.request(json!({"op": "join", "room": open, "nick": "gus"})).await;
     assert_error(&a, "forbidden", "outcast joins");

@@ -192,8 +192,8 @@ pub async fn join_leave_created_and_config_hooks_run(db: &TestDb) {
     let store = db.store().await;
     let row = store.load_room(&stoa::protocol::RoomAddr(r.clone())).await.unwrap().unwrap();
     let state = store.plugin_state_load(row.id, "greeter").await.unwrap();
-    assert_eq!(state.get("visits:bob").map(String::as_str), Some("1"), "{state:?}");
-    assert_eq!(state.get("visits:ann").map(String::as_str), Some("1"), "{state:?}");
+    assert_eq!(state.get(&format!("visits:{}", bob.user)).map(String::as_str), Some("1"), "{state:?}");
+    assert_eq!(state.get(&format!("visits:{}", ann.user)).map(String::as_str), Some("1"), "{state:?}");
 }
 
 /// rate-limit keeps its per-user budget in plugin state, written fenced with the room: after

@@ -308,3 +308,36 @@ pub async fn failed_logins_are_throttled_across_connections(db: &TestDb) {
     let metrics = crate::harness::http_get(node.admin_addr, "/metrics", None).await.1;
     assert!(metrics.contains("stoa_logins_throttled_total"), "throttled logins are counted");
 }
+
+/// Issue 8, finding 8: two connections that log in as guest `erin` are two users (each gets
+/// `erin~` and its own suffix), so the second cannot act as the first, who created a room and
+/// owns it; nobody can ask for a guest's full name, and only the first guest's session token
+/// resumes it (still the owner).
+pub async fn a_guest_cannot_be_claimed_by_another_connection(db: &TestDb) {
+    use serde_json::json;
+    let node = TestNode::start(db.settings("n1")).await;
+    let mut first = crate::harness::Client::connect_raw(node.client_addr).await;
+    let welcome = first.hello("erin").await;
+    let token = welcome["session"].as_str().unwrap().to_owned();
+    let r = crate::harness::room("erins");
+    first.create(&r, json!({})).await;
+
+    let mut second = crate::harness::Client::connect_raw(node.client_addr).await;
+    second.hello("erin").await;
+    assert_ne!(first.user, second.user, "two guests named erin are two users");
+    assert!(first.user.starts_with("erin~") && second.user.starts_with("erin~"), "{} / {}", first.user, second.user);
+    let a = second.request(json!({"op": "destroy", "room": r})).await;
+    crate::harness::assert_error(&a, "forbidden", "the other erin destroys the room");
+    let a = second.request(json!({"op": "affiliate", "room": r, "user": second.user, "affiliation": "owner"})).await;
+    crate::harness::assert_error(&a, "forbidden", "the other erin makes itself owner");
+
+    let mut impostor = crate::harness::Client::connect_raw(node.client_addr).await;
+    let a = impostor.request(json!({"op": "hello", "v": 1, "user": first.user})).await;
+    crate::harness::assert_error(&a, "bad_request", "asking for a guest's full name");
+
+    let mut resumed = crate::harness::Client::connect_raw(node.client_addr).await;
+    let w = resumed.request(json!({"op": "hello", "v": 1, "token": token})).await;
+    assert_eq!(w["user"], first.user.as_str(), "the token resumes the same guest: {w}");
+    let a = resumed.request(json!({"op": "configure", "room": r, "config": {"subject": "mine"}})).await;
+    assert_eq!(a["op"], "ok", "the resumed guest is still the owner: {a}");
+}

@@ -112,7 +112,7 @@ pub async fn tls_on_client_and_admin_listeners_with_certificate_reload(db: &Test
     // A client over wss posts and reads back.
     let room = RoomAddr(room("secure"));
     let (ann, welcome) = Client::connect_with(&wss, Login::guest("ann"), options()).await.expect("ann connects over wss");
-    assert_eq!(welcome.user, "ann");
+    assert!(welcome.user.starts_with("ann"), "{welcome:?}");
     ann.create(room.clone(), RoomConfigPatch::default()).await.expect("create");
     ann.join(room.clone(), "ann", None, None).await.expect("join");
     let ack = ann.send(room.clone(), "over TLS", new_cid()).await.expect("send over wss");
