@@ -516,10 +516,10 @@ impl Settings {
         let exposed = |a: &SocketAddr| !a.ip().is_loopback();
         add("client", self.listen.client.to_string(), exposed(&self.listen.client), "listen.client_insecure", self.listen.client_insecure);
         add("admin", self.listen.admin.to_string(), exposed(&self.listen.admin), "listen.admin_insecure", self.listen.admin_insecure);
-        if let Some(group) = self.group().filter(|g| g.ha) {
-            if let Some(me) = group.nodes.iter().find(|n| n.id == self.node.id) {
-                add("node link", me.link.clone(), !link_is_loopback(&me.link), "cluster.link_insecure", self.cluster.link_insecure);
-            }
+        if let Some(group) = self.group().filter(|g| g.ha)
+            && let Some(me) = group.nodes.iter().find(|n| n.id == self.node.id)
+        {
+            add("node link", me.link.clone(), !link_is_loopback(&me.link), "cluster.link_insecure", self.cluster.link_insecure);
         }
         out
     }

@@ -489,14 +489,15 @@ async fn dial(
                     tokio_tungstenite::tungstenite::Error::Tls(e) => Some(e.to_string()),
                     _ => None,
                 };
-                if let Some(e) = tls_error {
-                    if e != last_tls_error {
-                        tracing::warn!(peer = %config.peer_id, url = %url, error = %e, "node link: TLS to the peer failed");
-                        last_tls_error = e;
-                    }
+                if let Some(e) = tls_error
+                    && e != last_tls_error
+                {
+                    tracing::warn!(peer = %config.peer_id, url = %url, error = %e, "node link: TLS to the peer failed");
+                    last_tls_error = e;
                 }
                 HandshakeError::Closed
             })?;
+            last_tls_error.clear(); // a later failure is news again
             dial_handshake(&mut ws, &config).await.map(|()| ws)
         };
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, connect).await {

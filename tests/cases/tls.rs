@@ -121,9 +121,9 @@ pub async fn tls_on_client_and_admin_listeners_with_certificate_reload(db: &Test
 
     // Plaintext and untrusted clients get nowhere.
     let plain = format!("ws://127.0.0.1:{}/ws", node.client_addr.port());
-    let err = Client::connect(&plain, Login::guest("eve")).await.err().expect("a ws:// client must not get a session");
+    let Err(err) = Client::connect(&plain, Login::guest("eve")).await else { panic!("a ws:// client must not get a session") };
     eprintln!("ws:// to the TLS listener: {err}");
-    let err = Client::connect(&wss, Login::guest("eve")).await.err().expect("a client without the CA must not connect");
+    let Err(err) = Client::connect(&wss, Login::guest("eve")).await else { panic!("a client without the CA must not connect") };
     assert!(err.to_string().to_lowercase().contains("certificate"), "untrusted server certificate: {err}");
 
     // The admin API: https with the token; plain HTTP gets no answer.
