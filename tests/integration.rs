@@ -128,6 +128,7 @@ on_backends! {[sqlite]
     security::slow_loris_sockets_do_not_lock_out_real_clients,
     security::failed_logins_are_throttled_across_connections,
     security::a_guest_cannot_be_claimed_by_another_connection,
+    security::lookalike_nicks_and_user_names_are_refused,
 }
 
 // Plugin behaviour does not depend on the store: these run on SQLite only.

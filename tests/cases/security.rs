@@ -341,3 +341,29 @@ pub async fn a_guest_cannot_be_claimed_by_another_connection(db: &TestDb) {
     let a = resumed.request(json!({"op": "configure", "room": r, "config": {"subject": "mine"}})).await;
     assert_eq!(a["op"], "ok", "the resumed guest is still the owner: {a}");
 }
+
+/// Issue 8, finding 7 (lookalikes): beside `ann`, the nicks `ANN`, Cyrillic `аnn` and `ann.`
+/// clash in a room (`conflict`), and such user names cannot be registered beside a user
+/// `ann`; a name that only looks different (`anne`) is fine.
+pub async fn lookalike_nicks_and_user_names_are_refused(db: &TestDb) {
+    use serde_json::json;
+    let node = TestNode::start(db.settings("n1")).await;
+    let r = crate::harness::room("lookalikes");
+    let mut ann = node.client("ann").await;
+    ann.create(&r, json!({})).await;
+    ann.join(&r, "ann").await;
+    let mut other = node.client("mallory").await;
+    for nick in ["ANN", "\u{430}nn", "ann."] {
+        let a = other.request(json!({"op": "join", "room": r, "nick": nick})).await;
+        crate::harness::assert_error(&a, "conflict", &format!("nick {nick:?} beside ann"));
+    }
+    other.join(&r, "anne").await;
+
+    let auth = stoa::auth::Auth::new(db.store().await, false, 3600);
+    auth.add_user("ann", "correct horse battery").await.unwrap();
+    for name in ["ANN", "\u{430}nn", "ann."] {
+        let e = auth.add_user(name, "correct horse battery").await.unwrap_err();
+        assert!(e.to_string().contains("looks like the registered user `ann`"), "{name:?}: {e}");
+    }
+    auth.add_user("anne", "correct horse battery").await.unwrap();
+}
