@@ -4,8 +4,6 @@
 //! database does not leak live sessions. Tokens live in the shared store, so a client can
 //! resume on any node of its group with the token from `welcome`.
 
-pub mod throttle;
-
 use crate::store::{Store, StoreError, now_ms};
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier, phc::PasswordHash};

@@ -24,7 +24,8 @@
 //! - [`room`]: the room actor (joins, posts, permissions, fan-out); pure rules in `room::state`.
 //! - [`committer`]: the group committer: many rooms' appends per transaction, answers after commit.
 //! - [`store`]: SeaORM entities, migrations under a lock, the fenced write path (`append_batch`).
-//! - [`auth`]: argon2 users, session tokens, guest login; `auth::throttle` limits failed logins.
+//! - [`auth`]: argon2 users, session tokens, guest login.
+//! - [`throttle`]: budgets per user name and source address (failed logins, room creations).
 //! - [`names`]: when two nicks or user names clash (a confusable-skeleton comparison key).
 //! - [`plugin`]: Wasm plugins (wasmtime components, WIT `stoa:plugin@0.1.0`): limits, per-room
 //!   workers, fault counting; the room side is `room::plugin` (docs/plugins.md).
@@ -51,4 +52,5 @@ pub mod room;
 pub mod router;
 pub mod session;
 pub mod store;
+pub mod throttle;
 pub mod transport;

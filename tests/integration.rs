@@ -129,6 +129,7 @@ on_backends! {[sqlite]
     security::failed_logins_are_throttled_across_connections,
     security::a_guest_cannot_be_claimed_by_another_connection,
     security::lookalike_nicks_and_user_names_are_refused,
+    security::list_pages_and_room_creation_has_a_budget,
 }
 
 // Plugin behaviour does not depend on the store: these run on SQLite only.
