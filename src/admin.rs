@@ -92,7 +92,7 @@ pub async fn serve(listener: TcpListener, state: AdminState, shutdown: Cancellat
         .route("/metrics", get(metrics_text))
         .merge(crate::plugin::admin::routes())
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
-    let app = Router::new().route("/health", get(health)).merge(protected).with_state(state);
+    let app = Router::new().route("/health", get(health)).route("/ready", get(ready)).merge(protected).with_state(state);
     let result = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
     if let Err(e) = result {
         tracing::error!(error = %e, "admin listener failed");
@@ -129,6 +129,25 @@ async fn health(State(state): State<AdminState>) -> Response {
             (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "degraded", "store": "unreachable"}))).into_response()
         }
     }
+}
+
+/// Readiness, beside liveness (`/health`): 200 when this node takes clients and hosts rooms
+/// now, 503 (with the reason) when it does not: failed over, a critical service stopped, or
+/// starting up. A load balancer sends clients only to ready nodes.
+async fn ready(State(state): State<AdminState>) -> Response {
+    let accepting = state.router.is_accepting();
+    let hosting = state.registry.is_hosting();
+    let ha_state = state.recovery.as_ref().map(|r| r.state());
+    let serving = ha_state.is_none_or(|s| s.hosts_rooms());
+    let body = json!({
+        "ready": accepting && hosting && serving,
+        "node": state.settings.node.id,
+        "state": ha_state.map(|s| s.as_str()),
+        "accepting_clients": accepting,
+        "hosting_rooms": hosting && serving,
+    });
+    let status = if accepting && hosting && serving { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(body)).into_response()
 }
 
 async fn node(State(state): State<AdminState>) -> Json<serde_json::Value> {
@@ -371,7 +390,18 @@ async fn audit(State(state): State<AdminState>, q: Result<Query<AuditQuery>, axu
     }
 }
 
-async fn metrics_text() -> impl IntoResponse {
+async fn metrics_text(State(state): State<AdminState>) -> impl IntoResponse {
+    // Gauges of the HA state, read now rather than kept up to date at every transition.
+    if let Some(recovery) = &state.recovery {
+        let now = recovery.state();
+        for s in crate::ha::state::NodeState::ALL {
+            metrics::gauge!("stoa_ha_state", "state" => s.as_str()).set(if s == now { 1.0 } else { 0.0 });
+        }
+    }
+    if let Some(link) = &state.link {
+        metrics::gauge!("stoa_peer_reachable").set(if link.peer().reachable { 1.0 } else { 0.0 });
+    }
+    metrics::gauge!("stoa_ready").set(if state.router.is_accepting() && state.registry.is_hosting() { 1.0 } else { 0.0 });
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], prometheus().render())
 }
 

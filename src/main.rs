@@ -171,14 +171,35 @@ enum RoomCommand {
 }
 
 fn init_tracing(settings: &Settings) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("STOA_LOG")
         .unwrap_or_else(|_| EnvFilter::new(format!("{},sqlx=warn,sea_orm=warn", settings.log.level)));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only for a person at a terminal, never into a file or a pipe.
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(|| LogSink).with_ansi(ansi);
     if settings.log.json {
         builder.json().init();
     } else {
         builder.init();
+    }
+}
+
+/// Where log lines go: stderr, never failing. A log write that fails (the reader of a piped
+/// stderr has gone: EPIPE) drops the line; tracing would otherwise report the failure with
+/// `eprintln!`, which panics on the same broken pipe, in whatever task was logging (the signal
+/// handler's first `info!` among them), so logging must never be able to stop or break a node.
+struct LogSink;
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
     }
 }
 

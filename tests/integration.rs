@@ -20,6 +20,8 @@ mod cases {
     pub mod log;
     #[path = "failover.rs"]
     pub mod failover;
+    #[path = "operations.rs"]
+    pub mod operations;
     #[path = "permission.rs"]
     pub mod permission;
     #[path = "plugins.rs"]
@@ -93,6 +95,7 @@ on_postgres! {
     failover::fallback_racing_a_second_failover,
     failover::clients_on_the_peer_use_rooms_over_the_link,
     security::a_captured_node_link_hello_cannot_be_replayed,
+    operations::ready_is_not_health,
 }
 
 on_every_backend! {
@@ -126,6 +129,7 @@ on_every_backend! {
 // Transport behaviour does not depend on the store.
 on_backends! {[sqlite]
     security::slow_loris_sockets_do_not_lock_out_real_clients,
+    operations::a_node_whose_log_reader_has_gone_serves_and_stops_on_sigterm,
     security::failed_logins_are_throttled_across_connections,
     security::a_guest_cannot_be_claimed_by_another_connection,
     security::lookalike_nicks_and_user_names_are_refused,
