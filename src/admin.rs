@@ -301,10 +301,21 @@ async fn node_view(state: &AdminState, id: &str) -> serde_json::Value {
         _ => (json!(null), json!(null), json!(null)),
     };
     let peer = state.link.as_ref().map(|l| l.peer()).filter(|p| p.id == id);
+    // The peer's state is what it says over the link; one that cannot be reached is `unknown`
+    // (Cisco's name), whatever it last recorded before it went away.
+    let unreachable = peer.as_ref().is_some_and(|p| !p.reachable);
+    let current = match &peer {
+        Some(p) if p.reachable => p.state.map_or(recovery_state.clone(), |s| json!(s)),
+        Some(_) => json!(crate::ha::state::NodeState::Unknown),
+        None => recovery_state.clone(),
+    };
+    // The recorded reason explains the recorded state, not `unknown`.
+    let reason = if unreachable { json!(null) } else { reason };
     json!({
         "id": id,
         "this_node": me,
-        "state": peer.as_ref().filter(|p| p.reachable).and_then(|p| p.state).map_or(recovery_state, |s| json!(s)),
+        "state": current,
+        "recorded_state": recovery_state,
         "reason": reason,
         "since_ms": since_ms,
         "rooms_hosted": hosted,

@@ -96,6 +96,7 @@ on_postgres! {
     failover::clients_on_the_peer_use_rooms_over_the_link,
     security::a_captured_node_link_hello_cannot_be_replayed,
     operations::ready_is_not_health,
+    failover::admin_status_tells_a_dead_node_from_a_normal_one,
 }
 
 on_every_backend! {

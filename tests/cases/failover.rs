@@ -607,3 +607,30 @@ pub async fn clients_on_the_peer_use_rooms_over_the_link(db: &TestDb) {
     history.abandoned += b.abandoned;
     check_history(db, &rooms, &history).await;
 }
+
+/// Issue 9, bug 2: after kill -9 of 1a, `stoa admin status` on 1b shows 1a as `unknown` with
+/// an expired lease (it used to show `normal`, from the last state 1a recorded), 1b in backup
+/// mode with a SINCE column, in lines an 80–100 column terminal holds.
+pub async fn admin_status_tells_a_dead_node_from_a_normal_one(db: &TestDb) {
+    let mut pair = Pair::configure(db, None);
+    pair.start(0).await;
+    pair.await_state(0, "normal", DEADLINE).await;
+    pair.start(1).await;
+    pair.await_state(1, "normal", DEADLINE).await;
+    crate::harness::await_admin(pair.process(1).admin_addr, None, "/api/topology", "1b to see 1a", |t| t["peer"]["reachable"] == true).await;
+    let _rooms = create_rooms(&pair, 1).await;
+    pair.kill(0);
+    pair.await_state(1, "running_in_backup_mode", DEADLINE).await;
+    let (ok, out) = crate::harness::run_stoa(&["admin", "--admin", &pair.admin(1), "status"]).await;
+    assert!(ok, "{out}");
+    eprintln!("{out}");
+    let line = |id: &str| out.lines().find(|l| l.starts_with(id)).unwrap_or_else(|| panic!("no line for {id}: {out}")).to_owned();
+    let dead = line("1a");
+    assert!(dead.contains("unknown") && !dead.contains("normal"), "a dead node is not normal: {dead}");
+    assert!(dead.contains("expired") || dead.contains("taken"), "its lease is expired or taken over: {dead}");
+    let backup = line("1b");
+    assert!(backup.contains("running_in_backup_mode") && backup.contains("ok"), "{backup}");
+    assert!(out.lines().next().unwrap_or("").contains("SINCE"), "{out}");
+    assert!(out.lines().all(|l| l.chars().count() <= 100), "lines fit a terminal: {out}");
+    pair.kill(1);
+}
