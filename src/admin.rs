@@ -320,7 +320,8 @@ async fn node_view(state: &AdminState, id: &str) -> serde_json::Value {
         "since_ms": since_ms,
         "rooms_hosted": hosted,
         "active_rooms": me.then(|| state.registry.active_count()),
-        "users_connected": me.then(|| state.router.connection_count()),
+        // The peer's figures come with its heartbeats.
+        "users_connected": if me { Some(state.router.connection_count()) } else { peer.as_ref().filter(|p| p.reachable).map(|p| p.connections) },
         "services": if me { state.recovery.as_ref().map(|r| json!(r.status().services)) } else { None },
         "write_gate_ms": if me { state.recovery.as_ref().map(|r| r.status().lease_remaining_ms) } else { None },
         "last_takeover": if me { state.recovery.as_ref().map(|r| json!(r.status().last_takeover)) } else { None },

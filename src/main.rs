@@ -421,13 +421,17 @@ fn print_status(topology: &serde_json::Value) {
     for group in groups {
         for n in group["nodes"].as_array().cloned().unwrap_or_default() {
             // `ok`, or the services that are down.
-            let services = n["services"]
-                .as_array()
-                .map(|s| {
-                    let down: Vec<&str> = s.iter().filter(|x| x["running"] != true).filter_map(|x| x["service"].as_str()).collect();
-                    if down.is_empty() { "ok".to_owned() } else { format!("DOWN:{}", down.join(",")) }
-                })
-                .unwrap_or_else(|| "-".into());
+            // (the peer's, as its heartbeats report them)
+            let down: Option<Vec<&str>> = match n["services"].as_array() {
+                Some(s) => Some(s.iter().filter(|x| x["running"] != true).filter_map(|x| x["service"].as_str()).collect()),
+                None if n["link"]["reachable"] == true => n["link"]["services_down"].as_array().map(|d| d.iter().filter_map(|x| x.as_str()).collect()),
+                None => None,
+            };
+            let services = match down {
+                Some(d) if d.is_empty() => "ok".to_owned(),
+                Some(d) => format!("DOWN:{}", d.join(",")),
+                None => "-".to_owned(),
+            };
             let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
             let since = n["since_ms"].as_i64().map_or("-".to_owned(), |at| readable_age(now_ms - at));
             // A lease the peer took over (`taken-by/…`) is as dead as an expired one.

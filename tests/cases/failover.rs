@@ -435,7 +435,7 @@ pub async fn critical_service_stop_fails_over_then_fallback(db: &TestDb) {
 
     let refused = pair.call(1, "POST", "/api/nodes/1a/fallback").await;
     assert_eq!(refused.status, 409, "fallback with the service down must be refused: {}", refused.body);
-    assert!(refused.json()["message"].as_str().unwrap_or("").contains("critical service"), "{}", refused.body);
+    assert!(refused.json()["message"].as_str().unwrap_or("").contains("critical service rooms down"), "the refusal names the service: {}", refused.body);
 
     // Through the peer: the request travels over the node link.
     let started = pair.call(1, "POST", "/api/nodes/1a/services/rooms/start").await;
@@ -444,6 +444,8 @@ pub async fn critical_service_stop_fails_over_then_fallback(db: &TestDb) {
     let fallback_at = Instant::now();
     let answer = pair.call(0, "POST", "/api/nodes/1a/fallback").await; // asked on 1a: passed to 1b
     assert_eq!(answer.status, 200, "{}", answer.body);
+    // 1b's own outcome comes back through 1a (issue 9, bug 4).
+    assert!(answer.body.contains("fell back") && answer.body.contains("rooms returned to node 1a"), "{}", answer.body);
     pair.await_state(0, "normal", DEADLINE).await;
     pair.await_state(1, "normal", DEADLINE).await;
     traffic.await_all_rooms_writable(&rooms, fallback_at, DEADLINE).await;

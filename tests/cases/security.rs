@@ -67,6 +67,8 @@ pub async fn a_captured_node_link_hello_cannot_be_replayed(db: &TestDb) {
     // the capture holds a command frame too.
     let answer = stoa::admin_client::request(&b.admin_addr.to_string(), "POST", "/api/nodes/1a/services/router/start", None, DEADLINE).await.unwrap();
     assert_eq!(answer.status, 200, "{}", answer.body);
+    // Issue 9, bug 4: the answer is 1a's outcome, not "passed to the peer".
+    assert!(answer.body.contains("service router on node 1a started"), "{}", answer.body);
     tokio::time::sleep(Duration::from_millis(300)).await; // a few heartbeats more into the capture
     let capture = captured.lock().unwrap().clone();
     let head_end = capture.windows(4).position(|w| w == b"\r\n\r\n").expect("the capture starts with the upgrade request") + 4;
