@@ -102,7 +102,7 @@ pub async fn serve(listener: TcpListener, state: AdminState, shutdown: Cancellat
         .merge(crate::plugin::admin::routes())
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     let tls = state.tls.clone();
-    let app = Router::new().route("/health", get(health)).merge(protected).with_state(state);
+    let app = Router::new().route("/health", get(health)).route("/ready", get(ready)).merge(protected).with_state(state);
     let result = match tls {
         None => axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned()).await,
         Some(tls) => match crate::tls::TlsListener::new(listener, tls, "admin", shutdown.clone()) {
@@ -145,6 +145,25 @@ async fn health(State(state): State<AdminState>) -> Response {
             (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "degraded", "store": "unreachable"}))).into_response()
         }
     }
+}
+
+/// Readiness, beside liveness (`/health`): 200 when this node takes clients and hosts rooms
+/// now, 503 (with the reason) when it does not: failed over, a critical service stopped, or
+/// starting up. A load balancer sends clients only to ready nodes.
+async fn ready(State(state): State<AdminState>) -> Response {
+    let accepting = state.router.is_accepting();
+    let hosting = state.registry.is_hosting();
+    let ha_state = state.recovery.as_ref().map(|r| r.state());
+    let serving = ha_state.is_none_or(|s| s.hosts_rooms());
+    let body = json!({
+        "ready": accepting && hosting && serving,
+        "node": state.settings.node.id,
+        "state": ha_state.map(|s| s.as_str()),
+        "accepting_clients": accepting,
+        "hosting_rooms": hosting && serving,
+    });
+    let status = if accepting && hosting && serving { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(body)).into_response()
 }
 
 async fn node(State(state): State<AdminState>) -> Json<serde_json::Value> {
@@ -299,15 +318,27 @@ async fn node_view(state: &AdminState, id: &str) -> serde_json::Value {
         _ => (json!(null), json!(null), json!(null)),
     };
     let peer = state.link.as_ref().map(|l| l.peer()).filter(|p| p.id == id);
+    // The peer's state is what it says over the link; one that cannot be reached is `unknown`
+    // (Cisco's name), whatever it last recorded before it went away.
+    let unreachable = peer.as_ref().is_some_and(|p| !p.reachable);
+    let current = match &peer {
+        Some(p) if p.reachable => p.state.map_or(recovery_state.clone(), |s| json!(s)),
+        Some(_) => json!(crate::ha::state::NodeState::Unknown),
+        None => recovery_state.clone(),
+    };
+    // The recorded reason explains the recorded state, not `unknown`.
+    let reason = if unreachable { json!(null) } else { reason };
     json!({
         "id": id,
         "this_node": me,
-        "state": peer.as_ref().filter(|p| p.reachable).and_then(|p| p.state).map_or(recovery_state, |s| json!(s)),
+        "state": current,
+        "recorded_state": recovery_state,
         "reason": reason,
         "since_ms": since_ms,
         "rooms_hosted": hosted,
         "active_rooms": me.then(|| state.registry.active_count()),
-        "users_connected": me.then(|| state.router.connection_count()),
+        // The peer's figures come with its heartbeats.
+        "users_connected": if me { Some(state.router.connection_count()) } else { peer.as_ref().filter(|p| p.reachable).map(|p| p.connections) },
         "services": if me { state.recovery.as_ref().map(|r| json!(r.status().services)) } else { None },
         "write_gate_ms": if me { state.recovery.as_ref().map(|r| r.status().lease_remaining_ms) } else { None },
         "last_takeover": if me { state.recovery.as_ref().map(|r| json!(r.status().last_takeover)) } else { None },
@@ -424,7 +455,18 @@ async fn tls_reload(State(state): State<AdminState>) -> Response {
     (status, Json(body)).into_response()
 }
 
-async fn metrics_text() -> impl IntoResponse {
+async fn metrics_text(State(state): State<AdminState>) -> impl IntoResponse {
+    // Gauges of the HA state, read now rather than kept up to date at every transition.
+    if let Some(recovery) = &state.recovery {
+        let now = recovery.state();
+        for s in crate::ha::state::NodeState::ALL {
+            metrics::gauge!("stoa_ha_state", "state" => s.as_str()).set(if s == now { 1.0 } else { 0.0 });
+        }
+    }
+    if let Some(link) = &state.link {
+        metrics::gauge!("stoa_peer_reachable").set(if link.peer().reachable { 1.0 } else { 0.0 });
+    }
+    metrics::gauge!("stoa_ready").set(if state.router.is_accepting() && state.registry.is_hosting() { 1.0 } else { 0.0 });
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], prometheus().render())
 }
 

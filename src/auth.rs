@@ -4,8 +4,6 @@
 //! database does not leak live sessions. Tokens live in the shared store, so a client can
 //! resume on any node of its group with the token from `welcome`.
 
-pub mod throttle;
-
 use crate::store::{Store, StoreError, now_ms};
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier, phc::PasswordHash};
@@ -128,8 +126,18 @@ impl Auth {
     }
 
     /// Register a user.
+    /// A name that looks like a registered one (same [`crate::names::comparison_key`]:
+    /// `ANN`, Cyrillic `аnn` or `ann.` beside `ann`) is refused.
     pub async fn add_user(&self, name: &str, password: &str) -> Result<(), AuthError> {
         validate_user_name(name)?;
+        let key = crate::names::comparison_key(name);
+        if let Some((existing, _)) = self.store.list_users().await?.into_iter().find(|(u, _)| crate::names::comparison_key(u) == key) {
+            return Err(if existing == name {
+                AuthError::Exists
+            } else {
+                AuthError::InvalidName(format!("`{name}` looks like the registered user `{existing}`; choose a name that does not"))
+            });
+        }
         let password = password.to_owned();
         let hash = tokio::task::spawn_blocking(move || hash_password(&password))
             .await

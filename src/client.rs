@@ -744,7 +744,7 @@ impl Client {
 
     /// Public rooms plus the rooms the user is affiliated with.
     pub async fn list(&self) -> Result<Vec<RoomSummary>, ClientError> {
-        match self.request(PendingKind::Plain, |id| ClientFrame::List { id }).await? {
+        match self.request(PendingKind::Plain, |id| ClientFrame::List { id, after: None, limit: None }).await? {
             ServerFrame::Rooms { rooms, .. } => Ok(rooms),
             other => Err(unexpected("rooms", &other)),
         }

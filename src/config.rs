@@ -263,6 +263,10 @@ pub struct LimitSettings {
     pub max_pending_handshakes: usize,
     /// A connection must complete its WebSocket upgrade within this long.
     pub handshake_timeout_ms: u64,
+    /// Rooms one user may create per hour (a budget that refills continuously) ...
+    pub rooms_created_per_user_per_hour: u32,
+    /// ... and one source address, over every user it logs in as.
+    pub rooms_created_per_address_per_hour: u32,
     /// Largest answer a request gets, in bytes of JSON: `history` and `list` pages stop
     /// before it and say `truncated`.
     pub max_answer_bytes: usize,
@@ -363,6 +367,8 @@ impl Default for LimitSettings {
             max_pending_handshakes: 1024,
             handshake_timeout_ms: 5_000,
             max_answer_bytes: 256 * 1024,
+            rooms_created_per_user_per_hour: 100,
+            rooms_created_per_address_per_hour: 500,
         }
     }
 }
@@ -478,6 +484,9 @@ impl Settings {
         }
         if self.auth.login_failures_per_user == 0 || self.auth.login_failures_per_address == 0 || self.auth.login_failure_window_s == 0 {
             return invalid("auth.login_failures_per_user, login_failures_per_address and login_failure_window_s must be at least 1".into());
+        }
+        if self.limits.rooms_created_per_user_per_hour == 0 || self.limits.rooms_created_per_address_per_hour == 0 {
+            return invalid("limits.rooms_created_per_user_per_hour and rooms_created_per_address_per_hour must be at least 1".into());
         }
         if self.limits.max_pending_handshakes == 0 || self.limits.handshake_timeout_ms == 0 {
             return invalid("limits.max_pending_handshakes and handshake_timeout_ms must be at least 1".into());

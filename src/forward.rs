@@ -166,9 +166,9 @@ impl Forwarder {
 }
 
 impl Inbound for Forwarder {
-    fn command(&self, command: PeerCommand) {
+    fn command(&self, id: u64, command: PeerCommand) {
         if let Some(r) = self.recovery.get() {
-            r.from_peer(command);
+            r.from_peer(id, command);
         }
     }
 

@@ -15,7 +15,8 @@
 //! - [`ha`]: redundancy pairs (docs/ha.md): state machine, leases, fencing moves, write gate, node link,
 //!   and the recovery manager (failover, takeover, fallback).
 //! - [`node`]: start-up and ordered shutdown of one node (actix System, arbiters, listeners).
-//! - [`transport`]: client transports; `transport::ws` is the WebSocket listener at `/ws`.
+//! - [`transport`]: client transports; `transport::ws` is the WebSocket listener at `/ws`, `transport::upgrade`
+//!   reads the HTTP request before the upgrade (plain HTTP answers, handshake slots).
 //! - [`router`]: per-connection protocol state: login, validation, rate limit, dispatch to rooms.
 //! - [`forward`]: room operations of a client on one node served by its peer, over the node link.
 //! - [`session`]: a logged-in session as rooms see it: its bounded outbound queue.
@@ -24,6 +25,8 @@
 //! - [`committer`]: the group committer: many rooms' appends per transaction, answers after commit.
 //! - [`store`]: SeaORM entities, migrations under a lock, the fenced write path (`append_batch`).
 //! - [`auth`]: argon2 users, session tokens, guest login.
+//! - [`throttle`]: budgets per user name and source address (failed logins, room creations).
+//! - [`names`]: when two nicks or user names clash (a confusable-skeleton comparison key).
 //! - [`plugin`]: Wasm plugins (wasmtime components, WIT `stoa:plugin@0.1.0`): limits, per-room
 //!   workers, fault counting; the room side is `room::plugin` (docs/plugins.md).
 //! - [`admin`]: admin HTTP API (`/health`, `/api/...`, HA verbs, audit log) and Prometheus `/metrics`.
@@ -42,6 +45,7 @@ pub mod committer;
 pub mod config;
 pub mod forward;
 pub mod ha;
+pub mod names;
 pub mod node;
 pub mod plugin;
 pub mod protocol;
@@ -50,5 +54,6 @@ pub mod room;
 pub mod router;
 pub mod session;
 pub mod store;
+pub mod throttle;
 pub mod tls;
 pub mod transport;

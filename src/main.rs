@@ -182,14 +182,35 @@ enum RoomCommand {
 }
 
 fn init_tracing(settings: &Settings) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("STOA_LOG")
         .unwrap_or_else(|_| EnvFilter::new(format!("{},sqlx=warn,sea_orm=warn", settings.log.level)));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only for a person at a terminal, never into a file or a pipe.
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(|| LogSink).with_ansi(ansi);
     if settings.log.json {
         builder.json().init();
     } else {
         builder.init();
+    }
+}
+
+/// Where log lines go: stderr, never failing. A log write that fails (the reader of a piped
+/// stderr has gone: EPIPE) drops the line; tracing would otherwise report the failure with
+/// `eprintln!`, which panics on the same broken pipe, in whatever task was logging (the signal
+/// handler's first `info!` among them), so logging must never be able to stop or break a node.
+struct LogSink;
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
     }
 }
 
@@ -406,37 +427,65 @@ async fn admin(args: AdminArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A duration for people: `42s`, `7m03s`, `5h12m`, `3d04h`.
+fn readable_age(ms: i64) -> String {
+    let s = (ms.max(0) / 1000) as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
 fn print_status(topology: &serde_json::Value) {
-    println!("{:<8} {:<42} {:<26} {:>6} {:>6} {:<28} {:>9}", "NODE", "STATE", "REASON", "ROOMS", "USERS", "SERVICES", "LEASE_MS");
+    // 96 columns at most; the JSON (`--json`) has everything.
+    println!("{:<8} {:<26} {:<22} {:>7} {:>6} {:>6} {:<10} {:>7}", "NODE", "STATE", "REASON", "SINCE", "ROOMS", "USERS", "SERVICES", "LEASE");
     let groups = topology["groups"].as_array().cloned().unwrap_or_default();
     if groups.is_empty() {
         println!("(no [cluster] topology configured on this node)");
     }
     for group in groups {
         for n in group["nodes"].as_array().cloned().unwrap_or_default() {
-            let services = n["services"]
-                .as_array()
-                .map(|s| {
-                    s.iter()
-                        .map(|x| format!("{}:{}", x["service"].as_str().unwrap_or("?"), if x["running"] == true { "up" } else { "DOWN" }))
-                        .collect::<Vec<_>>()
-                        .join(",")
-                })
-                .unwrap_or_else(|| "-".into());
+            // `ok`, or the services that are down.
+            // (the peer's, as its heartbeats report them)
+            let down: Option<Vec<&str>> = match n["services"].as_array() {
+                Some(s) => Some(s.iter().filter(|x| x["running"] != true).filter_map(|x| x["service"].as_str()).collect()),
+                None if n["link"]["reachable"] == true => n["link"]["services_down"].as_array().map(|d| d.iter().filter_map(|x| x.as_str()).collect()),
+                None => None,
+            };
+            let services = match down {
+                Some(d) if d.is_empty() => "ok".to_owned(),
+                Some(d) => format!("DOWN:{}", d.join(",")),
+                None => "-".to_owned(),
+            };
+            let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+            let since = n["since_ms"].as_i64().map_or("-".to_owned(), |at| readable_age(now_ms - at));
+            // A lease the peer took over (`taken-by/…`) is as dead as an expired one.
+            let taken = n["lease"]["holder"].as_str().is_some_and(|h| h.starts_with("taken-by/"));
+            let lease = match (n["lease"]["expired"].as_bool(), n["lease"]["remaining_ms"].as_i64()) {
+                _ if taken => "taken".to_owned(),
+                (Some(true), _) => "expired".to_owned(),
+                (_, Some(ms)) => format!("{:.1}s", ms as f64 / 1000.0),
+                _ => "-".to_owned(),
+            };
             let show = |v: &serde_json::Value| match v {
                 serde_json::Value::Null => "-".to_owned(),
                 serde_json::Value::String(s) => s.clone(),
                 other => other.to_string(),
             };
+            // The longest state name does not fit a column: the table abbreviates it.
+            let state = show(&n["state"]).replace("failed_over_critical_services_not_running", "failed_over_critical");
             println!(
-                "{:<8} {:<42} {:<26} {:>6} {:>6} {:<28} {:>9}",
+                "{:<8} {:<26} {:<22} {:>7} {:>6} {:>6} {:<10} {:>7}",
                 show(&n["id"]),
-                show(&n["state"]),
+                state,
                 show(&n["reason"]),
+                since,
                 show(&n["rooms_hosted"]),
                 show(&n["users_connected"]),
                 services,
-                show(&n["lease"]["remaining_ms"]),
+                lease,
             );
         }
     }

@@ -279,6 +279,11 @@ pub enum ClientFrame {
     },
     List {
         id: RequestId,
+        /// Rooms whose address sorts after this one (the last of the previous page).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<RoomAddr>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
     },
     Ping {
         id: RequestId,
@@ -306,7 +311,7 @@ impl ClientFrame {
             | ClientFrame::Affiliate { id, .. }
             | ClientFrame::Kick { id, .. }
             | ClientFrame::Destroy { id, .. }
-            | ClientFrame::List { id }
+            | ClientFrame::List { id, .. }
             | ClientFrame::Ping { id } => Some(id),
         }
     }
@@ -619,6 +624,9 @@ pub enum ServerFrame {
     Rooms {
         re: RequestId,
         rooms: Vec<RoomSummary>,
+        /// True when there are more: ask again with `after` = the last room returned.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        truncated: bool,
     },
     /// Generic success for `subject`, `configure`, `affiliate`, `kick`, `destroy`.
     Ok {
@@ -737,7 +745,7 @@ mod tests {
             ClientFrame::Send { id: RequestId("3".into()), room: RoomAddr("a@b".into()), body: "hi".into(), cid: ClientMsgId("c1".into()) },
             ClientFrame::History { id: RequestId("4".into()), room: RoomAddr("a@b".into()), before: None, after: Some(2), limit: Some(10) },
             ClientFrame::Affiliate { id: RequestId("5".into()), room: RoomAddr("a@b".into()), user: "bob".into(), affiliation: Affiliation::Outcast },
-            ClientFrame::List { id: RequestId("6".into()) },
+            ClientFrame::List { id: RequestId("6".into()), after: Some(RoomAddr("a@b".into())), limit: Some(10) },
         ];
         for f in frames {
             let text = serde_json::to_string(&f).unwrap();

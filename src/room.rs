@@ -594,7 +594,7 @@ impl Room {
                 reason: None,
             });
         }
-        self.state.occupants.insert(session.id, OccupantState { user: session.user.clone(), nick });
+        self.state.occupants.insert(session.id, OccupantState::new(session.user.clone(), nick));
         session.entered(self.addr.clone(), ctx.address());
         self.occupants.insert(session.id, session);
         self.touch();

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 /// Default `limit` of a `history` request.
 pub const HISTORY_DEFAULT_LIMIT: u32 = 50;
 
-/// Most rooms a `list` answer holds.
+/// Most rooms a `list` answer holds (and its default `limit`).
 pub const LIST_MAX_ROOMS: u64 = 1000;
 
 /// Longest subject, room password, and kick reason.
@@ -50,7 +50,9 @@ pub struct Router {
     /// Since when every `accept` on the client listener has failed (the `router` probe).
     accept_failing_since: std::sync::Mutex<Option<Instant>>,
     /// Failed logins per user name and source address, across connections.
-    throttle: crate::auth::throttle::LoginThrottle,
+    login_failures: crate::throttle::Throttle,
+    /// Rooms created per user name and source address.
+    room_creations: crate::throttle::Throttle,
 }
 
 /// How long a login waits for a node that does not serve clients yet (it may be taking its
@@ -70,14 +72,22 @@ impl Router {
     }
 
     pub fn new(settings: Arc<Settings>, registry: RoomRegistry, store: Store, auth: Auth) -> Self {
-        use crate::auth::throttle::{LoginThrottle, Policy};
+        use crate::throttle::{Policy, Throttle};
         let window = std::time::Duration::from_secs(settings.auth.login_failure_window_s);
-        let throttle = LoginThrottle::new(
+        let login_failures = Throttle::new(
+            "login_failures",
             Policy { burst: settings.auth.login_failures_per_user, window },
             Policy { burst: settings.auth.login_failures_per_address, window },
         );
+        let hour = std::time::Duration::from_secs(3600);
+        let room_creations = Throttle::new(
+            "room_creations",
+            Policy { burst: settings.limits.rooms_created_per_user_per_hour, window: hour },
+            Policy { burst: settings.limits.rooms_created_per_address_per_hour, window: hour },
+        );
         Router {
-            throttle,
+            login_failures,
+            room_creations,
             settings,
             registry,
             store,
@@ -374,7 +384,7 @@ impl Connection {
                 },
             );
         }
-        let throttle = &self.router.throttle;
+        let throttle = &self.router.login_failures;
         if let Err(t) = throttle.check(user.as_deref(), self.address, Instant::now()) {
             let secs = t.retry_after.as_secs().max(1);
             let message = format!("too many failed logins for this {}; retry in {secs} s", t.by);
@@ -384,7 +394,8 @@ impl Connection {
         let logged_in = match self.router.auth.login(user.as_deref(), password.as_deref(), token.as_deref()).await {
             Ok(l) => l,
             Err(AuthError::Denied(m)) => {
-                throttle.failed(user.as_deref(), self.address, Instant::now());
+                metrics::counter!("stoa_login_failures_total").increment(1);
+                throttle.spend(user.as_deref(), self.address, Instant::now());
                 return err(ErrorCode::Unauthorized, m);
             }
             Err(AuthError::InvalidName(m)) => return err(ErrorCode::BadRequest, m),
@@ -394,7 +405,7 @@ impl Connection {
             }
         };
         if !logged_in.guest {
-            throttle.succeeded(&logged_in.user);
+            throttle.forget(&logged_in.user);
         }
         let id_num = self.router.next_session.fetch_add(1, Ordering::Relaxed);
         let session = Arc::new(SessionHandle::new(id_num, logged_in.user.clone(), self.outbound.clone(), self.kill.clone()));
@@ -522,8 +533,15 @@ impl Connection {
             ClientFrame::Create { id, room, config } => {
                 self.check_room(&room)?;
                 self.check_config(&config)?;
+                // Guests have a new name per login: the address's budget is what holds them.
+                if let Err(t) = router.room_creations.check(Some(&user), self.address, Instant::now()) {
+                    self.retry_after_ms = Some(t.retry_after.as_millis() as u64);
+                    let secs = t.retry_after.as_secs().max(1);
+                    return err(ErrorCode::RateLimited, format!("too many rooms created by this {}; retry in {secs} s", t.by));
+                }
                 let config = RoomConfig::default().patched(&config);
                 registry.create(&room, &config, &user).await.map_err(room_err)?;
+                router.room_creations.spend(Some(&user), self.address, Instant::now());
                 tracing::info!(room = %room, owner = %user, "room created");
                 room::plugin::room_created(registry, &router.settings, &room, &config).await;
                 Ok(Some(ServerFrame::Created { re: id, room }))
@@ -663,9 +681,25 @@ impl Connection {
                 tracing::info!(room = %room, "room destroyed");
                 Ok(Some(ServerFrame::Ok { re: id }))
             }
-            ClientFrame::List { id } => {
-                let rooms = router.store.list_rooms_for(&user, LIST_MAX_ROOMS).await.map_err(|e| room_err(e.into()))?;
-                Ok(Some(ServerFrame::Rooms { re: id, rooms }))
+            ClientFrame::List { id, after, limit } => {
+                let limit = match limit {
+                    Some(0) => return err(ErrorCode::BadRequest, "limit must be at least 1"),
+                    Some(l) => u64::from(l).min(LIST_MAX_ROOMS),
+                    None => LIST_MAX_ROOMS,
+                };
+                let mut rooms = router
+                    .store
+                    .list_rooms_for(&user, after.as_ref().map(|a| a.0.as_str()), limit + 1)
+                    .await
+                    .map_err(|e| room_err(e.into()))?;
+                let mut truncated = rooms.len() as u64 > limit;
+                rooms.truncate(limit as usize);
+                let kept = fitting(&rooms, limits.max_answer_bytes, false);
+                if kept < rooms.len() {
+                    truncated = true;
+                    rooms.truncate(kept);
+                }
+                Ok(Some(ServerFrame::Rooms { re: id, rooms, truncated }))
             }
         }
     }

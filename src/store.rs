@@ -576,7 +576,7 @@ impl Store {
     }
 
     /// Rooms `user` may see: public ones and those where the user has an affiliation (at most `limit`).
-    pub async fn list_rooms_for(&self, user: &str, limit: u64) -> Result<Vec<RoomSummary>, StoreError> {
+    pub async fn list_rooms_for(&self, user: &str, after: Option<&str>, limit: u64) -> Result<Vec<RoomSummary>, StoreError> {
         let affiliated: HashMap<i64, Affiliation> = affiliation::Entity::find()
             .filter(affiliation::Column::UserName.eq(user))
             .all(&self.db)
@@ -593,8 +593,16 @@ impl Store {
         if !visible_ids.is_empty() {
             cond = cond.add(room::Column::Id.is_in(visible_ids));
         }
-        let rows = room::Entity::find()
-            .filter(cond)
+        let outcast: Vec<i64> = affiliated.iter().filter(|(_, a)| **a == Affiliation::Outcast).map(|(id, _)| *id).collect();
+        let mut query = room::Entity::find().filter(cond);
+        if !outcast.is_empty() {
+            // In SQL, so a page holds `limit` rooms the user may see.
+            query = query.filter(room::Column::Id.is_not_in(outcast));
+        }
+        if let Some(after) = after {
+            query = query.filter(room::Column::Address.gt(after));
+        }
+        let rows = query
             .order_by_asc(room::Column::Address)
             .limit(limit)
             .all(&self.db)

@@ -510,7 +510,7 @@ impl Drop for NodeProcess {
 }
 
 /// The addresses in the node's "listening: clients at ws://A/ws, admin at http://B/" line.
-fn parse_listening(line: &str) -> Option<(SocketAddr, SocketAddr)> {
+pub fn parse_listening(line: &str) -> Option<(SocketAddr, SocketAddr)> {
     let after = |marker: &str, end: char| -> Option<SocketAddr> {
         let rest = &line[line.find(marker)? + marker.len()..];
         rest[..rest.find(end)?].parse().ok()

@@ -20,6 +20,8 @@ mod cases {
     pub mod log;
     #[path = "failover.rs"]
     pub mod failover;
+    #[path = "operations.rs"]
+    pub mod operations;
     #[path = "permission.rs"]
     pub mod permission;
     #[path = "plugins.rs"]
@@ -95,6 +97,8 @@ on_postgres! {
     failover::fallback_racing_a_second_failover,
     failover::clients_on_the_peer_use_rooms_over_the_link,
     security::a_captured_node_link_hello_cannot_be_replayed,
+    operations::ready_is_not_health,
+    failover::admin_status_tells_a_dead_node_from_a_normal_one,
     tls::ha_pair_node_link_runs_over_tls,
 }
 
@@ -129,8 +133,11 @@ on_every_backend! {
 // Transport behaviour does not depend on the store.
 on_backends! {[sqlite]
     security::slow_loris_sockets_do_not_lock_out_real_clients,
+    operations::a_node_whose_log_reader_has_gone_serves_and_stops_on_sigterm,
     security::failed_logins_are_throttled_across_connections,
     security::a_guest_cannot_be_claimed_by_another_connection,
+    security::lookalike_nicks_and_user_names_are_refused,
+    security::list_pages_and_room_creation_has_a_budget,
     tls::tls_on_client_and_admin_listeners_with_certificate_reload,
     tls::sighup_reloads_the_certificate_of_a_running_process,
 }

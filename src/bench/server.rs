@@ -184,6 +184,11 @@ fn config_toml(dir: &Path, store_url: &str, spec: &NodeSpec, args: &TargetArgs, 
     set("limits.max_rooms_per_connection", "1000".into())?;
     set("limits.idle_timeout_ms", "600000".into())?;
     set("limits.hello_timeout_ms", "120000".into())?;
+    set("limits.max_pending_handshakes", "19000".into())?;
+    set("limits.handshake_timeout_ms", "120000".into())?;
+    set("limits.rooms_created_per_user_per_hour", "100000000".into())?;
+    set("limits.rooms_created_per_address_per_hour", "100000000".into())?;
+    set("auth.login_failures_per_address", "1000000".into())?;
     set("log.level", q("warn"))?;
     if let Some(v) = args.batch_rows {
         set("committer.max_batch_rows", v.to_string())?;

@@ -67,11 +67,23 @@ enum LinkFrame {
         /// Whether the sender serves rooms right now (false while its `rooms` service is down).
         #[serde(default = "yes")]
         hosting: bool,
+        /// The sender's critical services that are down now.
+        #[serde(default)]
+        down: Vec<String>,
+        /// Client connections open on the sender.
+        #[serde(default)]
+        connections: i64,
     },
     /// The sender's active rooms (addresses), sent when the set changed.
     Rooms { rooms: Vec<String> },
-    /// An admin request for the receiver (it owns the action).
-    Command { command: PeerCommand },
+    /// An admin request for the receiver (it owns the action); `id` pairs it with its answer.
+    Command {
+        #[serde(default)]
+        id: u64,
+        command: PeerCommand,
+    },
+    /// The outcome of the sender's peer's `command` `id`, as the admin who asked should see it.
+    CommandDone { id: u64, ok: bool, message: String },
     /// A client frame from a session on the sender, for a room the receiver hosts.
     Client { session: u64, user: String, frame: String },
     /// That session ended on the sender.
@@ -82,8 +94,8 @@ enum LinkFrame {
 
 /// What a node does with what its peer sends it over the link.
 pub trait Inbound: Send + Sync + 'static {
-    /// An admin request from the peer.
-    fn command(&self, command: PeerCommand);
+    /// An admin request from the peer; its outcome goes back with [`Link::answer`] and `id`.
+    fn command(&self, id: u64, command: PeerCommand);
     /// A client frame from session `session` of `user` on the peer.
     fn client(&self, session: u64, user: String, frame: String);
     /// Session `session` on the peer ended.
@@ -173,6 +185,10 @@ pub struct PeerStatus {
     pub state: Option<NodeState>,
     /// Whether the peer serves rooms right now (as of its last heartbeat).
     pub hosting: bool,
+    /// The peer's critical services that are down (as of its last heartbeat).
+    pub services_down: Vec<String>,
+    /// Client connections open on the peer (as of its last heartbeat).
+    pub connections: i64,
     /// Milliseconds since the last heartbeat, if any arrived.
     pub last_heartbeat_ms_ago: Option<u64>,
     /// The peer's link connection to this node is open (it closes at once when the peer's
@@ -189,6 +205,8 @@ struct PeerView {
     last: Option<Instant>,
     state: Option<NodeState>,
     hosting: bool,
+    down: Vec<String>,
+    connections: i64,
     rooms: Vec<String>,
 }
 
@@ -198,6 +216,12 @@ impl PeerView {
     }
 }
 
+/// How long an admin request passed to the peer waits for the peer's outcome.
+const COMMAND_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Admin requests passed to the peer that wait for their outcome, by id.
+type PendingCommands = Arc<Mutex<std::collections::HashMap<u64, tokio::sync::oneshot::Sender<Result<String, String>>>>>;
+
 /// The link of one node: its listener and its dialer to the peer.
 #[derive(Clone)]
 pub struct Link {
@@ -205,6 +229,8 @@ pub struct Link {
     heartbeat: Duration,
     view: Arc<Mutex<PeerView>>,
     outbox: tokio::sync::mpsc::UnboundedSender<LinkFrame>,
+    pending: PendingCommands,
+    next_command: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Node link settings for [`start`].
@@ -232,6 +258,8 @@ impl Link {
             reachable: v.connected() && fresh,
             state: v.state,
             hosting: v.hosting,
+            services_down: v.down.clone(),
+            connections: v.connections,
             last_heartbeat_ms_ago: ago.map(|a| a.as_millis() as u64),
             link_up: v.connected(),
         }
@@ -242,9 +270,33 @@ impl Link {
         self.view.lock().expect("peer view lock").rooms.clone()
     }
 
-    /// Send `command` to the peer (dropped if the link is down).
-    pub fn send(&self, command: PeerCommand) {
-        let _ = self.outbox.send(LinkFrame::Command { command });
+    /// Pass `command` to the peer and wait for its outcome (the peer's own words, as its
+    /// admin API would answer them).
+    pub async fn request(&self, command: PeerCommand) -> Result<String, String> {
+        let peer = &self.peer_id;
+        if !self.is_up() {
+            return Err(format!("node {peer} cannot be reached over the node link; ask it directly"));
+        }
+        let id = self.next_command.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.pending.lock().expect("pending commands lock").insert(id, tx);
+        let _ = self.outbox.send(LinkFrame::Command { id, command });
+        let answer = tokio::time::timeout(COMMAND_ANSWER_TIMEOUT, rx).await;
+        self.pending.lock().expect("pending commands lock").remove(&id);
+        match answer {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(_)) => Err(format!("node {peer}: the node link closed before it answered; it may have carried the request out")),
+            Err(_) => Err(format!("node {peer} did not answer within {COMMAND_ANSWER_TIMEOUT:?}; it may still carry the request out")),
+        }
+    }
+
+    /// Send the outcome of the peer's command `id` back to it.
+    pub fn answer(&self, id: u64, outcome: &Result<String, String>) {
+        let (ok, message) = match outcome {
+            Ok(m) => (true, m.clone()),
+            Err(m) => (false, m.clone()),
+        };
+        let _ = self.outbox.send(LinkFrame::CommandDone { id, ok, message });
     }
 
     /// Pass a client frame of this node's session to the peer, which hosts its room.
@@ -273,6 +325,10 @@ pub trait LocalView: Send + Sync + 'static {
     fn state(&self) -> NodeState;
     fn hosting(&self) -> bool;
     fn active_rooms(&self) -> Vec<String>;
+    /// Critical services that are down now.
+    fn services_down(&self) -> Vec<String>;
+    /// Client connections open now.
+    fn connections(&self) -> i64;
 }
 
 /// Start the link: serve `listener` and keep dialing the peer, until `shutdown`.
@@ -285,11 +341,19 @@ pub fn start(
     inbound: Arc<dyn Inbound>,
     shutdown: CancellationToken,
 ) -> Link {
-    let view = Arc::new(Mutex::new(PeerView { current: None, generations: 0, last: None, state: None, hosting: false, rooms: Vec::new() }));
+    let view = Arc::new(Mutex::new(PeerView { current: None, generations: 0, last: None, state: None, hosting: false, down: Vec::new(), connections: 0, rooms: Vec::new() }));
     let (outbox, outbox_rx) = tokio::sync::mpsc::unbounded_channel();
-    let link = Link { peer_id: config.peer_id.clone(), heartbeat: config.heartbeat, view: view.clone(), outbox };
+    let pending = PendingCommands::default();
+    let link = Link {
+        peer_id: config.peer_id.clone(),
+        heartbeat: config.heartbeat,
+        view: view.clone(),
+        outbox,
+        pending: pending.clone(),
+        next_command: Arc::default(),
+    };
     let config = Arc::new(config);
-    tokio::spawn(serve(listener, config.clone(), view, inbound, shutdown.clone()));
+    tokio::spawn(serve(listener, config.clone(), view, pending, inbound, shutdown.clone()));
     tokio::spawn(dial(config, local, outbox_rx, shutdown));
     link
 }
@@ -363,6 +427,7 @@ async fn serve(
     listener: TcpListener,
     config: Arc<LinkConfig>,
     view: Arc<Mutex<PeerView>>,
+    commands: PendingCommands,
     inbound: Arc<dyn Inbound>,
     shutdown: CancellationToken,
 ) {
@@ -377,7 +442,7 @@ async fn serve(
             tracing::warn!(%remote, "node link refused: too many connections in their handshake");
             continue;
         };
-        let (config, view, inbound, shutdown) = (config.clone(), view.clone(), inbound.clone(), shutdown.clone());
+        let (config, view, commands, inbound, shutdown) = (config.clone(), view.clone(), commands.clone(), inbound.clone(), shutdown.clone());
         tokio::spawn(async move {
             let handshake = async {
                 let stream = crate::tls::MaybeTls::accept(stream, config.tls.as_ref()).await.map_err(|e| {
@@ -422,16 +487,23 @@ async fn serve(
                 };
                 match next {
                     Some(Ok(Message::Text(text))) => match serde_json::from_str::<LinkFrame>(text.as_str()) {
-                        Ok(LinkFrame::Heartbeat { state, hosting, .. }) => {
+                        Ok(LinkFrame::Heartbeat { state, hosting, down, connections, .. }) => {
                             let mut v = view.lock().expect("peer view lock");
                             v.last = Some(Instant::now());
                             v.state = Some(state);
                             v.hosting = hosting;
+                            v.down = down;
+                            v.connections = connections;
                         }
                         Ok(LinkFrame::Rooms { rooms }) => view.lock().expect("peer view lock").rooms = rooms,
-                        Ok(LinkFrame::Command { command }) => {
+                        Ok(LinkFrame::Command { id, command }) => {
                             tracing::info!(peer = %config.peer_id, ?command, "request from the peer");
-                            inbound.command(command);
+                            inbound.command(id, command);
+                        }
+                        Ok(LinkFrame::CommandDone { id, ok, message }) => {
+                            if let Some(waiter) = commands.lock().expect("pending commands lock").remove(&id) {
+                                let _ = waiter.send(if ok { Ok(message) } else { Err(message) });
+                            }
                         }
                         Ok(LinkFrame::Client { session, user, frame }) => inbound.client(session, user, frame),
                         Ok(LinkFrame::ClientGone { session }) => inbound.client_gone(session),
@@ -511,7 +583,14 @@ async fn dial(
                         _ = tokio::time::sleep_until(next_beat) => {
                             seq += 1;
                             next_beat += config.heartbeat;
-                            let beat = LinkFrame::Heartbeat { from: config.me.clone(), state: local.state(), seq, hosting: local.hosting() };
+                            let beat = LinkFrame::Heartbeat {
+                                from: config.me.clone(),
+                                state: local.state(),
+                                seq,
+                                hosting: local.hosting(),
+                                down: local.services_down(),
+                                connections: local.connections(),
+                            };
                             ok = ws.send(encode(&beat)).await.is_ok();
                             if ok && (seq % ROOMS_EVERY == 1 || sent_rooms.is_none()) {
                                 let mut rooms = local.active_rooms();

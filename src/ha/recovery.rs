@@ -114,7 +114,16 @@ pub enum Request {
     Service { node: String, service: Service, start: bool },
 }
 
-type Reply = oneshot::Sender<Result<String, String>>;
+/// What the control loop did with an admin request.
+enum Outcome {
+    /// Done here; the message says what happened.
+    Done(String),
+    /// The peer's to do: the caller passes it over the link and waits for the peer's outcome
+    /// (off the control loop, which the peer's action may need, as in a failover).
+    Forward(PeerCommand),
+}
+
+type Reply = oneshot::Sender<Result<Outcome, String>>;
 
 enum Command {
     Admin(Request, Option<Reply>),
@@ -259,14 +268,20 @@ impl Recovery {
     pub async fn request(&self, request: Request) -> Result<String, String> {
         let (tx, rx) = oneshot::channel();
         self.inner.commands.send(Command::Admin(request, Some(tx))).map_err(|_| "the recovery manager has stopped".to_owned())?;
-        rx.await.unwrap_or_else(|_| Err("the recovery manager has stopped".to_owned()))
+        match rx.await.unwrap_or_else(|_| Err("the recovery manager has stopped".to_owned()))? {
+            Outcome::Done(message) => Ok(message),
+            Outcome::Forward(command) => match self.link() {
+                Some(link) => link.request(command).await,
+                None => Err("no node link to the peer".to_owned()),
+            },
+        }
     }
 
     /// A request the peer passed over the link (an admin asked the peer for something only
     /// this node can do). It is carried out only if it is this node's to do: fail this node
     /// over, stop or start one of its services, or hand the peer's rooms back to it; anything
     /// else is refused. Either way it lands in the audit log with its outcome.
-    pub fn from_peer(&self, command: PeerCommand) {
+    pub fn from_peer(&self, id: u64, command: PeerCommand) {
         let me = self.inner.config.me.0.clone();
         let peer = self.inner.config.peer.as_ref().map(|p| p.id.0.clone()).unwrap_or_default();
         let (action, target, request) = match command {
@@ -298,6 +313,9 @@ impl Recovery {
             if let Err(e) = super::fencing::audit(store, &this.inner.config.me, action, &target, &detail, outcome).await {
                 tracing::warn!(error = %e, "could not write the audit log");
             }
+            if let Some(link) = this.link() {
+                link.answer(id, &answer);
+            }
         });
     }
 }
@@ -313,6 +331,14 @@ impl super::link::LocalView for Recovery {
 
     fn active_rooms(&self) -> Vec<String> {
         self.inner.registry.active_addresses().into_iter().map(|r| r.0).collect()
+    }
+
+    fn services_down(&self) -> Vec<String> {
+        self.services().into_iter().filter(|s| !s.running).map(|s| s.service.as_str().to_owned()).collect()
+    }
+
+    fn connections(&self) -> i64 {
+        self.inner.router.connection_count()
     }
 }
 
@@ -582,7 +608,8 @@ impl Control {
                     Some(Command::Admin(request, reply)) => {
                         let answer = self.admin(request).await;
                         match &answer {
-                            Ok(m) => tracing::info!(node = %self.me(), "{m}"),
+                            Ok(Outcome::Done(m)) => tracing::info!(node = %self.me(), "{m}"),
+                            Ok(Outcome::Forward(c)) => tracing::info!(node = %self.me(), ?c, "passing the request to the peer"),
                             Err(m) => tracing::warn!(node = %self.me(), "admin request refused: {m}"),
                         }
                         if let Some(reply) = reply {
@@ -858,7 +885,13 @@ impl Control {
         match recorded.as_deref() {
             Some("failed_over") => {}
             Some("failed_over_critical_services_not_running") => {
-                return Err(format!("node {} still has a critical service down: start it first", peer.id));
+                let down = self.peer_status().map(|p| p.services_down).unwrap_or_default();
+                let named = if down.is_empty() { "a critical service".to_owned() } else { format!("its critical service {}", down.join(", ")) };
+                let first = down.first().map_or("SERVICE", String::as_str);
+                return Err(format!(
+                    "node {} still has {named} down: start it first (stoa admin service start {first} {})",
+                    peer.id, peer.id
+                ));
             }
             other => return Err(format!("node {} is {}, not failed_over: it cannot take its rooms back now", peer.id, other.unwrap_or("unknown"))),
         }
@@ -891,17 +924,11 @@ impl Control {
         Ok(format!("fell back: {moved} rooms returned to node {} ({handed} were active here) in {ms} ms", peer.id))
     }
 
-    async fn admin(&mut self, request: Request) -> Result<String, String> {
+    async fn admin(&mut self, request: Request) -> Result<Outcome, String> {
         let me = self.me().0.clone();
         let peer = self.peer().cloned();
         let is_peer = |node: &str| peer.as_ref().is_some_and(|p| p.id.0 == node);
-        let forward = |command: PeerCommand| match self.r.link() {
-            Some(link) => {
-                link.send(command);
-                Ok("passed to the peer over the node link".to_owned())
-            }
-            None => Err("no node link to the peer".to_owned()),
-        };
+        let forward = |command: PeerCommand| Ok(Outcome::Forward(command));
         match request {
             Request::Failover { node } if node == me => {
                 if self.state() != NodeState::Normal {
@@ -911,21 +938,28 @@ impl Control {
                     return Err(format!("node {me}'s peer is not reachable; failing over now would leave its rooms unserved"));
                 }
                 self.fail_over(Reason::OnAdminRequest).await;
-                Ok(format!("node {me} is failing over to its peer"))
+                Ok(Outcome::Done(format!("node {me} is failing over to its peer")))
             }
             Request::Failover { node } if is_peer(&node) => forward(PeerCommand::Failover { node }),
             Request::Fallback { node } if is_peer(&node) => {
                 let peer = peer.expect("is_peer");
-                self.fall_back(&peer, Reason::OnAdminRequest).await
+                self.fall_back(&peer, Reason::OnAdminRequest).await.map(Outcome::Done)
             }
             Request::Fallback { node } if node == me => match self.state() {
                 NodeState::FailedOver => forward(PeerCommand::Fallback { node }),
-                NodeState::FailedOverCriticalServicesNotRunning => Err(format!("node {me} still has a critical service down: start it first")),
+                NodeState::FailedOverCriticalServicesNotRunning => {
+                    let down: Vec<&str> = self.r.services().iter().filter(|s| !s.running).map(|s| s.service.as_str()).collect();
+                    Err(format!(
+                        "node {me} still has its critical service {} down: start it first (stoa admin service start {} {me})",
+                        down.join(", "),
+                        down.first().copied().unwrap_or("SERVICE")
+                    ))
+                }
                 s => Err(format!("node {me} is {s}, not failed over: nothing to fall back")),
             },
             Request::Service { node, service, start } if node == me => {
                 self.set_service(service, start).await;
-                Ok(format!("service {} on node {me} {}", service.as_str(), if start { "started" } else { "stopped" }))
+                Ok(Outcome::Done(format!("service {} on node {me} {}", service.as_str(), if start { "started" } else { "stopped" })))
             }
             Request::Service { node, service, start } if is_peer(&node) => {
                 forward(PeerCommand::Service { node, service: service.as_str().to_owned(), start })

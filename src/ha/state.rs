@@ -48,6 +48,22 @@ pub enum Reason {
 }
 
 impl NodeState {
+    /// Every state, for per-state gauges.
+    pub const ALL: [NodeState; 12] = [
+        NodeState::Initializing,
+        NodeState::Normal,
+        NodeState::FailingOver,
+        NodeState::TakingOver,
+        NodeState::RunningInBackupMode,
+        NodeState::FailedOver,
+        NodeState::FailedOverCriticalServicesNotRunning,
+        NodeState::Idle,
+        NodeState::FallingBack,
+        NodeState::TakingBack,
+        NodeState::RunningInFailedMode,
+        NodeState::Unknown,
+    ];
+
     /// The snake_case name used in the API, the logs and the `node_states` table.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -19,6 +19,15 @@ pub enum Denied {
 pub struct OccupantState {
     pub user: String,
     pub nick: String,
+    /// The nick's [`crate::names::comparison_key`]: lookalike nicks clash.
+    nick_key: String,
+}
+
+impl OccupantState {
+    pub fn new(user: String, nick: String) -> Self {
+        let nick_key = crate::names::comparison_key(&nick);
+        OccupantState { user, nick, nick_key }
+    }
 }
 
 /// The state of one room that the permission rules read.
@@ -68,7 +77,8 @@ impl RoomState {
             && aff < Affiliation::Admin && password != Some(expected.as_str()) {
                 return Err(Denied::Forbidden("wrong or missing room password"));
             }
-        if self.occupants.values().any(|o| o.nick == nick && o.user != user) {
+        let key = crate::names::comparison_key(nick);
+        if self.occupants.values().any(|o| o.nick_key == key && o.user != user) {
             return Err(Denied::Conflict("nick is taken in this room"));
         }
         let already_in = self.occupants.contains_key(&session);
@@ -196,8 +206,9 @@ mod tests {
     #[test]
     fn nick_clash_and_capacity() {
         let mut r = room(true);
-        r.occupants.insert(7, OccupantState { user: "mia".into(), nick: "m".into() });
+        r.occupants.insert(7, OccupantState::new("mia".into(), "m".into()));
         assert_eq!(r.check_join(8, "guest", "m", None, 10), Err(Denied::Conflict("nick is taken in this room")));
+        assert_eq!(r.check_join(8, "guest", "M.", None, 10), Err(Denied::Conflict("nick is taken in this room")), "a lookalike");
         assert!(r.check_join(8, "mia", "m", None, 10).is_ok(), "same user may use its nick twice");
         assert_eq!(r.check_join(8, "guest", "g", None, 1), Err(Denied::TooLarge("room is full")));
         assert!(r.check_join(7, "mia", "m", None, 1).is_ok(), "a rejoin does not count twice");
@@ -221,8 +232,8 @@ mod tests {
     #[test]
     fn kick_needs_a_higher_affiliation() {
         let mut r = room(true);
-        r.occupants.insert(1, OccupantState { user: "mia".into(), nick: "m".into() });
-        r.occupants.insert(2, OccupantState { user: "adam".into(), nick: "a".into() });
+        r.occupants.insert(1, OccupantState::new("mia".into(), "m".into()));
+        r.occupants.insert(2, OccupantState::new("adam".into(), "a".into()));
         assert_eq!(r.check_kick("adam", "m"), Ok(vec![1]));
         assert!(r.check_kick("adam", "a").is_err());
         assert!(r.check_kick("mia", "a").is_err());

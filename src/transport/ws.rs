@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -271,13 +272,22 @@ async fn run_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(ws: 
             }
             Ok(None) => break,
             Ok(Some(Err(e))) => {
-                match e {
-                    WsError::Capacity(_) => close(close_code::TOO_BIG, "frame too large"),
-                    WsError::Utf8(_) => close(close_code::INVALID_PAYLOAD, "invalid UTF-8"),
-                    WsError::Protocol(_) => close(close_code::PROTOCOL_ERROR, "protocol error"),
-                    _ => {}
+                // Frame-level violations are counted by kind; a client that just went away
+                // (reset, no close handshake) is no violation.
+                let violation = match e {
+                    WsError::Capacity(_) => Some((close_code::TOO_BIG, "frame too large", "too_large")),
+                    WsError::Utf8(_) => Some((close_code::INVALID_PAYLOAD, "invalid UTF-8", "utf8")),
+                    WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
+                    WsError::Protocol(_) => Some((close_code::PROTOCOL_ERROR, "protocol error", "protocol")),
+                    _ => None,
+                };
+                match violation {
+                    Some((code, reason, kind)) => {
+                        metrics::counter!("stoa_transport_errors_total", "kind" => kind).increment(1);
+                        close(code, reason);
+                    }
+                    None => metrics::counter!("stoa_connections_lost_total").increment(1),
                 }
-                metrics::counter!("stoa_transport_errors_total").increment(1);
                 break;
             }
             Ok(Some(Ok(msg))) => msg,
@@ -291,6 +301,7 @@ async fn run_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(ws: 
                 }
             }
             Message::Binary(_) => {
+                metrics::counter!("stoa_transport_errors_total", "kind" => "binary").increment(1);
                 close(close_code::UNSUPPORTED_DATA, "binary frames are not supported; send JSON text");
                 break;
             }

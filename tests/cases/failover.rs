@@ -435,7 +435,7 @@ pub async fn critical_service_stop_fails_over_then_fallback(db: &TestDb) {
 
     let refused = pair.call(1, "POST", "/api/nodes/1a/fallback").await;
     assert_eq!(refused.status, 409, "fallback with the service down must be refused: {}", refused.body);
-    assert!(refused.json()["message"].as_str().unwrap_or("").contains("critical service"), "{}", refused.body);
+    assert!(refused.json()["message"].as_str().unwrap_or("").contains("critical service rooms down"), "the refusal names the service: {}", refused.body);
 
     // Through the peer: the request travels over the node link.
     let started = pair.call(1, "POST", "/api/nodes/1a/services/rooms/start").await;
@@ -444,6 +444,8 @@ pub async fn critical_service_stop_fails_over_then_fallback(db: &TestDb) {
     let fallback_at = Instant::now();
     let answer = pair.call(0, "POST", "/api/nodes/1a/fallback").await; // asked on 1a: passed to 1b
     assert_eq!(answer.status, 200, "{}", answer.body);
+    // 1b's own outcome comes back through 1a (issue 9, bug 4).
+    assert!(answer.body.contains("fell back") && answer.body.contains("rooms returned to node 1a"), "{}", answer.body);
     pair.await_state(0, "normal", DEADLINE).await;
     pair.await_state(1, "normal", DEADLINE).await;
     traffic.await_all_rooms_writable(&rooms, fallback_at, DEADLINE).await;
@@ -606,4 +608,31 @@ pub async fn clients_on_the_peer_use_rooms_over_the_link(db: &TestDb) {
     history.views.extend(b.views);
     history.abandoned += b.abandoned;
     check_history(db, &rooms, &history).await;
+}
+
+/// Issue 9, bug 2: after kill -9 of 1a, `stoa admin status` on 1b shows 1a as `unknown` with
+/// an expired lease (it used to show `normal`, from the last state 1a recorded), 1b in backup
+/// mode with a SINCE column, in lines an 80–100 column terminal holds.
+pub async fn admin_status_tells_a_dead_node_from_a_normal_one(db: &TestDb) {
+    let mut pair = Pair::configure(db, None);
+    pair.start(0).await;
+    pair.await_state(0, "normal", DEADLINE).await;
+    pair.start(1).await;
+    pair.await_state(1, "normal", DEADLINE).await;
+    crate::harness::await_admin(pair.process(1).admin_addr, None, "/api/topology", "1b to see 1a", |t| t["peer"]["reachable"] == true).await;
+    let _rooms = create_rooms(&pair, 1).await;
+    pair.kill(0);
+    pair.await_state(1, "running_in_backup_mode", DEADLINE).await;
+    let (ok, out) = crate::harness::run_stoa(&["admin", "--admin", &pair.admin(1), "status"]).await;
+    assert!(ok, "{out}");
+    eprintln!("{out}");
+    let line = |id: &str| out.lines().find(|l| l.starts_with(id)).unwrap_or_else(|| panic!("no line for {id}: {out}")).to_owned();
+    let dead = line("1a");
+    assert!(dead.contains("unknown") && !dead.contains("normal"), "a dead node is not normal: {dead}");
+    assert!(dead.contains("expired") || dead.contains("taken"), "its lease is expired or taken over: {dead}");
+    let backup = line("1b");
+    assert!(backup.contains("running_in_backup_mode") && backup.contains("ok"), "{backup}");
+    assert!(out.lines().next().unwrap_or("").contains("SINCE"), "{out}");
+    assert!(out.lines().all(|l| l.chars().count() <= 100), "lines fit a terminal: {out}");
+    pair.kill(1);
 }

@@ -1,13 +1,15 @@
-//! Login throttling across connections. Every failed login takes a token from two buckets:
-//! the user name's and the source address's. A login whose user or address has no token left
-//! is refused before its password is even checked (`rate_limited`, with when to retry), so
-//! guessing a password costs the same whether it is spread over one connection or a thousand,
-//! and the right password does not get in while the bucket is empty. Buckets refill
-//! continuously: `burst` failures per `window`. A successful login forgets its user's
-//! failures (not the address's).
+//! Budgets per user name and per source address, across connections: token buckets that
+//! refill continuously (`burst` per `window`). An attempt whose user or address has no token
+//! left is refused (`rate_limited`, with when to retry).
 //!
-//! The state is per node and in memory: a guesser that alternates between the two nodes of a
-//! pair gets twice the budget, which is still a handful per minute.
+//! Two budgets use it: failed logins (every failure spends; a login is refused before its
+//! password is even checked, so guessing costs the same over one connection or a thousand,
+//! and the right password does not get in while the budget is empty; a successful login
+//! forgets its user's failures, not the address's) and room creations (every creation
+//! spends).
+//!
+//! The state is per node and in memory: a client that alternates between the two nodes of a
+//! pair gets twice the budget.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -31,7 +33,7 @@ impl Policy {
     }
 }
 
-/// Why a login is refused before it is tried.
+/// Why an attempt is refused before it is tried.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Throttled {
     /// What ran out: `"user"` or `"address"`.
@@ -52,16 +54,18 @@ struct Bucket {
     at: Instant,
 }
 
-/// The buckets of one node.
-pub struct LoginThrottle {
+/// The buckets of one budget of one node.
+pub struct Throttle {
+    /// What is budgeted (`login_failures`, `room_creations`), for metrics.
+    what: &'static str,
     per_user: Policy,
     per_address: Policy,
     buckets: Mutex<HashMap<Key, Bucket>>,
 }
 
-impl LoginThrottle {
-    pub fn new(per_user: Policy, per_address: Policy) -> Self {
-        LoginThrottle { per_user, per_address, buckets: Mutex::new(HashMap::new()) }
+impl Throttle {
+    pub fn new(what: &'static str, per_user: Policy, per_address: Policy) -> Self {
+        Throttle { what, per_user, per_address, buckets: Mutex::new(HashMap::new()) }
     }
 
     fn policy(&self, key: &Key) -> Policy {
@@ -84,7 +88,7 @@ impl LoginThrottle {
         }
     }
 
-    /// May a login for `user` from `address` be tried now?
+    /// May `user` from `address` try now?
     pub fn check(&self, user: Option<&str>, address: Option<IpAddr>, now: Instant) -> Result<(), Throttled> {
         let buckets = self.buckets.lock().expect("throttle lock");
         for key in Self::keys(user, address) {
@@ -92,16 +96,15 @@ impl LoginThrottle {
             if tokens < 1.0 {
                 let wait = (1.0 - tokens) / self.policy(&key).per_second();
                 let by = if matches!(key, Key::User(_)) { "user" } else { "address" };
-                metrics::counter!("stoa_logins_throttled_total", "by" => by).increment(1);
+                metrics::counter!("stoa_throttled_total", "what" => self.what, "by" => by).increment(1);
                 return Err(Throttled { by, retry_after: Duration::from_secs_f64(wait) });
             }
         }
         Ok(())
     }
 
-    /// A login for `user` from `address` failed.
-    pub fn failed(&self, user: Option<&str>, address: Option<IpAddr>, now: Instant) {
-        metrics::counter!("stoa_login_failures_total").increment(1);
+    /// `user` from `address` spent one token (a failed login, a room created).
+    pub fn spend(&self, user: Option<&str>, address: Option<IpAddr>, now: Instant) {
         let mut buckets = self.buckets.lock().expect("throttle lock");
         if buckets.len() >= MAX_BUCKETS {
             self.prune(&mut buckets, now);
@@ -112,15 +115,15 @@ impl LoginThrottle {
         }
     }
 
-    /// A login for `user` succeeded: its failures are forgotten.
-    pub fn succeeded(&self, user: &str) {
+    /// Forget what `user` spent (a login succeeded).
+    pub fn forget(&self, user: &str) {
         self.buckets.lock().expect("throttle lock").remove(&Key::User(user.to_lowercase()));
     }
 
     fn prune(&self, buckets: &mut HashMap<Key, Bucket>, now: Instant) {
         buckets.retain(|k, b| self.tokens(k, Some(b), now) < self.policy(k).burst as f64);
         if buckets.len() >= MAX_BUCKETS {
-            tracing::warn!(buckets = buckets.len(), "login throttle full: forgetting per-user failures");
+            tracing::warn!(what = self.what, buckets = buckets.len(), "throttle full: forgetting per-user budgets");
             buckets.retain(|k, _| matches!(k, Key::Address(_)));
         }
     }
@@ -130,8 +133,8 @@ impl LoginThrottle {
 mod tests {
     use super::*;
 
-    fn throttle() -> LoginThrottle {
-        LoginThrottle::new(Policy { burst: 3, window: Duration::from_secs(30) }, Policy { burst: 5, window: Duration::from_secs(10) })
+    fn throttle() -> Throttle {
+        Throttle::new("test", Policy { burst: 3, window: Duration::from_secs(30) }, Policy { burst: 5, window: Duration::from_secs(10) })
     }
 
     #[test]
@@ -141,7 +144,7 @@ mod tests {
         let now = Instant::now();
         for _ in 0..3 {
             t.check(Some("ann"), Some(ip), now).unwrap();
-            t.failed(Some("ann"), Some(ip), now);
+            t.spend(Some("ann"), Some(ip), now);
         }
         let refused = t.check(Some("ANN"), None, now).unwrap_err();
         assert_eq!(refused.by, "user", "user names are compared without case");
@@ -156,7 +159,7 @@ mod tests {
         let ip: IpAddr = "10.1.2.3".parse().unwrap();
         let now = Instant::now();
         for i in 0..5 {
-            t.failed(Some(&format!("user{i}")), Some(ip), now);
+            t.spend(Some(&format!("user{i}")), Some(ip), now);
         }
         assert_eq!(t.check(Some("someone"), Some(ip), now).unwrap_err().by, "address");
         t.check(Some("someone"), Some("10.1.2.4".parse().unwrap()), now).unwrap();
@@ -167,12 +170,12 @@ mod tests {
         let t = throttle();
         let now = Instant::now();
         for _ in 0..2 {
-            t.failed(Some("ann"), None, now);
+            t.spend(Some("ann"), None, now);
         }
-        t.succeeded("ann");
+        t.forget("ann");
         for _ in 0..3 {
             t.check(Some("ann"), None, now).unwrap();
-            t.failed(Some("ann"), None, now);
+            t.spend(Some("ann"), None, now);
         }
         assert!(t.check(Some("ann"), None, now).is_err());
     }
