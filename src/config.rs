@@ -339,8 +339,22 @@ impl Settings {
                 .separator("__")
                 .try_parsing(true),
         );
+        Settings::finish(builder, file.is_none())
+    }
+
+    /// Load settings from TOML text alone: defaults, then `text`, then the same secret files and
+    /// [`Settings::check`] as [`Settings::load`] with a file, but no environment variables. Any
+    /// text gets an answer, never a panic (the `config` fuzz target, fuzz/, feeds it arbitrary
+    /// text).
+    pub fn from_toml_str(text: &str) -> Result<Settings, ConfigError> {
+        let builder = config::Config::builder().add_source(config::File::from_str(text, config::FileFormat::Toml));
+        Settings::finish(builder, false)
+    }
+
+    /// The pipeline after the sources: deserialize, dev-mode defaults, secret files, checks.
+    fn finish(builder: config::ConfigBuilder<config::builder::DefaultState>, dev_mode: bool) -> Result<Settings, ConfigError> {
         let mut settings: Settings = builder.build()?.try_deserialize()?;
-        if file.is_none() {
+        if dev_mode {
             settings.dev_mode = true;
             if std::env::var_os("STOA__AUTH__ALLOW_GUESTS").is_none() {
                 settings.auth.allow_guests = true;
