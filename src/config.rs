@@ -325,12 +325,32 @@ impl Default for LogSettings {
     }
 }
 
+/// Refuse a TOML file whose top-level keys are not plain names before the `config` crate reads
+/// it: the crate takes a top-level key for a path, and an index in one (`"a[9999999999]" = 1`,
+/// found by the `config` fuzz target) makes it allocate that many entries, which aborts the
+/// process. Every section name is plain; a file that is not TOML is the crate's to report.
+fn plain_top_level_keys(text: &str) -> Result<(), ConfigError> {
+    let Ok(table) = toml::de::DeTable::parse(text) else { return Ok(()) };
+    let plain = |key: &str| !key.is_empty() && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    match table.get_ref().keys().find(|key| !plain(key.get_ref())) {
+        Some(key) => Err(ConfigError::Invalid(format!(
+            "top-level key `{}` is not a section name (letters, digits, _ and -); write nested keys as TOML tables",
+            key.get_ref().escape_debug()
+        ))),
+        None => Ok(()),
+    }
+}
+
 impl Settings {
     /// Load settings: defaults, then `file` (if any), then `STOA__SECTION__KEY` variables.
     /// Without a file the node is in dev mode (guests allowed, loopback only).
     pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
         let mut builder = config::Config::builder();
         if let Some(file) = file {
+            // An unreadable file is the config crate's to report, with its name.
+            if let Ok(text) = std::fs::read_to_string(file) {
+                plain_top_level_keys(&text)?;
+            }
             builder = builder.add_source(config::File::from(file).required(true));
         }
         builder = builder.add_source(
@@ -347,6 +367,7 @@ impl Settings {
     /// text gets an answer, never a panic (the `config` fuzz target, fuzz/, feeds it arbitrary
     /// text).
     pub fn from_toml_str(text: &str) -> Result<Settings, ConfigError> {
+        plain_top_level_keys(text)?;
         let builder = config::Config::builder().add_source(config::File::from_str(text, config::FileFormat::Toml));
         Settings::finish(builder, false)
     }
