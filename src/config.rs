@@ -627,6 +627,15 @@ mod tests {
         assert!(s.check().unwrap_err().to_string().contains("no second node"));
     }
 
+    /// A top-level key that the config crate would read as a path with an index gets an
+    /// answer (the crate allocated that many entries and aborted the process); plain files load.
+    #[test]
+    fn an_index_in_a_top_level_key_is_refused() {
+        let err = Settings::from_toml_str("\"a[9999999999]\" = 1").unwrap_err().to_string();
+        assert!(err.contains("top-level key"), "{err}");
+        assert_eq!(Settings::from_toml_str("[node]\nid = \"n1\"").unwrap().node.id, "n1");
+    }
+
     #[test]
     fn default_store_is_sqlite_in_the_data_dir() {
         assert_eq!(Settings::default().store_url(), "sqlite://./stoa-data/stoa.db");
