@@ -452,7 +452,7 @@ impl Settings {
         if !matches!(self.store.sqlite_synchronous.as_str(), "full" | "normal" | "extra" | "off") {
             return invalid("store.sqlite_synchronous must be full, normal, extra or off".into());
         }
-        if self.limits.max_answer_bytes < 6 * self.limits.max_body_bytes + 4096 {
+        if self.limits.max_answer_bytes < self.limits.max_body_bytes.saturating_mul(6).saturating_add(4096) {
             // A body of control characters is six times longer as JSON; one message must
             // always fit in an answer.
             return invalid("limits.max_answer_bytes must be at least 6 × limits.max_body_bytes + 4096".into());
@@ -485,7 +485,7 @@ impl Settings {
         if self.cluster.groups.is_empty() {
             return Ok(());
         }
-        if self.cluster.lease_renew_ms == 0 || self.cluster.lease_renew_ms * 2 > self.cluster.lease_ttl_ms {
+        if self.cluster.lease_renew_ms == 0 || self.cluster.lease_renew_ms.saturating_mul(2) > self.cluster.lease_ttl_ms {
             return invalid("cluster.lease_renew_ms must be at least 1 and at most half of cluster.lease_ttl_ms".into());
         }
         let mut ids = std::collections::HashSet::new();
@@ -634,6 +634,19 @@ mod tests {
         let err = Settings::from_toml_str("\"a[9999999999]\" = 1").unwrap_err().to_string();
         assert!(err.contains("top-level key"), "{err}");
         assert_eq!(Settings::from_toml_str("[node]\nid = \"n1\"").unwrap().node.id, "n1");
+    }
+
+    /// Limits near the top of the integer range get an answer from the checks, not an
+    /// overflow panic.
+    #[test]
+    fn huge_limits_are_refused_without_overflow() {
+        let text = "[limits]\nmax_body_bytes = 9223372036854775807\nmax_frame_bytes = 9223372036854775807";
+        let err = Settings::from_toml_str(text).unwrap_err().to_string();
+        assert!(err.contains("max_answer_bytes"), "{err}");
+        let mut s = pair(false);
+        s.cluster.lease_renew_ms = u64::MAX;
+        let err = s.check().unwrap_err().to_string();
+        assert!(err.contains("lease_renew_ms"), "{err}");
     }
 
     #[test]
