@@ -379,12 +379,32 @@ impl Default for LogSettings {
     }
 }
 
+/// Refuse a TOML file whose top-level keys are not plain names before the `config` crate reads
+/// it: the crate takes a top-level key for a path, and an index in one (`"a[9999999999]" = 1`,
+/// found by the `config` fuzz target) makes it allocate that many entries, which aborts the
+/// process. Every section name is plain; a file that is not TOML is the crate's to report.
+fn plain_top_level_keys(text: &str) -> Result<(), ConfigError> {
+    let Ok(table) = toml::de::DeTable::parse(text) else { return Ok(()) };
+    let plain = |key: &str| !key.is_empty() && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    match table.get_ref().keys().find(|key| !plain(key.get_ref())) {
+        Some(key) => Err(ConfigError::Invalid(format!(
+            "top-level key `{}` is not a section name (letters, digits, _ and -); write nested keys as TOML tables",
+            key.get_ref().escape_debug()
+        ))),
+        None => Ok(()),
+    }
+}
+
 impl Settings {
     /// Load settings: defaults, then `file` (if any), then `STOA__SECTION__KEY` variables.
     /// Without a file the node is in dev mode (guests allowed, loopback only).
     pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
         let mut builder = config::Config::builder();
         if let Some(file) = file {
+            // An unreadable file is the config crate's to report, with its name.
+            if let Ok(text) = std::fs::read_to_string(file) {
+                plain_top_level_keys(&text)?;
+            }
             builder = builder.add_source(config::File::from(file).required(true));
         }
         builder = builder.add_source(
@@ -393,8 +413,23 @@ impl Settings {
                 .separator("__")
                 .try_parsing(true),
         );
+        Settings::finish(builder, file.is_none())
+    }
+
+    /// Load settings from TOML text alone: defaults, then `text`, then the same secret files and
+    /// [`Settings::check`] as [`Settings::load`] with a file, but no environment variables. Any
+    /// text gets an answer, never a panic (the `config` fuzz target, fuzz/, feeds it arbitrary
+    /// text).
+    pub fn from_toml_str(text: &str) -> Result<Settings, ConfigError> {
+        plain_top_level_keys(text)?;
+        let builder = config::Config::builder().add_source(config::File::from_str(text, config::FileFormat::Toml));
+        Settings::finish(builder, false)
+    }
+
+    /// The pipeline after the sources: deserialize, dev-mode defaults, secret files, checks.
+    fn finish(builder: config::ConfigBuilder<config::builder::DefaultState>, dev_mode: bool) -> Result<Settings, ConfigError> {
         let mut settings: Settings = builder.build()?.try_deserialize()?;
-        if file.is_none() {
+        if dev_mode {
             settings.dev_mode = true;
             if std::env::var_os("STOA__AUTH__ALLOW_GUESTS").is_none() {
                 settings.auth.allow_guests = true;
@@ -477,7 +512,7 @@ impl Settings {
         if !matches!(self.store.sqlite_synchronous.as_str(), "full" | "normal" | "extra" | "off") {
             return invalid("store.sqlite_synchronous must be full, normal, extra or off".into());
         }
-        if self.limits.max_answer_bytes < 6 * self.limits.max_body_bytes + 4096 {
+        if self.limits.max_answer_bytes < self.limits.max_body_bytes.saturating_mul(6).saturating_add(4096) {
             // A body of control characters is six times longer as JSON; one message must
             // always fit in an answer.
             return invalid("limits.max_answer_bytes must be at least 6 × limits.max_body_bytes + 4096".into());
@@ -548,7 +583,7 @@ impl Settings {
         if self.cluster.groups.is_empty() {
             return Ok(());
         }
-        if self.cluster.lease_renew_ms == 0 || self.cluster.lease_renew_ms * 2 > self.cluster.lease_ttl_ms {
+        if self.cluster.lease_renew_ms == 0 || self.cluster.lease_renew_ms.saturating_mul(2) > self.cluster.lease_ttl_ms {
             return invalid("cluster.lease_renew_ms must be at least 1 and at most half of cluster.lease_ttl_ms".into());
         }
         let mut ids = std::collections::HashSet::new();
@@ -759,6 +794,28 @@ mod tests {
         s.store.url = "postgres://stoa@db/stoa".into();
         s.cluster.groups[0].nodes.pop();
         assert!(s.check().unwrap_err().to_string().contains("no second node"));
+    }
+
+    /// A top-level key that the config crate would read as a path with an index gets an
+    /// answer (the crate allocated that many entries and aborted the process); plain files load.
+    #[test]
+    fn an_index_in_a_top_level_key_is_refused() {
+        let err = Settings::from_toml_str("\"a[9999999999]\" = 1").unwrap_err().to_string();
+        assert!(err.contains("top-level key"), "{err}");
+        assert_eq!(Settings::from_toml_str("[node]\nid = \"n1\"").unwrap().node.id, "n1");
+    }
+
+    /// Limits near the top of the integer range get an answer from the checks, not an
+    /// overflow panic.
+    #[test]
+    fn huge_limits_are_refused_without_overflow() {
+        let text = "[limits]\nmax_body_bytes = 9223372036854775807\nmax_frame_bytes = 9223372036854775807";
+        let err = Settings::from_toml_str(text).unwrap_err().to_string();
+        assert!(err.contains("max_answer_bytes"), "{err}");
+        let mut s = pair(false);
+        s.cluster.lease_renew_ms = u64::MAX;
+        let err = s.check().unwrap_err().to_string();
+        assert!(err.contains("lease_renew_ms"), "{err}");
     }
 
     #[test]

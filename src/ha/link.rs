@@ -626,6 +626,14 @@ async fn dial(
     }
 }
 
+/// Whether `text` is a node-link frame, parsed as the listener parses what arrives; a hook for
+/// the `link_frame` fuzz target and its corpus replay (fuzz/). Any text gets an answer, never a
+/// panic.
+#[doc(hidden)]
+pub fn parse_link_frame(text: &str) -> bool {
+    serde_json::from_str::<LinkFrame>(text).is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
