@@ -36,8 +36,38 @@ pub fn prometheus() -> &'static PrometheusHandle {
         let handle = recorder.handle();
         // Another recorder may already be installed (tests embedding Stoa): then ours stays unused.
         let _ = metrics::set_global_recorder(recorder);
+        describe_metrics();
         handle
     })
+}
+
+/// `# HELP` lines for every metric the node exports (docs/operations.md#metrics), and
+/// `stoa_build_info`.
+fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!("stoa_build_info", "always 1; the labels name the version");
+    metrics::gauge!("stoa_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    describe_gauge!("stoa_connections", "open client connections");
+    describe_gauge!("stoa_rooms_active", "room actors in memory");
+    describe_counter!("stoa_room_activations_total", "cold loads of a room from the store");
+    describe_histogram!("stoa_room_activation_seconds", "time to load a room from the store");
+    describe_counter!("stoa_messages_committed_total", "messages durably stored");
+    describe_counter!("stoa_deliveries_total", "message frames queued to occupants");
+    describe_histogram!("stoa_commit_batch_rows", "rows per group commit");
+    describe_histogram!("stoa_commit_seconds", "group-commit transaction latency");
+    describe_counter!("stoa_commit_failures_total", "group commits that failed (senders got unavailable)");
+    describe_counter!("stoa_errors_total", "error answers sent, by protocol code");
+    describe_counter!("stoa_slow_consumers_total", "connections closed because their queue filled or a write took too long");
+    describe_counter!("stoa_write_failures_total", "connections closed because a socket write failed");
+    describe_counter!("stoa_transport_errors_total", "connections closed for frame-level violations, by kind");
+    describe_counter!("stoa_connections_lost_total", "connections that ended without a close");
+    describe_counter!("stoa_connections_refused_total", "sockets closed before they became connections, by reason");
+    describe_counter!("stoa_login_failures_total", "failed logins");
+    describe_counter!("stoa_throttled_total", "attempts refused by a budget across connections (what, by)");
+    describe_counter!("stoa_link_handshakes_refused_total", "node-link connections refused, by reason");
+    describe_gauge!("stoa_ha_state", "1 for the node's HA state now, 0 for the others");
+    describe_gauge!("stoa_peer_reachable", "1 while the peer's heartbeats arrive over the node link");
+    describe_gauge!("stoa_ready", "1 while /ready answers 200");
 }
 
 /// What the admin API reads.

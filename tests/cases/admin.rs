@@ -72,7 +72,10 @@ pub async fn admin_api_reports_health_rooms_and_metrics(db: &TestDb) {
         "stoa_errors_total",
     ] {
         assert!(metrics.lines().any(|l| l.starts_with(name)), "/metrics has no {name}:\n{metrics}");
+        assert!(metrics.lines().any(|l| l.starts_with(&format!("# HELP {name} "))), "/metrics has no HELP for {name}");
     }
+    // Issue 9: the build is in the metrics.
+    assert!(metrics.lines().any(|l| l.starts_with("stoa_build_info{version=") && l.ends_with(" 1")), "{metrics}");
     assert!(metrics.contains("code=\"bad_request\""), "stoa_errors_total is labelled by code");
 }
 
