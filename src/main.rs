@@ -439,7 +439,7 @@ fn readable_age(ms: i64) -> String {
 }
 
 fn print_status(topology: &serde_json::Value) {
-    // 96 columns at most; the JSON (`--json`) has everything.
+    // 99 columns at most; the JSON (`--json`) has everything.
     println!("{:<8} {:<26} {:<22} {:>7} {:>6} {:>6} {:<10} {:>7}", "NODE", "STATE", "REASON", "SINCE", "ROOMS", "USERS", "SERVICES", "LEASE");
     let groups = topology["groups"].as_array().cloned().unwrap_or_default();
     if groups.is_empty() {

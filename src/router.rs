@@ -384,12 +384,10 @@ impl Connection {
                 },
             );
         }
-        let throttle = &self.router.login_failures;
+        let router = self.router.clone();
+        let throttle = &router.login_failures;
         if let Err(t) = throttle.check(user.as_deref(), self.address, Instant::now()) {
-            let secs = t.retry_after.as_secs().max(1);
-            let message = format!("too many failed logins for this {}; retry in {secs} s", t.by);
-            self.retry_after_ms = Some(t.retry_after.as_millis() as u64);
-            return err(ErrorCode::RateLimited, message);
+            return Err(self.throttled(t, "failed logins"));
         }
         let logged_in = match self.router.auth.login(user.as_deref(), password.as_deref(), token.as_deref()).await {
             Ok(l) => l,
@@ -445,6 +443,14 @@ impl Connection {
             return self.request(session, again).await;
         }
         answer
+    }
+
+    /// The `rate_limited` answer of a spent budget (`what`: "failed logins", "rooms created");
+    /// the error frame will carry `retry_after_ms`.
+    fn throttled(&mut self, t: crate::throttle::Throttled, what: &str) -> (ErrorCode, String) {
+        self.retry_after_ms = Some(t.retry_after.as_millis() as u64);
+        let secs = t.retry_after.as_secs().max(1);
+        (ErrorCode::RateLimited, format!("too many {what} for this {}; retry in {secs} s", t.by))
     }
 
     /// [`room_err`], remembering a room hosted by another node (for forwarding).
@@ -535,9 +541,7 @@ impl Connection {
                 self.check_config(&config)?;
                 // Guests have a new name per login: the address's budget is what holds them.
                 if let Err(t) = router.room_creations.check(Some(&user), self.address, Instant::now()) {
-                    self.retry_after_ms = Some(t.retry_after.as_millis() as u64);
-                    let secs = t.retry_after.as_secs().max(1);
-                    return err(ErrorCode::RateLimited, format!("too many rooms created by this {}; retry in {secs} s", t.by));
+                    return Err(self.throttled(t, "rooms created"));
                 }
                 let config = RoomConfig::default().patched(&config);
                 registry.create(&room, &config, &user).await.map_err(room_err)?;
