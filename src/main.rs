@@ -238,12 +238,18 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(config) => {
             let settings = load(&config)?;
             init_tracing(&settings);
+            // The handlers are in place before the node says it listens: a SIGHUP sent as soon
+            // as it does must reload the certificate, not end the process (the default action).
+            let rt = runtime()?;
+            let signals = {
+                let _runtime = rt.enter();
+                Signals::install()?
+            };
             let mut node = stoa::node::Node::start(settings)?;
             let token = node.shutdown_token();
             let tls = node.tls().cloned();
-            let rt = runtime()?;
             rt.spawn(async move {
-                wait_for_signal(tls.as_ref()).await;
+                signals.wait(tls.as_ref()).await;
                 tracing::info!("signal received");
                 token.cancel();
             });
@@ -370,20 +376,37 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// Wait for SIGINT or SIGTERM (stop). SIGHUP reloads the TLS certificate and keeps running.
-async fn wait_for_signal(tls: Option<&stoa::tls::ServerTls>) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
-    loop {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => return,
-            _ = term.recv() => return,
-            _ = hup.recv() => match tls {
-                // The outcome is logged either way; a failed reload keeps the old certificate.
-                Some(tls) => { let _ = stoa::tls::reload_logged(tls, "SIGHUP"); }
-                None => tracing::info!("SIGHUP: no [tls] configured, nothing to reload"),
-            },
+/// The node's signal handlers: SIGINT and SIGTERM stop it, SIGHUP reloads the TLS certificate.
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Register the handlers now (inside a runtime context), so that no signal arriving from
+    /// here on takes its default action.
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            interrupt: signal(SignalKind::interrupt()).context("SIGINT handler")?,
+            terminate: signal(SignalKind::terminate()).context("SIGTERM handler")?,
+            hangup: signal(SignalKind::hangup()).context("SIGHUP handler")?,
+        })
+    }
+
+    /// Wait for SIGINT or SIGTERM; on SIGHUP reload the TLS certificate and keep waiting.
+    async fn wait(mut self, tls: Option<&stoa::tls::ServerTls>) {
+        loop {
+            tokio::select! {
+                _ = self.interrupt.recv() => return,
+                _ = self.terminate.recv() => return,
+                _ = self.hangup.recv() => match tls {
+                    // The outcome is logged either way; a failed reload keeps the old certificate.
+                    Some(tls) => { let _ = stoa::tls::reload_logged(tls, "SIGHUP"); }
+                    None => tracing::info!("SIGHUP: no [tls] configured, nothing to reload"),
+                },
+            }
         }
     }
 }

@@ -502,9 +502,12 @@ impl NodeProcess {
 
 impl Drop for NodeProcess {
     fn drop(&mut self) {
+        // Whether it was still running tells a crash (or a signal's default action) from a hang.
+        let exited = self.child.try_wait().ok().flatten();
         self.kill();
         if std::thread::panicking() {
-            eprintln!("---- log of stoa process {} ----\n{}\n---- end of log ----", self.label, self.log_text());
+            let state = exited.map_or("still running when the test ended".to_owned(), |s| format!("had exited: {s}"));
+            eprintln!("---- log of stoa process {} ({state}) ----\n{}\n---- end of log ----", self.label, self.log_text());
         }
     }
 }
