@@ -246,28 +246,115 @@ pub async fn admin_failover_then_automatic_fallback(db: &TestDb) {
     drop(b);
 }
 
-/// Both nodes fail; the one that comes back first finds its rooms on a peer that is gone
-/// (lease expired, no presence): it reclaims them and serves (recovery).
-pub async fn both_down_then_the_first_back_reclaims_its_rooms(db: &TestDb) {
-    let links = (free_port(), free_port());
-    let a = crate::harness::TestNode::start(pair_settings(db, "1a", links)).await;
-    let b = crate::harness::TestNode::start(pair_settings(db, "1b", links)).await;
-    crate::harness::await_admin(b.admin_addr, None, "/api/topology", "1b to see 1a", |t| t["peer"]["reachable"] == true).await;
-    let room = "ops@conference-1a.localhost";
-    let mut ann = a.client("ann").await;
-    ann.create(room, serde_json::json!({})).await;
-    ann.join(room, "ann").await;
-    ann.send_acked(room, "one", "c1").await;
-    a.stop().await; // 1b takes the room over
-    crate::harness::await_admin(b.admin_addr, None, "/api/topology", "1b in backup mode", |t| t["status"]["state"] == "running_in_backup_mode").await;
-    b.stop().await; // both down; the room is hosted by the stopped 1b
+/// The state of a node, as its admin API says.
+async fn state_of(node: &crate::harness::TestNode) -> String {
+    node.admin_json("/api/topology").await["status"]["state"].as_str().unwrap_or("").to_owned()
+}
 
-    let a = crate::harness::TestNode::start(pair_settings(db, "1a", links)).await;
-    let t = a.admin_json("/api/topology").await;
-    assert_eq!(t["status"]["state"], "normal", "1a reclaims its rooms when its peer is gone too: {t}");
+async fn await_state(node: &crate::harness::TestNode, name: &str, state: &str) {
+    crate::harness::await_admin(node.admin_addr, None, "/api/topology", &format!("{name} {state}"), |t| t["status"]["state"] == state).await;
+}
+
+/// Issue 9, bug 3b: the whole pair is stopped (1a first, so 1b holds every room) and started
+/// again, in either order, and comes back normal/normal by itself with every room intact. The
+/// first node up serves everything while its peer is away (it reclaims its own rooms from a
+/// peer that is gone, or starts holding the peer's), and gives the peer's rooms back as soon
+/// as the peer is up: a cold start is not a failover, so no operator is needed.
+pub async fn whole_pair_stop_and_start_comes_back_normal(db: &TestDb) {
+    use crate::harness::TestNode;
+    let links = (free_port(), free_port());
+    let start = |me: &'static str| TestNode::start(pair_settings(db, me, links));
+    let a = start("1a").await;
+    let b = start("1b").await;
+    crate::harness::await_admin(b.admin_addr, None, "/api/topology", "1b to see 1a", |t| t["peer"]["reachable"] == true).await;
+    let (ra, rb) = ("ops@conference-1a.localhost", "dev@conference-1b.localhost");
     let mut ann = a.client("ann").await;
-    ann.join(room, "ann").await;
-    ann.send_acked(room, "two", "c2").await;
-    let seqs: Vec<u64> = db.stored_messages(room).await.iter().map(|m| m.seq).collect();
-    assert_eq!(seqs, vec![1, 2]);
+    ann.create(ra, serde_json::json!({})).await;
+    ann.join(ra, "ann").await;
+    ann.send_acked(ra, "a1", "a1").await;
+    let mut bob = b.client("bob").await;
+    bob.create(rb, serde_json::json!({})).await;
+    bob.join(rb, "bob").await;
+    bob.send_acked(rb, "b1", "b1").await;
+
+    // Round 1: stop 1a (1b takes its rooms), stop 1b; start 1a first, then 1b.
+    a.stop().await;
+    await_state(&b, "1b", "running_in_backup_mode").await;
+    b.stop().await;
+    let a = start("1a").await;
+    // 1b is gone too: 1a reclaims its rooms and serves 1b's while 1b is away.
+    await_state(&a, "1a", "running_in_backup_mode").await;
+    let mut ann = a.client("ann").await;
+    ann.join(ra, "ann").await;
+    ann.send_acked(ra, "a2", "a2").await;
+    let b = start("1b").await;
+    await_state(&b, "1b", "normal").await;
+    await_state(&a, "1a", "normal").await;
+    assert_eq!(b.admin_json("/api/topology").await["status"]["reason"], "automatic_fallback", "no operator gave 1b its rooms back");
+    let mut bob = b.client("bob").await;
+    bob.join(rb, "bob").await;
+    bob.send_acked(rb, "b2", "b2").await;
+
+    // Round 2: the same stops; start 1b first (it holds 1a's rooms from before), then 1a.
+    drop((ann, bob));
+    a.stop().await;
+    await_state(&b, "1b", "running_in_backup_mode").await;
+    b.stop().await;
+    let b = start("1b").await;
+    let t = b.admin_json("/api/topology").await;
+    assert_eq!((t["status"]["state"].as_str(), t["status"]["reason"].as_str()), (Some("running_in_backup_mode"), Some("initializing")), "{t}");
+    let a = start("1a").await;
+    await_state(&a, "1a", "normal").await;
+    await_state(&b, "1b", "normal").await;
+    let mut ann = a.client("ann").await;
+    ann.join(ra, "ann").await;
+    ann.send_acked(ra, "a3", "a3").await;
+    let mut bob = b.client("bob").await;
+    bob.join(rb, "bob").await;
+    bob.send_acked(rb, "b3", "b3").await;
+    for room in [ra, rb] {
+        let seqs: Vec<u64> = db.stored_messages(room).await.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, vec![1, 2, 3], "{room}");
+    }
+    // Every admin verb works again: a maintenance failover and its fallback, asked through 1a.
+    crate::harness::await_admin(a.admin_addr, None, "/api/topology", "1a to see 1b", |t| t["peer"]["reachable"] == true).await;
+    let post = |path: String| async move { stoa::admin_client::request(&a.admin_addr.to_string(), "POST", &path, None, DEADLINE).await.unwrap() };
+    let answer = post("/api/nodes/1b/failover".into()).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    await_state(&b, "1b", "failed_over").await;
+    let answer = post("/api/nodes/1b/fallback".into()).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    await_state(&b, "1b", "normal").await;
+    await_state(&a, "1a", "normal").await;
+}
+
+/// Issue 9, bug 3a: a maintenance failover of a node that hosts no rooms is a failover all
+/// the same: the node stays `failed_over` (it used to take itself back 63 ms later, with no
+/// fallback asked for), its peer runs in backup mode, and a fallback ends both.
+pub async fn failover_of_a_node_without_rooms_stays_until_fallback(db: &TestDb) {
+    use crate::harness::TestNode;
+    let links = (free_port(), free_port());
+    let a = TestNode::start(pair_settings(db, "1a", links)).await;
+    let b = TestNode::start(pair_settings(db, "1b", links)).await;
+    crate::harness::await_admin(b.admin_addr, None, "/api/topology", "1b to see 1a", |t| t["peer"]["reachable"] == true).await;
+    let post = |path: &'static str| async move { stoa::admin_client::request(&b.admin_addr.to_string(), "POST", path, None, DEADLINE).await.unwrap() };
+    let answer = post("/api/nodes/1b/failover").await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    await_state(&b, "1b", "failed_over").await;
+    await_state(&a, "1a", "running_in_backup_mode").await;
+    // Many control-loop ticks and lease renewals later, nothing has undone it.
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        assert_eq!(state_of(&b).await, "failed_over", "1b must wait for a fallback");
+        assert_eq!(state_of(&a).await, "running_in_backup_mode");
+        tokio::time::sleep(Duration::from_millis(50)).await; // polling interval, not a wait
+    }
+    let answer = post("/api/nodes/1b/fallback").await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    await_state(&b, "1b", "normal").await;
+    await_state(&a, "1a", "normal").await;
+    let store = db.store().await;
+    let audit = stoa::ha::fencing::audit_log(&store, 10).await.unwrap();
+    let actions: Vec<(&str, &str)> = audit.iter().map(|l| (l["action"].as_str().unwrap_or(""), l["outcome"].as_str().unwrap_or(""))).collect();
+    assert!(actions.contains(&("failover", "done")) && actions.contains(&("fallback", "done")), "{audit:?}");
 }

@@ -43,8 +43,9 @@ fn stmt(db: DbBackend, sql: &str, values: Vec<sea_orm::Value>) -> Statement {
 
 /// Take over every room `failed` hosts: one statement that makes `me` the host with a new
 /// epoch, and, in the same transaction, mark `failed`'s lease as taken so that node steps
-/// down if it was only paused (its next conditional renewal finds another incarnation).
-/// Returns how many rooms moved.
+/// down if it was only paused (its next conditional renewal finds another incarnation), and
+/// record `me` as the host of every room service `failed` served ([`service_host`]), rooms or
+/// none. Returns how many rooms moved.
 pub async fn take_over(store: &Store, failed: &NodeId, me: &NodeId) -> Result<u64, LeaseError> {
     let db = backend(store)?;
     let txn = store.connection().begin().await?;
@@ -65,23 +66,67 @@ pub async fn take_over(store: &Store, failed: &NodeId, me: &NodeId) -> Result<u6
         vec![format!("taken-by/{me}").into(), failed.0.clone().into()],
     ))
     .await?;
+    // The services `failed` served (its own, and any it was backing up) are now `me`'s.
+    txn.execute_raw(stmt(
+        db,
+        "UPDATE service_hosts SET host_node = ? WHERE host_node = ?",
+        vec![me.0.clone().into(), failed.0.clone().into()],
+    ))
+    .await?;
+    set_service_host(&txn, db, failed, me).await?;
     txn.commit().await?;
     Ok(moved)
 }
 
+/// Record that `host` serves `home`'s room service (part of a move's transaction).
+async fn set_service_host(conn: &impl ConnectionTrait, db: DbBackend, home: &NodeId, host: &NodeId) -> Result<(), LeaseError> {
+    let upsert = match db {
+        DbBackend::Postgres => {
+            "INSERT INTO service_hosts (home_node, host_node) VALUES (?, ?) \
+             ON CONFLICT (home_node) DO UPDATE SET host_node = EXCLUDED.host_node"
+        }
+        _ => "INSERT INTO service_hosts (home_node, host_node) VALUES (?, ?) ON DUPLICATE KEY UPDATE host_node = VALUES(host_node)",
+    };
+    conn.execute_raw(stmt(db, upsert, vec![home.0.clone().into(), host.0.clone().into()])).await?;
+    Ok(())
+}
+
+/// The node serving `home`'s room service: its `service_hosts` row; without one, the host of
+/// any of `home`'s rooms that is away (a takeover made before that table existed); else `home`.
+pub async fn service_host(store: &Store, home: &NodeId) -> Result<NodeId, LeaseError> {
+    let db = backend(store)?;
+    let conn = store.connection();
+    let row = conn.query_one_raw(stmt(db, "SELECT host_node FROM service_hosts WHERE home_node = ?", vec![home.0.clone().into()])).await?;
+    if let Some(row) = row {
+        return Ok(NodeId(row.try_get_by_index(0)?));
+    }
+    let away = stmt(
+        db,
+        "SELECT host_node FROM rooms WHERE home_node = ? AND host_node <> ? LIMIT 1",
+        vec![home.0.clone().into(), home.0.clone().into()],
+    );
+    match conn.query_one_raw(away).await? {
+        Some(row) => Ok(NodeId(row.try_get_by_index(0)?)),
+        None => Ok(home.clone()),
+    }
+}
+
 /// Send `home`'s rooms that `from` hosts back to `home`, with a new epoch: fallback (the
 /// backup `from` returns them) and recovery (a node reclaiming its rooms from a peer that is
-/// gone, `home` = itself). Returns how many rooms moved.
+/// gone, `home` = itself), and `home` serves its room service again, in one transaction.
+/// Returns how many rooms moved.
 pub async fn return_home(store: &Store, home: &NodeId, from: &NodeId) -> Result<u64, LeaseError> {
     let db = backend(store)?;
-    let r = store
-        .connection()
+    let txn = store.connection().begin().await?;
+    let r = txn
         .execute_raw(stmt(
             db,
             "UPDATE rooms SET host_node = ?, epoch = epoch + 1 WHERE home_node = ? AND host_node = ?",
             vec![home.0.clone().into(), home.0.clone().into(), from.0.clone().into()],
         ))
         .await?;
+    set_service_host(&txn, db, home, home).await?;
+    txn.commit().await?;
     Ok(r.rows_affected())
 }
 

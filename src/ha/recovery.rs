@@ -396,7 +396,7 @@ pub async fn start(
         router,
     });
     let recovery = Recovery { inner: inner.clone() };
-    let control = Control { r: recovery.clone(), awaiting_takeover: false, healthy_since: None };
+    let mut control = Control { r: recovery.clone(), awaiting_takeover: false, healthy_since: None, peer_seen_alive: false, return_on_peer_start: false };
     tokio::spawn(probe_task(recovery.clone(), shutdown.clone()));
     control.initial_state(Instant::now()).await.context("deciding the starting state")?;
 
@@ -465,6 +465,14 @@ struct Control {
     /// Failed over with every service running since then (automatic fallback's quiet period,
     /// judged on the backup from the peer's reported state).
     healthy_since: Option<Instant>,
+    /// This process has seen the peer alive over the link.
+    peer_seen_alive: bool,
+    /// The peer's service is held here only because the peer was not running when this node
+    /// started (a cold start of the pair, or a restart of the backup): hand it back as soon as
+    /// the peer is up and failed over, without waiting for an operator or the quiet period.
+    /// A takeover of a peer this process saw fail is a failover proper: fallback is manual, or
+    /// automatic after `auto_fallback_after_s` (docs/ha.md, "Whole-pair stop and start").
+    return_on_peer_start: bool,
 }
 
 /// How often the `rooms` and `router` services are probed, and how long the rooms probe may
@@ -572,13 +580,25 @@ impl Control {
 
     /// Start-up: normal, unless the peer serves this node's rooms (then wait for fallback), or
     /// reclaim them if that peer is gone too (both nodes failed; this one came back first).
-    async fn initial_state(&self, now: Instant) -> Result<(), lease::LeaseError> {
+    /// A node that finds itself serving its peer's service (the pair was stopped while it
+    /// backed the peer up) runs in backup mode and returns it once the peer is up.
+    async fn initial_state(&mut self, now: Instant) -> Result<(), lease::LeaseError> {
         let _ = now;
         let inner = self.inner();
-        let away = fencing::hosted_elsewhere(&inner.store, self.me()).await?;
-        if away == 0 {
+        let served_by = fencing::service_host(&inner.store, self.me()).await?;
+        if &served_by == self.me() {
             self.host(true).await?;
-            self.enter(NodeState::Normal, Reason::Initializing).await;
+            let backing_up = match self.peer() {
+                Some(peer) => &fencing::service_host(&inner.store, &peer.id).await? == self.me(),
+                None => false,
+            };
+            if backing_up {
+                tracing::info!(node = %self.me(), "this node serves its peer's rooms since before it started: backup mode until the peer is up");
+                self.return_on_peer_start = true;
+                self.enter(NodeState::RunningInBackupMode, Reason::Initializing).await;
+            } else {
+                self.enter(NodeState::Normal, Reason::Initializing).await;
+            }
             return Ok(());
         }
         if let Some(peer) = self.peer() {
@@ -592,7 +612,7 @@ impl Control {
                 return Ok(());
             }
         }
-        tracing::info!(node = %self.me(), rooms = away, "this node's rooms are served by its peer: failed over, waiting for fallback");
+        tracing::info!(node = %self.me(), by = %served_by, "this node's rooms are served by its peer: failed over, waiting for fallback");
         self.enter(NodeState::FailedOver, Reason::Initializing).await;
         Ok(())
     }
@@ -684,12 +704,15 @@ impl Control {
     /// released), or its link closed and its presence lock vanished (a dead process).
     async fn watch_peer(&mut self, look_at_lease: bool) -> Result<(), lease::LeaseError> {
         let Some(peer) = self.peer().cloned() else { return Ok(()) };
+        let status = self.peer_status();
+        if status.as_ref().is_some_and(|p| p.reachable) {
+            self.peer_seen_alive = true;
+        }
         let state = self.state();
         let may_take_over = matches!(state, NodeState::Normal | NodeState::FailedOver | NodeState::RunningInFailedMode);
         if !may_take_over {
             return Ok(());
         }
-        let status = self.peer_status();
         let suspicious = match &status {
             None => true,
             Some(p) => {
@@ -704,10 +727,14 @@ impl Control {
             return Ok(());
         }
         let store = &self.inner().store;
-        if fencing::hosted_by(store, &peer.id).await? == 0 {
+        let peer_lease = lease::read(store, &peer.id).await?;
+        // Nothing to take: the peer hosts no room, and it has never run (a new pair) or its
+        // service is served elsewhere already.
+        if fencing::hosted_by(store, &peer.id).await? == 0
+            && (peer_lease.is_none() || fencing::service_host(store, &peer.id).await? != peer.id)
+        {
             return Ok(());
         }
-        let peer_lease = lease::read(store, &peer.id).await?;
         let expired = peer_lease.as_ref().is_none_or(|l| l.expired);
         let link_down = status.as_ref().is_none_or(|p| !p.link_up);
         let dead = !expired && link_down && !fencing::is_present(store, &peer.id).await?;
@@ -748,7 +775,17 @@ impl Control {
         let fence_ms = decided.elapsed().as_millis() as u64;
         metrics::counter!("stoa_ha_takeovers_total").increment(1);
         metrics::histogram!("stoa_ha_takeover_fence_seconds").record(decided.elapsed().as_secs_f64());
-        tracing::info!(node = %self.me(), peer = %peer.id, rooms = moved, fence_ms, "peer's rooms fenced and taken over");
+        let return_on_peer_start = !self.peer_seen_alive;
+        self.return_on_peer_start = return_on_peer_start;
+        let inner = self.inner();
+        tracing::info!(
+            node = %self.me(),
+            peer = %peer.id,
+            rooms = moved,
+            fence_ms,
+            return_on_peer_start,
+            "peer's rooms fenced and taken over"
+        );
         self.enter(NodeState::RunningInBackupMode, Reason::OnPeerDown).await;
         inner.takeovers.send_modify(|n| *n += 1);
         // Activate what the peer had active, so its clients' rejoins find warm rooms.
@@ -803,8 +840,10 @@ impl Control {
         let store = &self.inner().store;
         match self.state() {
             NodeState::FailingOver if self.awaiting_takeover => {
-                let still_hosted = fencing::hosted_by(store, self.me()).await?;
-                if still_hosted == 0 {
+                // Taken over when the peer serves this node's service (rooms or none) and no
+                // room is left here.
+                let taken = &fencing::service_host(store, self.me()).await? != self.me() && fencing::hosted_by(store, self.me()).await? == 0;
+                if taken {
                     self.awaiting_takeover = false;
                     self.new_lease().await?;
                     let critical = self.r.services().iter().any(|s| !s.running);
@@ -816,44 +855,64 @@ impl Control {
                 }
             }
             NodeState::FailedOver => {
-                let away = fencing::hosted_elsewhere(store, self.me()).await?;
-                if away == 0 {
-                    let reason =
-                        if self.inner().config.auto_fallback_after.is_some() { Reason::AutomaticFallback } else { Reason::OnAdminRequest };
-                    self.enter(NodeState::TakingBack, reason).await;
-                    match self.host(true).await {
-                        Ok(()) => {
-                            // Warm up the rooms that were active on the backup, for the clients
-                            // it is sending here.
-                            let service = format!("@{}", self.inner().router.settings.node.service);
-                            let mine: Vec<String> = self
-                                .r
-                                .link()
-                                .map(|l| l.peer_rooms())
-                                .unwrap_or_default()
-                                .into_iter()
-                                .filter(|r| r.ends_with(&service))
-                                .collect();
-                            let started = Instant::now();
-                            let n = activate_all(&self.inner().registry, mine).await;
-                            tracing::info!(node = %self.me(), activated = n, activate_ms = started.elapsed().as_millis() as u64, "rooms taken back and activated");
-                            self.enter(NodeState::Normal, reason).await
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "cannot take the lease back yet");
-                            self.enter(NodeState::FailedOver, reason).await;
-                        }
-                    }
+                // The backup gave the service back (fallback), or a recovery returned it.
+                if &fencing::service_host(store, self.me()).await? == self.me() {
+                    self.take_back().await?;
                 }
             }
-            NodeState::RunningInBackupMode => self.maybe_auto_fallback().await,
+            NodeState::RunningInBackupMode => {
+                let peer = self.peer().map(|p| p.id.clone());
+                let still_backing_up = match &peer {
+                    Some(peer) => &fencing::service_host(store, peer).await? == self.me(),
+                    None => false,
+                };
+                if still_backing_up {
+                    self.maybe_auto_fallback().await;
+                } else {
+                    // The peer reclaimed its service itself (it started while this node was
+                    // down, or both started at once): nothing is backed up here any more.
+                    tracing::info!(node = %self.me(), "the peer serves its own rooms again: back to normal");
+                    self.return_on_peer_start = false;
+                    let reason = self.inner().status.lock().expect("ha status lock").reason;
+                    self.enter(NodeState::Normal, reason).await;
+                }
+            }
             _ => {}
         }
         Ok(())
     }
 
+    /// Failed over, and this node's service is its own again: take the lease and serve, with
+    /// the reason the backup gave the rooms back for (an operator's fallback, or automatic).
+    async fn take_back(&mut self) -> Result<(), lease::LeaseError> {
+        let backup_reason = match self.peer() {
+            Some(peer) => fencing::last_state(&self.inner().store, &peer.id).await?.map(|(_, reason, _)| reason),
+            None => None,
+        };
+        let reason = match backup_reason.as_deref() {
+            Some("automatic_fallback") => Reason::AutomaticFallback,
+            _ => Reason::OnAdminRequest,
+        };
+        self.enter(NodeState::TakingBack, reason).await;
+        if let Err(e) = self.host(true).await {
+            tracing::warn!(error = %e, "cannot take the lease back yet");
+            self.enter(NodeState::FailedOver, reason).await;
+            return Ok(());
+        }
+        // Warm up the rooms that were active on the backup, for the clients it is sending here.
+        let service = format!("@{}", self.inner().router.settings.node.service);
+        let mine: Vec<String> =
+            self.r.link().map(|l| l.peer_rooms()).unwrap_or_default().into_iter().filter(|r| r.ends_with(&service)).collect();
+        let started = Instant::now();
+        let n = activate_all(&self.inner().registry, mine).await;
+        tracing::info!(node = %self.me(), activated = n, activate_ms = started.elapsed().as_millis() as u64, "rooms taken back and activated");
+        self.enter(NodeState::Normal, reason).await;
+        Ok(())
+    }
+
     async fn maybe_auto_fallback(&mut self) {
-        let Some(after) = self.inner().config.auto_fallback_after else { return };
+        let after = if self.return_on_peer_start { Some(Duration::ZERO) } else { self.inner().config.auto_fallback_after };
+        let Some(after) = after else { return };
         let Some(peer) = self.peer().cloned() else { return };
         let healthy = self.peer_status().is_some_and(|p| p.reachable && p.state == Some(NodeState::FailedOver));
         if !healthy {
@@ -918,6 +977,7 @@ impl Control {
             }
         };
         inner.registry.unblock_home(&peer.id);
+        self.return_on_peer_start = false;
         self.enter(NodeState::Normal, reason).await;
         let ms = started.elapsed().as_millis();
         metrics::counter!("stoa_ha_fallbacks_total").increment(1);

@@ -101,6 +101,8 @@ impl NodeState {
         matches!(
             (self, to),
             (Initializing, Normal | FailedOver | FailedOverCriticalServicesNotRunning | RunningInFailedMode | Idle)
+                // A node that starts holding its peer's service (the pair stopped while it backed the peer up).
+                | (Initializing, RunningInBackupMode)
                 | (Normal, FailingOver | TakingOver | Idle)
                 // A node that finds its rooms taken (paused past its lease) steps down.
                 | (RunningInBackupMode | FallingBack | TakingBack | RunningInFailedMode, FailingOver)
@@ -160,6 +162,8 @@ mod tests {
         for (a, b) in [(Normal, FailingOver), (FailingOver, FailedOverCriticalServicesNotRunning), (FailedOverCriticalServicesNotRunning, TakingBack), (TakingBack, Normal)] {
             assert!(a.can_become(b), "{a} -> {b}");
         }
+        // The pair was stopped while this node backed its peer up: it starts in backup mode.
+        assert!(Initializing.can_become(RunningInBackupMode));
     }
 
     #[test]
@@ -167,7 +171,7 @@ mod tests {
         assert!(!Normal.can_become(RunningInBackupMode), "backup mode only after taking over");
         assert!(!FailedOver.can_become(Normal), "a failed-over node must take its rooms back first");
         assert!(!FailingOver.can_become(Normal), "a node that gave its rooms away must take them back");
-        assert!(!Initializing.can_become(RunningInBackupMode));
+        assert!(!Initializing.can_become(TakingBack), "a starting node takes nothing back by itself");
     }
 
     #[test]
