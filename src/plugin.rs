@@ -105,6 +105,13 @@ pub fn valid_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
+/// The name a plugin is known by: `_` reads as `-`, so `word_filter` (the file cargo builds
+/// for the crate `word-filter`) and `word-filter` are one plugin, whichever a file, a config
+/// or an admin call uses.
+pub fn canonical_name(name: &str) -> String {
+    name.replace('_', "-")
+}
+
 /// A room as a plugin's host imports see it: where `send` posts and what `room-info` reads.
 pub trait RoomLink: Send + Sync {
     /// Queue `body` as a message from the plugin's bot (through the room's write path).
@@ -213,19 +220,40 @@ pub struct LoadedPlugin {
 /// A loaded plugin's bookkeeping.
 struct Entry {
     loaded: Arc<LoadedPlugin>,
-    faults: VecDeque<Instant>,
     fault_total: u64,
     last_fault: Option<String>,
-    disabled: Option<String>,
+    /// Fault windows of the rooms it faulted in lately: faults count per room, so a room can
+    /// only disable the plugin for itself (say, with a config its `init` refuses).
+    rooms: HashMap<RoomAddr, RoomFaults>,
     calls: Arc<AtomicU64>,
 }
+
+#[derive(Default)]
+struct RoomFaults {
+    recent: VecDeque<Instant>,
+    /// Why the plugin is disabled in this room, if it is.
+    disabled: Option<String>,
+}
+
+/// Rooms with fault windows kept per plugin before windows with nothing recent are dropped.
+const MAX_FAULT_WINDOWS: usize = 10_000;
+
+/// A room where a plugin is disabled, as the admin API lists it.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct DisabledIn {
+    pub room: String,
+    pub reason: String,
+}
+
+/// How many rooms a plugin summary lists by name in `disabled_in`.
+const MAX_LISTED_DISABLED: usize = 100;
 
 /// What a worker needs to know about its plugin before a call.
 #[derive(Clone)]
 pub enum Lookup {
     /// Not loaded (never, or unloaded): the hook is skipped.
     Missing,
-    /// Disabled after repeated faults: the failure policy decides.
+    /// Disabled in this room after repeated faults there: the failure policy decides.
     Disabled(FailurePolicy),
     /// Serve the call with this version.
     Ready(Arc<LoadedPlugin>, FailurePolicy, Arc<AtomicU64>),
@@ -243,9 +271,13 @@ pub struct PluginSummary {
     pub policy: FailurePolicy,
     pub calls: u64,
     pub faults: u64,
+    /// Faults within the fault window, over every room.
     pub recent_faults: usize,
     pub last_fault: Option<String>,
-    pub disabled: Option<String>,
+    /// How many rooms the plugin is disabled in (after `fault_limit` faults there).
+    pub disabled_rooms: usize,
+    /// Up to 100 of those rooms, with why.
+    pub disabled_in: Vec<DisabledIn>,
 }
 
 struct HostInner {
@@ -330,15 +362,21 @@ impl PluginHost {
         let p = &settings.plugins;
         let or_data = |dir: &Path, default: &str| if dir.as_os_str().is_empty() { settings.node.data_dir.join(default) } else { dir.to_path_buf() };
         let host = PluginHost::new(p.clone(), or_data(&p.dir, "plugins"), or_data(&p.cache_dir, "plugin-cache"), settings.limits.max_body_bytes)?;
+        // The directory is made if missing, so `stoa plugin load` has a place to look.
+        if let Err(e) = std::fs::create_dir_all(&host.inner.dir) {
+            tracing::warn!(dir = %host.inner.dir.display(), error = %e, "cannot create the plugin directory");
+        }
         let mut names: Vec<String> = match std::fs::read_dir(&host.inner.dir) {
             Ok(entries) => entries
                 .filter_map(|e| e.ok())
                 .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".wasm")).map(str::to_owned))
                 .filter(|n| valid_name(n))
+                .map(|n| canonical_name(&n))
                 .collect(),
             Err(_) => Vec::new(),
         };
         names.sort();
+        names.dedup();
         for name in names {
             match host.load(&name) {
                 Ok(s) => tracing::info!(plugin = %name, digest = %&s.digest[..12], cached = s.cached, "plugin loaded"),
@@ -388,7 +426,7 @@ impl PluginHost {
 
     /// Is a plugin of this name loaded?
     pub fn is_loaded(&self, name: &str) -> bool {
-        self.plugins_read().contains_key(name)
+        self.plugins_read().contains_key(&canonical_name(name))
     }
 
     /// Compile a component (or take it from the disk cache) and pre-link it.
@@ -442,26 +480,43 @@ impl PluginHost {
         if !valid_name(name) {
             return Err(PluginError::BadName(name.into()));
         }
+        let name = canonical_name(name);
+        // `word-filter.wasm`, or `word_filter.wasm` as cargo names the build of `word-filter`.
         let path = self.inner.dir.join(format!("{name}.wasm"));
-        let loaded = Arc::new(self.compile(name, &path)?);
+        let underscored = self.inner.dir.join(format!("{}.wasm", name.replace('-', "_")));
+        let path = if !path.exists() && underscored.exists() { underscored } else { path };
+        let loaded = Arc::new(self.compile(&name, &path)?);
         let mut plugins = self.plugins_write();
-        let calls = plugins.get(name).map(|e| e.calls.clone()).unwrap_or_default();
-        let fault_total = plugins.get(name).map_or(0, |e| e.fault_total);
-        plugins.insert(
-            name.into(),
-            Entry { loaded, faults: VecDeque::new(), fault_total, last_fault: None, disabled: None, calls },
-        );
-        metrics::gauge!("stoa_plugin_disabled", "plugin" => name.to_owned()).set(0.0);
-        let summary = self.summary(name, &plugins[name]);
+        let calls = plugins.get(&name).map(|e| e.calls.clone()).unwrap_or_default();
+        let fault_total = plugins.get(&name).map_or(0, |e| e.fault_total);
+        plugins.insert(name.clone(), Entry { loaded, fault_total, last_fault: None, rooms: HashMap::new(), calls });
+        metrics::gauge!("stoa_plugin_disabled", "plugin" => name.clone()).set(0.0);
+        let summary = self.summary(&name, &plugins[&name]);
         drop(plugins);
         Ok(summary)
     }
 
     /// Forget a plugin: rooms skip its hooks from their next event on.
     pub fn unload(&self, name: &str) -> Result<(), PluginError> {
-        match self.plugins_write().remove(name) {
+        match self.plugins_write().remove(&canonical_name(name)) {
             Some(_) => Ok(()),
             None => Err(PluginError::NotLoaded(name.into())),
+        }
+    }
+
+    /// Would a room run plugin `name` with `config`? A throwaway instance runs `init(config)`
+    /// under the usual limits (no state, nothing stored, no fault counted); `Err` says why
+    /// not: the plugin is not loaded, its `init` refused the config, or it faulted.
+    pub async fn check_config(&self, name: &str, room: &RoomAddr, config: &str) -> Result<(), String> {
+        let loaded = match self.plugins_read().get(&canonical_name(name)) {
+            Some(e) => e.loaded.clone(),
+            None => return Err(format!("plugin `{name}` is not loaded on this node")),
+        };
+        let ctx = PluginCtx::new(loaded.name.clone(), room.clone(), &self.inner.settings, self.inner.max_body_bytes, None);
+        match instance::PluginInstance::start(&loaded, ctx, config, &self.inner.settings).await {
+            Ok(_) => Ok(()),
+            Err(Fault::Init(reason)) => Err(format!("plugin `{name}` refused its config: {reason}")),
+            Err(fault) => Err(format!("plugin `{name}` could not start with its config: {fault}")),
         }
     }
 
@@ -476,9 +531,19 @@ impl PluginHost {
             policy: self.inner.settings.policy(name),
             calls: e.calls.load(Ordering::Relaxed),
             faults: e.fault_total,
-            recent_faults: e.faults.len(),
+            recent_faults: e.rooms.values().map(|r| r.recent.len()).sum(),
             last_fault: e.last_fault.clone(),
-            disabled: e.disabled.clone(),
+            disabled_rooms: e.rooms.values().filter(|r| r.disabled.is_some()).count(),
+            disabled_in: {
+                let mut rooms: Vec<DisabledIn> = e
+                    .rooms
+                    .iter()
+                    .filter_map(|(room, r)| r.disabled.as_ref().map(|why| DisabledIn { room: room.0.clone(), reason: why.clone() }))
+                    .collect();
+                rooms.sort_by(|a, b| a.room.cmp(&b.room));
+                rooms.truncate(MAX_LISTED_DISABLED);
+                rooms
+            },
         }
     }
 
@@ -492,40 +557,67 @@ impl PluginHost {
 
     /// One plugin's summary.
     pub fn get(&self, name: &str) -> Option<PluginSummary> {
-        self.plugins_read().get(name).map(|e| self.summary(name, e))
+        let name = canonical_name(name);
+        self.plugins_read().get(&name).map(|e| self.summary(&name, e))
     }
 
-    /// What a worker should do with its next call.
-    pub fn lookup(&self, name: &str) -> Lookup {
-        let policy = self.inner.settings.policy(name);
-        match self.plugins_read().get(name) {
+    /// What a worker of plugin `name` in `room` should do with its next call.
+    pub fn lookup(&self, name: &str, room: &RoomAddr) -> Lookup {
+        let name = canonical_name(name);
+        let policy = self.inner.settings.policy(&name);
+        match self.plugins_read().get(&name) {
             None => Lookup::Missing,
-            Some(e) if e.disabled.is_some() => Lookup::Disabled(policy),
+            Some(e) if e.rooms.get(room).is_some_and(|r| r.disabled.is_some()) => Lookup::Disabled(policy),
             Some(e) => Lookup::Ready(e.loaded.clone(), policy, e.calls.clone()),
         }
     }
 
-    /// Count a fault of `generation` of plugin `name`; disables the plugin when the window is
-    /// full. Faults of an older generation (before a reload) still count against the window.
+    /// Forget `room`'s faults of plugin `name` (the room's config for it changed), enabling
+    /// it there again.
+    pub fn clear_room_faults(&self, name: &str, room: &RoomAddr) {
+        let name = canonical_name(name);
+        let mut plugins = self.plugins_write();
+        let Some(entry) = plugins.get_mut(&name) else { return };
+        if entry.rooms.remove(room).is_some_and(|r| r.disabled.is_some()) {
+            tracing::info!(plugin = %name, room = %room, "plugin enabled again in this room: its config changed");
+            let disabled = entry.rooms.values().filter(|r| r.disabled.is_some()).count();
+            metrics::gauge!("stoa_plugin_disabled", "plugin" => name.clone()).set(disabled as f64);
+        }
+    }
+
+    /// Count a fault of plugin `name` in `room`; disables the plugin *in that room* when the
+    /// room's window is full. Faults of an older generation (before a reload) still count.
     pub fn record_fault(&self, name: &str, room: &RoomAddr, fault: &Fault) {
-        metrics::counter!("stoa_plugin_faults_total", "plugin" => name.to_owned(), "kind" => fault.kind()).increment(1);
+        let name = canonical_name(name);
+        metrics::counter!("stoa_plugin_faults_total", "plugin" => name.clone(), "kind" => fault.kind()).increment(1);
         let window = Duration::from_millis(self.inner.settings.fault_window_ms);
         let limit = self.inner.settings.fault_limit as usize;
         let mut plugins = self.plugins_write();
-        let Some(entry) = plugins.get_mut(name) else { return };
+        let Some(entry) = plugins.get_mut(&name) else { return };
         let now = Instant::now();
         entry.fault_total += 1;
         entry.last_fault = Some(format!("{fault} (room {room})"));
-        entry.faults.push_back(now);
-        while entry.faults.front().is_some_and(|t| now.duration_since(*t) > window) {
-            entry.faults.pop_front();
+        let fresh = |r: &mut RoomFaults| {
+            while r.recent.front().is_some_and(|t| now.duration_since(*t) > window) {
+                r.recent.pop_front();
+            }
+        };
+        if entry.rooms.len() >= MAX_FAULT_WINDOWS && !entry.rooms.contains_key(room) {
+            entry.rooms.retain(|_, r| {
+                fresh(r);
+                r.disabled.is_some() || !r.recent.is_empty()
+            });
         }
-        tracing::warn!(plugin = name, room = %room, fault = %fault, recent = entry.faults.len(), "plugin fault");
-        if entry.disabled.is_none() && entry.faults.len() >= limit {
-            let why = format!("{} faults within {} ms; last: {fault}", entry.faults.len(), window.as_millis());
-            tracing::error!(plugin = name, reason = %why, "plugin disabled until it is reloaded");
-            metrics::gauge!("stoa_plugin_disabled", "plugin" => name.to_owned()).set(1.0);
-            entry.disabled = Some(why);
+        let faults = entry.rooms.entry(room.clone()).or_default();
+        faults.recent.push_back(now);
+        fresh(faults);
+        tracing::warn!(plugin = %name, room = %room, fault = %fault, recent = faults.recent.len(), "plugin fault");
+        if faults.disabled.is_none() && faults.recent.len() >= limit {
+            let why = format!("{} faults within {} ms; last: {fault}", faults.recent.len(), window.as_millis());
+            tracing::error!(plugin = %name, room = %room, reason = %why, "plugin disabled in this room until it is reloaded");
+            faults.disabled = Some(why);
+            let disabled = entry.rooms.values().filter(|r| r.disabled.is_some()).count();
+            metrics::gauge!("stoa_plugin_disabled", "plugin" => name.clone()).set(disabled as f64);
         }
     }
 }
@@ -562,7 +654,7 @@ mod tests {
         assert!(matches!(host.load("../etc/passwd"), Err(PluginError::BadName(_))));
         assert!(matches!(host.unload("junk"), Err(PluginError::NotLoaded(_))));
         assert!(host.list().is_empty());
-        assert!(matches!(host.lookup("junk"), Lookup::Missing));
+        assert!(matches!(host.lookup("junk", &RoomAddr("r@conference.localhost".into())), Lookup::Missing));
     }
 
     #[test]

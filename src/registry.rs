@@ -284,8 +284,11 @@ impl RoomRegistry {
     }
 
     /// Create a room hosted (and homed) on this node; `owner` becomes its owner.
+    /// Its plugin list is checked first ([`crate::room::plugin::check_room_plugins`]).
     pub async fn create(&self, room: &RoomAddr, config: &RoomConfig, owner: &str) -> Result<RoomRow, RoomError> {
         self.check_hosting()?;
+        let plugins = self.inner.deps.get().and_then(Weak::upgrade).and_then(|d| d.plugins.clone());
+        crate::room::plugin::check_room_plugins(plugins.as_ref(), room, &config.plugins).await?;
         match self.inner.store.create_room(room, config, owner, &self.inner.node).await {
             Ok(row) => Ok(row),
             Err(crate::store::StoreError::Conflict) => Err(RoomError::Conflict("room already exists".into())),

@@ -873,9 +873,9 @@ impl Handler<SetSubject> for Room {
             return AtomicResponse::new(Box::pin(fut::ready(Err(e))));
         }
         let config = RoomConfig { subject: msg.subject.clone(), ..self.state.config.clone() };
-        self.store_config(config, move |room| {
+        AtomicResponse::new(self.store_config(config, move |room| {
             room.broadcast_frame(&ServerFrame::Subject { room: room.addr.clone(), subject: msg.subject, by: msg.user });
-        })
+        }))
     }
 }
 
@@ -896,7 +896,7 @@ impl Handler<Configure> for Room {
         }
         let config = self.state.config.patched(&msg.patch);
         let subject_changed = config.subject != self.state.config.subject;
-        self.store_config(config, move |room| {
+        let then = move |room: &mut Room| {
             room.broadcast_frame(&ServerFrame::Configured { room: room.addr.clone(), config: room.state.config.public_view() });
             if subject_changed {
                 room.broadcast_frame(&ServerFrame::Subject {
@@ -905,28 +905,38 @@ impl Handler<Configure> for Room {
                     by: msg.user,
                 });
             }
-        })
+        };
+        let Some(plugins) = msg.patch.plugins.clone() else {
+            return AtomicResponse::new(self.store_config(config, then));
+        };
+        // A new plugin list is run by each plugin's `init` before it is stored (the room waits:
+        // configure is rare, and its order with the room's other requests is kept).
+        let host = self.deps.plugins.clone();
+        let addr = self.addr.clone();
+        let check = async move { plugin::check_room_plugins(host.as_ref(), &addr, &plugins).await };
+        AtomicResponse::new(Box::pin(check.into_actor(self).then(move |checked, room, _ctx| -> ResponseActFuture<Room, Result<(), RoomError>> {
+            match checked {
+                Ok(()) => room.store_config(config, then),
+                Err(e) => Box::pin(fut::ready(Err(e))),
+            }
+        })))
     }
 }
 
 impl Room {
     /// Store `config` (fenced); on success adopt it and run `then`.
-    fn store_config(
-        &mut self,
-        config: RoomConfig,
-        then: impl FnOnce(&mut Room) + 'static,
-    ) -> AtomicResponse<Self, Result<(), RoomError>> {
+    fn store_config(&mut self, config: RoomConfig, then: impl FnOnce(&mut Room) + 'static) -> ResponseActFuture<Self, Result<(), RoomError>> {
         let store = self.deps.store.clone();
         let fence = self.fence.clone();
         let stored = config.clone();
         let write = self.on_io(async move { store.update_config(&fence, &stored).await });
-        AtomicResponse::new(Box::pin(write.into_actor(self).map(move |result, room, ctx| {
+        Box::pin(write.into_actor(self).map(move |result, room, ctx| {
             result?;
             room.state.config = config;
             then(room);
             room.plugins_config_changed(ctx);
             Ok(())
-        })))
+        }))
     }
 }
 

@@ -151,6 +151,7 @@ on_backends! {[sqlite]
     plugins::plugin_is_disabled_after_repeated_faults_and_reload_restores_it,
     plugins::fail_closed_refuses_what_a_faulting_plugin_could_not_check,
     plugins::reload_under_traffic_loses_nothing,
+    plugins::a_room_with_a_bad_plugin_config_only_breaks_itself,
 }
 
 /// The short CI version of the benchmarks: `stoa bench` (the real binary, spawning its own

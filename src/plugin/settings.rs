@@ -92,7 +92,9 @@ impl Default for PluginSettings {
 impl PluginSettings {
     /// The failure policy of plugin `name`.
     pub fn policy(&self, name: &str) -> FailurePolicy {
-        self.policies.get(name).copied().unwrap_or(self.failure_policy)
+        let name = super::canonical_name(name);
+        let named = self.policies.iter().find(|(n, _)| super::canonical_name(n) == name);
+        named.map_or(self.failure_policy, |(_, p)| *p)
     }
 
     /// Refuse limits that cannot work.

@@ -250,14 +250,14 @@ impl Worker {
     }
 
     async fn serve(&mut self, call: Call) {
-        let (loaded, policy, calls) = match self.host.lookup(&self.name) {
+        let (loaded, policy, calls) = match self.host.lookup(&self.name, &self.attachment.room) {
             Lookup::Missing => {
                 self.instance = None;
                 return call.answer_without(&self.name, None);
             }
             Lookup::Disabled(policy) => {
                 self.instance = None;
-                return call.answer_without(&self.name, Some((policy, "it is disabled after repeated faults".into())));
+                return call.answer_without(&self.name, Some((policy, "it is disabled in this room after repeated faults".into())));
             }
             Lookup::Ready(loaded, policy, calls) => (loaded, policy, calls),
         };

@@ -77,16 +77,43 @@ impl RoomLink for ActorLink {
 
 /// The `(name, JSON config)` list a room with `config` runs: the node-wide plugins, then the
 /// room's own (a room entry replaces a node-wide one of the same name, keeping its place).
+/// Names are canonical ([`crate::plugin::canonical_name`]: `word_filter` is `word-filter`).
 pub fn wanted_plugins(everywhere: &[crate::plugin::EnabledPlugin], config: &RoomConfig) -> Vec<(String, String)> {
-    let json = |v: &serde_json::Value| if v.is_null() { "{}".to_owned() } else { v.to_string() };
-    let mut out: Vec<(String, String)> = everywhere.iter().map(|p| (p.name.clone(), json(&p.config))).collect();
+    use crate::plugin::canonical_name;
+    let mut out: Vec<(String, String)> = everywhere.iter().map(|p| (canonical_name(&p.name), plugin_config_json(&p.config))).collect();
     for p in &config.plugins {
-        match out.iter_mut().find(|(n, _)| *n == p.name) {
-            Some(entry) => entry.1 = json(&p.config),
-            None => out.push((p.name.clone(), json(&p.config))),
+        let name = canonical_name(&p.name);
+        match out.iter_mut().find(|(n, _)| *n == name) {
+            Some(entry) => entry.1 = plugin_config_json(&p.config),
+            None => out.push((name, plugin_config_json(&p.config))),
         }
     }
     out
+}
+
+/// A plugin's config as its `init` gets it (`null` is `{}`).
+fn plugin_config_json(v: &serde_json::Value) -> String {
+    if v.is_null() { "{}".to_owned() } else { v.to_string() }
+}
+
+/// Refuse a room plugin list that a room could not run: every plugin must be loaded here and
+/// its `init` must accept its config (a throwaway instance runs it; see
+/// [`crate::plugin::PluginHost::check_config`]). Checked at `create` and `configure`, so a
+/// bad config is an error to its owner instead of faults in the room.
+pub async fn check_room_plugins(host: Option<&crate::plugin::PluginHost>, room: &RoomAddr, plugins: &[crate::protocol::RoomPlugin]) -> Result<(), RoomError> {
+    if plugins.is_empty() {
+        return Ok(());
+    }
+    let Some(host) = host else {
+        return Err(RoomError::BadRequest("this node runs no plugins".into()));
+    };
+    for p in plugins {
+        if !crate::plugin::valid_name(&p.name) {
+            return Err(RoomError::BadRequest(format!("`{}` is not a plugin name (a-z, 0-9, '-', '_'; at most 64)", p.name)));
+        }
+        host.check_config(&p.name, room, &plugin_config_json(&p.config)).await.map_err(RoomError::BadRequest)?;
+    }
+    Ok(())
 }
 
 impl Room {
@@ -110,7 +137,12 @@ impl Room {
             .into_iter()
             .map(|(name, config)| match old.iter().find(|h| *h.name == *name && h.config == config) {
                 Some(h) => h.clone(),
-                None => worker::spawn(
+                None => {
+                    if old.iter().any(|h| *h.name == *name) {
+                        // A new config for this room: its faults were the old config's.
+                        host.clear_room_faults(&name, &self.addr);
+                    }
+                    worker::spawn(
                     &host,
                     &name,
                     config,
@@ -121,7 +153,8 @@ impl Room {
                         io: Some(self.deps.io.clone()),
                     },
                     worker::Runner::CurrentArbiter,
-                ),
+                    )
+                }
             })
             .collect();
         self.hooks.chain = chain.into();

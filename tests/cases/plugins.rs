@@ -78,6 +78,14 @@ async fn admin_post(addr: SocketAddr, path: &str) -> (u16, Value) {
     (status, serde_json::from_str(body).unwrap_or(Value::String(body.to_owned())))
 }
 
+/// Create `room` of `owner` on node `n1` straight in the store, with `config` unchecked.
+async fn create_in_store(db: &TestDb, room: &str, owner: &str, config: Value) {
+    let config: stoa::protocol::RoomConfig = serde_json::from_value(config).expect("a room config");
+    let store = db.store().await;
+    let (room, node) = (stoa::protocol::RoomAddr(room.to_owned()), stoa::store::NodeId("n1".into()));
+    store.create_room(&room, &config, owner, &node).await.expect("room created in the store");
+}
+
 async fn plugin_info(node: &TestNode, name: &str) -> Value {
     node.admin_json(&format!("/api/plugins/{name}")).await
 }
@@ -254,7 +262,14 @@ pub async fn misbehaving_plugins_are_stopped_and_the_room_keeps_working(db: &Tes
     ];
     for (i, (fault, kind, named)) in cases.iter().enumerate() {
         let r = room(&format!("bad-{fault}"));
-        ann.create(&r, json!({"plugins": [{"name": "misbehave", "config": {"fault": fault}}]})).await;
+        let plugins = json!({"plugins": [{"name": "misbehave", "config": {"fault": fault}}]});
+        if *fault == "init" {
+            // `create` refuses a config the plugin's `init` refuses; a room can still have one
+            // (created before that check, or by `stoa room create`, or before a plugin upgrade).
+            create_in_store(db, &r, &ann.user, plugins).await;
+        } else {
+            ann.create(&r, plugins).await;
+        }
         ann.join(&r, "ann").await;
         let before = plugin_info(&node, "misbehave").await["faults"].as_u64().unwrap();
         let started = Instant::now();
@@ -320,7 +335,9 @@ pub async fn plugin_is_disabled_after_repeated_faults_and_reload_restores_it(db:
         ann.send_acked(&r, "!fault", &format!("f{i}")).await;
     }
     let info = plugin_info(&node, "misbehave").await;
-    assert!(info["disabled"].as_str().is_some_and(|d| d.contains("3 faults")), "{info}");
+    assert_eq!(info["disabled_rooms"], 1, "{info}");
+    assert_eq!(info["disabled_in"][0]["room"], r.as_str(), "{info}");
+    assert!(info["disabled_in"][0]["reason"].as_str().is_some_and(|d| d.contains("3 faults")), "{info}");
     let calls = info["calls"].as_u64().unwrap();
     ann.send_acked(&r, "!fault while disabled", "d1").await;
     let info = plugin_info(&node, "misbehave").await;
@@ -329,7 +346,7 @@ pub async fn plugin_is_disabled_after_repeated_faults_and_reload_restores_it(db:
 
     let (ok, out) = run_stoa(&["plugin", "reload", "misbehave", "--admin", &admin]).await;
     assert!(ok, "stoa plugin reload: {out}");
-    assert!(out.contains("\"disabled\": null"), "{out}");
+    assert!(out.contains("\"disabled_rooms\": 0"), "{out}");
     ann.send_acked(&r, "!fault after reload", "r1").await;
     assert_eq!(plugin_info(&node, "misbehave").await["faults"], 4);
 
@@ -502,4 +519,62 @@ pub async fn plugin_state_moves_with_the_room_on_failover(db: &TestDb) {
     bob.send_acked(r, "bob on 1b", "b1").await;
     let bodies: Vec<String> = db.stored_messages(r).await.into_iter().map(|m| m.body).collect();
     assert_eq!(bodies, vec!["one", "two", "bob on 1b"]);
+}
+
+/// Issue 9, bug 6: a plugin config its `init` refuses is refused at `create` and `configure`
+/// (`bad_request` with the plugin's reason; nothing changes), and faults count per room: a
+/// room whose stored config breaks the plugin disables it there only, while a correctly
+/// configured room keeps being filtered. Plugin names read `_` as `-`, whichever the built
+/// file (`word_filter.wasm`, as cargo names it) or the config uses, and a node makes its
+/// plugin directory when it is missing.
+pub async fn a_room_with_a_bad_plugin_config_only_breaks_itself(db: &TestDb) {
+    let built = tokio::task::spawn_blocking(|| built_plugins().to_path_buf()).await.expect("plugin build task");
+    let mut settings = db.settings("n1");
+    settings.plugins.dir = db.dir().join("fresh-plugin-dir");
+    settings.plugins.cache_dir = std::env::temp_dir().join("stoa-test-plugin-cache");
+    settings.plugins.fault_limit = 3;
+    let node = TestNode::start(settings.clone()).await;
+    assert!(settings.plugins.dir.is_dir(), "the node makes its plugin directory");
+    // Installed under cargo's file name; loaded and configured as `word-filter`.
+    std::fs::copy(built.join("word_filter.wasm"), settings.plugins.dir.join("word_filter.wasm")).expect("copying word_filter.wasm");
+    let (status, body) = admin_post(node.admin_addr, "/api/plugins/word-filter/load").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["name"], "word-filter", "{body}");
+
+    let mut ann = node.client("ann").await;
+    let good = room("good-filter");
+    ann.create(&good, json!({"plugins": [{"name": "word-filter", "config": {"words": ["darn"]}}]})).await;
+    ann.join(&good, "ann").await;
+    let typo = json!({"plugins": [{"name": "word-filter", "config": {"wrds": ["darn"]}}]});
+    let refused = ann.request(json!({"op": "create", "room": room("typo"), "config": typo})).await;
+    assert_error(&refused, "bad_request", "create with a config init refuses");
+    assert!(refused["message"].as_str().is_some_and(|m| m.contains("plugin `word-filter` refused its config") && m.contains("wrds")), "{refused}");
+    let refused = ann.request(json!({"op": "configure", "room": good, "config": typo})).await;
+    assert_error(&refused, "bad_request", "configure with a config init refuses");
+    let refused = ann.request(json!({"op": "configure", "room": good, "config": {"plugins": [{"name": "nope", "config": {}}]}})).await;
+    assert!(refused["message"].as_str().is_some_and(|m| m.contains("plugin `nope` is not loaded")), "{refused}");
+    ann.send_acked(&good, "well darn", "g0").await;
+    assert_eq!(db.stored_messages(&good).await.last().unwrap().body, "well ****", "the good config is still in force");
+
+    // A room whose stored config the plugin refuses (from before the check) breaks only itself.
+    let broken = room("broken-filter");
+    create_in_store(db, &broken, &ann.user, json!({"plugins": [{"name": "word_filter", "config": {"wrds": ["darn"]}}]})).await;
+    ann.join(&broken, "ann").await;
+    for i in 0..4 {
+        ann.send_acked(&broken, "darn it", &format!("b{i}")).await; // fail_open: stored as sent
+    }
+    let info = plugin_info(&node, "word-filter").await;
+    assert_eq!(info["disabled_rooms"], 1, "{info}");
+    assert_eq!(info["disabled_in"][0]["room"], broken.as_str(), "{info}");
+    ann.send_acked(&good, "darn again", "g1").await;
+    assert_eq!(db.stored_messages(&good).await.last().unwrap().body, "**** again", "the good room is still filtered");
+    // Its owner mends the config: the room runs the plugin again (its faults were the old
+    // config's), with no reload.
+    let answer = ann.request(json!({"op": "configure", "room": broken, "config": {"plugins": [{"name": "word-filter", "config": {"words": ["darn"]}}]}})).await;
+    assert_eq!(answer["op"], "ok", "{answer}");
+    ann.send_acked(&broken, "darn fixed", "b9").await;
+    assert_eq!(db.stored_messages(&broken).await.last().unwrap().body, "**** fixed");
+    assert_eq!(plugin_info(&node, "word_filter").await["disabled_rooms"], 0);
+    let (status, body) = admin_post(node.admin_addr, "/api/plugins/word_filter/reload").await;
+    assert_eq!((status, body["name"].as_str()), (200, Some("word-filter")), "{body}");
 }
