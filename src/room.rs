@@ -7,6 +7,7 @@
 //! ack the senders and fan the messages out; a failed commit acks nobody and shows nothing.
 //! Every frame for a client is pushed to that client's session queue, in order.
 
+mod pipeline;
 pub mod plugin;
 pub mod state;
 
@@ -155,7 +156,7 @@ pub struct Room {
     /// Posts not yet handed to the committer.
     queue: VecDeque<PendingPost>,
     /// Posts of the appends in flight, oldest first (at most [`PIPELINE_DEPTH`]).
-    in_flight: VecDeque<Vec<PendingPost>>,
+    in_flight: pipeline::Pipeline<Vec<PendingPost>, Result<Appended, CommitError>>,
     /// The `last_seq` the next append assumes: `last_seq` plus everything in flight.
     next_base: u64,
     /// Posts put back at the head of `queue` after `Stale` answers (keeps them in order).
@@ -212,7 +213,7 @@ impl Room {
             state: RoomState::new(row.config, affiliations),
             last_seq: row.last_seq,
             queue: VecDeque::new(),
-            in_flight: VecDeque::new(),
+            in_flight: pipeline::Pipeline::default(),
             next_base: row.last_seq,
             requeued: 0,
             needs_resync: false,
@@ -346,18 +347,33 @@ impl Room {
                 messages: posts.iter().map(|p| p.message.clone()).collect(),
             };
             self.next_base += posts.len() as u64;
-            self.in_flight.push_back(posts);
+            let ticket = self.in_flight.submit(posts);
             let answer = self.deps.committer.submit(request);
-            ctx.spawn(answer.into_actor(self).map(|result, room, ctx| room.committed(result, ctx)));
+            ctx.spawn(answer.into_actor(self).map(move |result, room, ctx| room.answered(ticket, result, ctx)));
         }
     }
 
-    /// The answer to the oldest append in flight (the committer answers a room's appends in
-    /// the order they were submitted).
-    fn committed(&mut self, result: Result<Appended, CommitError>, ctx: &mut Context<Self>) {
-        let Some(posts) = self.in_flight.pop_front() else {
-            return; // the room was stopped and its posts answered already
-        };
+    /// The committer's answer to append `ticket`: applied once every older append's answer has
+    /// been (actix may poll the answers' futures newest first; see `room::pipeline`).
+    fn answered(&mut self, ticket: u64, result: Result<Appended, CommitError>, ctx: &mut Context<Self>) {
+        // `None`: an older append is still waiting, or the room stopped and answered these
+        // posts already.
+        let mut ready = self.in_flight.answered(ticket, result);
+        while let Some((posts, result)) = ready {
+            if !self.committed(posts, result, ctx) {
+                return;
+            }
+            ready = self.in_flight.next_ready();
+        }
+        if self.in_flight.is_empty() {
+            self.requeued = 0;
+        }
+        self.flush(ctx);
+    }
+
+    /// Apply the answer to the oldest append in flight, whose posts are `posts`. Returns false
+    /// when the room is stopping (nothing more is applied).
+    fn committed(&mut self, posts: Vec<PendingPost>, result: Result<Appended, CommitError>, ctx: &mut Context<Self>) -> bool {
         match result {
             Ok(appended) => {
                 // After an earlier failure the log may hold messages this room never showed:
@@ -402,12 +418,12 @@ impl Room {
                 tracing::warn!(room = %self.addr, %host, epoch, "room fenced; stopping this incarnation");
                 self.fail_posts(posts, ErrorCode::Unavailable, "room moved to another node; retry");
                 self.stop_fenced(ctx);
-                return;
+                return false;
             }
             Err(CommitError::Append(AppendError::Gone)) => {
                 self.fail_posts(posts, ErrorCode::NotFound, "room was destroyed");
                 self.stop_fenced(ctx);
-                return;
+                return false;
             }
             Err(e) => {
                 tracing::warn!(room = %self.addr, error = %e, "append not committed");
@@ -416,10 +432,7 @@ impl Room {
                 self.needs_resync = true;
             }
         }
-        if self.in_flight.is_empty() {
-            self.requeued = 0;
-        }
-        self.flush(ctx);
+        true
     }
 
     fn fail_posts(&self, posts: Vec<PendingPost>, code: ErrorCode, message: &str) {
@@ -438,7 +451,7 @@ impl Room {
 
     /// Answer every post in flight or queued with an error (the room is stopping).
     fn fail_all(&mut self, code: ErrorCode, message: &str) {
-        let mut posts: Vec<PendingPost> = self.in_flight.drain(..).flatten().collect();
+        let mut posts: Vec<PendingPost> = self.in_flight.drain().flatten().collect();
         posts.extend(self.queue.drain(..));
         posts.extend(self.hooks.drain_posts());
         self.fail_posts(posts, code, message);
@@ -816,11 +829,13 @@ impl Handler<Post> for Room {
             session.send(&ServerFrame::Ack { re: msg.re, room: self.addr.clone(), seq, ts, duplicate: true });
             return Ok(());
         }
-        let mut pending = self.in_flight.iter_mut().flatten().chain(self.queue.iter_mut()).chain(self.hooks.posts_mut());
-        if let Some(p) = pending.find(|p| p.message.sender == key.0 && p.message.client_msg_id == key.1) {
-            // A resend of a post not yet committed: answer both with the one commit.
-            p.waiters.push((session, msg.re));
-            return Ok(());
+        {
+            let mut pending = self.in_flight.iter_mut().flatten().chain(self.queue.iter_mut()).chain(self.hooks.posts_mut());
+            if let Some(p) = pending.find(|p| p.message.sender == key.0 && p.message.client_msg_id == key.1) {
+                // A resend of a post not yet committed: answer both with the one commit.
+                p.waiters.push((session, msg.re));
+                return Ok(());
+            }
         }
         let (sender, client_msg_id) = key;
         let post = PendingPost {
