@@ -7,14 +7,19 @@ use anyhow::Context;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use clap::{Parser, Subcommand};
-use std::path::PathBuf;
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
 use stoa::config::Settings;
-use stoa::protocol::{RoomAddr, RoomConfig};
+use stoa::protocol::{RoomAddr, RoomConfig, RoomPlugin};
 use stoa::store::{NodeId, Store};
 
 #[derive(Parser)]
 #[command(name = "stoa", version, about = "Persistent chat rooms on a SQL store")]
 struct Cli {
+    /// TOML config file, before or after the verb (default: $STOA_CONFIG; none = dev mode).
+    /// Relative paths in it resolve against its folder; `STOA__SECTION__KEY` variables override it.
+    #[arg(long, short, global = true, env = "STOA_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -23,41 +28,74 @@ struct Cli {
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
-    /// Run a node (with no --config: dev mode, SQLite in ./stoa-data, loopback only).
-    Serve(ConfigArg),
+    /// Run a node (with no config: dev mode, SQLite in ./stoa-data, loopback only).
+    Serve,
     /// Apply pending database migrations and exit.
-    Migrate(ConfigArg),
-    /// Manage users.
+    Migrate,
+    /// Check a config file without starting anything.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Manage users (in the store; works with the nodes down).
     User {
         #[command(subcommand)]
         command: UserCommand,
     },
-    /// Manage rooms directly in the store.
+    /// Manage rooms: create, list and show in the store; configure and destroy through the
+    /// admin API of the node that hosts the room.
     Room {
         #[command(subcommand)]
         command: RoomCommand,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// List and end login sessions (through a running node's admin API).
+    Session {
+        #[command(subcommand)]
+        command: SessionCommand,
+        #[command(flatten)]
+        target: AdminTarget,
     },
     /// Load generator and benchmarks (see docs/benchmarks.md).
     Bench(stoa::bench::BenchArgs),
-    /// Talk to a running node's admin API: status, failover, fallback, critical services.
-    Admin(AdminArgs),
+    /// Talk to a running node's admin API: status, failover, fallback, critical services, audit.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
     /// Manage the Wasm plugins of a running node (through its admin API; docs/plugins.md).
     Plugin {
         #[command(subcommand)]
         command: PluginCommand,
-        /// The node's admin address: `host:port`, `http://…` or `https://…` (default:
-        /// `listen.admin` of the config, https when it has `[tls]`).
-        #[arg(long, global = true, value_name = "HOST:PORT")]
-        admin: Option<String>,
-        /// PEM trust anchors for an https admin API (default: `tls.ca_file` of the config).
-        #[arg(long, global = true, value_name = "FILE")]
-        ca: Option<PathBuf>,
-        /// Admin bearer token (default: `auth.admin_token` of the config).
-        #[arg(long, global = true, env = "STOA_ADMIN_TOKEN", hide_env_values = true)]
-        token: Option<String>,
         #[command(flatten)]
-        config: ConfigArg,
+        target: AdminTarget,
     },
+}
+
+/// Where a verb that talks to a running node finds its admin API.
+#[derive(clap::Args)]
+struct AdminTarget {
+    /// The node's admin address: `host:port`, `http://…` or `https://…` (default:
+    /// `listen.admin` of the config, https when it has `[tls]`).
+    #[arg(long, global = true, value_name = "HOST:PORT")]
+    admin: Option<String>,
+    /// PEM trust anchors for an https admin API (default: `tls.ca_file` of the config, else
+    /// the Mozilla roots).
+    #[arg(long, global = true, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// Admin bearer token (default: `auth.admin_token` of the config).
+    #[arg(long, global = true, env = "STOA_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Load the config file as `stoa serve` would (parse, unknown keys, values, secret files,
+    /// TLS files, the start-up checks); prints `ok: FILE` or the error, and exits non-zero on error.
+    Check,
 }
 
 #[derive(Subcommand)]
@@ -70,25 +108,6 @@ enum PluginCommand {
     Reload { name: String },
     /// Unload a plugin: rooms skip its hooks from their next event on.
     Unload { name: String },
-}
-
-#[derive(clap::Args)]
-struct AdminArgs {
-    /// The node's admin address: `host:port`, `http://host:port` or `https://host:port`;
-    /// default: `listen.admin` of --config (https when it has `[tls]`).
-    #[arg(long)]
-    admin: Option<String>,
-    /// PEM trust anchors for an https admin API; default: `tls.ca_file` of --config, else the
-    /// Mozilla roots.
-    #[arg(long, value_name = "FILE")]
-    ca: Option<PathBuf>,
-    /// Bearer token; default: `auth.admin_token` of --config.
-    #[arg(long, env = "STOA_ADMIN_TOKEN", hide_env_values = true)]
-    token: Option<String>,
-    #[command(flatten)]
-    config: ConfigArg,
-    #[command(subcommand)]
-    command: AdminCommand,
 }
 
 #[derive(Subcommand)]
@@ -118,38 +137,52 @@ enum AdminCommand {
     },
     /// Re-read the node's TLS certificate and key (like SIGHUP); the old one stays on error.
     TlsReload,
-    /// The admin audit log, newest first.
+    /// The admin audit log, newest first: time (UTC), node, actor, action, target, outcome, details.
     Audit {
-        #[arg(long, default_value_t = 50)]
+        /// How many lines (1 to 1000).
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=1000))]
         limit: u64,
+        /// `table` for people, `json` for programs.
+        #[arg(long, default_value = "table", value_parser = ["table", "json"])]
+        format: String,
     },
 }
 
+/// Where a new password comes from (`user add`, `user passwd`): this file's first line, else
+/// `STOA_PASSWORD`, else a prompt. Passwords are at least 8 characters.
 #[derive(clap::Args)]
-struct ConfigArg {
-    /// TOML config file; `STOA__SECTION__KEY` variables override it.
-    #[arg(long, short, env = "STOA_CONFIG")]
-    config: Option<PathBuf>,
+struct PasswordSource {
+    /// Read the password from this file (first line) instead of STOA_PASSWORD or a prompt.
+    #[arg(long, value_name = "FILE")]
+    password_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
 enum UserCommand {
-    /// Register a user; the password comes from --password-file or a prompt.
+    /// Register a user; the password (at least 8 characters) comes from --password-file,
+    /// STOA_PASSWORD or a prompt.
     Add {
         name: String,
-        /// Read the password from this file (first line) instead of prompting.
-        #[arg(long)]
-        password_file: Option<PathBuf>,
         #[command(flatten)]
-        config: ConfigArg,
+        password: PasswordSource,
     },
-    /// List registered users.
-    List(ConfigArg),
+    /// Give a user a new password (--password-file, STOA_PASSWORD or a prompt). Its sessions
+    /// stay valid: `stoa session kick --user NAME` ends them.
+    Passwd {
+        name: String,
+        #[command(flatten)]
+        password: PasswordSource,
+    },
+    /// Delete a user and its stored sessions (tokens stop working). Connections open on a
+    /// running node stay until `stoa session kick --user NAME`.
+    Delete { name: String },
+    /// List registered users with their creation time (UTC).
+    List,
 }
 
 #[derive(Subcommand)]
 enum RoomCommand {
-    /// Create a room homed on this node.
+    /// Create a room homed on this node (in the store).
     Create {
         /// `name@service` (the service must be this node's).
         room: String,
@@ -161,8 +194,36 @@ enum RoomCommand {
         members_only: bool,
         #[arg(long)]
         subject: Option<String>,
-        #[command(flatten)]
-        config: ConfigArg,
+        /// A plugin the room runs: `NAME` or `NAME={"json":"config"}`; repeat for several, in order.
+        #[arg(long = "plugin", value_name = "NAME[=JSON]", value_parser = stoa::cli::parse_plugin)]
+        plugins: Vec<RoomPlugin>,
+    },
+    /// Change a room's subject, membership or plugins (through the admin API of the node
+    /// hosting it: occupants see the change at once).
+    Configure {
+        room: String,
+        #[arg(long)]
+        subject: Option<String>,
+        /// Make the room members-only.
+        #[arg(long, conflicts_with = "public")]
+        members_only: bool,
+        /// Make the room public.
+        #[arg(long)]
+        public: bool,
+        /// Replace the room's plugins: `NAME` or `NAME={"json":"config"}`, repeated, in order.
+        #[arg(long = "plugin", value_name = "NAME[=JSON]", value_parser = stoa::cli::parse_plugin, conflicts_with = "no_plugins")]
+        plugins: Vec<RoomPlugin>,
+        /// Remove every plugin of the room.
+        #[arg(long)]
+        no_plugins: bool,
+    },
+    /// Destroy a room: its occupants are told, its log and affiliations are deleted (through
+    /// the admin API of the node hosting it).
+    Destroy {
+        room: String,
+        /// Told to the occupants in `destroyed`.
+        #[arg(long)]
+        reason: Option<String>,
     },
     /// List rooms.
     List {
@@ -170,14 +231,32 @@ enum RoomCommand {
         limit: u64,
         #[arg(long, default_value_t = 0)]
         offset: u64,
-        #[command(flatten)]
-        config: ConfigArg,
     },
     /// Show one room.
-    Show {
-        room: String,
-        #[command(flatten)]
-        config: ConfigArg,
+    Show { room: String },
+}
+
+#[derive(Subcommand)]
+enum SessionCommand {
+    /// Unexpired sessions (of the whole group: the store is shared), with their connections
+    /// on the node asked.
+    List {
+        /// Only this user's.
+        #[arg(long)]
+        user: Option<String>,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// End a session (its id from `session list`) or every session of a user: the tokens stop
+    /// working and the connections on the node asked close (1008).
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["session", "user"])))]
+    Kick {
+        /// The session id (16 hex digits, from `stoa session list`).
+        session: Option<String>,
+        /// Every session of this user instead.
+        #[arg(long)]
+        user: Option<String>,
     },
 }
 
@@ -214,8 +293,8 @@ impl std::io::Write for LogSink {
     }
 }
 
-fn load(config: &ConfigArg) -> anyhow::Result<Settings> {
-    Settings::load(config.config.as_deref()).context("loading settings")
+fn load(config: Option<&Path>) -> anyhow::Result<Settings> {
+    stoa::cli::load_settings(config)
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -231,12 +310,23 @@ async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
     Ok(store)
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", stoa::cli::error_text(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let command = cli.command.unwrap_or(Command::Serve(ConfigArg { config: None }));
+    let config = cli.config.as_deref();
+    let command = cli.command.unwrap_or(Command::Serve);
     match command {
-        Command::Serve(config) => {
-            let settings = load(&config)?;
+        Command::Serve => {
+            let settings = load(config)?;
             init_tracing(&settings);
             // The handlers are in place before the node says it listens: a SIGHUP sent as soon
             // as it does must reload the certificate, not end the process (the default action).
@@ -255,8 +345,8 @@ fn main() -> anyhow::Result<()> {
             });
             node.join()
         }
-        Command::Migrate(config) => {
-            let settings = load(&config)?;
+        Command::Migrate => {
+            let settings = load(config)?;
             init_tracing(&settings);
             runtime()?.block_on(async {
                 open_store(&settings).await?;
@@ -264,95 +354,20 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             })
         }
-        Command::Admin(args) => runtime()?.block_on(admin(args)),
-        Command::User { command } => match command {
-            UserCommand::Add { name, password_file, config } => {
-                let settings = load(&config)?;
-                init_tracing(&settings);
-                let password = match password_file {
-                    Some(path) => std::fs::read_to_string(&path)
-                        .with_context(|| format!("reading {}", path.display()))?
-                        .lines()
-                        .next()
-                        .unwrap_or_default()
-                        .to_owned(),
-                    None => {
-                        let p = rpassword::prompt_password(format!("password for {name}: "))?;
-                        let again = rpassword::prompt_password("again: ")?;
-                        anyhow::ensure!(p == again, "passwords differ");
-                        p
-                    }
-                };
-                anyhow::ensure!(password.len() >= 8, "passwords must be at least 8 characters");
-                runtime()?.block_on(async {
-                    let store = open_store(&settings).await?;
-                    let auth = stoa::auth::Auth::new(store, false, settings.auth.session_ttl_s);
-                    auth.add_user(&name, &password).await.with_context(|| format!("adding user {name}"))?;
-                    println!("user {name} added");
-                    Ok(())
-                })
-            }
-            UserCommand::List(config) => {
-                let settings = load(&config)?;
-                init_tracing(&settings);
-                runtime()?.block_on(async {
-                    let store = open_store(&settings).await?;
-                    for (name, created) in store.list_users().await? {
-                        println!("{name}\tcreated_at_ms={created}");
-                    }
-                    Ok(())
-                })
-            }
-        },
-        Command::Room { command } => match command {
-            RoomCommand::Create { room, owner, members_only, subject, config } => {
-                let settings = load(&config)?;
-                init_tracing(&settings);
-                let addr = RoomAddr(room);
-                anyhow::ensure!(
-                    addr.service() == settings.node.service,
-                    "room {addr} is not on this node's service `{}`",
-                    settings.node.service
-                );
-                let cfg = RoomConfig { public: !members_only, subject: subject.unwrap_or_default(), ..RoomConfig::default() };
-                runtime()?.block_on(async {
-                    let store = open_store(&settings).await?;
-                    store.create_room(&addr, &cfg, &owner, &NodeId(settings.node.id.clone())).await.with_context(|| format!("creating {addr}"))?;
-                    println!("room {addr} created, owner {owner}");
-                    Ok(())
-                })
-            }
-            RoomCommand::List { limit, offset, config } => {
-                let settings = load(&config)?;
-                init_tracing(&settings);
-                runtime()?.block_on(async {
-                    let store = open_store(&settings).await?;
-                    println!("{} rooms", store.count_rooms().await?);
-                    for r in store.list_rooms(offset, limit).await? {
-                        println!("{}\tlast_seq={}\thost={}\tepoch={}\tpublic={}", r.address, r.last_seq, r.host_node, r.epoch.0, r.config.public);
-                    }
-                    Ok(())
-                })
-            }
-            RoomCommand::Show { room, config } => {
-                let settings = load(&config)?;
-                init_tracing(&settings);
-                runtime()?.block_on(async {
-                    let store = open_store(&settings).await?;
-                    let row = store.load_room(&RoomAddr(room.clone())).await?.with_context(|| format!("no room {room}"))?;
-                    let affs = store.load_affiliations(row.id).await?;
-                    let out = serde_json::json!({
-                        "room": row.address, "last_seq": row.last_seq, "home_node": row.home_node.0,
-                        "host_node": row.host_node.0, "epoch": row.epoch.0, "created_at": row.created_at,
-                        "config": row.config.public_view(), "affiliations": affs,
-                    });
-                    println!("{}", serde_json::to_string_pretty(&out)?);
-                    Ok(())
-                })
-            }
-        },
-        Command::Plugin { command, admin, ca, token, config } => {
-            let settings = load(&config)?;
+        Command::Config { command: ConfigCommand::Check } => {
+            let file = stoa::cli::check_config(config)?;
+            println!("ok: {}", file.display());
+            Ok(())
+        }
+        Command::Admin { command, target } => runtime()?.block_on(admin(config, &target, command)),
+        Command::User { command } => {
+            let settings = load(config)?;
+            init_tracing(&settings);
+            runtime()?.block_on(user(&settings, command))
+        }
+        Command::Room { command, target } => runtime()?.block_on(room(config, &target, command)),
+        Command::Session { command, target } => runtime()?.block_on(session(config, &target, command)),
+        Command::Plugin { command, target } => {
             use stoa::plugin::cli::Op;
             let (op, name) = match command {
                 PluginCommand::List { name } => (Op::List, name),
@@ -360,11 +375,8 @@ fn main() -> anyhow::Result<()> {
                 PluginCommand::Reload { name } => (Op::Reload, Some(name)),
                 PluginCommand::Unload { name } => (Op::Unload, Some(name)),
             };
-            let admin = admin.unwrap_or_else(|| settings.listen.admin.to_string());
-            let ca = ca.or_else(|| settings.tls.ca_file.clone());
-            let (addr, tls) = stoa::admin_client::target(&admin, settings.tls.enabled(), ca.as_deref())?;
-            let token = token.unwrap_or_else(|| settings.auth.admin_token.clone());
-            let answer = runtime()?.block_on(stoa::plugin::cli::run(&addr, tls.as_ref(), &token, op, name.as_deref()))?;
+            let node = AdminApi::new(config, &target)?;
+            let answer = runtime()?.block_on(stoa::plugin::cli::run(&node.addr, node.tls.as_ref(), node.token.as_deref().unwrap_or_default(), op, name.as_deref()))?;
             println!("{}", serde_json::to_string_pretty(&answer)?);
             Ok(())
         }
@@ -374,6 +386,215 @@ fn main() -> anyhow::Result<()> {
             runtime()?.block_on(stoa::bench::run(args))
         }
     }
+}
+
+/// Write a line of the audit log for a verb that changed the store directly.
+async fn audit_cli(store: &Store, settings: &Settings, action: &str, target: &str, detail: Value) {
+    let entry = stoa::store::audit::AuditEntry {
+        node: &settings.node.id,
+        actor: &stoa::store::audit::cli_actor(),
+        action,
+        target,
+        detail: detail.as_object().cloned().unwrap_or_default(),
+        outcome: "done",
+    };
+    if let Err(e) = store.audit(&entry).await {
+        tracing::warn!(error = %e, "could not write the audit log");
+    }
+}
+
+async fn user(settings: &Settings, command: UserCommand) -> anyhow::Result<()> {
+    let auth = |store: Store| stoa::auth::Auth::new(store, false, settings.auth.session_ttl_s);
+    match command {
+        UserCommand::Add { name, password } => {
+            stoa::auth::validate_user_name(&name)?;
+            let password = stoa::cli::password(&name, password.password_file.as_deref())?;
+            let store = open_store(settings).await?;
+            auth(store.clone()).add_user(&name, &password).await.with_context(|| format!("adding user {name}"))?;
+            audit_cli(&store, settings, "user_add", &name, json!({})).await;
+            println!("user {name} added");
+        }
+        UserCommand::Passwd { name, password } => {
+            stoa::auth::validate_user_name(&name)?;
+            let password = stoa::cli::password(&name, password.password_file.as_deref())?;
+            let store = open_store(settings).await?;
+            auth(store.clone()).set_password(&name, &password).await.with_context(|| format!("changing the password of {name}"))?;
+            audit_cli(&store, settings, "user_passwd", &name, json!({})).await;
+            println!("password of {name} changed; its sessions stay valid (`stoa session kick --user {name}` ends them)");
+        }
+        UserCommand::Delete { name } => {
+            stoa::auth::validate_user_name(&name)?;
+            let store = open_store(settings).await?;
+            let sessions = store.delete_user(&name).await.with_context(|| format!("deleting user {name}"))?;
+            let Some(sessions) = sessions else { anyhow::bail!("no user `{name}`") };
+            audit_cli(&store, settings, "user_delete", &name, json!({"sessions_ended": sessions})).await;
+            println!("user {name} deleted, {sessions} stored session(s) ended");
+        }
+        UserCommand::List => {
+            let store = open_store(settings).await?;
+            print!("{}", stoa::cli::users_table(&store.list_users().await?));
+        }
+    }
+    Ok(())
+}
+
+async fn room(config: Option<&Path>, target: &AdminTarget, command: RoomCommand) -> anyhow::Result<()> {
+    match command {
+        RoomCommand::Configure { room, subject, members_only, public, plugins, no_plugins } => {
+            let plugins = if no_plugins { Some(Vec::new()) } else { (!plugins.is_empty()).then_some(plugins) };
+            let members_only = if members_only { Some(true) } else { public.then_some(false) };
+            anyhow::ensure!(
+                subject.is_some() || members_only.is_some() || plugins.is_some(),
+                "nothing to change: give --subject, --members-only, --public, --plugin or --no-plugins"
+            );
+            let body = json!({"subject": subject, "members_only": members_only, "plugins": plugins});
+            let path = format!("/api/rooms/{}/configure", path_segment(&room));
+            let answer = AdminApi::new(config, target)?.call("POST", &path, Some(&body)).await?;
+            println!("{}", answer["message"].as_str().unwrap_or("configured"));
+        }
+        RoomCommand::Destroy { room, reason } => {
+            let path = format!("/api/rooms/{}/destroy", path_segment(&room));
+            let answer = AdminApi::new(config, target)?.call("POST", &path, Some(&json!({"reason": reason}))).await?;
+            println!("{}", answer["message"].as_str().unwrap_or("destroyed"));
+        }
+        RoomCommand::Create { room, owner, members_only, subject, plugins } => {
+            let settings = load(config)?;
+            init_tracing(&settings);
+            let addr = RoomAddr(room);
+            anyhow::ensure!(
+                addr.service() == settings.node.service,
+                "room {addr} is not on this node's service `{}`",
+                settings.node.service
+            );
+            let cfg = RoomConfig { public: !members_only, subject: subject.unwrap_or_default(), plugins, ..RoomConfig::default() };
+            let store = open_store(&settings).await?;
+            store.create_room(&addr, &cfg, &owner, &NodeId(settings.node.id.clone())).await.with_context(|| format!("creating {addr}"))?;
+            audit_cli(&store, &settings, "room_create", addr.as_str(), json!({"owner": owner, "public": cfg.public})).await;
+            println!("room {addr} created, owner {owner}");
+        }
+        RoomCommand::List { limit, offset } => {
+            let settings = load(config)?;
+            init_tracing(&settings);
+            let store = open_store(&settings).await?;
+            println!("{} rooms", store.count_rooms().await?);
+            for r in store.list_rooms(offset, limit).await? {
+                println!("{}\tlast_seq={}\thost={}\tepoch={}\tpublic={}", r.address, r.last_seq, r.host_node, r.epoch.0, r.config.public);
+            }
+        }
+        RoomCommand::Show { room } => {
+            let settings = load(config)?;
+            init_tracing(&settings);
+            let store = open_store(&settings).await?;
+            let row = store.load_room(&RoomAddr(room.clone())).await?.with_context(|| format!("no room {room}"))?;
+            let affs = store.load_affiliations(row.id).await?;
+            let out = json!({
+                "room": row.address, "last_seq": row.last_seq, "home_node": row.home_node.0,
+                "host_node": row.host_node.0, "epoch": row.epoch.0, "created_at": stoa::clock::iso_utc(row.created_at),
+                "config": row.config.public_view(), "affiliations": affs,
+            });
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+    }
+    Ok(())
+}
+
+async fn session(config: Option<&Path>, target: &AdminTarget, command: SessionCommand) -> anyhow::Result<()> {
+    let node = AdminApi::new(config, target)?;
+    match command {
+        SessionCommand::List { user, json } => {
+            let path = match &user {
+                Some(u) => {
+                    stoa::auth::validate_user_ref(u)?;
+                    format!("/api/sessions?user={}", path_segment(u))
+                }
+                None => "/api/sessions".to_owned(),
+            };
+            let answer = node.call("GET", &path, None).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+            } else {
+                print!("{}", stoa::cli::sessions_table(answer["sessions"].as_array().map_or(&[][..], Vec::as_slice)));
+            }
+        }
+        SessionCommand::Kick { session, user } => {
+            let path = match (session, user) {
+                (Some(id), None) => {
+                    stoa::auth::validate_session_id(&id).map_err(anyhow::Error::msg)?;
+                    format!("/api/sessions/{id}/kick")
+                }
+                (None, Some(u)) => {
+                    stoa::auth::validate_user_ref(&u)?;
+                    format!("/api/users/{}/kick", path_segment(&u))
+                }
+                _ => anyhow::bail!("give a session id or --user, not both"),
+            };
+            let answer = node.call("POST", &path, None).await?;
+            println!("{}", answer["message"].as_str().unwrap_or("done"));
+        }
+    }
+    Ok(())
+}
+
+/// `s` percent-encoded as one URL path segment or query value (the node decodes it and
+/// validates what it names).
+fn path_segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'@' | b'.' | b'_' | b'-' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A running node's admin API, as the config or the flags name it.
+struct AdminApi {
+    addr: String,
+    tls: Option<stoa::admin_client::AdminTls>,
+    token: Option<String>,
+}
+
+impl AdminApi {
+    /// From `--admin`/`--ca`/`--token`, defaulting to the config (loaded unless `--admin` is
+    /// given without one).
+    fn new(config: Option<&Path>, target: &AdminTarget) -> anyhow::Result<AdminApi> {
+        let settings = match (&target.admin, config) {
+            (Some(_), None) => None,
+            _ => Some(load(config)?),
+        };
+        let admin = target.admin.clone().unwrap_or_else(|| settings.as_ref().map(|s| s.listen.admin.to_string()).unwrap_or_default());
+        let ca = target.ca.clone().or_else(|| settings.as_ref().and_then(|s| s.tls.ca_file.clone()));
+        let tls_by_default = settings.as_ref().is_some_and(|s| s.tls.enabled());
+        let (addr, tls) = stoa::admin_client::target(&admin, tls_by_default, ca.as_deref())?;
+        let token = target.token.clone().or_else(|| settings.as_ref().map(|s| s.auth.admin_token.clone()));
+        Ok(AdminApi { addr, tls, token })
+    }
+
+    /// The raw answer to `method path` (with a JSON body, if any).
+    async fn request(&self, method: &str, path: &str, body: Option<&Value>) -> anyhow::Result<stoa::admin_client::Answer> {
+        let timeout = std::time::Duration::from_secs(60);
+        let token = self.token.as_deref();
+        match body {
+            Some(b) => stoa::admin_client::request_json(&self.addr, self.tls.as_ref(), method, path, token, b, timeout).await,
+            None => stoa::admin_client::request_with(&self.addr, self.tls.as_ref(), method, path, token, timeout).await,
+        }
+    }
+
+    /// The JSON answer to `method path`; a status other than 200 is an error with the node's reason.
+    async fn call(&self, method: &str, path: &str, body: Option<&Value>) -> anyhow::Result<Value> {
+        let answer = self.request(method, path, body).await?;
+        refusal(&answer)?;
+        Ok(answer.json())
+    }
+}
+
+/// A non-200 answer as an error: `code (status): message`.
+fn refusal(answer: &stoa::admin_client::Answer) -> anyhow::Result<()> {
+    if answer.status == 200 {
+        return Ok(());
+    }
+    let json = answer.json();
+    let message = json["message"].as_str().map(str::to_owned).unwrap_or(answer.body.clone());
+    anyhow::bail!("{} ({}): {message}", json["error"].as_str().unwrap_or("error"), answer.status)
 }
 
 /// The node's signal handlers: SIGINT and SIGTERM stop it, SIGHUP reloads the TLS certificate.
@@ -411,41 +632,28 @@ impl Signals {
     }
 }
 
-async fn admin(args: AdminArgs) -> anyhow::Result<()> {
-    let settings = match (&args.admin, &args.config.config) {
-        (Some(_), None) => None,
-        _ => Some(load(&args.config)?),
+async fn admin(config: Option<&Path>, target: &AdminTarget, command: AdminCommand) -> anyhow::Result<()> {
+    let node = AdminApi::new(config, target)?;
+    let answer = match &command {
+        AdminCommand::Status { .. } => node.request("GET", "/api/topology", None).await?,
+        AdminCommand::Node { node: n } => node.request("GET", &format!("/api/nodes/{n}"), None).await?,
+        AdminCommand::Failover { node: n } => node.request("POST", &format!("/api/nodes/{n}/failover"), None).await?,
+        AdminCommand::Fallback { node: n } => node.request("POST", &format!("/api/nodes/{n}/fallback"), None).await?,
+        AdminCommand::Service { action, service, node: n } => node.request("POST", &format!("/api/nodes/{n}/services/{service}/{action}"), None).await?,
+        AdminCommand::Audit { limit, .. } => node.request("GET", &format!("/api/audit?limit={limit}"), None).await?,
+        AdminCommand::TlsReload => node.request("POST", "/api/tls/reload", None).await?,
     };
-    let admin = args.admin.clone().unwrap_or_else(|| settings.as_ref().map(|s| s.listen.admin.to_string()).unwrap_or_default());
-    let ca = args.ca.clone().or_else(|| settings.as_ref().and_then(|s| s.tls.ca_file.clone()));
-    let tls_by_default = settings.as_ref().is_some_and(|s| s.tls.enabled());
-    let (addr, tls) = stoa::admin_client::target(&admin, tls_by_default, ca.as_deref())?;
-    let token = args.token.clone().or_else(|| settings.as_ref().map(|s| s.auth.admin_token.clone()));
-    let timeout = std::time::Duration::from_secs(60);
-    let call = |method: &'static str, path: String| {
-        let (addr, tls, token) = (addr.clone(), tls.clone(), token.clone());
-        async move { stoa::admin_client::request_with(&addr, tls.as_ref(), method, &path, token.as_deref(), timeout).await }
-    };
-    let answer = match &args.command {
-        AdminCommand::Status { .. } => call("GET", "/api/topology".into()).await?,
-        AdminCommand::Node { node } => call("GET", format!("/api/nodes/{node}")).await?,
-        AdminCommand::Failover { node } => call("POST", format!("/api/nodes/{node}/failover")).await?,
-        AdminCommand::Fallback { node } => call("POST", format!("/api/nodes/{node}/fallback")).await?,
-        AdminCommand::Service { action, service, node } => call("POST", format!("/api/nodes/{node}/services/{service}/{action}")).await?,
-        AdminCommand::Audit { limit } => call("GET", format!("/api/audit?limit={limit}")).await?,
-        AdminCommand::TlsReload => call("POST", "/api/tls/reload".into()).await?,
-    };
+    refusal(&answer)?;
     let json = answer.json();
-    match &args.command {
-        AdminCommand::Status { json: false } if answer.status == 200 => print_status(&json),
-        AdminCommand::Failover { .. } | AdminCommand::Fallback { .. } | AdminCommand::Service { .. } | AdminCommand::TlsReload if answer.status == 200 => {
+    match &command {
+        AdminCommand::Status { json: false } => print_status(&json),
+        AdminCommand::Failover { .. } | AdminCommand::Fallback { .. } | AdminCommand::Service { .. } | AdminCommand::TlsReload => {
             println!("{}", json["message"].as_str().unwrap_or(&answer.body));
         }
-        _ if answer.status == 200 => println!("{}", serde_json::to_string_pretty(&json).unwrap_or(answer.body.clone())),
-        _ => {
-            let message = json["message"].as_str().map(str::to_owned).unwrap_or(answer.body.clone());
-            anyhow::bail!("{} ({}): {message}", json["error"].as_str().unwrap_or("error"), answer.status);
+        AdminCommand::Audit { format, .. } if format == "table" => {
+            print!("{}", stoa::cli::audit_table(json["entries"].as_array().map_or(&[][..], Vec::as_slice)));
         }
+        _ => println!("{}", serde_json::to_string_pretty(&json).unwrap_or(answer.body.clone())),
     }
     Ok(())
 }
@@ -511,5 +719,33 @@ fn print_status(topology: &serde_json::Value) {
                 lease,
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    /// `--config` goes before or after the verb (docs write `stoa plugin load NAME --config F`).
+    #[test]
+    fn config_is_accepted_before_and_after_the_verb() {
+        for args in [
+            &["stoa", "--config", "f.toml", "admin", "status"][..],
+            &["stoa", "admin", "status", "--config", "f.toml"],
+            &["stoa", "plugin", "load", "wf", "--config", "f.toml"],
+            &["stoa", "user", "list", "-c", "f.toml"],
+            &["stoa", "serve", "--config", "f.toml"],
+        ] {
+            let cli = Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            assert_eq!(cli.config.as_deref(), Some(Path::new("f.toml")), "{args:?}");
+        }
+        assert!(Cli::try_parse_from(["stoa", "session", "kick"]).is_err(), "a kick names a session or a user");
+        assert!(Cli::try_parse_from(["stoa", "room", "configure", "r@s", "--public", "--members-only"]).is_err());
     }
 }

@@ -9,6 +9,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261125_000001_create_core_tables;
 mod m20261126_000002_plugins;
 mod m20261126_000003_failover;
+mod m20261204_000004_audit_actor;
 
 /// Every migration of the Stoa schema, oldest first.
 pub struct Migrator;
@@ -20,6 +21,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261125_000001_create_core_tables::Migration),
             Box::new(m20261126_000002_plugins::Migration),
             Box::new(m20261126_000003_failover::Migration),
+            Box::new(m20261204_000004_audit_actor::Migration),
         ]
     }
 }
