@@ -449,13 +449,12 @@ impl Settings {
             }
             builder = builder.add_source(config::File::from(file).required(true));
         }
-        let environment = || {
+        builder = builder.add_source(
             config::Environment::with_prefix("STOA")
                 .prefix_separator("__")
                 .separator("__")
-                .try_parsing(true)
-        };
-        builder = builder.add_source(environment());
+                .try_parsing(true),
+        );
         let mut settings: Settings = match builder.build().and_then(|c| c.try_deserialize()) {
             Ok(s) => s,
             Err(e) => return Err(Settings::origin_of(file, e)),
