@@ -1,12 +1,282 @@
-//! What the `stoa` command line needs beyond parsing: error text with each cause once, the
-//! password sources, the config check, and the tables it prints (UTC times for people).
+//! The `stoa` command line: the verbs' arguments ([`Cli`]) and what they do, one module per verb
+//! group (`cli::user`, `cli::room`, `cli::session`, `cli::admin`); `main.rs` parses, runs the
+//! node (`serve`) and dispatches here. Also: error text with each cause once, loading settings
+//! with the file named, `stoa config check`.
 
 use anyhow::Context as _;
+use clap::{Parser, Subcommand};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
-/// The variable `stoa user add|passwd` read a password from when no `--password-file` is given.
-pub const PASSWORD_ENV: &str = "STOA_PASSWORD";
+pub mod admin;
+pub mod room;
+pub mod session;
+pub mod user;
+
+use crate::protocol::RoomPlugin;
+
+#[derive(Parser)]
+#[command(name = "stoa", version, about = "Persistent chat rooms on a SQL store")]
+pub struct Cli {
+    /// TOML config file, before or after the verb (default: $STOA_CONFIG; none = dev mode).
+    /// Relative paths in it resolve against its folder; `STOA__SECTION__KEY` variables override it.
+    #[arg(long, short, global = true, env = "STOA_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+// Parsed once per run: the size difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run a node (with no config: dev mode, SQLite in ./stoa-data, loopback only).
+    Serve,
+    /// Apply pending database migrations and exit.
+    Migrate,
+    /// Check a config file without starting anything.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Manage users (in the store; works with the nodes down).
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+    /// Manage rooms: create, list and show in the store; configure and destroy through the
+    /// admin API of the node that hosts the room.
+    Room {
+        #[command(subcommand)]
+        command: RoomCommand,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// List and end login sessions (through a running node's admin API).
+    Session {
+        #[command(subcommand)]
+        command: SessionCommand,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Load generator and benchmarks (see docs/benchmarks.md).
+    Bench(crate::bench::BenchArgs),
+    /// Talk to a running node's admin API: status, failover, fallback, critical services, audit.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Manage the Wasm plugins of a running node (through its admin API; docs/plugins.md).
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+}
+
+/// Where a verb that talks to a running node finds its admin API.
+#[derive(clap::Args)]
+pub struct AdminTarget {
+    /// The node's admin address: `host:port`, `http://…` or `https://…` (default:
+    /// `listen.admin` of the config, https when it has `[tls]`).
+    #[arg(long, global = true, value_name = "HOST:PORT")]
+    pub admin: Option<String>,
+    /// PEM trust anchors for an https admin API (default: `tls.ca_file` of the config, else
+    /// the Mozilla roots).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// Admin bearer token (default: `auth.admin_token` of the config).
+    #[arg(long, global = true, env = "STOA_ADMIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+#[derive(Subcommand)]
+pub enum ConfigCommand {
+    /// Load the config file as `stoa serve` would (parse, unknown keys, values, secret files,
+    /// TLS files, the start-up checks); prints `ok: FILE` or the error, and exits non-zero on error.
+    Check,
+}
+
+#[derive(Subcommand)]
+pub enum PluginCommand {
+    /// List loaded plugins (or show one) with their calls, faults and state.
+    List { name: Option<String> },
+    /// Load `<plugins.dir>/<name>.wasm` (or replace the loaded version).
+    Load { name: String },
+    /// Swap a loaded plugin for the file's current version, without dropping connections.
+    Reload { name: String },
+    /// Unload a plugin: rooms skip its hooks from their next event on.
+    Unload { name: String },
+}
+
+#[derive(Subcommand)]
+pub enum AdminCommand {
+    /// Every node of the topology: state, reason, since, rooms, users, services, lease.
+    Status {
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One node, as JSON.
+    Node { node: String },
+    /// Fail NODE over to its peer (maintenance; reason on_admin_request).
+    Failover { node: String },
+    /// Hand NODE's rooms back from its backup.
+    Fallback { node: String },
+    /// Stop or start a critical service (rooms, router, store) of a node.
+    Service {
+        /// stop or start
+        #[arg(value_parser = ["stop", "start"])]
+        action: String,
+        /// rooms, router or store
+        #[arg(value_parser = ["rooms", "router", "store"])]
+        service: String,
+        #[arg(long)]
+        node: String,
+    },
+    /// Re-read the node's TLS certificate and key (like SIGHUP); the old one stays on error.
+    TlsReload,
+    /// The admin audit log, newest first: time (UTC), node, actor, action, target, outcome, details.
+    Audit {
+        /// How many lines (1 to 1000).
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        limit: u64,
+        /// `table` for people, `json` for programs.
+        #[arg(long, default_value = "table", value_parser = ["table", "json"])]
+        format: String,
+    },
+}
+
+/// Where a new password comes from (`user add`, `user passwd`): this file's first line, else
+/// `STOA_PASSWORD`, else a prompt. Passwords are at least 8 characters.
+#[derive(clap::Args)]
+pub struct PasswordSource {
+    /// Read the password from this file (first line) instead of STOA_PASSWORD or a prompt.
+    #[arg(long, value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+pub enum UserCommand {
+    /// Register a user; the password (at least 8 characters) comes from --password-file,
+    /// STOA_PASSWORD or a prompt.
+    Add {
+        name: String,
+        #[command(flatten)]
+        password: PasswordSource,
+    },
+    /// Give a user a new password (--password-file, STOA_PASSWORD or a prompt). Its sessions
+    /// stay valid: `stoa session kick --user NAME` ends them.
+    Passwd {
+        name: String,
+        #[command(flatten)]
+        password: PasswordSource,
+    },
+    /// Delete a user and its stored sessions (tokens stop working). Connections open on a
+    /// running node stay until `stoa session kick --user NAME`.
+    Delete { name: String },
+    /// List registered users with their creation time (UTC).
+    List,
+}
+
+#[derive(Subcommand)]
+pub enum RoomCommand {
+    /// Create a room homed on this node (in the store).
+    Create {
+        /// `name@service` (the service must be this node's).
+        room: String,
+        /// The owner's user name.
+        #[arg(long, default_value = "admin")]
+        owner: String,
+        /// Members-only instead of public.
+        #[arg(long)]
+        members_only: bool,
+        #[arg(long)]
+        subject: Option<String>,
+        /// A plugin the room runs: `NAME` or `NAME={"json":"config"}`; repeat for several, in order.
+        #[arg(long = "plugin", value_name = "NAME[=JSON]", value_parser = room::parse_plugin)]
+        plugins: Vec<RoomPlugin>,
+    },
+    /// Change a room's subject, membership or plugins (through the admin API of the node
+    /// hosting it: occupants see the change at once).
+    Configure {
+        room: String,
+        #[arg(long)]
+        subject: Option<String>,
+        /// Make the room members-only.
+        #[arg(long, conflicts_with = "public")]
+        members_only: bool,
+        /// Make the room public.
+        #[arg(long)]
+        public: bool,
+        /// Replace the room's plugins: `NAME` or `NAME={"json":"config"}`, repeated, in order.
+        #[arg(long = "plugin", value_name = "NAME[=JSON]", value_parser = room::parse_plugin, conflicts_with = "no_plugins")]
+        plugins: Vec<RoomPlugin>,
+        /// Remove every plugin of the room.
+        #[arg(long)]
+        no_plugins: bool,
+    },
+    /// Destroy a room: its occupants are told, its log and affiliations are deleted (through
+    /// the admin API of the node hosting it).
+    Destroy {
+        room: String,
+        /// Told to the occupants in `destroyed`.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// List rooms.
+    List {
+        #[arg(long, default_value_t = 100)]
+        limit: u64,
+        #[arg(long, default_value_t = 0)]
+        offset: u64,
+    },
+    /// Show one room.
+    Show { room: String },
+}
+
+#[derive(Subcommand)]
+pub enum SessionCommand {
+    /// Unexpired sessions (of the whole group: the store is shared), with their connections
+    /// on the node asked.
+    List {
+        /// Only this user's.
+        #[arg(long)]
+        user: Option<String>,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// End a session (its id from `session list`) or every session of a user: the tokens stop
+    /// working and the connections on the node asked close (1008).
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["session", "user"])))]
+    Kick {
+        /// The session id (16 hex digits, from `stoa session list`).
+        session: Option<String>,
+        /// Every session of this user instead.
+        #[arg(long)]
+        user: Option<String>,
+    },
+}
+
+/// What every verb gets from `main`: the config file, and how to start logging once the
+/// settings are known (the binary owns the subscriber).
+pub struct Env<'a> {
+    pub config: Option<&'a Path>,
+    pub init_tracing: &'a dyn Fn(&crate::config::Settings),
+}
+
+impl Env<'_> {
+    /// The settings (see [`load_settings`]), with logging started.
+    pub fn settings(&self) -> anyhow::Result<crate::config::Settings> {
+        let settings = load_settings(self.config)?;
+        (self.init_tracing)(&settings);
+        Ok(settings)
+    }
+}
 
 /// An error and its causes on one line, `outer: cause: root`, each cause once. Errors that
 /// print their source in their own message (`configuration: <the crate's error>`) would
@@ -26,31 +296,6 @@ pub fn error_text(e: &anyhow::Error) -> String {
     line
 }
 
-/// The password for `user`: the first line of `file`, else [`PASSWORD_ENV`], else asked twice
-/// at the terminal. Checked against the password rule before anything is stored.
-pub fn password(user: &str, file: Option<&Path>) -> anyhow::Result<String> {
-    let password = match file {
-        Some(path) => std::fs::read_to_string(path)
-            .with_context(|| format!("reading the password file {}", path.display()))?
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .to_owned(),
-        None => match std::env::var(PASSWORD_ENV) {
-            Ok(p) => p,
-            Err(_) => {
-                let p = rpassword::prompt_password(format!("password for {user}: "))
-                    .with_context(|| format!("no password: give --password-file, set {PASSWORD_ENV}, or run at a terminal"))?;
-                let again = rpassword::prompt_password("again: ").context("reading the password again")?;
-                anyhow::ensure!(p == again, "the two passwords differ");
-                p
-            }
-        },
-    };
-    crate::auth::validate_password(&password)?;
-    Ok(password)
-}
-
 /// Settings from `file` (or dev mode without one). The error is one line that names the file
 /// once: config errors spell their causes out in their own text.
 pub fn load_settings(file: Option<&Path>) -> anyhow::Result<crate::config::Settings> {
@@ -66,6 +311,16 @@ pub fn load_settings(file: Option<&Path>) -> anyhow::Result<crate::config::Setti
     })
 }
 
+/// Connect to the store of `settings` and apply pending migrations.
+pub async fn open_store(settings: &crate::config::Settings) -> anyhow::Result<crate::store::Store> {
+    let url = settings.store_url();
+    let store = crate::store::Store::connect(&url, 4, &settings.store.sqlite_synchronous)
+        .await
+        .with_context(|| format!("connecting to {}", crate::node::redact(&url)))?;
+    store.migrate().await.context("running migrations")?;
+    Ok(store)
+}
+
 /// `stoa config check`: load `file` as `stoa serve` would (parse, unknown keys, values,
 /// secret files, the start-up checks) and read the TLS files; returns the file checked.
 pub fn check_config(file: Option<&Path>) -> anyhow::Result<PathBuf> {
@@ -75,26 +330,8 @@ pub fn check_config(file: Option<&Path>) -> anyhow::Result<PathBuf> {
     Ok(file.to_path_buf())
 }
 
-/// `--plugin NAME` or `--plugin 'NAME={"json":"config"}'` of `stoa room create|configure`.
-pub fn parse_plugin(arg: &str) -> Result<crate::protocol::RoomPlugin, String> {
-    let (name, config) = match arg.split_once('=') {
-        Some((name, json)) => {
-            let config: Value = serde_json::from_str(json).map_err(|e| format!("the config of plugin `{name}` is not JSON: {e}"))?;
-            (name, config)
-        }
-        None => (arg, serde_json::json!({})),
-    };
-    if !crate::plugin::valid_name(name) {
-        return Err(format!("`{name}` is not a plugin name (a-z, 0-9, '-', '_')"));
-    }
-    if !config.is_object() {
-        return Err(format!("the config of plugin `{name}` must be a JSON object"));
-    }
-    Ok(crate::protocol::RoomPlugin { name: name.to_owned(), config })
-}
-
 /// A JSON value as a table cell: strings bare, `null` as `-`.
-fn cell(v: &Value) -> String {
+pub(crate) fn cell(v: &Value) -> String {
     match v {
         Value::Null => "-".to_owned(),
         Value::String(s) => s.clone(),
@@ -102,82 +339,10 @@ fn cell(v: &Value) -> String {
     }
 }
 
-/// `detail` fields as `key=value` pairs (values with spaces quoted).
-fn fields(detail: &Value) -> String {
-    let Some(map) = detail.as_object() else { return cell(detail) };
-    map.iter()
-        .filter(|(_, v)| !v.is_null())
-        .map(|(k, v)| {
-            let v = cell(v);
-            if v.contains(' ') { format!("{k}={v:?}") } else { format!("{k}={v}") }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-/// The audit log (`GET /api/audit` entries) as a table, newest first.
-pub fn audit_table(entries: &[Value]) -> String {
-    let mut out = format!("{:<23} {:<6} {:<15} {:<15} {:<24} {:<8} DETAIL\n", "TIME (UTC)", "NODE", "ACTOR", "ACTION", "TARGET", "OUTCOME");
-    for e in entries {
-        let at = e["at_ms"].as_i64().map_or_else(|| cell(&e["at"]), crate::clock::readable_utc);
-        let actor = match e["actor"].as_str() {
-            Some("") | None => "-".to_owned(),
-            Some(a) => a.to_owned(),
-        };
-        out.push_str(&format!(
-            "{:<23} {:<6} {:<15} {:<15} {:<24} {:<8} {}\n",
-            at.trim_end_matches(" UTC"),
-            cell(&e["node"]),
-            actor,
-            cell(&e["action"]),
-            cell(&e["target"]),
-            cell(&e["outcome"]),
-            fields(&e["detail"]),
-        ));
-    }
-    if entries.is_empty() {
-        out.push_str("(the audit log is empty)\n");
-    }
-    out
-}
-
-/// Sessions (`GET /api/sessions`) as a table.
-pub fn sessions_table(sessions: &[Value]) -> String {
-    let mut out = format!("{:<16} {:<24} {:<5} {:<20} {:<20} {:>5}\n", "SESSION", "USER", "GUEST", "CREATED (UTC)", "EXPIRES (UTC)", "CONNS");
-    let time = |v: &Value| v.as_i64().map_or("-".to_owned(), |ms| crate::clock::readable_utc(ms).trim_end_matches(" UTC").to_owned());
-    for s in sessions {
-        out.push_str(&format!(
-            "{:<16} {:<24} {:<5} {:<20} {:<20} {:>5}\n",
-            cell(&s["id"]),
-            cell(&s["user"]),
-            if s["guest"] == true { "yes" } else { "no" },
-            time(&s["created_at_ms"]),
-            time(&s["expires_at_ms"]),
-            cell(&s["connections_here"]),
-        ));
-    }
-    if sessions.is_empty() {
-        out.push_str("(no sessions)\n");
-    }
-    out
-}
-
-/// Registered users as a table.
-pub fn users_table(users: &[(String, i64)]) -> String {
-    let mut out = format!("{:<24} CREATED (UTC)\n", "USER");
-    for (name, created) in users {
-        out.push_str(&format!("{name:<24} {}\n", crate::clock::readable_utc(*created).trim_end_matches(" UTC")));
-    }
-    if users.is_empty() {
-        out.push_str("(no registered users)\n");
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use clap::CommandFactory;
 
     /// A cause that the message above it already spells out is printed once.
     #[test]
@@ -195,32 +360,24 @@ mod tests {
     }
 
     #[test]
-    fn plugin_arguments_name_a_plugin_and_maybe_its_config() {
-        assert_eq!(parse_plugin("word-filter").unwrap().config, json!({}));
-        let p = parse_plugin(r#"word-filter={"words":["x"]}"#).unwrap();
-        assert_eq!((p.name.as_str(), &p.config), ("word-filter", &json!({"words": ["x"]})));
-        assert!(parse_plugin("Bad Name").unwrap_err().contains("plugin name"));
-        assert!(parse_plugin("wf={nope").unwrap_err().contains("not JSON"));
-        assert!(parse_plugin("wf=[1]").unwrap_err().contains("JSON object"));
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
     }
 
+    /// `--config` goes before or after the verb (docs write `stoa plugin load NAME --config F`).
     #[test]
-    fn the_audit_table_has_utc_times_actors_and_fields() {
-        let entries = vec![json!({
-            "at_ms": 1_796_408_545_000i64, "node": "1a", "actor": "token:1a2b3c4d", "action": "failover",
-            "target": "1a", "outcome": "done", "detail": {"node": "1a", "message": "failed over to 1b"},
-        })];
-        let table = audit_table(&entries);
-        let line = table.lines().nth(1).unwrap();
-        assert!(line.starts_with("2026-12-04 18:22:25"), "{table}");
-        assert!(line.contains("token:1a2b3c4d") && line.contains("failover"), "{table}");
-        assert!(line.contains(r#"message="failed over to 1b""#) && line.contains("node=1a"), "{table}");
-        assert!(audit_table(&[]).contains("empty"));
-    }
-
-    #[test]
-    fn user_list_times_are_readable() {
-        let t = users_table(&[("ann".into(), 0)]);
-        assert!(t.contains("ann") && t.contains("1970-01-01 00:00:00"), "{t}");
+    fn config_is_accepted_before_and_after_the_verb() {
+        for args in [
+            &["stoa", "--config", "f.toml", "admin", "status"][..],
+            &["stoa", "admin", "status", "--config", "f.toml"],
+            &["stoa", "plugin", "load", "wf", "--config", "f.toml"],
+            &["stoa", "user", "list", "-c", "f.toml"],
+            &["stoa", "serve", "--config", "f.toml"],
+        ] {
+            let cli = Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            assert_eq!(cli.config.as_deref(), Some(Path::new("f.toml")), "{args:?}");
+        }
+        assert!(Cli::try_parse_from(["stoa", "session", "kick"]).is_err(), "a kick names a session or a user");
+        assert!(Cli::try_parse_from(["stoa", "room", "configure", "r@s", "--public", "--members-only"]).is_err());
     }
 }

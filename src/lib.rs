@@ -14,8 +14,8 @@
 //! - [`config`]: `Settings` from defaults, a TOML file and `STOA__SECTION__KEY` variables; dev mode;
 //!   relative paths resolved against the config file's folder.
 //! - [`clock`]: Unix milliseconds as UTC dates for people and JSON.
-//! - [`cli`]: what the `stoa` command line needs beyond parsing: error text with each cause once,
-//!   password sources, `stoa config check`, the tables it prints.
+//! - [`cli`]: the `stoa` verbs' arguments and bodies, one module per group (`cli::user`,
+//!   `cli::room`, `cli::session`, `cli::admin`); `main.rs` parses, runs `serve` and dispatches.
 //! - [`ha`]: redundancy pairs (docs/ha.md): state machine, leases, fencing moves, write gate, node link,
 //!   and the recovery manager (failover, takeover, fallback).
 //! - [`node`]: start-up and ordered shutdown of one node (actix System, arbiters, listeners).
