@@ -1,14 +1,18 @@
 //! The admin HTTP API on its own listener: `/health`, `/api/node`, `/api/rooms`,
-//! `/api/rooms/{room}`, `/api/plugins...` (`plugin::admin`), `POST /api/tls/reload`, and `/metrics` (Prometheus). Everything but `/health` needs
-//! `Authorization: Bearer <auth.admin_token>` when a token is configured. With `[tls]` the listener
-//! speaks https only.
+//! `/api/rooms/{room}`, `/api/plugins...` (`plugin::admin`), `POST /api/tls/reload`, the
+//! operator's verbs on rooms and sessions (`admin::manage`), the audit log, and `/metrics`
+//! (Prometheus). Everything but `/health` and `/ready` needs `Authorization: Bearer
+//! <auth.admin_token>` when a token is configured, and every action is audited with the
+//! credential that asked ([`Actor`]). With `[tls]` the listener speaks https only.
+
+mod manage;
 
 use crate::config::Settings;
 use crate::registry::RoomRegistry;
 use crate::room::Inspect;
 use crate::router::Router as ClientRouter;
 use crate::store::Store;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Extension, Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -127,6 +131,7 @@ pub async fn serve(listener: TcpListener, state: AdminState, shutdown: Cancellat
         .route("/api/nodes/{node}/fallback", post(fallback))
         .route("/api/nodes/{node}/services/{service}/{action}", post(service))
         .route("/api/audit", get(audit))
+        .merge(manage::routes())
         .route("/api/tls/reload", post(tls_reload))
         .route("/metrics", get(metrics_text))
         .merge(crate::plugin::admin::routes())
@@ -145,9 +150,15 @@ pub async fn serve(listener: TcpListener, state: AdminState, shutdown: Cancellat
     }
 }
 
-async fn require_token(State(state): State<AdminState>, request: Request, next: Next) -> Response {
+/// Who made an admin request, for the audit log: the fingerprint of the admin token it
+/// presented (`token:1a2b3c4d`), or `open` when the API has no token.
+#[derive(Clone, Debug)]
+pub struct Actor(pub String);
+
+async fn require_token(State(state): State<AdminState>, mut request: Request, next: Next) -> Response {
     let expected = &state.settings.auth.admin_token;
     if expected.is_empty() {
+        request.extensions_mut().insert(Actor(crate::store::audit::admin_actor(None)));
         return next.run(request).await;
     }
     let given = request
@@ -156,6 +167,8 @@ async fn require_token(State(state): State<AdminState>, request: Request, next: 
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     if given.is_some_and(|g| constant_time_eq(g.as_bytes(), expected.as_bytes())) {
+        let actor = Actor(crate::store::audit::admin_actor(given));
+        request.extensions_mut().insert(actor);
         next.run(request).await
     } else {
         (StatusCode::UNAUTHORIZED, Json(json!({"error": "unauthorized", "message": "missing or wrong bearer token"})))
@@ -388,8 +401,22 @@ async fn node_status(State(state): State<AdminState>, Path(node): Path<String>) 
     Json(view).into_response()
 }
 
+/// Write one line of the audit log (and the `stoa::audit` log target); a failed write is
+/// logged, never fails the action that was done.
+async fn write_audit(state: &AdminState, actor: &Actor, action: &str, target: &str, detail: serde_json::Value, outcome: &str) {
+    let detail = match detail {
+        serde_json::Value::Object(fields) => fields,
+        other => serde_json::Map::from_iter([("message".to_owned(), other)]),
+    };
+    let entry = crate::store::audit::AuditEntry { node: &state.settings.node.id, actor: &actor.0, action, target, detail, outcome };
+    if let Err(e) = state.store.audit(&entry).await {
+        tracing::warn!(error = %e, "could not write the audit log");
+    }
+    tracing::info!(target: "stoa::audit", action, target, outcome, actor = %actor.0, "admin action");
+}
+
 /// Carry out an HA admin request, answer it, and write it to the audit log.
-async fn ha_request(state: &AdminState, action: &str, target: &str, request: crate::ha::recovery::Request) -> Response {
+async fn ha_request(state: &AdminState, actor: &Actor, action: &str, target: &str, request: crate::ha::recovery::Request) -> Response {
     let Some(recovery) = &state.recovery else {
         return (
             StatusCode::CONFLICT,
@@ -397,29 +424,35 @@ async fn ha_request(state: &AdminState, action: &str, target: &str, request: cra
         )
             .into_response();
     };
-    let detail = format!("{request:?}");
+    let mut detail = match &request {
+        crate::ha::recovery::Request::Failover { node } | crate::ha::recovery::Request::Fallback { node } => json!({"node": node}),
+        crate::ha::recovery::Request::Service { node, service, start } => {
+            json!({"node": node, "service": service.as_str(), "action": if *start { "start" } else { "stop" }})
+        }
+    };
     let answer = recovery.request(request).await;
     let (outcome, status, body) = match &answer {
         Ok(m) => ("done", StatusCode::OK, json!({"ok": true, "message": m})),
         Err(m) => ("refused", StatusCode::CONFLICT, json!({"error": "conflict", "message": m})),
     };
-    let me = crate::store::NodeId(state.settings.node.id.clone());
-    if let Err(e) = crate::ha::fencing::audit(&state.store, &me, action, target, &detail, outcome).await {
-        tracing::warn!(error = %e, "could not write the audit log");
-    }
-    tracing::info!(target: "stoa::audit", action, target, outcome, "admin action");
+    detail["message"] = body["message"].clone();
+    write_audit(state, actor, action, target, detail, outcome).await;
     (status, Json(body)).into_response()
 }
 
-async fn failover(State(state): State<AdminState>, Path(node): Path<String>) -> Response {
-    ha_request(&state, "failover", &node, crate::ha::recovery::Request::Failover { node: node.clone() }).await
+async fn failover(State(state): State<AdminState>, Extension(actor): Extension<Actor>, Path(node): Path<String>) -> Response {
+    ha_request(&state, &actor, "failover", &node, crate::ha::recovery::Request::Failover { node: node.clone() }).await
 }
 
-async fn fallback(State(state): State<AdminState>, Path(node): Path<String>) -> Response {
-    ha_request(&state, "fallback", &node, crate::ha::recovery::Request::Fallback { node: node.clone() }).await
+async fn fallback(State(state): State<AdminState>, Extension(actor): Extension<Actor>, Path(node): Path<String>) -> Response {
+    ha_request(&state, &actor, "fallback", &node, crate::ha::recovery::Request::Fallback { node: node.clone() }).await
 }
 
-async fn service(State(state): State<AdminState>, Path((node, service, action)): Path<(String, String, String)>) -> Response {
+async fn service(
+    State(state): State<AdminState>,
+    Extension(actor): Extension<Actor>,
+    Path((node, service, action)): Path<(String, String, String)>,
+) -> Response {
     let bad = |m: String| (StatusCode::BAD_REQUEST, Json(json!({"error": "bad_request", "message": m}))).into_response();
     let Some(svc) = crate::ha::recovery::Service::parse(&service) else {
         return bad(format!("unknown service `{service}`; the critical services are rooms, router and store"));
@@ -430,7 +463,7 @@ async fn service(State(state): State<AdminState>, Path((node, service, action)):
         _ => return bad(format!("unknown action `{action}`; use start or stop")),
     };
     let request = crate::ha::recovery::Request::Service { node: node.clone(), service: svc, start };
-    ha_request(&state, &format!("service_{action}"), &format!("{node}/{service}"), request).await
+    ha_request(&state, &actor, &format!("service_{action}"), &format!("{node}/{service}"), request).await
 }
 
 #[derive(Deserialize)]
@@ -443,7 +476,7 @@ async fn audit(State(state): State<AdminState>, q: Result<Query<AuditQuery>, axu
         Ok(l) => l,
         Err(answer) => return answer,
     };
-    match crate::ha::fencing::audit_log(&state.store, limit).await {
+    match state.store.audit_lines(limit).await {
         Ok(rows) => Json(json!({"entries": rows})).into_response(),
         Err(e) => store_down(e),
     }
@@ -451,7 +484,7 @@ async fn audit(State(state): State<AdminState>, q: Result<Query<AuditQuery>, axu
 
 /// Re-read the TLS certificate and key: new connections get the new certificate, open ones
 /// keep theirs; on an error the old certificate stays and the answer says why. Audited.
-async fn tls_reload(State(state): State<AdminState>) -> Response {
+async fn tls_reload(State(state): State<AdminState>, Extension(actor): Extension<Actor>) -> Response {
     let Some(tls) = &state.tls else {
         return (
             StatusCode::CONFLICT,
@@ -462,13 +495,13 @@ async fn tls_reload(State(state): State<AdminState>) -> Response {
     let (outcome, detail, status, body) = match crate::tls::reload_logged(tls, "admin API") {
         Ok(info) => (
             "done",
-            format!("fingerprint_sha256={} serial={}", info.fingerprint_sha256, info.serial),
+            json!({"fingerprint_sha256": info.fingerprint_sha256, "serial": info.serial}),
             StatusCode::OK,
             json!({"ok": true, "message": "TLS certificate reloaded", "certificate": info}),
         ),
         Err(e) => (
             "failed",
-            e.to_string(),
+            json!({"message": e.to_string()}),
             StatusCode::INTERNAL_SERVER_ERROR,
             json!({
                 "error": "tls_reload_failed",
@@ -477,11 +510,7 @@ async fn tls_reload(State(state): State<AdminState>) -> Response {
             }),
         ),
     };
-    let me = crate::store::NodeId(state.settings.node.id.clone());
-    if let Err(e) = crate::ha::fencing::audit(&state.store, &me, "tls_reload", &me.0, &detail, outcome).await {
-        tracing::warn!(error = %e, "could not write the audit log");
-    }
-    tracing::info!(target: "stoa::audit", action = "tls_reload", outcome, "admin action");
+    write_audit(&state, &actor, "tls_reload", &state.settings.node.id, detail, outcome).await;
     (status, Json(body)).into_response()
 }
 

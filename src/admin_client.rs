@@ -70,10 +70,40 @@ pub async fn request_with(
     token: Option<&str>,
     timeout: Duration,
 ) -> anyhow::Result<Answer> {
+    send(addr, tls, method, path, token, None, timeout).await
+}
+
+/// [`request_with`] with a JSON body.
+pub async fn request_json(
+    addr: &str,
+    tls: Option<&AdminTls>,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &serde_json::Value,
+    timeout: Duration,
+) -> anyhow::Result<Answer> {
+    send(addr, tls, method, path, token, Some(&body.to_string()), timeout).await
+}
+
+async fn send(
+    addr: &str,
+    tls: Option<&AdminTls>,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+    timeout: Duration,
+) -> anyhow::Result<Answer> {
     let work = async {
         let stream = TcpStream::connect(addr).await.with_context(|| format!("connecting to the admin API at {addr}"))?;
         let auth = token.filter(|t| !t.is_empty()).map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-        let request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n");
+        let (kind, body) = match body {
+            Some(b) => ("Content-Type: application/json\r\n", b),
+            None => ("", ""),
+        };
+        let length = body.len();
+        let request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}{kind}Content-Length: {length}\r\nConnection: close\r\n\r\n{body}");
         match tls {
             None => exchange(stream, &request).await,
             Some(tls) => {

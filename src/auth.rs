@@ -22,6 +22,12 @@ pub enum AuthError {
     /// The user exists already.
     #[error("user already exists")]
     Exists,
+    /// No registered user has this name.
+    #[error("no user `{0}`")]
+    NoSuchUser(String),
+    /// The password breaks the rule ([`validate_password`]).
+    #[error("{0}")]
+    WeakPassword(String),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -87,6 +93,42 @@ pub fn validate_user_ref(name: &str) -> Result<(), AuthError> {
     }
 }
 
+/// Shortest password a registered user may have, in characters.
+pub const MIN_PASSWORD_CHARS: usize = 8;
+
+/// Longest password, in bytes (argon2 takes any length; this bounds the work of one login).
+pub const MAX_PASSWORD_BYTES: usize = 1024;
+
+/// Check a new password: at least [`MIN_PASSWORD_CHARS`] characters, at most
+/// [`MAX_PASSWORD_BYTES`] bytes, no NUL.
+pub fn validate_password(password: &str) -> Result<(), AuthError> {
+    if password.chars().count() < MIN_PASSWORD_CHARS {
+        return Err(AuthError::WeakPassword(format!("passwords must be at least {MIN_PASSWORD_CHARS} characters")));
+    }
+    if password.len() > MAX_PASSWORD_BYTES || password.contains('\0') {
+        return Err(AuthError::WeakPassword(format!("passwords must be at most {MAX_PASSWORD_BYTES} bytes, without NUL")));
+    }
+    Ok(())
+}
+
+/// How many hex digits of a session's token hash make its id (`stoa session list`).
+pub const SESSION_ID_HEX: usize = 16;
+
+/// The id operators see for a session: the first [`SESSION_ID_HEX`] hex digits of the SHA-256
+/// of its token. It names the session without being able to resume it.
+pub fn session_id(token_hash: &str) -> &str {
+    &token_hash[..SESSION_ID_HEX.min(token_hash.len())]
+}
+
+/// Check a session id given by an operator: exactly [`SESSION_ID_HEX`] lower-case hex digits.
+pub fn validate_session_id(id: &str) -> Result<(), String> {
+    if id.len() == SESSION_ID_HEX && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        Ok(())
+    } else {
+        Err(format!("a session id is {SESSION_ID_HEX} lower-case hex digits, as `stoa session list` shows it"))
+    }
+}
+
 /// Hash a password (argon2id, random salt) to a PHC string.
 pub fn hash_password(password: &str) -> Result<String, AuthError> {
     Argon2::default()
@@ -102,7 +144,8 @@ pub fn verify_password(hash: &str, password: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn token_hash(token: &str) -> String {
+/// The SHA-256 of a session token, hex: what the store keeps instead of the token.
+pub fn token_hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
@@ -130,6 +173,7 @@ impl Auth {
     /// `ANN`, Cyrillic `аnn` or `ann.` beside `ann`) is refused.
     pub async fn add_user(&self, name: &str, password: &str) -> Result<(), AuthError> {
         validate_user_name(name)?;
+        validate_password(password)?;
         let key = crate::names::comparison_key(name);
         if let Some((existing, _)) = self.store.list_users().await?.into_iter().find(|(u, _)| crate::names::comparison_key(u) == key) {
             return Err(if existing == name {
@@ -145,6 +189,24 @@ impl Auth {
         match self.store.add_user(name, &hash).await {
             Err(StoreError::Conflict) => Err(AuthError::Exists),
             other => Ok(other?),
+        }
+    }
+
+    /// Give a registered user a new password. Its sessions stay valid (`stoa session kick
+    /// --user` ends them).
+    pub async fn set_password(&self, name: &str, password: &str) -> Result<(), AuthError> {
+        validate_user_name(name)?;
+        validate_password(password)?;
+        if self.store.user_password_hash(name).await?.is_none() {
+            return Err(AuthError::NoSuchUser(name.to_owned()));
+        }
+        let password = password.to_owned();
+        let hash = tokio::task::spawn_blocking(move || hash_password(&password))
+            .await
+            .map_err(|e| AuthError::Hash(e.to_string()))??;
+        match self.store.set_password_hash(name, &hash).await? {
+            true => Ok(()),
+            false => Err(AuthError::NoSuchUser(name.to_owned())),
         }
     }
 
@@ -226,6 +288,28 @@ mod tests {
         assert!(validate_user_ref(&g).is_ok() && validate_user_ref("erin").is_ok());
         assert!(validate_user_ref("erin~").is_err() && validate_user_ref("erin~abc").is_err() && validate_user_ref("~abcdef").is_err());
         assert!(guest_name(&"e".repeat(MAX_GUEST_CHARS)).chars().count() <= MAX_USER_CHARS);
+    }
+
+    #[test]
+    fn passwords_need_eight_characters() {
+        assert!(validate_password("1234567").unwrap_err().to_string().contains("at least 8 characters"));
+        validate_password("12345678").unwrap();
+        // Characters, not bytes: seven two-byte characters are still too short.
+        assert!(validate_password("ééééééé").is_err());
+        assert!(validate_password(&"x".repeat(MAX_PASSWORD_BYTES + 1)).is_err());
+        assert!(validate_password("abcdefgh\0").is_err());
+    }
+
+    #[test]
+    fn session_ids_are_a_prefix_of_the_token_hash() {
+        let hash = token_hash(&new_token());
+        let id = session_id(&hash);
+        assert_eq!(id.len(), SESSION_ID_HEX);
+        assert!(hash.starts_with(id));
+        validate_session_id(id).unwrap();
+        assert!(validate_session_id("ABCDEF0123456789").is_err());
+        assert!(validate_session_id("abc").is_err());
+        assert!(validate_session_id("abcdef012345678%").is_err());
     }
 
     #[test]

@@ -22,6 +22,10 @@ pub enum ConfigError {
     /// The settings are consistent but unsafe or contradictory.
     #[error("{0}")]
     Invalid(String),
+    /// The file's (or the environment's) values do not fit the settings: an unknown key, a
+    /// wrong type. `origin` names where the value came from.
+    #[error("{origin}: {source}")]
+    Values { origin: String, source: config::ConfigError },
 }
 
 /// Everything a node needs to run.
@@ -45,8 +49,8 @@ pub struct Settings {
 }
 
 /// TLS for every listener (client `wss://`, admin `https://`, node link `wss://`) and the trust
-/// anchors this node's dialers use. Paths are read like the `*_file` secrets: relative to the
-/// working directory of the process.
+/// anchors this node's dialers use. Relative paths resolve like every path of the settings
+/// (see [`Settings::load`]).
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TlsSettings {
@@ -395,9 +399,47 @@ fn plain_top_level_keys(text: &str) -> Result<(), ConfigError> {
     }
 }
 
+/// Whether the environment sets `name` (the `config` crate matches names without regard to case).
+fn env_sets(name: &str) -> bool {
+    std::env::vars_os().any(|(k, _)| k.to_str().is_some_and(|k| k.eq_ignore_ascii_case(name)))
+}
+
+/// `path` against `base` when it is relative and not empty (empty = unset, or "the default
+/// under data_dir").
+fn resolve_against(base: &Path, path: &mut PathBuf) {
+    if !path.as_os_str().is_empty() && path.is_relative() {
+        let relative = path.strip_prefix(".").unwrap_or(path);
+        *path = base.join(relative);
+    }
+}
+
+/// A `sqlite://` URL with a relative path, made relative to `base`; any other URL unchanged.
+fn resolve_sqlite_url(base: &Path, url: &str) -> String {
+    for prefix in ["sqlite://", "sqlite:"] {
+        if let Some(rest) = url.strip_prefix(prefix) {
+            let (path, query) = rest.split_once('?').map_or((rest, None), |(p, q)| (p, Some(q)));
+            if path.is_empty() || path == ":memory:" || Path::new(path).is_absolute() {
+                return url.to_owned();
+            }
+            let joined = base.join(path);
+            return match query {
+                Some(q) => format!("sqlite://{}?{q}", joined.display()),
+                None => format!("sqlite://{}", joined.display()),
+            };
+        }
+    }
+    url.to_owned()
+}
+
 impl Settings {
     /// Load settings: defaults, then `file` (if any), then `STOA__SECTION__KEY` variables.
     /// Without a file the node is in dev mode (guests allowed, loopback only).
+    ///
+    /// With a file, every relative path (`node.data_dir`, the `*_file` keys, the plugin
+    /// directories, a `sqlite://` store URL), whether written in the file or left at its
+    /// default, resolves against the file's folder, so the node finds them whatever its
+    /// working directory. A relative path given by an environment variable resolves against
+    /// the working directory, as do all paths in dev mode.
     pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
         let mut builder = config::Config::builder();
         if let Some(file) = file {
@@ -413,7 +455,63 @@ impl Settings {
                 .separator("__")
                 .try_parsing(true),
         );
-        Settings::finish(builder, file.is_none())
+        let mut settings: Settings = match builder.build().and_then(|c| c.try_deserialize()) {
+            Ok(s) => s,
+            Err(e) => return Err(Settings::origin_of(file, e)),
+        };
+        if let Some(file) = file {
+            let folder = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            // Absolute, so that logs and errors say where a file was looked for.
+            let folder = std::path::absolute(folder).unwrap_or_else(|_| folder.to_path_buf());
+            settings.resolve_paths(&folder, env_sets);
+        }
+        Settings::finish(settings, file.is_none())
+    }
+
+    /// Make the relative paths that did not come from the environment (`from_env` says which
+    /// variables are set) relative to `base`.
+    fn resolve_paths(&mut self, base: &Path, from_env: impl Fn(&str) -> bool) {
+        let resolve = |var: &str, path: &mut PathBuf| {
+            if !from_env(var) {
+                resolve_against(base, path);
+            }
+        };
+        resolve("STOA__NODE__DATA_DIR", &mut self.node.data_dir);
+        resolve("STOA__PLUGINS__DIR", &mut self.plugins.dir);
+        resolve("STOA__PLUGINS__CACHE_DIR", &mut self.plugins.cache_dir);
+        let optional = [
+            ("STOA__STORE__URL_FILE", &mut self.store.url_file),
+            ("STOA__AUTH__ADMIN_TOKEN_FILE", &mut self.auth.admin_token_file),
+            ("STOA__CLUSTER__SECRET_FILE", &mut self.cluster.secret_file),
+            ("STOA__TLS__CERT_FILE", &mut self.tls.cert_file),
+            ("STOA__TLS__KEY_FILE", &mut self.tls.key_file),
+            ("STOA__TLS__CA_FILE", &mut self.tls.ca_file),
+        ];
+        for (var, path) in optional {
+            if let Some(path) = path {
+                resolve(var, path);
+            }
+        }
+        if !from_env("STOA__STORE__URL") {
+            self.store.url = resolve_sqlite_url(base, &self.store.url);
+        }
+    }
+
+    /// Which source a deserialization error comes from: the file when the file alone fails
+    /// too, else the environment.
+    fn origin_of(file: Option<&Path>, e: config::ConfigError) -> ConfigError {
+        let named = file.is_some_and(|f| e.to_string().contains(&f.display().to_string()));
+        if named || matches!(e, config::ConfigError::NotFound(_) | config::ConfigError::FileParse { .. } | config::ConfigError::Foreign(_)) {
+            return ConfigError::Load(e);
+        }
+        let file_alone = file.map(|f| {
+            config::Config::builder().add_source(config::File::from(f).required(true)).build().and_then(|c| c.try_deserialize::<Settings>())
+        });
+        let origin = match (file, file_alone) {
+            (Some(f), Some(Err(_))) => f.display().to_string(),
+            _ => "the environment (a STOA__… variable)".to_owned(),
+        };
+        ConfigError::Values { origin, source: e }
     }
 
     /// Load settings from TOML text alone: defaults, then `text`, then the same secret files and
@@ -423,12 +521,12 @@ impl Settings {
     pub fn from_toml_str(text: &str) -> Result<Settings, ConfigError> {
         plain_top_level_keys(text)?;
         let builder = config::Config::builder().add_source(config::File::from_str(text, config::FileFormat::Toml));
-        Settings::finish(builder, false)
+        let settings: Settings = builder.build()?.try_deserialize()?;
+        Settings::finish(settings, false)
     }
 
-    /// The pipeline after the sources: deserialize, dev-mode defaults, secret files, checks.
-    fn finish(builder: config::ConfigBuilder<config::builder::DefaultState>, dev_mode: bool) -> Result<Settings, ConfigError> {
-        let mut settings: Settings = builder.build()?.try_deserialize()?;
+    /// The pipeline after the sources: dev-mode defaults, secret files, checks.
+    fn finish(mut settings: Settings, dev_mode: bool) -> Result<Settings, ConfigError> {
         if dev_mode {
             settings.dev_mode = true;
             if std::env::var_os("STOA__AUTH__ALLOW_GUESTS").is_none() {
@@ -460,6 +558,18 @@ impl Settings {
             if path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
                 *path = None;
             }
+        }
+        Ok(())
+    }
+
+    /// Read and parse the `[tls]` files (certificate and key together, trust anchors) as a
+    /// node would at start-up, without serving anything (`stoa config check`).
+    pub fn check_tls_files(&self) -> Result<(), crate::tls::TlsError> {
+        if let (Some(cert), Some(key)) = (&self.tls.cert_file, &self.tls.key_file) {
+            crate::tls::ServerTls::load(cert, key)?;
+        }
+        if self.tls.ca_file.is_some() {
+            self.tls_client_config()?;
         }
         Ok(())
     }
@@ -818,6 +928,57 @@ mod tests {
         assert!(err.contains("lease_renew_ms"), "{err}");
     }
 
+    /// Relative paths from a config file (and the defaults) resolve against its folder; those
+    /// from the environment and absolute ones are left as they are; unset ones stay unset.
+    #[test]
+    fn relative_paths_resolve_against_the_config_folder() {
+        let mut s = Settings::default();
+        s.cluster.secret_file = Some("secret".into());
+        s.tls.cert_file = Some("/abs/cert.pem".into());
+        s.tls.key_file = Some("tls/key.pem".into());
+        s.plugins.dir = "plugins".into();
+        s.auth.admin_token_file = Some("from-env".into());
+        let base = Path::new("/etc/stoa");
+        s.resolve_paths(base, |var| var == "STOA__AUTH__ADMIN_TOKEN_FILE");
+        assert_eq!(s.node.data_dir, Path::new("/etc/stoa/stoa-data"), "the default too");
+        assert_eq!(s.cluster.secret_file.as_deref(), Some(Path::new("/etc/stoa/secret")));
+        assert_eq!(s.tls.cert_file.as_deref(), Some(Path::new("/abs/cert.pem")));
+        assert_eq!(s.tls.key_file.as_deref(), Some(Path::new("/etc/stoa/tls/key.pem")));
+        assert_eq!(s.plugins.dir, Path::new("/etc/stoa/plugins"));
+        assert_eq!(s.plugins.cache_dir, Path::new(""), "empty = under data_dir, which moved already");
+        assert_eq!(s.auth.admin_token_file.as_deref(), Some(Path::new("from-env")), "the environment's path stays");
+        assert!(s.store.url_file.is_none() && s.tls.ca_file.is_none(), "unset stays unset");
+        assert_eq!(s.store_url(), "sqlite:///etc/stoa/stoa-data/stoa.db");
+
+        assert_eq!(resolve_sqlite_url(base, "sqlite://db/x.db?mode=rwc"), "sqlite:///etc/stoa/db/x.db?mode=rwc");
+        assert_eq!(resolve_sqlite_url(base, "sqlite:///var/x.db"), "sqlite:///var/x.db");
+        assert_eq!(resolve_sqlite_url(base, "sqlite::memory:"), "sqlite::memory:");
+        assert_eq!(resolve_sqlite_url(base, "postgres://h/db"), "postgres://h/db");
+    }
+
+    /// A config file in another folder finds its secret file beside it, whatever the working
+    /// directory (issue 9: `cannot read secret file` when started elsewhere).
+    #[test]
+    fn a_secret_file_beside_the_config_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("secret"), "0123456789abcdef\n").unwrap();
+        let file = dir.path().join("n.toml");
+        std::fs::write(&file, "[auth]\nadmin_token = \"t\"\n[cluster]\nsecret_file = \"secret\"\n").unwrap();
+        let s = Settings::load(Some(&file)).unwrap();
+        assert_eq!(s.cluster.secret, "0123456789abcdef");
+        assert_eq!(s.node.data_dir, dir.path().join("stoa-data"));
+    }
+
+    /// An unknown key is reported with the file it is in.
+    #[test]
+    fn an_unknown_key_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("odd.toml");
+        std::fs::write(&file, "[node]\ncolour = \"red\"\n").unwrap();
+        let err = Settings::load(Some(&file)).unwrap_err().to_string();
+        assert!(err.contains("odd.toml") && err.contains("colour"), "{err}");
+    }
+
     #[test]
     fn default_store_is_sqlite_in_the_data_dir() {
         assert_eq!(Settings::default().store_url(), "sqlite://./stoa-data/stoa.db");
@@ -846,8 +1007,7 @@ mod example_config {
     #[test]
     fn pair_examples_load_and_pass_the_checks() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-        // The secret file path in the example is relative to the repository root, which is
-        // where cargo runs tests.
+        // The secret file path in the example is relative to the example's folder.
         for (file, ha, peer) in [
             ("examples/ha-pair/1a.toml", true, "1b"),
             ("examples/ha-pair/1b.toml", true, "1a"),

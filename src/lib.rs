@@ -11,7 +11,11 @@
 //! Module map:
 //!
 //! - [`protocol`]: wire frames of protocol v1 (serde), id newtypes, error codes, close codes.
-//! - [`config`]: `Settings` from defaults, a TOML file and `STOA__SECTION__KEY` variables; dev mode.
+//! - [`config`]: `Settings` from defaults, a TOML file and `STOA__SECTION__KEY` variables; dev mode;
+//!   relative paths resolved against the config file's folder.
+//! - [`clock`]: Unix milliseconds as UTC dates for people and JSON.
+//! - [`cli`]: the `stoa` verbs' arguments and bodies, one module per group (`cli::user`,
+//!   `cli::room`, `cli::session`, `cli::admin`); `main.rs` parses, runs `serve` and dispatches.
 //! - [`ha`]: redundancy pairs (docs/ha.md): state machine, leases, fencing moves, write gate, node link,
 //!   and the recovery manager (failover, takeover, fallback).
 //! - [`node`]: start-up and ordered shutdown of one node (actix System, arbiters, listeners).
@@ -23,13 +27,15 @@
 //! - [`registry`]: room address → room actor; activation, passivation, spreading over arbiters.
 //! - [`room`]: the room actor (joins, posts, permissions, fan-out); pure rules in `room::state`.
 //! - [`committer`]: the group committer: many rooms' appends per transaction, answers after commit.
-//! - [`store`]: SeaORM entities, migrations under a lock, the fenced write path (`append_batch`).
+//! - [`store`]: SeaORM entities, migrations under a lock, the fenced write path (`append_batch`),
+//!   users and sessions, the admin audit log (`store::audit`).
 //! - [`auth`]: argon2 users, session tokens, guest login.
 //! - [`throttle`]: budgets per user name and source address (failed logins, room creations).
 //! - [`names`]: when two nicks or user names clash (a confusable-skeleton comparison key).
 //! - [`plugin`]: Wasm plugins (wasmtime components, WIT `stoa:plugin@0.1.0`): limits, per-room
 //!   workers, fault counting; the room side is `room::plugin` (docs/plugins.md).
-//! - [`admin`]: admin HTTP API (`/health`, `/api/...`, HA verbs, audit log) and Prometheus `/metrics`.
+//! - [`admin`]: admin HTTP API (`/health`, `/api/...`, HA verbs, audit log) and Prometheus `/metrics`;
+//!   `admin::manage` has the operator's verbs on sessions and rooms of a running node.
 //! - [`admin_client`]: the small HTTP(S) client behind `stoa admin …`.
 //! - [`tls`]: rustls (ring) for every listener and dialer: a reloadable server certificate,
 //!   a bounded handshake, trust anchors from `tls.ca_file` or the Mozilla roots.
@@ -40,7 +46,9 @@ pub mod admin;
 pub mod admin_client;
 pub mod auth;
 pub mod bench;
+pub mod cli;
 pub mod client;
+pub mod clock;
 pub mod committer;
 pub mod config;
 pub mod forward;

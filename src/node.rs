@@ -158,6 +158,15 @@ async fn run(settings: Settings, tls: Option<crate::tls::ServerTls>, shutdown: C
         None => None,
     };
 
+    // Every listener is bound before the store is touched: a port in use is reported at once,
+    // naming the key to change, not after connecting and migrating.
+    let client_listener = bind(&settings.listen.client.to_string(), "client", "listen.client").await?;
+    let admin_listener = bind(&settings.listen.admin.to_string(), "admin", "listen.admin").await?;
+    let mut link_listener = match settings.group().filter(|g| g.ha).and_then(|g| g.nodes.iter().find(|n| n.id == settings.node.id)) {
+        Some(me) => Some(bind(&me.link, "node link", &format!("`link` of node {} in [cluster]", me.id)).await?),
+        None => None,
+    };
+
     let url = settings.store_url();
     let store = Store::connect_with(&url, &settings.store)
         .await
@@ -232,9 +241,7 @@ async fn run(settings: Settings, tls: Option<crate::tls::ServerTls>, shutdown: C
     let link = match (&recovery, settings.group(), settings.peer()) {
         (Some((recovery, _)), Some(group), Some(peer)) => {
             let me = group.nodes.iter().find(|n| n.id == settings.node.id).expect("settings checked: this node is in its group");
-            let listener = TcpListener::bind(&me.link)
-                .await
-                .with_context(|| format!("binding the node link listener on {}", me.link))?;
+            let listener = link_listener.take().expect("bound above for a node of an HA group");
             let config = crate::ha::link::LinkConfig {
                 me: me.id.clone(),
                 peer_id: peer.id.clone(),
@@ -256,12 +263,6 @@ async fn run(settings: Settings, tls: Option<crate::tls::ServerTls>, shutdown: C
     };
     let (link, _forwarder) = link.unzip();
 
-    let client_listener = TcpListener::bind(settings.listen.client)
-        .await
-        .with_context(|| format!("binding the client listener on {}", settings.listen.client))?;
-    let admin_listener = TcpListener::bind(settings.listen.admin)
-        .await
-        .with_context(|| format!("binding the admin listener on {}", settings.listen.admin))?;
     let client_addr = client_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
     let clients = tokio::spawn(transport::ws::serve(client_listener, router.clone(), tls.clone(), shutdown.clone()));
@@ -295,6 +296,11 @@ async fn run(settings: Settings, tls: Option<crate::tls::ServerTls>, shutdown: C
     tracing::info!("node stopped");
     actix::System::current().stop();
     Ok(())
+}
+
+/// Bind `addr` for the `what` listener; the error names the address and the config `key`.
+async fn bind(addr: &str, what: &str, key: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| format!("binding the {what} listener on {addr} ({key})"))
 }
 
 /// A store URL without its password, for logs.

@@ -151,6 +151,30 @@ impl Router {
         });
     }
 
+    /// The logged-in sessions of this node that `which` names.
+    pub fn sessions_matching(&self, which: &crate::store::SessionFilter) -> Vec<Arc<SessionHandle>> {
+        use crate::store::SessionFilter;
+        let map = self.sessions.lock().expect("sessions lock");
+        map.values()
+            .filter_map(std::sync::Weak::upgrade)
+            .filter(|s| match which {
+                SessionFilter::User(u) => &s.user == u,
+                SessionFilter::HashPrefix(p) => s.token_hash().is_some_and(|h| h.starts_with(p.as_str())),
+            })
+            .collect()
+    }
+
+    /// End the live connections of the sessions `which` names (closed with 1008); returns how
+    /// many. The caller deletes the stored sessions first, so that the tokens cannot resume.
+    pub fn kick(&self, which: &crate::store::SessionFilter) -> usize {
+        let sessions = self.sessions_matching(which);
+        for s in &sessions {
+            tracing::info!(session = s.id, user = %s.user, "session ended by an administrator");
+            s.kill(crate::session::KillReason::Kicked);
+        }
+        sessions.len()
+    }
+
     /// Take logins (again), or refuse them with `unavailable` (clients then try the peer).
     pub fn set_accepting(&self, accepting: bool) {
         self.accepting.send_replace(accepting);
@@ -406,7 +430,10 @@ impl Connection {
             throttle.forget(&logged_in.user);
         }
         let id_num = self.router.next_session.fetch_add(1, Ordering::Relaxed);
-        let session = Arc::new(SessionHandle::new(id_num, logged_in.user.clone(), self.outbound.clone(), self.kill.clone()));
+        let session = Arc::new(
+            SessionHandle::new(id_num, logged_in.user.clone(), self.outbound.clone(), self.kill.clone())
+                .with_token_hash(crate::auth::token_hash(&logged_in.token)),
+        );
         tracing::debug!(session = id_num, user = %logged_in.user, guest = logged_in.guest, "logged in");
         self.router.sessions.lock().expect("sessions lock").insert(id_num, Arc::downgrade(&session));
         self.session = Some(session);

@@ -32,6 +32,8 @@ pub enum KillReason {
     Shutdown,
     /// The node no longer serves this session (failover): it was told `goaway`.
     Moved,
+    /// An administrator ended the session (`stoa session kick`); its token no longer works.
+    Kicked,
 }
 
 /// A connected, logged-in session as seen by rooms. Shared (`Arc`) between the connection
@@ -47,12 +49,26 @@ pub struct SessionHandle {
     killed_for: Mutex<Option<KillReason>>,
     /// Rooms this session occupies, kept by the rooms themselves (join, leave, kick, destroy).
     rooms: Mutex<HashMap<RoomAddr, Addr<Room>>>,
+    /// The SHA-256 of the session token it logged in with (none for sessions forwarded by the
+    /// peer), so an administrator can end the connections of one stored session.
+    token_hash: Option<String>,
 }
 
 impl SessionHandle {
     /// A handle writing to `outbound`; `kill` is cancelled to disconnect the session.
     pub fn new(id: u64, user: String, outbound: mpsc::Sender<Outbound>, kill: CancellationToken) -> Self {
-        SessionHandle { id, user, outbound, kill, killed_for: Mutex::new(None), rooms: Mutex::new(HashMap::new()) }
+        SessionHandle { id, user, outbound, kill, killed_for: Mutex::new(None), rooms: Mutex::new(HashMap::new()), token_hash: None }
+    }
+
+    /// Record the hash of the session token this connection logged in with.
+    pub fn with_token_hash(mut self, token_hash: String) -> Self {
+        self.token_hash = Some(token_hash);
+        self
+    }
+
+    /// The hash of the session token this connection logged in with, if any.
+    pub fn token_hash(&self) -> Option<&str> {
+        self.token_hash.as_deref()
     }
 
     /// Queue a pre-serialized frame. A full queue disconnects the session (slow consumer).

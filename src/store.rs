@@ -5,6 +5,7 @@
 //! ([`AppendError::Fenced`]). Appends additionally check `last_seq`, so a room actor whose idea of
 //! the log is stale (after an ambiguous commit) learns it instead of writing a gap or a clash.
 
+pub mod audit;
 pub mod bulk;
 pub mod entity;
 pub mod plugin_state;
@@ -955,10 +956,85 @@ impl Store {
             .map(|s| (s.user_name, s.guest)))
     }
 
+    /// Delete a registered user and every session of it, in one transaction. `None` if there
+    /// is no such user; else how many sessions ended. Affiliations are room state (written
+    /// through the room's fenced path) and stay.
+    pub async fn delete_user(&self, name: &str) -> Result<Option<u64>, StoreError> {
+        let txn = self.db.begin().await?;
+        let deleted = user::Entity::delete_by_id(name.to_owned()).exec(&txn).await?.rows_affected;
+        if deleted == 0 {
+            txn.rollback().await?;
+            return Ok(None);
+        }
+        let sessions = session::Entity::delete_many().filter(session::Column::UserName.eq(name)).exec(&txn).await?.rows_affected;
+        txn.commit().await?;
+        Ok(Some(sessions))
+    }
+
+    /// Replace a registered user's password hash; false if there is no such user.
+    pub async fn set_password_hash(&self, name: &str, password_hash: &str) -> Result<bool, StoreError> {
+        let result = user::Entity::update_many()
+            .col_expr(user::Column::PasswordHash, Expr::value(password_hash.to_owned()))
+            .filter(user::Column::Name.eq(name))
+            .exec(&self.db)
+            .await?;
+        Ok(result.rows_affected > 0)
+    }
+
+    /// Unexpired sessions, oldest first; only `user`'s when given.
+    pub async fn list_sessions(&self, user: Option<&str>) -> Result<Vec<SessionRow>, StoreError> {
+        let mut q = session::Entity::find().filter(session::Column::ExpiresAt.gt(now_ms()));
+        if let Some(u) = user {
+            q = q.filter(session::Column::UserName.eq(u));
+        }
+        Ok(q.order_by_asc(session::Column::CreatedAt)
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|s| SessionRow { token_hash: s.token_hash, user: s.user_name, guest: s.guest, created_at: s.created_at, expires_at: s.expires_at })
+            .collect())
+    }
+
+    /// Delete the sessions `which` names; returns them.
+    pub async fn delete_sessions(&self, which: &SessionFilter) -> Result<Vec<SessionRow>, StoreError> {
+        let cond = match which {
+            SessionFilter::User(u) => session::Column::UserName.eq(u.as_str()),
+            SessionFilter::HashPrefix(p) => session::Column::TokenHash.starts_with(p.as_str()),
+        };
+        let txn = self.db.begin().await?;
+        let rows = session::Entity::find().filter(cond.clone()).all(&txn).await?;
+        session::Entity::delete_many().filter(cond).exec(&txn).await?;
+        txn.commit().await?;
+        Ok(rows
+            .into_iter()
+            .map(|s| SessionRow { token_hash: s.token_hash, user: s.user_name, guest: s.guest, created_at: s.created_at, expires_at: s.expires_at })
+            .collect())
+    }
+
     /// Round-trip to the database (health probe).
     pub async fn ping(&self) -> Result<(), StoreError> {
         Ok(self.db.ping().await?)
     }
+}
+
+/// A stored login session (the token itself is never stored, only its SHA-256).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionRow {
+    pub token_hash: String,
+    pub user: String,
+    pub guest: bool,
+    /// Milliseconds since the Unix epoch.
+    pub created_at: i64,
+    pub expires_at: i64,
+}
+
+/// Which sessions [`Store::delete_sessions`] ends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SessionFilter {
+    /// Every session of this user.
+    User(String),
+    /// The sessions whose token hash starts with this (lower-case hex) prefix.
+    HashPrefix(String),
 }
 
 /// The highest seq a plan stores, or `base` if it stores nothing new.

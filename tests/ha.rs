@@ -354,7 +354,7 @@ pub async fn failover_of_a_node_without_rooms_stays_until_fallback(db: &TestDb) 
     await_state(&b, "1b", "normal").await;
     await_state(&a, "1a", "normal").await;
     let store = db.store().await;
-    let audit = stoa::ha::fencing::audit_log(&store, 10).await.unwrap();
-    let actions: Vec<(&str, &str)> = audit.iter().map(|l| (l["action"].as_str().unwrap_or(""), l["outcome"].as_str().unwrap_or(""))).collect();
+    let audit = store.audit_lines(10).await.unwrap();
+    let actions: Vec<(&str, &str)> = audit.iter().map(|l| (l.action.as_str(), l.outcome.as_str())).collect();
     assert!(actions.contains(&("failover", "done")) && actions.contains(&("fallback", "done")), "{audit:?}");
 }

@@ -16,6 +16,8 @@ mod cases {
     pub mod ha;
     #[path = "bad_input.rs"]
     pub mod bad_input;
+    #[path = "cli.rs"]
+    pub mod cli;
     #[path = "log.rs"]
     pub mod log;
     #[path = "failover.rs"]
@@ -124,6 +126,21 @@ on_every_backend! {
     admin::concurrent_migrations_both_succeed,
     security::history_is_paged_by_bytes_and_the_connection_keeps_working,
     security::out_of_range_numbers_nul_and_duplicate_keys_are_refused,
+}
+
+// The operator's command line (issue 9): what touches the store on every backend, the rest
+// on SQLite.
+on_every_backend! {
+    cli::a_port_in_use_is_reported_before_migrations,
+    cli::users_get_new_passwords_and_are_deleted,
+    cli::rooms_are_configured_and_destroyed_and_audited,
+    cli::a_kicked_session_loses_its_connection_and_its_token,
+}
+
+on_backends! {[sqlite]
+    cli::relative_paths_in_a_config_file_follow_the_file,
+    cli::config_comes_after_the_verb_or_from_stoa_config,
+    cli::config_check_says_ok_or_names_the_problem_once,
 }
 
 on_every_backend! {

@@ -10,6 +10,7 @@ mod m20261125_000001_create_core_tables;
 mod m20261126_000002_plugins;
 mod m20261126_000003_failover;
 mod m20261204_000004_service_hosts;
+mod m20261204_000005_audit_actor;
 
 /// Every migration of the Stoa schema, oldest first.
 pub struct Migrator;
@@ -22,6 +23,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261126_000002_plugins::Migration),
             Box::new(m20261126_000003_failover::Migration),
             Box::new(m20261204_000004_service_hosts::Migration),
+            Box::new(m20261204_000005_audit_actor::Migration),
         ]
     }
 }

@@ -168,51 +168,6 @@ pub async fn last_state(store: &Store, node: &NodeId) -> Result<Option<(String, 
     Ok(Some((row.try_get("", "state")?, row.try_get("", "reason")?, row.try_get("", "at_ms")?)))
 }
 
-/// Write one line of the admin audit log (`admin_audit`).
-pub async fn audit(store: &Store, node: &NodeId, action: &str, target: &str, detail: &str, outcome: &str) -> Result<(), crate::store::StoreError> {
-    use sea_orm::sea_query::{Alias, Query};
-    let stmt = Query::insert()
-        .into_table(Alias::new("admin_audit"))
-        .columns(["at", "node", "action", "target", "detail", "outcome"].map(Alias::new))
-        .values_panic([
-            crate::store::now_ms().into(),
-            node.0.clone().into(),
-            action.into(),
-            target.into(),
-            detail.into(),
-            outcome.into(),
-        ])
-        .to_owned();
-    store.connection().execute(&stmt).await?;
-    Ok(())
-}
-
-/// The newest `limit` lines of the audit log, newest first.
-pub async fn audit_log(store: &Store, limit: u64) -> Result<Vec<serde_json::Value>, crate::store::StoreError> {
-    use sea_orm::sea_query::{Alias, Order, Query};
-    let stmt = Query::select()
-        .columns(["id", "at", "node", "action", "target", "detail", "outcome"].map(Alias::new))
-        .from(Alias::new("admin_audit"))
-        .order_by(Alias::new("id"), Order::Desc)
-        .limit(limit)
-        .to_owned();
-    let rows = store.connection().query_all(&stmt).await?;
-    rows.into_iter()
-        .map(|r| {
-            Ok(serde_json::json!({
-                "id": r.try_get::<i64>("", "id")?,
-                "at_ms": r.try_get::<i64>("", "at")?,
-                "node": r.try_get::<String>("", "node")?,
-                "action": r.try_get::<String>("", "action")?,
-                "target": r.try_get::<String>("", "target")?,
-                "detail": r.try_get::<String>("", "detail")?,
-                "outcome": r.try_get::<String>("", "outcome")?,
-            }))
-        })
-        .collect::<Result<_, sea_orm::DbErr>>()
-        .map_err(crate::store::StoreError::Db)
-}
-
 /// The name of `node`'s presence lock.
 fn presence_name(node: &NodeId) -> String {
     format!("stoa-presence/{node}")

@@ -308,9 +308,13 @@ impl Recovery {
                 Err(m) => ("refused", m.as_str()),
             };
             tracing::info!(target: "stoa::audit", action, target, outcome, message, "admin action from the peer over the node link");
-            let detail = format!("asked by node {peer} over the node link: {message}");
-            let store = &this.inner.store;
-            if let Err(e) = super::fencing::audit(store, &this.inner.config.me, action, &target, &detail, outcome).await {
+            let actor = format!("node-link:{peer}");
+            let detail = serde_json::Map::from_iter([
+                ("asked_by".to_owned(), serde_json::Value::String(peer.clone())),
+                ("message".to_owned(), serde_json::Value::String(message.to_owned())),
+            ]);
+            let entry = crate::store::audit::AuditEntry { node: &this.inner.config.me.0, actor: &actor, action, target: &target, detail, outcome };
+            if let Err(e) = this.inner.store.audit(&entry).await {
                 tracing::warn!(error = %e, "could not write the audit log");
             }
             if let Some(link) = this.link() {

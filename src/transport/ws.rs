@@ -244,8 +244,10 @@ async fn run_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(ws: 
         };
         let next = tokio::select! {
             _ = kill.cancelled() => {
-                if conn.session().and_then(|s| s.killed_for()) == Some(KillReason::Moved) {
-                    close(close_code::GOING_AWAY, "node failed over; resume on its peer");
+                match conn.session().and_then(|s| s.killed_for()) {
+                    Some(KillReason::Moved) => close(close_code::GOING_AWAY, "node failed over; resume on its peer"),
+                    Some(KillReason::Kicked) => close(close_code::POLICY, "session ended by an administrator"),
+                    _ => {}
                 }
                 break;
             }

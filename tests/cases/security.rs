@@ -111,8 +111,8 @@ pub async fn a_captured_node_link_hello_cannot_be_replayed(db: &TestDb) {
     let store = db.store().await;
     let deadline = std::time::Instant::now() + DEADLINE;
     let entry = loop {
-        let log = stoa::ha::fencing::audit_log(&store, 100).await.unwrap();
-        let from_peer: Vec<_> = log.into_iter().filter(|e| e["node"] == "1a" && e["action"] == "service_start").collect();
+        let log = store.audit_lines(100).await.unwrap();
+        let from_peer: Vec<_> = log.into_iter().filter(|e| e.node == "1a" && e.action == "service_start").collect();
         if let Some(e) = from_peer.first() {
             assert_eq!(from_peer.len(), 1, "the replayed command was carried out again: {from_peer:?}");
             break e.clone();
@@ -120,8 +120,9 @@ pub async fn a_captured_node_link_hello_cannot_be_replayed(db: &TestDb) {
         assert!(std::time::Instant::now() < deadline, "the peer's request is not in 1a's audit log");
         tokio::time::sleep(Duration::from_millis(50)).await; // polling interval
     };
-    assert_eq!(entry["outcome"], "done", "{entry}");
-    assert!(entry["detail"].as_str().unwrap_or("").contains("by node 1b over the node link"), "{entry}");
+    assert_eq!(entry.outcome, "done", "{entry:?}");
+    assert_eq!(entry.actor, "node-link:1b", "{entry:?}");
+    assert_eq!(entry.detail["asked_by"], "1b", "{entry:?}");
     proxy.abort();
     drop(b);
     drop(a);
