@@ -4,6 +4,8 @@
 #
 #   cargo build --release && scripts/bench-suite.sh            # 3 rounds, ~15 min
 #   ROUNDS=1 OUT=/tmp/b scripts/bench-suite.sh                    # one quick pass
+#   cargo build --profile profiling && STOA=target/profiling/stoa scripts/bench-suite.sh
+#                          # under perf: the release build has no debug info, `profiling` has
 #
 # PostgreSQL runs need a local server at 127.0.0.1:5432 (user postgres, trust); each run gets a
 # fresh database, dropped afterwards. Set PG=0 to skip them.

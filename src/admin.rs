@@ -72,6 +72,14 @@ fn describe_metrics() {
     describe_gauge!("stoa_ha_state", "1 for the node's HA state now, 0 for the others");
     describe_gauge!("stoa_peer_reachable", "1 while the peer's heartbeats arrive over the node link");
     describe_gauge!("stoa_ready", "1 while /ready answers 200");
+    process_metrics().describe();
+}
+
+/// The standard `process_*` metrics (CPU seconds, resident and virtual memory, open and
+/// maximum fds, threads, start time), read from /proc at every scrape.
+fn process_metrics() -> &'static metrics_process::Collector {
+    static COLLECTOR: OnceLock<metrics_process::Collector> = OnceLock::new();
+    COLLECTOR.get_or_init(metrics_process::Collector::default)
 }
 
 /// What the admin API reads.
@@ -525,6 +533,7 @@ async fn metrics_text(State(state): State<AdminState>) -> impl IntoResponse {
     if let Some(link) = &state.link {
         metrics::gauge!("stoa_peer_reachable").set(if link.peer().reachable { 1.0 } else { 0.0 });
     }
+    process_metrics().collect();
     metrics::gauge!("stoa_ready").set(if state.router.is_accepting() && state.registry.is_hosting() { 1.0 } else { 0.0 });
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], prometheus().render())
 }

@@ -282,6 +282,9 @@ pub struct LogSettings {
     /// `tracing` filter directive, e.g. `info,stoa=debug`.
     pub level: String,
     pub json: bool,
+    /// `stoa serve` appends its log lines to this file instead of stderr, and opens it again on
+    /// SIGHUP (after logrotate renamed it). Unset or empty: stderr.
+    pub file: Option<PathBuf>,
 }
 
 
@@ -379,7 +382,7 @@ impl Default for LimitSettings {
 
 impl Default for LogSettings {
     fn default() -> Self {
-        LogSettings { level: "info".into(), json: false }
+        LogSettings { level: "info".into(), json: false, file: None }
     }
 }
 
@@ -486,6 +489,7 @@ impl Settings {
             ("STOA__TLS__CERT_FILE", &mut self.tls.cert_file),
             ("STOA__TLS__KEY_FILE", &mut self.tls.key_file),
             ("STOA__TLS__CA_FILE", &mut self.tls.ca_file),
+            ("STOA__LOG__FILE", &mut self.log.file),
         ];
         for (var, path) in optional {
             if let Some(path) = path {
@@ -554,7 +558,7 @@ impl Settings {
             self.cluster.secret = read(path)?;
         }
         // An empty path (e.g. `STOA__TLS__CERT_FILE=`) means unset.
-        for path in [&mut self.tls.cert_file, &mut self.tls.key_file, &mut self.tls.ca_file] {
+        for path in [&mut self.tls.cert_file, &mut self.tls.key_file, &mut self.tls.ca_file, &mut self.log.file] {
             if path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
                 *path = None;
             }

@@ -41,6 +41,8 @@
 //!   a bounded handshake, trust anchors from `tls.ca_file` or the Mozilla roots.
 //! - [`client`]: a Rust client library (request/answer matching, reconnect and resume).
 //! - [`bench`]: `stoa bench`, the load generator behind docs/benchmarks.md.
+//! - [`systemd`]: `Type=notify` readiness, stopping, status and watchdog pings (sd_notify).
+//! - [`logfile`]: where log lines go (stderr or `log.file`, reopened on SIGHUP), never failing.
 
 pub mod admin;
 pub mod admin_client;
@@ -53,6 +55,7 @@ pub mod committer;
 pub mod config;
 pub mod forward;
 pub mod ha;
+pub mod logfile;
 pub mod names;
 pub mod node;
 pub mod plugin;
@@ -62,6 +65,7 @@ pub mod room;
 pub mod router;
 pub mod session;
 pub mod store;
+pub mod systemd;
 pub mod throttle;
 pub mod tls;
 pub mod transport;

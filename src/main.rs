@@ -13,35 +13,23 @@ use stoa::cli::{Cli, Command, ConfigCommand};
 use stoa::config::Settings;
 
 fn init_tracing(settings: &Settings) {
+    init_tracing_to(settings, stoa::logfile::LogSink::stderr());
+}
+
+/// Log through `sink` (stderr, or `log.file` for `serve`); a failed write never breaks the
+/// node (stoa::logfile).
+fn init_tracing_to(settings: &Settings, sink: stoa::logfile::LogSink) {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("STOA_LOG")
         .unwrap_or_else(|_| EnvFilter::new(format!("{},sqlx=warn,sea_orm=warn", settings.log.level)));
     // Colours only for a person at a terminal, never into a file or a pipe.
-    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(|| LogSink).with_ansi(ansi);
+    let ansi = sink.path().is_none() && std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(sink).with_ansi(ansi);
     if settings.log.json {
         builder.json().init();
     } else {
         builder.init();
-    }
-}
-
-/// Where log lines go: stderr, never failing. A log write that fails (the reader of a piped
-/// stderr has gone: EPIPE) drops the line; tracing would otherwise report the failure with
-/// `eprintln!`, which panics on the same broken pipe, in whatever task was logging (the signal
-/// handler's first `info!` among them), so logging must never be able to stop or break a node.
-struct LogSink;
-
-impl std::io::Write for LogSink {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let _ = std::io::stderr().write_all(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        let _ = std::io::stderr().flush();
-        Ok(())
     }
 }
 
@@ -70,7 +58,11 @@ fn run() -> anyhow::Result<()> {
     match command {
         Command::Serve => {
             let settings = load(config)?;
-            init_tracing(&settings);
+            let log = match &settings.log.file {
+                Some(path) => stoa::logfile::LogSink::file(path)?,
+                None => stoa::logfile::LogSink::stderr(),
+            };
+            init_tracing_to(&settings, log.clone());
             // The handlers are in place before the node says it listens: a SIGHUP sent as soon
             // as it does must reload the certificate, not end the process (the default action).
             let rt = runtime()?;
@@ -82,7 +74,7 @@ fn run() -> anyhow::Result<()> {
             let token = node.shutdown_token();
             let tls = node.tls().cloned();
             rt.spawn(async move {
-                signals.wait(tls.as_ref()).await;
+                signals.wait(tls.as_ref(), &log).await;
                 tracing::info!("signal received");
                 token.cancel();
             });
@@ -116,13 +108,14 @@ fn run() -> anyhow::Result<()> {
         Command::Session { command, target } => runtime()?.block_on(stoa::cli::session::run(config, &target, command)),
         Command::Bench(args) => {
             let settings = Settings::default();
-            init_tracing(&Settings { log: stoa::config::LogSettings { level: "warn".into(), json: false }, ..settings });
+            init_tracing(&Settings { log: stoa::config::LogSettings { level: "warn".into(), json: false, file: None }, ..settings });
             runtime()?.block_on(stoa::bench::run(args))
         }
     }
 }
 
-/// The node's signal handlers: SIGINT and SIGTERM stop it, SIGHUP reloads the TLS certificate.
+/// The node's signal handlers: SIGINT and SIGTERM stop it, SIGHUP reopens the log file and
+/// reloads the TLS certificate.
 struct Signals {
     interrupt: tokio::signal::unix::Signal,
     terminate: tokio::signal::unix::Signal,
@@ -141,17 +134,26 @@ impl Signals {
         })
     }
 
-    /// Wait for SIGINT or SIGTERM; on SIGHUP reload the TLS certificate and keep waiting.
-    async fn wait(mut self, tls: Option<&stoa::tls::ServerTls>) {
+    /// Wait for SIGINT or SIGTERM; on SIGHUP reopen the log file (first, so that what follows
+    /// is in the new one), reload the TLS certificate and keep waiting.
+    async fn wait(mut self, tls: Option<&stoa::tls::ServerTls>, log: &stoa::logfile::LogSink) {
         loop {
             tokio::select! {
                 _ = self.interrupt.recv() => return,
                 _ = self.terminate.recv() => return,
-                _ = self.hangup.recv() => match tls {
-                    // The outcome is logged either way; a failed reload keeps the old certificate.
-                    Some(tls) => { let _ = stoa::tls::reload_logged(tls, "SIGHUP"); }
-                    None => tracing::info!("SIGHUP: no [tls] configured, nothing to reload"),
-                },
+                _ = self.hangup.recv() => {
+                    match log.reopen() {
+                        Ok(Some(path)) => tracing::info!(file = %path.display(), "SIGHUP: log file reopened"),
+                        Ok(None) => {}
+                        // The old file stays in use.
+                        Err(e) => tracing::error!(error = %e, "SIGHUP: the log file stays the old one"),
+                    }
+                    match tls {
+                        // The outcome is logged either way; a failed reload keeps the old certificate.
+                        Some(tls) => { let _ = stoa::tls::reload_logged(tls, "SIGHUP"); }
+                        None => tracing::info!("SIGHUP: no [tls] configured, nothing to reload"),
+                    }
+                }
             }
         }
     }

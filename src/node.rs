@@ -274,8 +274,16 @@ async fn run(settings: Settings, tls: Option<crate::tls::ServerTls>, shutdown: C
     let (ws, http) = if tls.is_some() { ("wss", "https") } else { ("ws", "http") };
     tracing::info!(%client_addr, %admin_addr, "listening: clients at {ws}://{client_addr}/ws, admin at {http}://{admin_addr}/");
     let _ = ready.send(Ok((client_addr, admin_addr)));
+    crate::systemd::serving(
+        &format!("serving: clients at {ws}://{client_addr}/ws, admin at {http}://{admin_addr}/"),
+        router.clone(),
+        registry.clone(),
+        recovery.as_ref().map(|(r, _)| r.clone()),
+        shutdown.clone(),
+    );
 
     shutdown.cancelled().await;
+    crate::systemd::stopping("stopping: closing connections, draining commits");
     tracing::info!("shutting down: closing connections");
     let _ = clients.await;
     let _ = admin.await;

@@ -24,6 +24,8 @@ mod cases {
     pub mod failover;
     #[path = "operations.rs"]
     pub mod operations;
+    #[path = "packaging.rs"]
+    pub mod packaging;
     #[path = "permission.rs"]
     pub mod permission;
     #[path = "plugins.rs"]
@@ -158,6 +160,15 @@ on_backends! {[sqlite]
     security::list_pages_and_room_creation_has_a_budget,
     tls::tls_on_client_and_admin_listeners_with_certificate_reload,
     tls::sighup_reloads_the_certificate_of_a_running_process,
+}
+
+// Process integration (systemd notify, the log file, process metrics) does not depend on the
+// store: SQLite only.
+on_backends! {[sqlite]
+    packaging::under_systemd_the_node_notifies_ready_watchdog_and_stopping,
+    packaging::without_watchdog_sec_the_node_sends_no_pings,
+    packaging::sighup_reopens_the_log_file_after_rotation,
+    packaging::metrics_report_the_process_cpu_memory_fds_and_start_time,
 }
 
 // Plugin behaviour does not depend on the store: these run on SQLite only.
