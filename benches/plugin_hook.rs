@@ -72,7 +72,7 @@ fn bench(c: &mut Criterion) {
     let settings = PluginSettings::default();
     let host = PluginHost::new(settings.clone(), dir, cache, 16 * 1024).expect("plugin host");
     host.load("noop").expect("loading the noop plugin");
-    let Lookup::Ready(loaded, _, _) = host.lookup("noop") else { panic!("noop is loaded") };
+    let Lookup::Ready(loaded, _, _) = host.lookup("noop", &stoa::protocol::RoomAddr("bench@conference.localhost".into())) else { panic!("noop is loaded") };
     let room = RoomAddr("bench@conference.localhost".into());
     let ctx = RoomCtx { room: room.0.clone(), plugin: "noop".into() };
     let message = Message { sender: "ann".into(), nick: "ann".into(), body: "hello, world".into(), cid: "c1".into() };

@@ -252,18 +252,18 @@ fn bad_request(message: String) -> Response {
     (StatusCode::BAD_REQUEST, Json(json!({"error": "bad_request", "message": message}))).into_response()
 }
 
-/// A query string that parsed, or the 400 that says why not.
-fn query<T>(q: Result<Query<T>, axum::extract::rejection::QueryRejection>) -> Result<T, Response> {
-    q.map(|Query(t)| t).map_err(|e| bad_request(e.body_text()))
+/// A query string that parsed, or why not (for a 400).
+fn query<T>(q: Result<Query<T>, axum::extract::rejection::QueryRejection>) -> Result<T, String> {
+    q.map(|Query(t)| t).map_err(|e| e.body_text())
 }
 
-/// `limit` in 1..=[`MAX_PAGE`], `offset` a position the store can seek to.
-fn check_page(offset: u64, limit: u64) -> Result<(), Response> {
+/// `limit` in 1..=[`MAX_PAGE`], `offset` a position the store can seek to; else why not.
+fn check_page(offset: u64, limit: u64) -> Result<(), String> {
     if limit == 0 || limit > MAX_PAGE {
-        return Err(bad_request(format!("limit must be 1 to {MAX_PAGE}")));
+        return Err(format!("limit must be 1 to {MAX_PAGE}"));
     }
     if offset > i64::MAX as u64 {
-        return Err(bad_request(format!("offset must be at most {}", i64::MAX)));
+        return Err(format!("offset must be at most {}", i64::MAX));
     }
     Ok(())
 }
@@ -271,7 +271,7 @@ fn check_page(offset: u64, limit: u64) -> Result<(), Response> {
 async fn rooms(State(state): State<AdminState>, page: Result<Query<Page>, axum::extract::rejection::QueryRejection>) -> Response {
     let page = match query(page).and_then(|p| check_page(p.offset, p.limit).map(|()| p)) {
         Ok(p) => p,
-        Err(answer) => return answer,
+        Err(why) => return bad_request(why),
     };
     let limit = page.limit;
     let (total, rows) = match tokio::try_join!(state.store.count_rooms(), state.store.list_rooms(page.offset, limit)) {
@@ -482,7 +482,7 @@ struct AuditQuery {
 async fn audit(State(state): State<AdminState>, q: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>) -> Response {
     let limit = match query(q).and_then(|q| check_page(0, q.limit.unwrap_or(100)).map(|()| q.limit.unwrap_or(100))) {
         Ok(l) => l,
-        Err(answer) => return answer,
+        Err(why) => return bad_request(why),
     };
     match state.store.audit_lines(limit).await {
         Ok(rows) => Json(json!({"entries": rows})).into_response(),

@@ -42,7 +42,7 @@ struct SessionQuery {
 async fn list_sessions(State(state): State<AdminState>, q: Result<Query<SessionQuery>, QueryRejection>) -> Response {
     let q = match super::query(q) {
         Ok(q) => q,
-        Err(answer) => return answer,
+        Err(why) => return bad_request(why),
     };
     if let Some(u) = &q.user
         && let Err(e) = crate::auth::validate_user_ref(u)

@@ -858,12 +858,7 @@ impl Control {
                     self.enter(state, reason).await;
                 }
             }
-            NodeState::FailedOver => {
-                // The backup gave the service back (fallback), or a recovery returned it.
-                if &fencing::service_host(store, self.me()).await? == self.me() {
-                    self.take_back().await?;
-                }
-            }
+            NodeState::FailedOver => self.take_back_if_returned().await?,
             NodeState::RunningInBackupMode => {
                 let peer = self.peer().map(|p| p.id.clone());
                 let still_backing_up = match &peer {
@@ -886,9 +881,13 @@ impl Control {
         Ok(())
     }
 
-    /// Failed over, and this node's service is its own again: take the lease and serve, with
-    /// the reason the backup gave the rooms back for (an operator's fallback, or automatic).
-    async fn take_back(&mut self) -> Result<(), lease::LeaseError> {
+    /// Failed over: once this node's service is its own again (the backup gave it back, or a
+    /// recovery returned it), take the lease and serve, with the reason the backup gave the
+    /// rooms back for (an operator's fallback, or automatic).
+    async fn take_back_if_returned(&mut self) -> Result<(), lease::LeaseError> {
+        if &fencing::service_host(&self.inner().store, self.me()).await? != self.me() {
+            return Ok(());
+        }
         let backup_reason = match self.peer() {
             Some(peer) => fencing::last_state(&self.inner().store, &peer.id).await?.map(|(_, reason, _)| reason),
             None => None,
