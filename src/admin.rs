@@ -1,11 +1,12 @@
 //! The admin HTTP API on its own listener: `/health`, `/api/node`, `/api/rooms`,
-//! `/api/rooms/{room}`, `/api/plugins...` (`plugin::admin`), `POST /api/tls/reload`, the
+//! `/api/rooms/{room}`, `/api/plugins...` (`admin::plugins`), `POST /api/tls/reload`, the
 //! operator's verbs on rooms and sessions (`admin::manage`), the audit log, and `/metrics`
 //! (Prometheus). Everything but `/health` and `/ready` needs `Authorization: Bearer
 //! <auth.admin_token>` when a token is configured, and every action is audited with the
 //! credential that asked ([`Actor`]). With `[tls]` the listener speaks https only.
 
 mod manage;
+mod plugins;
 
 use crate::config::Settings;
 use crate::registry::RoomRegistry;
@@ -142,7 +143,7 @@ pub async fn serve(listener: TcpListener, state: AdminState, shutdown: Cancellat
         .merge(manage::routes())
         .route("/api/tls/reload", post(tls_reload))
         .route("/metrics", get(metrics_text))
-        .merge(crate::plugin::admin::routes())
+        .merge(plugins::routes())
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     let tls = state.tls.clone();
     let app = Router::new().route("/health", get(health)).route("/ready", get(ready)).merge(protected).with_state(state);

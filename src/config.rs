@@ -44,7 +44,7 @@ pub struct Settings {
     pub limits: LimitSettings,
     pub log: LogSettings,
     pub cluster: ClusterSettings,
-    pub plugins: crate::plugin::PluginSettings,
+    pub plugins: crate::plugin::settings::PluginSettings,
     pub tls: TlsSettings,
 }
 

@@ -78,7 +78,7 @@ impl Forwarder {
 
     /// May a room hosted by `host` be forwarded now (the host is the peer, reachable, and
     /// serving rooms)?
-    pub fn can_forward(&self, host: &NodeId) -> bool {
+    fn can_forward_now(&self, host: &NodeId) -> bool {
         *host == self.peer && self.link.get().is_some_and(|l| {
             let p = l.peer();
             p.reachable && p.hosting
@@ -96,23 +96,32 @@ impl Forwarder {
         }
     }
 
+}
+
+impl crate::router::Remote for Forwarder {
+    fn can_forward(&self, host: &NodeId) -> bool {
+        self.can_forward_now(host)
+    }
+
     /// `host` is the peer and cannot serve (its link is down, or it does not host rooms now):
     /// wait until this node has taken over. True if a takeover happened meanwhile.
-    pub async fn await_takeover(&self, host: &NodeId) -> bool {
-        if *host != self.peer || self.can_forward(host) {
-            return false;
-        }
-        let Some(recovery) = self.recovery.get() else { return false };
-        recovery.await_takeover(TAKEOVER_WAIT).await
+    fn await_takeover<'a>(&'a self, host: &'a NodeId) -> futures_util::future::BoxFuture<'a, bool> {
+        Box::pin(async move {
+            if *host != self.peer || self.can_forward_now(host) {
+                return false;
+            }
+            let Some(recovery) = self.recovery.get() else { return false };
+            recovery.await_takeover(TAKEOVER_WAIT).await
+        })
     }
 
     /// Does `session` use `room` on the peer?
-    pub fn is_forwarded(&self, session: u64, room: &RoomAddr) -> bool {
+    fn is_forwarded(&self, session: u64, room: &RoomAddr) -> bool {
         self.forwarding.lock().expect("forwarding lock").get(&session).is_some_and(|rooms| rooms.contains(room))
     }
 
     /// Pass `frame` (a client frame about `room`) of `session` to the peer.
-    pub fn forward(&self, session: &SessionHandle, room: &RoomAddr, frame: &str) {
+    fn forward(&self, session: &SessionHandle, room: &RoomAddr, frame: &str) {
         let Some(link) = self.link.get() else { return };
         self.forwarding.lock().expect("forwarding lock").entry(session.id).or_default().insert(room.clone());
         metrics::counter!("stoa_forwarded_frames_total").increment(1);
@@ -120,13 +129,15 @@ impl Forwarder {
     }
 
     /// A session of this node ended: the peer may drop its virtual connection.
-    pub fn session_closed(&self, session: u64) {
+    fn session_closed(&self, session: u64) {
         let had = self.forwarding.lock().expect("forwarding lock").remove(&session).is_some();
         if had && let Some(link) = self.link.get() {
             link.client_gone(session);
         }
     }
+}
 
+impl Forwarder {
     /// Start serving the peer's session `session` of `user`: a virtual connection fed from
     /// the link, answering over it.
     fn open_virtual(&self, session: u64, user: String) -> mpsc::UnboundedSender<String> {

@@ -189,7 +189,7 @@ async fn run(settings: Settings, tls: Option<crate::tls::ServerTls>, shutdown: C
         "group committer started"
     );
 
-    let plugins = crate::plugin::PluginHost::for_node(&settings).context("starting the plugin host")?;
+    let plugins = crate::plugin::PluginHost::for_node(&settings.plugins, &settings.node.data_dir, settings.limits.max_body_bytes).context("starting the plugin host")?;
     tracing::info!(dir = %plugins.dir().display(), loaded = plugins.list().len(), "plugin host started");
     let plugins = Some(plugins);
 
@@ -255,7 +255,8 @@ async fn run(settings: Settings, tls: Option<crate::tls::ServerTls>, shutdown: C
             let link = crate::ha::link::start(listener, config, Arc::new(recovery.clone()), forwarder.clone(), shutdown.clone());
             recovery.set_link(link.clone());
             forwarder.attach(link.clone(), recovery.clone());
-            router.set_forwarder(&forwarder);
+            let remote: Arc<dyn crate::router::Remote> = forwarder.clone();
+            router.set_forwarder(Arc::downgrade(&remote));
             tracing::info!(link = %me.link, peer = %peer.id, "node link started");
             Some((link, forwarder))
         }

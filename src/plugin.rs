@@ -17,19 +17,18 @@
 //! While faulting or disabled, the plugin's failure policy decides the event.
 //!
 //! - [`settings`]: the `[plugins]` section.
-//! - [`admin`] and [`cli`]: the admin API routes and `stoa plugin ...`.
+//! - [`cli`]: `stoa plugin ...` (through the admin API, whose routes are `admin::plugins`).
 //! - [`v0_1`]: bindings and host imports of WIT `stoa:plugin@0.1.0`.
 //! - [`instance`]: one instance in one store, with the limits applied to every call.
 //! - [`worker`]: the per-room, per-plugin task and the decisions it hands rooms.
 
-pub mod admin;
 pub mod cli;
 pub mod instance;
 pub mod settings;
 pub mod v0_1;
 pub mod worker;
 
-pub use settings::{EnabledPlugin, FailurePolicy, PluginSettings};
+pub use settings::{EnabledPlugin, FailurePolicy, PluginSettings, canonical_name, valid_name};
 
 use crate::protocol::RoomAddr;
 use sha2::{Digest, Sha256};
@@ -100,17 +99,7 @@ impl Fault {
     }
 }
 
-/// Is `name` usable as a plugin name (and file name)?
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
-}
 
-/// The name a plugin is known by: `_` reads as `-`, so `word_filter` (the file cargo builds
-/// for the crate `word-filter`) and `word-filter` are one plugin, whichever a file, a config
-/// or an admin call uses.
-pub fn canonical_name(name: &str) -> String {
-    name.replace('_', "-")
-}
 
 /// A room as a plugin's host imports see it: where `send` posts and what `room-info` reads.
 pub trait RoomLink: Send + Sync {
@@ -356,12 +345,13 @@ impl PluginHost {
         })
     }
 
-    /// The host for a node: dirs default to `{data_dir}/plugins` and `{data_dir}/plugin-cache`;
-    /// every `*.wasm` in the plugin directory is loaded (failures are logged, not fatal).
-    pub fn for_node(settings: &crate::config::Settings) -> Result<PluginHost, PluginError> {
-        let p = &settings.plugins;
-        let or_data = |dir: &Path, default: &str| if dir.as_os_str().is_empty() { settings.node.data_dir.join(default) } else { dir.to_path_buf() };
-        let host = PluginHost::new(p.clone(), or_data(&p.dir, "plugins"), or_data(&p.cache_dir, "plugin-cache"), settings.limits.max_body_bytes)?;
+    /// The host for a node with data directory `data_dir`: the plugin dirs default to
+    /// `{data_dir}/plugins` and `{data_dir}/plugin-cache`; every `*.wasm` in the plugin
+    /// directory is loaded (failures are logged, not fatal). Bot messages are at most
+    /// `max_body_bytes` (`limits.max_body_bytes`).
+    pub fn for_node(p: &PluginSettings, data_dir: &Path, max_body_bytes: usize) -> Result<PluginHost, PluginError> {
+        let or_data = |dir: &Path, default: &str| if dir.as_os_str().is_empty() { data_dir.join(default) } else { dir.to_path_buf() };
+        let host = PluginHost::new(p.clone(), or_data(&p.dir, "plugins"), or_data(&p.cache_dir, "plugin-cache"), max_body_bytes)?;
         // The directory is made if missing, so `stoa plugin load` has a place to look.
         if let Err(e) = std::fs::create_dir_all(&host.inner.dir) {
             tracing::warn!(dir = %host.inner.dir.display(), error = %e, "cannot create the plugin directory");

@@ -32,6 +32,22 @@ pub const MAX_TEXT_CHARS: usize = 1024;
 /// Failed logins after which a connection is closed.
 pub const MAX_FAILED_LOGINS: u32 = 5;
 
+/// Rooms another node hosts, as a connection reaches them (`crate::forward` over the node
+/// link of a pair). Defined here, where it is used, so the router needs no import of its
+/// implementation.
+pub trait Remote: Send + Sync {
+    /// May a room hosted by `host` be forwarded now?
+    fn can_forward(&self, host: &crate::store::NodeId) -> bool;
+    /// `host` cannot serve now: wait for this node to take its rooms over; true if it did.
+    fn await_takeover<'a>(&'a self, host: &'a crate::store::NodeId) -> futures_util::future::BoxFuture<'a, bool>;
+    /// Does `session` use `room` on the other node?
+    fn is_forwarded(&self, session: u64, room: &RoomAddr) -> bool;
+    /// Pass `frame` (a client frame about `room`) of `session` to the other node.
+    fn forward(&self, session: &SessionHandle, room: &RoomAddr, frame: &str);
+    /// A session of this node ended.
+    fn session_closed(&self, session: u64);
+}
+
 /// What the node's connections share.
 pub struct Router {
     pub settings: Arc<Settings>,
@@ -46,7 +62,7 @@ pub struct Router {
     /// failed over).
     accepting: tokio::sync::watch::Sender<bool>,
     /// Forwarding to the peer over the node link (HA pairs), set once at start-up.
-    forwarder: std::sync::OnceLock<std::sync::Weak<crate::forward::Forwarder>>,
+    forwarder: std::sync::OnceLock<std::sync::Weak<dyn Remote>>,
     /// Since when every `accept` on the client listener has failed (the `router` probe).
     accept_failing_since: std::sync::Mutex<Option<Instant>>,
     /// Failed logins per user name and source address, across connections.
@@ -117,12 +133,13 @@ impl Router {
         self.accept_failing_since.lock().expect("accept probe lock").is_none_or(|t| t.elapsed() < std::time::Duration::from_secs(1))
     }
 
-    /// Attach the forwarder (once, at start-up).
-    pub fn set_forwarder(&self, forwarder: &Arc<crate::forward::Forwarder>) {
-        let _ = self.forwarder.set(Arc::downgrade(forwarder));
+    /// Attach the forwarder (once, at start-up: it needs this router for its virtual
+    /// connections, and this router needs it for rooms of the peer).
+    pub fn set_forwarder(&self, forwarder: std::sync::Weak<dyn Remote>) {
+        let _ = self.forwarder.set(forwarder);
     }
 
-    fn forwarder(&self) -> Option<Arc<crate::forward::Forwarder>> {
+    fn forwarder(&self) -> Option<Arc<dyn Remote>> {
         self.forwarder.get().and_then(std::sync::Weak::upgrade)
     }
 

@@ -4,6 +4,18 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+/// Is `name` usable as a plugin name (and file name)?
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+/// The name a plugin is known by: `_` reads as `-`, so `word_filter` (the file cargo builds
+/// for the crate `word-filter`) and `word-filter` are one plugin, whichever a file, a config
+/// or an admin call uses.
+pub fn canonical_name(name: &str) -> String {
+    name.replace('_', "-")
+}
+
 /// What happens to an event when its plugin faults or is disabled.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -92,8 +104,8 @@ impl Default for PluginSettings {
 impl PluginSettings {
     /// The failure policy of plugin `name`.
     pub fn policy(&self, name: &str) -> FailurePolicy {
-        let name = super::canonical_name(name);
-        let named = self.policies.iter().find(|(n, _)| super::canonical_name(n) == name);
+        let name = canonical_name(name);
+        let named = self.policies.iter().find(|(n, _)| canonical_name(n) == name);
         named.map_or(self.failure_policy, |(_, p)| *p)
     }
 
@@ -109,7 +121,7 @@ impl PluginSettings {
             return Err("plugins.fault_limit and queue_depth must be at least 1, max_stack_bytes at least 64 KiB".into());
         }
         for p in &self.enabled {
-            if !super::valid_name(&p.name) {
+            if !valid_name(&p.name) {
                 return Err(format!("plugins.enabled: `{}` is not a valid plugin name (a-z, 0-9, - and _, at most 64)", p.name));
             }
         }

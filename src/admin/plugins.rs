@@ -10,8 +10,8 @@
 //! Errors are `{"error": CODE, "message": TEXT}` with 400 (bad name, invalid component),
 //! 404 (no such file or plugin) or 503 (no plugin host).
 
-use super::{PluginError, PluginHost};
-use crate::admin::AdminState;
+use super::AdminState;
+use crate::plugin::{PluginError, PluginHost};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -20,7 +20,7 @@ use axum::{Json, Router};
 use serde_json::json;
 
 /// The plugin routes, merged into the protected admin router.
-pub fn routes() -> Router<AdminState> {
+pub(super) fn routes() -> Router<AdminState> {
     Router::new()
         .route("/api/plugins", get(list))
         .route("/api/plugins/{name}", get(show))
