@@ -53,6 +53,7 @@ pub mod client;
 pub mod clock;
 pub mod committer;
 pub mod config;
+pub mod event;
 pub mod forward;
 pub mod ha;
 pub mod logfile;
