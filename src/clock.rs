@@ -1,5 +1,13 @@
-//! Time for people: Unix milliseconds as UTC dates, with no time-zone database (operators
+//! Time: a process-wide monotonic clock for activity stamps, and for people Unix
+//! milliseconds as UTC dates, with no time-zone database (operators
 //! compare logs across machines, so everything printed is UTC and says so).
+
+/// Milliseconds on a process-wide monotonic clock (room activity stamps; the registry's
+/// sweeper compares them).
+pub fn monotonic_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64
+}
 
 /// `(year, month, day)` of a day count since 1970-01-01 (proleptic Gregorian; Howard Hinnant's
 /// `civil_from_days`).

@@ -5,15 +5,24 @@
 //! ```text
 //! transport::ws ─frames─▶ router::Connection ─actix msg─▶ room::Room ─AppendRequest─▶ committer
 //!       ▲                                                      │                          │
-//!       └──── session::SessionHandle queue ◀── ack + message ──┴──── after commit ◀── store (fenced txn)
+//!       └── session::SessionHandle ◀── event::Occupant ◀── typed events ◀── after commit ◀── store (fenced txn)
+//!           (v1 encoding, once per event)
 //! ```
+//!
+//! Imports point down (`scripts/import-cycles.py` checks that there is no circle): the room
+//! delivers to the [`event::Occupant`] trait, which the session implements, and tells the
+//! registry it stops through [`room::Registrar`], which the registry implements.
 //!
 //! Module map:
 //!
 //! - [`protocol`]: wire frames of protocol v1 (serde), id newtypes, error codes, close codes.
 //! - [`config`]: `Settings` from defaults, a TOML file and `STOA__SECTION__KEY` variables; dev mode;
 //!   relative paths resolved against the config file's folder.
-//! - [`clock`]: Unix milliseconds as UTC dates for people and JSON.
+//! - [`clock`]: the monotonic clock of activity stamps; Unix milliseconds as UTC dates for people
+//!   and JSON.
+//! - [`event`]: what a room tells its occupants, protocol-neutral (`RoomEvent`, `RoomAnswer`), the
+//!   `Occupant` trait it delivers through, and `Delivery` (an event with its encoding cached per
+//!   protocol, so fan-out serializes once per event and protocol).
 //! - [`cli`]: the `stoa` verbs' arguments and bodies, one module per group (`cli::user`,
 //!   `cli::room`, `cli::session`, `cli::admin`); `main.rs` parses, runs `serve` and dispatches.
 //! - [`ha`]: redundancy pairs (docs/ha.md): state machine, leases, fencing moves, write gate, node link,
@@ -23,9 +32,12 @@
 //!   reads the HTTP request before the upgrade (plain HTTP answers, handshake slots).
 //! - [`router`]: per-connection protocol state: login, validation, rate limit, dispatch to rooms.
 //! - [`forward`]: room operations of a client on one node served by its peer, over the node link.
-//! - [`session`]: a logged-in session as rooms see it: its bounded outbound queue.
-//! - [`registry`]: room address → room actor; activation, passivation, spreading over arbiters.
-//! - [`room`]: the room actor (joins, posts, permissions, fan-out); pure rules in `room::state`.
+//! - [`session`]: a logged-in v1 session as rooms see it (it implements `event::Occupant`): its
+//!   bounded outbound queue, the rooms it is in, and the v1 encoder of room events and answers.
+//! - [`registry`]: room address → room actor; activation, passivation, spreading over arbiters;
+//!   the plugin checks around a join and a creation that run outside the room actor.
+//! - [`room`]: the room actor (joins, posts, permissions, typed events to its occupants, a replay
+//!   cache of events); pure rules in `room::state`.
 //! - [`committer`]: the group committer: many rooms' appends per transaction, answers after commit.
 //! - [`store`]: SeaORM entities, migrations under a lock, the fenced write path (`append_batch`),
 //!   users and sessions, the admin audit log (`store::audit`).
@@ -53,6 +65,7 @@ pub mod client;
 pub mod clock;
 pub mod committer;
 pub mod config;
+pub mod event;
 pub mod forward;
 pub mod ha;
 pub mod logfile;

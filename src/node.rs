@@ -202,7 +202,7 @@ async fn run(settings: Settings, tls: Option<crate::tls::ServerTls>, shutdown: C
     let deps = Arc::new(RoomDeps {
         store: store.clone(),
         committer,
-        registry: registry.clone(),
+        registry: Arc::new(registry.clone()),
         limits: RoomLimits {
             join_replay_limit: settings.rooms.join_replay_limit,
             max_occupants: settings.rooms.max_occupants,

@@ -6,8 +6,12 @@
 //! anything that still reaches it with [`RoomError::Passivating`]; callers then resolve again
 //! and get the next incarnation ([`RoomRegistry::call`] does this), so no request is dropped.
 
+use crate::clock::monotonic_ms;
+use crate::plugin::v0_1::Occupant as PluginOccupant;
+use crate::plugin::worker::JoinDecision;
 use crate::protocol::{RoomAddr, RoomConfig};
-use crate::room::{Activity, HandOff, PassivateIfIdle, Room, RoomDeps, RoomError};
+use crate::room::plugin::{PluginChain, PluginRoomCreated};
+use crate::room::{Activity, HandOff, PassivateIfIdle, Registrar, Room, RoomDeps, RoomError};
 use crate::store::{NodeId, RoomRow, Store};
 use actix::dev::ToEnvelope;
 use actix::prelude::*;
@@ -253,7 +257,7 @@ impl RoomRegistry {
     }
 
     /// Called by a room that is stopping: forget it if it is still the current incarnation.
-    pub fn passivated(&self, room: &RoomAddr, incarnation: u64) {
+    pub fn forget(&self, room: &RoomAddr, incarnation: u64) {
         let mut slots = self.slots();
         if matches!(slots.get(room), Some(Slot::Active { incarnation: i, .. }) if *i == incarnation) {
             slots.remove(room);
@@ -297,7 +301,38 @@ impl RoomRegistry {
     }
 }
 
+impl Registrar for RoomRegistry {
+    fn passivated(&self, room: &RoomAddr, incarnation: u64) {
+        self.forget(room, incarnation);
+    }
+}
+
 impl RoomRegistry {
+    /// Run the room's `on-join` hooks for a join (outside the room actor, so a slow plugin
+    /// holds up this join only). A denial is [`RoomError::Rejected`]; a join the room itself
+    /// would refuse gets the room's error without running any plugin.
+    pub async fn check_join(&self, room: &RoomAddr, join: PluginChain) -> Result<(), RoomError> {
+        let (user, nick) = (join.user.clone(), join.nick.clone());
+        let chain = self.call(room, join).await.and_then(|r| r)?;
+        for h in chain {
+            if let JoinDecision::Deny(reason) = h.on_join(PluginOccupant { user: user.clone(), nick: nick.clone() }).await {
+                return Err(RoomError::Rejected(reason));
+            }
+        }
+        Ok(())
+    }
+
+    /// After a room was created: run `on-room-created` if the room has any plugin, on the
+    /// node (`node_plugins`) or its own (this activates the room).
+    pub async fn room_created(&self, node_plugins: bool, room: &RoomAddr, config: &RoomConfig) {
+        if !node_plugins && config.plugins.is_empty() {
+            return;
+        }
+        if let Err(e) = self.call(room, PluginRoomCreated).await.and_then(|r| r) {
+            tracing::warn!(room = %room, error = %e, "on-room-created not run");
+        }
+    }
+
     fn check_hosting(&self) -> Result<(), RoomError> {
         if self.inner.hosting.load(Ordering::Acquire) {
             Ok(())
@@ -379,12 +414,6 @@ impl RoomRegistry {
             }
         }
     }
-}
-
-/// Milliseconds on a process-wide monotonic clock (for room activity stamps).
-pub fn monotonic_ms() -> u64 {
-    static START: OnceLock<std::time::Instant> = OnceLock::new();
-    START.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64
 }
 
 /// Room answers that mean "this incarnation is stopping; resolve again".

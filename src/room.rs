@@ -5,25 +5,22 @@
 //! committer commits strictly in order; the store assigns seqs from each append's expected
 //! base and refuses a wrong base, so the room's seq stays contiguous. Only after the commit does the room
 //! ack the senders and fan the messages out; a failed commit acks nobody and shows nothing.
-//! Every frame for a client is pushed to that client's session queue, in order.
+//! The room emits typed events ([`crate::event`]) to its occupants through the [`Occupant`]
+//! trait, in order; it knows no wire format. Its replay cache holds those events.
 
 mod pipeline;
 pub mod plugin;
 pub mod state;
 
 use crate::committer::{CommitError, Committer};
-use crate::protocol::{
-    Affiliation, ErrorCode, MessageEvent, RequestId, RoomAddr, RoomConfig, RoomConfigPatch, ServerFrame,
-};
-use crate::registry::RoomRegistry;
-use crate::session::SessionHandle;
+use crate::event::{ChatMessage, Delivery, Occupant, RoomAnswer, RoomEvent};
+use crate::protocol::{Affiliation, ErrorCode, RequestId, RoomAddr, RoomConfig, RoomConfigPatch};
 use crate::store::{AppendError, AppendRequest, Appended, Fence, NewMessage, RoomRow, Store, StoredMessage, now_ms};
 use actix::prelude::*;
 use state::{Denied, OccupantState, RoomState};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 /// Why a room refused or failed a request. Mapped to protocol codes by [`RoomError::code`].
 #[derive(Debug, Clone, thiserror::Error)]
@@ -129,20 +126,28 @@ const PIPELINE_DEPTH: usize = 2;
 /// Older resends are still caught by the store's unique key.
 const CID_MEMORY: usize = 1024;
 
-/// When a room last saw traffic, in [`crate::registry::monotonic_ms`]; shared with the registry,
+/// When a room last saw traffic, in [`crate::clock::monotonic_ms`]; shared with the registry,
 /// whose sweeper asks rooms that look idle to passivate (one timer per node, not per room).
 pub type Activity = Arc<std::sync::atomic::AtomicU64>;
 
 /// A post waiting for its commit, with everyone to ack (a resend joins the original).
 struct PendingPost {
     message: NewMessage,
-    waiters: Vec<(Arc<SessionHandle>, RequestId)>,
+    waiters: Vec<(Arc<dyn Occupant>, RequestId)>,
 }
 
-/// A committed message as this room caches it: the pre-serialized `message` frame.
+/// A committed message as this room caches it: the event, with the encodings made so far.
 struct Recent {
     seq: u64,
-    frame: Utf8Bytes,
+    event: Arc<Delivery>,
+}
+
+/// What a stopping room tells each occupant before it lets them go.
+enum Farewell {
+    /// An event for all (`moved`).
+    Event(Arc<Delivery>),
+    /// An answer without a request (the room cannot serve here any more).
+    Answer(RoomAnswer),
 }
 
 /// The actor of one active room.
@@ -170,7 +175,7 @@ pub struct Room {
     committed_cids: HashMap<(String, String), (u64, i64)>,
     cid_order: VecDeque<(String, String)>,
     /// Connected occupants' sessions by session id (their nicks are in `state.occupants`).
-    occupants: HashMap<u64, Arc<SessionHandle>>,
+    occupants: HashMap<u64, Arc<dyn Occupant>>,
     passivating: bool,
     /// The node whose room this is (`home_node`): fallback hands rooms back by home.
     home: crate::store::NodeId,
@@ -183,11 +188,18 @@ pub struct Room {
     deps: Arc<RoomDeps>,
 }
 
+/// The registry as a room sees it: the room tells it when it stops. Implemented by
+/// [`crate::registry::RoomRegistry`], which starts rooms (so the room does not import it).
+pub trait Registrar: Send + Sync {
+    /// Forget `room` if `incarnation` is still its current one (the room is stopping).
+    fn passivated(&self, room: &RoomAddr, incarnation: u64);
+}
+
 /// What every room of a node shares.
 pub struct RoomDeps {
     pub store: Store,
     pub committer: Committer,
-    pub registry: RoomRegistry,
+    pub registry: Arc<dyn Registrar>,
     pub limits: RoomLimits,
     /// The I/O runtime: store reads run there, never on an arbiter thread.
     pub io: tokio::runtime::Handle,
@@ -233,7 +245,7 @@ impl Room {
 
     /// Record traffic (keeps the room from passivating).
     fn touch(&self) {
-        self.activity.store(crate::registry::monotonic_ms(), std::sync::atomic::Ordering::Relaxed);
+        self.activity.store(crate::clock::monotonic_ms(), std::sync::atomic::Ordering::Relaxed);
     }
 
     fn check_alive(&self) -> Result<(), RoomError> {
@@ -246,7 +258,7 @@ impl Room {
         }
     }
 
-    fn occupant(&self, session: u64) -> Result<&Arc<SessionHandle>, RoomError> {
+    fn occupant(&self, session: u64) -> Result<&Arc<dyn Occupant>, RoomError> {
         self.occupants.get(&session).ok_or_else(|| RoomError::Forbidden("join the room first".into()))
     }
 
@@ -265,46 +277,45 @@ impl Room {
         }
     }
 
-    fn broadcast(&self, frame: &Utf8Bytes) {
+    /// Deliver `event` to every occupant (encoded at most once per protocol).
+    fn broadcast(&self, event: &Arc<Delivery>) {
         for session in self.occupants.values() {
-            session.push(frame.clone());
+            session.deliver(event);
         }
         metrics::counter!("stoa_deliveries_total").increment(self.occupants.len() as u64);
     }
 
-    fn broadcast_frame(&self, frame: &ServerFrame) {
-        self.broadcast(&Utf8Bytes::from(frame.to_json()));
+    fn broadcast_event(&self, event: RoomEvent) {
+        self.broadcast(&Delivery::new(event));
     }
 
-    fn message_frame(&self, seq: u64, m: &NewMessage, ts: i64) -> Utf8Bytes {
-        Utf8Bytes::from(
-            ServerFrame::Message(MessageEvent {
-                room: self.addr.clone(),
-                seq,
-                from: m.sender.clone(),
-                nick: m.nick.clone(),
-                body: m.body.clone(),
-                cid: m.client_msg_id.clone(),
-                ts,
-            })
-            .to_json(),
-        )
-    }
-
-    fn stored_frame(&self, m: &StoredMessage) -> Utf8Bytes {
-        let msg = NewMessage {
-            sender: m.sender.clone(),
+    fn message_event(&self, seq: u64, m: &NewMessage, ts: i64) -> Arc<Delivery> {
+        Delivery::new(RoomEvent::Message(ChatMessage {
+            room: self.addr.clone(),
+            seq,
+            from: m.sender.clone(),
             nick: m.nick.clone(),
             body: m.body.clone(),
-            client_msg_id: m.client_msg_id.clone(),
-            created_at: m.created_at,
-        };
-        self.message_frame(m.seq, &msg, m.created_at)
+            cid: m.client_msg_id.clone(),
+            ts,
+        }))
     }
 
-    fn remember(&mut self, seq: u64, frame: Utf8Bytes) {
+    fn stored_event(&self, m: &StoredMessage) -> Arc<Delivery> {
+        Delivery::new(RoomEvent::Message(ChatMessage {
+            room: self.addr.clone(),
+            seq: m.seq,
+            from: m.sender.clone(),
+            nick: m.nick.clone(),
+            body: m.body.clone(),
+            cid: m.client_msg_id.clone(),
+            ts: m.created_at,
+        }))
+    }
+
+    fn remember(&mut self, seq: u64, event: Arc<Delivery>) {
         if let Some(recent) = &mut self.recent {
-            recent.push_back(Recent { seq, frame });
+            recent.push_back(Recent { seq, event });
             while recent.len() > self.deps.limits.recent_cache.max(1) {
                 recent.pop_front();
             }
@@ -381,7 +392,7 @@ impl Room {
                 let deliver = !self.needs_resync;
                 for (post, outcome) in posts.into_iter().zip(appended.outcomes) {
                     for (session, re) in &post.waiters {
-                        session.send(&ServerFrame::Ack {
+                        session.answer(RoomAnswer::Ack {
                             re: re.clone(),
                             room: self.addr.clone(),
                             seq: outcome.seq,
@@ -393,9 +404,9 @@ impl Room {
                         let NewMessage { sender, client_msg_id, .. } = &post.message;
                         self.remember_cid(sender.clone(), client_msg_id.clone(), outcome.seq, outcome.created_at);
                         if !outcome.duplicate {
-                            let frame = self.message_frame(outcome.seq, &post.message, outcome.created_at);
-                            self.broadcast(&frame);
-                            self.remember(outcome.seq, frame);
+                            let event = self.message_event(outcome.seq, &post.message, outcome.created_at);
+                            self.broadcast(&event);
+                            self.remember(outcome.seq, event);
                         }
                     }
                 }
@@ -438,13 +449,7 @@ impl Room {
     fn fail_posts(&self, posts: Vec<PendingPost>, code: ErrorCode, message: &str) {
         for post in posts {
             for (session, re) in post.waiters {
-                session.send(&ServerFrame::Error {
-                    re: Some(re),
-                    code,
-                    message: message.into(),
-                    room: Some(self.addr.clone()),
-                    retry_after_ms: None,
-                });
+                session.answer(RoomAnswer::Error { re: Some(re), room: self.addr.clone(), code, message: message.into() });
             }
         }
     }
@@ -478,9 +483,9 @@ impl Room {
             match result {
                 Ok((Some(row), missing)) if row.host_node == room.fence.host && row.epoch == room.fence.epoch => {
                     for m in &missing {
-                        let frame = room.stored_frame(m);
-                        room.broadcast(&frame);
-                        room.remember(m.seq, frame);
+                        let event = room.stored_event(m);
+                        room.broadcast(&event);
+                        room.remember(m.seq, event);
                         room.remember_cid(m.sender.clone(), m.client_msg_id.clone(), m.seq, m.created_at);
                     }
                     room.last_seq = row.last_seq;
@@ -509,24 +514,26 @@ impl Room {
     fn stop_fenced(&mut self, ctx: &mut Context<Self>) {
         self.passivating = true;
         self.fail_all(ErrorCode::Unavailable, "room is no longer served here; retry");
-        let frame = match &self.deps.peer_client {
+        let farewell = match &self.deps.peer_client {
             // In a pair, a fenced room has moved to the peer: say so.
-            Some(peer) => ServerFrame::Moved { room: self.addr.clone(), to: peer.clone() },
-            None => ServerFrame::Error {
+            Some(peer) => Farewell::Event(Delivery::new(RoomEvent::Moved { room: self.addr.clone(), to: peer.clone() })),
+            None => Farewell::Answer(RoomAnswer::Error {
                 re: None,
+                room: self.addr.clone(),
                 code: ErrorCode::Unavailable,
                 message: "room is no longer served here; join again".into(),
-                room: Some(self.addr.clone()),
-                retry_after_ms: None,
-            },
+            }),
         };
-        self.dismiss_all_and_stop(&frame, ctx);
+        self.dismiss_all_and_stop(farewell, ctx);
     }
 
-    /// Send every occupant `frame` (they are no longer in the room here), deregister, stop.
-    fn dismiss_all_and_stop(&mut self, frame: &ServerFrame, ctx: &mut Context<Self>) {
+    /// Tell every occupant `farewell` (they are no longer in the room here), deregister, stop.
+    fn dismiss_all_and_stop(&mut self, farewell: Farewell, ctx: &mut Context<Self>) {
         for session in self.occupants.values() {
-            session.send(frame);
+            match &farewell {
+                Farewell::Event(event) => session.deliver(event),
+                Farewell::Answer(answer) => session.answer(answer.clone()),
+            }
             session.exited(&self.addr);
         }
         self.occupants.clear();
@@ -546,16 +553,16 @@ impl Room {
         let mut queued: Vec<PendingPost> = self.queue.drain(..).collect();
         queued.extend(self.hooks.drain_posts());
         self.fail_posts(queued, ErrorCode::Unavailable, "room is moving to another node; resend with the same cid");
-        let frame = ServerFrame::Moved { room: self.addr.clone(), to };
-        self.dismiss_all_and_stop(&frame, ctx);
+        let farewell = Farewell::Event(Delivery::new(RoomEvent::Moved { room: self.addr.clone(), to }));
+        self.dismiss_all_and_stop(farewell, ctx);
         let _ = done.send(true);
     }
 
     // ---- joins ---------------------------------------------------------------------------
 
     /// Send `joined` and the replay to a session that was just admitted.
-    fn send_join_replay(&self, session: &SessionHandle, re: RequestId, nick: String, aff: Affiliation, replay: Vec<Utf8Bytes>, truncated: bool) {
-        session.send(&ServerFrame::Joined {
+    fn send_join_replay(&self, session: &dyn Occupant, re: RequestId, nick: String, aff: Affiliation, replay: Vec<Arc<Delivery>>, truncated: bool) {
+        session.answer(RoomAnswer::Joined {
             re,
             room: self.addr.clone(),
             nick,
@@ -564,14 +571,12 @@ impl Room {
             subject: self.state.config.subject.clone(),
             affiliation: aff,
             truncated,
+            replay,
         });
-        for frame in replay {
-            session.push(frame);
-        }
     }
 
     /// The replay for a join, from the cache if it covers it. `None` = the store must be read.
-    fn replay_from_cache(&self, since: Option<u64>) -> Option<(Vec<Utf8Bytes>, bool)> {
+    fn replay_from_cache(&self, since: Option<u64>) -> Option<(Vec<Arc<Delivery>>, bool)> {
         let recent = self.recent.as_ref()?;
         let oldest_cached = recent.front().map_or(self.last_seq + 1, |r| r.seq);
         match since {
@@ -579,7 +584,7 @@ impl Room {
                 let want = self.state.config.history_on_join as u64;
                 let from = self.last_seq.saturating_sub(want) + 1; // first seq to send
                 (from >= oldest_cached || from > self.last_seq || oldest_cached == 1).then(|| {
-                    (recent.iter().filter(|r| r.seq >= from).map(|r| r.frame.clone()).collect(), false)
+                    (recent.iter().filter(|r| r.seq >= from).map(|r| r.event.clone()).collect(), false)
                 })
             }
             Some(since) => {
@@ -590,26 +595,26 @@ impl Room {
                 (since + 1 >= oldest_cached || oldest_cached == 1).then(|| {
                     let all: Vec<&Recent> = recent.iter().filter(|r| r.seq > since).collect();
                     let truncated = all.len() as u64 > limit;
-                    (all.into_iter().take(limit as usize).map(|r| r.frame.clone()).collect(), truncated)
+                    (all.into_iter().take(limit as usize).map(|r| r.event.clone()).collect(), truncated)
                 })
             }
         }
     }
 
-    fn admit(&mut self, ctx: &mut Context<Self>, session: Arc<SessionHandle>, nick: String) {
-        let was_in = self.occupants.contains_key(&session.id);
+    fn admit(&mut self, session: Arc<dyn Occupant>, nick: String) {
+        let was_in = self.occupants.contains_key(&session.id());
         if !was_in {
-            self.broadcast_frame(&ServerFrame::Presence {
+            self.broadcast_event(RoomEvent::Presence {
                 room: self.addr.clone(),
-                user: session.user.clone(),
+                user: session.user().to_owned(),
                 nick: nick.clone(),
                 status: "joined".into(),
                 reason: None,
             });
         }
-        self.state.occupants.insert(session.id, OccupantState::new(session.user.clone(), nick));
-        session.entered(self.addr.clone(), ctx.address());
-        self.occupants.insert(session.id, session);
+        self.state.occupants.insert(session.id(), OccupantState::new(session.user().to_owned(), nick));
+        session.entered(&self.addr);
+        self.occupants.insert(session.id(), session);
         self.touch();
     }
 
@@ -617,16 +622,16 @@ impl Room {
         if let Some(session) = self.occupants.remove(&session_id) {
             let nick = self.state.occupants.remove(&session_id).map(|s| s.nick).unwrap_or_default();
             session.exited(&self.addr);
-            self.plugins_left(&session.user, &nick);
-            let frame = ServerFrame::Presence {
+            self.plugins_left(session.user(), &nick);
+            let event = Delivery::new(RoomEvent::Presence {
                 room: self.addr.clone(),
-                user: session.user.clone(),
+                user: session.user().to_owned(),
                 nick,
                 status: status.into(),
                 reason,
-            };
-            session.send(&frame);
-            self.broadcast_frame(&frame);
+            });
+            session.deliver(&event);
+            self.broadcast(&event);
             self.touch();
             if self.occupants.is_empty() {
                 // An empty room may stay loaded for a long time: give back the tables.
@@ -658,7 +663,7 @@ impl Handler<PassivateIfIdle> for Room {
     type Result = ();
 
     fn handle(&mut self, msg: PassivateIfIdle, ctx: &mut Context<Self>) {
-        let idle_ms = crate::registry::monotonic_ms().saturating_sub(self.activity.load(std::sync::atomic::Ordering::Relaxed));
+        let idle_ms = crate::clock::monotonic_ms().saturating_sub(self.activity.load(std::sync::atomic::Ordering::Relaxed));
         let idle = self.occupants.is_empty() && self.queue.is_empty() && self.in_flight.is_empty() && self.hooks.len() == 0 && !self.resyncing;
         if idle && idle_ms >= msg.after.as_millis() as u64 && !self.passivating {
             self.passivating = true;
@@ -700,7 +705,7 @@ impl Handler<HandOff> for Room {
 #[derive(Message, Clone)]
 #[rtype(result = "Result<(), RoomError>")]
 pub struct Join {
-    pub session: Arc<SessionHandle>,
+    pub session: Arc<dyn Occupant>,
     pub re: RequestId,
     pub nick: String,
     pub since: Option<u64>,
@@ -710,10 +715,10 @@ pub struct Join {
 impl Handler<Join> for Room {
     type Result = AtomicResponse<Self, Result<(), RoomError>>;
 
-    fn handle(&mut self, msg: Join, ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: Join, _ctx: &mut Context<Self>) -> Self::Result {
         let checked = self.check_alive().and_then(|_| {
             self.state
-                .check_join(msg.session.id, &msg.session.user, &msg.nick, msg.password.as_deref(), self.deps.limits.max_occupants)
+                .check_join(msg.session.id(), msg.session.user(), &msg.nick, msg.password.as_deref(), self.deps.limits.max_occupants)
                 .map_err(RoomError::from)
         });
         let aff = match checked {
@@ -721,8 +726,8 @@ impl Handler<Join> for Room {
             Err(e) => return AtomicResponse::new(Box::pin(fut::ready(Err(e)))),
         };
         if let Some((replay, truncated)) = self.replay_from_cache(msg.since) {
-            self.admit(ctx, msg.session.clone(), msg.nick.clone());
-            self.send_join_replay(&msg.session, msg.re, msg.nick, aff, replay, truncated);
+            self.admit(msg.session.clone(), msg.nick.clone());
+            self.send_join_replay(&*msg.session, msg.re, msg.nick, aff, replay, truncated);
             return AtomicResponse::new(Box::pin(fut::ready(Ok(()))));
         }
         // Not cached: read the replay (and warm the cache) while holding the room's mailbox,
@@ -744,7 +749,7 @@ impl Handler<Join> for Room {
             };
             Ok((tail, replay))
         });
-        AtomicResponse::new(Box::pin(load.into_actor(self).map(move |result, room, ctx| {
+        AtomicResponse::new(Box::pin(load.into_actor(self).map(move |result, room, _ctx| {
             let (tail, replay) = result?;
             room.check_alive()?;
             if room.last_seq != last {
@@ -755,16 +760,16 @@ impl Handler<Join> for Room {
             if room.recent.is_none() && room.last_seq == last {
                 let mut recent = VecDeque::with_capacity(tail.len());
                 for m in tail.iter().skip(tail.len().saturating_sub(room.deps.limits.recent_cache)) {
-                    recent.push_back(Recent { seq: m.seq, frame: room.stored_frame(m) });
+                    recent.push_back(Recent { seq: m.seq, event: room.stored_event(m) });
                 }
                 room.recent = Some(recent);
             }
-            let (frames, truncated) = match (replay, room.replay_from_cache(since)) {
+            let (events, truncated) = match (replay, room.replay_from_cache(since)) {
                 (_, Some(cached)) => cached,
                 (Some(mut rows), None) => {
                     let truncated = rows.len() as u64 > limit;
                     rows.truncate(limit as usize);
-                    (rows.iter().map(|m| room.stored_frame(m)).collect(), truncated)
+                    (rows.iter().map(|m| room.stored_event(m)).collect(), truncated)
                 }
                 (None, None) => {
                     // since without a replay read (covered by tail), or no since: use the tail.
@@ -772,11 +777,11 @@ impl Handler<Join> for Room {
                         Some(s) => s + 1,
                         None => last.saturating_sub(room.state.config.history_on_join as u64) + 1,
                     };
-                    (tail.iter().filter(|m| m.seq >= from).map(|m| room.stored_frame(m)).collect(), false)
+                    (tail.iter().filter(|m| m.seq >= from).map(|m| room.stored_event(m)).collect(), false)
                 }
             };
-            room.admit(ctx, msg.session.clone(), msg.nick.clone());
-            room.send_join_replay(&msg.session, msg.re, msg.nick, aff, frames, truncated);
+            room.admit(msg.session.clone(), msg.nick.clone());
+            room.send_join_replay(&*msg.session, msg.re, msg.nick, aff, events, truncated);
             Ok(())
         })))
     }
@@ -799,7 +804,7 @@ impl Handler<Leave> for Room {
         };
         self.remove_occupant(msg.session, "left", None);
         if let Some(re) = msg.re {
-            session.send(&ServerFrame::Left { re, room: self.addr.clone() });
+            session.answer(RoomAnswer::Left { re, room: self.addr.clone() });
         }
         Ok(())
     }
@@ -821,12 +826,12 @@ impl Handler<Post> for Room {
     fn handle(&mut self, msg: Post, ctx: &mut Context<Self>) -> Self::Result {
         self.check_alive()?;
         let session = self.occupant(msg.session)?.clone();
-        let user = session.user.clone();
+        let user = session.user().to_owned();
         let nick = self.state.occupants.get(&msg.session).map(|o| o.nick.clone()).unwrap_or_default();
         self.touch();
         let key = (user, msg.client_msg_id);
         if let Some(&(seq, ts)) = self.committed_cids.get(&key) {
-            session.send(&ServerFrame::Ack { re: msg.re, room: self.addr.clone(), seq, ts, duplicate: true });
+            session.answer(RoomAnswer::Ack { re: msg.re, room: self.addr.clone(), seq, ts, duplicate: true });
             return Ok(());
         }
         {
@@ -889,7 +894,7 @@ impl Handler<SetSubject> for Room {
         }
         let config = RoomConfig { subject: msg.subject.clone(), ..self.state.config.clone() };
         AtomicResponse::new(self.store_config(config, move |room| {
-            room.broadcast_frame(&ServerFrame::Subject { room: room.addr.clone(), subject: msg.subject, by: msg.user });
+            room.broadcast_event(RoomEvent::Subject { room: room.addr.clone(), subject: msg.subject, by: msg.user });
         }))
     }
 }
@@ -912,9 +917,9 @@ impl Handler<Configure> for Room {
         let config = self.state.config.patched(&msg.patch);
         let subject_changed = config.subject != self.state.config.subject;
         let then = move |room: &mut Room| {
-            room.broadcast_frame(&ServerFrame::Configured { room: room.addr.clone(), config: room.state.config.public_view() });
+            room.broadcast_event(RoomEvent::Configured { room: room.addr.clone(), config: Box::new(room.state.config.clone()) });
             if subject_changed {
-                room.broadcast_frame(&ServerFrame::Subject {
+                room.broadcast_event(RoomEvent::Subject {
                     room: room.addr.clone(),
                     subject: room.state.config.subject.clone(),
                     by: msg.user,
@@ -1040,8 +1045,7 @@ impl Handler<Destroy> for Room {
         AtomicResponse::new(Box::pin(write.into_actor(self).map(move |result, room, ctx| {
             result?;
             room.passivating = true;
-            let frame = ServerFrame::Destroyed { room: room.addr.clone(), reason: msg.reason };
-            room.broadcast_frame(&frame);
+            room.broadcast_event(RoomEvent::Destroyed { room: room.addr.clone(), reason: msg.reason });
             for session in room.occupants.values() {
                 session.exited(&room.addr);
             }

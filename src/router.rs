@@ -505,6 +505,15 @@ impl Connection {
         room_err(e)
     }
 
+    /// The actor of a room `session` occupies (`not_in` if it does not; `gone` if the room's
+    /// incarnation is stopping, as when its mailbox is closed).
+    fn occupied(&self, session: &SessionHandle, room: &RoomAddr, not_in: &str, gone: &str) -> Result<actix::Addr<room::Room>, (ErrorCode, String)> {
+        if !session.occupies(room) {
+            return Err((ErrorCode::Forbidden, not_in.to_string()));
+        }
+        self.router.registry.lookup(room).ok_or_else(|| (ErrorCode::Unavailable, gone.to_string()))
+    }
+
     fn check_room(&self, room: &RoomAddr) -> Result<(), (ErrorCode, String)> {
         let limits = &self.router.settings.limits;
         let Some((name, service)) = room.0.split_once('@') else {
@@ -591,21 +600,21 @@ impl Connection {
                 registry.create(&room, &config, &user).await.map_err(room_err)?;
                 router.room_creations.spend(Some(&user), self.address, Instant::now());
                 tracing::info!(room = %room, owner = %user, "room created");
-                room::plugin::room_created(registry, &router.settings, &room, &config).await;
+                registry.room_created(!router.settings.plugins.enabled.is_empty(), &room, &config).await;
                 Ok(Some(ServerFrame::Created { re: id, room }))
             }
             ClientFrame::Join { id, room, nick, since, password } => {
                 self.check_room(&room)?;
                 self.check_nick(&nick)?;
                 check_seq("since", since)?;
-                if session.room(&room).is_none() && session.room_count() >= limits.max_rooms_per_connection {
+                if !session.occupies(&room) && session.room_count() >= limits.max_rooms_per_connection {
                     return err(
                         ErrorCode::TooLarge,
                         format!("a connection may occupy at most {} rooms", limits.max_rooms_per_connection),
                     );
                 }
                 let check = room::plugin::PluginChain { session: session.id, user: user.clone(), nick: nick.clone(), password: password.clone() };
-                room::plugin::check_join(registry, &room, check).await.map_err(|e| self.room_err(e))?;
+                registry.check_join(&room, check).await.map_err(|e| self.room_err(e))?;
                 let join = room::Join { session: session.clone(), re: id, nick, since, password };
                 registry.call(&room, join).await.and_then(|r| r).map_err(|e| self.room_err(e))?;
                 // `joined` and the replay were queued by the room itself, in order.
@@ -613,7 +622,7 @@ impl Connection {
             }
             ClientFrame::Leave { id, room } => {
                 self.check_room(&room)?;
-                let addr = session.room(&room).ok_or((ErrorCode::Forbidden, "not in this room".to_string()))?;
+                let addr = self.occupied(session, &room, "not in this room", "room unavailable; retry")?;
                 addr.send(room::Leave { session: session.id, re: Some(id) })
                     .await
                     .map_err(|_| (ErrorCode::Unavailable, "room unavailable; retry".to_string()))?
@@ -631,7 +640,7 @@ impl Connection {
                 if cid.0.is_empty() || cid.0.chars().count() > limits.max_cid_chars {
                     return err(ErrorCode::BadRequest, format!("cid must be 1 to {} characters", limits.max_cid_chars));
                 }
-                let addr = session.room(&room).ok_or((ErrorCode::Forbidden, "join the room first".to_string()))?;
+                let addr = self.occupied(session, &room, "join the room first", "room unavailable; retry with the same cid")?;
                 addr.send(room::Post { session: session.id, re: id, body, client_msg_id: cid.0 })
                     .await
                     .map_err(|_| (ErrorCode::Unavailable, "room unavailable; retry with the same cid".to_string()))?
@@ -764,8 +773,10 @@ impl Connection {
             if let Some(f) = self.router.forwarder() {
                 f.session_closed(session.id);
             }
-            for (_, addr) in session.rooms() {
-                addr.do_send(room::Leave { session: session.id, re: None });
+            for room in session.rooms() {
+                if let Some(addr) = self.router.registry.lookup(&room) {
+                    addr.do_send(room::Leave { session: session.id, re: None });
+                }
             }
         }
     }

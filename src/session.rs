@@ -1,15 +1,18 @@
-//! The room-facing side of a client session: where a room pushes frames for one connection.
+//! The room-facing side of a v1 client session: where rooms deliver for one connection, and
+//! the v1 encoder of room events and answers.
 //!
 //! Every frame a client receives (answers, events, replayed history) goes through the
 //! session's one bounded outbound queue, so a room can write `joined`, the history and live
 //! messages in exactly the order the client must see them. A session that lets its queue fill
 //! is a slow consumer: it is disconnected and nobody else waits for it.
+//!
+//! Rooms see a session only as an [`Occupant`]; an event delivered to many v1 sessions is
+//! turned into its JSON frame once ([`Delivery::encoded`]), and each session queues a clone.
 
-use crate::protocol::{RoomAddr, ServerFrame};
-use crate::room::Room;
-use actix::Addr;
-use std::collections::HashMap;
-use std::sync::Mutex;
+use crate::event::{ChatMessage, Delivery, Occupant, Protocol, RoomAnswer, RoomEvent};
+use crate::protocol::{MessageEvent, RoomAddr, ServerFrame};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
@@ -48,7 +51,7 @@ pub struct SessionHandle {
     kill: CancellationToken,
     killed_for: Mutex<Option<KillReason>>,
     /// Rooms this session occupies, kept by the rooms themselves (join, leave, kick, destroy).
-    rooms: Mutex<HashMap<RoomAddr, Addr<Room>>>,
+    rooms: Mutex<HashSet<RoomAddr>>,
     /// The SHA-256 of the session token it logged in with (none for sessions forwarded by the
     /// peer), so an administrator can end the connections of one stored session.
     token_hash: Option<String>,
@@ -57,7 +60,7 @@ pub struct SessionHandle {
 impl SessionHandle {
     /// A handle writing to `outbound`; `kill` is cancelled to disconnect the session.
     pub fn new(id: u64, user: String, outbound: mpsc::Sender<Outbound>, kill: CancellationToken) -> Self {
-        SessionHandle { id, user, outbound, kill, killed_for: Mutex::new(None), rooms: Mutex::new(HashMap::new()), token_hash: None }
+        SessionHandle { id, user, outbound, kill, killed_for: Mutex::new(None), rooms: Mutex::new(HashSet::new()), token_hash: None }
     }
 
     /// Record the hash of the session token this connection logged in with.
@@ -109,29 +112,93 @@ impl SessionHandle {
         &self.kill
     }
 
-    /// Record that this session now occupies `room` (called by the room).
-    pub fn entered(&self, room: RoomAddr, addr: Addr<Room>) {
-        self.rooms.lock().expect("rooms lock poisoned").insert(room, addr);
-    }
-
-    /// Record that this session no longer occupies `room` (called by the room).
-    pub fn exited(&self, room: &RoomAddr) {
-        self.rooms.lock().expect("rooms lock poisoned").remove(room);
-    }
-
-    /// The actor of a room this session occupies.
-    pub fn room(&self, room: &RoomAddr) -> Option<Addr<Room>> {
-        self.rooms.lock().expect("rooms lock poisoned").get(room).cloned()
+    /// Does this session occupy `room`?
+    pub fn occupies(&self, room: &RoomAddr) -> bool {
+        self.rooms.lock().expect("rooms lock poisoned").contains(room)
     }
 
     /// Every room this session occupies.
-    pub fn rooms(&self) -> Vec<(RoomAddr, Addr<Room>)> {
-        self.rooms.lock().expect("rooms lock poisoned").iter().map(|(r, a)| (r.clone(), a.clone())).collect()
+    pub fn rooms(&self) -> Vec<RoomAddr> {
+        self.rooms.lock().expect("rooms lock poisoned").iter().cloned().collect()
     }
 
     /// How many rooms this session occupies.
     pub fn room_count(&self) -> usize {
         self.rooms.lock().expect("rooms lock poisoned").len()
+    }
+}
+
+impl Occupant for SessionHandle {
+    fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn user(&self) -> &str {
+        &self.user
+    }
+
+    fn deliver(&self, event: &Arc<Delivery>) {
+        self.push(v1_frame(event));
+    }
+
+    fn answer(&self, answer: RoomAnswer) {
+        match answer {
+            RoomAnswer::Joined { re, room, nick, last_seq, occupants, subject, affiliation, truncated, replay } => {
+                self.send(&ServerFrame::Joined { re, room, nick, last_seq, occupants, subject, affiliation, truncated });
+                for event in &replay {
+                    self.push(v1_frame(event));
+                }
+            }
+            RoomAnswer::Left { re, room } => self.send(&ServerFrame::Left { re, room }),
+            RoomAnswer::Ack { re, room, seq, ts, duplicate } => self.send(&ServerFrame::Ack { re, room, seq, ts, duplicate }),
+            RoomAnswer::Error { re, room, code, message } => {
+                self.send(&ServerFrame::Error { re, code, message, room: Some(room), retry_after_ms: None })
+            }
+        }
+    }
+
+    fn entered(&self, room: &RoomAddr) {
+        self.rooms.lock().expect("rooms lock poisoned").insert(room.clone());
+    }
+
+    fn exited(&self, room: &RoomAddr) {
+        self.rooms.lock().expect("rooms lock poisoned").remove(room);
+    }
+}
+
+/// The v1 frame of a delivery, serialized once per delivery however many sessions get it.
+fn v1_frame(delivery: &Delivery) -> Utf8Bytes {
+    delivery.encoded(Protocol::V1, |event| Utf8Bytes::from(event_frame(event).to_json()))
+}
+
+/// The v1 frame of a room event.
+pub fn event_frame(event: &RoomEvent) -> ServerFrame {
+    match event {
+        RoomEvent::Message(m) => ServerFrame::Message(message_event(m)),
+        RoomEvent::Presence { room, user, nick, status, reason } => ServerFrame::Presence {
+            room: room.clone(),
+            user: user.clone(),
+            nick: nick.clone(),
+            status: status.clone(),
+            reason: reason.clone(),
+        },
+        RoomEvent::Subject { room, subject, by } => ServerFrame::Subject { room: room.clone(), subject: subject.clone(), by: by.clone() },
+        RoomEvent::Configured { room, config } => ServerFrame::Configured { room: room.clone(), config: config.public_view() },
+        RoomEvent::Destroyed { room, reason } => ServerFrame::Destroyed { room: room.clone(), reason: reason.clone() },
+        RoomEvent::Moved { room, to } => ServerFrame::Moved { room: room.clone(), to: to.clone() },
+    }
+}
+
+/// The v1 form of a message.
+pub fn message_event(m: &ChatMessage) -> MessageEvent {
+    MessageEvent {
+        room: m.room.clone(),
+        seq: m.seq,
+        from: m.from.clone(),
+        nick: m.nick.clone(),
+        body: m.body.clone(),
+        cid: m.cid.clone(),
+        ts: m.ts,
     }
 }
 

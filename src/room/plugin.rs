@@ -10,10 +10,9 @@
 
 use super::{PendingPost, Room};
 use crate::plugin::v0_1::{Message, Occupant};
-use crate::plugin::worker::{self, Attachment, Chain, DecisionTo, JoinDecision, MessageDecision, PluginHandle};
+use crate::plugin::worker::{self, Attachment, Chain, DecisionTo, MessageDecision, PluginHandle};
 use crate::plugin::{RoomInfo, RoomLink};
 use crate::protocol::{ErrorCode, RoomAddr, RoomConfig};
-use crate::registry::RoomRegistry;
 use crate::room::RoomError;
 use crate::store::{NewMessage, now_ms};
 use actix::WeakAddr;
@@ -328,31 +327,6 @@ impl Handler<PluginRoomCreated> for Room {
             h.on_room_created();
         }
         Ok(())
-    }
-}
-
-/// Run the room's `on-join` hooks for a join (outside the room actor, so a slow plugin holds
-/// up this join only). A denial is [`RoomError::Rejected`]; a join the room itself would refuse
-/// gets the room's error without running any plugin.
-pub async fn check_join(registry: &RoomRegistry, room: &RoomAddr, join: PluginChain) -> Result<(), RoomError> {
-    let (user, nick) = (join.user.clone(), join.nick.clone());
-    let chain = registry.call(room, join).await.and_then(|r| r)?;
-    for h in chain {
-        if let JoinDecision::Deny(reason) = h.on_join(Occupant { user: user.clone(), nick: nick.clone() }).await {
-            return Err(RoomError::Rejected(reason));
-        }
-    }
-    Ok(())
-}
-
-/// After a room was created: run `on-room-created` if the room has any plugin (this
-/// activates the room).
-pub async fn room_created(registry: &RoomRegistry, settings: &crate::config::Settings, room: &RoomAddr, config: &RoomConfig) {
-    if settings.plugins.enabled.is_empty() && config.plugins.is_empty() {
-        return;
-    }
-    if let Err(e) = registry.call(room, PluginRoomCreated).await.and_then(|r| r) {
-        tracing::warn!(room = %room, error = %e, "on-room-created not run");
     }
 }
 
