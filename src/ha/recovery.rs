@@ -402,7 +402,7 @@ pub async fn start(
     let recovery = Recovery { inner: inner.clone() };
     let mut control = Control { r: recovery.clone(), awaiting_takeover: false, healthy_since: None, peer_seen_alive: false, return_on_peer_start: false };
     tokio::spawn(probe_task(recovery.clone(), shutdown.clone()));
-    control.initial_state(Instant::now()).await.context("deciding the starting state")?;
+    control.initial_state().await.context("deciding the starting state")?;
 
     let lease_task = tokio::spawn(lease_task(recovery.clone(), shutdown.clone()));
     let task = tokio::spawn(async move {
@@ -586,8 +586,7 @@ impl Control {
     /// reclaim them if that peer is gone too (both nodes failed; this one came back first).
     /// A node that finds itself serving its peer's service (the pair was stopped while it
     /// backed the peer up) runs in backup mode and returns it once the peer is up.
-    async fn initial_state(&mut self, now: Instant) -> Result<(), lease::LeaseError> {
-        let _ = now;
+    async fn initial_state(&mut self) -> Result<(), lease::LeaseError> {
         let inner = self.inner();
         let served_by = fencing::service_host(&inner.store, self.me()).await?;
         if &served_by == self.me() {
