@@ -11,7 +11,7 @@ mod plugins;
 use crate::config::Settings;
 use crate::registry::RoomRegistry;
 use crate::room::Inspect;
-use crate::router::Router as ClientRouter;
+use crate::gateway::Gateway;
 use crate::store::Store;
 use axum::extract::{Extension, Path, Query, Request, State};
 use axum::http::{StatusCode, header};
@@ -89,7 +89,7 @@ pub struct AdminState {
     settings: Arc<Settings>,
     store: Store,
     registry: RoomRegistry,
-    router: Arc<ClientRouter>,
+    gateway: Arc<Gateway>,
     started: Instant,
     recovery: Option<crate::ha::recovery::Recovery>,
     link: Option<crate::ha::link::Link>,
@@ -98,9 +98,9 @@ pub struct AdminState {
 }
 
 impl AdminState {
-    pub fn new(settings: Arc<Settings>, store: Store, registry: RoomRegistry, router: Arc<ClientRouter>) -> Self {
+    pub fn new(settings: Arc<Settings>, store: Store, registry: RoomRegistry, gateway: Arc<Gateway>) -> Self {
         prometheus();
-        AdminState { settings, store, registry, router, started: Instant::now(), recovery: None, link: None, plugins: None, tls: None }
+        AdminState { settings, store, registry, gateway, started: Instant::now(), recovery: None, link: None, plugins: None, tls: None }
     }
 
     /// Report this node's recovery manager and node link (nodes in an HA group).
@@ -203,7 +203,7 @@ async fn health(State(state): State<AdminState>) -> Response {
 /// now, 503 (with the reason) when it does not: failed over, a critical service stopped, or
 /// starting up. A load balancer sends clients only to ready nodes.
 async fn ready(State(state): State<AdminState>) -> Response {
-    let accepting = state.router.is_accepting();
+    let accepting = state.gateway.is_accepting();
     let hosting = state.registry.is_hosting();
     let ha_state = state.recovery.as_ref().map(|r| r.state());
     let serving = ha_state.is_none_or(|s| s.hosts_rooms());
@@ -227,7 +227,7 @@ async fn node(State(state): State<AdminState>) -> Json<serde_json::Value> {
         "store": state.store.kind().as_str(),
         "dev_mode": s.dev_mode,
         "uptime_s": state.started.elapsed().as_secs(),
-        "connections": state.router.connection_count(),
+        "connections": state.gateway.connection_count(),
         "active_rooms": state.registry.active_count(),
         "listen": {"client": s.listen.client.to_string(), "admin": s.listen.admin.to_string()},
         "tls": state.tls.as_ref().map(|t| t.certificate()),
@@ -390,7 +390,7 @@ async fn node_view(state: &AdminState, id: &str) -> serde_json::Value {
         "rooms_hosted": hosted,
         "active_rooms": me.then(|| state.registry.active_count()),
         // The peer's figures come with its heartbeats.
-        "users_connected": if me { Some(state.router.connection_count()) } else { peer.as_ref().filter(|p| p.reachable).map(|p| p.connections) },
+        "users_connected": if me { Some(state.gateway.connection_count()) } else { peer.as_ref().filter(|p| p.reachable).map(|p| p.connections) },
         "services": if me { state.recovery.as_ref().map(|r| json!(r.status().services)) } else { None },
         "write_gate_ms": if me { state.recovery.as_ref().map(|r| r.status().lease_remaining_ms) } else { None },
         "last_takeover": if me { state.recovery.as_ref().map(|r| json!(r.status().last_takeover)) } else { None },
@@ -535,7 +535,7 @@ async fn metrics_text(State(state): State<AdminState>) -> impl IntoResponse {
         metrics::gauge!("stoa_peer_reachable").set(if link.peer().reachable { 1.0 } else { 0.0 });
     }
     process_metrics().collect();
-    metrics::gauge!("stoa_ready").set(if state.router.is_accepting() && state.registry.is_hosting() { 1.0 } else { 0.0 });
+    metrics::gauge!("stoa_ready").set(if state.gateway.is_accepting() && state.registry.is_hosting() { 1.0 } else { 0.0 });
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], prometheus().render())
 }
 

@@ -38,6 +38,12 @@ pub fn iso_utc(ms: i64) -> String {
     format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z")
 }
 
+/// `2026-12-04T18:22:25.123Z` (XEP-0082, UTC, milliseconds): for XMPP delay stamps.
+pub fn iso_utc_millis(ms: i64) -> String {
+    let (y, mo, d, h, mi, s) = parts(ms);
+    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{:03}Z", ms.rem_euclid(1000))
+}
+
 /// `2026-12-04 18:22:25 UTC`: for tables people read.
 pub fn readable_utc(ms: i64) -> String {
     let (y, mo, d, h, mi, s) = parts(ms);

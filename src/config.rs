@@ -28,6 +28,9 @@ pub enum ConfigError {
     Values { origin: String, source: config::ConfigError },
 }
 
+/// Where dev mode (no config file) serves XMPP clients.
+pub const XMPP_DEV_C2S: &str = "127.0.0.1:5222";
+
 /// Everything a node needs to run.
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -46,6 +49,31 @@ pub struct Settings {
     pub cluster: ClusterSettings,
     pub plugins: crate::plugin::settings::PluginSettings,
     pub tls: TlsSettings,
+    pub xmpp: XmppSettings,
+}
+
+/// XMPP for clients (docs/xmpp.md): users log in as `user@domain`; rooms are
+/// `name@node.service` (the MUC service).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct XmppSettings {
+    /// The XMPP domain of this node's users (`ann@localhost`).
+    pub domain: String,
+    /// The client-to-server listener (RFC 6120 over TCP, STARTTLS when `[tls]` is set); unset:
+    /// no c2s listener. Dev mode (no config file) listens on `127.0.0.1:5222`.
+    pub c2s: Option<SocketAddr>,
+    /// Let the c2s listener serve without TLS on a non-loopback address (no `[tls]`).
+    pub c2s_insecure: bool,
+    /// Longest stanza in bytes (a longer one ends the stream with `policy-violation`).
+    pub max_stanza_bytes: usize,
+    /// Deepest element nesting of a stanza.
+    pub max_depth: usize,
+}
+
+impl Default for XmppSettings {
+    fn default() -> Self {
+        XmppSettings { domain: "localhost".into(), c2s: None, c2s_insecure: false, max_stanza_bytes: 256 * 1024, max_depth: 32 }
+    }
 }
 
 /// TLS for every listener (client `wss://`, admin `https://`, node link `wss://`) and the trust
@@ -536,6 +564,9 @@ impl Settings {
             if std::env::var_os("STOA__AUTH__ALLOW_GUESTS").is_none() {
                 settings.auth.allow_guests = true;
             }
+            if settings.xmpp.c2s.is_none() && std::env::var_os("STOA__XMPP__C2S").is_none() {
+                settings.xmpp.c2s = Some(XMPP_DEV_C2S.parse().expect("literal address"));
+            }
         }
         settings.resolve_secrets()?;
         settings.check()?;
@@ -591,14 +622,15 @@ impl Settings {
     pub fn check(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
         let exposed = |a: &SocketAddr| !a.ip().is_loopback();
-        if self.dev_mode && (exposed(&self.listen.client) || exposed(&self.listen.admin)) {
+        let xmpp_exposed = self.xmpp.c2s.as_ref().is_some_and(exposed);
+        if self.dev_mode && (exposed(&self.listen.client) || exposed(&self.listen.admin) || xmpp_exposed) {
             return invalid(format!(
                 "dev mode (no config file) only binds loopback, but a listener is set to {} / {}; \
                  write a config file with [auth] set up to listen elsewhere",
                 self.listen.client, self.listen.admin
             ));
         }
-        if self.auth.allow_guests && exposed(&self.listen.client) {
+        if self.auth.allow_guests && (exposed(&self.listen.client) || xmpp_exposed) {
             return invalid(format!(
                 "refusing to offer guest login on non-loopback address {}: set auth.allow_guests = false \
                  and add users with `stoa user add`",
@@ -653,6 +685,18 @@ impl Settings {
                 l.listener, l.addr, l.insecure_key
             ));
         }
+        let domain_ok = |d: &str| {
+            !d.is_empty() && d.len() <= 253 && d.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-'))
+        };
+        if !domain_ok(&self.xmpp.domain) {
+            return invalid("xmpp.domain must be a lower-case domain name (a-z, 0-9, '.', '-')".into());
+        }
+        if self.xmpp.domain == self.node.service {
+            return invalid("xmpp.domain and node.service must differ: users are user@domain, rooms name@service".into());
+        }
+        if self.xmpp.max_stanza_bytes < self.limits.max_body_bytes.saturating_mul(6).saturating_add(4096) || self.xmpp.max_depth < 8 {
+            return invalid("xmpp.max_stanza_bytes must be at least 6 × limits.max_body_bytes + 4096, and xmpp.max_depth at least 8".into());
+        }
         self.plugins.check().map_err(ConfigError::Invalid)?;
         self.check_cluster()
     }
@@ -674,6 +718,9 @@ impl Settings {
         let exposed = |a: &SocketAddr| !a.ip().is_loopback();
         add("client", self.listen.client.to_string(), exposed(&self.listen.client), "listen.client_insecure", self.listen.client_insecure);
         add("admin", self.listen.admin.to_string(), exposed(&self.listen.admin), "listen.admin_insecure", self.listen.admin_insecure);
+        if let Some(c2s) = &self.xmpp.c2s {
+            add("xmpp c2s", c2s.to_string(), exposed(c2s), "xmpp.c2s_insecure", self.xmpp.c2s_insecure);
+        }
         if let Some(group) = self.group().filter(|g| g.ha)
             && let Some(me) = group.nodes.iter().find(|n| n.id == self.node.id)
         {

@@ -18,6 +18,8 @@ use std::sync::{Arc, OnceLock};
 pub struct ChatMessage {
     pub room: RoomAddr,
     pub seq: u64,
+    /// The message's unique id (XMPP's stanza-id), stable wherever the message is stored.
+    pub id: String,
     /// The sender's user name.
     pub from: String,
     pub nick: String,
@@ -57,10 +59,12 @@ pub enum RoomEvent {
 pub enum Protocol {
     /// WebSocket protocol v1 (JSON text frames).
     V1,
+    /// XMPP (a stanza without its `to`, which differs per occupant).
+    Xmpp,
 }
 
 /// How many [`Protocol`]s there are (one cache slot each).
-const PROTOCOLS: usize = 1;
+const PROTOCOLS: usize = 2;
 
 /// One event on its way to many occupants, with its encoding cached per protocol.
 pub struct Delivery {

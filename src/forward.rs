@@ -1,6 +1,6 @@
 //! Forwarding room operations between the two nodes of a pair, over the node link.
 //!
-//! A client on node B may join, read and post in a room hosted by its peer A. B's router tries
+//! A client on node B may join, read and post in a room hosted by its peer A. B's gateway tries
 //! the room locally first; when the registry answers that A hosts it (and the link to A is up),
 //! B passes the client's frame, as it came, to A ([`Forwarder::forward`]). A serves it on a
 //! *virtual connection*: an ordinary [`Connection`] logged in as the same user (the link is
@@ -17,13 +17,13 @@
 use crate::ha::link::{Inbound, Link, PeerCommand};
 use crate::ha::recovery::Recovery;
 use crate::protocol::RoomAddr;
-use crate::router::{Connection, Router};
-use crate::session::{Outbound, SessionHandle};
+use crate::gateway::Gateway;
+use crate::v1::{Connection, Outbound};
+use crate::session::Session;
 use crate::store::NodeId;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
 /// How long a request for a room of a peer that looks down (or whose `rooms` service is down)
@@ -33,7 +33,7 @@ const TAKEOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(12);
 /// Both directions of forwarding for one node.
 pub struct Forwarder {
     me: Weak<Forwarder>,
-    router: Arc<Router>,
+    gateway: Arc<Gateway>,
     peer: NodeId,
     /// This node's client URL, named in `goaway` when forwarded rooms are cut off.
     my_url: String,
@@ -46,10 +46,10 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
-    pub fn new(router: Arc<Router>, peer: NodeId, my_url: String) -> Arc<Forwarder> {
+    pub fn new(gateway: Arc<Gateway>, peer: NodeId, my_url: String) -> Arc<Forwarder> {
         Arc::new_cyclic(|me| Forwarder {
             me: me.clone(),
-            router,
+            gateway,
             peer,
             my_url,
             link: OnceLock::new(),
@@ -92,13 +92,13 @@ impl Forwarder {
         let sessions: Vec<u64> = self.forwarding.lock().expect("forwarding lock").drain().map(|(id, _)| id).collect();
         if !sessions.is_empty() {
             tracing::info!(sessions = sessions.len(), "forwarding reset: sessions with rooms on the peer resume here");
-            self.router.goaway_sessions(&sessions, reason, Some(self.my_url.clone()));
+            self.gateway.goaway_sessions(&sessions, reason, Some(self.my_url.clone()));
         }
     }
 
 }
 
-impl crate::router::Remote for Forwarder {
+impl crate::gateway::Remote for Forwarder {
     fn can_forward(&self, host: &NodeId) -> bool {
         self.can_forward_now(host)
     }
@@ -121,7 +121,7 @@ impl crate::router::Remote for Forwarder {
     }
 
     /// Pass `frame` (a client frame about `room`) of `session` to the peer.
-    fn forward(&self, session: &SessionHandle, room: &RoomAddr, frame: &str) {
+    fn forward(&self, session: &Session, room: &RoomAddr, frame: &str) {
         let Some(link) = self.link.get() else { return };
         self.forwarding.lock().expect("forwarding lock").entry(session.id).or_default().insert(room.clone());
         metrics::counter!("stoa_forwarded_frames_total").increment(1);
@@ -142,9 +142,9 @@ impl Forwarder {
     /// the link, answering over it.
     fn open_virtual(&self, session: u64, user: String) -> mpsc::UnboundedSender<String> {
         let (frames_tx, mut frames) = mpsc::unbounded_channel::<String>();
-        let (out_tx, mut out) = mpsc::channel::<Outbound>(self.router.settings.limits.outbound_queue);
+        let (out_tx, mut out) = mpsc::channel::<Outbound>(self.gateway.settings.limits.outbound_queue);
         let kill = CancellationToken::new();
-        let mut conn = Connection::trusted(self.router.clone(), out_tx, kill.clone(), user);
+        let mut conn = Connection::trusted(self.gateway.clone(), out_tx, kill.clone(), user);
         if let Some(link) = self.link.get().cloned() {
             tokio::spawn(async move {
                 while let Some(o) = out.recv().await {
@@ -202,8 +202,8 @@ impl Inbound for Forwarder {
     }
 
     fn to_client(&self, session: u64, frame: String) {
-        match self.router.session(session) {
-            Some(s) => s.push(Utf8Bytes::from(frame)),
+        match self.gateway.session(session) {
+            Some(s) => s.forwarded(frame),
             None => {
                 if let Some(link) = self.link.get() {
                     link.client_gone(session);

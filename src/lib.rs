@@ -1,17 +1,19 @@
 //! Stoa: a persistent chat-room runtime.
 //!
-//! The data path is client → router → room actor → committer → store → fan-out:
+//! The data path is front end → gateway → room actor → committer → store → fan-out:
 //!
 //! ```text
-//! transport::ws ─frames─▶ router::Connection ─actix msg─▶ room::Room ─AppendRequest─▶ committer
-//!       ▲                                                      │                          │
-//!       └── session::SessionHandle ◀── event::Occupant ◀── typed events ◀── after commit ◀── store (fenced txn)
+//! transport::ws ─frames─▶ v1::Connection ─ops─▶ gateway::Gateway ─actix msg─▶ room::Room ─AppendRequest─▶ committer
+//!       ▲                                                                         │                          │
+//!       └── v1::V1Wire ◀── session::Session ◀── event::Occupant ◀── typed events ◀── after commit ◀── store (fenced txn)
 //!           (v1 encoding, once per event)
 //! ```
 //!
 //! Imports point down (`scripts/import-cycles.py` checks that there is no circle): the room
 //! delivers to the [`event::Occupant`] trait, which the session implements, and tells the
-//! registry it stops through [`room::Registrar`], which the registry implements.
+//! registry it stops through [`room::Registrar`], which the registry implements. A front end
+//! is a codec over [`gateway::Gateway`]: it parses its protocol, calls one gateway method per
+//! operation, and encodes answers and room events through its [`session::Wire`].
 //!
 //! Module map:
 //!
@@ -30,10 +32,15 @@
 //! - [`node`]: start-up and ordered shutdown of one node (actix System, arbiters, listeners).
 //! - [`transport`]: client transports; `transport::ws` is the WebSocket listener at `/ws`, `transport::upgrade`
 //!   reads the HTTP request before the upgrade (plain HTTP answers, handshake slots).
-//! - [`router`]: per-connection protocol state: login, validation, rate limit, dispatch to rooms.
+//! - [`gateway`]: the protocol-neutral session API (login, create, join, leave, send, history,
+//!   subject, configure, affiliate, kick, destroy, list): validation, budgets, typed results and
+//!   documented error codes; the node's table of live sessions and whether it takes logins.
+//! - [`v1`]: protocol v1, the JSON codec over the gateway: a connection's frames, its request
+//!   budget, paging answers by size, forwarding v1 frames of the peer's rooms; `V1Wire` encodes
+//!   room events once per event.
 //! - [`forward`]: room operations of a client on one node served by its peer, over the node link.
-//! - [`session`]: a logged-in v1 session as rooms see it (it implements `event::Occupant`): its
-//!   bounded outbound queue, the rooms it is in, and the v1 encoder of room events and answers.
+//! - [`session`]: a logged-in session of any protocol as rooms see it (it implements
+//!   `event::Occupant`): the rooms it is in, how it ended, and its front end's `Wire`.
 //! - [`registry`]: room address → room actor; activation, passivation, spreading over arbiters;
 //!   the plugin checks around a join and a creation that run outside the room actor.
 //! - [`room`]: the room actor (joins, posts, permissions, typed events to its occupants, a replay
@@ -46,6 +53,9 @@
 //! - [`names`]: when two nicks or user names clash (a confusable-skeleton comparison key).
 //! - [`plugin`]: Wasm plugins (wasmtime components, WIT `stoa:plugin@0.1.0`): limits, per-room
 //!   workers, fault counting; the room side is `room::plugin` (docs/plugins.md).
+//! - [`xmpp`]: XMPP, the second codec over the gateway: the c2s listener (RFC 6120 streams,
+//!   STARTTLS, SASL, binding), MUC over Stoa rooms (`xmpp::muc`), the stream parser with its
+//!   limits (`xmpp::stream`); docs/xmpp.md.
 //! - [`admin`]: admin HTTP API (`/health`, `/api/...`, HA verbs, audit log) and Prometheus `/metrics`;
 //!   `admin::manage` has the operator's verbs on sessions and rooms of a running node.
 //! - [`admin_client`]: the small HTTP(S) client behind `stoa admin …`.
@@ -67,6 +77,7 @@ pub mod committer;
 pub mod config;
 pub mod event;
 pub mod forward;
+pub mod gateway;
 pub mod ha;
 pub mod logfile;
 pub mod names;
@@ -75,10 +86,11 @@ pub mod plugin;
 pub mod protocol;
 pub mod registry;
 pub mod room;
-pub mod router;
 pub mod session;
 pub mod store;
 pub mod systemd;
 pub mod throttle;
 pub mod tls;
 pub mod transport;
+pub mod v1;
+pub mod xmpp;

@@ -14,7 +14,7 @@ use crate::ha::recovery::{PeerRef, RecoveryConfig};
 use crate::config::Settings;
 use crate::registry::RoomRegistry;
 use crate::room::{RoomDeps, RoomLimits};
-use crate::router::Router;
+use crate::gateway::Gateway;
 use crate::store::{NodeId, Store};
 use crate::transport;
 use anyhow::Context as _;
@@ -30,6 +30,8 @@ pub struct Node {
     pub client_addr: SocketAddr,
     /// Where the admin HTTP listener is bound.
     pub admin_addr: SocketAddr,
+    /// Where the XMPP client-to-server listener is bound (`xmpp.c2s`), if it is on.
+    pub xmpp_addr: Option<SocketAddr>,
     /// The listeners' TLS (`[tls]`), for reloading the certificate (SIGHUP).
     tls: Option<crate::tls::ServerTls>,
     shutdown: CancellationToken,
@@ -68,7 +70,9 @@ impl Node {
             })
             .context("spawning the node thread")?;
         match ready_rx.recv() {
-            Ok(Ok((client_addr, admin_addr))) => Ok(Node { client_addr, admin_addr, tls: node_tls, shutdown, thread: Some(thread) }),
+            Ok(Ok(Listening { client_addr, admin_addr, xmpp_addr })) => {
+                Ok(Node { client_addr, admin_addr, xmpp_addr, tls: node_tls, shutdown, thread: Some(thread) })
+            }
             Ok(Err(e)) => {
                 let _ = thread.join();
                 Err(e)
@@ -117,7 +121,14 @@ fn worker_threads() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
 }
 
-type Ready = std::sync::mpsc::Sender<anyhow::Result<(SocketAddr, SocketAddr)>>;
+/// Where a started node listens.
+struct Listening {
+    client_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    xmpp_addr: Option<SocketAddr>,
+}
+
+type Ready = std::sync::mpsc::Sender<anyhow::Result<Listening>>;
 
 async fn run(settings: Settings, tls: Option<crate::tls::ServerTls>, shutdown: CancellationToken, ready: Ready) -> anyhow::Result<()> {
     let settings = Arc::new(settings);
@@ -162,6 +173,10 @@ async fn run(settings: Settings, tls: Option<crate::tls::ServerTls>, shutdown: C
     // naming the key to change, not after connecting and migrating.
     let client_listener = bind(&settings.listen.client.to_string(), "client", "listen.client").await?;
     let admin_listener = bind(&settings.listen.admin.to_string(), "admin", "listen.admin").await?;
+    let xmpp_listener = match &settings.xmpp.c2s {
+        Some(addr) => Some(bind(&addr.to_string(), "XMPP c2s", "xmpp.c2s").await?),
+        None => None,
+    };
     let mut link_listener = match settings.group().filter(|g| g.ha).and_then(|g| g.nodes.iter().find(|n| n.id == settings.node.id)) {
         Some(me) => Some(bind(&me.link, "node link", &format!("`link` of node {} in [cluster]", me.id)).await?),
         None => None,
@@ -217,7 +232,7 @@ async fn run(settings: Settings, tls: Option<crate::tls::ServerTls>, shutdown: C
     tracing::info!(arbiters = arbiter_count, "room registry ready");
 
     let auth = Auth::new(store.clone(), settings.auth.allow_guests, settings.auth.session_ttl_s);
-    let router = Arc::new(Router::new(settings.clone(), registry.clone(), store.clone(), auth));
+    let gateway = Arc::new(Gateway::new(settings.clone(), registry.clone(), store.clone(), auth));
 
     let recovery = if ha_group {
         let config = RecoveryConfig {
@@ -229,7 +244,7 @@ async fn run(settings: Settings, tls: Option<crate::tls::ServerTls>, shutdown: C
             auto_fallback_after: (settings.cluster.auto_fallback_after_s > 0).then(|| Duration::from_secs(settings.cluster.auto_fallback_after_s)),
             tick: Duration::from_millis((settings.cluster.heartbeat_ms / 5).clamp(20, 200)),
         };
-        let (recovery, task) = crate::ha::recovery::start(config, store.clone(), gate, registry.clone(), router.clone(), shutdown.clone())
+        let (recovery, task) = crate::ha::recovery::start(config, store.clone(), gate, registry.clone(), gateway.clone(), shutdown.clone())
             .await
             .context("starting the recovery manager")?;
         tracing::info!(state = %recovery.state(), "recovery manager started");
@@ -251,12 +266,12 @@ async fn run(settings: Settings, tls: Option<crate::tls::ServerTls>, shutdown: C
                 tls: tls.clone(),
                 client_tls: link_client_tls.clone(),
             };
-            let forwarder = crate::forward::Forwarder::new(router.clone(), NodeId(peer.id.clone()), me.client.clone());
+            let forwarder = crate::forward::Forwarder::new(gateway.clone(), NodeId(peer.id.clone()), me.client.clone());
             let link = crate::ha::link::start(listener, config, Arc::new(recovery.clone()), forwarder.clone(), shutdown.clone());
             recovery.set_link(link.clone());
             forwarder.attach(link.clone(), recovery.clone());
-            let remote: Arc<dyn crate::router::Remote> = forwarder.clone();
-            router.set_forwarder(Arc::downgrade(&remote));
+            let remote: Arc<dyn crate::gateway::Remote> = forwarder.clone();
+            gateway.set_forwarder(Arc::downgrade(&remote));
             tracing::info!(link = %me.link, peer = %peer.id, "node link started");
             Some((link, forwarder))
         }
@@ -266,18 +281,24 @@ async fn run(settings: Settings, tls: Option<crate::tls::ServerTls>, shutdown: C
 
     let client_addr = client_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
-    let clients = tokio::spawn(transport::ws::serve(client_listener, router.clone(), tls.clone(), shutdown.clone()));
-    let admin_state = admin::AdminState::new(settings.clone(), store.clone(), registry.clone(), router.clone())
+    let clients = tokio::spawn(transport::ws::serve(client_listener, gateway.clone(), tls.clone(), shutdown.clone()));
+    let admin_state = admin::AdminState::new(settings.clone(), store.clone(), registry.clone(), gateway.clone())
         .with_recovery(recovery.as_ref().map(|(r, _)| r.clone()), link)
         .with_plugins(plugins)
         .with_tls(tls.clone());
     let admin = tokio::spawn(admin::serve(admin_listener, admin_state, shutdown.clone()));
+    let xmpp_addr = xmpp_listener.as_ref().map(|l| l.local_addr()).transpose()?;
+    let xmpp = xmpp_listener.map(|l| tokio::spawn(crate::xmpp::c2s::serve(l, gateway.clone(), tls.clone(), shutdown.clone())));
+    if let Some(addr) = xmpp_addr {
+        let starttls = if tls.is_some() { ", STARTTLS" } else { "" };
+        tracing::info!(%addr, "xmpp: clients at {addr} (c2s{starttls}) for the domain {}, rooms at {}", settings.xmpp.domain, settings.node.service);
+    }
     let (ws, http) = if tls.is_some() { ("wss", "https") } else { ("ws", "http") };
     tracing::info!(%client_addr, %admin_addr, "listening: clients at {ws}://{client_addr}/ws, admin at {http}://{admin_addr}/");
-    let _ = ready.send(Ok((client_addr, admin_addr)));
+    let _ = ready.send(Ok(Listening { client_addr, admin_addr, xmpp_addr }));
     crate::systemd::serving(
         &format!("serving: clients at {ws}://{client_addr}/ws, admin at {http}://{admin_addr}/"),
-        router.clone(),
+        gateway.clone(),
         registry.clone(),
         recovery.as_ref().map(|(r, _)| r.clone()),
         shutdown.clone(),
@@ -287,6 +308,9 @@ async fn run(settings: Settings, tls: Option<crate::tls::ServerTls>, shutdown: C
     crate::systemd::stopping("stopping: closing connections, draining commits");
     tracing::info!("shutting down: closing connections");
     let _ = clients.await;
+    if let Some(xmpp) = xmpp {
+        let _ = xmpp.await;
+    }
     let _ = admin.await;
     tracing::info!("draining the committer");
     drop(deps);

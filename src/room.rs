@@ -293,6 +293,7 @@ impl Room {
         Delivery::new(RoomEvent::Message(ChatMessage {
             room: self.addr.clone(),
             seq,
+            id: m.id.clone(),
             from: m.sender.clone(),
             nick: m.nick.clone(),
             body: m.body.clone(),
@@ -305,6 +306,7 @@ impl Room {
         Delivery::new(RoomEvent::Message(ChatMessage {
             room: self.addr.clone(),
             seq: m.seq,
+            id: m.id.clone(),
             from: m.sender.clone(),
             nick: m.nick.clone(),
             body: m.body.clone(),
@@ -844,7 +846,7 @@ impl Handler<Post> for Room {
         }
         let (sender, client_msg_id) = key;
         let post = PendingPost {
-            message: NewMessage { sender, nick, body: msg.body, client_msg_id, created_at: now_ms() },
+            message: NewMessage { id: uuid::Uuid::now_v7().to_string(), sender, nick, body: msg.body, client_msg_id, created_at: now_ms() },
             waiters: vec![(session, msg.re)],
         };
         self.enqueue_post(post, false, ctx);

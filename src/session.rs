@@ -1,30 +1,19 @@
-//! The room-facing side of a v1 client session: where rooms deliver for one connection, and
-//! the v1 encoder of room events and answers.
+//! A logged-in client session as rooms and the gateway see it, whatever protocol it speaks.
 //!
-//! Every frame a client receives (answers, events, replayed history) goes through the
-//! session's one bounded outbound queue, so a room can write `joined`, the history and live
+//! A [`Session`] holds what every front end shares: the session id and user, the rooms it
+//! occupies (kept by the rooms themselves), how it was ended, and its [`Wire`]: the front end's
+//! side, which encodes room events and answers into that protocol's frames and queues them on
+//! the connection's one bounded outbound queue. So a room writes `joined`, the history and live
 //! messages in exactly the order the client must see them. A session that lets its queue fill
 //! is a slow consumer: it is disconnected and nobody else waits for it.
 //!
-//! Rooms see a session only as an [`Occupant`]; an event delivered to many v1 sessions is
-//! turned into its JSON frame once ([`Delivery::encoded`]), and each session queues a clone.
+//! Rooms see a session only as an [`Occupant`].
 
-use crate::event::{ChatMessage, Delivery, Occupant, Protocol, RoomAnswer, RoomEvent};
-use crate::protocol::{MessageEvent, RoomAddr, ServerFrame};
+use crate::event::{Delivery, Occupant, RoomAnswer};
+use crate::protocol::RoomAddr;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
-
-/// Something for the connection's writer.
-#[derive(Debug)]
-pub enum Outbound {
-    /// A serialized server frame.
-    Frame(Utf8Bytes),
-    /// A WebSocket ping (idle connection check).
-    Ping,
-}
 
 /// Why a session was ended by the server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,15 +28,41 @@ pub enum KillReason {
     Kicked,
 }
 
-/// A connected, logged-in session as seen by rooms. Shared (`Arc`) between the connection
-/// and every room it occupies.
-#[derive(Debug)]
-pub struct SessionHandle {
+/// Whether a frame made it onto a connection's outbound queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Queued {
+    Yes,
+    /// The queue is full: the session is a slow consumer.
+    Full,
+    /// The connection is gone.
+    Closed,
+}
+
+/// A front end's side of a session: it encodes what rooms and the node tell the session in its
+/// protocol and queues it. Calls never block.
+pub trait Wire: Send + Sync {
+    /// An event for everyone in a room.
+    fn deliver(&self, event: &Arc<Delivery>) -> Queued;
+    /// The answer to one of the session's requests (or a room's word about itself).
+    fn answer(&self, answer: RoomAnswer) -> Queued;
+    /// The node stops serving this session: where to go (a client address), and why.
+    fn goaway(&self, reason: &str, to: Option<&str>) -> Queued;
+    /// A protocol v1 frame that the peer node sent for this session (rooms it serves over the
+    /// node link, `crate::forward`).
+    fn forwarded(&self, frame: String) -> Queued;
+}
+
+/// A connected, logged-in session. Shared (`Arc`) between its connection, the gateway's
+/// session table and every room it occupies.
+pub struct Session {
     /// Unique per node process.
     pub id: u64,
     /// The logged-in user name.
     pub user: String,
-    outbound: mpsc::Sender<Outbound>,
+    /// The client's address (its rooms created count against it); none for the peer's
+    /// forwarded sessions.
+    pub address: Option<std::net::IpAddr>,
+    wire: Box<dyn Wire>,
     kill: CancellationToken,
     killed_for: Mutex<Option<KillReason>>,
     /// Rooms this session occupies, kept by the rooms themselves (join, leave, kick, destroy).
@@ -57,10 +72,25 @@ pub struct SessionHandle {
     token_hash: Option<String>,
 }
 
-impl SessionHandle {
-    /// A handle writing to `outbound`; `kill` is cancelled to disconnect the session.
-    pub fn new(id: u64, user: String, outbound: mpsc::Sender<Outbound>, kill: CancellationToken) -> Self {
-        SessionHandle { id, user, outbound, kill, killed_for: Mutex::new(None), rooms: Mutex::new(HashSet::new()), token_hash: None }
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").field("id", &self.id).field("user", &self.user).finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    /// A session writing through `wire`; `kill` is cancelled to disconnect it.
+    pub fn new(id: u64, user: String, wire: Box<dyn Wire>, kill: CancellationToken) -> Self {
+        Session {
+            id,
+            user,
+            address: None,
+            wire,
+            kill,
+            killed_for: Mutex::new(None),
+            rooms: Mutex::new(HashSet::new()),
+            token_hash: None,
+        }
     }
 
     /// Record the hash of the session token this connection logged in with.
@@ -69,24 +99,32 @@ impl SessionHandle {
         self
     }
 
+    /// Record the client's address.
+    pub fn with_address(mut self, address: Option<std::net::IpAddr>) -> Self {
+        self.address = address;
+        self
+    }
+
     /// The hash of the session token this connection logged in with, if any.
     pub fn token_hash(&self) -> Option<&str> {
         self.token_hash.as_deref()
     }
 
-    /// Queue a pre-serialized frame. A full queue disconnects the session (slow consumer).
-    pub fn push(&self, frame: Utf8Bytes) {
-        match self.outbound.try_send(Outbound::Frame(frame)) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => self.kill(KillReason::SlowConsumer),
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+    /// A full queue disconnects the session (slow consumer).
+    fn queued(&self, q: Queued) {
+        if q == Queued::Full {
+            self.kill(KillReason::SlowConsumer);
         }
     }
 
-    /// Queue a frame (error answers are counted in `stoa_errors_total` by code).
-    pub fn send(&self, frame: &ServerFrame) {
-        count_error(frame);
-        self.push(Utf8Bytes::from(frame.to_json()));
+    /// Tell the session to go elsewhere (`goaway` in v1); the caller closes it shortly after.
+    pub fn goaway(&self, reason: &str, to: Option<&str>) {
+        self.queued(self.wire.goaway(reason, to));
+    }
+
+    /// Queue a v1 frame that the peer sent for this session.
+    pub fn forwarded(&self, frame: String) {
+        self.queued(self.wire.forwarded(frame));
     }
 
     /// Disconnect this session.
@@ -128,7 +166,7 @@ impl SessionHandle {
     }
 }
 
-impl Occupant for SessionHandle {
+impl Occupant for Session {
     fn id(&self) -> u64 {
         self.id
     }
@@ -138,23 +176,11 @@ impl Occupant for SessionHandle {
     }
 
     fn deliver(&self, event: &Arc<Delivery>) {
-        self.push(v1_frame(event));
+        self.queued(self.wire.deliver(event));
     }
 
     fn answer(&self, answer: RoomAnswer) {
-        match answer {
-            RoomAnswer::Joined { re, room, nick, last_seq, occupants, subject, affiliation, truncated, replay } => {
-                self.send(&ServerFrame::Joined { re, room, nick, last_seq, occupants, subject, affiliation, truncated });
-                for event in &replay {
-                    self.push(v1_frame(event));
-                }
-            }
-            RoomAnswer::Left { re, room } => self.send(&ServerFrame::Left { re, room }),
-            RoomAnswer::Ack { re, room, seq, ts, duplicate } => self.send(&ServerFrame::Ack { re, room, seq, ts, duplicate }),
-            RoomAnswer::Error { re, room, code, message } => {
-                self.send(&ServerFrame::Error { re, code, message, room: Some(room), retry_after_ms: None })
-            }
-        }
+        self.queued(self.wire.answer(answer));
     }
 
     fn entered(&self, room: &RoomAddr) {
@@ -163,48 +189,5 @@ impl Occupant for SessionHandle {
 
     fn exited(&self, room: &RoomAddr) {
         self.rooms.lock().expect("rooms lock poisoned").remove(room);
-    }
-}
-
-/// The v1 frame of a delivery, serialized once per delivery however many sessions get it.
-fn v1_frame(delivery: &Delivery) -> Utf8Bytes {
-    delivery.encoded(Protocol::V1, |event| Utf8Bytes::from(event_frame(event).to_json()))
-}
-
-/// The v1 frame of a room event.
-pub fn event_frame(event: &RoomEvent) -> ServerFrame {
-    match event {
-        RoomEvent::Message(m) => ServerFrame::Message(message_event(m)),
-        RoomEvent::Presence { room, user, nick, status, reason } => ServerFrame::Presence {
-            room: room.clone(),
-            user: user.clone(),
-            nick: nick.clone(),
-            status: status.clone(),
-            reason: reason.clone(),
-        },
-        RoomEvent::Subject { room, subject, by } => ServerFrame::Subject { room: room.clone(), subject: subject.clone(), by: by.clone() },
-        RoomEvent::Configured { room, config } => ServerFrame::Configured { room: room.clone(), config: config.public_view() },
-        RoomEvent::Destroyed { room, reason } => ServerFrame::Destroyed { room: room.clone(), reason: reason.clone() },
-        RoomEvent::Moved { room, to } => ServerFrame::Moved { room: room.clone(), to: to.clone() },
-    }
-}
-
-/// The v1 form of a message.
-pub fn message_event(m: &ChatMessage) -> MessageEvent {
-    MessageEvent {
-        room: m.room.clone(),
-        seq: m.seq,
-        from: m.from.clone(),
-        nick: m.nick.clone(),
-        body: m.body.clone(),
-        cid: m.cid.clone(),
-        ts: m.ts,
-    }
-}
-
-/// Count an error frame in `stoa_errors_total{code}`.
-pub fn count_error(frame: &ServerFrame) {
-    if let ServerFrame::Error { code, .. } = frame {
-        metrics::counter!("stoa_errors_total", "code" => code.as_str()).increment(1);
     }
 }

@@ -149,6 +149,8 @@ impl TryFrom<room::Model> for RoomRow {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredMessage {
     pub seq: u64,
+    /// The message's unique id (XMPP's stanza-id and MAM id).
+    pub id: String,
     pub sender: String,
     pub nick: String,
     pub body: String,
@@ -159,6 +161,8 @@ pub struct StoredMessage {
 /// A message a room actor wants appended; the store assigns its seq.
 #[derive(Clone, Debug)]
 pub struct NewMessage {
+    /// A unique id (a UUIDv7 the room makes): XMPP's stanza-id, kept with the message.
+    pub id: String,
     pub sender: String,
     pub nick: String,
     pub body: String,
@@ -675,6 +679,7 @@ impl Store {
             .into_iter()
             .map(|m| StoredMessage {
                 seq: m.seq as u64,
+                id: m.id,
                 sender: m.sender,
                 nick: m.nick,
                 body: m.body,
@@ -848,7 +853,7 @@ impl Store {
             insert.values_panic([
                 fence.room.0.into(),
                 (o.seq as i64).into(),
-                uuid::Uuid::now_v7().to_string().into(),
+                m.id.clone().into(),
                 m.sender.clone().into(),
                 m.nick.clone().into(),
                 m.body.clone().into(),

@@ -9,7 +9,7 @@
 
 use crate::ha::recovery::Recovery;
 use crate::registry::RoomRegistry;
-use crate::router::Router;
+use crate::gateway::Gateway;
 use sd_notify::NotifyState;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,20 +42,20 @@ pub fn ready(status: &str) {
 /// The node serves: `READY=1` with `status` (where it listens), and, when the unit has
 /// `WatchdogSec=`, the [`watchdog`] task on the current (the node's) runtime, whose pings
 /// carry the node's figures as `STATUS=`.
-pub fn serving(status: &str, router: Arc<Router>, registry: RoomRegistry, recovery: Option<Recovery>, shutdown: CancellationToken) {
+pub fn serving(status: &str, gateway: Arc<Gateway>, registry: RoomRegistry, recovery: Option<Recovery>, shutdown: CancellationToken) {
     ready(status);
     if let Some(interval) = watchdog_interval() {
         let probe = registry.clone();
-        let status = move || status_line(&router, &registry, recovery.as_ref());
+        let status = move || status_line(&gateway, &registry, recovery.as_ref());
         tokio::spawn(watchdog(interval, probe, status, shutdown));
     }
 }
 
 /// `serving: 3 connections, 12 active rooms` (and `, HA normal` on an HA node): short, for
 /// `systemctl status`.
-fn status_line(router: &Router, registry: &RoomRegistry, recovery: Option<&Recovery>) -> String {
+fn status_line(gateway: &Gateway, registry: &RoomRegistry, recovery: Option<&Recovery>) -> String {
     let ha = recovery.map(|r| format!(", HA {}", r.state().as_str())).unwrap_or_default();
-    format!("serving: {} connections, {} active rooms{ha}", router.connection_count(), registry.active_count())
+    format!("serving: {} connections, {} active rooms{ha}", gateway.connection_count(), registry.active_count())
 }
 
 /// `STOPPING=1`: the node has begun its ordered shutdown.

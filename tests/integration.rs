@@ -36,6 +36,8 @@ mod cases {
     pub mod security;
     #[path = "tls.rs"]
     pub mod tls;
+    #[path = "xmpp.rs"]
+    pub mod xmpp;
 }
 
 /// For each `module::case`, a test module `case` with one test per listed backend
@@ -160,6 +162,15 @@ on_backends! {[sqlite]
     security::list_pages_and_room_creation_has_a_budget,
     tls::tls_on_client_and_admin_listeners_with_certificate_reload,
     tls::sighup_reloads_the_certificate_of_a_running_process,
+}
+
+// XMPP clients (slixmpp, tests/xmpp/client.py) in Stoa rooms beside v1 clients; raw sockets
+// for the bad input (its handling does not depend on the store).
+on_every_backend! {
+    xmpp::xmpp_and_v1_clients_share_a_room,
+}
+on_backends! {[sqlite]
+    xmpp::xmpp_bad_input_gets_stream_errors_and_the_node_keeps_working,
 }
 
 // Process integration (systemd notify, the log file, process metrics) does not depend on the

@@ -53,7 +53,7 @@ async fn list_sessions(State(state): State<AdminState>, q: Result<Query<SessionQ
         Ok(rows) => rows,
         Err(e) => return store_down(e),
     };
-    let live = state.router.sessions_matching(&match &q.user {
+    let live = state.gateway.sessions_matching(&match &q.user {
         Some(u) => SessionFilter::User(u.clone()),
         None => SessionFilter::HashPrefix(String::new()),
     });
@@ -83,7 +83,7 @@ async fn kick(state: &AdminState, actor: &Actor, which: SessionFilter, target: &
         Ok(rows) => rows,
         Err(e) => return store_down(e),
     };
-    let closed = state.router.kick(&which);
+    let closed = state.gateway.kick_sessions(&which);
     let (what, field) = match &which {
         SessionFilter::User(u) => (format!("user {u}"), json!({"user": u})),
         SessionFilter::HashPrefix(p) => (format!("session {p}"), json!({"session": p})),
@@ -129,7 +129,7 @@ pub struct RoomChange {
 }
 
 /// Longest subject an operator may set (the client protocol's limit for texts).
-const MAX_SUBJECT_CHARS: usize = crate::router::MAX_TEXT_CHARS;
+const MAX_SUBJECT_CHARS: usize = crate::gateway::MAX_TEXT_CHARS;
 
 impl RoomChange {
     /// The change as a room config patch, or why it is refused.

@@ -19,7 +19,7 @@ use super::lease;
 use super::link::{Link, PeerCommand, PeerStatus};
 use super::state::{NodeState, Reason};
 use crate::registry::RoomRegistry;
-use crate::router::Router;
+use crate::gateway::Gateway;
 use crate::store::{NodeId, Store, now_ms};
 use sea_orm::ConnectionTrait;
 use sea_orm::sea_query::{Alias, Expr, Query};
@@ -165,7 +165,7 @@ struct Inner {
     store: Store,
     gate: WriteGate,
     registry: RoomRegistry,
-    router: Arc<Router>,
+    gateway: Arc<Gateway>,
     status: Mutex<HaStatus>,
     services: Mutex<[ServiceFlags; 3]>,
     /// The lease incarnation this process holds (a new one after each step-down).
@@ -342,7 +342,7 @@ impl super::link::LocalView for Recovery {
     }
 
     fn connections(&self) -> i64 {
-        self.inner.router.connection_count()
+        self.inner.gateway.connection_count()
     }
 }
 
@@ -354,7 +354,7 @@ pub async fn start(
     store: Store,
     gate: WriteGate,
     registry: RoomRegistry,
-    router: Arc<Router>,
+    gateway: Arc<Gateway>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<(Recovery, tokio::task::JoinHandle<()>)> {
     use anyhow::Context as _;
@@ -373,7 +373,7 @@ pub async fn start(
 
     // Registry and router stay closed until the starting state is known.
     registry.set_hosting(false);
-    router.set_accepting(false);
+    gateway.set_accepting(false);
     lease::renew(&store, &me, incarnation, config.ttl).await.context("taking the node lease")?;
     let (commands, commands_rx) = mpsc::unbounded_channel();
     let inner = Arc::new(Inner {
@@ -397,7 +397,7 @@ pub async fn start(
         store,
         gate,
         registry,
-        router,
+        gateway,
     });
     let recovery = Recovery { inner: inner.clone() };
     let mut control = Control { r: recovery.clone(), awaiting_takeover: false, healthy_since: None, peer_seen_alive: false, return_on_peer_start: false };
@@ -493,7 +493,7 @@ async fn probe_task(r: Recovery, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
         }
         let rooms_ok = r.inner.registry.probe(PROBE_LIMIT).await;
-        let router_ok = r.inner.router.probe();
+        let router_ok = r.inner.gateway.probe();
         let mut flags = r.inner.services.lock().expect("services lock");
         for (service, ok) in [(Service::Rooms, rooms_ok), (Service::Router, router_ok)] {
             let f = &mut flags[service.index()];
@@ -555,11 +555,11 @@ impl Control {
             inner.gate.open_until(started + inner.config.ttl - margin(inner.config.ttl));
             let services = inner.services.lock().expect("services lock");
             inner.registry.set_hosting(!services[Service::Rooms.index()].admin_stopped);
-            inner.router.set_accepting(!services[Service::Router.index()].admin_stopped);
+            inner.gateway.set_accepting(!services[Service::Router.index()].admin_stopped);
         } else {
             inner.gate.close();
             inner.registry.set_hosting(false);
-            inner.router.set_accepting(false);
+            inner.gateway.set_accepting(false);
         }
         Ok(())
     }
@@ -813,7 +813,7 @@ impl Control {
         if let Err(e) = lease::release(&inner.store, self.me()).await {
             tracing::warn!(error = %e, "could not release the lease; the peer waits for it to expire");
         }
-        let told = inner.router.goaway_all("node is failing over; resume on its peer", Some(peer.client.clone()));
+        let told = inner.gateway.goaway_all("node is failing over; resume on its peer", Some(peer.client.clone()));
         tracing::info!(node = %self.me(), rooms = handed, sessions = told, "failing over: rooms handed off, clients sent to the peer");
         self.awaiting_takeover = true;
     }
@@ -828,7 +828,7 @@ impl Control {
         let inner = self.inner();
         self.host(false).await.ok();
         let to = self.peer().map(|p| p.client.clone()).unwrap_or_default();
-        let told = inner.router.goaway_all("this node's rooms moved to its peer", Some(to.clone()));
+        let told = inner.gateway.goaway_all("this node's rooms moved to its peer", Some(to.clone()));
         let handed = inner.registry.hand_off(None, &to, Duration::from_secs(10)).await;
         tracing::warn!(node = %self.me(), rooms = handed, sessions = told, "stepped down: the peer serves this node's rooms");
         self.enter(NodeState::FailingOver, Reason::OnPeerDown).await;
@@ -902,7 +902,7 @@ impl Control {
             return Ok(());
         }
         // Warm up the rooms that were active on the backup, for the clients it is sending here.
-        let service = format!("@{}", self.inner().router.settings.node.service);
+        let service = format!("@{}", self.inner().gateway.settings.node.service);
         let mine: Vec<String> =
             self.r.link().map(|l| l.peer_rooms()).unwrap_or_default().into_iter().filter(|r| r.ends_with(&service)).collect();
         let started = Instant::now();
@@ -1046,11 +1046,11 @@ impl Control {
             }
             (Service::Rooms, true) => inner.registry.set_hosting(hosting),
             (Service::Router, false) => {
-                inner.router.set_accepting(false);
+                inner.gateway.set_accepting(false);
                 let to = self.peer().map(|p| p.client.clone());
-                inner.router.goaway_all("the router service was stopped", to);
+                inner.gateway.goaway_all("the router service was stopped", to);
             }
-            (Service::Router, true) => inner.router.set_accepting(hosting),
+            (Service::Router, true) => inner.gateway.set_accepting(hosting),
             // The lease task stops renewing; the write gate closes by itself.
             (Service::Store, _) => {}
         }

@@ -260,6 +260,7 @@ impl Handler<PluginPost> for Room {
         self.touch();
         let post = PendingPost {
             message: NewMessage {
+                id: uuid::Uuid::now_v7().to_string(),
                 sender: bot_sender(&msg.plugin),
                 nick: msg.plugin,
                 body: msg.body,

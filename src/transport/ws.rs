@@ -5,8 +5,9 @@
 //! frame already queued into one flush) per connection.
 
 use crate::protocol::close_code;
-use crate::router::{Connection, Flow, Router};
-use crate::session::{KillReason, Outbound};
+use crate::gateway::Gateway;
+use crate::v1::{Connection, Flow, Outbound};
+use crate::session::KillReason;
 use futures_util::{SinkExt, StreamExt};
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,8 +45,8 @@ const MAX_SERVER_FRAME_BYTES: usize = 16 * 1024 * 1024;
 /// *connection slot* (`limits.max_connections`) only once a whole upgrade request has arrived:
 /// sockets that trickle bytes (slow-loris) cannot keep real clients out.
 /// With `tls` the TLS handshake runs first, in the same slot and under the same deadline.
-pub async fn serve(listener: TcpListener, router: Arc<Router>, tls: Option<crate::tls::ServerTls>, shutdown: CancellationToken) {
-    let limits = &router.settings.limits;
+pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, tls: Option<crate::tls::ServerTls>, shutdown: CancellationToken) {
+    let limits = &gateway.settings.limits;
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let handshakes = Arc::new(Semaphore::new(limits.max_pending_handshakes));
     let tracker = TaskTracker::new();
@@ -53,12 +54,12 @@ pub async fn serve(listener: TcpListener, router: Arc<Router>, tls: Option<crate
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => {
-                    router.accept_result(true);
+                    gateway.accept_result(true);
                     a
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
-                    router.accept_result(false);
+                    gateway.accept_result(false);
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
@@ -71,14 +72,14 @@ pub async fn serve(listener: TcpListener, router: Arc<Router>, tls: Option<crate
             tracing::debug!(%peer, "refused: too many connections in their handshake");
             continue; // dropping the socket closes it
         };
-        let router = router.clone();
+        let gateway = gateway.clone();
         let shutdown = shutdown.clone();
         let slots = slots.clone();
         let tls = tls.clone();
         tracker.spawn(async move {
             let _ = stream.set_nodelay(true);
-            let timeout = Duration::from_millis(router.settings.limits.handshake_timeout_ms);
-            let upgraded = match tokio::time::timeout(timeout, upgrade_maybe_tls(stream, tls.as_ref(), &router, &slots)).await {
+            let timeout = Duration::from_millis(gateway.settings.limits.handshake_timeout_ms);
+            let upgraded = match tokio::time::timeout(timeout, upgrade_maybe_tls(stream, tls.as_ref(), &gateway, &slots)).await {
                 Ok(upgraded) => upgraded,
                 Err(_) => {
                     metrics::counter!("stoa_connections_refused_total", "reason" => "handshake_timeout").increment(1);
@@ -88,9 +89,9 @@ pub async fn serve(listener: TcpListener, router: Arc<Router>, tls: Option<crate
             };
             drop(handshake);
             let Some((ws, slot)) = upgraded else { return };
-            router.count_connection(1);
-            run_connection(ws, peer.ip(), router.clone(), shutdown).await;
-            router.count_connection(-1);
+            gateway.count_connection(1);
+            run_connection(ws, peer.ip(), gateway.clone(), shutdown).await;
+            gateway.count_connection(-1);
             tracing::trace!(%peer, "connection ended");
             drop(slot);
         });
@@ -105,7 +106,7 @@ type Ws<S> = tokio_tungstenite::WebSocketStream<Prefixed<S>>;
 async fn upgrade_maybe_tls(
     stream: tokio::net::TcpStream,
     tls: Option<&crate::tls::ServerTls>,
-    router: &Router,
+    gateway: &Gateway,
     slots: &Arc<Semaphore>,
 ) -> Option<(Ws<crate::tls::MaybeTls<tokio::net::TcpStream>>, OwnedSemaphorePermit)> {
     let stream = match crate::tls::MaybeTls::accept(stream, tls).await {
@@ -116,13 +117,13 @@ async fn upgrade_maybe_tls(
             return None;
         }
     };
-    upgrade(stream, router, slots).await
+    upgrade(stream, gateway, slots).await
 }
 
 /// Read the request, answer what is not an upgrade at `/ws` (or finds every slot taken) with
 /// an HTTP error, and upgrade the rest; returns the WebSocket and its connection slot.
-async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, router: &Router, slots: &Arc<Semaphore>) -> Option<(Ws<S>, OwnedSemaphorePermit)> {
-    let limits = &router.settings.limits;
+async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, gateway: &Gateway, slots: &Arc<Semaphore>) -> Option<(Ws<S>, OwnedSemaphorePermit)> {
+    let limits = &gateway.settings.limits;
     let (head, read) = match upgrade::read_head(&mut stream).await {
         Ok(h) => h,
         Err(e) => {
@@ -164,12 +165,12 @@ async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, router: &Rout
     }
 }
 
-async fn run_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(ws: Ws<S>, address: std::net::IpAddr, router: Arc<Router>, shutdown: CancellationToken) {
-    let limits = router.settings.limits.clone();
+async fn run_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(ws: Ws<S>, address: std::net::IpAddr, gateway: Arc<Gateway>, shutdown: CancellationToken) {
+    let limits = gateway.settings.limits.clone();
     let (mut sink, mut source) = ws.split();
     let (tx, mut rx) = mpsc::channel::<Outbound>(limits.outbound_queue);
     let kill = CancellationToken::new();
-    let mut conn = Connection::new(router.clone(), tx, kill.clone()).from_address(address);
+    let mut conn = Connection::new(gateway.clone(), tx, kill.clone()).from_address(address);
 
     // Writer: everything the client receives goes through here, in queue order.
     let writer_kill = kill.clone();

@@ -1,0 +1,315 @@
+//! XMPP clients (issue 11): a real client, slixmpp (tests/xmpp/client.py, pinned in
+//! tests/xmpp/requirements.txt, installed into `.venv-xmpp` by `.ci/run`), logs in to a node's
+//! c2s listener, joins Stoa rooms and chats with protocol v1 clients in the same rooms; raw
+//! sockets send what no well-behaved client would.
+
+use crate::harness::*;
+use serde_json::{Value, json};
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+/// The Python with slixmpp: `STOA_TEST_PYTHON`, or `.venv-xmpp/bin/python` of the checkout.
+fn python() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("STOA_TEST_PYTHON") {
+        return p.into();
+    }
+    let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv-xmpp/bin/python");
+    assert!(
+        venv.exists(),
+        "the XMPP tests drive slixmpp from {}: create it with `python3 -m venv .venv-xmpp && .venv-xmpp/bin/pip install -r tests/xmpp/requirements.txt` (.ci/run does), or set STOA_TEST_PYTHON",
+        venv.display()
+    );
+    venv
+}
+
+/// A slixmpp client process, driven by JSON lines (tests/xmpp/client.py).
+pub struct XmppClient {
+    child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    events: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    /// Events read while waiting for another.
+    seen: Vec<Value>,
+    pub jid: String,
+}
+
+impl XmppClient {
+    /// Log in as `user` with `password` (SASL PLAIN on loopback), or as a guest (ANONYMOUS)
+    /// when `password` is `None`.
+    pub async fn connect(addr: SocketAddr, user: &str, password: Option<&str>) -> XmppClient {
+        let mut cmd = tokio::process::Command::new(python());
+        cmd.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/xmpp/client.py")).args(["--port", &addr.port().to_string()]);
+        match password {
+            Some(p) => cmd.args(["--jid", &format!("{user}@localhost/test"), "--password", p]),
+            None => cmd.args(["--jid", "localhost", "--anonymous"]),
+        };
+        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true).spawn().expect("starting tests/xmpp/client.py");
+        let stdin = child.stdin.take().expect("piped");
+        let events = BufReader::new(child.stdout.take().expect("piped")).lines();
+        let mut c = XmppClient { child, stdin, events, seen: Vec::new(), jid: String::new() };
+        let start = c.event("session start", |e| e["event"] == "session_start" || e["event"] == "failed_auth" || e["event"] == "disconnected").await;
+        assert_eq!(start["event"], "session_start", "{user} could not log in over XMPP: {start}");
+        c.jid = start["jid"].as_str().expect("jid").to_owned();
+        c
+    }
+
+    pub async fn command(&mut self, cmd: Value) {
+        let line = format!("{cmd}\n");
+        self.stdin.write_all(line.as_bytes()).await.expect("writing to client.py");
+    }
+
+    /// The next event `pred` accepts (others are kept for later), within 20 s.
+    pub async fn event(&mut self, what: &str, mut pred: impl FnMut(&Value) -> bool) -> Value {
+        if let Some(i) = self.seen.iter().position(&mut pred) {
+            return self.seen.remove(i);
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let line = tokio::time::timeout_at(deadline, self.events.next_line())
+                .await
+                .unwrap_or_else(|_| panic!("no {what} from the XMPP client in 20 s; seen: {:?}", self.seen))
+                .expect("reading client.py")
+                .unwrap_or_else(|| panic!("client.py ended while waiting for {what}; seen: {:?}", self.seen));
+            let event: Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("client.py printed {line}"));
+            if pred(&event) {
+                return event;
+            }
+            self.seen.push(event);
+        }
+    }
+
+    pub async fn join(&mut self, room: &str, nick: &str, extra: Value) -> Value {
+        let mut cmd = json!({"op": "join", "room": room, "nick": nick});
+        if let (Some(cmd), Some(extra)) = (cmd.as_object_mut(), extra.as_object()) {
+            cmd.extend(extra.clone());
+        }
+        self.command(cmd).await;
+        self.event(&format!("join answer for {nick}"), |e| (e["event"] == "joined" || e["event"] == "join_error") && e["room"] == room).await
+    }
+
+    pub async fn iq(&mut self, to: &str, xml: &str) -> Value {
+        self.command(json!({"op": "iq", "to": to, "xml": xml})).await;
+        self.event("iq answer", |e| matches!(e["event"].as_str(), Some("iq_result" | "iq_error" | "iq_timeout"))).await
+    }
+
+    pub async fn groupchat(&mut self, body: &str) -> Value {
+        self.event(&format!("groupchat `{body}`"), |e| e["event"] == "groupchat" && e["body"] == body).await
+    }
+
+    pub async fn quit(mut self) {
+        self.command(json!({"op": "quit"})).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
+    }
+}
+
+/// A node on `db` serving XMPP c2s on a loopback port of its own, with user ann registered.
+async fn xmpp_node(db: &TestDb) -> TestNode {
+    let mut s = db.settings("x1");
+    s.xmpp.c2s = Some("127.0.0.1:0".parse().expect("literal"));
+    let node = TestNode::start(s).await;
+    stoa::auth::Auth::new(db.store().await, false, 3600).add_user("ann", "correct horse battery").await.expect("registering ann");
+    node
+}
+
+/// slixmpp and v1 clients in one room: same messages, same order, one stored copy of a resent
+/// origin-id, stanza-id = the stored message id; history on join with XEP-0203 delay and the
+/// subject last; disco, ping, self-ping and an unsupported IQ.
+pub async fn xmpp_and_v1_clients_share_a_room(db: &TestDb) {
+    let node = xmpp_node(db).await;
+    let xmpp_addr = node.xmpp_addr.expect("c2s listener");
+    let room = room("lobby");
+    let mut ann = XmppClient::connect(xmpp_addr, "ann", Some("correct horse battery")).await;
+    assert!(ann.jid.starts_with("ann@localhost/"), "{}", ann.jid);
+
+    // Joining a room that does not exist creates it (201), with 110 and 100 on the self-presence.
+    let joined = ann.join(&room, "Ann", json!({})).await;
+    assert_eq!(joined["event"], "joined", "{joined}");
+    assert_eq!(joined["status"], json!([100, 110, 201]), "{joined}");
+
+    // A v1 client joins the same room and sees Ann.
+    let mut bob = node.client("bob").await;
+    let j = bob.join(&room, "Bob").await;
+    assert_eq!(j["op"], "joined", "{j}");
+    assert!(j["occupants"].as_array().unwrap().iter().any(|o| o["nick"] == "Ann"), "{j}");
+    let p = ann.event("Bob's presence", |e| e["event"] == "presence" && e["nick"] == "Bob").await;
+    assert_eq!(p["type"], "available", "{p}");
+
+    // v1 → XMPP, and XMPP → v1 (origin-id is the cid), each side in the same order.
+    let seq1 = bob.send_acked(&room, "hello from v1", "b1").await;
+    let m = ann.groupchat("hello from v1").await;
+    assert_eq!(m["nick"], "Bob");
+    assert!(m["stanza_id"].as_str().is_some_and(|s| !s.is_empty()), "{m}");
+    assert!(m["occupant_id"].as_str().is_some(), "{m}");
+    ann.command(json!({"op": "send", "room": room, "body": "hello from xmpp", "origin_id": "ann-1"})).await;
+    let reflected = ann.groupchat("hello from xmpp").await;
+    assert_eq!(reflected["origin_id"], "ann-1", "{reflected}");
+    let v1 = bob.wait_for("Ann's message", |f| f["op"] == "message" && f["body"] == "hello from xmpp").await;
+    assert_eq!(v1["cid"], "ann-1");
+    assert_eq!(v1["seq"].as_u64(), Some(seq1 + 1), "{v1}");
+
+    // A resend with the same origin-id is stored once and reflected again.
+    ann.command(json!({"op": "send", "room": room, "body": "hello from xmpp", "origin_id": "ann-1"})).await;
+    let again = ann.groupchat("hello from xmpp").await;
+    assert_eq!(again["origin_id"], "ann-1");
+    let seq3 = bob.send_acked(&room, "after the resend", "b2").await;
+    assert_eq!(seq3, seq1 + 2, "the resend was stored again");
+    ann.groupchat("after the resend").await;
+
+    // stanza-id is the stored message's id.
+    let stored = db.stored_messages(&room).await;
+    assert_eq!(stored.len(), 3);
+    assert_eq!(Some(stored[0].id.as_str()), m["stanza_id"].as_str());
+    assert_eq!(Some(stored[1].id.as_str()), reflected["stanza_id"].as_str());
+
+    // A guest joins with maxstanzas=2: the last two messages, delayed, in order, then the subject.
+    let mut guest = XmppClient::connect(xmpp_addr, "guest", None).await;
+    assert!(guest.jid.starts_with("guest~"), "{}", guest.jid);
+    let g = guest.join(&room, "Guest", json!({"maxstanzas": 2})).await;
+    assert_eq!(g["event"], "joined", "{g}");
+    assert_eq!(g["status"], json!([100, 110]), "{g}");
+    assert_eq!(g["occupants"], json!(["Ann", "Bob", "Guest"]), "{g}");
+    let history: Vec<&str> = g["history"].as_array().unwrap().iter().map(|h| h["body"].as_str().unwrap()).collect();
+    assert_eq!(history, ["hello from xmpp", "after the resend"], "{g}");
+    assert!(g["history"].as_array().unwrap().iter().all(|h| h["delay"] == true), "{g}");
+
+    // Nick conflicts are refused with `conflict`.
+    let mut ann2 = XmppClient::connect(xmpp_addr, "ann", Some("correct horse battery")).await;
+    let c = ann2.join(&room, "Bob", json!({})).await;
+    assert_eq!(c["event"], "join_error", "{c}");
+    assert_eq!(c["condition"], "conflict", "{c}");
+
+    // Disco and ping: the server, the room service, the room; self-ping (XEP-0410).
+    let info = ann.iq(&room, "<query xmlns='http://jabber.org/protocol/disco#info'/>").await;
+    assert_eq!(info["event"], "iq_result", "{info}");
+    let xml = info["xml"].as_str().unwrap();
+    assert!(xml.contains("http://jabber.org/protocol/muc") && xml.contains("muc_persistent") && xml.contains("urn:xmpp:sid:0"), "{xml}");
+    let items = ann.iq("conference.localhost", "<query xmlns='http://jabber.org/protocol/disco#items'/>").await;
+    assert!(items["xml"].as_str().unwrap().contains("lobby@conference.localhost"), "{items}");
+    let server = ann.iq("localhost", "<query xmlns='http://jabber.org/protocol/disco#info'/>").await;
+    assert!(server["xml"].as_str().unwrap().contains("urn:xmpp:ping"), "{server}");
+    ann.command(json!({"op": "ping", "to": format!("{room}/Ann")})).await;
+    ann.event("self-ping", |e| e["event"] == "pong").await;
+    ann.command(json!({"op": "ping", "to": format!("{room}/Nobody")})).await;
+    let e = ann.event("ping of another nick", |e| e["event"] == "iq_error").await;
+    assert_eq!(e["condition"], "not-acceptable", "{e}");
+    let unknown = ann.iq("localhost", "<query xmlns='urn:example:unknown'/>").await;
+    assert_eq!(unknown["condition"], "service-unavailable", "{unknown}");
+    let missing = ann.iq("nosuchroom@conference.localhost", "<query xmlns='http://jabber.org/protocol/disco#info'/>").await;
+    assert_eq!(missing["condition"], "item-not-found", "{missing}");
+
+    // Leaving shows as a `left` presence to v1.
+    ann.command(json!({"op": "leave", "room": room, "nick": "Ann"})).await;
+    let left = bob.wait_for("Ann's leave", |f| f["op"] == "presence" && f["nick"] == "Ann" && f["status"] == "left").await;
+    assert_eq!(left["room"], room.as_str());
+
+    // The room still works for everyone after all that.
+    bob.send_acked(&room, "still here", "b3").await;
+    guest.groupchat("still here").await;
+
+    ann.quit().await;
+    ann2.quit().await;
+    guest.quit().await;
+    node.stop().await;
+}
+
+/// Read from `s` until `needle` shows up or the stream ends; returns what was read.
+async fn read_until(s: &mut tokio::net::TcpStream, needle: &str) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if text.contains(needle) {
+            return text;
+        }
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return text,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("no `{needle}` in 10 s; got: {text}"),
+        }
+    }
+}
+
+const OPEN: &str = "<?xml version='1.0'?><stream:stream to='localhost' version='1.0' xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>";
+
+/// Send `text` on a fresh c2s connection and expect the stream error `condition`, then the
+/// stream's end and a closed socket.
+async fn expect_stream_error(addr: SocketAddr, text: &str, condition: &str) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connecting to c2s");
+    s.write_all(text.as_bytes()).await.expect("writing");
+    let got = read_until(&mut s, "</stream:stream>").await;
+    assert!(got.contains(&format!("<{condition} xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>")), "expected {condition} for {text:.80}: {got}");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the socket stayed open after the stream error");
+}
+
+/// Bad input on the c2s listener: XML bombs, DTDs, wrong domains, over-long and over-deep
+/// stanzas, stanzas before authentication, bad SASL. Each gets its stream error or SASL
+/// failure, and the node (and a client in a room) keeps working.
+pub async fn xmpp_bad_input_gets_stream_errors_and_the_node_keeps_working(db: &TestDb) {
+    let node = xmpp_node(db).await;
+    let addr = node.xmpp_addr.expect("c2s listener");
+    let room = room("steady");
+    let mut bob = node.client("bob").await;
+    bob.create(&room, json!({})).await;
+    bob.join(&room, "Bob").await;
+
+    let bomb = "<?xml version='1.0'?><!DOCTYPE lolz [<!ENTITY lol 'lol'><!ENTITY lol1 '&lol;&lol;&lol;&lol;'>]><stream:stream to='localhost' version='1.0' xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>";
+    expect_stream_error(addr, bomb, "not-well-formed").await;
+    expect_stream_error(addr, &format!("{OPEN}<message><body>&lol;</body></message>"), "not-well-formed").await;
+    expect_stream_error(addr, &OPEN.replace("'localhost'", "'example.org'"), "host-unknown").await;
+    expect_stream_error(addr, &OPEN.replace("to='localhost' version='1.0'", "to='localhost' version='0.9'"), "unsupported-version").await;
+    expect_stream_error(addr, &format!("{OPEN}<message to='x@localhost'><body>hi</body></message>"), "not-authorized").await;
+    expect_stream_error(addr, &format!("{OPEN}<a>{}", "x".repeat(300 * 1024)), "policy-violation").await;
+    expect_stream_error(addr, &format!("{OPEN}{}", "<a>".repeat(40)), "policy-violation").await;
+    expect_stream_error(addr, &format!("{OPEN}<a></b>"), "not-well-formed").await;
+
+    // SASL: a wrong password is a failure, the stream goes on; a third ends it.
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(OPEN.as_bytes()).await.unwrap();
+    let features = read_until(&mut s, "</stream:features>").await;
+    assert!(features.contains("<mechanism>PLAIN</mechanism>") && features.contains("<mechanism>ANONYMOUS</mechanism>"), "{features}");
+    use base64::Engine as _;
+    let bad = base64::engine::general_purpose::STANDARD.encode(b"\0ann\0wrong password");
+    let mut got = String::new();
+    for attempt in 1..=3 {
+        s.write_all(format!("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{bad}</auth>").as_bytes()).await.unwrap();
+        got = read_until(&mut s, "</failure>").await;
+        assert!(got.contains("<not-authorized/>"), "attempt {attempt}: {got}");
+    }
+    if !got.contains("</stream:stream>") {
+        got = read_until(&mut s, "</stream:stream>").await;
+    }
+    assert!(got.contains("policy-violation"), "{got}");
+    // An unknown mechanism and garbage base64.
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(OPEN.as_bytes()).await.unwrap();
+    read_until(&mut s, "</stream:features>").await;
+    s.write_all(b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='X-MAGIC'>AA==</auth>").await.unwrap();
+    assert!(read_until(&mut s, "</failure>").await.contains("<invalid-mechanism/>"));
+    s.write_all(b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>***</auth>").await.unwrap();
+    assert!(read_until(&mut s, "</failure>").await.contains("<incorrect-encoding/>"));
+    drop(s);
+
+    // A logged-in client sending junk stanzas gets stanza errors and stays connected.
+    let mut ann = XmppClient::connect(addr, "ann", Some("correct horse battery")).await;
+    assert_eq!(ann.join(&room, "Ann", json!({})).await["event"], "joined");
+    ann.command(json!({"op": "raw", "xml": "<message to='not a jid@@' type='groupchat'><body>x</body></message>"})).await;
+    let e = ann.event("jid-malformed", |e| e["event"] == "message_error").await;
+    assert_eq!(e["condition"], "jid-malformed", "{e}");
+    ann.command(json!({"op": "raw", "xml": format!("<message to='{room}/Bob' type='chat'><body>psst</body></message>")})).await;
+    let e = ann.event("private message refused", |e| e["event"] == "message_error").await;
+    assert_eq!(e["condition"], "not-acceptable", "{e}");
+    ann.command(json!({"op": "raw", "xml": format!("<message to='{room}' type='groupchat'><body>{}</body></message>", "y".repeat(20_000))})).await;
+    let e = ann.event("too large", |e| e["event"] == "message_error").await;
+    assert_eq!(e["condition"], "not-acceptable", "{e}");
+    assert!(e["text"].as_str().unwrap().contains("16384 bytes"), "{e}");
+    ann.command(json!({"op": "send", "room": room, "body": "still fine"})).await;
+    ann.groupchat("still fine").await;
+    bob.wait_for("Ann's message", |f| f["op"] == "message" && f["body"] == "still fine").await;
+
+    ann.quit().await;
+    node.stop().await;
+}

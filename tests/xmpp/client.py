@@ -1,0 +1,187 @@
+#!/usr/bin/env python3
+"""A slixmpp client driven by the Rust integration tests (tests/cases/xmpp.rs).
+
+Connects to a Stoa node's c2s listener, then reads one JSON command per line on stdin and
+writes one JSON event per line on stdout. Commands:
+
+  {"op": "join", "room": JID, "nick": N, "maxstanzas": K?, "password": P?}
+      -> {"event": "joined", "room", "nick", "status": [codes], "occupants": [nicks],
+          "subject", "history": [{"nick","body","stanza_id","origin_id","delay"}]}
+      or {"event": "join_error", "room", "condition", "text"}
+  {"op": "send", "room": JID, "body": B, "origin_id": O?}       (nothing; the reflection comes as "groupchat")
+  {"op": "raw", "xml": "<message .../>"}                           (sent as it is)
+  {"op": "leave", "room": JID, "nick": N}
+  {"op": "iq", "to": JID?, "type": "get", "xml": "<query xmlns='…'/>"}
+      -> {"event": "iq_result", "xml"} or {"event": "iq_error", "condition", "text"}
+  {"op": "ping", "to": JID}            -> {"event": "pong"} or {"event": "iq_error", ...}
+  {"op": "quit"}
+
+Events also arrive unasked: "groupchat" (a live message: room, nick, body, stanza_id, origin_id,
+occupant_id, delay), "presence" (room, nick, type, status codes), "message_error",
+"disconnected". The first line is {"event": "session_start", "jid"} or {"event": "failed_auth"}.
+"""
+import argparse
+import asyncio
+import json
+import sys
+
+import slixmpp
+from slixmpp.exceptions import IqError, IqTimeout, PresenceError
+from slixmpp.xmlstream import ET
+
+NS_SID = "urn:xmpp:sid:0"
+NS_OCC = "urn:xmpp:occupant-id:0"
+NS_DELAY = "urn:xmpp:delay"
+NS_MUC_USER = "http://jabber.org/protocol/muc#user"
+
+
+def out(**event):
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
+
+
+def child_attr(stanza, name, ns, attr):
+    el = stanza.xml.find("{%s}%s" % (ns, name))
+    return None if el is None else el.get(attr)
+
+
+def message_event(msg):
+    return {
+        "room": str(msg["from"].bare),
+        "nick": msg["from"].resource,
+        "body": msg["body"],
+        "stanza_id": child_attr(msg, "stanza-id", NS_SID, "id"),
+        "origin_id": child_attr(msg, "origin-id", NS_SID, "id"),
+        "occupant_id": child_attr(msg, "occupant-id", NS_OCC, "id"),
+        "delay": msg.xml.find("{%s}delay" % NS_DELAY) is not None,
+    }
+
+
+def status_codes(stanza):
+    x = stanza.xml.find("{%s}x" % NS_MUC_USER)
+    if x is None:
+        return []
+    return sorted(int(s.get("code")) for s in x.findall("{%s}status" % NS_MUC_USER))
+
+
+class Client(slixmpp.ClientXMPP):
+    def __init__(self, jid, password, anonymous):
+        super().__init__(jid, password, sasl_mech="ANONYMOUS" if anonymous else "PLAIN")
+        # PLAIN without TLS: the tests run on loopback, where the node offers it.
+        self.plugin["feature_mechanisms"].config["unencrypted_plain"] = True
+        for plugin in ["xep_0030", "xep_0045", "xep_0199", "xep_0359", "xep_0421"]:
+            self.register_plugin(plugin)
+        self.joining = set()
+        self.add_event_handler("session_start", self.on_start)
+        self.add_event_handler("failed_auth", lambda _: out(event="failed_auth"))
+        self.add_event_handler("disconnected", lambda _: out(event="disconnected"))
+        self.add_event_handler("groupchat_message", self.on_groupchat)
+        self.add_event_handler("message_error", lambda m: out(event="message_error", condition=m["error"]["condition"], text=m["error"]["text"]))
+        self.add_event_handler("groupchat_presence", self.on_presence)
+        self.add_event_handler("stream_error", lambda e: out(event="stream_error", condition=e["condition"], text=e["text"], see_other_host=e["see_other_host"]))
+
+    async def on_start(self, _):
+        out(event="session_start", jid=str(self.boundjid))
+        asyncio.ensure_future(self.commands())
+
+    def on_groupchat(self, msg):
+        if msg["body"] and str(msg["from"].bare) not in self.joining:
+            out(event="groupchat", **message_event(msg))
+
+    def on_presence(self, pres):
+        room = str(pres["from"].bare)
+        if room in self.joining:
+            return
+        out(event="presence", room=room, nick=pres["from"].resource, type=pres["type"], status=status_codes(pres))
+
+    async def commands(self):
+        loop = asyncio.get_event_loop()
+        reader = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        while True:
+            line = await reader.readline()
+            if not line:
+                break
+            cmd = json.loads(line)
+            op = cmd["op"]
+            if op == "quit":
+                break
+            try:
+                await getattr(self, "op_" + op)(cmd)
+            except Exception as e:  # report, keep going: the test decides
+                out(event="exception", op=op, text=repr(e))
+        self.disconnect()
+
+    async def op_join(self, cmd):
+        room = cmd["room"]
+        self.joining.add(room)
+        try:
+            pres, subject, occupants, history = await self.plugin["xep_0045"].join_muc_wait(
+                slixmpp.JID(room), cmd["nick"], password=cmd.get("password"), maxstanzas=cmd.get("maxstanzas"), timeout=20
+            )
+            out(
+                event="joined",
+                room=room,
+                nick=pres["from"].resource,
+                status=status_codes(pres),
+                occupants=sorted(p["from"].resource for p in occupants),
+                subject=subject["subject"],
+                history=[message_event(m) for m in history],
+            )
+        except PresenceError as e:
+            out(event="join_error", room=room, condition=e.presence["error"]["condition"], text=e.presence["error"]["text"])
+        finally:
+            self.joining.discard(room)
+
+    async def op_send(self, cmd):
+        msg = self.make_message(mto=cmd["room"], mbody=cmd["body"], mtype="groupchat")
+        if cmd.get("origin_id"):
+            msg.xml.append(ET.fromstring("<origin-id xmlns='%s' id='%s'/>" % (NS_SID, cmd["origin_id"])))
+        msg.send()
+
+    async def op_raw(self, cmd):
+        self.send_raw(cmd["xml"])
+
+    async def op_leave(self, cmd):
+        self.plugin["xep_0045"].leave_muc(slixmpp.JID(cmd["room"]), cmd["nick"])
+
+    async def op_iq(self, cmd):
+        iq = self.make_iq(ito=cmd.get("to"), itype=cmd.get("type", "get"))
+        iq.append(ET.fromstring(cmd["xml"]))
+        try:
+            result = await iq.send(timeout=10)
+            out(event="iq_result", xml=str(result))
+        except IqError as e:
+            out(event="iq_error", condition=e.iq["error"]["condition"], text=e.iq["error"]["text"])
+        except IqTimeout:
+            out(event="iq_timeout")
+
+    async def op_ping(self, cmd):
+        try:
+            await self.plugin["xep_0199"].send_ping(cmd["to"], timeout=10)
+            out(event="pong")
+        except IqError as e:
+            out(event="iq_error", condition=e.iq["error"]["condition"], text=e.iq["error"]["text"])
+        except IqTimeout:
+            out(event="iq_timeout")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--jid", required=True)
+    p.add_argument("--password", default="")
+    p.add_argument("--anonymous", action="store_true")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    a = p.parse_args()
+    c = Client(a.jid, a.password, a.anonymous)
+    # Plaintext on loopback (the node offers PLAIN there); TLS tests pass a CA instead.
+    c.enable_starttls = False
+    c.enable_direct_tls = False
+    c.enable_plaintext = True
+    c.connect(host=a.host, port=a.port)
+    asyncio.get_event_loop().run_until_complete(c.disconnected)
+
+
+if __name__ == "__main__":
+    main()
