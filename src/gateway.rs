@@ -119,6 +119,31 @@ pub struct RoomPage {
     pub truncated: bool,
 }
 
+/// An archive search (XMPP MAM with RSM paging).
+#[derive(Clone, Debug, Default)]
+pub struct ArchiveQuery {
+    /// Messages after the one with this id.
+    pub after_id: Option<String>,
+    /// Messages before the one with this id; `Some("")`: the last page.
+    pub before_id: Option<String>,
+    pub start_ms: Option<i64>,
+    pub end_ms: Option<i64>,
+    /// Only messages sent under this nick.
+    pub nick: Option<String>,
+    /// At most this many (default [`HISTORY_DEFAULT_LIMIT`], capped by `rooms.history_max_limit`).
+    pub max: Option<u32>,
+}
+
+/// A page of an archive search, oldest first.
+#[derive(Clone, Debug)]
+pub struct ArchivePage {
+    pub messages: Vec<ChatMessage>,
+    /// No more messages in the direction asked for.
+    pub complete: bool,
+    /// How many messages match the search's filters, all pages together.
+    pub count: u64,
+}
+
 /// A room's public facts.
 #[derive(Clone, Debug)]
 pub struct RoomFacts {
@@ -632,6 +657,44 @@ impl Gateway {
         self.registry.call(room, room::Destroy { user: session.user.clone(), reason }).await.and_then(|r| r)?;
         tracing::info!(room = %room, "room destroyed");
         Ok(())
+    }
+
+    /// Search a room's archive (XMPP MAM over RSM): messages after or before one named by its
+    /// unique id, within a time range, of one nick. Readers as for `history`.
+    pub async fn archive(&self, session: &Session, room: &RoomAddr, query: ArchiveQuery) -> Outcome<ArchivePage> {
+        self.check_room(room)?;
+        let room_id = self.registry.call(room, room::CheckRead { session: session.id, user: session.user.clone() }).await.and_then(|r| r)?;
+        let store_err = |e: crate::store::StoreError| Failure::from(RoomError::from(e));
+        let seq_of = async |id: &str| match self.store.message_seq(room_id, id).await.map_err(store_err)? {
+            Some(seq) => Ok(seq),
+            None => fail(ErrorCode::NotFound, format!("no message `{id}` in this room")),
+        };
+        let after = match &query.after_id {
+            Some(id) => seq_of(id).await?,
+            None => 0,
+        };
+        let before = match query.before_id.as_deref() {
+            Some("") | None => None,
+            Some(id) => Some(seq_of(id).await?),
+        };
+        // Paging backwards (`before`, even empty: the last page) takes the newest first.
+        let newest_first = query.before_id.is_some();
+        let limit = query.max.unwrap_or(HISTORY_DEFAULT_LIMIT).min(self.settings.rooms.history_max_limit) as u64;
+        let range = crate::store::ArchiveRange { after, before, start_ms: query.start_ms, end_ms: query.end_ms, nick: query.nick };
+        let (mut rows, count) = self.store.archive(room_id, &range, limit + 1, newest_first).await.map_err(store_err)?;
+        let complete = rows.len() as u64 <= limit;
+        if !complete {
+            if newest_first {
+                rows.remove(0);
+            } else {
+                rows.pop();
+            }
+        }
+        let messages = rows
+            .into_iter()
+            .map(|m| ChatMessage { room: room.clone(), seq: m.seq, id: m.id, from: m.sender, nick: m.nick, body: m.body, cid: m.client_msg_id, ts: m.created_at })
+            .collect();
+        Ok(ArchivePage { messages, complete, count })
     }
 
     /// What anyone may know of a room without joining it (XMPP disco#info): whether it is

@@ -158,6 +158,27 @@ pub struct StoredMessage {
     pub created_at: i64,
 }
 
+impl From<message::Model> for StoredMessage {
+    fn from(m: message::Model) -> Self {
+        StoredMessage { seq: m.seq as u64, id: m.id, sender: m.sender, nick: m.nick, body: m.body, client_msg_id: m.client_msg_id, created_at: m.created_at }
+    }
+}
+
+/// Which messages of a room an archive query (XMPP MAM) asks for.
+#[derive(Clone, Debug, Default)]
+pub struct ArchiveRange {
+    /// Only seqs above this (0: from the first).
+    pub after: u64,
+    /// Only seqs below this.
+    pub before: Option<u64>,
+    /// Only messages committed at or after this time (Unix ms).
+    pub start_ms: Option<i64>,
+    /// Only messages committed at or before this time (Unix ms).
+    pub end_ms: Option<i64>,
+    /// Only messages sent under this nick.
+    pub nick: Option<String>,
+}
+
 /// A message a room actor wants appended; the store assigns its seq.
 #[derive(Clone, Debug)]
 pub struct NewMessage {
@@ -677,20 +698,52 @@ impl Store {
             .all(&self.db)
             .await?
             .into_iter()
-            .map(|m| StoredMessage {
-                seq: m.seq as u64,
-                id: m.id,
-                sender: m.sender,
-                nick: m.nick,
-                body: m.body,
-                client_msg_id: m.client_msg_id,
-                created_at: m.created_at,
-            })
+            .map(StoredMessage::from)
             .collect();
         if newest_first {
             rows.reverse();
         }
         Ok(rows)
+    }
+
+    /// The seq of the message whose unique id is `id` in `room`, if it is there.
+    pub async fn message_seq(&self, room: RoomId, id: &str) -> Result<Option<u64>, StoreError> {
+        let row = message::Entity::find()
+            .filter(message::Column::RoomId.eq(room.0))
+            .filter(message::Column::Id.eq(id))
+            .one(&self.db)
+            .await?;
+        Ok(row.map(|m| m.seq as u64))
+    }
+
+    /// Messages of `room` in `range` (seq after/before, time from/until, one nick): at most
+    /// `limit`, from the oldest, or from the newest when `newest_first`; ascending either way.
+    /// And how many messages the range holds, ignoring its seq bounds (a MAM result's count).
+    pub async fn archive(&self, room: RoomId, range: &ArchiveRange, limit: u64, newest_first: bool) -> Result<(Vec<StoredMessage>, u64), StoreError> {
+        let filtered = || {
+            let mut q = message::Entity::find().filter(message::Column::RoomId.eq(room.0));
+            if let Some(t) = range.start_ms {
+                q = q.filter(message::Column::CreatedAt.gte(t));
+            }
+            if let Some(t) = range.end_ms {
+                q = q.filter(message::Column::CreatedAt.lte(t));
+            }
+            if let Some(nick) = &range.nick {
+                q = q.filter(message::Column::Nick.eq(nick.as_str()));
+            }
+            q
+        };
+        let count = sea_orm::PaginatorTrait::count(filtered(), &self.db).await?;
+        let mut q = filtered().filter(message::Column::Seq.gt(range.after as i64));
+        if let Some(before) = range.before {
+            q = q.filter(message::Column::Seq.lt(before as i64));
+        }
+        q = if newest_first { q.order_by_desc(message::Column::Seq) } else { q.order_by_asc(message::Column::Seq) };
+        let mut rows: Vec<StoredMessage> = q.limit(limit).all(&self.db).await?.into_iter().map(StoredMessage::from).collect();
+        if newest_first {
+            rows.reverse();
+        }
+        Ok((rows, count))
     }
 
     /// One group commit: every request's messages in one transaction. Each room's part is

@@ -37,6 +37,10 @@ pub mod ns {
     pub const SID: &str = "urn:xmpp:sid:0";
     pub const OCCUPANT_ID: &str = "urn:xmpp:occupant-id:0";
     pub const DELAY: &str = "urn:xmpp:delay";
+    pub const MAM: &str = "urn:xmpp:mam:2";
+    pub const RSM: &str = "http://jabber.org/protocol/rsm";
+    pub const FORWARD: &str = "urn:xmpp:forward:0";
+    pub const DATA: &str = "jabber:x:data";
 }
 
 /// `text` escaped for XML character data and attribute values (quotes included), with the

@@ -12,11 +12,11 @@
 //! over-deep stanza, or a stanza before authentication ends the stream with the RFC 6120
 //! stream error; a stanza the server cannot serve gets a stanza error, and the session goes on.
 
-use super::muc::{HistoryFilter, Pending, XmppState, XmppWire, condition, error_element};
+use super::muc::{HistoryFilter, Pending, XmppState, XmppWire, condition, error_element, message_rest, parse_xep82};
 use super::stream::{Item, StreamFault, StreamReader};
 use super::{escape, ns};
 use crate::auth::LoggedIn;
-use crate::gateway::{Failure, Gateway, JoinRequest, TokenBucket};
+use crate::gateway::{ArchiveQuery, Failure, Gateway, JoinRequest, TokenBucket};
 use crate::protocol::{ClientMsgId, ErrorCode, RoomAddr, RoomConfigPatch};
 use crate::session::{KillReason, Session};
 use base64::Engine as _;
@@ -616,7 +616,7 @@ impl Handler {
             },
             (Target::Room(room), "query", ns::DISCO_INFO, "get") => match self.gateway.describe(room).await {
                 Ok(facts) => {
-                    let mut fs = vec![ns::DISCO_INFO, ns::MUC, ns::PING, ns::SID, ns::OCCUPANT_ID, "muc_persistent", "muc_nonanonymous"];
+                    let mut fs = vec![ns::DISCO_INFO, ns::MUC, ns::MAM, ns::PING, ns::SID, ns::OCCUPANT_ID, "muc_persistent", "muc_nonanonymous"];
                     fs.push(if facts.public { "muc_open" } else { "muc_membersonly" });
                     fs.push(if facts.password_protected { "muc_passwordprotected" } else { "muc_unsecured" });
                     let name = room.0.split('@').next().unwrap_or_default();
@@ -629,6 +629,17 @@ impl Handler {
                 }
                 Err(f) => self.failure_reply(el, &f),
             },
+            (Target::Room(room), "query", ns::MAM, "set") => {
+                let room = room.clone();
+                self.mam(el, id, &room, payload).await
+            }
+            (Target::Room(_), "query", ns::MAM, "get") => self.send(result(&format!(
+                "<query xmlns='{}'><x xmlns='{}' type='form'><field type='hidden' var='FORM_TYPE'><value>{}</value></field>\
+                 <field type='text-single' var='with'/><field type='text-single' var='start'/><field type='text-single' var='end'/></x></query>",
+                ns::MAM,
+                ns::DATA,
+                ns::MAM
+            ))),
             (Target::Room(_), "query", ns::DISCO_ITEMS, "get") => self.send(result(&format!("<query xmlns='{}'/>", ns::DISCO_ITEMS))),
             // An instant room (XEP-0045 §10.1.2): the empty submitted form keeps the defaults.
             (Target::Room(_), "query", ns::MUC_OWNER, "set")
@@ -639,6 +650,78 @@ impl Handler {
             (Target::Other, ..) => self.error_reply(el, "cancel", "service-unavailable", "no such entity here"),
             _ => self.error_reply(el, "cancel", "service-unavailable", &format!("<{name} xmlns='{pns}'/> is not served here")),
         }
+    }
+
+    /// XEP-0313: a room's archive, paged with XEP-0059 RSM. Each match is a `<result/>`
+    /// message with the forwarded groupchat message; the IQ result's `<fin/>` says whether the
+    /// page is the last, its first and last ids, and the count.
+    async fn mam(&mut self, el: &Element, id: &str, room: &RoomAddr, query: &Element) {
+        let mut q = ArchiveQuery::default();
+        let field = |var: &str| {
+            query
+                .get_child("x", ns::DATA)
+                .and_then(|x| x.children().find(|f| f.attr("var") == Some(var)))
+                .and_then(|f| f.get_child("value", ns::DATA))
+                .map(|v| v.text())
+        };
+        for (var, slot) in [("start", &mut q.start_ms), ("end", &mut q.end_ms)] {
+            if let Some(text) = field(var) {
+                match parse_xep82(&text) {
+                    Some(ms) => *slot = Some(ms),
+                    None => return self.error_reply(el, "modify", "bad-request", &format!("`{var}` is not an XEP-0082 date-time")),
+                }
+            }
+        }
+        // In a room's archive, `with` names an occupant: room@service/nick.
+        if let Some(with) = field("with") {
+            match with.split_once('/') {
+                Some((bare, nick)) if bare == room.0 && !nick.is_empty() => q.nick = Some(nick.to_owned()),
+                _ => return self.error_reply(el, "modify", "bad-request", "`with` in a room's archive is room@service/nick"),
+            }
+        }
+        if let Some(set) = query.get_child("set", ns::RSM) {
+            let text = |name: &str| set.get_child(name, ns::RSM).map(|c| c.text());
+            if let Some(max) = text("max") {
+                match max.trim().parse::<u32>() {
+                    Ok(n) => q.max = Some(n),
+                    Err(_) => return self.error_reply(el, "modify", "bad-request", "`max` is a number"),
+                }
+            }
+            q.after_id = text("after").filter(|a| !a.is_empty());
+            q.before_id = text("before");
+        }
+        let page = match self.gateway.archive(&self.session, room, q).await {
+            Ok(page) => page,
+            Err(f) => return self.failure_reply(el, &f),
+        };
+        let queryid = query.attr("queryid").map(|q| format!(" queryid='{}'", escape(q))).unwrap_or_default();
+        let to = escape(&self.state.jid).into_owned();
+        for m in &page.messages {
+            let stamp = super::xep82(m.ts);
+            self.send(format!(
+                "<message to='{to}' from='{}'><result xmlns='{}'{queryid} id='{}'><forwarded xmlns='{}'><delay xmlns='{}' stamp='{stamp}'/><message xmlns='{}'{}</forwarded></result></message>",
+                escape(&room.0),
+                ns::MAM,
+                escape(&m.id),
+                ns::FORWARD,
+                ns::DELAY,
+                ns::CLIENT,
+                message_rest(m, false)
+            ));
+        }
+        let mut set = String::new();
+        if let (Some(first), Some(last)) = (page.messages.first(), page.messages.last()) {
+            set = format!("<first>{}</first><last>{}</last>", escape(&first.id), escape(&last.id));
+        }
+        self.send(format!(
+            "<iq type='result' id='{}' to='{to}' from='{}'><fin xmlns='{}' complete='{}'><set xmlns='{}'>{set}<count>{}</count></set></fin></iq>",
+            escape(id),
+            escape(&room.0),
+            ns::MAM,
+            page.complete,
+            ns::RSM,
+            page.count
+        ));
     }
 
     async fn presence(&mut self, el: &Element, target: Target) {

@@ -173,7 +173,7 @@ fn role(a: Affiliation) -> &'static str {
 }
 
 /// `<message … type='groupchat'>` of a stored message, without `<message` and `to`.
-fn message_rest(m: &ChatMessage, delay: bool) -> String {
+pub(super) fn message_rest(m: &ChatMessage, delay: bool) -> String {
     let room = escape(&m.room.0);
     let mut s = format!(" from='{room}/{}' type='groupchat' id='{}'>", escape(&m.nick), escape(&m.cid));
     let _ = write!(s, "<body>{}</body>", escape(&m.body));

@@ -198,6 +198,40 @@ pub async fn xmpp_and_v1_clients_share_a_room(db: &TestDb) {
     let missing = ann.iq("nosuchroom@conference.localhost", "<query xmlns='http://jabber.org/protocol/disco#info'/>").await;
     assert_eq!(missing["condition"], "item-not-found", "{missing}");
 
+    // MAM (XEP-0313): the archive paged forwards and backwards by stanza-id, filtered by nick.
+    for i in 0..5 {
+        bob.send_acked(&room, &format!("archived {i}"), &format!("arch-{i}")).await;
+    }
+    let stored = db.stored_messages(&room).await;
+    let ids: Vec<&str> = stored.iter().map(|m| m.id.as_str()).collect();
+    ann.command(json!({"op": "mam", "room": room, "max": 3})).await;
+    let page1 = ann.event("MAM page 1", |e| e["event"] == "mam" || e["event"] == "iq_error").await;
+    assert_eq!(page1["event"], "mam", "{page1}");
+    let got: Vec<&str> = page1["results"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(got, ids[..3], "{page1}");
+    assert_eq!(page1["complete"], false, "{page1}");
+    assert_eq!(page1["count"], 8, "{page1}");
+    assert_eq!(page1["last"], ids[2], "{page1}");
+    assert_eq!(page1["results"][0]["body"], "hello from v1");
+    assert!(page1["results"].as_array().unwrap().iter().all(|r| r["delay"] == true), "{page1}");
+    ann.command(json!({"op": "mam", "room": room, "max": 100, "after": ids[2]})).await;
+    let page2 = ann.event("MAM page 2", |e| e["event"] == "mam" || e["event"] == "iq_error").await;
+    let got: Vec<&str> = page2["results"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(got, ids[3..], "{page2}");
+    assert_eq!(page2["complete"], true, "{page2}");
+    ann.command(json!({"op": "mam", "room": room, "max": 2, "before": ids[7]})).await;
+    let back = ann.event("MAM page before the last", |e| e["event"] == "mam" || e["event"] == "iq_error").await;
+    let got: Vec<&str> = back["results"].as_array().expect("results").iter().map(|r| r["body"].as_str().unwrap()).collect();
+    assert_eq!(got, ["archived 2", "archived 3"], "{back}");
+    assert_eq!(back["complete"], false, "{back}");
+    ann.command(json!({"op": "mam", "room": room, "with": format!("{room}/Ann")})).await;
+    let mine = ann.event("MAM of Ann", |e| e["event"] == "mam" || e["event"] == "iq_error").await;
+    let got: Vec<&str> = mine["results"].as_array().unwrap().iter().map(|r| r["body"].as_str().unwrap()).collect();
+    assert_eq!(got, ["hello from xmpp"], "{mine}");
+    ann.command(json!({"op": "mam", "room": room, "after": "no-such-id"})).await;
+    let missing = ann.event("MAM after an unknown id", |e| e["event"] == "mam" || e["event"] == "iq_error").await;
+    assert_eq!(missing["condition"], "item-not-found", "{missing}");
+
     // Leaving shows as a `left` presence to v1.
     ann.command(json!({"op": "leave", "room": room, "nick": "Ann"})).await;
     let left = bob.wait_for("Ann's leave", |f| f["op"] == "presence" && f["nick"] == "Ann" && f["status"] == "left").await;

@@ -14,6 +14,8 @@ writes one JSON event per line on stdout. Commands:
   {"op": "iq", "to": JID?, "type": "get", "xml": "<query xmlns='…'/>"}
       -> {"event": "iq_result", "xml"} or {"event": "iq_error", "condition", "text"}
   {"op": "ping", "to": JID}            -> {"event": "pong"} or {"event": "iq_error", ...}
+  {"op": "mam", "room": JID, "max": N?, "after": ID?, "before": ID?, "start": ISO?, "with": JID?}
+      -> {"event": "mam", "results": [{"id","body","nick","delay"}], "complete", "first", "last", "count"}
   {"op": "quit"}
 
 Events also arrive unasked: "groupchat" (a live message: room, nick, body, stanza_id, origin_id,
@@ -24,6 +26,7 @@ import argparse
 import asyncio
 import json
 import sys
+from datetime import datetime
 
 import slixmpp
 from slixmpp.exceptions import IqError, IqTimeout, PresenceError
@@ -69,7 +72,7 @@ class Client(slixmpp.ClientXMPP):
         super().__init__(jid, password, sasl_mech="ANONYMOUS" if anonymous else "PLAIN")
         # PLAIN without TLS: the tests run on loopback, where the node offers it.
         self.plugin["feature_mechanisms"].config["unencrypted_plain"] = True
-        for plugin in ["xep_0030", "xep_0045", "xep_0199", "xep_0359", "xep_0421"]:
+        for plugin in ["xep_0030", "xep_0045", "xep_0059", "xep_0199", "xep_0313", "xep_0359", "xep_0421"]:
             self.register_plugin(plugin)
         self.joining = set()
         self.add_event_handler("session_start", self.on_start)
@@ -82,7 +85,8 @@ class Client(slixmpp.ClientXMPP):
 
     async def on_start(self, _):
         out(event="session_start", jid=str(self.boundjid))
-        asyncio.ensure_future(self.commands())
+        # Keep a reference: asyncio holds tasks weakly, and a collected task stops reading.
+        self.command_task = asyncio.ensure_future(self.commands())
 
     def on_groupchat(self, msg):
         if msg["body"] and str(msg["from"].bare) not in self.joining:
@@ -156,6 +160,28 @@ class Client(slixmpp.ClientXMPP):
         except IqTimeout:
             out(event="iq_timeout")
 
+    async def op_mam(self, cmd):
+        rsm = {}
+        for key in ("max", "after", "before"):
+            if key in cmd:
+                rsm[key] = cmd[key]
+        start = datetime.fromisoformat(cmd["start"]) if "start" in cmd else None
+        with_jid = slixmpp.JID(cmd["with"]) if "with" in cmd else None
+        try:
+            iq = await self.plugin["xep_0313"].retrieve(jid=slixmpp.JID(cmd["room"]), start=start, with_jid=with_jid, rsm=rsm, timeout=10)
+        except IqError as e:
+            out(event="iq_error", condition=e.iq["error"]["condition"], text=e.iq["error"]["text"])
+            return
+        results = []
+        for m in iq["mam"]["results"]:
+            inner = m["mam_result"]["forwarded"]["stanza"]
+            results.append({"id": m["mam_result"]["id"], "body": inner["body"], "nick": inner["from"].resource,
+                            "delay": m["mam_result"]["forwarded"].xml.find("{%s}delay" % NS_DELAY) is not None})
+        fin = iq["mam_fin"]
+        complete = fin.xml.get("complete") in ("true", "1")
+        count = int(fin["rsm"]["count"]) if fin["rsm"]["count"] != "" else None
+        out(event="mam", results=results, complete=complete, first=fin["rsm"]["first"], last=fin["rsm"]["last"], count=count)
+
     async def op_ping(self, cmd):
         try:
             await self.plugin["xep_0199"].send_ping(cmd["to"], timeout=10)
@@ -167,6 +193,9 @@ class Client(slixmpp.ClientXMPP):
 
 
 def main():
+    import logging, os
+    if os.environ.get("STOA_XMPP_CLIENT_DEBUG"):
+        logging.basicConfig(level=logging.DEBUG, stream=sys.stderr, format="client.py %(levelname)s %(message)s")
     p = argparse.ArgumentParser()
     p.add_argument("--jid", required=True)
     p.add_argument("--password", default="")
