@@ -5,6 +5,9 @@
 //! - [`c2s`]: the client-to-server listener: RFC 6120 negotiation (STARTTLS, SASL PLAIN and
 //!   ANONYMOUS, resource binding), then stanzas: IQs of the server, the room service and the
 //!   rooms (disco, ping), MUC presence and groupchat messages;
+//! - [`websocket`]: XMPP over WebSocket (RFC 7395) at `/xmpp-websocket` on the client
+//!   listener, the same negotiation and session framed one element per message;
+//! - [`channel`]: what both run over (TCP or WebSocket), and how a stream ends;
 //! - [`muc`]: XEP-0045 over Stoa rooms: the session's [`crate::session::Wire`], which turns
 //!   room events and answers into MUC stanzas (occupant presences with status codes, reflected
 //!   messages with XEP-0359 stanza-id and origin-id, XEP-0421 occupant-id, history with
@@ -14,8 +17,11 @@
 //! `name@service` (`node.service`), the same address as in protocol v1.
 
 pub mod c2s;
+pub mod channel;
+mod handler;
 pub mod muc;
 pub mod stream;
+pub mod websocket;
 
 /// Namespaces Stoa reads or writes.
 pub mod ns {

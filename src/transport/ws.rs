@@ -19,6 +19,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -88,9 +89,12 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, tls: Option<cra
                 }
             };
             drop(handshake);
-            let Some((ws, slot)) = upgraded else { return };
+            let Some((ws, endpoint, slot)) = upgraded else { return };
             gateway.count_connection(1);
-            run_connection(ws, peer.ip(), gateway.clone(), shutdown).await;
+            match endpoint {
+                Endpoint::V1 => run_connection(ws, peer.ip(), gateway.clone(), shutdown).await,
+                Endpoint::Xmpp => crate::xmpp::websocket::serve_connection(ws, peer, tls.is_some(), gateway.clone(), shutdown).await,
+            }
             gateway.count_connection(-1);
             tracing::trace!(%peer, "connection ended");
             drop(slot);
@@ -102,13 +106,22 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, tls: Option<cra
 
 type Ws<S> = tokio_tungstenite::WebSocketStream<Prefixed<S>>;
 
+/// Which protocol a WebSocket speaks, by its path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Endpoint {
+    /// `/ws`: protocol v1.
+    V1,
+    /// `/xmpp-websocket`: XMPP (RFC 7395, subprotocol `xmpp`).
+    Xmpp,
+}
+
 /// [`upgrade`] after the TLS handshake, when the listener has `[tls]`.
 async fn upgrade_maybe_tls(
     stream: tokio::net::TcpStream,
     tls: Option<&crate::tls::ServerTls>,
     gateway: &Gateway,
     slots: &Arc<Semaphore>,
-) -> Option<(Ws<crate::tls::MaybeTls<tokio::net::TcpStream>>, OwnedSemaphorePermit)> {
+) -> Option<(Ws<crate::tls::MaybeTls<tokio::net::TcpStream>>, Endpoint, OwnedSemaphorePermit)> {
     let stream = match crate::tls::MaybeTls::accept(stream, tls).await {
         Ok(s) => s,
         Err(e) => {
@@ -120,9 +133,10 @@ async fn upgrade_maybe_tls(
     upgrade(stream, gateway, slots).await
 }
 
-/// Read the request, answer what is not an upgrade at `/ws` (or finds every slot taken) with
-/// an HTTP error, and upgrade the rest; returns the WebSocket and its connection slot.
-async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, gateway: &Gateway, slots: &Arc<Semaphore>) -> Option<(Ws<S>, OwnedSemaphorePermit)> {
+/// Read the request, answer what is not an upgrade at `/ws` or `/xmpp-websocket` (or finds
+/// every slot taken) with an HTTP error, and upgrade the rest; returns the WebSocket, what it
+/// speaks and its connection slot.
+async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, gateway: &Gateway, slots: &Arc<Semaphore>) -> Option<(Ws<S>, Endpoint, OwnedSemaphorePermit)> {
     let limits = &gateway.settings.limits;
     let (head, read) = match upgrade::read_head(&mut stream).await {
         Ok(h) => h,
@@ -134,12 +148,19 @@ async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, gateway: &Gat
             return None;
         }
     };
-    if head.path != "/ws" {
-        upgrade::refuse(&mut stream, 404, "Not Found", "Stoa speaks WebSocket at /ws\n").await;
-        return None;
-    }
+    let endpoint = match head.path.as_str() {
+        "/ws" => Endpoint::V1,
+        crate::xmpp::websocket::PATH => Endpoint::Xmpp,
+        _ => {
+            upgrade::refuse(&mut stream, 404, "Not Found", "Stoa speaks WebSocket at /ws (protocol v1) and /xmpp-websocket (XMPP)\n").await;
+            return None;
+        }
+    };
     if !head.websocket {
-        let body = "this is Stoa's WebSocket endpoint: connect with a WebSocket client and speak protocol v1 (docs/protocol.md)\n";
+        let body = match endpoint {
+            Endpoint::V1 => "this is Stoa's WebSocket endpoint: connect with a WebSocket client and speak protocol v1 (docs/protocol.md)\n",
+            Endpoint::Xmpp => "this is Stoa's XMPP over WebSocket endpoint (RFC 7395): connect with an XMPP client (docs/xmpp.md)\n",
+        };
         upgrade::refuse(&mut stream, 426, "Upgrade Required", body).await;
         return None;
     }
@@ -156,8 +177,18 @@ async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, gateway: &Gat
         .max_write_buffer_size(WRITE_BUFFER_BYTES + MAX_SERVER_FRAME_BYTES)
         .max_message_size(Some(limits.max_frame_bytes))
         .max_frame_size(Some(limits.max_frame_bytes));
-    match tokio_tungstenite::accept_async_with_config(Prefixed::new(read, stream), Some(config)).await {
-        Ok(ws) => Some((ws, slot)),
+    // RFC 7395: an XMPP client asks for the `xmpp` subprotocol, and the answer names it.
+    // (The error type is tungstenite's `ErrorResponse`, which the callback must return.)
+    #[allow(clippy::result_large_err)]
+    let subprotocol = |request: &Request, mut response: Response| {
+        let asked = request.headers().get_all("sec-websocket-protocol").iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(','));
+        if endpoint == Endpoint::Xmpp && asked.map(str::trim).any(|p| p == "xmpp") {
+            response.headers_mut().insert("sec-websocket-protocol", "xmpp".parse().expect("a valid header value"));
+        }
+        Ok(response)
+    };
+    match tokio_tungstenite::accept_hdr_async_with_config(Prefixed::new(read, stream), subprotocol, Some(config)).await {
+        Ok(ws) => Some((ws, endpoint, slot)),
         Err(e) => {
             tracing::debug!(error = %e, "websocket handshake failed");
             None

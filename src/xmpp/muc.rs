@@ -112,19 +112,33 @@ pub struct XmppState {
     nicks: Mutex<HashMap<RoomAddr, String>>,
     pending: Mutex<HashMap<String, Pending>>,
     next_request: AtomicU64,
+    /// The stream is ending: nothing more is queued (a stream error is the last element).
+    ended: std::sync::atomic::AtomicBool,
 }
 
 impl XmppState {
     pub fn new(jid: String, domain: String, out: mpsc::Sender<String>) -> Arc<Self> {
-        Arc::new(XmppState { jid, domain, out, nicks: Mutex::default(), pending: Mutex::default(), next_request: AtomicU64::new(1) })
+        Arc::new(XmppState { jid, domain, out, nicks: Mutex::default(), pending: Mutex::default(), next_request: AtomicU64::new(1), ended: Default::default() })
     }
 
     /// Queue a stanza.
     pub fn send(&self, stanza: String) -> Queued {
+        if self.ended.load(Ordering::Acquire) {
+            return Queued::Closed;
+        }
         match self.out.try_send(stanza) {
             Ok(()) => Queued::Yes,
             Err(mpsc::error::TrySendError::Full(_)) => Queued::Full,
             Err(mpsc::error::TrySendError::Closed(_)) => Queued::Closed,
+        }
+    }
+
+    /// End the stream: queue `last` (a stream error, or nothing) and then nothing more.
+    pub fn end(&self, last: Option<String>) {
+        if !self.ended.swap(true, Ordering::AcqRel)
+            && let Some(last) = last
+        {
+            let _ = self.out.try_send(last);
         }
     }
 
@@ -432,7 +446,8 @@ impl Wire for XmppWire {
             Some(host) => (format!("<see-other-host xmlns='{}'>{}</see-other-host>", ns::STREAM_ERRORS, escape(&host)), reason),
             None => (format!("<system-shutdown xmlns='{}'/>", ns::STREAM_ERRORS), reason),
         };
-        self.state.send(format!("<stream:error>{cond}<text xmlns='{}'>{}</text></stream:error>", ns::STREAM_ERRORS, escape(text)))
+        self.state.end(Some(format!("<stream:error>{cond}<text xmlns='{}'>{}</text></stream:error>", ns::STREAM_ERRORS, escape(text))));
+        Queued::Yes
     }
 
     fn forwarded(&self, _frame: String) -> Queued {

@@ -347,3 +347,76 @@ pub async fn xmpp_bad_input_gets_stream_errors_and_the_node_keeps_working(db: &T
     ann.quit().await;
     node.stop().await;
 }
+
+/// The next text message of a WebSocket, within 10 s.
+async fn next_text<S>(ws: &mut S) -> String
+where
+    S: futures_util::Stream<Item = Result<tokio_tungstenite::tungstenite::Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    use futures_util::StreamExt;
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("a message in 10 s").expect("open").expect("frame");
+        if let tokio_tungstenite::tungstenite::Message::Text(t) = msg {
+            return t.to_string();
+        }
+    }
+}
+
+/// XMPP over WebSocket (RFC 7395) at /xmpp-websocket on the client listener: the subprotocol
+/// echoed, `<open/>`, SASL, the restart, binding, a MUC join and a groupchat message that a v1
+/// client in the room sees, one element per message with its namespaces, and `<close/>`.
+pub async fn xmpp_over_websocket_joins_and_chats(db: &TestDb) {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
+    let node = xmpp_node(db).await;
+    let room = room("wsroom");
+    let mut bob = node.client("bob").await;
+    bob.create(&room, json!({})).await;
+    bob.join(&room, "Bob").await;
+
+    let mut request = format!("ws://{}/xmpp-websocket", node.client_addr).into_client_request().unwrap();
+    request.headers_mut().insert("sec-websocket-protocol", "xmpp".parse().unwrap());
+    let (mut ws, response) = tokio_tungstenite::connect_async(request).await.expect("XMPP WebSocket upgrade");
+    assert_eq!(response.headers().get("sec-websocket-protocol").map(|v| v.to_str().unwrap()), Some("xmpp"));
+    let open = "<open xmlns='urn:ietf:params:xml:ns:xmpp-framing' to='localhost' version='1.0'/>";
+    ws.send(Message::text(open)).await.unwrap();
+    assert!(next_text(&mut ws).await.starts_with("<open xmlns='urn:ietf:params:xml:ns:xmpp-framing'"));
+    let features = next_text(&mut ws).await;
+    assert!(features.starts_with("<stream:features xmlns:stream='http://etherx.jabber.org/streams'>") && features.contains("PLAIN"), "{features}");
+    use base64::Engine as _;
+    let plain = base64::engine::general_purpose::STANDARD.encode(b"\0ann\0correct horse battery");
+    ws.send(Message::text(format!("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{plain}</auth>"))).await.unwrap();
+    assert!(next_text(&mut ws).await.contains("<success"));
+    ws.send(Message::text(open)).await.unwrap();
+    assert!(next_text(&mut ws).await.starts_with("<open"));
+    assert!(next_text(&mut ws).await.contains("urn:ietf:params:xml:ns:xmpp-bind"));
+    ws.send(Message::text("<iq xmlns='jabber:client' type='set' id='b1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>web</resource></bind></iq>")).await.unwrap();
+    let bound = next_text(&mut ws).await;
+    assert!(bound.starts_with("<iq xmlns='jabber:client'") && bound.contains("<jid>ann@localhost/web</jid>"), "{bound}");
+
+    ws.send(Message::text(format!("<presence xmlns='jabber:client' to='{room}/Ann'><x xmlns='http://jabber.org/protocol/muc'/></presence>"))).await.unwrap();
+    let mut got = Vec::new();
+    while !got.iter().any(|m: &String| m.contains("<subject")) {
+        let m = next_text(&mut ws).await;
+        assert!(m.starts_with("<presence xmlns='jabber:client'") || m.starts_with("<message xmlns='jabber:client'"), "{m}");
+        got.push(m);
+    }
+    assert!(got.iter().any(|m| m.contains("status code='110'")), "{got:?}");
+    ws.send(Message::text(format!("<message xmlns='jabber:client' to='{room}' type='groupchat' id='w1'><body>over websocket</body></message>"))).await.unwrap();
+    let f = bob.wait_for("Ann's message", |f| f["op"] == "message" && f["body"] == "over websocket").await;
+    assert_eq!(f["cid"], "w1");
+    loop {
+        let m = next_text(&mut ws).await;
+        if m.contains("over websocket") {
+            assert!(m.contains("urn:xmpp:sid:0"), "{m}");
+            break;
+        }
+    }
+    // Not well-formed input ends the stream with a stream error, then <close/>.
+    ws.send(Message::text("<message><body>unclosed</wrong></message>")).await.unwrap();
+    let error = next_text(&mut ws).await;
+    assert!(error.starts_with("<stream:error xmlns:stream='http://etherx.jabber.org/streams'>") && error.contains("not-well-formed"), "{error}");
+    assert!(next_text(&mut ws).await.starts_with("<close xmlns='urn:ietf:params:xml:ns:xmpp-framing'"));
+    bob.wait_for("Ann's leave", |f| f["op"] == "presence" && f["nick"] == "Ann" && f["status"] == "left").await;
+    node.stop().await;
+}
