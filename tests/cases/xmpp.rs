@@ -420,3 +420,68 @@ pub async fn xmpp_over_websocket_joins_and_chats(db: &TestDb) {
     bob.wait_for("Ann's leave", |f| f["op"] == "presence" && f["nick"] == "Ann" && f["status"] == "left").await;
     node.stop().await;
 }
+
+/// Converse.js 12 (tests/browser, npm, pinned with its lockfile) in headless Debian Chromium
+/// (playwright-core), over /xmpp-websocket: logs in, joins, sees a v1 client's message, sends
+/// one the v1 client sees, and after a reload in a fresh browser context (no cached state) sees
+/// both again, in order, from the server.
+pub async fn converse_js_in_chromium_chats_with_v1_and_reloads(db: &TestDb) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
+    assert!(
+        dir.join("node_modules/converse.js").exists() && dir.join("node_modules/playwright-core").exists(),
+        "the browser test needs Converse.js and playwright-core: `cd tests/browser && npm ci` (.ci/run does)"
+    );
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    assert!(std::path::Path::new(&chromium).exists(), "the browser test needs Chromium at {chromium} (Debian: apt-get install chromium; .ci/run does), or CHROMIUM=path");
+    let node = xmpp_node(db).await;
+    let room = room("browser");
+    let mut bob = node.client("bob").await;
+    bob.create(&room, json!({})).await;
+    bob.join(&room, "Bob").await;
+
+    let mut child = tokio::process::Command::new("node")
+        .arg(dir.join("converse.mjs"))
+        .args(["--ws", &format!("ws://{}/xmpp-websocket", node.client_addr)])
+        .args(["--jid", "ann@localhost", "--password", "correct horse battery", "--room", &room, "--nick", "Ann"])
+        .env("CHROMIUM", &chromium)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("running node tests/browser/converse.mjs (is Node.js installed?)");
+    let mut stdin = child.stdin.take().unwrap();
+    let mut events = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut event = async |what: &str| -> Value {
+        let line = tokio::time::timeout(Duration::from_secs(60), events.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("no {what} from Converse.js in 60 s"))
+            .expect("reading converse.mjs")
+            .unwrap_or_else(|| panic!("converse.mjs ended before {what}"));
+        let e: Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("converse.mjs printed {line}"));
+        assert_ne!(e["event"], "error", "Converse.js failed at {what}: {e}");
+        e
+    };
+    assert_eq!(event("the join").await["event"], "joined");
+    bob.wait_for("Ann's presence", |f| f["op"] == "presence" && f["nick"] == "Ann" && f["status"] == "joined").await;
+
+    bob.send_acked(&room, "hello from v1", "b1").await;
+    stdin.write_all(b"{\"op\":\"wait_text\",\"text\":\"hello from v1\"}\n").await.unwrap();
+    assert_eq!(event("v1's message").await["event"], "text");
+    stdin.write_all(b"{\"op\":\"send\",\"body\":\"hello from the browser\"}\n").await.unwrap();
+    let m = bob.wait_for("the browser's message", |f| f["op"] == "message" && f["body"] == "hello from the browser").await;
+    assert_eq!(m["nick"], "Ann");
+
+    stdin.write_all(b"{\"op\":\"reload\"}\n").await.unwrap();
+    assert_eq!(event("the join after a reload").await["event"], "joined");
+    stdin.write_all(b"{\"op\":\"wait_text\",\"text\":\"hello from the browser\"}\n").await.unwrap();
+    event("history after the reload").await;
+    stdin.write_all(b"{\"op\":\"messages\"}\n").await.unwrap();
+    let texts = event("the messages").await;
+    let texts: Vec<&str> = texts["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    assert_eq!(texts, ["hello from v1", "hello from the browser"], "after the reload");
+
+    stdin.write_all(b"{\"op\":\"quit\"}\n").await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(20), child.wait()).await;
+    node.stop().await;
+}
