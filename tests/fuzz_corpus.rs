@@ -11,6 +11,11 @@ use std::path::Path;
 
 /// Run `property` on every input of `target`; the inputs that panicked, with why.
 fn replay(target: &str, property: fn(&str)) -> usize {
+    replay_bytes(target, property, |bytes| std::str::from_utf8(bytes).ok())
+}
+
+/// [`replay`] for a property of any input: `convert` says what it gets (`None`: skipped).
+fn replay_bytes<T: ?Sized>(target: &str, property: fn(&T), convert: fn(&[u8]) -> Option<&T>) -> usize {
     let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
     let mut replayed = 0;
     let mut failed = Vec::new();
@@ -19,8 +24,8 @@ fn replay(target: &str, property: fn(&str)) -> usize {
         for entry in entries {
             let path = entry.expect("a readable corpus directory").path();
             let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            // The fuzz targets skip input that is not UTF-8 the same way.
-            let Ok(text) = std::str::from_utf8(&bytes) else { continue };
+            // The text targets skip input that is not UTF-8 the same way.
+            let Some(text) = convert(&bytes) else { continue };
             replayed += 1;
             if let Err(panic) = catch_unwind(AssertUnwindSafe(|| property(text))) {
                 let why = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
@@ -49,4 +54,11 @@ fn config_corpus_loads_or_is_refused_without_panic() {
 #[test]
 fn link_frame_corpus_parses_without_panic() {
     assert!(replay("link_frame", properties::link_frame) > 0, "the link_frame seed corpus is there");
+}
+
+/// Every byte stream of the corpus reads as XMPP stream items or a stream fault, never a panic,
+/// and what it reads serializes to XML that reads again.
+#[test]
+fn xmpp_stream_corpus_reads_without_panic() {
+    assert!(replay_bytes("xmpp_stream", properties::xmpp_stream, |bytes| Some(bytes)) > 0, "the xmpp_stream seed corpus is there");
 }

@@ -27,3 +27,36 @@ pub fn config(text: &str) {
 pub fn link_frame(text: &str) {
     let _ = stoa::ha::link::parse_link_frame(text);
 }
+
+/// `xmpp_stream`: any bytes on an XMPP connection, cut into chunks of any size, give stream
+/// items or a stream fault, never a panic; every element read serializes to XML that reads
+/// again; the parsers the stanza handler applies to attributes and children (XEP-0082 dates,
+/// the MUC `<history/>`, the WebSocket framing of an element) never panic either.
+pub fn xmpp_stream(data: &[u8]) {
+    use stoa::xmpp::stream::{Item, StreamReader};
+    let Some((&first, data)) = data.split_first() else { return };
+    let chunk = usize::from(first % 64) + 1;
+    let mut reader = StreamReader::new(4096, 16);
+    let mut items = Vec::new();
+    for piece in data.chunks(chunk) {
+        if reader.feed(piece, &mut items).is_err() {
+            break;
+        }
+    }
+    for item in items {
+        let el = match item {
+            Item::Open(el) | Item::Stanza(el) => el,
+            Item::Close => continue,
+        };
+        let xml = String::from(&el);
+        let mut again = StreamReader::new(1 << 20, 64);
+        let mut out = Vec::new();
+        let wrapped = format!("<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>{xml}");
+        again.feed(wrapped.as_bytes(), &mut out).unwrap_or_else(|e| panic!("{xml} does not read again: {e}"));
+        for (_, value) in el.attrs() {
+            let _ = stoa::xmpp::muc::parse_xep82(value);
+        }
+        let _ = stoa::xmpp::muc::HistoryFilter::from_join(Some(&el), 0);
+        let _ = stoa::xmpp::websocket::framed_element(&xml);
+    }
+}

@@ -84,7 +84,7 @@ where
 }
 
 /// One element as its own message: top-level elements declare their namespaces.
-fn framed_element(text: &str) -> String {
+pub fn framed_element(text: &str) -> String {
     let name_end = text.find([' ', '>', '/']).unwrap_or(text.len());
     let tag_end = text.find('>').unwrap_or(text.len());
     let declares = text[..tag_end].contains("xmlns=");
