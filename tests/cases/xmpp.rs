@@ -97,8 +97,9 @@ impl XmppClient {
         self.event(&format!("groupchat `{body}`"), |e| e["event"] == "groupchat" && e["body"] == body).await
     }
 
+    /// Ask the client to log out and end (it may have ended already: its stream was cut).
     pub async fn quit(mut self) {
-        self.command(json!({"op": "quit"})).await;
+        let _ = self.stdin.write_all(b"{\"op\":\"quit\"}\n").await;
         let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
     }
 }
