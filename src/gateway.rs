@@ -697,6 +697,12 @@ impl Gateway {
         Ok(ArchivePage { messages, complete, count })
     }
 
+    /// The room's whole configuration and affiliations, for its owners and admins.
+    pub async fn admin_view(&self, session: &Session, room: &RoomAddr) -> Outcome<room::RoomAdminView> {
+        self.check_room(room)?;
+        Ok(self.registry.call(room, room::AdminView { user: session.user.clone() }).await.and_then(|r| r)?)
+    }
+
     /// What anyone may know of a room without joining it (XMPP disco#info): whether it is
     /// public (not members-only) and password-protected, and its subject.
     pub async fn describe(&self, room: &RoomAddr) -> Outcome<RoomFacts> {

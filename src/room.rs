@@ -1060,6 +1060,33 @@ impl Handler<Destroy> for Room {
     }
 }
 
+/// What the room's owners and admins may read: its whole configuration and its affiliations.
+#[derive(Message, Clone)]
+#[rtype(result = "Result<RoomAdminView, RoomError>")]
+pub struct AdminView {
+    pub user: String,
+}
+
+/// The answer to [`AdminView`].
+#[derive(Clone, Debug)]
+pub struct RoomAdminView {
+    pub config: RoomConfig,
+    /// Every user with an affiliation other than none, by name.
+    pub affiliations: Vec<(String, Affiliation)>,
+}
+
+impl Handler<AdminView> for Room {
+    type Result = Result<RoomAdminView, RoomError>;
+
+    fn handle(&mut self, msg: AdminView, _ctx: &mut Context<Self>) -> Self::Result {
+        self.check_alive()?;
+        self.state.check_admin(&msg.user)?;
+        let mut affiliations: Vec<(String, Affiliation)> = self.state.affiliations.iter().map(|(u, a)| (u.clone(), *a)).collect();
+        affiliations.sort();
+        Ok(RoomAdminView { config: self.state.config.clone(), affiliations })
+    }
+}
+
 /// A snapshot for the admin API.
 #[derive(Message, Clone)]
 #[rtype(result = "RoomSnapshot")]

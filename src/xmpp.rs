@@ -8,6 +8,8 @@
 //! - [`websocket`]: XMPP over WebSocket (RFC 7395) at `/xmpp-websocket` on the client
 //!   listener, the same negotiation and session framed one element per message;
 //! - [`channel`]: what both run over (TCP or WebSocket), and how a stream ends;
+//! - [`forms`]: the room configuration form and affiliations of XEP-0045's owner and admin
+//!   use cases, in Stoa's terms;
 //! - [`muc`]: XEP-0045 over Stoa rooms: the session's [`crate::session::Wire`], which turns
 //!   room events and answers into MUC stanzas (occupant presences with status codes, reflected
 //!   messages with XEP-0359 stanza-id and origin-id, XEP-0421 occupant-id, history with
@@ -18,6 +20,7 @@
 
 pub mod c2s;
 pub mod channel;
+pub mod forms;
 mod handler;
 pub mod muc;
 pub mod stream;
@@ -40,6 +43,7 @@ pub mod ns {
     pub const MUC: &str = "http://jabber.org/protocol/muc";
     pub const MUC_USER: &str = "http://jabber.org/protocol/muc#user";
     pub const MUC_OWNER: &str = "http://jabber.org/protocol/muc#owner";
+    pub const MUC_ADMIN: &str = "http://jabber.org/protocol/muc#admin";
     pub const SID: &str = "urn:xmpp:sid:0";
     pub const OCCUPANT_ID: &str = "urn:xmpp:occupant-id:0";
     pub const DELAY: &str = "urn:xmpp:delay";

@@ -110,6 +110,15 @@ impl RoomState {
         }
     }
 
+    /// Check that `actor` may read the room's configuration and affiliation lists.
+    pub fn check_admin(&self, actor: &str) -> Result<(), Denied> {
+        if self.affiliation(actor) >= Affiliation::Admin {
+            Ok(())
+        } else {
+            Err(Denied::Forbidden("only owners and admins may read this"))
+        }
+    }
+
     /// Check that `actor` may configure or destroy the room.
     pub fn check_owner(&self, actor: &str) -> Result<(), Denied> {
         if self.affiliation(actor) == Affiliation::Owner {

@@ -2,6 +2,7 @@
 //! ping, roster, MAM, the instant-room form), MUC presence (join, leave) and groupchat
 //! messages, each turned into a gateway call; refused requests get stanza errors.
 
+use super::forms;
 use super::muc::{HistoryFilter, Pending, XmppState, condition, error_element, message_rest, parse_xep82};
 use super::channel::End;
 use super::{escape, ns};
@@ -142,7 +143,8 @@ impl Handler {
             return self.error_reply(el, "modify", "bad-request", "an iq get or set has exactly one payload");
         };
         let from = el.attr("to").map(|t| format!(" from='{}'", escape(t))).unwrap_or_default();
-        let result = |body: &str| format!("<iq type='result' id='{}' to='{}'{from}>{body}</iq>", escape(id), escape(&self.state.jid));
+        let head = format!("<iq type='result' id='{}' to='{}'{from}>", escape(id), escape(&self.state.jid));
+        let result = |body: &str| format!("{head}{body}</iq>");
         let (name, pns) = (payload.name(), payload.ns());
         match (&target, name, pns.as_str(), kind) {
             (_, "ping", ns::PING, "get") => match &target {
@@ -204,11 +206,13 @@ impl Handler {
                 ns::MAM
             ))),
             (Target::Room(_), "query", ns::DISCO_ITEMS, "get") => self.send(result(&format!("<query xmlns='{}'/>", ns::DISCO_ITEMS))),
-            // An instant room (XEP-0045 §10.1.2): the empty submitted form keeps the defaults.
-            (Target::Room(_), "query", ns::MUC_OWNER, "set")
-                if payload.get_child("x", "jabber:x:data").is_some_and(|x| x.attr("type") == Some("submit") && x.children().all(|f| f.attr("var") == Some("FORM_TYPE"))) =>
-            {
-                self.send(result(""))
+            (Target::Room(room), "query", ns::MUC_OWNER, _) => {
+                let room = room.clone();
+                self.owner(el, kind, &room, payload, &head).await
+            }
+            (Target::Room(room), "query", ns::MUC_ADMIN, _) => {
+                let room = room.clone();
+                self.admin(el, kind, &room, payload, &head).await
             }
             (Target::Other, ..) => self.error_reply(el, "cancel", "service-unavailable", "no such entity here"),
             _ => self.error_reply(el, "cancel", "service-unavailable", &format!("<{name} xmlns='{pns}'/> is not served here")),
@@ -285,6 +289,85 @@ impl Handler {
             ns::RSM,
             page.count
         ));
+    }
+
+    /// `muc#owner` (XEP-0045 §10): the configuration form (get), a submitted or cancelled
+    /// form (set; an empty one accepts an instant room), and destroy.
+    /// (`head` is the result IQ's start tag.)
+    async fn owner(&mut self, el: &Element, kind: &str, room: &RoomAddr, query: &Element, head: &str) {
+        if kind == "get" {
+            return match self.gateway.admin_view(&self.session, room).await {
+                Ok(view) => self.send(format!("{head}<query xmlns='{}'>{}</query></iq>", ns::MUC_OWNER, forms::config_form(&view.config))),
+                Err(f) => self.failure_reply(el, &f),
+            };
+        }
+        let outcome = if let Some(destroy) = query.get_child("destroy", ns::MUC_OWNER) {
+            let reason = destroy.get_child("reason", ns::MUC_OWNER).map(|r| r.text());
+            self.gateway.destroy(&self.session, room, reason).await
+        } else if let Some(x) = query.get_child("x", ns::DATA) {
+            let fields = x.children().filter(|f| f.attr("var").is_some_and(|v| v != "FORM_TYPE")).count();
+            match x.attr("type") {
+                Some("cancel") => Ok(()),
+                Some("submit") if fields == 0 => Ok(()),
+                Some("submit") => match forms::patch_from_form(x) {
+                    Ok(patch) => self.gateway.configure(&self.session, room, patch).await,
+                    Err(text) => return self.error_reply(el, "modify", "not-acceptable", &text),
+                },
+                _ => return self.error_reply(el, "modify", "bad-request", "submit or cancel the form"),
+            }
+        } else {
+            return self.error_reply(el, "modify", "bad-request", "a muc#owner set holds a form or <destroy/>");
+        };
+        match outcome {
+            Ok(()) => self.send(format!("{head}</iq>")),
+            Err(f) => self.failure_reply(el, &f),
+        }
+    }
+
+    /// `muc#admin` (XEP-0045 §8, §9): kick (role none by nick), affiliations set by bare JID,
+    /// and affiliation lists.
+    async fn admin(&mut self, el: &Element, kind: &str, room: &RoomAddr, query: &Element, head: &str) {
+        let items: Vec<&Element> = query.children().filter(|i| i.is("item", ns::MUC_ADMIN)).collect();
+        if items.is_empty() {
+            return self.error_reply(el, "modify", "bad-request", "a muc#admin query holds <item/>s");
+        }
+        if kind == "get" {
+            let Some(wanted) = items[0].attr("affiliation").and_then(forms::affiliation) else {
+                return self.error_reply(el, "modify", "bad-request", "ask for a list by affiliation (owner, admin, member, outcast)");
+            };
+            return match self.gateway.admin_view(&self.session, room).await {
+                Ok(view) => {
+                    let list: String = view
+                        .affiliations
+                        .iter()
+                        .filter(|(_, a)| *a == wanted)
+                        .map(|(user, a)| format!("<item affiliation='{}' jid='{}@{}'/>", a.as_str(), escape(user), escape(&self.state.domain)))
+                        .collect();
+                    self.send(format!("{head}<query xmlns='{}'>{list}</query></iq>", ns::MUC_ADMIN));
+                }
+                Err(f) => self.failure_reply(el, &f),
+            };
+        }
+        for item in items {
+            let reason = item.get_child("reason", ns::MUC_ADMIN).map(|r| r.text());
+            let outcome = match (item.attr("role"), item.attr("nick"), item.attr("affiliation"), item.attr("jid")) {
+                (Some("none"), Some(nick), _, _) => self.gateway.kick(&self.session, room, nick.to_owned(), reason).await,
+                (Some(_), ..) => return self.error_reply(el, "cancel", "feature-not-implemented", "roles follow affiliations in Stoa rooms; only role='none' (kick) is served"),
+                (None, _, Some(a), Some(jid)) => {
+                    let Some(aff) = forms::affiliation(a) else { return self.error_reply(el, "modify", "bad-request", "unknown affiliation") };
+                    let bare = jid.split('/').next().unwrap_or(jid);
+                    let Some(user) = bare.strip_suffix(&format!("@{}", self.state.domain)) else {
+                        return self.error_reply(el, "cancel", "not-acceptable", "affiliations are for users of this server");
+                    };
+                    self.gateway.affiliate(&self.session, room, user.to_owned(), aff).await
+                }
+                _ => return self.error_reply(el, "modify", "bad-request", "an item sets role='none' by nick, or an affiliation by jid"),
+            };
+            if let Err(f) = outcome {
+                return self.failure_reply(el, &f);
+            }
+        }
+        self.send(format!("{head}</iq>"));
     }
 
     async fn presence(&mut self, el: &Element, target: Target) {

@@ -93,6 +93,12 @@ impl XmppClient {
         self.event("iq answer", |e| matches!(e["event"].as_str(), Some("iq_result" | "iq_error" | "iq_timeout"))).await
     }
 
+    /// An IQ `set` (`iq` sends a `get`).
+    pub async fn iq_set(&mut self, to: &str, xml: &str) -> Value {
+        self.command(json!({"op": "iq", "to": to, "type": "set", "xml": xml})).await;
+        self.event("iq answer", |e| matches!(e["event"].as_str(), Some("iq_result" | "iq_error" | "iq_timeout"))).await
+    }
+
     pub async fn groupchat(&mut self, body: &str) -> Value {
         self.event(&format!("groupchat `{body}`"), |e| e["event"] == "groupchat" && e["body"] == body).await
     }
@@ -484,5 +490,56 @@ pub async fn converse_js_in_chromium_chats_with_v1_and_reloads(db: &TestDb) {
 
     stdin.write_all(b"{\"op\":\"quit\"}\n").await.unwrap();
     let _ = tokio::time::timeout(Duration::from_secs(20), child.wait()).await;
+    node.stop().await;
+}
+
+/// XEP-0045 owner and admin use cases from slixmpp: the configuration form (get, submit),
+/// kick (307 to the kicked occupant), affiliations by JID and their lists, a members-only room
+/// refusing a guest, destroy.
+pub async fn xmpp_owners_configure_kick_affiliate_and_destroy(db: &TestDb) {
+    let node = xmpp_node(db).await;
+    let addr = node.xmpp_addr.expect("c2s listener");
+    let room = room("modroom");
+    let mut ann = XmppClient::connect(addr, "ann", Some("correct horse battery")).await;
+    assert_eq!(ann.join(&room, "Ann", json!({})).await["status"], json!([100, 110, 201]));
+
+    let form = ann.iq(&room, "<query xmlns='http://jabber.org/protocol/muc#owner'/>").await;
+    assert_eq!(form["event"], "iq_result", "{form}");
+    assert!(form["xml"].as_str().unwrap().contains("muc#roomconfig_membersonly"), "{form}");
+
+    let mut guest = XmppClient::connect(addr, "guest", None).await;
+    assert_eq!(guest.join(&room, "Guest", json!({})).await["event"], "joined");
+    let kick = ann.iq_set(&room, "<query xmlns='http://jabber.org/protocol/muc#admin'><item nick='Guest' role='none'><reason>bye</reason></item></query>").await;
+    assert_eq!(kick["event"], "iq_result", "{kick}");
+    let kicked = guest.event("the kick", |e| e["event"] == "presence" && e["nick"] == "Guest" && e["type"] == "unavailable").await;
+    assert_eq!(kicked["status"], json!([110, 307]), "{kicked}");
+    let denied = guest.iq(&room, "<query xmlns='http://jabber.org/protocol/muc#owner'/>").await;
+    assert_eq!(denied["condition"], "forbidden", "a guest reads no config: {denied}");
+
+    let set = ann.iq_set(&room, "<query xmlns='http://jabber.org/protocol/muc#admin'><item affiliation='member' jid='rita@localhost'/></query>").await;
+    assert_eq!(set["event"], "iq_result", "{set}");
+    let members = ann.iq(&room, "<query xmlns='http://jabber.org/protocol/muc#admin'><item affiliation='member'/></query>").await;
+    assert!(members["xml"].as_str().unwrap().contains("rita@localhost"), "{members}");
+
+    let submit = "<query xmlns='http://jabber.org/protocol/muc#owner'><x xmlns='jabber:x:data' type='submit'>\
+        <field var='FORM_TYPE'><value>http://jabber.org/protocol/muc#roomconfig</value></field>\
+        <field var='muc#roomconfig_membersonly'><value>1</value></field></x></query>";
+    let configured = ann.iq_set(&room, submit).await;
+    assert_eq!(configured["event"], "iq_result", "{configured}");
+    let mut other = XmppClient::connect(addr, "guest", None).await;
+    let refused = other.join(&room, "Other", json!({})).await;
+    assert_eq!(refused["event"], "join_error", "a members-only room refuses a guest: {refused}");
+    let bad = ann.iq_set(&room, &submit.replace("muc#roomconfig_membersonly'><value>1", "muc#roomconfig_persistentroom'><value>0")).await;
+    assert_eq!(bad["condition"], "not-acceptable", "{bad}");
+
+    let destroy = ann.iq_set(&room, "<query xmlns='http://jabber.org/protocol/muc#owner'><destroy><reason>done</reason></destroy></query>").await;
+    assert_eq!(destroy["event"], "iq_result", "{destroy}");
+    ann.event("the destroy presence", |e| e["event"] == "presence" && e["type"] == "unavailable").await;
+    let gone = ann.iq(&room, "<query xmlns='http://jabber.org/protocol/disco#info'/>").await;
+    assert_eq!(gone["event"], "iq_error", "{gone}");
+
+    ann.quit().await;
+    guest.quit().await;
+    other.quit().await;
     node.stop().await;
 }
