@@ -68,11 +68,14 @@ pub struct XmppSettings {
     pub max_stanza_bytes: usize,
     /// Deepest element nesting of a stanza.
     pub max_depth: usize,
+    /// How long a session that enabled stream management resumption (XEP-0198) waits for
+    /// its client after the connection drops.
+    pub resume_timeout_s: u64,
 }
 
 impl Default for XmppSettings {
     fn default() -> Self {
-        XmppSettings { domain: "localhost".into(), c2s: None, c2s_insecure: false, max_stanza_bytes: 256 * 1024, max_depth: 32 }
+        XmppSettings { domain: "localhost".into(), c2s: None, c2s_insecure: false, max_stanza_bytes: 256 * 1024, max_depth: 32, resume_timeout_s: 300 }
     }
 }
 

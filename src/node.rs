@@ -281,14 +281,16 @@ async fn run(settings: Settings, tls: Option<crate::tls::ServerTls>, shutdown: C
 
     let client_addr = client_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
-    let clients = tokio::spawn(transport::ws::serve(client_listener, gateway.clone(), tls.clone(), shutdown.clone()));
+    // XMPP sessions parked for stream management resumption (both XMPP transports).
+    let resumption = Arc::new(crate::xmpp::sm::Resumption::default());
+    let clients = tokio::spawn(transport::ws::serve(client_listener, gateway.clone(), tls.clone(), resumption.clone(), shutdown.clone()));
     let admin_state = admin::AdminState::new(settings.clone(), store.clone(), registry.clone(), gateway.clone())
         .with_recovery(recovery.as_ref().map(|(r, _)| r.clone()), link)
         .with_plugins(plugins)
         .with_tls(tls.clone());
     let admin = tokio::spawn(admin::serve(admin_listener, admin_state, shutdown.clone()));
     let xmpp_addr = xmpp_listener.as_ref().map(|l| l.local_addr()).transpose()?;
-    let xmpp = xmpp_listener.map(|l| tokio::spawn(crate::xmpp::c2s::serve(l, gateway.clone(), tls.clone(), shutdown.clone())));
+    let xmpp = xmpp_listener.map(|l| tokio::spawn(crate::xmpp::c2s::serve(l, gateway.clone(), tls.clone(), resumption.clone(), shutdown.clone())));
     if let Some(addr) = xmpp_addr {
         let starttls = if tls.is_some() { ", STARTTLS" } else { "" };
         tracing::info!(%addr, "xmpp: clients at {addr} (c2s{starttls}) for the domain {}, rooms at {}", settings.xmpp.domain, settings.node.service);
@@ -311,6 +313,7 @@ async fn run(settings: Settings, tls: Option<crate::tls::ServerTls>, shutdown: C
     if let Some(xmpp) = xmpp {
         let _ = xmpp.await;
     }
+    resumption.close_all(&gateway);
     let _ = admin.await;
     tracing::info!("draining the committer");
     drop(deps);

@@ -10,6 +10,7 @@
 //! - [`channel`]: what both run over (TCP or WebSocket), and how a stream ends;
 //! - [`forms`]: the room configuration form and affiliations of XEP-0045's owner and admin
 //!   use cases, in Stoa's terms;
+//! - [`sm`]: XEP-0198 stream management: acks, and resumption of parked sessions;
 //! - [`muc`]: XEP-0045 over Stoa rooms: the session's [`crate::session::Wire`], which turns
 //!   room events and answers into MUC stanzas (occupant presences with status codes, reflected
 //!   messages with XEP-0359 stanza-id and origin-id, XEP-0421 occupant-id, history with
@@ -23,6 +24,7 @@ pub mod channel;
 pub mod forms;
 mod handler;
 pub mod muc;
+pub mod sm;
 pub mod stream;
 pub mod websocket;
 

@@ -174,6 +174,7 @@ on_backends! {[sqlite]
     xmpp::xmpp_bad_input_gets_stream_errors_and_the_node_keeps_working,
     xmpp::xmpp_over_websocket_joins_and_chats,
     xmpp::xmpp_owners_configure_kick_affiliate_and_destroy,
+    xmpp::xmpp_stream_management_acks_and_resumes,
     xmpp::converse_js_in_chromium_chats_with_v1_and_reloads,
 }
 

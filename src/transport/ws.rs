@@ -46,7 +46,7 @@ const MAX_SERVER_FRAME_BYTES: usize = 16 * 1024 * 1024;
 /// *connection slot* (`limits.max_connections`) only once a whole upgrade request has arrived:
 /// sockets that trickle bytes (slow-loris) cannot keep real clients out.
 /// With `tls` the TLS handshake runs first, in the same slot and under the same deadline.
-pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, tls: Option<crate::tls::ServerTls>, shutdown: CancellationToken) {
+pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, tls: Option<crate::tls::ServerTls>, resumption: Arc<crate::xmpp::sm::Resumption>, shutdown: CancellationToken) {
     let limits = &gateway.settings.limits;
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let handshakes = Arc::new(Semaphore::new(limits.max_pending_handshakes));
@@ -77,6 +77,7 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, tls: Option<cra
         let shutdown = shutdown.clone();
         let slots = slots.clone();
         let tls = tls.clone();
+        let resumption = resumption.clone();
         tracker.spawn(async move {
             let _ = stream.set_nodelay(true);
             let timeout = Duration::from_millis(gateway.settings.limits.handshake_timeout_ms);
@@ -93,7 +94,7 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, tls: Option<cra
             gateway.count_connection(1);
             match endpoint {
                 Endpoint::V1 => run_connection(ws, peer.ip(), gateway.clone(), shutdown).await,
-                Endpoint::Xmpp => crate::xmpp::websocket::serve_connection(ws, peer, tls.is_some(), gateway.clone(), shutdown).await,
+                Endpoint::Xmpp => crate::xmpp::websocket::serve_connection(ws, peer, tls.is_some(), gateway.clone(), resumption, shutdown).await,
             }
             gateway.count_connection(-1);
             tracing::trace!(%peer, "connection ended");

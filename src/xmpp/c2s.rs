@@ -15,6 +15,7 @@
 use super::channel::{Channel, End, ItemSource, TextSink, stream_error};
 use super::handler::Handler;
 use super::muc::{XmppState, XmppWire};
+use super::sm::{self, Parked, Resumption, Sm};
 use super::stream::{Item, StreamReader};
 use super::{escape, ns};
 use crate::auth::LoggedIn;
@@ -24,7 +25,8 @@ use crate::session::KillReason;
 use base64::Engine as _;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpListener;
@@ -44,7 +46,7 @@ const MAX_AUTH_FAILURES: u32 = 3;
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serve XMPP clients on `listener` until `shutdown`; returns once every connection ended.
-pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, tls: Option<crate::tls::ServerTls>, shutdown: CancellationToken) {
+pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, tls: Option<crate::tls::ServerTls>, resumption: Arc<Resumption>, shutdown: CancellationToken) {
     let limits = &gateway.settings.limits;
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let handshakes = Arc::new(Semaphore::new(limits.max_pending_handshakes));
@@ -65,11 +67,11 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, tls: Option<cra
             metrics::counter!("stoa_connections_refused_total", "reason" => "handshakes").increment(1);
             continue;
         };
-        let (gateway, shutdown, slots, tls) = (gateway.clone(), shutdown.clone(), slots.clone(), tls.clone());
+        let (gateway, shutdown, slots, tls, resumption) = (gateway.clone(), shutdown.clone(), slots.clone(), tls.clone(), resumption.clone());
         tracker.spawn(async move {
             let _ = stream.set_nodelay(true);
             let mut xio = XmlIo::new(Box::new(stream), &gateway.settings.xmpp);
-            let (logged_in, resource) = match negotiate_in_time(&mut xio, &gateway, tls.as_ref(), peer, &shutdown).await {
+            let bound = match negotiate_in_time(&mut xio, &gateway, tls.as_ref(), peer, &resumption, &shutdown).await {
                 Ok(bound) => bound,
                 Err(end) => return xio.end(end).await,
             };
@@ -79,7 +81,7 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, tls: Option<cra
                 return xio.end(End::Stream("resource-constraint", "too many connections".into())).await;
             };
             gateway.count_connection(1);
-            run(xio, peer, logged_in, resource, gateway.clone(), shutdown).await;
+            run(xio, peer, bound, gateway.clone(), resumption, shutdown).await;
             gateway.count_connection(-1);
             drop(slot);
         });
@@ -241,17 +243,25 @@ fn check_header(header: &Element, domain: &str) -> Result<(), End> {
     Ok(())
 }
 
+/// How negotiation ended: a new session bound, or a parked one resumed (XEP-0198).
+pub(super) enum Bound {
+    New { logged_in: LoggedIn, resource: String },
+    /// The client acknowledged the parked session's stanzas up to `h`.
+    Resumed { parked: Parked, h: u32 },
+}
+
 /// [`negotiate`] within `limits.hello_timeout_ms`, or until the node shuts down.
 pub(super) async fn negotiate_in_time<C: Channel>(
     xio: &mut C,
     gateway: &Gateway,
     tls: Option<&crate::tls::ServerTls>,
     peer: SocketAddr,
+    resumption: &Resumption,
     shutdown: &CancellationToken,
-) -> Result<(LoggedIn, String), End> {
+) -> Result<Bound, End> {
     let deadline = Duration::from_millis(gateway.settings.limits.hello_timeout_ms);
     tokio::select! {
-        n = tokio::time::timeout(deadline, negotiate(xio, gateway, tls, peer)) => match n {
+        n = tokio::time::timeout(deadline, negotiate(xio, gateway, tls, peer, resumption)) => match n {
             Ok(n) => n,
             Err(_) => Err(End::Stream("connection-timeout", "negotiation took too long".into())),
         },
@@ -259,8 +269,8 @@ pub(super) async fn negotiate_in_time<C: Channel>(
     }
 }
 
-/// RFC 6120 negotiation up to a bound resource.
-async fn negotiate<C: Channel>(xio: &mut C, gateway: &Gateway, tls: Option<&crate::tls::ServerTls>, peer: SocketAddr) -> Result<(LoggedIn, String), End> {
+/// RFC 6120 negotiation up to a bound resource (or a resumed session).
+async fn negotiate<C: Channel>(xio: &mut C, gateway: &Gateway, tls: Option<&crate::tls::ServerTls>, peer: SocketAddr, resumption: &Resumption) -> Result<Bound, End> {
     let settings = &gateway.settings;
     let domain = settings.xmpp.domain.clone();
     let loopback = peer.ip().is_loopback();
@@ -319,26 +329,45 @@ async fn negotiate<C: Channel>(xio: &mut C, gateway: &Gateway, tls: Option<&crat
             continue;
         };
         xio.write(&format!(
-            "<stream:features><bind xmlns='{}'/><session xmlns='{}'><optional/></session></stream:features>",
+            "<stream:features><bind xmlns='{}'/><session xmlns='{}'><optional/></session><sm xmlns='{}'/></stream:features>",
             ns::BIND,
-            ns::SESSION
+            ns::SESSION,
+            sm::NS
         ))
         .await?;
-        let Item::Stanza(el) = xio.next().await? else { return Err(End::Close) };
-        let bind = el.get_child("bind", ns::BIND);
-        let (true, Some(id), Some(bind)) = (el.is("iq", ns::CLIENT) && el.attr("type") == Some("set"), el.attr("id"), bind) else {
-            return Err(End::Stream("not-authorized", "bind a resource first".into()));
-        };
-        let asked = bind.get_child("resource", ns::BIND).map(|r| r.text()).unwrap_or_default();
-        let resource = if asked.is_empty() || asked.len() > 256 || asked.chars().any(|c| c.is_control()) {
-            format!("stoa-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
-        } else {
-            asked
-        };
-        let jid = format!("{}@{domain}/{resource}", user.user);
-        xio.write(&format!("<iq type='result' id='{}'><bind xmlns='{}'><jid>{}</jid></bind></iq>", escape(id), ns::BIND, escape(&jid)))
-            .await?;
-        return Ok((logged_in.take().expect("logged in"), resource));
+        loop {
+            let Item::Stanza(el) = xio.next().await? else { return Err(End::Close) };
+            if el.is("resume", sm::NS) {
+                let h = el.attr("h").and_then(|h| h.parse::<u32>().ok());
+                let parked = el.attr("previd").zip(h).and_then(|(id, _)| resumption.resume(id, &user.user));
+                match (parked, h) {
+                    (Some(parked), Some(h)) => return Ok(Bound::Resumed { parked, h }),
+                    _ => {
+                        // Unknown here (expired, or parked on a node that failed over): bind anew.
+                        xio.write(&format!("<failed xmlns='{}'><item-not-found xmlns='{}'/></failed>", sm::NS, ns::STANZA_ERRORS)).await?;
+                        continue;
+                    }
+                }
+            }
+            if el.is("enable", sm::NS) {
+                xio.write(&format!("<failed xmlns='{}'><unexpected-request xmlns='{}'/></failed>", sm::NS, ns::STANZA_ERRORS)).await?;
+                continue;
+            }
+            let bind = el.get_child("bind", ns::BIND);
+            let (true, Some(id), Some(bind)) = (el.is("iq", ns::CLIENT) && el.attr("type") == Some("set"), el.attr("id"), bind) else {
+                return Err(End::Stream("not-authorized", "bind a resource first".into()));
+            };
+            let asked = bind.get_child("resource", ns::BIND).map(|r| r.text()).unwrap_or_default();
+            let resource = if asked.is_empty() || asked.len() > 256 || asked.chars().any(|c| c.is_control()) {
+                format!("stoa-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+            } else {
+                asked
+            };
+            let jid = format!("{}@{domain}/{resource}", user.user);
+            xio.write(&format!("<iq type='result' id='{}'><bind xmlns='{}'><jid>{}</jid></bind></iq>", escape(id), ns::BIND, escape(&jid)))
+                .await?;
+            return Ok(Bound::New { logged_in: logged_in.take().expect("logged in"), resource });
+        }
     }
 }
 
@@ -381,59 +410,104 @@ async fn sasl(gateway: &Gateway, auth: &Element, peer: SocketAddr) -> Result<Log
     }
 }
 
-/// The bound session: stanzas in, the queue out.
-pub(super) async fn run<C: Channel>(channel: C, peer: SocketAddr, logged_in: LoggedIn, resource: String, gateway: Arc<Gateway>, shutdown: CancellationToken) {
+/// The bound session: stanzas in, the queue out; parked instead of closed when the
+/// connection drops and the client asked for resumption (XEP-0198).
+pub(super) async fn run<C: Channel>(channel: C, peer: SocketAddr, bound: Bound, gateway: Arc<Gateway>, resumption: Arc<Resumption>, shutdown: CancellationToken) {
     let domain = gateway.settings.xmpp.domain.clone();
     let (mut reader, mut writer) = channel.split();
-    let (tx, mut rx) = mpsc::channel::<String>(gateway.settings.limits.outbound_queue);
-    let kill = CancellationToken::new();
-    let jid = format!("{}@{domain}/{resource}", logged_in.user);
-    let state = XmppState::new(jid, domain.clone(), tx.clone());
-    let wire = Box::new(XmppWire { state: state.clone() });
-    let hash = crate::auth::token_hash(&logged_in.token);
-    let session = gateway.open_session(logged_in.user.clone(), Some(hash), Some(peer.ip()), wire, kill.clone());
-    tracing::debug!(session = session.id, jid = %state.jid, "xmpp session bound");
+    let (session, state, mut rx, sm, kill, resource, mut first) = match bound {
+        Bound::New { logged_in, resource } => {
+            let (tx, rx) = mpsc::channel::<String>(gateway.settings.limits.outbound_queue);
+            let kill = CancellationToken::new();
+            let jid = format!("{}@{domain}/{resource}", logged_in.user);
+            let state = XmppState::new(jid, domain.clone(), tx);
+            let wire = Box::new(XmppWire { state: state.clone() });
+            let hash = crate::auth::token_hash(&logged_in.token);
+            let session = gateway.open_session(logged_in.user.clone(), Some(hash), Some(peer.ip()), wire, kill.clone());
+            tracing::debug!(session = session.id, jid = %state.jid, "xmpp session bound");
+            (session, state, rx, Arc::new(Mutex::new(Sm::default())), kill, resource, Vec::new())
+        }
+        Bound::Resumed { parked, h } => {
+            let Parked { session, state, queue, sm, kill, resource, .. } = parked;
+            let first = {
+                let mut sm = sm.lock().expect("sm lock");
+                let resumed = format!("<resumed xmlns='{}' previd='{}' h='{}'/>", sm::NS, escape(sm.id.as_deref().unwrap_or_default()), sm.handled);
+                let mut first = vec![resumed];
+                first.extend(sm.resend_after(h));
+                first
+            };
+            tracing::debug!(session = session.id, jid = %state.jid, "xmpp session resumed");
+            metrics::counter!("stoa_xmpp_resumptions_total").increment(1);
+            (session, state, queue, sm, kill, resource, first)
+        }
+    };
 
-    // Writer: everything the client receives, in queue order, then the stream's end.
-    let writer_kill = kill.clone();
-    let writer = tokio::spawn(async move {
-        let mut batch: Vec<String> = Vec::new();
-        loop {
-            tokio::select! {
-                biased;
-                _ = writer_kill.cancelled() => break,
-                first = rx.recv() => match first {
-                    None => break,
-                    Some(stanza) => {
-                        batch.clear();
-                        batch.push(stanza);
-                        while batch.len() < 64 {
-                            match rx.try_recv() { Ok(s) => batch.push(s), Err(_) => break }
+    // Writer: everything the client receives, in queue order; at the end, the stream's end (or
+    // nothing, when the session is parked: its queue goes back to the reader for parking).
+    let connection_over = CancellationToken::new();
+    let parking = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (over, parking, sm, session) = (connection_over.clone(), parking.clone(), sm.clone(), session.clone());
+        let max_unacked = gateway.settings.limits.outbound_queue;
+        tokio::spawn(async move {
+            let mut batch: Vec<String> = std::mem::take(&mut first);
+            loop {
+                if !batch.is_empty() {
+                    let request = {
+                        let mut sm = sm.lock().expect("sm lock");
+                        let request = batch.iter().fold(false, |r, s| sm.sent(s) | r);
+                        if sm.unacked_count() > max_unacked {
+                            session.kill(KillReason::SlowConsumer);
                         }
-                        match tokio::time::timeout(WRITE_TIMEOUT, writer.send(&batch)).await {
-                            Ok(Ok(())) => {}
-                            Ok(Err(_)) => { writer_kill.cancel(); return; }
-                            Err(_) => {
-                                metrics::counter!("stoa_slow_consumers_total").increment(1);
-                                writer_kill.cancel();
-                                return;
-                            }
+                        request
+                    };
+                    if request {
+                        batch.push(format!("<r xmlns='{}'/>", sm::NS));
+                    }
+                    match tokio::time::timeout(WRITE_TIMEOUT, writer.send(&batch)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => {
+                            over.cancel();
+                            return rx;
+                        }
+                        Err(_) => {
+                            metrics::counter!("stoa_slow_consumers_total").increment(1);
+                            over.cancel();
+                            return rx;
                         }
                     }
-                },
+                    batch.clear();
+                }
+                tokio::select! {
+                    biased;
+                    _ = over.cancelled() => break,
+                    next = rx.recv() => match next {
+                        None => break,
+                        Some(stanza) => {
+                            batch.push(stanza);
+                            while batch.len() < 64 {
+                                match rx.try_recv() { Ok(s) => batch.push(s), Err(_) => break }
+                            }
+                        }
+                    },
+                }
             }
-        }
-        // Whatever is still queued (a stream error, say), then the end of the stream.
-        let mut tail = Vec::new();
-        while let Ok(s) = rx.try_recv() {
-            tail.push(s);
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            let _ = writer.send(&tail).await;
-            writer.close("").await;
+            if parking.load(Ordering::Acquire) {
+                return rx;
+            }
+            // Whatever is still queued (a stream error, say), then the end of the stream.
+            let mut tail = Vec::new();
+            while let Ok(s) = rx.try_recv() {
+                tail.push(s);
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                let _ = writer.send(&tail).await;
+                writer.close("").await;
+            })
+            .await;
+            rx
         })
-        .await;
-    });
+    };
 
     let mut handler = Handler::new(gateway.clone(), session.clone(), state.clone());
     let idle = Duration::from_millis(gateway.settings.limits.idle_timeout_ms);
@@ -446,6 +520,7 @@ pub(super) async fn run<C: Channel>(channel: C, peer: SocketAddr, logged_in: Log
                 // `goaway` queued its own stream error.
                 _ => End::Gone,
             }),
+            _ = connection_over.cancelled() => Err(End::Gone),
             _ = shutdown.cancelled() => {
                 session.kill(KillReason::Shutdown);
                 Err(End::Stream("system-shutdown", "server shutting down".into()))
@@ -465,22 +540,79 @@ pub(super) async fn run<C: Channel>(channel: C, peer: SocketAddr, logged_in: Log
         };
         pinged = false;
         match item {
+            Item::Stanza(el) if el.ns() == sm::NS => {
+                if let Err(end) = stream_management(&el, &sm, &state, &gateway) {
+                    break end;
+                }
+            }
             Item::Stanza(el) => {
+                let counted = sm::is_stanza(&format!("<{}", el.name()));
                 if let Err(end) = handler.stanza(el).await {
                     break end;
+                }
+                let mut sm = sm.lock().expect("sm lock");
+                if sm.enabled && counted {
+                    sm.handled = sm.handled.wrapping_add(1);
                 }
             }
             Item::Close => break End::Close,
             Item::Open(_) => break End::Stream("bad-format", "a second stream header".into()),
         }
     };
+    drop(handler);
+    let resumable = sm.lock().expect("sm lock").id.clone().filter(|_| matches!(end, End::Gone) && !kill.is_cancelled() && !shutdown.is_cancelled());
+    if let Some(id) = resumable {
+        parking.store(true, Ordering::Release);
+        connection_over.cancel();
+        if let Ok(queue) = writer.await {
+            let user = session.user.clone();
+            tracing::debug!(session = session.id, "xmpp connection lost; session parked for resumption");
+            let timeout = Duration::from_secs(gateway.settings.xmpp.resume_timeout_s);
+            let parked = Parked { user, resource, session, state, queue, sm, kill };
+            resumption.park(id, parked, gateway, timeout);
+            return;
+        }
+        gateway.close_session(&session);
+        return;
+    }
     state.end(match end {
         End::Stream(condition, text) => Some(stream_error(condition, &text)),
         End::Gone | End::Close => None,
     });
-    drop(tx);
     gateway.close_session(&session);
     // The writer sends what is queued (the stream error, if any), then the stream's end.
     kill.cancel();
+    connection_over.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+}
+
+/// A stream management element from the client: `<enable/>`, `<r/>`, `<a/>`.
+fn stream_management(el: &Element, sm: &Mutex<Sm>, state: &XmppState, gateway: &Gateway) -> Result<(), End> {
+    let mut sm = sm.lock().expect("sm lock");
+    match el.name() {
+        "enable" if sm.enabled => {
+            state.send(format!("<failed xmlns='{}'><unexpected-request xmlns='{}'/></failed>", sm::NS, ns::STANZA_ERRORS));
+        }
+        "enable" => {
+            sm.enabled = true;
+            let resume = matches!(el.attr("resume"), Some("true" | "1"));
+            let mut enabled = format!("<enabled xmlns='{}'", sm::NS);
+            if resume {
+                let id = uuid::Uuid::new_v4().simple().to_string();
+                enabled.push_str(&format!(" id='{id}' resume='true' max='{}'", gateway.settings.xmpp.resume_timeout_s));
+                sm.id = Some(id);
+            }
+            enabled.push_str("/>");
+            state.send(enabled);
+        }
+        "r" => {
+            state.send(format!("<a xmlns='{}' h='{}'/>", sm::NS, sm.handled));
+        }
+        "a" => match el.attr("h").and_then(|h| h.parse::<u32>().ok()) {
+            Some(h) => sm.acked(h),
+            None => return Err(End::Stream("undefined-condition", "<a/> needs a number h".into())),
+        },
+        other => return Err(End::Stream("unsupported-stanza-type", format!("<{other}/> of stream management is not served"))),
+    }
+    Ok(())
 }

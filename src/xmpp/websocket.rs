@@ -10,6 +10,7 @@
 
 use super::c2s::{negotiate_in_time, run};
 use super::channel::{Channel, End, ItemSource, TextSink, stream_error};
+use super::sm::Resumption;
 use super::stream::{Item, StreamReader};
 use super::{escape, ns};
 use crate::gateway::Gateway;
@@ -32,13 +33,13 @@ pub const PATH: &str = "/xmpp-websocket";
 
 /// Serve one upgraded WebSocket connection as an XMPP client stream; `secure` when it runs
 /// over TLS (`wss://`).
-pub async fn serve_connection<S>(ws: WebSocketStream<S>, peer: SocketAddr, secure: bool, gateway: Arc<Gateway>, shutdown: CancellationToken)
+pub async fn serve_connection<S>(ws: WebSocketStream<S>, peer: SocketAddr, secure: bool, gateway: Arc<Gateway>, resumption: Arc<Resumption>, shutdown: CancellationToken)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut channel = WsChannel::new(ws, secure, &gateway.settings.xmpp);
-    match negotiate_in_time(&mut channel, &gateway, None, peer, &shutdown).await {
-        Ok((logged_in, resource)) => run(channel, peer, logged_in, resource, gateway, shutdown).await,
+    match negotiate_in_time(&mut channel, &gateway, None, peer, &resumption, &shutdown).await {
+        Ok(bound) => run(channel, peer, bound, gateway, resumption, shutdown).await,
         Err(end) => channel.end(end).await,
     }
 }

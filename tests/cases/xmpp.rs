@@ -128,6 +128,8 @@ pub async fn xmpp_and_v1_clients_share_a_room(db: &TestDb) {
     let room = room("lobby");
     let mut ann = XmppClient::connect(xmpp_addr, "ann", Some("correct horse battery")).await;
     assert!(ann.jid.starts_with("ann@localhost/"), "{}", ann.jid);
+    // slixmpp enables stream management (XEP-0198) where offered; acks flow all along.
+    ann.event("stream management", |e| e["event"] == "sm_enabled").await;
 
     // Joining a room that does not exist creates it (201), with 110 and 100 on the self-presence.
     let joined = ann.join(&room, "Ann", json!({})).await;
@@ -541,5 +543,72 @@ pub async fn xmpp_owners_configure_kick_affiliate_and_destroy(db: &TestDb) {
     ann.quit().await;
     guest.quit().await;
     other.quit().await;
+    node.stop().await;
+}
+
+/// A raw c2s login as ann (PLAIN), up to the features after the restart; returns the socket.
+async fn raw_login(addr: SocketAddr) -> tokio::net::TcpStream {
+    use base64::Engine as _;
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connecting to c2s");
+    s.write_all(OPEN.as_bytes()).await.unwrap();
+    read_until(&mut s, "</stream:features>").await;
+    let plain = base64::engine::general_purpose::STANDARD.encode(b"\0ann\0correct horse battery");
+    s.write_all(format!("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{plain}</auth>").as_bytes()).await.unwrap();
+    assert!(read_until(&mut s, "<success").await.contains("<success"));
+    s.write_all(OPEN.as_bytes()).await.unwrap();
+    let features = read_until(&mut s, "</stream:features>").await;
+    assert!(features.contains("<sm xmlns='urn:xmpp:sm:3'/>"), "{features}");
+    s
+}
+
+/// XEP-0198: acks (`<r/>` answered with the count of handled stanzas), and resumption: the
+/// connection drops without `</stream>`, a message arrives meanwhile, and a new connection
+/// resumes the session with `<resume/>`: the unacknowledged stanzas and the queued message
+/// come, and the session is still in its room. An unknown id fails and the client binds anew.
+pub async fn xmpp_stream_management_acks_and_resumes(db: &TestDb) {
+    let node = xmpp_node(db).await;
+    let addr = node.xmpp_addr.expect("c2s listener");
+    let room = room("smroom");
+    let mut bob = node.client("bob").await;
+    bob.create(&room, json!({})).await;
+    bob.join(&room, "Bob").await;
+
+    let mut s = raw_login(addr).await;
+    s.write_all(b"<iq type='set' id='b1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>sm</resource></bind></iq>").await.unwrap();
+    read_until(&mut s, "</iq>").await;
+    s.write_all(b"<enable xmlns='urn:xmpp:sm:3' resume='true'/>").await.unwrap();
+    let enabled = read_until(&mut s, "<enabled").await;
+    let id = enabled.split("id='").nth(1).and_then(|r| r.split('\'').next()).expect("a resumption id").to_owned();
+    s.write_all(format!("<presence to='{room}/Ann'><x xmlns='http://jabber.org/protocol/muc'/></presence>").as_bytes()).await.unwrap();
+    read_until(&mut s, "</subject>").await;
+    s.write_all(b"<r xmlns='urn:xmpp:sm:3'/>").await.unwrap();
+    assert!(read_until(&mut s, "<a xmlns='urn:xmpp:sm:3' h='1'/>").await.contains("h='1'"), "one stanza handled (the join)");
+    bob.send_acked(&room, "before the drop", "d1").await;
+    read_until(&mut s, "before the drop").await;
+    // The client acknowledges nothing and the connection drops (no </stream>).
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    bob.send_acked(&room, "while parked", "d2").await;
+    let p = bob.take(|f| f["op"] == "presence" && f["nick"] == "Ann" && f["status"] == "left");
+    assert!(p.is_empty(), "a parked session stays in its room: {p:?}");
+
+    let mut s = raw_login(addr).await;
+    s.write_all(format!("<resume xmlns='urn:xmpp:sm:3' previd='{id}' h='0'/>").as_bytes()).await.unwrap();
+    let resumed = read_until(&mut s, "while parked").await;
+    assert!(resumed.contains("<resumed xmlns='urn:xmpp:sm:3'") && resumed.contains("h='1'"), "{resumed}");
+    let first = resumed.find("before the drop").expect("the unacknowledged message again");
+    assert!(first < resumed.find("while parked").unwrap(), "in order: {resumed}");
+    // The resumed session is in the room: it can post.
+    s.write_all(format!("<message to='{room}' type='groupchat' id='r1'><body>after resuming</body></message>").as_bytes()).await.unwrap();
+    bob.wait_for("the resumed session's message", |f| f["op"] == "message" && f["body"] == "after resuming").await;
+
+    // An unknown id (another node's, or expired): <failed/>, then binding works.
+    let mut t = raw_login(addr).await;
+    t.write_all(b"<resume xmlns='urn:xmpp:sm:3' previd='not-a-session' h='0'/>").await.unwrap();
+    assert!(read_until(&mut t, "</failed>").await.contains("<item-not-found"));
+    t.write_all(b"<iq type='set' id='b2'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>").await.unwrap();
+    assert!(read_until(&mut t, "</iq>").await.contains("<jid>ann@localhost/"));
+    drop(t);
+    drop(s);
     node.stop().await;
 }

@@ -72,11 +72,12 @@ class Client(slixmpp.ClientXMPP):
         super().__init__(jid, password, sasl_mech="ANONYMOUS" if anonymous else "PLAIN")
         # PLAIN without TLS: the tests run on loopback, where the node offers it.
         self.plugin["feature_mechanisms"].config["unencrypted_plain"] = True
-        for plugin in ["xep_0030", "xep_0045", "xep_0059", "xep_0199", "xep_0313", "xep_0359", "xep_0421"]:
+        for plugin in ["xep_0030", "xep_0045", "xep_0059", "xep_0198", "xep_0199", "xep_0313", "xep_0359", "xep_0421"]:
             self.register_plugin(plugin)
         self.joining = set()
         self.add_event_handler("session_start", self.on_start)
         self.add_event_handler("failed_auth", lambda _: out(event="failed_auth"))
+        self.add_event_handler("sm_enabled", lambda _: out(event="sm_enabled"))
         self.add_event_handler("disconnected", lambda _: out(event="disconnected"))
         self.add_event_handler("groupchat_message", self.on_groupchat)
         self.add_event_handler("message_error", lambda m: out(event="message_error", condition=m["error"]["condition"], text=m["error"]["text"]))
