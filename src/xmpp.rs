@@ -2,9 +2,12 @@
 //!
 //! - [`stream`]: bytes → stream header, stanzas, end (rxml + minidom, with size and depth
 //!   limits);
-//! - [`c2s`]: the client-to-server listener: RFC 6120 negotiation (STARTTLS, SASL PLAIN and
-//!   ANONYMOUS, resource binding), then stanzas: IQs of the server, the room service and the
-//!   rooms (disco, ping), MUC presence and groupchat messages;
+//! - [`c2s`]: the client-to-server listener: RFC 6120 negotiation (STARTTLS, SASL
+//!   SCRAM-SHA-256, SCRAM-SHA-1, PLAIN and ANONYMOUS, resource binding), then stanzas: IQs of
+//!   the server, the room service and the rooms (disco, ping), MUC presence and groupchat
+//!   messages;
+//! - [`scram`]: SASL SCRAM (RFC 5802, RFC 7677) without channel binding: stored credentials,
+//!   the client's messages, the proof;
 //! - [`muc`]: XEP-0045 over Stoa rooms: the session's [`crate::session::Wire`], which turns
 //!   room events and answers into MUC stanzas (occupant presences with status codes, reflected
 //!   messages with XEP-0359 stanza-id and origin-id, XEP-0421 occupant-id, history with
@@ -15,6 +18,7 @@
 
 pub mod c2s;
 pub mod muc;
+pub mod scram;
 pub mod stream;
 
 /// Namespaces Stoa reads or writes.
