@@ -171,6 +171,7 @@ on_every_backend! {
 }
 on_backends! {[sqlite]
     xmpp::xmpp_bad_input_gets_stream_errors_and_the_node_keeps_working,
+    xmpp::xmpp_scram_logins_and_bad_scram_input,
 }
 
 // Process integration (systemd notify, the log file, process metrics) does not depend on the
