@@ -1,12 +1,24 @@
-//! Users and sessions: argon2 password hashes, session tokens, guest login in dev mode.
+//! Users and sessions: argon2 password hashes, SCRAM credentials, session tokens, guest login
+//! in dev mode.
+//!
+//! Setting a password stores its argon2 hash (PLAIN and v1 logins check it) and, per hash, the
+//! SCRAM credentials of the same password ([`scram`]: salt, iterations, StoredKey,
+//! ServerKey) for XMPP's SASL SCRAM-SHA-1 and SCRAM-SHA-256. A user whose password was set
+//! before SCRAM credentials were kept has none: it logs in with PLAIN until its password is
+//! set again (`stoa user passwd`).
 //!
 //! A session token is 32 random bytes (hex); the store keeps only its SHA-256, so a leaked
 //! database does not leak live sessions. Tokens live in the shared store, so a client can
 //! resume on any node of its group with the token from `welcome`.
 
-use crate::store::{Store, StoreError, now_ms};
+pub mod scram;
+
+use crate::store::{ScramRow, Store, StoreError, UserScram, now_ms};
+
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier, phc::PasswordHash};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
@@ -137,6 +149,31 @@ pub fn hash_password(password: &str) -> Result<String, AuthError> {
         .map_err(|e| AuthError::Hash(e.to_string()))
 }
 
+/// The argon2 hash and the SCRAM credentials of a new password (slow: run it off the async
+/// threads).
+fn password_rows(password: &str) -> Result<(String, UserScram), AuthError> {
+    let hash = hash_password(password)?;
+    let row = |h: scram::Hash| {
+        scram::Credentials::new(h, password).map(|c| ScramRow {
+            salt: B64.encode(&c.salt),
+            iterations: c.iterations,
+            stored_key: B64.encode(&c.stored_key),
+            server_key: B64.encode(&c.server_key),
+        })
+    };
+    Ok((hash, UserScram { sha1: row(scram::Hash::Sha1), sha256: row(scram::Hash::Sha256) }))
+}
+
+/// Stored SCRAM credentials, decoded; `None` if a field is not base64.
+fn decode_scram(row: &ScramRow) -> Option<scram::Credentials> {
+    Some(scram::Credentials {
+        salt: B64.decode(&row.salt).ok()?,
+        iterations: row.iterations,
+        stored_key: B64.decode(&row.stored_key).ok()?,
+        server_key: B64.decode(&row.server_key).ok()?,
+    })
+}
+
 /// Check a password against a PHC string.
 pub fn verify_password(hash: &str, password: &str) -> bool {
     PasswordHash::new(hash)
@@ -168,7 +205,13 @@ impl Auth {
         Auth { store, allow_guests, session_ttl_ms: (session_ttl_s as i64).saturating_mul(1000) }
     }
 
-    /// Register a user.
+    /// [`password_rows`] on a blocking thread.
+    async fn hash_off_thread(password: &str) -> Result<(String, UserScram), AuthError> {
+        let password = password.to_owned();
+        tokio::task::spawn_blocking(move || password_rows(&password)).await.map_err(|e| AuthError::Hash(e.to_string()))?
+    }
+
+    /// Register a user (its password's argon2 hash and SCRAM credentials).
     /// A name that looks like a registered one (same [`crate::names::comparison_key`]:
     /// `ANN`, Cyrillic `аnn` or `ann.` beside `ann`) is refused.
     pub async fn add_user(&self, name: &str, password: &str) -> Result<(), AuthError> {
@@ -182,17 +225,15 @@ impl Auth {
                 AuthError::InvalidName(format!("`{name}` looks like the registered user `{existing}`; choose a name that does not"))
             });
         }
-        let password = password.to_owned();
-        let hash = tokio::task::spawn_blocking(move || hash_password(&password))
-            .await
-            .map_err(|e| AuthError::Hash(e.to_string()))??;
-        match self.store.add_user(name, &hash).await {
+        let (hash, scram) = Self::hash_off_thread(password).await?;
+        match self.store.add_user(name, &hash, &scram).await {
             Err(StoreError::Conflict) => Err(AuthError::Exists),
             other => Ok(other?),
         }
     }
 
-    /// Give a registered user a new password. Its sessions stay valid (`stoa session kick
+    /// Give a registered user a new password (argon2 hash and SCRAM credentials, which a user
+    /// registered before SCRAM gets this way). Its sessions stay valid (`stoa session kick
     /// --user` ends them).
     pub async fn set_password(&self, name: &str, password: &str) -> Result<(), AuthError> {
         validate_user_name(name)?;
@@ -200,14 +241,46 @@ impl Auth {
         if self.store.user_password_hash(name).await?.is_none() {
             return Err(AuthError::NoSuchUser(name.to_owned()));
         }
-        let password = password.to_owned();
-        let hash = tokio::task::spawn_blocking(move || hash_password(&password))
-            .await
-            .map_err(|e| AuthError::Hash(e.to_string()))??;
-        match self.store.set_password_hash(name, &hash).await? {
+        let (hash, scram) = Self::hash_off_thread(password).await?;
+        match self.store.set_password_hash(name, &hash, &scram).await? {
             true => Ok(()),
             false => Err(AuthError::NoSuchUser(name.to_owned())),
         }
+    }
+
+    /// The SCRAM credentials of the registered user `name` for `hash` (SASL SCRAM's first
+    /// step); `None` for an unknown user and for one whose password was set before SCRAM
+    /// credentials were kept.
+    pub async fn scram_credentials(&self, name: &str, hash: scram::Hash) -> Result<Option<scram::Credentials>, AuthError> {
+        validate_user_name(name)?;
+        let Some(stored) = self.store.user_scram(name).await? else { return Ok(None) };
+        let row = match hash {
+            scram::Hash::Sha1 => stored.sha1,
+            scram::Hash::Sha256 => stored.sha256,
+        };
+        let credentials = row.as_ref().and_then(decode_scram).filter(|c| c.fits(hash));
+        if row.is_some() && credentials.is_none() {
+            tracing::warn!(user = name, mechanism = hash.mechanism(), "stored SCRAM credentials are unusable; set the password again");
+        }
+        Ok(credentials)
+    }
+
+    /// Log in the registered user `name`, whose password was checked without being sent
+    /// (SASL SCRAM's proof): `verified` is that check's outcome. Denied like a wrong password
+    /// if it is false or `name` is not (or no longer) registered; else a new session.
+    pub async fn login_verified(&self, name: &str, verified: bool) -> Result<LoggedIn, AuthError> {
+        validate_user_name(name)?;
+        if !verified || self.store.user_password_hash(name).await?.is_none() {
+            return Err(AuthError::Denied("wrong user name or password"));
+        }
+        self.new_session(name.to_owned(), false).await
+    }
+
+    /// Store a new session of `user` and hand out its token.
+    async fn new_session(&self, user: String, guest: bool) -> Result<LoggedIn, AuthError> {
+        let token = new_token();
+        self.store.create_session(&token_hash(&token), &user, guest, now_ms() + self.session_ttl_ms).await?;
+        Ok(LoggedIn { user, guest, token })
     }
 
     /// Log in with a token, a password, or (if allowed) as a guest with an unregistered name.
@@ -251,9 +324,7 @@ impl Auth {
             (None, _) => return Err(AuthError::Denied("wrong user name or password")),
         };
         let user = if guest { guest_name(user) } else { user.to_owned() };
-        let token = new_token();
-        self.store.create_session(&token_hash(&token), &user, guest, now_ms() + self.session_ttl_ms).await?;
-        Ok(LoggedIn { user, guest, token })
+        self.new_session(user, guest).await
     }
 }
 
@@ -268,6 +339,24 @@ mod tests {
         assert!(verify_password(&h, "correct horse"));
         assert!(!verify_password(&h, "wrong"));
         assert!(!verify_password("not a hash", "x"));
+    }
+
+    #[test]
+    fn a_password_leaves_scram_credentials_that_log_in() {
+        let (hash, scram_rows) = password_rows("correct horse").unwrap();
+        assert!(verify_password(&hash, "correct horse"));
+        for (h, row) in [(scram::Hash::Sha1, &scram_rows.sha1), (scram::Hash::Sha256, &scram_rows.sha256)] {
+            let row = row.as_ref().expect("SCRAM credentials for every hash");
+            assert_eq!(row.iterations, scram::DEFAULT_ITERATIONS);
+            let stored = decode_scram(row).unwrap();
+            assert_eq!(stored.salt.len(), scram::SALT_BYTES);
+            assert_eq!(Some(stored.clone()), scram::Credentials::derive(h, "correct horse", &stored.salt, stored.iterations));
+        }
+        assert_ne!(scram_rows.sha1.unwrap().salt, scram_rows.sha256.unwrap().salt, "a salt per hash");
+        // A password SASLprep refuses keeps its argon2 hash, without SCRAM credentials.
+        let (_, none) = password_rows("bell\u{7}bell\u{7}").unwrap();
+        assert_eq!(none, UserScram::default());
+        assert_eq!(decode_scram(&ScramRow { salt: "***".into(), iterations: 1, stored_key: String::new(), server_key: String::new() }), None);
     }
 
     #[test]

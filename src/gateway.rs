@@ -19,6 +19,7 @@ use crate::registry::RoomRegistry;
 use crate::room::{self, RoomError};
 use crate::session::{KillReason, Session, Wire};
 use crate::store::{NodeId, Store};
+use crate::auth::scram::{Credentials, Hash};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -486,6 +487,40 @@ impl Gateway {
 
     /// Log in with a password, a session token, or as a guest (no credentials), from `address`.
     pub async fn login(&self, user: Option<&str>, password: Option<&str>, token: Option<&str>, address: Option<std::net::IpAddr>) -> Outcome<LoggedIn> {
+        self.login_gate(user, address).await?;
+        let result = self.auth.login(user, password, token).await;
+        self.login_outcome(result, user, address)
+    }
+
+    /// The stored SCRAM credentials of `user` for `hash` (SASL SCRAM's first step, before the
+    /// client proves its password), `None` if it has none (unknown, or a password set before
+    /// SCRAM). Refused as [`Gateway::login`] is when the node takes no logins or `user` or
+    /// `address` spent its failed-login budget; nothing is spent here.
+    pub async fn scram_credentials(&self, user: &str, hash: Hash, address: Option<std::net::IpAddr>) -> Outcome<Option<Credentials>> {
+        self.login_gate(Some(user), address).await?;
+        match self.auth.scram_credentials(user, hash).await {
+            Ok(c) => Ok(c),
+            Err(AuthError::InvalidName(m)) => fail(ErrorCode::BadRequest, m),
+            Err(e) => {
+                tracing::warn!(error = %e, "SCRAM credentials failed on the store");
+                fail(ErrorCode::Unavailable, "login service unavailable; retry")
+            }
+        }
+    }
+
+    /// Complete the login of `user` from `address` whose password was checked without being
+    /// sent (SASL SCRAM's proof): `verified` is that check's outcome. As [`Gateway::login`]:
+    /// refused when the node takes no logins or the failed-login budget is spent; a wrong
+    /// proof spends the budget, a right one forgets the user's and stores a new session.
+    pub async fn login_verified(&self, user: &str, verified: bool, address: Option<std::net::IpAddr>) -> Outcome<LoggedIn> {
+        self.login_gate(Some(user), address).await?;
+        let result = self.auth.login_verified(user, verified).await;
+        self.login_outcome(result, Some(user), address)
+    }
+
+    /// Before any login: the node takes logins (waiting up to [`ACCEPT_WAIT`] for it), and
+    /// `user` and `address` have failed-login budget left.
+    async fn login_gate(&self, user: Option<&str>, address: Option<std::net::IpAddr>) -> Outcome<()> {
         if !self.is_accepting() && !self.await_accepting(ACCEPT_WAIT).await {
             let peer = self.settings.peer().map(|p| p.client.clone());
             return fail(
@@ -496,11 +531,17 @@ impl Gateway {
                 },
             );
         }
-        let throttle = &self.login_failures;
-        if let Err(t) = throttle.check(user, address, Instant::now()) {
+        if let Err(t) = self.login_failures.check(user, address, Instant::now()) {
             return Err(Self::throttled(t, "failed logins"));
         }
-        let logged_in = match self.auth.login(user, password, token).await {
+        Ok(())
+    }
+
+    /// A login's outcome: a denial spends the failed-login budget of `user` and `address`, a
+    /// registered user's success forgets the user's.
+    fn login_outcome(&self, result: Result<LoggedIn, AuthError>, user: Option<&str>, address: Option<std::net::IpAddr>) -> Outcome<LoggedIn> {
+        let throttle = &self.login_failures;
+        let logged_in = match result {
             Ok(l) => l,
             Err(AuthError::Denied(m)) => {
                 metrics::counter!("stoa_login_failures_total").increment(1);

@@ -961,22 +961,28 @@ impl Store {
 
     // ---- users and sessions --------------------------------------------------------------
 
-    /// Register a user. [`StoreError::Conflict`] if the name is taken.
-    pub async fn add_user(&self, name: &str, password_hash: &str) -> Result<(), StoreError> {
-        user::Entity::insert(user::ActiveModel {
+    /// Register a user with its password's argon2 hash and SCRAM credentials.
+    /// [`StoreError::Conflict`] if the name is taken.
+    pub async fn add_user(&self, name: &str, password_hash: &str, scram: &UserScram) -> Result<(), StoreError> {
+        let mut row = user::ActiveModel {
             name: Set(name.to_owned()),
             password_hash: Set(password_hash.to_owned()),
             created_at: Set(now_ms()),
-        })
-        .exec(&self.db)
-        .await
-        .map_err(StoreError::classify)?;
+            ..Default::default()
+        };
+        scram.set_on(&mut row);
+        user::Entity::insert(row).exec(&self.db).await.map_err(StoreError::classify)?;
         Ok(())
     }
 
     /// A registered user's password hash.
     pub async fn user_password_hash(&self, name: &str) -> Result<Option<String>, StoreError> {
         Ok(user::Entity::find_by_id(name.to_owned()).one(&self.db).await?.map(|u| u.password_hash))
+    }
+
+    /// A registered user's SCRAM credentials (`None`: no such user).
+    pub async fn user_scram(&self, name: &str) -> Result<Option<UserScram>, StoreError> {
+        Ok(user::Entity::find_by_id(name.to_owned()).one(&self.db).await?.map(|u| UserScram::of(&u)))
     }
 
     /// Every registered user name with its creation time, by name.
@@ -987,6 +993,19 @@ impl Store {
             .await?
             .into_iter()
             .map(|u| (u.name, u.created_at))
+            .collect())
+    }
+
+    /// The registered users without SCRAM credentials for some hash (their password was set
+    /// before they were kept, or SASLprep refused it), by name.
+    pub async fn users_without_scram(&self) -> Result<Vec<String>, StoreError> {
+        Ok(user::Entity::find()
+            .filter(Cond::any().add(user::Column::ScramSha1StoredKey.is_null()).add(user::Column::ScramSha256StoredKey.is_null()))
+            .order_by_asc(user::Column::Name)
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|u| u.name)
             .collect())
     }
 
@@ -1029,10 +1048,14 @@ impl Store {
         Ok(Some(sessions))
     }
 
-    /// Replace a registered user's password hash; false if there is no such user.
-    pub async fn set_password_hash(&self, name: &str, password_hash: &str) -> Result<bool, StoreError> {
-        let result = user::Entity::update_many()
-            .col_expr(user::Column::PasswordHash, Expr::value(password_hash.to_owned()))
+    /// Replace a registered user's password hash and SCRAM credentials (all of them: a hash
+    /// `scram` lacks is cleared); false if there is no such user.
+    pub async fn set_password_hash(&self, name: &str, password_hash: &str, scram: &UserScram) -> Result<bool, StoreError> {
+        let mut update = user::Entity::update_many().col_expr(user::Column::PasswordHash, Expr::value(password_hash.to_owned()));
+        for (column, value) in scram.columns() {
+            update = update.col_expr(column, Expr::value(value));
+        }
+        let result = update
             .filter(user::Column::Name.eq(name))
             .exec(&self.db)
             .await?;
@@ -1084,6 +1107,70 @@ pub struct SessionRow {
     /// Milliseconds since the Unix epoch.
     pub created_at: i64,
     pub expires_at: i64,
+}
+
+/// A user's SCRAM credentials for one hash (RFC 5802), as stored: the salt, StoredKey and
+/// ServerKey in base64.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScramRow {
+    pub salt: String,
+    pub iterations: u32,
+    pub stored_key: String,
+    pub server_key: String,
+}
+
+impl ScramRow {
+    /// The row of four columns, if all are set (and the count fits).
+    fn of(salt: &Option<String>, iterations: Option<i32>, stored_key: &Option<String>, server_key: &Option<String>) -> Option<ScramRow> {
+        Some(ScramRow {
+            salt: salt.clone()?,
+            iterations: u32::try_from(iterations?).ok()?,
+            stored_key: stored_key.clone()?,
+            server_key: server_key.clone()?,
+        })
+    }
+}
+
+/// A user's SCRAM credentials, per hash; `None` where there are none (the password was set
+/// before SCRAM credentials were kept, or SASLprep refused it).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UserScram {
+    pub sha1: Option<ScramRow>,
+    pub sha256: Option<ScramRow>,
+}
+
+impl UserScram {
+    fn of(u: &user::Model) -> UserScram {
+        UserScram {
+            sha1: ScramRow::of(&u.scram_sha1_salt, u.scram_sha1_iterations, &u.scram_sha1_stored_key, &u.scram_sha1_server_key),
+            sha256: ScramRow::of(&u.scram_sha256_salt, u.scram_sha256_iterations, &u.scram_sha256_stored_key, &u.scram_sha256_server_key),
+        }
+    }
+
+    /// Every SCRAM column with its value (NULL for a hash without credentials).
+    fn columns(&self) -> Vec<(user::Column, sea_orm::Value)> {
+        use user::Column as C;
+        let mut out = Vec::with_capacity(8);
+        for (row, [salt, iterations, stored_key, server_key]) in [
+            (&self.sha1, [C::ScramSha1Salt, C::ScramSha1Iterations, C::ScramSha1StoredKey, C::ScramSha1ServerKey]),
+            (&self.sha256, [C::ScramSha256Salt, C::ScramSha256Iterations, C::ScramSha256StoredKey, C::ScramSha256ServerKey]),
+        ] {
+            let text = |f: fn(&ScramRow) -> &String| sea_orm::Value::from(row.as_ref().map(|r| f(r).clone()));
+            out.push((salt, text(|r| &r.salt)));
+            out.push((iterations, sea_orm::Value::from(row.as_ref().map(|r| i32::try_from(r.iterations).unwrap_or(i32::MAX)))));
+            out.push((stored_key, text(|r| &r.stored_key)));
+            out.push((server_key, text(|r| &r.server_key)));
+        }
+        out
+    }
+
+    /// Set the SCRAM columns of a new row.
+    fn set_on(&self, row: &mut user::ActiveModel) {
+        use sea_orm::ActiveModelTrait as _;
+        for (column, value) in self.columns() {
+            row.set(column, value);
+        }
+    }
 }
 
 /// Which sessions [`Store::delete_sessions`] ends.

@@ -2,9 +2,11 @@
 //!
 //! - [`stream`]: bytes → stream header, stanzas, end (rxml + minidom, with size and depth
 //!   limits);
-//! - [`c2s`]: the client-to-server listener: RFC 6120 negotiation (STARTTLS, SASL PLAIN and
-//!   ANONYMOUS, resource binding), then stanzas: IQs of the server, the room service and the
-//!   rooms (disco, ping), MUC presence and groupchat messages;
+//! - [`c2s`]: the client-to-server listener: RFC 6120 negotiation (STARTTLS, SASL
+//!   SCRAM-SHA-256, SCRAM-SHA-1 (`crate::auth::scram`), PLAIN and ANONYMOUS, resource binding,
+//!   XEP-0198 resumption), then the bound session over a channel;
+//! - `handler`: a bound session's stanzas: IQs of the server, the room service and the rooms
+//!   (disco, ping, MAM, owner and admin), MUC presence and groupchat messages;
 //! - [`websocket`]: XMPP over WebSocket (RFC 7395) at `/xmpp-websocket` on the client
 //!   listener, the same negotiation and session framed one element per message;
 //! - [`channel`]: what both run over (TCP or WebSocket), and how a stream ends;
@@ -53,6 +55,8 @@ pub mod ns {
     pub const RSM: &str = "http://jabber.org/protocol/rsm";
     pub const FORWARD: &str = "urn:xmpp:forward:0";
     pub const DATA: &str = "jabber:x:data";
+    /// RFC 7395 framing on a WebSocket (`<open/>`, `<close/>`).
+    pub const FRAMING: &str = "urn:ietf:params:xml:ns:xmpp-framing";
 }
 
 /// `text` escaped for XML character data and attribute values (quotes included), with the

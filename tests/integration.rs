@@ -176,6 +176,7 @@ on_backends! {[sqlite]
     xmpp::xmpp_owners_configure_kick_affiliate_and_destroy,
     xmpp::xmpp_stream_management_acks_and_resumes,
     xmpp::converse_js_in_chromium_chats_with_v1_and_reloads,
+    xmpp::xmpp_scram_logins_and_bad_scram_input,
 }
 
 // Process integration (systemd notify, the log file, process metrics) does not depend on the

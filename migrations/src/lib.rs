@@ -12,6 +12,7 @@ mod m20261126_000003_failover;
 mod m20261204_000004_service_hosts;
 mod m20261204_000005_audit_actor;
 mod m20261204_000006_message_id_index;
+mod m20261204_000007_scram_credentials;
 
 /// Every migration of the Stoa schema, oldest first.
 pub struct Migrator;
@@ -26,6 +27,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261204_000004_service_hosts::Migration),
             Box::new(m20261204_000005_audit_actor::Migration),
             Box::new(m20261204_000006_message_id_index::Migration),
+            Box::new(m20261204_000007_scram_credentials::Migration),
         ]
     }
 }

@@ -25,7 +25,8 @@ pub(crate) async fn audit_cli(store: &Store, settings: &Settings, action: &str, 
     }
 }
 
-/// Run `stoa user COMMAND`.
+/// Run `stoa user COMMAND`. Setting a password (`add`, `passwd`) stores its argon2 hash and its
+/// SCRAM credentials ([`crate::auth::Auth::set_password`]).
 pub async fn run(settings: &Settings, command: UserCommand) -> anyhow::Result<()> {
     let auth = |store: Store| crate::auth::Auth::new(store, false, settings.auth.session_ttl_s);
     match command {
@@ -55,7 +56,7 @@ pub async fn run(settings: &Settings, command: UserCommand) -> anyhow::Result<()
         }
         UserCommand::List => {
             let store = super::open_store(settings).await?;
-            print!("{}", users_table(&store.list_users().await?));
+            print!("{}", users_table(&store.list_users().await?, &store.users_without_scram().await?));
         }
     }
     Ok(())
@@ -86,11 +87,13 @@ pub fn read_password(user: &str, file: Option<&Path>) -> anyhow::Result<String> 
     Ok(password)
 }
 
-/// Registered users as a table.
-pub fn users_table(users: &[(String, i64)]) -> String {
-    let mut out = format!("{:<24} CREATED (UTC)\n", "USER");
+/// Registered users as a table; `without_scram` (names) have no SCRAM credentials: they log in
+/// over XMPP with PLAIN only until their password is set again.
+pub fn users_table(users: &[(String, i64)], without_scram: &[String]) -> String {
+    let mut out = format!("{:<24} {:<19} SCRAM\n", "USER", "CREATED (UTC)");
     for (name, created) in users {
-        out.push_str(&format!("{name:<24} {}\n", crate::clock::readable_utc(*created).trim_end_matches(" UTC")));
+        let scram = if without_scram.contains(name) { "no: set a new password (stoa user passwd)" } else { "yes" };
+        out.push_str(&format!("{name:<24} {:<19} {scram}\n", crate::clock::readable_utc(*created).trim_end_matches(" UTC")));
     }
     if users.is_empty() {
         out.push_str("(no registered users)\n");
@@ -104,7 +107,9 @@ mod tests {
 
     #[test]
     fn user_list_times_are_readable() {
-        let t = users_table(&[("ann".into(), 0)]);
+        let t = users_table(&[("ann".into(), 0), ("bob".into(), 0)], &["bob".into()]);
         assert!(t.contains("ann") && t.contains("1970-01-01 00:00:00"), "{t}");
+        assert!(t.lines().any(|l| l.starts_with("ann ") && l.ends_with(" yes")), "{t}");
+        assert!(t.lines().any(|l| l.starts_with("bob ") && l.contains(" no: set a new password")), "{t}");
     }
 }

@@ -75,7 +75,8 @@ pub mod affiliation {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
-/// `users`: registered accounts with argon2 password hashes.
+/// `users`: registered accounts with argon2 password hashes, and the SCRAM credentials of the
+/// same password (NULL where the password was set before they were kept).
 pub mod user {
     use sea_orm::entity::prelude::*;
 
@@ -86,6 +87,16 @@ pub mod user {
         pub name: String,
         pub password_hash: String,
         pub created_at: i64,
+        /// SCRAM-SHA-1: salt, iterations, StoredKey, ServerKey (base64 but the count).
+        pub scram_sha1_salt: Option<String>,
+        pub scram_sha1_iterations: Option<i32>,
+        pub scram_sha1_stored_key: Option<String>,
+        pub scram_sha1_server_key: Option<String>,
+        /// SCRAM-SHA-256: the same.
+        pub scram_sha256_salt: Option<String>,
+        pub scram_sha256_iterations: Option<i32>,
+        pub scram_sha256_stored_key: Option<String>,
+        pub scram_sha256_server_key: Option<String>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

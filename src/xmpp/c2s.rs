@@ -3,10 +3,12 @@
 //! A connection holds a *handshake slot* (`limits.max_pending_handshakes`) from TCP accept
 //! until resource binding is done, all within `limits.hello_timeout_ms`; only then does it take
 //! a connection slot (`limits.max_connections`). Negotiation: the stream header (`to` must be
-//! `xmpp.domain`), STARTTLS when the node has `[tls]` (required off loopback), SASL PLAIN
-//! (only under TLS, on loopback, or where `xmpp.c2s_insecure` allows it) and ANONYMOUS (where
-//! guests are allowed), the stream restart, and resource binding. Then every stanza goes to
-//! [`Handler`], which calls the gateway; what rooms send comes through [`super::muc::XmppWire`].
+//! `xmpp.domain`), STARTTLS when the node has `[tls]` (required off loopback), SASL
+//! SCRAM-SHA-256 and SCRAM-SHA-1 ([`crate::auth::scram`]: they send no password, so wherever STARTTLS
+//! is not required first), PLAIN (only under TLS, on loopback, or where `xmpp.c2s_insecure`
+//! allows it) and ANONYMOUS (where PLAIN is offered and guests are allowed), the stream
+//! restart, and resource binding. Then every stanza goes to [`Handler`], which calls the
+//! gateway; what rooms send comes through [`super::muc::XmppWire`].
 //!
 //! Bad input: a stream that is not well-formed XML, a DTD or an entity, an over-long or
 //! over-deep stanza, or a stanza before authentication ends the stream with the RFC 6120
@@ -17,12 +19,14 @@ use super::handler::Handler;
 use super::muc::{XmppState, XmppWire};
 use super::sm::{self, Parked, Resumption, Sm};
 use super::stream::{Item, StreamReader};
+use crate::auth::scram;
 use super::{escape, ns};
 use crate::auth::LoggedIn;
 use crate::gateway::{Failure, Gateway};
 use crate::protocol::ErrorCode;
 use crate::session::KillReason;
 use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -230,7 +234,7 @@ impl TextSink for TcpWriter {
 
 /// The stream header must name this node's domain and XMPP 1.0.
 fn check_header(header: &Element, domain: &str) -> Result<(), End> {
-    if !header.is("stream", ns::STREAM) && !header.is("open", super::websocket::FRAMING) {
+    if !header.is("stream", ns::STREAM) && !header.is("open", ns::FRAMING) {
         return Err(End::Stream("invalid-namespace", "expected <stream:stream xmlns:stream='http://etherx.jabber.org/streams'>".into()));
     }
     if header.attr("to") != Some(domain) {
@@ -285,15 +289,28 @@ async fn negotiate<C: Channel>(xio: &mut C, gateway: &Gateway, tls: Option<&crat
         let Some(user) = &logged_in else {
             let offer_tls = tls.is_some() && xio.can_starttls();
             let plain_ok = xio.secure() || loopback || settings.xmpp.c2s_insecure;
+            // SCRAM sends no password, so it needs no TLS of its own; where STARTTLS is
+            // required (off loopback with `[tls]`), it still comes first.
+            let scram_ok = plain_ok || tls.is_none();
+            let mut mechanisms: Vec<&str> = Vec::new();
+            if scram_ok {
+                mechanisms.extend(scram::Hash::ALL.map(scram::Hash::mechanism));
+            }
+            if plain_ok {
+                mechanisms.push("PLAIN");
+                if settings.auth.allow_guests {
+                    mechanisms.push("ANONYMOUS");
+                }
+            }
             let mut features = String::from("<stream:features>");
             if offer_tls {
                 let required = if loopback { "" } else { "<required/>" };
                 features.push_str(&format!("<starttls xmlns='{}'>{required}</starttls>", ns::TLS));
             }
-            if plain_ok {
-                features.push_str(&format!("<mechanisms xmlns='{}'><mechanism>PLAIN</mechanism>", ns::SASL));
-                if settings.auth.allow_guests {
-                    features.push_str("<mechanism>ANONYMOUS</mechanism>");
+            if !mechanisms.is_empty() {
+                features.push_str(&format!("<mechanisms xmlns='{}'>", ns::SASL));
+                for m in &mechanisms {
+                    features.push_str(&format!("<mechanism>{m}</mechanism>"));
                 }
                 features.push_str("</mechanisms>");
             }
@@ -306,18 +323,20 @@ async fn negotiate<C: Channel>(xio: &mut C, gateway: &Gateway, tls: Option<&crat
                     xio.starttls(tls.expect("offered only with [tls]")).await?;
                     break;
                 }
-                if !el.is("auth", ns::SASL) || !plain_ok {
+                if !el.is("auth", ns::SASL) || mechanisms.is_empty() {
                     let why = if offer_tls { "negotiate TLS first (STARTTLS)" } else { "authenticate first (SASL)" };
                     return Err(End::Stream(if offer_tls { "policy-violation" } else { "not-authorized" }, why.into()));
                 }
-                match sasl(gateway, &el, peer).await {
-                    Ok(user) => {
-                        xio.write(&format!("<success xmlns='{}'/>", ns::SASL)).await?;
+                match sasl(xio, gateway, &el, &mechanisms, peer).await {
+                    Ok((user, data)) => {
+                        let data = data.map(|d| B64.encode(d)).unwrap_or_default();
+                        xio.write(&format!("<success xmlns='{}'>{data}</success>", ns::SASL)).await?;
                         logged_in = Some(user);
                         xio.restart();
                         break;
                     }
-                    Err((condition, text)) => {
+                    Err(SaslError::End(end)) => return Err(end),
+                    Err(SaslError::Failure(condition, text)) => {
                         failures += 1;
                         xio.write(&format!("<failure xmlns='{}'><{condition}/><text>{}</text></failure>", ns::SASL, escape(&text))).await?;
                         if failures >= MAX_AUTH_FAILURES {
@@ -371,42 +390,143 @@ async fn negotiate<C: Channel>(xio: &mut C, gateway: &Gateway, tls: Option<&crat
     }
 }
 
-/// One SASL `<auth/>`: PLAIN (a registered user and password) or ANONYMOUS (a guest). On
-/// failure, the `<failure/>` condition and a text.
-async fn sasl(gateway: &Gateway, auth: &Element, peer: SocketAddr) -> Result<LoggedIn, (&'static str, String)> {
-    let data = auth.text();
-    let data = if data.trim() == "=" { Vec::new() } else { base64::engine::general_purpose::STANDARD.decode(data.trim()).map_err(|_| ("incorrect-encoding", "not base64".to_owned()))? };
-    let refused = |f: Failure| {
-        let condition = match f.code {
-            ErrorCode::Unauthorized | ErrorCode::BadRequest => "not-authorized",
-            ErrorCode::RateLimited => "temporary-auth-failure",
-            _ => "temporary-auth-failure",
-        };
-        (condition, f.message)
+/// Why a SASL exchange logged no one in.
+#[derive(Debug)]
+enum SaslError {
+    /// `<failure/>` with this condition and text; the stream goes on.
+    Failure(&'static str, String),
+    /// The stream ends.
+    End(End),
+}
+
+impl From<End> for SaslError {
+    fn from(end: End) -> Self {
+        SaslError::End(end)
+    }
+}
+
+impl From<(&'static str, String)> for SaslError {
+    fn from((condition, text): (&'static str, String)) -> Self {
+        SaslError::Failure(condition, text)
+    }
+}
+
+/// One SASL exchange, from its `<auth/>`, with a mechanism of `offered`: SCRAM-SHA-256 or
+/// SCRAM-SHA-1 (a registered user proves its password), PLAIN (a registered user and password)
+/// or ANONYMOUS (a guest). On success, the session and the additional data for `<success/>`
+/// (SCRAM's server-final-message).
+async fn sasl<C: Channel>(xio: &mut C, gateway: &Gateway, auth: &Element, offered: &[&str], peer: SocketAddr) -> Result<(LoggedIn, Option<String>), SaslError> {
+    let mechanism = auth.attr("mechanism").filter(|m| offered.contains(m));
+    let Some(mechanism) = mechanism else {
+        return Err(SaslError::Failure("invalid-mechanism", format!("offered: {}", offered.join(", "))));
     };
-    match auth.attr("mechanism") {
-        Some("PLAIN") => {
-            let mut parts = data.split(|b| *b == 0);
-            let (Some(authz), Some(user), Some(password), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
-                return Err(("malformed-request", "PLAIN is authzid NUL user NUL password".into()));
-            };
-            let (Ok(authz), Ok(user), Ok(password)) = (std::str::from_utf8(authz), std::str::from_utf8(user), std::str::from_utf8(password)) else {
-                return Err(("malformed-request", "not UTF-8".into()));
-            };
-            let domain = &gateway.settings.xmpp.domain;
-            if !authz.is_empty() && authz != format!("{user}@{domain}") {
-                return Err(("invalid-authzid", "log in as yourself".into()));
-            }
-            let user = user.strip_suffix(&format!("@{domain}")).unwrap_or(user);
-            let logged_in = gateway.login(Some(user), Some(password), None, Some(peer.ip())).await.map_err(refused)?;
-            if logged_in.guest {
-                // An unregistered name logs in as a guest in v1; in XMPP that is ANONYMOUS.
-                return Err(("not-authorized", "wrong user name or password".into()));
-            }
-            Ok(logged_in)
-        }
-        Some("ANONYMOUS") if gateway.settings.auth.allow_guests => gateway.login(Some("guest"), None, None, Some(peer.ip())).await.map_err(refused),
-        _ => Err(("invalid-mechanism", "offered: PLAIN, and ANONYMOUS where guests are allowed".into())),
+    let data = sasl_data(&auth.text())?;
+    match scram::Hash::from_mechanism(mechanism) {
+        Some(hash) => scram_login(xio, gateway, hash, data, peer).await,
+        None => Ok((plain_or_anonymous(gateway, mechanism, &data, peer).await?, None)),
+    }
+}
+
+/// The bytes of an `<auth/>` or `<response/>`: base64, or `=` for none.
+fn sasl_data(text: &str) -> Result<Vec<u8>, SaslError> {
+    match text.trim() {
+        "=" => Ok(Vec::new()),
+        t => B64.decode(t).map_err(|_| SaslError::Failure("incorrect-encoding", "not base64".into())),
+    }
+}
+
+/// The `<failure/>` condition and text of a login the gateway refused.
+fn refused(f: Failure) -> (&'static str, String) {
+    let condition = match f.code {
+        ErrorCode::Unauthorized | ErrorCode::BadRequest => "not-authorized",
+        _ => "temporary-auth-failure",
+    };
+    (condition, f.message)
+}
+
+/// PLAIN (`data` is authzid NUL user NUL password) or ANONYMOUS.
+async fn plain_or_anonymous(gateway: &Gateway, mechanism: &str, data: &[u8], peer: SocketAddr) -> Result<LoggedIn, (&'static str, String)> {
+    if mechanism == "ANONYMOUS" {
+        return gateway.login(Some("guest"), None, None, Some(peer.ip())).await.map_err(refused);
+    }
+    let mut parts = data.split(|b| *b == 0);
+    let (Some(authz), Some(user), Some(password), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        return Err(("malformed-request", "PLAIN is authzid NUL user NUL password".into()));
+    };
+    let (Ok(authz), Ok(user), Ok(password)) = (std::str::from_utf8(authz), std::str::from_utf8(user), std::str::from_utf8(password)) else {
+        return Err(("malformed-request", "not UTF-8".into()));
+    };
+    let domain = &gateway.settings.xmpp.domain;
+    if !authz.is_empty() && authz != format!("{user}@{domain}") {
+        return Err(("invalid-authzid", "log in as yourself".into()));
+    }
+    let user = user.strip_suffix(&format!("@{domain}")).unwrap_or(user);
+    let logged_in = gateway.login(Some(user), Some(password), None, Some(peer.ip())).await.map_err(refused)?;
+    if logged_in.guest {
+        // An unregistered name logs in as a guest in v1; in XMPP that is ANONYMOUS.
+        return Err(("not-authorized", "wrong user name or password".into()));
+    }
+    Ok(logged_in)
+}
+
+/// SCRAM-SHA-256 or SCRAM-SHA-1 (RFC 5802, RFC 7677; no channel binding) from the client's
+/// first message (`first`, the `<auth/>`'s data; if empty, asked for with an empty challenge)
+/// to the server's final one. A user without SCRAM credentials (unknown, or a password set
+/// before SCRAM) gets a stand-in salt and fails at the proof, as a wrong password does: both
+/// spend the failed-login budget, through the gateway as PLAIN's failures do.
+async fn scram_login<C: Channel>(xio: &mut C, gateway: &Gateway, hash: scram::Hash, first: Vec<u8>, peer: SocketAddr) -> Result<(LoggedIn, Option<String>), SaslError> {
+    let first = if first.is_empty() { challenge(xio, "").await? } else { first };
+    let first = scram::parse_client_first(&first).map_err(scram_failure)?;
+    let domain = &gateway.settings.xmpp.domain;
+    let user = first.user.strip_suffix(&format!("@{domain}")).unwrap_or(&first.user);
+    if first.authzid.as_ref().is_some_and(|a| *a != format!("{user}@{domain}")) {
+        return Err(SaslError::Failure("invalid-authzid", "log in as yourself".into()));
+    }
+    let address = Some(peer.ip());
+    let credentials = gateway.scram_credentials(user, hash, address).await.map_err(refused)?;
+    let (exchange, server_first) = scram::Exchange::start(hash, &first, credentials, &scram_secret(&gateway.settings));
+    let last = challenge(xio, &server_first).await?;
+    let server_final = match exchange.finish(&last) {
+        Ok(server_final) => Some(server_final),
+        Err(scram::ScramError::InvalidProof) => None,
+        Err(e) => return Err(scram_failure(e)),
+    };
+    let logged_in = gateway.login_verified(user, server_final.is_some(), address).await.map_err(refused)?;
+    Ok((logged_in, server_final))
+}
+
+/// Send a SASL `<challenge/>` with `data` and read the client's `<response/>`, decoded; an
+/// `<abort/>` is the `aborted` failure.
+async fn challenge<C: Channel>(xio: &mut C, data: &str) -> Result<Vec<u8>, SaslError> {
+    xio.write(&format!("<challenge xmlns='{}'>{}</challenge>", ns::SASL, B64.encode(data))).await?;
+    let Item::Stanza(el) = xio.next().await? else { return Err(End::Close.into()) };
+    if el.is("abort", ns::SASL) {
+        return Err(SaslError::Failure("aborted", "the client aborted the exchange".into()));
+    }
+    if !el.is("response", ns::SASL) {
+        return Err(SaslError::Failure("malformed-request", "expected <response/> or <abort/>".into()));
+    }
+    sasl_data(&el.text())
+}
+
+/// The `<failure/>` of a SCRAM message that does not fit.
+fn scram_failure(e: scram::ScramError) -> SaslError {
+    let condition = match e {
+        scram::ScramError::Malformed(_) => "malformed-request",
+        scram::ScramError::ChannelBinding => "invalid-mechanism",
+        scram::ScramError::Mismatch(_) | scram::ScramError::InvalidProof => "not-authorized",
+    };
+    SaslError::Failure(condition, e.to_string())
+}
+
+/// The secret SCRAM's stand-in salts are derived from: `cluster.secret` where it is set (both
+/// nodes of a pair answer alike, across restarts), else random, once per process.
+fn scram_secret(settings: &crate::config::Settings) -> Vec<u8> {
+    static RANDOM: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    if settings.cluster.secret.is_empty() {
+        RANDOM.get_or_init(rand::random).to_vec()
+    } else {
+        settings.cluster.secret.as_bytes().to_vec()
     }
 }
 

@@ -26,7 +26,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 /// The RFC 7395 framing namespace (`<open/>`, `<close/>`).
-pub const FRAMING: &str = "urn:ietf:params:xml:ns:xmpp-framing";
+pub use super::ns::FRAMING;
 
 /// The path of XMPP over WebSocket on the client listener.
 pub const PATH: &str = "/xmpp-websocket";

@@ -38,10 +38,25 @@ impl XmppClient {
     /// Log in as `user` with `password` (SASL PLAIN on loopback), or as a guest (ANONYMOUS)
     /// when `password` is `None`.
     pub async fn connect(addr: SocketAddr, user: &str, password: Option<&str>) -> XmppClient {
+        XmppClient::connect_with(addr, user, password, "PLAIN").await
+    }
+
+    /// [`XmppClient::connect`] with the SASL mechanism of a password login: `PLAIN`,
+    /// `SCRAM-SHA-256` or `SCRAM-SHA-1`.
+    pub async fn connect_with(addr: SocketAddr, user: &str, password: Option<&str>, mechanism: &str) -> XmppClient {
+        match XmppClient::try_connect_with(addr, user, password, mechanism).await {
+            Ok(c) => c,
+            Err(event) => panic!("{user} could not log in over XMPP with {mechanism}: {event}"),
+        }
+    }
+
+    /// [`XmppClient::connect_with`] that may fail: the first event that is not
+    /// `session_start` (`failed_auth`, `disconnected`).
+    pub async fn try_connect_with(addr: SocketAddr, user: &str, password: Option<&str>, mechanism: &str) -> Result<XmppClient, Value> {
         let mut cmd = tokio::process::Command::new(python());
         cmd.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/xmpp/client.py")).args(["--port", &addr.port().to_string()]);
         match password {
-            Some(p) => cmd.args(["--jid", &format!("{user}@localhost/test"), "--password", p]),
+            Some(p) => cmd.args(["--jid", &format!("{user}@localhost/test"), "--password", p, "--mech", mechanism]),
             None => cmd.args(["--jid", "localhost", "--anonymous"]),
         };
         let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true).spawn().expect("starting tests/xmpp/client.py");
@@ -49,9 +64,11 @@ impl XmppClient {
         let events = BufReader::new(child.stdout.take().expect("piped")).lines();
         let mut c = XmppClient { child, stdin, events, seen: Vec::new(), jid: String::new() };
         let start = c.event("session start", |e| e["event"] == "session_start" || e["event"] == "failed_auth" || e["event"] == "disconnected").await;
-        assert_eq!(start["event"], "session_start", "{user} could not log in over XMPP: {start}");
+        if start["event"] != "session_start" {
+            return Err(start);
+        }
         c.jid = start["jid"].as_str().expect("jid").to_owned();
-        c
+        Ok(c)
     }
 
     pub async fn command(&mut self, cmd: Value) {
@@ -610,5 +627,140 @@ pub async fn xmpp_stream_management_acks_and_resumes(db: &TestDb) {
     assert!(read_until(&mut t, "</iq>").await.contains("<jid>ann@localhost/"));
     drop(t);
     drop(s);
+    node.stop().await;
+}
+
+/// A raw c2s stream, read up to its features (returned).
+async fn sasl_stream(addr: SocketAddr) -> (tokio::net::TcpStream, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connecting to c2s");
+    s.write_all(OPEN.as_bytes()).await.expect("writing");
+    let features = read_until(&mut s, "</stream:features>").await;
+    (s, features)
+}
+
+/// Send a SASL element with base64 `data` (`=` when empty) and read up to `until`.
+async fn sasl_step(s: &mut tokio::net::TcpStream, element: &str, attrs: &str, data: &[u8], until: &str) -> String {
+    use base64::Engine as _;
+    let data = if data.is_empty() { "=".to_owned() } else { base64::engine::general_purpose::STANDARD.encode(data) };
+    s.write_all(format!("<{element} xmlns='urn:ietf:params:xml:ns:xmpp-sasl'{attrs}>{data}</{element}>").as_bytes()).await.expect("writing");
+    read_until(s, until).await
+}
+
+/// The decoded text of the last `<challenge/>` in `got`.
+fn challenge_text(got: &str) -> String {
+    use base64::Engine as _;
+    let start = got.rfind("<challenge").expect("a challenge");
+    let body = &got[start..];
+    let body = &body[body.find('>').expect("tag end") + 1..body.find("</challenge>").expect("challenge end")];
+    String::from_utf8(base64::engine::general_purpose::STANDARD.decode(body).expect("base64 challenge")).expect("UTF-8 challenge")
+}
+
+/// SASL SCRAM-SHA-256 and SCRAM-SHA-1 with slixmpp, for users registered after the node
+/// started: each logs in (slixmpp checks the server's signature), joins a room and chats; a
+/// wrong password fails. A user whose password predates SCRAM credentials logs in with PLAIN
+/// only, until its password is set again. On raw sockets: the mechanisms list offers SCRAM
+/// before PLAIN, malformed first messages and channel binding are refused, an empty initial
+/// response gets an empty challenge, `<abort/>` gets `<aborted/>`, and an unknown user gets a
+/// challenge like a registered one (a stable salt), then `not-authorized`, counted in the
+/// login throttle.
+pub async fn xmpp_scram_logins_and_bad_scram_input(db: &TestDb) {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let node = xmpp_node(db).await;
+    let addr = node.xmpp_addr.expect("c2s listener");
+    let auth = stoa::auth::Auth::new(db.store().await, false, 3600);
+    auth.add_user("carol", "pencil sharpener").await.expect("registering carol");
+    let room = room("scram");
+    let mut bob = node.client("bob").await;
+    bob.create(&room, json!({})).await;
+    bob.join(&room, "Bob").await;
+
+    for (mechanism, nick) in [("SCRAM-SHA-256", "Carol256"), ("SCRAM-SHA-1", "Carol1")] {
+        let mut carol = XmppClient::connect_with(addr, "carol", Some("pencil sharpener"), mechanism).await;
+        assert!(carol.jid.starts_with("carol@localhost/"), "{}", carol.jid);
+        let joined = carol.join(&room, nick, json!({})).await;
+        assert_eq!(joined["event"], "joined", "{joined}");
+        let body = format!("hello over {mechanism}");
+        carol.command(json!({"op": "send", "room": room, "body": body})).await;
+        carol.groupchat(&body).await;
+        let m = bob.wait_for("Carol's message", |f| f["op"] == "message" && f["body"] == body.as_str()).await;
+        assert_eq!(m["nick"], nick, "{m}");
+        carol.quit().await;
+    }
+    for mechanism in ["SCRAM-SHA-256", "SCRAM-SHA-1"] {
+        let refused = XmppClient::try_connect_with(addr, "carol", Some("pencil sharpened"), mechanism).await.err().expect("a wrong password is refused");
+        assert_eq!(refused["event"], "failed_auth", "{refused}");
+    }
+
+    // A user whose password was set before SCRAM credentials were kept: PLAIN only, until its
+    // password is set again.
+    let hash = stoa::auth::hash_password("older password").expect("hashing");
+    auth.add_user("dora", "placeholder password").await.expect("registering dora");
+    let store = db.store().await;
+    assert!(store.set_password_hash("dora", &hash, &stoa::store::UserScram::default()).await.expect("clearing SCRAM"));
+    assert_eq!(store.users_without_scram().await.expect("listing"), ["dora"], "`stoa user list` shows who needs a new password");
+    let refused = XmppClient::try_connect_with(addr, "dora", Some("older password"), "SCRAM-SHA-256").await.err().expect("no SCRAM credentials");
+    assert_eq!(refused["event"], "failed_auth", "{refused}");
+    XmppClient::connect_with(addr, "dora", Some("older password"), "PLAIN").await.quit().await;
+    auth.set_password("dora", "newer password").await.expect("setting dora's password");
+    assert!(store.users_without_scram().await.expect("listing").is_empty());
+    XmppClient::connect_with(addr, "dora", Some("newer password"), "SCRAM-SHA-1").await.quit().await;
+
+    // The offer: SCRAM first, strongest first, then PLAIN (loopback) and ANONYMOUS (guests).
+    let (mut s, features) = sasl_stream(addr).await;
+    assert!(
+        features.contains("<mechanism>SCRAM-SHA-256</mechanism><mechanism>SCRAM-SHA-1</mechanism><mechanism>PLAIN</mechanism><mechanism>ANONYMOUS</mechanism>"),
+        "{features}"
+    );
+    assert!(!features.contains("-PLUS"), "{features}");
+    // Malformed client-first messages, and channel binding, which is not offered.
+    let got = sasl_step(&mut s, "auth", " mechanism='SCRAM-SHA-256'", b"n,,n=carol", "</failure>").await;
+    assert!(got.contains("<malformed-request/>"), "{got}");
+    let got = sasl_step(&mut s, "auth", " mechanism='SCRAM-SHA-1'", b"p=tls-unique,,n=carol,r=abc", "</failure>").await;
+    assert!(got.contains("<invalid-mechanism/>"), "{got}");
+    drop(s);
+    // No initial response: an empty challenge asks for it. Then `<abort/>`.
+    let (mut s, _) = sasl_stream(addr).await;
+    let got = sasl_step(&mut s, "auth", " mechanism='SCRAM-SHA-1'", b"", "</challenge>").await;
+    assert_eq!(challenge_text(&got), "", "{got}");
+    let got = sasl_step(&mut s, "response", "", b"n,,n=carol,r=abcdef", "</challenge>").await;
+    let first = challenge_text(&got);
+    assert!(first.starts_with("r=abcdef") && first.contains(",s=") && first.ends_with(",i=4096"), "{first}");
+    s.write_all(b"<abort xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>").await.unwrap();
+    let got = read_until(&mut s, "</failure>").await;
+    assert!(got.contains("<aborted/>"), "{got}");
+    // A malformed client-final message.
+    sasl_step(&mut s, "auth", " mechanism='SCRAM-SHA-256'", b"n,,n=carol,r=abcdef", "</challenge>").await;
+    let got = sasl_step(&mut s, "response", "", b"c=biws,p=AAAA", "</failure>").await;
+    assert!(got.contains("<malformed-request/>"), "{got}");
+    drop(s);
+
+    // An unknown user gets a challenge like a registered user's (the same salt each time),
+    // then `not-authorized`; each failure counts in the login throttle (5 per user name), and
+    // once it is spent even the first step is refused.
+    let mut salt = None;
+    let mut failures = 0;
+    for _connection in 0..2 {
+        let (mut s, _) = sasl_stream(addr).await;
+        for _attempt in 0..(if failures == 0 { 3 } else { 2 }) {
+            let got = sasl_step(&mut s, "auth", " mechanism='SCRAM-SHA-256'", b"n,,n=nobody,r=xyz", "</challenge>").await;
+            let first = challenge_text(&got);
+            let fields: Vec<&str> = first.split(',').collect();
+            assert!(fields.len() == 3 && fields[0].starts_with("r=xyz") && fields[2] == "i=4096", "{first}");
+            assert_eq!(*salt.get_or_insert(fields[1].to_owned()), fields[1], "the salt is stable");
+            let last = format!("c=biws,{},p={}", fields[0], b64.encode([0u8; 32]));
+            let got = sasl_step(&mut s, "response", "", last.as_bytes(), "</failure>").await;
+            assert!(got.contains("<not-authorized/>"), "{got}");
+            failures += 1;
+        }
+    }
+    assert_eq!(failures, 5);
+    let (mut s, _) = sasl_stream(addr).await;
+    let got = sasl_step(&mut s, "auth", " mechanism='SCRAM-SHA-256'", b"n,,n=nobody,r=xyz", "</failure>").await;
+    assert!(got.contains("<temporary-auth-failure/>") && got.contains("too many failed logins"), "{got}");
+    drop(s);
+
+    // The node is fine: carol still logs in.
+    XmppClient::connect_with(addr, "carol", Some("pencil sharpener"), "SCRAM-SHA-256").await.quit().await;
     node.stop().await;
 }

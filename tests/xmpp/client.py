@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """A slixmpp client driven by the Rust integration tests (tests/cases/xmpp.rs).
 
-Connects to a Stoa node's c2s listener, then reads one JSON command per line on stdin and
-writes one JSON event per line on stdout. Commands:
+Connects to a Stoa node's c2s listener (logging in with --password over SASL --mech: PLAIN by
+default, SCRAM-SHA-256 or SCRAM-SHA-1; or with --anonymous), then reads one JSON command per
+line on stdin and writes one JSON event per line on stdout. Commands:
 
   {"op": "join", "room": JID, "nick": N, "maxstanzas": K?, "password": P?}
       -> {"event": "joined", "room", "nick", "status": [codes], "occupants": [nicks],
@@ -68,10 +69,11 @@ def status_codes(stanza):
 
 
 class Client(slixmpp.ClientXMPP):
-    def __init__(self, jid, password, anonymous):
-        super().__init__(jid, password, sasl_mech="ANONYMOUS" if anonymous else "PLAIN")
-        # PLAIN without TLS: the tests run on loopback, where the node offers it.
+    def __init__(self, jid, password, anonymous, mech):
+        super().__init__(jid, password, sasl_mech="ANONYMOUS" if anonymous else mech)
+        # PLAIN and SCRAM without TLS: the tests run on loopback, where the node offers them.
         self.plugin["feature_mechanisms"].config["unencrypted_plain"] = True
+        self.plugin["feature_mechanisms"].config["unencrypted_scram"] = True
         for plugin in ["xep_0030", "xep_0045", "xep_0059", "xep_0198", "xep_0199", "xep_0313", "xep_0359", "xep_0421"]:
             self.register_plugin(plugin)
         self.joining = set()
@@ -201,10 +203,11 @@ def main():
     p.add_argument("--jid", required=True)
     p.add_argument("--password", default="")
     p.add_argument("--anonymous", action="store_true")
+    p.add_argument("--mech", default="PLAIN", help="SASL mechanism of a password login: PLAIN, SCRAM-SHA-256, SCRAM-SHA-1")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     a = p.parse_args()
-    c = Client(a.jid, a.password, a.anonymous)
+    c = Client(a.jid, a.password, a.anonymous, a.mech)
     # Plaintext on loopback (the node offers PLAIN there); TLS tests pass a CA instead.
     c.enable_starttls = False
     c.enable_direct_tls = False
