@@ -47,6 +47,9 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a spawned server may take to accept connections on its c2s port.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Longest wait for a server to go idle after its run.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// The bench's own limits on what servers send (far above any stanza of this load).
 const MAX_STANZA_BYTES: usize = 1 << 20;
 const MAX_DEPTH: usize = 32;
@@ -68,7 +71,8 @@ pub struct XmppArgs {
     /// its window of unreflected messages full).
     #[arg(long, value_name = "MSGS")]
     pub rate: Option<f64>,
-    /// Most unreflected messages per sender (default: 8 at saturation, 1000 when paced).
+    /// Most unreflected messages per sender (default: 32 at saturation, as `throughput`; 1000
+    /// when paced).
     #[arg(long)]
     pub window: Option<usize>,
     /// Message body size in bytes (at least 21: the send time leads the body).
@@ -136,7 +140,7 @@ impl Shape {
             rooms: args.rooms,
             occupants: args.occupants,
             rate,
-            window: args.window.unwrap_or(if rate.is_some() { 1000 } else { 8 }),
+            window: args.window.unwrap_or(if rate.is_some() { 1000 } else { 32 }),
             size: args.size,
             duration: args.duration,
             warmup: args.warmup,
@@ -198,8 +202,9 @@ pub async fn xmpp(args: &XmppArgs, target_args: &TargetArgs) -> anyhow::Result<S
                 let figures = run_round(node, &shape, round).await.with_context(|| format!("round {round}, {}", node.kind.name()))?;
                 eprintln!("{}", figures.line());
                 runs.push(figures);
-                // Let the leaving occupants' presences drain before the other server's run.
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                // The other server's run starts once this one is idle again (a server behind
+                // the load still works through its backlog after the clients are gone).
+                settle(node).await;
             }
         }
         anyhow::Ok(runs)
@@ -222,6 +227,13 @@ async fn run_round(node: &mut Node, shape: &Shape, round: usize) -> anyhow::Resu
         (Some(a), Some(b)) => Some(b.saturating_sub(a)),
         _ => None,
     };
+    // Every reflection counted must be of an archived message (the round archived more: its
+    // warm-up and the messages in flight at the end).
+    if let Some(archived) = archived
+        && archived < out.stats.acks
+    {
+        bail!("{} reflected {} messages in the window but archived only {archived} in the round", node.kind.name(), out.stats.acks);
+    }
     Ok(Figures::new(round, node.kind, &out, archived))
 }
 
@@ -458,6 +470,24 @@ async fn create_wal_database(path: &Path) -> anyhow::Result<()> {
     let db = sqlx::sqlite::SqliteConnection::connect_with(&opts).await.with_context(|| format!("creating {}", path.display()))?;
     db.close().await.ok();
     Ok(())
+}
+
+/// Wait (at most [`SETTLE_TIMEOUT`]) until the server uses less than a tenth of a core.
+async fn settle(node: &Node) {
+    let started = Instant::now();
+    let tick = Duration::from_millis(500);
+    loop {
+        let before = stats::CpuSnapshot::take(node.pid);
+        tokio::time::sleep(tick).await;
+        let busy = before.cores_until(&stats::CpuSnapshot::take(node.pid), tick.as_secs_f64()).server.unwrap_or(0.0);
+        if busy < 0.1 {
+            return;
+        }
+        if started.elapsed() > SETTLE_TIMEOUT {
+            eprintln!("xmpp: {} still uses {busy:.2} cores {SETTLE_TIMEOUT:?} after its run; going on", node.kind.name());
+            return;
+        }
+    }
 }
 
 /// Wait until the server accepts TCP connections on its c2s port.
@@ -1045,8 +1075,14 @@ fn median(mut values: Vec<f64>) -> Option<f64> {
     Some(if n % 2 == 1 { values[n / 2] } else { (values[n / 2 - 1] + values[n / 2]) / 2.0 })
 }
 
-/// The fields with medians over rounds, as (name, value of one run).
-const MEDIAN_FIELDS: &[(&str, fn(&Figures) -> Option<f64>)] = &[
+/// A field of the figures: its name, and its value in one run.
+type Field = (&'static str, fn(&Figures) -> Option<f64>);
+
+/// Named values (medians or ratios), in the order of [`MEDIAN_FIELDS`].
+type Named = Vec<(&'static str, Option<f64>)>;
+
+/// The fields with medians over rounds.
+const MEDIAN_FIELDS: &[Field] = &[
     ("messages_per_s", |f| Some(f.messages_per_s)),
     ("deliveries_per_s", |f| Some(f.deliveries_per_s)),
     ("e2e_p50_ms", |f| Some(f.e2e_p50_ms)),
@@ -1062,7 +1098,7 @@ const MEDIAN_FIELDS: &[(&str, fn(&Figures) -> Option<f64>)] = &[
 const RATIO_FIELDS: &[&str] = &["messages_per_s", "deliveries_per_s", "deliveries_per_cpu_s", "e2e_p50_ms", "e2e_p99_ms"];
 
 /// Medians over rounds of one server's runs, by field name.
-fn medians(runs: &[Figures], kind: Kind) -> Vec<(&'static str, Option<f64>)> {
+fn medians(runs: &[Figures], kind: Kind) -> Named {
     let mine: Vec<&Figures> = runs.iter().filter(|f| f.server == kind).collect();
     MEDIAN_FIELDS.iter().map(|(name, get)| (*name, median(mine.iter().filter_map(|f| get(f)).collect()))).collect()
 }
@@ -1117,7 +1153,7 @@ fn summarize(
         summary.set_human(human_table(shape, args, runs, &all, None));
         return summary;
     };
-    let get = |m: &Vec<(&str, Option<f64>)>, name: &str| m.iter().find(|(k, _)| *k == name).and_then(|(_, v)| *v);
+    let get = |m: &Named, name: &str| m.iter().find(|(k, _)| *k == name).and_then(|(_, v)| *v);
     let ratios: Vec<(&str, Option<f64>)> = RATIO_FIELDS
         .iter()
         .map(|name| (*name, get(stoa, name).zip(get(prosody, name)).filter(|(_, p)| *p > 0.0).map(|(s, p)| s / p)))
@@ -1134,7 +1170,7 @@ fn human_table(
     shape: &Shape,
     args: &XmppArgs,
     runs: &[Figures],
-    medians: &[(Kind, Vec<(&'static str, Option<f64>)>)],
+    medians: &[(Kind, Named)],
     ratios: Option<&[(&str, Option<f64>)]>,
 ) -> String {
     use std::fmt::Write as _;
