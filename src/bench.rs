@@ -16,6 +16,9 @@
 //! - `cold-activation`: join latency of never-activated rooms with a million rooms in the store.
 //! - `failover`: a redundancy pair under probe load; detection, failover, client resume and
 //!   fallback times over repeated faults, and a check that no acked probe was lost or doubled.
+//! - `xmpp`: the same MUC load over XMPP against Stoa and against Prosody 0.12 (both started by
+//!   the bench), alternated round by round: messages/s, deliveries/s, latency, and deliveries
+//!   per server CPU-second of each.
 //!
 //! The generator shares the machine with the server, so it is frugal: raw `tokio-tungstenite`
 //! connections with small buffers, no per-delivery shared state (each message body starts with
@@ -27,6 +30,7 @@ mod rooms;
 mod server;
 mod stats;
 mod wire;
+mod xmpp;
 
 use anyhow::Context as _;
 use std::time::Duration;
@@ -58,6 +62,10 @@ pub enum Mode {
     /// A redundancy pair under probe load: kill -9 (or a critical service stop) of the host,
     /// failover, restart, fallback, repeated; needs --store postgres://… or mysql://….
     Failover(failover::FailoverArgs),
+    /// The same MUC load over XMPP against Stoa and against Prosody 0.12 (started by the bench,
+    /// needs Debian's `prosody` and `lua-dbi-sqlite3`), alternated: msg/s, deliveries/s,
+    /// latency, deliveries per server CPU-second.
+    Xmpp(xmpp::XmppArgs),
 }
 
 /// Which server to load, and how to configure the one the bench starts.
@@ -247,6 +255,7 @@ async fn run_mode(mode: Mode, target: &TargetArgs) -> anyhow::Result<Summary> {
         Mode::IdleRooms(a) => rooms::idle_rooms(&a, target).await,
         Mode::ColdActivation(a) => rooms::cold_activation(&a, target).await,
         Mode::Failover(a) => failover::failover(&a, target).await,
+        Mode::Xmpp(a) => xmpp::xmpp(&a, target).await,
     }?;
     summary.insert_front("command", std::env::args().collect::<Vec<_>>().join(" "));
     summary.insert_front("date", utc_now());
@@ -258,6 +267,8 @@ async fn run_mode(mode: Mode, target: &TargetArgs) -> anyhow::Result<Summary> {
 #[derive(Debug, Default)]
 pub struct Summary {
     fields: Vec<(String, serde_json::Value)>,
+    /// A mode's own table for stderr, shown after the scalar fields (which then stand alone).
+    human: Option<String>,
 }
 
 impl Summary {
@@ -266,6 +277,10 @@ impl Summary {
     }
     fn insert_front(&mut self, key: &str, value: impl Into<serde_json::Value>) {
         self.fields.insert(0, (key.to_owned(), value.into()));
+    }
+    /// Show `table` on stderr instead of the nested fields (arrays and objects).
+    pub(crate) fn set_human(&mut self, table: String) {
+        self.human = Some(table);
     }
     fn to_json(&self) -> serde_json::Value {
         serde_json::Value::Object(self.fields.iter().cloned().collect())
@@ -277,6 +292,9 @@ fn print_summary(summary: &Summary, format: &str) -> anyhow::Result<()> {
         let width = summary.fields.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
         let mut table = String::new();
         for (k, v) in &summary.fields {
+            if summary.human.is_some() && (v.is_array() || v.is_object()) && k != "machine" {
+                continue;
+            }
             let shown = match v {
                 serde_json::Value::String(s) => s.clone(),
                 serde_json::Value::Number(n) => match n.as_f64() {
@@ -286,6 +304,9 @@ fn print_summary(summary: &Summary, format: &str) -> anyhow::Result<()> {
                 other => other.to_string(),
             };
             table.push_str(&format!("{k:<width$}  {shown}\n"));
+        }
+        if let Some(human) = &summary.human {
+            table.push_str(human);
         }
         eprint!("{table}");
     }

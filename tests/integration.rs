@@ -234,4 +234,21 @@ mod bench_smoke {
         let v = run_bench(&["idle-rooms", "--rooms", "2000", "--warm-rooms", "200"]);
         assert!(v["bytes_per_idle_room"].as_f64().is_some_and(|b| b > 0.0), "{v}");
     }
+
+    /// `bench xmpp` against Stoa only (the comparison with Prosody is a documented command,
+    /// docs/benchmarks.md: CI does not install Prosody).
+    #[test]
+    fn xmpp_bench_loads_stoa_over_c2s_and_reports_every_field() {
+        let v = run_bench(&["xmpp", "--server", "stoa", "--rooms", "3", "--occupants", "4", "--rounds", "1", "--duration", "2s", "--warmup", "500ms"]);
+        let run = &v["runs"][0];
+        assert_eq!(run["server"], "stoa", "{v}");
+        assert!(run["deliveries_per_s"].as_f64().is_some_and(|d| d > 0.0), "nothing delivered: {v}");
+        assert!(run["messages_per_s"].as_f64().is_some_and(|m| m > 0.0), "nothing reflected: {v}");
+        for field in ["e2e_p50_ms", "e2e_p99_ms", "e2e_p999_ms", "cpu_cores_server", "deliveries_per_cpu_s"] {
+            assert!(run[field].as_f64().is_some_and(|x| x > 0.0), "`{field}` missing or zero in {v}");
+            assert!(v["stoa_median"][field].is_number(), "median `{field}` missing in {v}");
+        }
+        assert_eq!(run["errors"], serde_json::json!({}), "{v}");
+        assert!(v.get("ratio_stoa_over_prosody").is_none(), "no ratio without Prosody: {v}");
+    }
 }

@@ -427,7 +427,7 @@ async fn wait_ready(
     Ok(())
 }
 
-fn progress_bar(len: u64, unit: &str) -> indicatif::ProgressBar {
+pub(super) fn progress_bar(len: u64, unit: &str) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(len);
     let style = indicatif::ProgressStyle::with_template(&format!("{{elapsed:>4}} [{{bar:40}}] {{pos}}/{{len}} {unit}"))
         .expect("valid progress template")
