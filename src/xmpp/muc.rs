@@ -65,10 +65,12 @@ impl HistoryFilter {
 }
 
 /// An XEP-0082 date-time (`2026-12-04T21:34:10Z`, fractions and offsets allowed) as Unix ms.
+/// Every part is its fixed number of ASCII digits (the year four), so no arithmetic below can
+/// overflow whatever a client sends (the `xmpp_stream` fuzz target found an offset of 40 digits).
 pub fn parse_xep82(text: &str) -> Option<i64> {
     let (date, time) = text.split_once('T')?;
-    let mut d = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
-    let (y, mo, day) = (d.next()??, d.next()??, d.next()??);
+    let mut d = date.splitn(3, '-');
+    let (y, mo, day) = (digits(d.next()?, 4)?, digits(d.next()?, 2)?, digits(d.next()?, 2)?);
     let (clock, offset_min) = if let Some(c) = time.strip_suffix('Z') {
         (c, 0)
     } else {
@@ -76,15 +78,22 @@ pub fn parse_xep82(text: &str) -> Option<i64> {
         let (c, off) = time.split_at(at);
         let sign = if off.starts_with('-') { -1 } else { 1 };
         let (h, m) = off[1..].split_once(':')?;
-        (c, sign * (h.parse::<i64>().ok()? * 60 + m.parse::<i64>().ok()?))
+        let (h, m) = (digits(h, 2)?, digits(m, 2)?);
+        if h > 23 || m > 59 {
+            return None;
+        }
+        (c, sign * (h * 60 + m))
     };
     let (hms, frac) = clock.split_once('.').unwrap_or((clock, ""));
-    let mut t = hms.splitn(3, ':').map(|p| p.parse::<i64>().ok());
-    let (h, mi, s) = (t.next()??, t.next()??, t.next()??);
+    let mut t = hms.splitn(3, ':');
+    let (h, mi, s) = (digits(t.next()?, 2)?, digits(t.next()?, 2)?, digits(t.next()?, 2)?);
     if !(1..=12).contains(&mo) || !(1..=31).contains(&day) || h > 23 || mi > 59 || s > 60 {
         return None;
     }
-    let ms_frac = frac.chars().take(3).chain("000".chars()).take(3).collect::<String>().parse::<i64>().ok()?;
+    if !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let ms_frac = frac.chars().chain("000".chars()).take(3).collect::<String>().parse::<i64>().ok()?;
     // Days from the civil date (Howard Hinnant's algorithm).
     let (yy, mm) = if mo <= 2 { (y - 1, mo + 9) } else { (y, mo - 3) };
     let era = yy.div_euclid(400);
@@ -92,6 +101,11 @@ pub fn parse_xep82(text: &str) -> Option<i64> {
     let doy = (153 * mm + 2) / 5 + day - 1;
     let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
     Some(((days * 86_400 + h * 3600 + mi * 60 + s) - offset_min * 60) * 1000 + ms_frac)
+}
+
+/// `text` as a number of exactly `len` ASCII digits.
+fn digits(text: &str, len: usize) -> Option<i64> {
+    (text.len() == len && text.bytes().all(|b| b.is_ascii_digit())).then(|| text.parse().ok()).flatten()
 }
 
 /// A request of this session a room will answer later, by its request id.
@@ -467,6 +481,11 @@ mod tests {
         assert_eq!(parse_xep82("1970-01-01T01:00:00+01:00"), Some(0));
         assert_eq!(parse_xep82(&super::super::xep82(1_780_000_123_456)), Some(1_780_000_123_456));
         assert_eq!(parse_xep82("yesterday"), None);
+        // Found by the xmpp_stream fuzz target: a long offset overflowed the arithmetic.
+        assert_eq!(parse_xep82("2026-12-02T01:00:00+00000000000000000000000000000000001:00"), None);
+        assert_eq!(parse_xep82("99999999999-12-02T01:00:00Z"), None);
+        assert_eq!(parse_xep82("2026-12-02T-1:00:00Z"), None);
+        assert_eq!(parse_xep82("2026-12-02T01:00:00.5x5Z"), None);
         assert_eq!(parse_xep82("2026-13-01T00:00:00Z"), None);
     }
 
