@@ -176,6 +176,10 @@ pub struct PeerSettings {
     pub link: String,
     /// The node's room service alias.
     pub service: String,
+    /// The node's XMPP client-to-server address as clients should dial it (`host:port`),
+    /// named in `see-other-host` when XMPP sessions must move to it. Empty: clients are sent
+    /// to the host of `client` and keep their own XMPP port.
+    pub xmpp: String,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -742,6 +746,12 @@ impl Settings {
         self.group()?.nodes.iter().find(|n| n.id != self.node.id)
     }
 
+    /// The XMPP address (`host:port`) of the node whose client URL is `client`, where the
+    /// topology names one.
+    pub fn xmpp_address_of(&self, client: &str) -> Option<&str> {
+        self.cluster.groups.iter().flat_map(|g| &g.nodes).find(|n| n.client == client && !n.xmpp.is_empty()).map(|n| n.xmpp.as_str())
+    }
+
     fn check_cluster(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
         if self.cluster.groups.is_empty() {
@@ -764,6 +774,10 @@ impl Settings {
                 }
                 if n.service.is_empty() || n.client.is_empty() || n.link.is_empty() {
                     return invalid(format!("node `{}` needs client, link and service", n.id));
+                }
+                let host_port = |a: &str| a.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+                if !n.xmpp.is_empty() && !host_port(&n.xmpp) {
+                    return invalid(format!("node `{}`: xmpp is `{}`, not host:port", n.id, n.xmpp));
                 }
             }
         }
@@ -923,8 +937,8 @@ mod tests {
             name: "pair-1".into(),
             ha,
             nodes: vec![
-                PeerSettings { id: "1a".into(), client: "ws://127.0.0.1:7450/ws".into(), link: "127.0.0.1:7460".into(), service: "conference-1a.example.com".into() },
-                PeerSettings { id: "1b".into(), client: "ws://127.0.0.1:7550/ws".into(), link: "127.0.0.1:7560".into(), service: "conference-1b.example.com".into() },
+                PeerSettings { id: "1a".into(), client: "ws://127.0.0.1:7450/ws".into(), link: "127.0.0.1:7460".into(), service: "conference-1a.example.com".into(), xmpp: String::new() },
+                PeerSettings { id: "1b".into(), client: "ws://127.0.0.1:7550/ws".into(), link: "127.0.0.1:7560".into(), service: "conference-1b.example.com".into(), xmpp: String::new() },
             ],
         }];
         s

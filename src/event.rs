@@ -10,11 +10,12 @@
 //! every front end (above the room) can implement it.
 
 use crate::protocol::{Affiliation, ErrorCode, OccupantInfo, RequestId, RoomAddr, RoomConfig};
+use serde::{Deserialize, Serialize};
 use std::any::Any;
 use std::sync::{Arc, OnceLock};
 
 /// A committed message as occupants see it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
     pub room: RoomAddr,
     pub seq: u64,
@@ -31,7 +32,9 @@ pub struct ChatMessage {
 }
 
 /// What a room tells everyone in it (and, for a presence change, the occupant it is about).
-#[derive(Clone, Debug)]
+/// Serializable: the node link carries events to the peer's sessions (`crate::forward`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
 pub enum RoomEvent {
     /// A committed message (live, or replayed on a join).
     Message(ChatMessage),
@@ -61,10 +64,12 @@ pub enum Protocol {
     V1,
     /// XMPP (a stanza without its `to`, which differs per occupant).
     Xmpp,
+    /// The node link, to the peer's sessions in this node's rooms (`crate::forward`).
+    Link,
 }
 
 /// How many [`Protocol`]s there are (one cache slot each).
-const PROTOCOLS: usize = 2;
+const PROTOCOLS: usize = 3;
 
 /// One event on its way to many occupants, with its encoding cached per protocol.
 pub struct Delivery {
@@ -98,7 +103,8 @@ impl std::fmt::Debug for Delivery {
 }
 
 /// What a room answers one occupant about one of its requests (or, with no `re`, about itself).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "answer", rename_all = "snake_case")]
 pub enum RoomAnswer {
     /// The occupant entered: its view of the room, then the replayed messages, oldest first.
     Joined {
@@ -111,6 +117,7 @@ pub enum RoomAnswer {
         affiliation: Affiliation,
         /// More messages than the join limit followed `since`.
         truncated: bool,
+        #[serde(with = "replay")]
         replay: Vec<Arc<Delivery>>,
     },
     /// The occupant left.
@@ -122,8 +129,23 @@ pub enum RoomAnswer {
     Error { re: Option<RequestId>, room: RoomAddr, code: ErrorCode, message: String },
 }
 
+/// A join's replay serialized as its events (each side encodes them again for its protocols).
+mod replay {
+    use super::{Delivery, RoomEvent};
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::sync::Arc;
+
+    pub fn serialize<S: Serializer>(replay: &[Arc<Delivery>], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(replay.iter().map(|d| &d.event))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Arc<Delivery>>, D::Error> {
+        Ok(Vec::<RoomEvent>::deserialize(d)?.into_iter().map(Delivery::new).collect())
+    }
+}
+
 /// Where a room delivers: implemented by each front end's session (and so by the node link's
-/// virtual sessions, which are v1 sessions). Calls never block: a session queues, and a
+/// virtual sessions, whose wire is the link). Calls never block: a session queues, and a
 /// session whose queue is full disconnects itself (slow consumer).
 pub trait Occupant: Send + Sync {
     /// The session's id, unique per node process.

@@ -8,6 +8,12 @@
 //! Answers that rooms send themselves (a join's `joined` and replay, a post's ack) reach the
 //! session through its [`crate::session::Wire`], in room order.
 //!
+//! Operations on a room are [`RoomOp`]s. In a pair, one whose room the peer hosts is passed to
+//! the peer as it is ([`Remote::request`], over the node link) and served there by
+//! [`Gateway::serve`] for a stand-in of the session; the peer's answers and room events come
+//! back typed and reach the session's wire as if the room were here. So every front end
+//! reaches every room of the pair, and knows nothing of where it is.
+//!
 //! The gateway also keeps the node's table of live sessions (for `goaway` on failover, the
 //! admin's session list and kick) and whether the node takes logins at all.
 
@@ -20,6 +26,7 @@ use crate::room::{self, RoomError};
 use crate::session::{KillReason, Session, Wire};
 use crate::store::{NodeId, Store};
 use crate::auth::scram::{Credentials, Hash};
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -41,7 +48,7 @@ const ACCEPT_WAIT: Duration = Duration::from_secs(2);
 
 /// Rooms another node hosts, as a session reaches them (`crate::forward` over the node link of
 /// a pair). Defined here, where it is used, so the gateway needs no import of its
-/// implementation. Forwarding carries protocol v1 frames.
+/// implementation.
 pub trait Remote: Send + Sync {
     /// May a room hosted by `host` be forwarded now?
     fn can_forward(&self, host: &NodeId) -> bool;
@@ -49,14 +56,66 @@ pub trait Remote: Send + Sync {
     fn await_takeover<'a>(&'a self, host: &'a NodeId) -> futures_util::future::BoxFuture<'a, bool>;
     /// Does `session` use `room` on the other node?
     fn is_forwarded(&self, session: u64, room: &RoomAddr) -> bool;
-    /// Pass `frame` (a v1 client frame about `room`) of `session` to the other node.
-    fn forward(&self, session: &Session, room: &RoomAddr, frame: &str);
+    /// Serve `op` of `session` on the other node and wait for its outcome. Answers and events
+    /// of the room reach the session's wire meanwhile, in the room's order. Fails with
+    /// `unavailable` (never hangs) when the other node goes away or does not answer in time.
+    fn request<'a>(&'a self, session: &'a Arc<Session>, op: RoomOp) -> futures_util::future::BoxFuture<'a, Outcome<Reply>>;
     /// A session of this node ended.
     fn session_closed(&self, session: u64);
 }
 
+/// An operation on a room: what [`Gateway::serve`] does here and [`Remote::request`] asks of
+/// the room's host.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum RoomOp {
+    Create { room: RoomAddr, patch: RoomConfigPatch },
+    Join(JoinRequest),
+    Leave { re: RequestId, room: RoomAddr },
+    Send { re: RequestId, room: RoomAddr, body: String, cid: ClientMsgId },
+    History { room: RoomAddr, query: HistoryQuery },
+    Subject { room: RoomAddr, subject: String },
+    Configure { room: RoomAddr, patch: RoomConfigPatch },
+    Affiliate { room: RoomAddr, target: String, affiliation: Affiliation },
+    Kick { room: RoomAddr, nick: String, reason: Option<String> },
+    Destroy { room: RoomAddr, reason: Option<String> },
+    Archive { room: RoomAddr, query: ArchiveQuery },
+    AdminView { room: RoomAddr },
+}
+
+impl RoomOp {
+    /// The room it is about.
+    pub fn room(&self) -> &RoomAddr {
+        match self {
+            RoomOp::Join(j) => &j.room,
+            RoomOp::Create { room, .. }
+            | RoomOp::Leave { room, .. }
+            | RoomOp::Send { room, .. }
+            | RoomOp::History { room, .. }
+            | RoomOp::Subject { room, .. }
+            | RoomOp::Configure { room, .. }
+            | RoomOp::Affiliate { room, .. }
+            | RoomOp::Kick { room, .. }
+            | RoomOp::Destroy { room, .. }
+            | RoomOp::Archive { room, .. }
+            | RoomOp::AdminView { room } => room,
+        }
+    }
+}
+
+/// The outcome of a [`RoomOp`] that succeeded.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Reply {
+    /// Done; anything the client sees next comes from the room (`joined`, an ack).
+    Done,
+    History(HistoryPage),
+    Archive(ArchivePage),
+    AdminView(room::RoomAdminView),
+}
+
 /// Why a request failed: a documented error code and a message for the client.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Failure {
     pub code: ErrorCode,
     pub message: String,
@@ -93,7 +152,7 @@ fn fail<T>(code: ErrorCode, message: impl Into<String>) -> Outcome<T> {
 }
 
 /// Which messages a `history` request asks for.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct HistoryQuery {
     /// Only messages with a smaller seq.
     pub before: Option<u64>,
@@ -104,7 +163,7 @@ pub struct HistoryQuery {
 }
 
 /// A page of history, oldest first.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct HistoryPage {
     pub messages: Vec<ChatMessage>,
     /// There are more messages in the direction asked for.
@@ -121,7 +180,7 @@ pub struct RoomPage {
 }
 
 /// An archive search (XMPP MAM with RSM paging).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ArchiveQuery {
     /// Messages after the one with this id.
     pub after_id: Option<String>,
@@ -136,7 +195,7 @@ pub struct ArchiveQuery {
 }
 
 /// A page of an archive search, oldest first.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ArchivePage {
     pub messages: Vec<ChatMessage>,
     /// No more messages in the direction asked for.
@@ -154,7 +213,7 @@ pub struct RoomFacts {
 }
 
 /// A join request.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct JoinRequest {
     pub re: RequestId,
     pub room: RoomAddr,
@@ -483,6 +542,117 @@ impl Gateway {
         self.registry.lookup(room).ok_or_else(|| Failure::new(ErrorCode::Unavailable, gone))
     }
 
+    // --- room operations, here or on the room's host ----------------------------------------
+
+    /// Create a room owned by the session's user.
+    pub async fn create(&self, session: &Arc<Session>, room: &RoomAddr, patch: &RoomConfigPatch) -> Outcome<()> {
+        self.route(session, RoomOp::Create { room: room.clone(), patch: patch.clone() }).await.map(drop)
+    }
+
+    /// Enter a room. On success the room has queued `joined` and the replay on the session.
+    pub async fn join(&self, session: &Arc<Session>, join: JoinRequest) -> Outcome<()> {
+        self.route(session, RoomOp::Join(join)).await.map(drop)
+    }
+
+    /// Leave a room. On success the room has queued `left` on the session.
+    pub async fn leave(&self, session: &Arc<Session>, re: RequestId, room: &RoomAddr) -> Outcome<()> {
+        self.route(session, RoomOp::Leave { re, room: room.clone() }).await.map(drop)
+    }
+
+    /// Post a message. The room answers on the session after commit (an ack) or with an error.
+    pub async fn send(&self, session: &Arc<Session>, re: RequestId, room: &RoomAddr, body: String, cid: ClientMsgId) -> Outcome<()> {
+        self.route(session, RoomOp::Send { re, room: room.clone(), body, cid }).await.map(drop)
+    }
+
+    /// Read a room's history (members and occupants, as the room's config says).
+    pub async fn history(&self, session: &Arc<Session>, room: &RoomAddr, query: HistoryQuery) -> Outcome<HistoryPage> {
+        match self.route(session, RoomOp::History { room: room.clone(), query }).await? {
+            Reply::History(page) => Ok(page),
+            other => Err(mismatched(other)),
+        }
+    }
+
+    pub async fn subject(&self, session: &Arc<Session>, room: &RoomAddr, subject: String) -> Outcome<()> {
+        self.route(session, RoomOp::Subject { room: room.clone(), subject }).await.map(drop)
+    }
+
+    pub async fn configure(&self, session: &Arc<Session>, room: &RoomAddr, patch: RoomConfigPatch) -> Outcome<()> {
+        self.route(session, RoomOp::Configure { room: room.clone(), patch }).await.map(drop)
+    }
+
+    pub async fn affiliate(&self, session: &Arc<Session>, room: &RoomAddr, target: String, affiliation: Affiliation) -> Outcome<()> {
+        self.route(session, RoomOp::Affiliate { room: room.clone(), target, affiliation }).await.map(drop)
+    }
+
+    pub async fn kick(&self, session: &Arc<Session>, room: &RoomAddr, nick: String, reason: Option<String>) -> Outcome<()> {
+        self.route(session, RoomOp::Kick { room: room.clone(), nick, reason }).await.map(drop)
+    }
+
+    pub async fn destroy(&self, session: &Arc<Session>, room: &RoomAddr, reason: Option<String>) -> Outcome<()> {
+        self.route(session, RoomOp::Destroy { room: room.clone(), reason }).await.map(drop)
+    }
+
+    /// Search a room's archive (XMPP MAM over RSM): messages after or before one named by its
+    /// unique id, within a time range, of one nick. Readers as for `history`.
+    pub async fn archive(&self, session: &Arc<Session>, room: &RoomAddr, query: ArchiveQuery) -> Outcome<ArchivePage> {
+        match self.route(session, RoomOp::Archive { room: room.clone(), query }).await? {
+            Reply::Archive(page) => Ok(page),
+            other => Err(mismatched(other)),
+        }
+    }
+
+    /// The room's whole configuration and affiliations, for its owners and admins.
+    pub async fn admin_view(&self, session: &Arc<Session>, room: &RoomAddr) -> Outcome<room::RoomAdminView> {
+        match self.route(session, RoomOp::AdminView { room: room.clone() }).await? {
+            Reply::AdminView(view) => Ok(view),
+            other => Err(mismatched(other)),
+        }
+    }
+
+    /// Serve `op` here, or on the node that hosts its room: a room this session already uses
+    /// there goes straight over the link; a room found to be hosted there is forwarded; a room
+    /// whose host cannot serve it now waits for this node to take it over, and is tried again.
+    async fn route(&self, session: &Arc<Session>, op: RoomOp) -> Outcome<Reply> {
+        let Some(remote) = self.forwarder() else { return self.serve(session, op).await };
+        if remote.is_forwarded(session.id, op.room()) {
+            return remote.request(session, op).await;
+        }
+        // Kept for a second try, except a post: its room must be joined first, here or (above)
+        // on the host, so it never learns of the host from its own failure.
+        let again = (!matches!(op, RoomOp::Send { .. })).then(|| op.clone());
+        let result = self.serve(session, op).await;
+        let (Err(Failure { hosted_by: Some(host), .. }), Some(op)) = (&result, again) else { return result };
+        if remote.can_forward(host) {
+            return remote.request(session, op).await;
+        }
+        // The host looks down: rather than have every client of it retry, wait.
+        if remote.await_takeover(host).await {
+            return self.serve(session, op).await;
+        }
+        result
+    }
+
+    /// Serve `op` on this node, never forwarding it: the node link's requests from the peer
+    /// come here (a room that moved meanwhile gets its `hosted_by` failure, not a loop).
+    pub async fn serve(&self, session: &Arc<Session>, op: RoomOp) -> Outcome<Reply> {
+        match op {
+            RoomOp::Create { room, patch } => self.create_here(session, &room, &patch).await.map(|()| Reply::Done),
+            RoomOp::Join(join) => self.join_here(session, join).await.map(|()| Reply::Done),
+            RoomOp::Leave { re, room } => self.leave_here(session, re, &room).await.map(|()| Reply::Done),
+            RoomOp::Send { re, room, body, cid } => self.send_here(session, re, &room, body, cid).await.map(|()| Reply::Done),
+            RoomOp::History { room, query } => self.history_here(session, &room, query).await.map(Reply::History),
+            RoomOp::Subject { room, subject } => self.subject_here(session, &room, subject).await.map(|()| Reply::Done),
+            RoomOp::Configure { room, patch } => self.configure_here(session, &room, patch).await.map(|()| Reply::Done),
+            RoomOp::Affiliate { room, target, affiliation } => {
+                self.affiliate_here(session, &room, target, affiliation).await.map(|()| Reply::Done)
+            }
+            RoomOp::Kick { room, nick, reason } => self.kick_here(session, &room, nick, reason).await.map(|()| Reply::Done),
+            RoomOp::Destroy { room, reason } => self.destroy_here(session, &room, reason).await.map(|()| Reply::Done),
+            RoomOp::Archive { room, query } => self.archive_here(session, &room, query).await.map(Reply::Archive),
+            RoomOp::AdminView { room } => self.admin_view_here(session, &room).await.map(Reply::AdminView),
+        }
+    }
+
     // --- operations -------------------------------------------------------------------------
 
     /// Log in with a password, a session token, or as a guest (no credentials), from `address`.
@@ -561,7 +731,7 @@ impl Gateway {
     }
 
     /// Create a room owned by the session's user.
-    pub async fn create(&self, session: &Session, room: &RoomAddr, patch: &RoomConfigPatch) -> Outcome<()> {
+    async fn create_here(&self, session: &Session, room: &RoomAddr, patch: &RoomConfigPatch) -> Outcome<()> {
         self.check_room(room)?;
         self.check_config(patch)?;
         let user = &session.user;
@@ -578,7 +748,7 @@ impl Gateway {
     }
 
     /// Enter a room. On success the room has queued `joined` and the replay on the session.
-    pub async fn join(&self, session: &Arc<Session>, join: JoinRequest) -> Outcome<()> {
+    async fn join_here(&self, session: &Arc<Session>, join: JoinRequest) -> Outcome<()> {
         let JoinRequest { re, room, nick, since, password } = join;
         self.check_room(&room)?;
         self.check_nick(&nick)?;
@@ -595,7 +765,7 @@ impl Gateway {
     }
 
     /// Leave a room. On success the room has queued `left` on the session.
-    pub async fn leave(&self, session: &Session, re: RequestId, room: &RoomAddr) -> Outcome<()> {
+    async fn leave_here(&self, session: &Session, re: RequestId, room: &RoomAddr) -> Outcome<()> {
         self.check_room(room)?;
         let addr = self.occupied(session, room, "not in this room", "room unavailable; retry")?;
         addr.send(room::Leave { session: session.id, re: Some(re) })
@@ -605,7 +775,7 @@ impl Gateway {
     }
 
     /// Post a message. The room answers on the session after commit (an ack) or with an error.
-    pub async fn send(&self, session: &Session, re: RequestId, room: &RoomAddr, body: String, cid: ClientMsgId) -> Outcome<()> {
+    async fn send_here(&self, session: &Session, re: RequestId, room: &RoomAddr, body: String, cid: ClientMsgId) -> Outcome<()> {
         self.check_room(room)?;
         let limits = &self.settings.limits;
         if body.len() > limits.max_body_bytes {
@@ -625,7 +795,7 @@ impl Gateway {
     }
 
     /// Read a room's history (members and occupants, as the room's config says).
-    pub async fn history(&self, session: &Session, room: &RoomAddr, query: HistoryQuery) -> Outcome<HistoryPage> {
+    async fn history_here(&self, session: &Session, room: &RoomAddr, query: HistoryQuery) -> Outcome<HistoryPage> {
         self.check_room(room)?;
         let HistoryQuery { before, after, limit } = query;
         check_seq("before", before)?;
@@ -658,7 +828,7 @@ impl Gateway {
         Ok(HistoryPage { messages, truncated, newest_first })
     }
 
-    pub async fn subject(&self, session: &Session, room: &RoomAddr, subject: String) -> Outcome<()> {
+    async fn subject_here(&self, session: &Session, room: &RoomAddr, subject: String) -> Outcome<()> {
         self.check_room(room)?;
         self.check_text("subject", &subject)?;
         let msg = room::SetSubject { session: session.id, user: session.user.clone(), subject };
@@ -666,14 +836,14 @@ impl Gateway {
         Ok(())
     }
 
-    pub async fn configure(&self, session: &Session, room: &RoomAddr, patch: RoomConfigPatch) -> Outcome<()> {
+    async fn configure_here(&self, session: &Session, room: &RoomAddr, patch: RoomConfigPatch) -> Outcome<()> {
         self.check_room(room)?;
         self.check_config(&patch)?;
         self.registry.call(room, room::Configure { user: session.user.clone(), patch }).await.and_then(|r| r)?;
         Ok(())
     }
 
-    pub async fn affiliate(&self, session: &Session, room: &RoomAddr, target: String, affiliation: Affiliation) -> Outcome<()> {
+    async fn affiliate_here(&self, session: &Session, room: &RoomAddr, target: String, affiliation: Affiliation) -> Outcome<()> {
         self.check_room(room)?;
         crate::auth::validate_user_ref(&target).map_err(|e| Failure::new(ErrorCode::BadRequest, e.to_string()))?;
         let msg = room::Affiliate { user: session.user.clone(), target, affiliation };
@@ -681,7 +851,7 @@ impl Gateway {
         Ok(())
     }
 
-    pub async fn kick(&self, session: &Session, room: &RoomAddr, nick: String, reason: Option<String>) -> Outcome<()> {
+    async fn kick_here(&self, session: &Session, room: &RoomAddr, nick: String, reason: Option<String>) -> Outcome<()> {
         self.check_room(room)?;
         if let Some(r) = &reason {
             self.check_text("reason", r)?;
@@ -690,7 +860,7 @@ impl Gateway {
         Ok(())
     }
 
-    pub async fn destroy(&self, session: &Session, room: &RoomAddr, reason: Option<String>) -> Outcome<()> {
+    async fn destroy_here(&self, session: &Session, room: &RoomAddr, reason: Option<String>) -> Outcome<()> {
         self.check_room(room)?;
         if let Some(r) = &reason {
             self.check_text("reason", r)?;
@@ -702,7 +872,7 @@ impl Gateway {
 
     /// Search a room's archive (XMPP MAM over RSM): messages after or before one named by its
     /// unique id, within a time range, of one nick. Readers as for `history`.
-    pub async fn archive(&self, session: &Session, room: &RoomAddr, query: ArchiveQuery) -> Outcome<ArchivePage> {
+    async fn archive_here(&self, session: &Session, room: &RoomAddr, query: ArchiveQuery) -> Outcome<ArchivePage> {
         self.check_room(room)?;
         let room_id = self.registry.call(room, room::CheckRead { session: session.id, user: session.user.clone() }).await.and_then(|r| r)?;
         let store_err = |e: crate::store::StoreError| Failure::from(RoomError::from(e));
@@ -739,7 +909,7 @@ impl Gateway {
     }
 
     /// The room's whole configuration and affiliations, for its owners and admins.
-    pub async fn admin_view(&self, session: &Session, room: &RoomAddr) -> Outcome<room::RoomAdminView> {
+    async fn admin_view_here(&self, session: &Session, room: &RoomAddr) -> Outcome<room::RoomAdminView> {
         self.check_room(room)?;
         Ok(self.registry.call(room, room::AdminView { user: session.user.clone() }).await.and_then(|r| r)?)
     }
@@ -770,6 +940,12 @@ impl Gateway {
         rooms.truncate(limit as usize);
         Ok(RoomPage { rooms, truncated })
     }
+}
+
+/// A reply of the wrong kind for its request (a peer of another version, say).
+fn mismatched(reply: Reply) -> Failure {
+    tracing::error!(?reply, "a reply of the wrong kind for its request");
+    Failure::new(ErrorCode::Internal, "internal error")
 }
 
 /// Sequence numbers are stored as signed 64-bit integers: larger cursors are refused rather

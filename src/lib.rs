@@ -36,9 +36,9 @@
 //!   subject, configure, affiliate, kick, destroy, list): validation, budgets, typed results and
 //!   documented error codes; the node's table of live sessions and whether it takes logins.
 //! - [`v1`]: protocol v1, the JSON codec over the gateway: a connection's frames, its request
-//!   budget, paging answers by size, forwarding v1 frames of the peer's rooms; `V1Wire` encodes
-//!   room events once per event.
-//! - [`forward`]: room operations of a client on one node served by its peer, over the node link.
+//!   budget, paging answers by size; `V1Wire` encodes room events once per event.
+//! - [`forward`]: room operations (`gateway::RoomOp`) of a session on one node served by its
+//!   peer for a stand-in session, over the node link; answers and events come back typed.
 //! - [`session`]: a logged-in session of any protocol as rooms see it (it implements
 //!   `event::Occupant`): the rooms it is in, how it ended, and its front end's `Wire`.
 //! - [`registry`]: room address → room actor; activation, passivation, spreading over arbiters;

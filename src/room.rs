@@ -1068,7 +1068,7 @@ pub struct AdminView {
 }
 
 /// The answer to [`AdminView`].
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct RoomAdminView {
     pub config: RoomConfig,
     /// Every user with an affiliation other than none, by name.

@@ -47,9 +47,6 @@ pub trait Wire: Send + Sync {
     fn answer(&self, answer: RoomAnswer) -> Queued;
     /// The node stops serving this session: where to go (a client address), and why.
     fn goaway(&self, reason: &str, to: Option<&str>) -> Queued;
-    /// A protocol v1 frame that the peer node sent for this session (rooms it serves over the
-    /// node link, `crate::forward`).
-    fn forwarded(&self, frame: String) -> Queued;
 }
 
 /// A connected, logged-in session. Shared (`Arc`) between its connection, the gateway's
@@ -59,16 +56,16 @@ pub struct Session {
     pub id: u64,
     /// The logged-in user name.
     pub user: String,
-    /// The client's address (its rooms created count against it); none for the peer's
-    /// forwarded sessions.
+    /// The client's address (its rooms created count against it); none for the stand-ins of
+    /// the peer's sessions (`crate::forward`).
     pub address: Option<std::net::IpAddr>,
     wire: Box<dyn Wire>,
     kill: CancellationToken,
     killed_for: Mutex<Option<KillReason>>,
     /// Rooms this session occupies, kept by the rooms themselves (join, leave, kick, destroy).
     rooms: Mutex<HashSet<RoomAddr>>,
-    /// The SHA-256 of the session token it logged in with (none for sessions forwarded by the
-    /// peer), so an administrator can end the connections of one stored session.
+    /// The SHA-256 of the session token it logged in with (none for the stand-ins of the
+    /// peer's sessions), so an administrator can end the connections of one stored session.
     token_hash: Option<String>,
 }
 
@@ -120,11 +117,6 @@ impl Session {
     /// Tell the session to go elsewhere (`goaway` in v1); the caller closes it shortly after.
     pub fn goaway(&self, reason: &str, to: Option<&str>) {
         self.queued(self.wire.goaway(reason, to));
-    }
-
-    /// Queue a v1 frame that the peer sent for this session.
-    pub fn forwarded(&self, frame: String) {
-        self.queued(self.wire.forwarded(frame));
     }
 
     /// Disconnect this session.

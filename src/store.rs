@@ -24,7 +24,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 /// A node's id (`node.id`), as recorded in `home_node` / `host_node`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
 pub struct NodeId(pub String);
 
 impl fmt::Display for NodeId {

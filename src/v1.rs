@@ -1,11 +1,11 @@
 //! Protocol v1 (docs/protocol.md): the JSON codec over the [`Gateway`].
 //!
-//! One [`Connection`] per WebSocket connection (and per session the peer forwards over the node
-//! link) reads client frames, calls the gateway operation each names, and writes the answer;
-//! [`V1Wire`] is the session's v1 side, encoding room events and answers into server frames on
-//! the connection's one bounded queue. The codec owns only what is v1's: frame parsing, the
-//! request budget of the connection, failed logins per connection, paging answers by their
-//! JSON size, and forwarding v1 frames of rooms the peer hosts.
+//! One [`Connection`] per WebSocket connection reads client frames, calls the gateway operation
+//! each names, and writes the answer; [`V1Wire`] is the session's v1 side, encoding room events
+//! and answers into server frames on the connection's one bounded queue. The codec owns only
+//! what is v1's: frame parsing, the request budget of the connection, failed logins per
+//! connection, and paging answers by their JSON size. Rooms the peer hosts are the gateway's
+//! business (it forwards their operations), not the codec's.
 
 use crate::event::{ChatMessage, Delivery, Protocol, RoomAnswer, RoomEvent};
 use crate::gateway::{Failure, Gateway, HistoryQuery, JoinRequest, Outcome, TokenBucket};
@@ -91,10 +91,6 @@ impl Wire for V1Wire {
     fn goaway(&self, reason: &str, to: Option<&str>) -> Queued {
         send(&self.outbound, &ServerFrame::Goaway { reason: reason.to_owned(), to: to.map(str::to_owned) })
     }
-
-    fn forwarded(&self, frame: String) -> Queued {
-        queue(&self.outbound, Utf8Bytes::from(frame))
-    }
 }
 
 /// The v1 frame of a delivery, serialized once per delivery however many sessions get it.
@@ -163,9 +159,7 @@ pub struct Connection {
     session: Option<Arc<Session>>,
     bucket: TokenBucket,
     failed_logins: u32,
-    /// This connection has forwarded a room request to the peer (so later frames may have to).
-    forwards: bool,
-    /// The client's address, for login throttling (none for the peer's forwarded sessions).
+    /// The client's address, for login throttling.
     address: Option<std::net::IpAddr>,
 }
 
@@ -173,22 +167,13 @@ impl Connection {
     /// A connection writing its frames to `outbound`; `kill` ends it.
     pub fn new(gateway: Arc<Gateway>, outbound: mpsc::Sender<Outbound>, kill: CancellationToken) -> Self {
         let bucket = gateway.request_bucket();
-        Connection { gateway, outbound, kill, session: None, bucket, failed_logins: 0, forwards: false, address: None }
+        Connection { gateway, outbound, kill, session: None, bucket, failed_logins: 0, address: None }
     }
 
     /// The client connects from `address` (its failed logins count against it).
     pub fn from_address(mut self, address: std::net::IpAddr) -> Self {
         self.address = Some(address);
         self
-    }
-
-    /// A connection already logged in as `user`: the peer's session whose room operations this
-    /// node serves over the node link (the link is authenticated; the peer did the login).
-    pub fn trusted(gateway: Arc<Gateway>, outbound: mpsc::Sender<Outbound>, kill: CancellationToken, user: String) -> Self {
-        let mut conn = Connection::new(gateway, outbound, kill);
-        let wire = V1Wire::new(conn.outbound.clone());
-        conn.session = Some(conn.gateway.open_session(user, None, None, wire, conn.kill.clone()));
-        conn
     }
 
     /// The logged-in session, if any.
@@ -230,14 +215,7 @@ impl Connection {
             }
             other => match self.session.clone() {
                 None => Err(Failure::new(ErrorCode::Unauthorized, "send `hello` first")),
-                Some(session) => match self.gateway.forwarder() {
-                    // A room this session already uses on the peer: straight over the link.
-                    Some(f) if self.forwards && other.room().is_some_and(|room| f.is_forwarded(session.id, room)) => {
-                        f.forward(&session, other.room().expect("checked above"), text);
-                        Ok(None)
-                    }
-                    _ => self.request_or_forward(&session, other, text).await,
-                },
+                Some(session) => self.request(&session, other).await,
             },
         };
         match answer {
@@ -276,28 +254,6 @@ impl Connection {
             peers: s.peer().map(|p| p.client.clone()).into_iter().collect(),
             re: id,
         }))
-    }
-
-    /// Serve `frame` here; if its room turns out to be hosted by the peer, forward it (or, when
-    /// the peer cannot serve it, wait for this node's takeover and try once more).
-    async fn request_or_forward(&mut self, session: &Arc<Session>, frame: ClientFrame, text: &str) -> Answer {
-        let answer = self.request(session, frame).await;
-        let Err(Failure { hosted_by: Some(host), .. }) = &answer else { return answer };
-        let host = host.clone();
-        // Rare path (a room hosted elsewhere): the frame is read again rather than cloned
-        // ahead of every request.
-        let (Some(f), Ok(again)) = (self.gateway.forwarder(), parse_client_frame(text)) else { return answer };
-        let Some(room) = again.room().cloned() else { return answer };
-        if f.can_forward(&host) {
-            f.forward(session, &room, text);
-            self.forwards = true;
-            return Ok(None);
-        }
-        // The host looks down: rather than have every client of it retry, wait.
-        if f.await_takeover(&host).await {
-            return self.request(session, again).await;
-        }
-        answer
     }
 
     async fn request(&mut self, session: &Arc<Session>, frame: ClientFrame) -> Answer {

@@ -62,8 +62,8 @@ pub async fn welcome_names_the_peer_and_tokens_work_across_the_group(db: &TestDb
         name: "pair-1".into(),
         ha: false,
         nodes: vec![
-            PeerSettings { id: "1a".into(), client: "ws://127.0.0.1:0/ws".into(), link: "127.0.0.1:1".into(), service: settings.node.service.clone() },
-            PeerSettings { id: "1b".into(), client: peer_url.into(), link: "127.0.0.1:2".into(), service: "conference-1b.localhost".into() },
+            PeerSettings { id: "1a".into(), client: "ws://127.0.0.1:0/ws".into(), link: "127.0.0.1:1".into(), service: settings.node.service.clone(), ..Default::default() },
+            PeerSettings { id: "1b".into(), client: peer_url.into(), link: "127.0.0.1:2".into(), service: "conference-1b.localhost".into(), ..Default::default() },
         ],
     }];
     let node = crate::harness::TestNode::start(settings).await;
@@ -96,6 +96,7 @@ pub fn pair_settings(db: &TestDb, me: &str, links: (u16, u16)) -> stoa::config::
         client: format!("ws://127.0.0.1:{}/ws", link + 1),
         link: format!("127.0.0.1:{link}"),
         service: format!("conference-{id}.localhost"),
+        xmpp: String::new(),
     };
     settings.cluster.groups =
         vec![GroupSettings { name: "pair-1".into(), ha: true, nodes: vec![node("1a", links.0), node("1b", links.1)] }];
@@ -181,6 +182,7 @@ pub async fn without_ha_a_down_nodes_rooms_are_unavailable_then_intact(db: &Test
             client: "ws://127.0.0.1:1/ws".into(),
             link: "127.0.0.1:1".into(),
             service: format!("conference-{id}.localhost"),
+            xmpp: String::new(),
         };
         s.cluster.groups = vec![GroupSettings { name: "pair-2".into(), ha: false, nodes: vec![node("2a"), node("2b")] }];
         s

@@ -84,24 +84,26 @@ enum LinkFrame {
     },
     /// The outcome of the sender's peer's `command` `id`, as the admin who asked should see it.
     CommandDone { id: u64, ok: bool, message: String },
-    /// A client frame from a session on the sender, for a room the receiver hosts.
-    Client { session: u64, user: String, frame: String },
+    /// A message from a session of `user` on the sender to the receiver, which hosts rooms it
+    /// uses (a room request: `crate::forward` defines `msg`).
+    ToHost { session: u64, user: String, msg: String },
     /// That session ended on the sender.
-    ClientGone { session: u64 },
-    /// A server frame for a session on the receiver (answers and events of forwarded rooms).
-    ToClient { session: u64, frame: String },
+    SessionGone { session: u64 },
+    /// A message for a session on the receiver (replies, answers and events of the rooms the
+    /// sender hosts for it).
+    ToSession { session: u64, msg: String },
 }
 
 /// What a node does with what its peer sends it over the link.
 pub trait Inbound: Send + Sync + 'static {
     /// An admin request from the peer; its outcome goes back with [`Link::answer`] and `id`.
     fn command(&self, id: u64, command: PeerCommand);
-    /// A client frame from session `session` of `user` on the peer.
-    fn client(&self, session: u64, user: String, frame: String);
+    /// A message from session `session` of `user` on the peer.
+    fn to_host(&self, session: u64, user: String, msg: String);
     /// Session `session` on the peer ended.
-    fn client_gone(&self, session: u64);
-    /// A frame for this node's session `session`.
-    fn to_client(&self, session: u64, frame: String);
+    fn session_gone(&self, session: u64);
+    /// A message for this node's session `session`.
+    fn to_session(&self, session: u64, msg: String);
     /// The peer's link connection closed (it died, restarted, or the network broke).
     fn peer_lost(&self);
 }
@@ -299,19 +301,20 @@ impl Link {
         let _ = self.outbox.send(LinkFrame::CommandDone { id, ok, message });
     }
 
-    /// Pass a client frame of this node's session to the peer, which hosts its room.
-    pub fn forward_client(&self, session: u64, user: &str, frame: &str) {
-        let _ = self.outbox.send(LinkFrame::Client { session, user: user.to_owned(), frame: frame.to_owned() });
+    /// Pass a message of this node's session `session` of `user` to the peer, which hosts
+    /// rooms it uses.
+    pub fn to_host(&self, session: u64, user: &str, msg: String) {
+        let _ = self.outbox.send(LinkFrame::ToHost { session, user: user.to_owned(), msg });
     }
 
-    /// Tell the peer a session whose frames it served has ended.
-    pub fn client_gone(&self, session: u64) {
-        let _ = self.outbox.send(LinkFrame::ClientGone { session });
+    /// Tell the peer a session whose rooms it served has ended.
+    pub fn session_gone(&self, session: u64) {
+        let _ = self.outbox.send(LinkFrame::SessionGone { session });
     }
 
-    /// Send a server frame to the peer's session `session`.
-    pub fn to_client(&self, session: u64, frame: String) {
-        let _ = self.outbox.send(LinkFrame::ToClient { session, frame });
+    /// Send a message to the peer's session `session`.
+    pub fn to_session(&self, session: u64, msg: String) {
+        let _ = self.outbox.send(LinkFrame::ToSession { session, msg });
     }
 
     /// Whether the link to the peer is up in both directions as far as this node knows.
@@ -505,9 +508,9 @@ async fn serve(
                                 let _ = waiter.send(if ok { Ok(message) } else { Err(message) });
                             }
                         }
-                        Ok(LinkFrame::Client { session, user, frame }) => inbound.client(session, user, frame),
-                        Ok(LinkFrame::ClientGone { session }) => inbound.client_gone(session),
-                        Ok(LinkFrame::ToClient { session, frame }) => inbound.to_client(session, frame),
+                        Ok(LinkFrame::ToHost { session, user, msg }) => inbound.to_host(session, user, msg),
+                        Ok(LinkFrame::SessionGone { session }) => inbound.session_gone(session),
+                        Ok(LinkFrame::ToSession { session, msg }) => inbound.to_session(session, msg),
                         Ok(LinkFrame::Challenge { .. } | LinkFrame::LinkHello { .. } | LinkFrame::LinkWelcome { .. }) | Err(_) => {
                             tracing::warn!(peer = %config.peer_id, "unexpected node-link frame")
                         }

@@ -541,7 +541,7 @@ pub(super) async fn run<C: Channel>(channel: C, peer: SocketAddr, bound: Bound, 
             let kill = CancellationToken::new();
             let jid = format!("{}@{domain}/{resource}", logged_in.user);
             let state = XmppState::new(jid, domain.clone(), tx);
-            let wire = Box::new(XmppWire { state: state.clone() });
+            let wire = Box::new(XmppWire { state: state.clone(), settings: gateway.settings.clone() });
             let hash = crate::auth::token_hash(&logged_in.token);
             let session = gateway.open_session(logged_in.user.clone(), Some(hash), Some(peer.ip()), wire, kill.clone());
             tracing::debug!(session = session.id, jid = %state.jid, "xmpp session bound");

@@ -182,6 +182,8 @@ impl XmppState {
 /// The XMPP side of a session.
 pub struct XmppWire {
     pub state: Arc<XmppState>,
+    /// The node's settings: the topology names where `see-other-host` sends a client.
+    pub settings: Arc<crate::config::Settings>,
 }
 
 /// An occupant's XEP-0421 id: stable per user and room, reveals neither.
@@ -453,19 +455,18 @@ impl Wire for XmppWire {
     }
 
     fn goaway(&self, reason: &str, to: Option<&str>) -> Queued {
-        // RFC 6120 §4.9.3.19: the client reconnects to the named host. `to` is the peer's v1
-        // client URL; its host is the peer's, and the client keeps its own XMPP port.
-        let host = to.map(|to| url::Url::parse(to).ok().and_then(|u| u.host_str().map(str::to_owned)).unwrap_or_else(|| to.to_owned()));
+        // RFC 6120 §4.9.3.19: the client reconnects to the named host (and port). `to` is a
+        // node's v1 client URL: its XMPP address where the topology gives one, else its host
+        // (the client keeps its own XMPP port).
+        let host = to.map(|to| match self.settings.xmpp_address_of(to) {
+            Some(xmpp) => xmpp.to_owned(),
+            None => url::Url::parse(to).ok().and_then(|u| u.host_str().map(str::to_owned)).unwrap_or_else(|| to.to_owned()),
+        });
         let (cond, text) = match host {
             Some(host) => (format!("<see-other-host xmlns='{}'>{}</see-other-host>", ns::STREAM_ERRORS, escape(&host)), reason),
             None => (format!("<system-shutdown xmlns='{}'/>", ns::STREAM_ERRORS), reason),
         };
         self.state.end(Some(format!("<stream:error>{cond}<text xmlns='{}'>{}</text></stream:error>", ns::STREAM_ERRORS, escape(text))));
-        Queued::Yes
-    }
-
-    fn forwarded(&self, _frame: String) -> Queued {
-        // The node link carries v1 frames; XMPP sessions use no room of the peer.
         Queued::Yes
     }
 }

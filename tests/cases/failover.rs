@@ -52,9 +52,10 @@ impl Pair {
                 _ => ports[i].link,
             };
             format!(
-                "[[cluster.groups.nodes]]\nid = \"{id}\"\nclient = \"ws://127.0.0.1:{c}/ws\"\nlink = \"127.0.0.1:{link}\"\nservice = \"conference-{id}.localhost\"\n",
+                "[[cluster.groups.nodes]]\nid = \"{id}\"\nclient = \"ws://127.0.0.1:{c}/ws\"\nlink = \"127.0.0.1:{link}\"\nservice = \"conference-{id}.localhost\"\nxmpp = \"127.0.0.1:{x}\"\n",
                 id = IDS[i],
                 c = ports[i].client,
+                x = ports[i].xmpp,
             )
         };
         let configs = [0, 1].map(|me| {
@@ -616,6 +617,83 @@ pub async fn clients_on_the_peer_use_rooms_over_the_link(db: &TestDb) {
     history.views.extend(b.views);
     history.abandoned += b.abandoned;
     check_history(db, &rooms, &history).await;
+}
+
+/// Forwarding is the gateway's, not a protocol's: an XMPP client on 1b joins a room hosted by
+/// 1a and chats with a v1 client on 1a, in one order, reads the archive (MAM) through 1b, and
+/// leaves; the room never moves. Then 1a is failed over: XMPP sessions get `see-other-host`
+/// naming 1b's XMPP address with its port.
+pub async fn xmpp_clients_on_the_peer_use_rooms_over_the_link(db: &TestDb) {
+    use crate::cases::xmpp::XmppClient;
+    let mut pair = start_pair(db).await;
+    let room = create_rooms(&pair, 1).await.remove(0);
+    let mut ann = XmppClient::connect(pair.xmpp(1), "guest", None).await;
+    let joined = ann.join(&room, "Ann", json!({})).await;
+    assert_eq!(joined["event"], "joined", "an XMPP client on 1b joins a room of 1a: {joined}");
+    assert_eq!(joined["occupants"], json!(["Ann"]), "{joined}");
+
+    let (bob, _) = Client::connect(&pair.url(0), Login::guest("bob")).await.expect("bob on 1a");
+    let j = bob.join(room.as_str(), "Bob", None, None).await.expect("bob joins on 1a");
+    assert!(j.occupants.iter().any(|o| o.nick == "Ann"), "Bob sees Ann, who is on 1b: {:?}", j.occupants);
+    let p = ann.event("Bob's presence, over the link", |e| e["event"] == "presence" && e["nick"] == "Bob").await;
+    assert_eq!(p["type"], "available", "{p}");
+
+    let ack = bob.send(room.as_str(), "hello from 1a", stoa::protocol::ClientMsgId("b1".into())).await.expect("bob sends");
+    let m = ann.groupchat("hello from 1a").await;
+    assert_eq!(m["nick"], "Bob", "{m}");
+    ann.command(json!({"op": "send", "room": room, "body": "hello from 1b", "origin_id": "ann-1"})).await;
+    let reflected = ann.groupchat("hello from 1b").await;
+    assert_eq!(reflected["origin_id"], "ann-1", "{reflected}");
+    let seen = loop {
+        match tokio::time::timeout(Duration::from_secs(10), bob.next_event()).await.expect("bob sees Ann's message in 10 s") {
+            Some(stoa::client::ClientEvent::Message(m)) if m.body == "hello from 1b" => break m,
+            Some(_) => continue,
+            None => panic!("bob's events ended"),
+        }
+    };
+    assert_eq!(seen.seq, ack.seq + 1, "one order for both sides");
+    assert_eq!(seen.cid, "ann-1", "origin-id is the cid, across the link");
+    let stored = db.stored_messages(&room).await;
+    assert_eq!(stored.len(), 2, "{stored:?}");
+    assert_eq!(Some(stored[0].id.as_str()), m["stanza_id"].as_str(), "stanza-id is the stored id");
+    assert_eq!(Some(stored[1].id.as_str()), reflected["stanza_id"].as_str());
+
+    // The archive, read through 1b.
+    ann.command(json!({"op": "mam", "room": room, "max": 10})).await;
+    let archive = ann.event("the archive through the link", |e| e["event"] == "mam" || e["event"] == "iq_error").await;
+    let bodies: Vec<&str> = archive["results"].as_array().expect("MAM results").iter().map(|r| r["body"].as_str().unwrap()).collect();
+    assert_eq!(bodies, ["hello from 1a", "hello from 1b"], "{archive}");
+    assert_eq!(hosted(db, "1b").await, 0, "forwarding must not move rooms");
+
+    // Leaving over the link: Bob sees Ann go.
+    ann.command(json!({"op": "leave", "room": room, "nick": "Ann"})).await;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), bob.next_event()).await.expect("bob sees Ann leave in 10 s") {
+            Some(stoa::client::ClientEvent::Presence { nick, status, .. }) if nick == "Ann" && status == "left" => break,
+            Some(_) => continue,
+            None => panic!("bob's events ended"),
+        }
+    }
+
+    // In the room again, with Carl on 1a. 1a is failed over: Carl is sent to 1b's XMPP
+    // address, host and port (the topology's `xmpp`); Ann, whose room was 1a's, is told to come
+    // back to 1b, where the room is local now. Neither is left in a room that went away.
+    assert_eq!(ann.join(&room, "Ann", json!({})).await["event"], "joined");
+    bob.close().await;
+    let mut carl = XmppClient::connect(pair.xmpp(0), "guest", None).await;
+    let answer = pair.call(0, "POST", "/api/nodes/1a/failover").await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let to_1b = format!("127.0.0.1:{}", pair.xmpp(1).port());
+    for (who, client) in [("Carl on 1a", &mut carl), ("Ann on 1b", &mut ann)] {
+        let end = client.event(&format!("{who}'s end of stream"), |e| e["event"] == "disconnected" || e["event"] == "stream_error").await;
+        assert_eq!(end["event"], "stream_error", "{who} is told, not just cut: {end}");
+        assert_eq!(end["condition"], "see-other-host", "{who}: {end}");
+        assert_eq!(end["see_other_host"], to_1b.as_str(), "{who}: {end}");
+    }
+    carl.quit().await;
+    ann.quit().await;
+    pair.kill(0);
+    pair.kill(1);
 }
 
 /// Issue 9, bug 2: after kill -9 of 1a, `stoa admin status` on 1b shows 1a as `unknown` with
