@@ -92,8 +92,15 @@ fn guest_name(asked: &str) -> String {
 }
 
 /// Check a user name as a request may name someone (an affiliation's target): a registered
-/// name, or a guest's `name~suffix`.
+/// name, a guest's `name~suffix`, or a user of another XMPP server by its bare JID
+/// (`user@example.com`: occupants that reach Stoa through a server it is a component of).
 pub fn validate_user_ref(name: &str) -> Result<(), AuthError> {
+    if name.contains('@') {
+        return match xmpp_parsers::jid::BareJid::new(name) {
+            Ok(jid) if jid.node().is_some() && jid.as_str() == name => Ok(()),
+            _ => Err(AuthError::InvalidName(format!("`{name}` is no bare JID (user@domain) of another server's user"))),
+        };
+    }
     match name.split_once('~') {
         Some((asked, suffix))
             if suffix.chars().count() == GUEST_SUFFIX_CHARS && suffix.chars().all(|c| c.is_ascii_alphanumeric()) =>

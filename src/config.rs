@@ -71,11 +71,49 @@ pub struct XmppSettings {
     /// How long a session that enabled stream management resumption (XEP-0198) waits for
     /// its client after the connection drops.
     pub resume_timeout_s: u64,
+    /// Serve the rooms as an external component (XEP-0114) of another XMPP server.
+    pub component: Option<ComponentSettings>,
 }
 
 impl Default for XmppSettings {
     fn default() -> Self {
-        XmppSettings { domain: "localhost".into(), c2s: None, c2s_insecure: false, max_stanza_bytes: 256 * 1024, max_depth: 32, resume_timeout_s: 300 }
+        XmppSettings {
+            domain: "localhost".into(),
+            c2s: None,
+            c2s_insecure: false,
+            max_stanza_bytes: 256 * 1024,
+            max_depth: 32,
+            resume_timeout_s: 300,
+            component: None,
+        }
+    }
+}
+
+/// Stoa as the MUC service of an existing XMPP server (Prosody, ejabberd): an external
+/// component (XEP-0114) that the server's users, and federated servers' users, reach at
+/// `domain` (docs/xmpp.md, "Stoa behind Prosody / ejabberd").
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ComponentSettings {
+    /// The server's component port (`host:port`, e.g. `127.0.0.1:5347`).
+    pub server: String,
+    /// The component's domain: this node's room service (`node.service`), which is what the
+    /// server must route to Stoa. Empty: `node.service`.
+    pub domain: String,
+    /// The component secret the server was given for `domain`.
+    pub secret: String,
+    /// A file holding `secret` (first line), instead of `secret`.
+    pub secret_file: Option<PathBuf>,
+    /// Allow a `server` off loopback: the component protocol is plaintext (the secret itself
+    /// never travels, only a SHA-1 of it with the stream id, but every stanza does).
+    pub insecure: bool,
+}
+
+impl ComponentSettings {
+    /// `server` is a loopback address (`127.0.0.0/8`, `::1`, `localhost`).
+    pub fn server_is_loopback(&self) -> bool {
+        let host = self.server.rsplit_once(':').map_or(self.server.as_str(), |(h, _)| h).trim_matches(['[', ']']);
+        host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
     }
 }
 
@@ -531,6 +569,9 @@ impl Settings {
                 resolve(var, path);
             }
         }
+        if let Some(path) = self.xmpp.component.as_mut().and_then(|c| c.secret_file.as_mut()) {
+            resolve("STOA__XMPP__COMPONENT__SECRET_FILE", path);
+        }
         if !from_env("STOA__STORE__URL") {
             self.store.url = resolve_sqlite_url(base, &self.store.url);
         }
@@ -595,6 +636,14 @@ impl Settings {
         if let Some(path) = &self.cluster.secret_file {
             self.cluster.secret = read(path)?;
         }
+        if let Some(c) = &mut self.xmpp.component {
+            if let Some(path) = &c.secret_file {
+                c.secret = read(path)?;
+            }
+            if c.domain.is_empty() {
+                c.domain = self.node.service.clone();
+            }
+        }
         // An empty path (e.g. `STOA__TLS__CERT_FILE=`) means unset.
         for path in [&mut self.tls.cert_file, &mut self.tls.key_file, &mut self.tls.ca_file, &mut self.log.file] {
             if path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
@@ -655,6 +704,28 @@ impl Settings {
         }
         if self.node.service.is_empty() || self.node.service.contains('@') {
             return invalid("node.service must be a domain-like alias without '@'".into());
+        }
+        if let Some(c) = &self.xmpp.component {
+            let port_ok = c.server.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+            if !port_ok {
+                return invalid(format!("xmpp.component.server is `{}`, not host:port (the server's component port)", c.server));
+            }
+            if c.domain != self.node.service {
+                return invalid(format!(
+                    "xmpp.component.domain is `{}`, but rooms of this node are name@{}: the component's domain is node.service",
+                    c.domain, self.node.service
+                ));
+            }
+            if c.secret.is_empty() {
+                return invalid("xmpp.component needs secret or secret_file (the server's component_secret)".into());
+            }
+            if !c.insecure && !c.server_is_loopback() {
+                return invalid(format!(
+                    "xmpp.component.server {} is not on loopback and the component protocol is plaintext: \
+                     run Stoa beside the server, or set xmpp.component.insecure = true on a private network",
+                    c.server
+                ));
+            }
         }
         if self.committer.max_batch_rows == 0 || self.committer.max_in_flight == 0 {
             return invalid("committer.max_batch_rows and max_in_flight must be at least 1".into());

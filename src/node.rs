@@ -295,6 +295,8 @@ async fn run(settings: Settings, tls: Option<crate::tls::ServerTls>, shutdown: C
         let starttls = if tls.is_some() { ", STARTTLS" } else { "" };
         tracing::info!(%addr, "xmpp: clients at {addr} (c2s{starttls}) for the domain {}, rooms at {}", settings.xmpp.domain, settings.node.service);
     }
+    // Stoa as the MUC service of another XMPP server (its own task; it dials and redials).
+    let component = settings.xmpp.component.clone().map(|c| tokio::spawn(crate::xmpp::component::run(gateway.clone(), c, shutdown.clone())));
     let (ws, http) = if tls.is_some() { ("wss", "https") } else { ("ws", "http") };
     tracing::info!(%client_addr, %admin_addr, "listening: clients at {ws}://{client_addr}/ws, admin at {http}://{admin_addr}/");
     let _ = ready.send(Ok(Listening { client_addr, admin_addr, xmpp_addr }));
@@ -310,6 +312,9 @@ async fn run(settings: Settings, tls: Option<crate::tls::ServerTls>, shutdown: C
     crate::systemd::stopping("stopping: closing connections, draining commits");
     tracing::info!("shutting down: closing connections");
     let _ = clients.await;
+    if let Some(component) = component {
+        let _ = component.await;
+    }
     if let Some(xmpp) = xmpp {
         let _ = xmpp.await;
     }

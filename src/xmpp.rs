@@ -9,6 +9,8 @@
 //!   (disco, ping, MAM, owner and admin), MUC presence and groupchat messages;
 //! - [`websocket`]: XMPP over WebSocket (RFC 7395) at `/xmpp-websocket` on the client
 //!   listener, the same negotiation and session framed one element per message;
+//! - [`component`]: Stoa as an external component (XEP-0114) of another XMPP server (Prosody,
+//!   ejabberd): one link, each remote sender an occupant of its own over the same handler;
 //! - [`channel`]: what both run over (TCP or WebSocket), and how a stream ends;
 //! - [`forms`]: the room configuration form and affiliations of XEP-0045's owner and admin
 //!   use cases, in Stoa's terms;
@@ -23,6 +25,7 @@
 
 pub mod c2s;
 pub mod channel;
+pub mod component;
 pub mod forms;
 mod handler;
 pub mod muc;
@@ -33,6 +36,7 @@ pub mod websocket;
 /// Namespaces Stoa reads or writes.
 pub mod ns {
     pub const CLIENT: &str = "jabber:client";
+    pub const COMPONENT: &str = "jabber:component:accept";
     pub const STREAM: &str = "http://etherx.jabber.org/streams";
     pub const STREAM_ERRORS: &str = "urn:ietf:params:xml:ns:xmpp-streams";
     pub const STANZA_ERRORS: &str = "urn:ietf:params:xml:ns:xmpp-stanzas";
@@ -57,6 +61,22 @@ pub mod ns {
     pub const DATA: &str = "jabber:x:data";
     /// RFC 7395 framing on a WebSocket (`<open/>`, `<close/>`).
     pub const FRAMING: &str = "urn:ietf:params:xml:ns:xmpp-framing";
+}
+
+/// The JID of a Stoa user: a user of this node (registered, or a guest) is `user@domain`
+/// (`xmpp.domain`); a user of another XMPP server (an occupant that reaches Stoa through a
+/// server it serves as a component) is named by its bare JID already.
+pub fn jid_of_user(user: &str, domain: &str) -> String {
+    if user.contains('@') { user.to_owned() } else { format!("{user}@{domain}") }
+}
+
+/// The Stoa user of a bare JID: `user@domain` of this node's domain (`xmpp.domain`) is `user`;
+/// any other is the bare JID itself (docs/xmpp.md, "Stoa behind Prosody / ejabberd").
+pub fn user_of_jid(bare: &str, domain: &str) -> String {
+    match bare.split_once('@') {
+        Some((user, d)) if d == domain => user.to_owned(),
+        _ => bare.to_owned(),
+    }
 }
 
 /// `text` escaped for XML character data and attribute values (quotes included), with the

@@ -18,6 +18,8 @@ mod cases {
     pub mod bad_input;
     #[path = "cli.rs"]
     pub mod cli;
+    #[path = "component.rs"]
+    pub mod component;
     #[path = "log.rs"]
     pub mod log;
     #[path = "failover.rs"]
@@ -112,6 +114,7 @@ on_postgres! {
 }
 
 on_every_backend! {
+    component::prosody_users_chat_in_stoa_rooms_through_the_component,
     ha::leases_live_and_expire_on_the_database_clock,
     ha::welcome_names_the_peer_and_tokens_work_across_the_group,
     ha::an_ha_node_records_its_states_and_holds_its_lease,

@@ -540,7 +540,7 @@ pub(super) async fn run<C: Channel>(channel: C, peer: SocketAddr, bound: Bound, 
             let (tx, rx) = mpsc::channel::<String>(gateway.settings.limits.outbound_queue);
             let kill = CancellationToken::new();
             let jid = format!("{}@{domain}/{resource}", logged_in.user);
-            let state = XmppState::new(jid, domain.clone(), tx);
+            let state = XmppState::new(jid, logged_in.user.clone(), domain.clone(), tx);
             let wire = Box::new(XmppWire { state: state.clone(), settings: gateway.settings.clone() });
             let hash = crate::auth::token_hash(&logged_in.token);
             let session = gateway.open_session(logged_in.user.clone(), Some(hash), Some(peer.ip()), wire, kill.clone());

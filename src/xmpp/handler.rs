@@ -52,7 +52,7 @@ impl Handler {
         self.send(format!(
             "<iq type='get' id='stoa-ping-{}' from='{}' to='{}'><ping xmlns='{}'/></iq>",
             self.pings,
-            escape(&self.state.domain),
+            escape(&self.state.server),
             escape(&self.state.jid),
             ns::PING
         ));
@@ -93,7 +93,7 @@ impl Handler {
         }
         let id = el.attr("id").map(|i| format!(" id='{}'", escape(i))).unwrap_or_default();
         // From whom the stanza was for; from the server when that is no valid address.
-        let from = el.attr("to").filter(|t| xmpp_parsers::jid::Jid::new(t).is_ok()).unwrap_or(&self.state.domain);
+        let from = el.attr("to").filter(|t| xmpp_parsers::jid::Jid::new(t).is_ok()).unwrap_or(&self.state.server);
         let from = format!(" from='{}'", escape(from));
         // A refused MUC join echoes the <x/> (XEP-0045 §7.2.6): clients match on it.
         let x = if el.name() == "presence" && el.has_child("x", ns::MUC) { format!("<x xmlns='{}'/>", ns::MUC) } else { String::new() };
@@ -107,7 +107,8 @@ impl Handler {
 
     /// Serve one stanza; a stream-level violation ends the stream.
     pub(super) async fn stanza(&mut self, el: Element) -> Result<(), End> {
-        if el.ns() != ns::CLIENT || !matches!(el.name(), "iq" | "message" | "presence") {
+        let stanza_ns = if self.state.component { ns::COMPONENT } else { ns::CLIENT };
+        if el.ns() != stanza_ns || !matches!(el.name(), "iq" | "message" | "presence") {
             return Err(End::Stream("unsupported-stanza-type", format!("<{}/> in {} is not served here", el.name(), el.ns())));
         }
         if let Some(from) = el.attr("from") {
@@ -341,7 +342,7 @@ impl Handler {
                         .affiliations
                         .iter()
                         .filter(|(_, a)| *a == wanted)
-                        .map(|(user, a)| format!("<item affiliation='{}' jid='{}@{}'/>", a.as_str(), escape(user), escape(&self.state.domain)))
+                        .map(|(user, a)| format!("<item affiliation='{}' jid='{}'/>", a.as_str(), escape(&super::jid_of_user(user, &self.state.domain))))
                         .collect();
                     self.send(format!("{head}<query xmlns='{}'>{list}</query></iq>", ns::MUC_ADMIN));
                 }
@@ -356,10 +357,8 @@ impl Handler {
                 (None, _, Some(a), Some(jid)) => {
                     let Some(aff) = forms::affiliation(a) else { return self.error_reply(el, "modify", "bad-request", "unknown affiliation") };
                     let bare = jid.split('/').next().unwrap_or(jid);
-                    let Some(user) = bare.strip_suffix(&format!("@{}", self.state.domain)) else {
-                        return self.error_reply(el, "cancel", "not-acceptable", "affiliations are for users of this server");
-                    };
-                    self.gateway.affiliate(&self.session, room, user.to_owned(), aff).await
+                    let user = super::user_of_jid(bare, &self.state.domain);
+                    self.gateway.affiliate(&self.session, room, user, aff).await
                 }
                 _ => return self.error_reply(el, "modify", "bad-request", "an item sets role='none' by nick, or an affiliation by jid"),
             };
@@ -440,7 +439,8 @@ impl Handler {
         if el.attr("type") == Some("error") {
             return;
         }
-        let body = el.get_child("body", ns::CLIENT).map(|b| b.text());
+        // Body and subject are in the stanza's own namespace (jabber:client, or the component's).
+        let body = el.get_child("body", el.ns().as_str()).map(|b| b.text());
         let room = match (target, el.attr("type")) {
             (Target::Room(room), Some("groupchat")) => room,
             (Target::Occupant(..), _) => return self.error_reply(el, "cancel", "not-acceptable", "private messages in rooms are not supported"),
@@ -452,7 +452,7 @@ impl Handler {
             return self.error_reply(el, "cancel", "not-acceptable", "join the room first");
         }
         let Some(body) = body else {
-            if let Some(subject) = el.get_child("subject", ns::CLIENT)
+            if let Some(subject) = el.get_child("subject", el.ns().as_str())
                 && let Err(f) = self.gateway.subject(&self.session, &room, subject.text()).await
             {
                 self.failure_reply(el, &f);

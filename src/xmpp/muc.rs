@@ -117,10 +117,17 @@ pub enum Pending {
 
 /// What the c2s connection and the wire share about one XMPP session.
 pub struct XmppState {
-    /// The bound full JID (`user@domain/resource`).
+    /// The session's full JID (`user@domain/resource`).
     pub jid: String,
-    /// The user's domain.
+    /// The session's Stoa user name.
+    pub user: String,
+    /// The XMPP domain of this node's users ([`super::jid_of_user`]).
     pub domain: String,
+    /// The address the stream speaks for: the server's domain (c2s), or the component's.
+    pub server: String,
+    /// A session of the component link (it shares the stream with every other occupant from
+    /// that server: it never ends the stream).
+    pub component: bool,
     out: mpsc::Sender<String>,
     /// My nick in each room I am in (or joining).
     nicks: Mutex<HashMap<RoomAddr, String>>,
@@ -131,8 +138,29 @@ pub struct XmppState {
 }
 
 impl XmppState {
-    pub fn new(jid: String, domain: String, out: mpsc::Sender<String>) -> Arc<Self> {
-        Arc::new(XmppState { jid, domain, out, nicks: Mutex::default(), pending: Mutex::default(), next_request: AtomicU64::new(1), ended: Default::default() })
+    /// A client-to-server session of `user`, bound as `jid`.
+    pub fn new(jid: String, user: String, domain: String, out: mpsc::Sender<String>) -> Arc<Self> {
+        let server = domain.clone();
+        Arc::new(XmppState {
+            jid,
+            user,
+            domain,
+            server,
+            component: false,
+            out,
+            nicks: Mutex::default(),
+            pending: Mutex::default(),
+            next_request: AtomicU64::new(1),
+            ended: Default::default(),
+        })
+    }
+
+    /// An occupant `jid` (of another server) of the component `server`.
+    pub fn for_component(jid: String, user: String, domain: String, server: String, out: mpsc::Sender<String>) -> Arc<Self> {
+        let mut state = Arc::into_inner(XmppState::new(jid, user, domain, out)).expect("just made");
+        state.server = server;
+        state.component = true;
+        Arc::new(state)
     }
 
     /// Queue a stanza.
@@ -231,7 +259,8 @@ struct OccupantPresence<'a> {
 }
 
 impl OccupantPresence<'_> {
-    /// The stanza without `<presence` and `to`; real JIDs are `user@domain`.
+    /// The stanza without `<presence` and `to`; real JIDs of this node's users are
+    /// `user@domain`.
     fn rest(&self, domain: &str) -> String {
         let mut s = format!(" from='{}/{}'", escape(&self.room.0), escape(self.nick));
         if self.gone {
@@ -239,12 +268,11 @@ impl OccupantPresence<'_> {
         }
         let _ = write!(
             s,
-            "><x xmlns='{}'><item affiliation='{}' role='{}' jid='{}@{}'",
+            "><x xmlns='{}'><item affiliation='{}' role='{}' jid='{}'",
             ns::MUC_USER,
             self.affiliation.as_str(),
             if self.gone { "none" } else { role(self.affiliation) },
-            escape(self.user),
-            escape(domain)
+            escape(&super::jid_of_user(self.user, domain)),
         );
         match self.reason {
             Some(r) => {
@@ -312,7 +340,7 @@ impl XmppWire {
             send(self.to(&p.rest(&st.domain), "presence"));
         }
         let codes: &[u16] = if created { &[100, 110, 201] } else { &[100, 110] };
-        let mut me = OccupantPresence { room: &room, nick: &nick, user: user_of(&st.jid), affiliation, gone: false, codes, reason: None }.rest(&st.domain);
+        let mut me = OccupantPresence { room: &room, nick: &nick, user: &st.user, affiliation, gone: false, codes, reason: None }.rest(&st.domain);
         if let Some(id) = id {
             me = format!(" id='{}'{me}", escape(&id));
         }
@@ -344,7 +372,7 @@ impl XmppWire {
                 let nick = self.state.nicks.lock().expect("nicks lock").remove(&room);
                 match nick {
                     Some(nick) => {
-                        let p = OccupantPresence { room: &room, nick: &nick, user: user_of(&self.state.jid), affiliation: Affiliation::None, gone: true, codes: &[110, 332], reason: Some(message) };
+                        let p = OccupantPresence { room: &room, nick: &nick, user: &self.state.user, affiliation: Affiliation::None, gone: true, codes: &[110, 332], reason: Some(message) };
                         self.state.send(self.to(&p.rest(&self.state.domain), "presence"))
                     }
                     None => Queued::Yes,
@@ -352,11 +380,6 @@ impl XmppWire {
             }
         }
     }
-}
-
-/// The user name of a full JID `user@domain/resource`.
-fn user_of(jid: &str) -> &str {
-    jid.split_once('@').map_or(jid, |(u, _)| u)
 }
 
 impl Wire for XmppWire {
@@ -379,7 +402,7 @@ impl Wire for XmppWire {
             }
             RoomEvent::Presence { room, user, nick, status, reason } => {
                 let gone = status != "joined";
-                let mine = st.nick(room).is_some_and(|n| &n == nick) && user == user_of(&st.jid);
+                let mine = st.nick(room).is_some_and(|n| &n == nick) && *user == st.user;
                 let mut codes: Vec<u16> = Vec::new();
                 if status == "kicked" {
                     codes.push(307);
@@ -411,7 +434,7 @@ impl Wire for XmppWire {
                 // 332: removed because the room's service went away here; rejoining finds it
                 // where it is served now.
                 let reason = Some("the room moved to another node; rejoin");
-                let p = OccupantPresence { room, nick: &nick, user: user_of(&st.jid), affiliation: Affiliation::None, gone: true, codes: &[110, 332], reason };
+                let p = OccupantPresence { room, nick: &nick, user: &st.user, affiliation: Affiliation::None, gone: true, codes: &[110, 332], reason };
                 st.send(self.to(&p.rest(&st.domain), "presence"))
             }
         }
@@ -455,6 +478,19 @@ impl Wire for XmppWire {
     }
 
     fn goaway(&self, reason: &str, to: Option<&str>) -> Queued {
+        if self.state.component {
+            // The stream is the server's, shared with every other occupant: the occupant leaves
+            // each room (332: a system shutdown here) and rejoins where the rooms are served now.
+            let rooms: Vec<(RoomAddr, String)> = self.state.nicks.lock().expect("nicks lock").drain().collect();
+            let mut q = Queued::Yes;
+            for (room, nick) in rooms {
+                let p = OccupantPresence { room: &room, nick: &nick, user: &self.state.user, affiliation: Affiliation::None, gone: true, codes: &[110, 332], reason: Some(reason) };
+                if q == Queued::Yes {
+                    q = self.state.send(self.to(&p.rest(&self.state.domain), "presence"));
+                }
+            }
+            return q;
+        }
         // RFC 6120 §4.9.3.19: the client reconnects to the named host (and port). `to` is a
         // node's v1 client URL: its XMPP address where the topology gives one, else its host
         // (the client keeps its own XMPP port).
