@@ -295,8 +295,18 @@ async fn run(settings: Settings, tls: Option<crate::tls::ServerTls>, shutdown: C
         let starttls = if tls.is_some() { ", STARTTLS" } else { "" };
         tracing::info!(%addr, "xmpp: clients at {addr} (c2s{starttls}) for the domain {}, rooms at {}", settings.xmpp.domain, settings.node.service);
     }
-    // Stoa as the MUC service of another XMPP server (its own task; it dials and redials).
-    let component = settings.xmpp.component.clone().map(|c| tokio::spawn(crate::xmpp::component::run(gateway.clone(), c, shutdown.clone())));
+    // Stoa as the MUC service of another XMPP server: its own service's link, and in a pair
+    // the peer's while this node serves the peer's rooms and the peer is out of reach.
+    let component = settings.xmpp.component.clone().map(|c| {
+        let always = tokio::sync::watch::Sender::new(true);
+        let mut tasks = vec![tokio::spawn(crate::xmpp::component::run(gateway.clone(), c.clone(), always.subscribe(), shutdown.clone()))];
+        if let (Some((recovery, _)), Some(peer)) = (&recovery, settings.peer()) {
+            let peers = crate::config::ComponentSettings { domain: peer.service.clone(), ..c };
+            let wanted = peer_component_wanted(recovery.clone(), shutdown.clone());
+            tasks.push(tokio::spawn(crate::xmpp::component::run(gateway.clone(), peers, wanted, shutdown.clone())));
+        }
+        (always, tasks)
+    });
     let (ws, http) = if tls.is_some() { ("wss", "https") } else { ("ws", "http") };
     tracing::info!(%client_addr, %admin_addr, "listening: clients at {ws}://{client_addr}/ws, admin at {http}://{admin_addr}/");
     let _ = ready.send(Ok(Listening { client_addr, admin_addr, xmpp_addr }));
@@ -312,8 +322,10 @@ async fn run(settings: Settings, tls: Option<crate::tls::ServerTls>, shutdown: C
     crate::systemd::stopping("stopping: closing connections, draining commits");
     tracing::info!("shutting down: closing connections");
     let _ = clients.await;
-    if let Some(component) = component {
-        let _ = component.await;
+    if let Some((_always, tasks)) = component {
+        for task in tasks {
+            let _ = task.await;
+        }
     }
     if let Some(xmpp) = xmpp {
         let _ = xmpp.await;
@@ -354,3 +366,24 @@ pub fn redact(url: &str) -> String {
         _ => url.to_owned(),
     }
 }
+
+/// Whether this node should hold the component link of its peer's room service: while it serves
+/// the peer's rooms (backup mode) and the peer is out of reach. A peer that is back connects its
+/// own link (the server keeps the newest: `component_conflict_resolve = "kick_old"`), and
+/// forwards what reaches it to this node until the rooms are handed back.
+fn peer_component_wanted(recovery: crate::ha::recovery::Recovery, shutdown: CancellationToken) -> tokio::sync::watch::Receiver<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        loop {
+            let backup = recovery.state() == crate::ha::state::NodeState::RunningInBackupMode;
+            let peer_up = recovery.link().is_some_and(|l| l.peer().reachable);
+            tx.send_if_modified(|w| std::mem::replace(w, backup && !peer_up) != (backup && !peer_up));
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+            }
+        }
+    });
+    rx
+}
+

@@ -91,6 +91,7 @@ on_shared_stores! {
     ha::failover_of_a_node_without_rooms_stays_until_fallback,
     failover::kill9_failover_restart_and_fallback_lose_nothing,
     failover::xmpp_clients_lose_nothing_across_kill9_failover,
+    failover::prosody_users_keep_their_room_across_a_kill9_failover,
     failover::critical_service_stop_fails_over_then_fallback,
     failover::sigstop_past_the_lease_then_the_node_steps_down,
     plugins::plugin_state_moves_with_the_room_on_failover,

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use xmpp_parsers::jid::Jid;
 use xmpp_parsers::minidom::Element;
@@ -49,15 +49,39 @@ const SENDER_QUEUE: usize = 64;
 /// How long one write to the server may take before the link counts as broken.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Keep the component link for `settings` up until `shutdown`.
-pub async fn run(gateway: Arc<Gateway>, settings: ComponentSettings, shutdown: CancellationToken) {
+/// Keep the component link for `settings` up while `wanted` says so, until `shutdown`. A node
+/// wants its own room service's link always; in a pair, it also wants its peer's while it
+/// serves the peer's rooms and the peer is out of reach (node.rs decides, docs/xmpp.md).
+pub async fn run(gateway: Arc<Gateway>, settings: ComponentSettings, mut wanted: watch::Receiver<bool>, shutdown: CancellationToken) {
     let mut backoff = BACKOFF_MIN;
     loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            w = wanted.wait_for(|w| *w) => if w.is_err() { return },
+        }
+        // This attempt ends with the node, or when the link is no longer wanted.
+        let attempt = shutdown.child_token();
+        let unwanted = {
+            let (attempt, mut wanted) = (attempt.clone(), wanted.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = attempt.cancelled() => {}
+                    _ = wanted.wait_for(|w| !*w) => attempt.cancel(),
+                }
+            })
+        };
         let started = Instant::now();
-        let outcome = serve_once(&gateway, &settings, &shutdown).await;
+        let outcome = serve_once(&gateway, &settings, &attempt).await;
+        attempt.cancel();
+        let _ = unwanted.await;
         metrics::gauge!("stoa_xmpp_component_up", "domain" => settings.domain.clone()).set(0.0);
         if shutdown.is_cancelled() {
             return;
+        }
+        if !*wanted.borrow() {
+            tracing::info!(domain = %settings.domain, "xmpp component: link closed (the rooms of {} are served by their own node again)", settings.domain);
+            backoff = BACKOFF_MIN;
+            continue;
         }
         match &outcome {
             Ok(()) => tracing::warn!(server = %settings.server, domain = %settings.domain, "xmpp component: the server closed the link; dialing again"),
@@ -183,6 +207,9 @@ async fn serve_once(gateway: &Arc<Gateway>, cfg: &ComponentSettings, shutdown: &
             Some(jid) = roomless.recv() => link.roomless(&jid),
             _ = broken.cancelled() => break Err("writing to the server failed or timed out".to_owned()),
             item = incoming.next() => match item {
+                Ok(Item::Stanza(el)) if el.is("error", ns::STREAM) => {
+                    break Err(format!("the server ended the stream: {}", stream_error_text(&el)));
+                }
                 Ok(Item::Stanza(el)) => link.route(el),
                 Ok(Item::Close) => break Ok(()),
                 Ok(Item::Open(_)) => break Err("the server opened a second stream".to_owned()),

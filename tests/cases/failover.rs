@@ -696,6 +696,88 @@ pub async fn xmpp_clients_on_the_peer_use_rooms_over_the_link(db: &TestDb) {
     pair.kill(1);
 }
 
+/// Stoa as the room service of a real Prosody, in a pair: both nodes attach to Prosody as
+/// components (each for its own service), users of Prosody chat in a room of 1a, and 1a is
+/// killed (-9). 1b, in backup mode with 1a out of reach, attaches for 1a's service too; the
+/// users rejoin through Prosody, find every acknowledged (reflected) message once and in order
+/// in the archive, and resend the rest with the same origin-ids, stored once. Prints how long
+/// the room was unreachable for them (docs/benchmarks.md).
+pub async fn prosody_users_keep_their_room_across_a_kill9_failover(db: &TestDb) {
+    use crate::cases::component::{Prosody, SECRET, await_component};
+    use crate::cases::xmpp::XmppClient;
+    let prosody = Prosody::start(db.dir(), &["conference-1a.localhost", "conference-1b.localhost"]).await;
+    let mut pair = Pair::configure(db, None);
+    for config in &pair.configs {
+        let mut text = std::fs::read_to_string(config).expect("a node config");
+        text.push_str(&format!("\n[xmpp.component]\nserver = \"127.0.0.1:{}\"\nsecret = \"{SECRET}\"\n", prosody.component_port));
+        std::fs::write(config, text).expect("writing a node config");
+    }
+    pair.start(0).await;
+    pair.await_state(0, "normal", DEADLINE).await;
+    pair.start(1).await;
+    pair.await_state(1, "normal", DEADLINE).await;
+    crate::harness::await_admin(pair.process(1).admin_addr, None, "/api/topology", "1b to see 1a", |t| t["peer"]["reachable"] == true).await;
+    let room = create_rooms(&pair, 1).await.remove(0);
+
+    let mut ann = XmppClient::connect(prosody.c2s, "guest", None).await;
+    await_component(&mut ann, "conference-1a.localhost", &prosody).await;
+    assert_eq!(ann.join(&room, "Ann", json!({})).await["event"], "joined");
+    let acked = 20;
+    for i in 0..acked {
+        ann.command(json!({"op": "send", "room": room, "body": format!("m{i}"), "origin_id": format!("o{i}")})).await;
+        ann.groupchat(&format!("m{i}")).await;
+    }
+    // A burst that may or may not be stored when 1a dies.
+    let burst = 10;
+    for i in acked..acked + burst {
+        ann.command(json!({"op": "send", "room": room, "body": format!("m{i}"), "origin_id": format!("o{i}")})).await;
+    }
+    let killed = Instant::now();
+    pair.kill(0);
+
+    // The room is reachable again when it answers disco#info through Prosody (an IQ to a
+    // missing component gets an error at once; a presence would get no answer).
+    // (One sent just as 1a died may reach its dead connection before Prosody notices: hence
+    // the short timeout.)
+    loop {
+        ann.command(json!({"op": "iq", "to": room, "xml": "<query xmlns='http://jabber.org/protocol/disco#info'/>", "timeout": 0.5})).await;
+        let info = ann.event("disco#info through Prosody", |e| matches!(e["event"].as_str(), Some("iq_result" | "iq_error" | "iq_timeout"))).await;
+        if info["event"] == "iq_result" || killed.elapsed() > DEADLINE {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    eprintln!("component: kill -9 of 1a → its room answers through Prosody again (1b attached for it) after {} ms", killed.elapsed().as_millis());
+    // Rejoin (1b does not know the occupant: the session was 1a's).
+    let rejoined = loop {
+        let j = ann.join(&room, "Ann", json!({"timeout": 1})).await;
+        if j["event"] == "joined" || killed.elapsed() > DEADLINE {
+            break j;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(rejoined["event"], "joined", "rejoin through Prosody after the kill: {rejoined}\nProsody's log:\n{}", prosody.log());
+    eprintln!("component: kill -9 of 1a → Prosody's user back in the room (served by 1b) after {} ms", killed.elapsed().as_millis());
+    pair.await_state(1, "running_in_backup_mode", DEADLINE).await;
+
+    ann.command(json!({"op": "mam", "room": room, "max": 100})).await;
+    let archive = ann.event("the archive after the failover", |e| e["event"] == "mam" || e["event"] == "iq_error").await;
+    let bodies: Vec<String> = archive["results"].as_array().expect("MAM results").iter().map(|r| r["body"].as_str().unwrap().to_owned()).collect();
+    let expected_acked: Vec<String> = (0..acked).map(|i| format!("m{i}")).collect();
+    assert_eq!(bodies[..acked], expected_acked[..], "every reflected message, once, in order: {bodies:?}");
+    for i in acked..acked + burst {
+        ann.command(json!({"op": "send", "room": room, "body": format!("m{i}"), "origin_id": format!("o{i}")})).await;
+        ann.groupchat(&format!("m{i}")).await;
+    }
+    let stored = db.stored_messages(&room).await;
+    let bodies: Vec<&str> = stored.iter().map(|m| m.body.as_str()).collect();
+    let expected: Vec<String> = (0..acked + burst).map(|i| format!("m{i}")).collect();
+    assert_eq!(bodies, expected, "every message once, in order, after the resend");
+    ann.quit().await;
+    pair.kill(1);
+    prosody.stop().await;
+}
+
 /// Issue 9, bug 2: after kill -9 of 1a, `stoa admin status` on 1b shows 1a as `unknown` with
 /// an expired lease (it used to show `normal`, from the last state 1a recorded), 1b in backup
 /// mode with a SINCE column, in lines an 80–100 column terminal holds.

@@ -5,14 +5,14 @@ Connects to a Stoa node's c2s listener (logging in with --password over SASL --m
 default, SCRAM-SHA-256 or SCRAM-SHA-1; or with --anonymous), then reads one JSON command per
 line on stdin and writes one JSON event per line on stdout. Commands:
 
-  {"op": "join", "room": JID, "nick": N, "maxstanzas": K?, "password": P?}
+  {"op": "join", "room": JID, "nick": N, "maxstanzas": K?, "password": P?, "timeout": S? (default 20)}
       -> {"event": "joined", "room", "nick", "status": [codes], "occupants": [nicks],
           "subject", "history": [{"nick","body","stanza_id","origin_id","delay"}]}
-      or {"event": "join_error", "room", "condition", "text"}
+      or {"event": "join_error", "room", "condition", "text"} (condition "timeout" when unanswered)
   {"op": "send", "room": JID, "body": B, "origin_id": O?}       (nothing; the reflection comes as "groupchat")
   {"op": "raw", "xml": "<message .../>"}                           (sent as it is)
   {"op": "leave", "room": JID, "nick": N}
-  {"op": "iq", "to": JID?, "type": "get", "xml": "<query xmlns='…'/>"}
+  {"op": "iq", "to": JID?, "type": "get", "xml": "<query xmlns='…'/>", "timeout": S? (default 10)}
       -> {"event": "iq_result", "xml"} or {"event": "iq_error", "condition", "text"}
   {"op": "ping", "to": JID}            -> {"event": "pong"} or {"event": "iq_error", ...}
   {"op": "mam", "room": JID, "max": N?, "after": ID?, "before": ID?, "start": ISO?, "with": JID?}
@@ -124,7 +124,7 @@ class Client(slixmpp.ClientXMPP):
         self.joining.add(room)
         try:
             pres, subject, occupants, history = await self.plugin["xep_0045"].join_muc_wait(
-                slixmpp.JID(room), cmd["nick"], password=cmd.get("password"), maxstanzas=cmd.get("maxstanzas"), timeout=20
+                slixmpp.JID(room), cmd["nick"], password=cmd.get("password"), maxstanzas=cmd.get("maxstanzas"), timeout=cmd.get("timeout", 20)
             )
             out(
                 event="joined",
@@ -137,6 +137,8 @@ class Client(slixmpp.ClientXMPP):
             )
         except PresenceError as e:
             out(event="join_error", room=room, condition=e.presence["error"]["condition"], text=e.presence["error"]["text"])
+        except asyncio.TimeoutError:
+            out(event="join_error", room=room, condition="timeout", text="no answer to the join")
         finally:
             self.joining.discard(room)
 
@@ -156,7 +158,7 @@ class Client(slixmpp.ClientXMPP):
         iq = self.make_iq(ito=cmd.get("to"), itype=cmd.get("type", "get"))
         iq.append(ET.fromstring(cmd["xml"]))
         try:
-            result = await iq.send(timeout=10)
+            result = await iq.send(timeout=cmd.get("timeout", 10))
             out(event="iq_result", xml=str(result))
         except IqError as e:
             out(event="iq_error", condition=e.iq["error"]["condition"], text=e.iq["error"]["text"])
