@@ -720,7 +720,7 @@ pub async fn prosody_users_keep_their_room_across_a_kill9_failover(db: &TestDb) 
     let room = create_rooms(&pair, 1).await.remove(0);
 
     let mut ann = XmppClient::connect(prosody.c2s, "guest", None).await;
-    await_component(&mut ann, "conference-1a.localhost", &prosody).await;
+    await_component(&mut ann, "conference-1a.localhost", || prosody.log()).await;
     assert_eq!(ann.join(&room, "Ann", json!({})).await["event"], "joined");
     let acked = 20;
     for i in 0..acked {
