@@ -264,6 +264,7 @@ impl HostServer {
 /// A Stoa node on `db` attached to `prosody` as the component for its room service.
 async fn attached_node(db: &TestDb, id: &str, prosody_port: u16) -> TestNode {
     let mut s = db.settings(id);
+    s.xmpp.c2s = Some("127.0.0.1:0".parse().expect("literal"));
     s.xmpp.component = Some(stoa::config::ComponentSettings {
         server: format!("127.0.0.1:{prosody_port}"),
         domain: s.node.service.clone(),
@@ -289,9 +290,10 @@ pub async fn await_component(client: &mut XmppClient, service: &str, server_log:
     }
 }
 
-/// Users of Prosody find Stoa's room service (disco#items of their server), join a Stoa room, chat with a v1 client of Stoa
-/// in one order (origin-id is the cid, stanza-id the stored id), get history on join and page
-/// the archive (MAM), and leave; bad addresses get stanza errors and the link stays up.
+/// Users of Prosody find Stoa's room service (disco#items of their server), join a Stoa room,
+/// chat with a v1 client and a c2s client of Stoa in one order (origin-id is the cid, stanza-id
+/// the stored id), get history on join and page the archive (MAM), and leave; bad addresses
+/// get stanza errors and the link stays up.
 pub async fn prosody_users_chat_in_stoa_rooms_through_the_component(db: &TestDb) {
     let service = db.settings("c1").node.service;
     let prosody = Prosody::start(db.dir(), &[&service]).await;
@@ -327,6 +329,12 @@ async fn users_chat_through(db: &TestDb, prosody: HostServer) {
     assert_eq!(j["op"], "joined", "{j}");
     assert!(j["occupants"].as_array().unwrap().iter().any(|o| o["nick"] == "Ann"), "{j}");
     ann.event("Bob's presence", |e| e["event"] == "presence" && e["nick"] == "Bob").await;
+    // And an XMPP client of Stoa's own c2s listener.
+    let mut dan = XmppClient::connect(node.xmpp_addr.expect("c2s listener"), "guest", None).await;
+    let d = dan.join(&room, "Dan", json!({})).await;
+    assert_eq!(d["event"], "joined", "{d}");
+    assert_eq!(d["occupants"], json!(["Ann", "Bob", "Dan"]), "{d}");
+    ann.event("Dan's presence", |e| e["event"] == "presence" && e["nick"] == "Dan").await;
     let seq1 = bob.send_acked(&room, "hello from v1", "b1").await;
     let m = ann.groupchat("hello from v1").await;
     assert_eq!(m["nick"], "Bob", "{m}");
@@ -336,6 +344,9 @@ async fn users_chat_through(db: &TestDb, prosody: HostServer) {
     let v1 = bob.wait_for("Ann's message", |f| f["op"] == "message" && f["body"] == "hello through prosody").await;
     assert_eq!(v1["cid"], "ann-1");
     assert_eq!(v1["seq"].as_u64(), Some(seq1 + 1), "{v1}");
+    let seen_by_dan = dan.groupchat("hello through prosody").await;
+    assert_eq!(seen_by_dan["stanza_id"], reflected["stanza_id"], "one message, one id, for every front end");
+    dan.quit().await;
     let stored = db.stored_messages(&room).await;
     assert_eq!(Some(stored[0].id.as_str()), m["stanza_id"].as_str(), "stanza-id is the stored id");
     assert_eq!(Some(stored[1].id.as_str()), reflected["stanza_id"].as_str());
@@ -347,7 +358,7 @@ async fn users_chat_through(db: &TestDb, prosody: HostServer) {
     let mut cat = XmppClient::connect(prosody.c2s(), "guest", None).await;
     let c = cat.join(&room, "Cat", json!({"maxstanzas": 2})).await;
     assert_eq!(c["event"], "joined", "{c}");
-    assert_eq!(c["occupants"], json!(["Ann", "Bob", "Cat"]), "{c}");
+    assert_eq!(c["occupants"], json!(["Ann", "Bob", "Cat"]), "{c} (Dan left)");
     let history: Vec<&str> = c["history"].as_array().unwrap().iter().map(|h| h["body"].as_str().unwrap()).collect();
     assert_eq!(history, ["archived 1", "archived 2"], "{c}");
     cat.command(json!({"op": "mam", "room": room, "max": 2})).await;
@@ -377,4 +388,59 @@ async fn users_chat_through(db: &TestDb, prosody: HostServer) {
     ann.quit().await;
     node.stop().await;
     prosody.stop().await;
+}
+
+/// Bad input from the host server never ends the component link. A real server sends none of
+/// this, so the test plays the server on a raw socket: a refused handshake (Stoa dials again),
+/// then, on the accepted link, a stanza without `from` (dropped), one for another domain
+/// (`item-not-found`), a presence from a server (`not-allowed`), an element that is no stanza
+/// (dropped), a flood from one sender (each answered, or refused with `resource-constraint`),
+/// and after all that the link still serves a disco#info.
+pub async fn bad_input_from_the_host_server_never_ends_the_component_link(db: &TestDb) {
+    use crate::cases::xmpp::read_until;
+    use sha1::{Digest, Sha1};
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a loopback port");
+    let port = listener.local_addr().expect("bound").port();
+    let node = attached_node(db, "c1", port).await;
+    let service = db.settings("c1").node.service;
+    let accept = async || tokio::time::timeout(Duration::from_secs(10), listener.accept()).await.expect("Stoa dials the server in 10 s").expect("accept").0;
+    let server_header = |id: &str| {
+        format!("<?xml version='1.0'?><stream:stream xmlns='jabber:component:accept' xmlns:stream='http://etherx.jabber.org/streams' from='{service}' id='{id}'>")
+    };
+
+    // A refused handshake: Stoa proves the secret without sending it, then dials again.
+    let mut s = accept().await;
+    let header = read_until(&mut s, &format!("to='{service}'>")).await;
+    assert!(header.contains("jabber:component:accept"), "{header}");
+    s.write_all(server_header("first-id").as_bytes()).await.unwrap();
+    let proof = read_until(&mut s, "</handshake>").await;
+    let expected = hex::encode(Sha1::new().chain_update(b"first-id").chain_update(SECRET.as_bytes()).finalize());
+    assert!(proof.contains(&format!("<handshake>{expected}</handshake>")), "{proof}");
+    assert!(!proof.contains(SECRET), "the secret itself never travels: {proof}");
+    s.write_all(b"<stream:error><not-authorized xmlns='urn:ietf:params:xml:ns:xmpp-streams'/></stream:error></stream:stream>").await.unwrap();
+    drop(s);
+
+    let mut s = accept().await;
+    read_until(&mut s, &format!("to='{service}'>")).await;
+    s.write_all(server_header("second-id").as_bytes()).await.unwrap();
+    read_until(&mut s, "</handshake>").await;
+    s.write_all(b"<handshake/>").await.unwrap();
+
+    let send = async |s: &mut tokio::net::TcpStream, xml: String| s.write_all(xml.as_bytes()).await.expect("writing to Stoa");
+    send(&mut s, format!("<message to='lobby@{service}' type='groupchat'><body>no sender</body></message>")).await;
+    send(&mut s, "<iq type='get' id='elsewhere' from='ann@localhost/x' to='rooms.example.org'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>".into()).await;
+    let answer = read_until(&mut s, "item-not-found").await;
+    assert!(answer.contains("id='elsewhere'") && answer.contains("to='ann@localhost/x'"), "{answer}");
+    send(&mut s, format!("<presence from='localhost' to='lobby@{service}/server' id='srv'/>")).await;
+    let answer = read_until(&mut s, "not-allowed").await;
+    assert!(answer.contains("to='localhost'"), "{answer}");
+    send(&mut s, "<foo xmlns='urn:example:not-a-stanza'/>".into()).await;
+    let flood: String = (0..300).map(|i| format!("<message from='flood@localhost/x' to='lobby@{service}' type='groupchat' id='f{i}'><body>{i}</body></message>")).collect();
+    send(&mut s, flood).await;
+    send(&mut s, format!("<iq type='get' id='alive' from='ann@localhost/x' to='{service}'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>")).await;
+    let alive = read_until(&mut s, "http://jabber.org/protocol/muc").await;
+    assert!(alive.contains("id='alive'"), "the link still serves after the bad input: {alive}");
+    assert!(alive.contains("id='f0'") && alive.contains("id='f299'"), "every flooded message got an answer (an error: not in the room), or was refused: {alive}");
+    node.stop().await;
 }

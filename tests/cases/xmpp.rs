@@ -274,7 +274,7 @@ pub async fn xmpp_and_v1_clients_share_a_room(db: &TestDb) {
 }
 
 /// Read from `s` until `needle` shows up or the stream ends; returns what was read.
-async fn read_until(s: &mut tokio::net::TcpStream, needle: &str) -> String {
+pub async fn read_until(s: &mut tokio::net::TcpStream, needle: &str) -> String {
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
