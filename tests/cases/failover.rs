@@ -701,7 +701,8 @@ pub async fn xmpp_clients_on_the_peer_use_rooms_over_the_link(db: &TestDb) {
 /// killed (-9). 1b, in backup mode with 1a out of reach, attaches for 1a's service too; the
 /// users rejoin through Prosody, find every acknowledged (reflected) message once and in order
 /// in the archive, and resend the rest with the same origin-ids, stored once. Prints how long
-/// the room was unreachable for them (docs/benchmarks.md).
+/// the room was unreachable for them (docs/benchmarks.md). Then 1a comes back: 1b lets go of
+/// 1a's service, and after the fallback the user chats in the room on 1a.
 pub async fn prosody_users_keep_their_room_across_a_kill9_failover(db: &TestDb) {
     use crate::cases::component::{Prosody, SECRET, await_component};
     use crate::cases::xmpp::XmppClient;
@@ -773,7 +774,36 @@ pub async fn prosody_users_keep_their_room_across_a_kill9_failover(db: &TestDb) 
     let bodies: Vec<&str> = stored.iter().map(|m| m.body.as_str()).collect();
     let expected: Vec<String> = (0..acked + burst).map(|i| format!("m{i}")).collect();
     assert_eq!(bodies, expected, "every message once, in order, after the resend");
+
+    // 1a back: it attaches for its own service again, and 1b lets go of it as soon as it sees
+    // 1a on the node link. After the fallback the user is (again) in the room, served by 1a.
+    pair.start(0).await;
+    pair.await_state(0, "failed_over", DEADLINE).await;
+    let holds_1a = |metrics: &str| !metrics.lines().any(|l| l.starts_with("stoa_xmpp_component_up{domain=\"conference-1a.localhost\"} 0"));
+    let deadline = Instant::now() + DEADLINE;
+    while holds_1a(&crate::harness::http_get(pair.process(1).admin_addr, "/metrics", None).await.1) {
+        assert!(Instant::now() < deadline, "1b still holds 1a's component link with 1a back");
+        tokio::time::sleep(Duration::from_millis(50)).await; // polling interval, not a wait
+    }
+    let answer = pair.call(1, "POST", "/api/nodes/1a/fallback").await;
+    assert_eq!(answer.status, 200, "fallback: {}", answer.body);
+    pair.await_state(0, "normal", DEADLINE).await;
+    let back = loop {
+        let j = ann.join(&room, "Ann", json!({"timeout": 1})).await;
+        if j["event"] == "joined" || killed.elapsed() > DEADLINE * 2 {
+            break j;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(back["event"], "joined", "in the room after the fallback: {back}\nProsody's log:\n{}", prosody.log());
+    ann.command(json!({"op": "send", "room": room, "body": "after the fallback", "origin_id": "o-back"})).await;
+    ann.groupchat("after the fallback").await;
+    assert_eq!(hosted(db, "1b").await, 0, "after the fallback 1a hosts its rooms again");
+    let stored = db.stored_messages(&room).await;
+    assert_eq!(stored.last().map(|m| m.body.as_str()), Some("after the fallback"));
+    assert_eq!(stored.len(), acked + burst + 1, "nothing lost or doubled across failover and fallback");
     ann.quit().await;
+    pair.kill(0);
     pair.kill(1);
     prosody.stop().await;
 }
