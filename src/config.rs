@@ -104,8 +104,12 @@ pub struct ComponentSettings {
     pub secret: String,
     /// A file holding `secret` (first line), instead of `secret`.
     pub secret_file: Option<PathBuf>,
-    /// Allow a `server` off loopback: the component protocol is plaintext (the secret itself
-    /// never travels, only a SHA-1 of it with the stream id, but every stanza does).
+    /// Dial the component port with TLS (direct TLS, as ejabberd's `ejabberd_service` offers
+    /// with `tls: true`), verifying the server's certificate for the host of `server` against
+    /// `tls.ca_file` (or the Mozilla roots).
+    pub tls: bool,
+    /// Allow a plaintext link (`tls = false`) to a `server` off loopback: the secret itself
+    /// never travels, only a SHA-1 of it with the stream id, but every stanza does.
     pub insecure: bool,
 }
 
@@ -719,10 +723,11 @@ impl Settings {
             if c.secret.is_empty() {
                 return invalid("xmpp.component needs secret or secret_file (the server's component_secret)".into());
             }
-            if !c.insecure && !c.server_is_loopback() {
+            if !c.tls && !c.insecure && !c.server_is_loopback() {
                 return invalid(format!(
-                    "xmpp.component.server {} is not on loopback and the component protocol is plaintext: \
-                     run Stoa beside the server, or set xmpp.component.insecure = true on a private network",
+                    "xmpp.component.server {} is not on loopback and the link would be plaintext: set \
+                     xmpp.component.tls = true (the server must offer TLS on that port), or run Stoa beside \
+                     the server, or set xmpp.component.insecure = true on a private network",
                     c.server
                 ));
             }

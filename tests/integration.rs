@@ -108,6 +108,7 @@ on_postgres! {
     failover::fallback_racing_a_second_failover,
     failover::clients_on_the_peer_use_rooms_over_the_link,
     failover::xmpp_clients_on_the_peer_use_rooms_over_the_link,
+    component::ejabberd_component_link_over_tls,
     security::a_captured_node_link_hello_cannot_be_replayed,
     operations::ready_is_not_health,
     failover::admin_status_tells_a_dead_node_from_a_normal_one,

@@ -27,9 +27,8 @@ use crate::gateway::Gateway;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use xmpp_parsers::jid::Jid;
@@ -106,9 +105,13 @@ fn handshake_digest(stream_id: &str, secret: &str) -> String {
     hex::encode(Sha1::new().chain_update(stream_id.as_bytes()).chain_update(secret.as_bytes()).finalize())
 }
 
+/// Either side of the connection to the server (TCP, or TLS over it).
+type ReadSide = Box<dyn AsyncRead + Send + Unpin>;
+type WriteSide = Box<dyn AsyncWrite + Send + Unpin>;
+
 /// Items of the server's stream, read as they arrive.
 struct Incoming {
-    tcp: OwnedReadHalf,
+    tcp: ReadSide,
     reader: StreamReader,
     ready: std::collections::VecDeque<Item>,
     buf: Vec<u8>,
@@ -138,6 +141,18 @@ fn stream_error_text(el: &Element) -> String {
     format!("{condition} {text}").trim().to_owned()
 }
 
+/// TLS over `tcp`, verifying the server's certificate for the host of `cfg.server` against the
+/// node's trust anchors (`tls.ca_file`, or the Mozilla roots).
+async fn tls_connect(gateway: &Gateway, cfg: &ComponentSettings, tcp: TcpStream) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+    let config = gateway.settings.tls_client_config().map_err(|e| format!("the TLS trust anchors: {e}"))?;
+    let host = cfg.server.rsplit_once(':').map_or(cfg.server.as_str(), |(h, _)| h).trim_matches(['[', ']']);
+    let name = rustls_pki_types::ServerName::try_from(host.to_owned()).map_err(|e| format!("`{host}` is no TLS server name: {e}"))?;
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, tokio_rustls::TlsConnector::from(config).connect(name, tcp))
+        .await
+        .map_err(|_| format!("no TLS handshake with {} in {HANDSHAKE_TIMEOUT:?}", cfg.server))?
+        .map_err(|e| format!("TLS with {}: {e}", cfg.server))
+}
+
 /// Dial, authenticate and serve one link until it ends (or `shutdown`).
 async fn serve_once(gateway: &Arc<Gateway>, cfg: &ComponentSettings, shutdown: &CancellationToken) -> Result<(), String> {
     let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&cfg.server))
@@ -145,7 +160,14 @@ async fn serve_once(gateway: &Arc<Gateway>, cfg: &ComponentSettings, shutdown: &
         .map_err(|_| format!("no connection to {} in {CONNECT_TIMEOUT:?}", cfg.server))?
         .map_err(|e| format!("connecting to {}: {e}", cfg.server))?;
     let _ = tcp.set_nodelay(true);
-    let (rd, mut wr) = tcp.into_split();
+    let (rd, mut wr): (ReadSide, WriteSide) = if cfg.tls {
+        let tls = tls_connect(gateway, cfg, tcp).await?;
+        let (rd, wr) = tokio::io::split(tls);
+        (Box::new(rd), Box::new(wr))
+    } else {
+        let (rd, wr) = tcp.into_split();
+        (Box::new(rd), Box::new(wr))
+    };
     let xmpp = &gateway.settings.xmpp;
     let mut incoming =
         Incoming { tcp: rd, reader: StreamReader::new(xmpp.max_stanza_bytes, xmpp.max_depth), ready: Default::default(), buf: vec![0; 16 * 1024] };
