@@ -26,6 +26,7 @@ use crate::config::ComponentSettings;
 use crate::gateway::Gateway;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -251,13 +252,24 @@ async fn serve_once(gateway: &Arc<Gateway>, cfg: &ComponentSettings, shutdown: &
     outcome
 }
 
+/// One sender's task, as the link's reader sees it.
+struct Sender {
+    /// Its stanzas, in order.
+    queue: mpsc::Sender<Element>,
+    /// Its session's MUC state (the rooms it is in).
+    state: Arc<XmppState>,
+    /// Stanzas queued and not yet fully served: counted up here, down by the task when it has
+    /// served one.
+    unserved: Arc<AtomicUsize>,
+}
+
 /// One authenticated link: its outbound queue and its senders.
 struct Link {
     gateway: Arc<Gateway>,
     cfg: ComponentSettings,
     out: mpsc::Sender<String>,
-    /// Each sender's (full JID's) queue of stanzas, served by its own task.
-    senders: HashMap<String, mpsc::Sender<Element>>,
+    /// Each sender (full JID), served by its own task.
+    senders: HashMap<String, Sender>,
     /// Senders opened, for pruning the ended ones now and then.
     opened: u64,
     /// Where senders' tasks report that they are in no room.
@@ -302,8 +314,11 @@ impl Link {
             return self.refuse(&el, &from_text, "cancel", "not-allowed", "only users join rooms and send messages");
         }
         let el = match self.senders.get(&from_text) {
-            Some(tx) => match tx.try_send(el) {
-                Ok(()) => return,
+            Some(sender) => match sender.queue.try_send(el) {
+                Ok(()) => {
+                    sender.unserved.fetch_add(1, Ordering::AcqRel);
+                    return;
+                }
                 Err(mpsc::error::TrySendError::Full(el)) => {
                     return self.refuse(&el, &from_text, "wait", "resource-constraint", "too many stanzas waiting; slow down");
                 }
@@ -312,25 +327,31 @@ impl Link {
             },
             None => el,
         };
-        let tx = self.open(&from);
-        let _ = tx.try_send(el); // a new queue has room
-        self.senders.insert(from_text, tx);
+        let sender = self.open(&from);
+        if sender.queue.try_send(el).is_ok() {
+            sender.unserved.fetch_add(1, Ordering::AcqRel); // a new queue has room
+        }
+        self.senders.insert(from_text, sender);
     }
 
-    /// A sender's task reported that it is in no room: forget it if nothing waits in its
-    /// queue (dropping the queue ends the task, which ends the session). Decided here, where
-    /// the queue is fed, so that no stanza is queued to a task that is ending.
+    /// A sender's task reported that it was in no room: forget it if it still is and has
+    /// served every stanza it was given (dropping the queue ends the task, which ends the
+    /// session). Decided here, where the queue is fed: no stanza is queued to a task that is
+    /// ending, and the sender's next stanza goes to a new task only after the last one was
+    /// served, so one sender's stanzas are served in order. A report that is out of date (the
+    /// sender joined a room since, or has stanzas waiting) changes nothing.
     fn roomless(&mut self, jid: &str) {
-        if self.senders.get(jid).is_some_and(|tx| tx.capacity() == tx.max_capacity()) {
+        let idle = self.senders.get(jid).is_some_and(|s| s.unserved.load(Ordering::Acquire) == 0 && s.state.rooms().is_empty());
+        if idle {
             self.senders.remove(jid);
         }
     }
 
     /// A task serving `jid`'s stanzas as an occupant of its own.
-    fn open(&mut self, jid: &Jid) -> mpsc::Sender<Element> {
+    fn open(&mut self, jid: &Jid) -> Sender {
         self.opened += 1;
         if self.opened.is_multiple_of(1024) {
-            self.senders.retain(|_, tx| !tx.is_closed());
+            self.senders.retain(|_, s| !s.queue.is_closed());
         }
         let settings = &self.gateway.settings;
         let bare = jid.to_bare().to_string();
@@ -342,6 +363,8 @@ impl Link {
         let session = self.gateway.open_session(user, None, None, wire, kill.clone());
         let mut handler = Handler::new(self.gateway.clone(), session.clone(), state.clone());
         let (tx, mut rx) = mpsc::channel::<Element>(SENDER_QUEUE);
+        let unserved = Arc::new(AtomicUsize::new(0));
+        let sender = Sender { queue: tx, state: state.clone(), unserved: unserved.clone() };
         let (gateway, roomless, jid) = (self.gateway.clone(), self.roomless.clone(), jid.to_string());
         tokio::spawn(async move {
             loop {
@@ -352,7 +375,9 @@ impl Link {
                         None => break,
                     },
                 };
-                if let Err(end) = handler.stanza(el).await {
+                let served = handler.stanza(el).await;
+                unserved.fetch_sub(1, Ordering::AcqRel);
+                if let Err(end) = served {
                     tracing::debug!(%jid, ?end, "xmpp component: a sender broke the rules; its session ends");
                     break;
                 }
@@ -363,6 +388,6 @@ impl Link {
             drop(handler);
             gateway.close_session(&session);
         });
-        tx
+        sender
     }
 }
