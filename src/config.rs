@@ -1113,6 +1113,28 @@ mod tests {
         assert_eq!(s.node.data_dir, dir.path().join("stoa-data"));
     }
 
+    /// `[xmpp.component]`: the secret from a file beside the config, the domain defaulting to
+    /// node.service; a mismatched domain, no secret, and a plaintext link off loopback refused.
+    #[test]
+    fn the_xmpp_component_settings_load_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("component-secret"), "s3cret\n").unwrap();
+        let file = dir.path().join("n.toml");
+        let base = "[node]\nservice = \"conference.example.com\"\n[xmpp.component]\nserver = \"127.0.0.1:5347\"\n";
+        std::fs::write(&file, format!("{base}secret_file = \"component-secret\"\n")).unwrap();
+        let s = Settings::load(Some(&file)).unwrap();
+        let c = s.xmpp.component.as_ref().unwrap();
+        assert_eq!((c.secret.as_str(), c.domain.as_str(), c.tls), ("s3cret", "conference.example.com", false));
+        let err = |text: String| Settings::from_toml_str(&text).unwrap_err().to_string();
+        assert!(err(format!("{base}secret = \"x\"\ndomain = \"rooms.example.com\"\n")).contains("node.service"));
+        assert!(err(base.to_owned()).contains("secret"));
+        let remote = "[node]\nservice = \"c.example.com\"\n[xmpp.component]\nserver = \"10.0.0.5:5347\"\nsecret = \"x\"\n";
+        assert!(err(remote.to_owned()).contains("tls = true"));
+        Settings::from_toml_str(&format!("{remote}tls = true\n")).unwrap();
+        Settings::from_toml_str(&format!("{remote}insecure = true\n")).unwrap();
+        assert!(err(format!("{base}secret = \"x\"\n").replace("127.0.0.1:5347", "nowhere")).contains("host:port"));
+    }
+
     /// An unknown key is reported with the file it is in.
     #[test]
     fn an_unknown_key_names_the_file() {
