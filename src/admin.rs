@@ -62,6 +62,10 @@ fn describe_metrics() {
     describe_histogram!("stoa_commit_seconds", "group-commit transaction latency");
     describe_counter!("stoa_commit_failures_total", "group commits that failed (senders got unavailable)");
     describe_counter!("stoa_errors_total", "error answers sent, by protocol code");
+    describe_counter!("stoa_forwarded_requests_total", "room operations sent to the peer, which hosts their rooms");
+    describe_gauge!("stoa_xmpp_parked_sessions", "XMPP sessions waiting to be resumed (XEP-0198)");
+    describe_counter!("stoa_xmpp_resumptions_total", "XMPP sessions resumed (XEP-0198)");
+    describe_gauge!("stoa_xmpp_component_up", "1 while the XMPP component link for the domain is up");
     describe_counter!("stoa_slow_consumers_total", "connections closed because their queue filled or a write took too long");
     describe_counter!("stoa_write_failures_total", "connections closed because a socket write failed");
     describe_counter!("stoa_transport_errors_total", "connections closed for frame-level violations, by kind");
