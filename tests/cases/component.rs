@@ -451,8 +451,9 @@ async fn users_chat_through(db: &TestDb, prosody: HostServer) {
 /// this, so the test plays the server on a raw socket: a refused handshake (Stoa dials again),
 /// then, on the accepted link, a stanza without `from` (dropped), one for another domain
 /// (`item-not-found`), a presence from a server (`not-allowed`), an element that is no stanza
-/// (dropped), a flood from one sender (each answered, or refused with `resource-constraint`),
-/// and after all that the link still serves a disco#info.
+/// (dropped), a flood from one sender (each answered, or refused with `resource-constraint`,
+/// served in order), and after all that the link still serves a disco#info; XML that is not
+/// well-formed ends the stream, and Stoa dials again at once and serves.
 pub async fn bad_input_from_the_host_server_never_ends_the_component_link(db: &TestDb) {
     use crate::cases::xmpp::read_until;
     use sha1::{Digest, Sha1};
@@ -518,6 +519,16 @@ pub async fn bad_input_from_the_host_server_never_ends_the_component_link(db: &T
         .map(|m| m[m.find("id='f").unwrap() + 5..].split('\'').next().unwrap().parse().unwrap())
         .collect();
     assert!(!served.is_empty() && served.windows(2).all(|w| w[0] < w[1]), "one sender's stanzas are served in order: {served:?}");
+
+    // XML that is not well-formed ends the stream (it cannot go on), and Stoa dials again.
+    send(&mut s, "<message from='ann@localhost/x' to='a@b'><body>x</wrong></message>".into()).await;
+    let mut s = accept().await;
+    read_until(&mut s, &format!("to='{service}'>")).await;
+    s.write_all(server_header("third-id").as_bytes()).await.unwrap();
+    read_until(&mut s, "</handshake>").await;
+    s.write_all(b"<handshake/>").await.unwrap();
+    s.write_all(format!("<iq type='get' id='again' from='ann@localhost/x' to='{service}'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>").as_bytes()).await.unwrap();
+    assert!(read_until(&mut s, "http://jabber.org/protocol/muc").await.contains("id='again'"), "the link serves again after it was dialed again");
     node.stop().await;
 }
 
