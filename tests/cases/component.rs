@@ -430,6 +430,8 @@ async fn users_chat_through(db: &TestDb, prosody: HostServer) {
     // Bad addresses: a room that does not exist, a nick that is nobody's.
     let missing = ann.iq(&format!("nosuchroom@{service}"), "<query xmlns='http://jabber.org/protocol/disco#info'/>").await;
     assert_eq!(missing["condition"], "item-not-found", "{missing}");
+    ann.command(json!({"op": "ping", "to": format!("{room}/Ann")})).await;
+    ann.event("self-ping (XEP-0410) through the server", |e| e["event"] == "pong").await;
     ann.command(json!({"op": "ping", "to": format!("{room}/Nobody")})).await;
     let e = ann.event("ping of another nick", |e| e["event"] == "iq_error").await;
     assert_eq!(e["condition"], "not-acceptable", "{e}");
