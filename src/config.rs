@@ -64,6 +64,9 @@ pub struct XmppSettings {
     pub c2s: Option<SocketAddr>,
     /// Let the c2s listener serve without TLS on a non-loopback address (no `[tls]`).
     pub c2s_insecure: bool,
+    /// A second client-to-server listener speaking TLS from the first byte (XEP-0368 direct
+    /// TLS, conventionally port 5223), with the `[tls]` certificate; unset: none.
+    pub c2s_tls: Option<SocketAddr>,
     /// Longest stanza in bytes (a longer one ends the stream with `policy-violation`).
     pub max_stanza_bytes: usize,
     /// Deepest element nesting of a stanza.
@@ -81,6 +84,7 @@ impl Default for XmppSettings {
             domain: "localhost".into(),
             c2s: None,
             c2s_insecure: false,
+            c2s_tls: None,
             max_stanza_bytes: 256 * 1024,
             max_depth: 32,
             resume_timeout_s: 300,
@@ -682,7 +686,7 @@ impl Settings {
     pub fn check(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
         let exposed = |a: &SocketAddr| !a.ip().is_loopback();
-        let xmpp_exposed = self.xmpp.c2s.as_ref().is_some_and(exposed);
+        let xmpp_exposed = self.xmpp.c2s.as_ref().is_some_and(exposed) || self.xmpp.c2s_tls.as_ref().is_some_and(exposed);
         if self.dev_mode && (exposed(&self.listen.client) || exposed(&self.listen.admin) || xmpp_exposed) {
             return invalid(format!(
                 "dev mode (no config file) only binds loopback, but a listener is set to {} / {}; \
@@ -708,6 +712,9 @@ impl Settings {
         }
         if self.node.service.is_empty() || self.node.service.contains('@') {
             return invalid("node.service must be a domain-like alias without '@'".into());
+        }
+        if self.xmpp.c2s_tls.is_some() && !self.tls.enabled() {
+            return invalid("xmpp.c2s_tls (direct TLS) needs [tls] cert_file and key_file".into());
         }
         if let Some(c) = &self.xmpp.component {
             let port_ok = c.server.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));

@@ -32,6 +32,8 @@ pub struct Node {
     pub admin_addr: SocketAddr,
     /// Where the XMPP client-to-server listener is bound (`xmpp.c2s`), if it is on.
     pub xmpp_addr: Option<SocketAddr>,
+    /// Where the direct-TLS c2s listener is bound (`xmpp.c2s_tls`), if it is on.
+    pub xmpp_tls_addr: Option<SocketAddr>,
     /// The listeners' TLS (`[tls]`), for reloading the certificate (SIGHUP).
     tls: Option<crate::tls::ServerTls>,
     shutdown: CancellationToken,
@@ -70,8 +72,8 @@ impl Node {
             })
             .context("spawning the node thread")?;
         match ready_rx.recv() {
-            Ok(Ok(Listening { client_addr, admin_addr, xmpp_addr })) => {
-                Ok(Node { client_addr, admin_addr, xmpp_addr, tls: node_tls, shutdown, thread: Some(thread) })
+            Ok(Ok(Listening { client_addr, admin_addr, xmpp_addr, xmpp_tls_addr })) => {
+                Ok(Node { client_addr, admin_addr, xmpp_addr, xmpp_tls_addr, tls: node_tls, shutdown, thread: Some(thread) })
             }
             Ok(Err(e)) => {
                 let _ = thread.join();
@@ -126,6 +128,7 @@ struct Listening {
     client_addr: SocketAddr,
     admin_addr: SocketAddr,
     xmpp_addr: Option<SocketAddr>,
+    xmpp_tls_addr: Option<SocketAddr>,
 }
 
 type Ready = std::sync::mpsc::Sender<anyhow::Result<Listening>>;
@@ -175,6 +178,10 @@ async fn run(settings: Settings, tls: Option<crate::tls::ServerTls>, shutdown: C
     let admin_listener = bind(&settings.listen.admin.to_string(), "admin", "listen.admin").await?;
     let xmpp_listener = match &settings.xmpp.c2s {
         Some(addr) => Some(bind(&addr.to_string(), "XMPP c2s", "xmpp.c2s").await?),
+        None => None,
+    };
+    let xmpp_tls_listener = match &settings.xmpp.c2s_tls {
+        Some(addr) => Some(bind(&addr.to_string(), "XMPP c2s (direct TLS)", "xmpp.c2s_tls").await?),
         None => None,
     };
     let mut link_listener = match settings.group().filter(|g| g.ha).and_then(|g| g.nodes.iter().find(|n| n.id == settings.node.id)) {
@@ -290,7 +297,12 @@ async fn run(settings: Settings, tls: Option<crate::tls::ServerTls>, shutdown: C
         .with_tls(tls.clone());
     let admin = tokio::spawn(admin::serve(admin_listener, admin_state, shutdown.clone()));
     let xmpp_addr = xmpp_listener.as_ref().map(|l| l.local_addr()).transpose()?;
-    let xmpp = xmpp_listener.map(|l| tokio::spawn(crate::xmpp::c2s::serve(l, gateway.clone(), tls.clone(), resumption.clone(), shutdown.clone())));
+    let xmpp = xmpp_listener.map(|l| tokio::spawn(crate::xmpp::c2s::serve(l, gateway.clone(), tls.clone(), false, resumption.clone(), shutdown.clone())));
+    let xmpp_tls_addr = xmpp_tls_listener.as_ref().map(|l| l.local_addr()).transpose()?;
+    let xmpp_tls = xmpp_tls_listener.map(|l| tokio::spawn(crate::xmpp::c2s::serve(l, gateway.clone(), tls.clone(), true, resumption.clone(), shutdown.clone())));
+    if let Some(addr) = xmpp_tls_addr {
+        tracing::info!(%addr, "xmpp: clients at {addr} (c2s, direct TLS) for the domain {}", settings.xmpp.domain);
+    }
     if let Some(addr) = xmpp_addr {
         let starttls = if tls.is_some() { ", STARTTLS" } else { "" };
         tracing::info!(%addr, "xmpp: clients at {addr} (c2s{starttls}) for the domain {}, rooms at {}", settings.xmpp.domain, settings.node.service);
@@ -309,7 +321,7 @@ async fn run(settings: Settings, tls: Option<crate::tls::ServerTls>, shutdown: C
     });
     let (ws, http) = if tls.is_some() { ("wss", "https") } else { ("ws", "http") };
     tracing::info!(%client_addr, %admin_addr, "listening: clients at {ws}://{client_addr}/ws, admin at {http}://{admin_addr}/");
-    let _ = ready.send(Ok(Listening { client_addr, admin_addr, xmpp_addr }));
+    let _ = ready.send(Ok(Listening { client_addr, admin_addr, xmpp_addr, xmpp_tls_addr }));
     crate::systemd::serving(
         &format!("serving: clients at {ws}://{client_addr}/ws, admin at {http}://{admin_addr}/"),
         gateway.clone(),
@@ -326,6 +338,9 @@ async fn run(settings: Settings, tls: Option<crate::tls::ServerTls>, shutdown: C
         for task in tasks {
             let _ = task.await;
         }
+    }
+    if let Some(xmpp) = xmpp_tls {
+        let _ = xmpp.await;
     }
     if let Some(xmpp) = xmpp {
         let _ = xmpp.await;

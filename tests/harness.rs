@@ -345,6 +345,8 @@ pub struct TestNode {
     pub admin_addr: SocketAddr,
     /// The XMPP c2s listener, when the settings turn it on.
     pub xmpp_addr: Option<SocketAddr>,
+    /// The direct-TLS XMPP c2s listener (`xmpp.c2s_tls`), when the settings turn it on.
+    pub xmpp_tls_addr: Option<SocketAddr>,
     pub token: Option<String>,
 }
 
@@ -357,7 +359,15 @@ impl TestNode {
             .await
             .expect("node start-up task")
             .unwrap_or_else(|e| panic!("node failed to start: {e:#}"));
-        TestNode { client_addr: node.client_addr, admin_addr: node.admin_addr, xmpp_addr: node.xmpp_addr, node: Some(node), token, identity }
+        TestNode {
+            client_addr: node.client_addr,
+            admin_addr: node.admin_addr,
+            xmpp_addr: node.xmpp_addr,
+            xmpp_tls_addr: node.xmpp_tls_addr,
+            node: Some(node),
+            token,
+            identity,
+        }
     }
 
     /// Stop the node and wait until it has shut down.

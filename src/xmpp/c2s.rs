@@ -50,7 +50,9 @@ const MAX_AUTH_FAILURES: u32 = 3;
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serve XMPP clients on `listener` until `shutdown`; returns once every connection ended.
-pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, tls: Option<crate::tls::ServerTls>, resumption: Arc<Resumption>, shutdown: CancellationToken) {
+/// Serve the c2s listener. With `direct`, every connection speaks TLS from its first byte
+/// (XEP-0368, `xmpp.c2s_tls`) and then negotiates as over STARTTLS, without offering it again.
+pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, tls: Option<crate::tls::ServerTls>, direct: bool, resumption: Arc<Resumption>, shutdown: CancellationToken) {
     let limits = &gateway.settings.limits;
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let handshakes = Arc::new(Semaphore::new(limits.max_pending_handshakes));
@@ -74,7 +76,18 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, tls: Option<cra
         let (gateway, shutdown, slots, tls, resumption) = (gateway.clone(), shutdown.clone(), slots.clone(), tls.clone(), resumption.clone());
         tracker.spawn(async move {
             let _ = stream.set_nodelay(true);
-            let mut xio = XmlIo::new(Box::new(stream), &gateway.settings.xmpp);
+            let mut xio = match (direct, &tls) {
+                (true, Some(tls)) => match tls.accept(stream).await {
+                    Ok(stream) => XmlIo::new(Box::new(stream), &gateway.settings.xmpp).secured(),
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "xmpp direct TLS handshake failed");
+                        metrics::counter!("stoa_transport_errors_total", "kind" => "tls").increment(1);
+                        return;
+                    }
+                },
+                (true, None) => return, // refused by the config check: direct TLS needs [tls]
+                (false, _) => XmlIo::new(Box::new(stream), &gateway.settings.xmpp),
+            };
             let bound = match negotiate_in_time(&mut xio, &gateway, tls.as_ref(), peer, &resumption, &shutdown).await {
                 Ok(bound) => bound,
                 Err(end) => return xio.end(end).await,
@@ -109,6 +122,12 @@ impl XmlIo {
     fn new(io: Box<dyn Io>, settings: &crate::config::XmppSettings) -> Self {
         let reader = StreamReader::new(settings.max_stanza_bytes, settings.max_depth);
         XmlIo { io, reader, items: VecDeque::new(), settings: settings.clone(), secure: false, header_sent: false }
+    }
+
+    /// The connection is TLS already (direct TLS): no STARTTLS to offer.
+    fn secured(mut self) -> Self {
+        self.secure = true;
+        self
     }
 }
 

@@ -252,3 +252,47 @@ pub async fn sighup_reloads_the_certificate_of_a_running_process(db: &TestDb) {
     let (ok, out) = run_stoa(&["admin", "--admin", &format!("127.0.0.1:{}", node.admin_addr.port()), "status"]).await;
     assert!(!ok, "stoa admin in plain HTTP against an https admin API must fail: {out}");
 }
+
+/// XMPP direct TLS (XEP-0368, `xmpp.c2s_tls`): a client speaks TLS from the first byte with the
+/// node's certificate, then negotiates as after STARTTLS (no STARTTLS offered again; PLAIN
+/// allowed, the stream being encrypted) and logs in; a plaintext client gets nothing.
+pub async fn xmpp_direct_tls_listener(db: &TestDb) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (pki, _) = Pki::new(db.dir(), "xmpp");
+    let mut settings = db.settings("tls3");
+    pki.apply(&mut settings, &pki.ca_file);
+    settings.xmpp.c2s_tls = Some("127.0.0.1:0".parse().expect("literal"));
+    let node = TestNode::start(settings).await;
+    let addr = node.xmpp_tls_addr.expect("the direct TLS listener");
+
+    let config = stoa::tls::client_config(Some(&pki.ca_file)).expect("client config");
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("a name");
+    let mut tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.expect("the TLS handshake");
+    let open = "<?xml version='1.0'?><stream:stream to='localhost' version='1.0' xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>";
+    tls.write_all(open.as_bytes()).await.unwrap();
+    let read_until = async |tls: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>, needle: &str| {
+        let mut got = String::new();
+        let mut buf = [0u8; 4096];
+        while !got.contains(needle) {
+            let n = tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf)).await.expect("an answer in 10 s").expect("read");
+            assert!(n > 0, "the stream ended before `{needle}`: {got}");
+            got.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        got
+    };
+    let features = read_until(&mut tls, "</stream:features>").await;
+    assert!(!features.contains("starttls"), "no STARTTLS on a TLS connection: {features}");
+    assert!(features.contains("<mechanism>PLAIN</mechanism>") && features.contains("SCRAM-SHA-256"), "{features}");
+    tls.write_all(b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='ANONYMOUS'/>").await.unwrap();
+    let success = read_until(&mut tls, "success").await;
+    assert!(success.contains("<success"), "{success}");
+
+    // A plaintext client on the TLS port gets no XMPP.
+    let mut plain = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    plain.write_all(open.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 1024];
+    let answer = tokio::time::timeout(Duration::from_secs(10), plain.read(&mut buf)).await.expect("closed in 10 s");
+    assert!(!String::from_utf8_lossy(&buf[..answer.unwrap_or(0)]).contains("stream:features"), "no XMPP without TLS");
+    node.stop().await;
+}
