@@ -392,7 +392,12 @@ fn peer_component_wanted(recovery: crate::ha::recovery::Recovery, shutdown: Canc
         loop {
             let backup = recovery.state() == crate::ha::state::NodeState::RunningInBackupMode;
             let peer_up = recovery.link().is_some_and(|l| l.peer().reachable);
-            tx.send_if_modified(|w| std::mem::replace(w, backup && !peer_up) != (backup && !peer_up));
+            let wanted = backup && !peer_up;
+            tx.send_if_modified(|w| {
+                let changed = *w != wanted;
+                *w = wanted;
+                changed
+            });
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
