@@ -11,6 +11,7 @@ use crate::auth::Auth;
 use crate::committer::Committer;
 use crate::ha::gate::WriteGate;
 use crate::ha::recovery::{PeerRef, RecoveryConfig};
+use crate::ha::state::NodeState;
 use crate::config::Settings;
 use crate::registry::RoomRegistry;
 use crate::room::{RoomDeps, RoomLimits};
@@ -307,15 +308,24 @@ async fn run(settings: Settings, tls: Option<crate::tls::ServerTls>, shutdown: C
         let starttls = if tls.is_some() { ", STARTTLS" } else { "" };
         tracing::info!(%addr, "xmpp: clients at {addr} (c2s{starttls}) for the domain {}, rooms at {}", settings.xmpp.domain, settings.node.service);
     }
-    // Stoa as the MUC service of another XMPP server: its own service's link, and in a pair
-    // the peer's while this node serves the peer's rooms and the peer is out of reach.
+    // Stoa as the MUC service of another XMPP server: the node that hosts a service's rooms
+    // holds that service's component link (its own while it serves its rooms; its peer's too
+    // in backup mode, in a pair).
     let component = settings.xmpp.component.clone().map(|c| {
         let always = tokio::sync::watch::Sender::new(true);
-        let mut tasks = vec![tokio::spawn(crate::xmpp::component::run(gateway.clone(), c.clone(), always.subscribe(), shutdown.clone()))];
-        if let (Some((recovery, _)), Some(peer)) = (&recovery, settings.peer()) {
-            let peers = crate::config::ComponentSettings { domain: peer.service.clone(), ..c };
-            let wanted = peer_component_wanted(recovery.clone(), shutdown.clone());
-            tasks.push(tokio::spawn(crate::xmpp::component::run(gateway.clone(), peers, wanted, shutdown.clone())));
+        let (own, peers) = match (&recovery, settings.peer()) {
+            (Some((recovery, _)), Some(peer)) => (
+                component_wanted(recovery.clone(), hosts_own_rooms, shutdown.clone()),
+                Some((
+                    crate::config::ComponentSettings { domain: peer.service.clone(), ..c.clone() },
+                    component_wanted(recovery.clone(), |s| s == NodeState::RunningInBackupMode, shutdown.clone()),
+                )),
+            ),
+            _ => (always.subscribe(), None),
+        };
+        let mut tasks = vec![tokio::spawn(crate::xmpp::component::run(gateway.clone(), c, own, shutdown.clone()))];
+        if let Some((settings, wanted)) = peers {
+            tasks.push(tokio::spawn(crate::xmpp::component::run(gateway.clone(), settings, wanted, shutdown.clone())));
         }
         (always, tasks)
     });
@@ -382,20 +392,32 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-/// Whether this node should hold the component link of its peer's room service: while it serves
-/// the peer's rooms (backup mode) and the peer is out of reach. A peer that is back connects its
-/// own link (the server keeps the newest: `component_conflict_resolve = "kick_old"`), and
-/// forwards what reaches it to this node until the rooms are handed back.
-fn peer_component_wanted(recovery: crate::ha::recovery::Recovery, shutdown: CancellationToken) -> tokio::sync::watch::Receiver<bool> {
-    let (tx, rx) = tokio::sync::watch::channel(false);
+/// Whether a node in `state` serves its own rooms (and so holds its own service's component
+/// link): not while it starts, fails over or is failed over.
+fn hosts_own_rooms(state: NodeState) -> bool {
+    matches!(
+        state,
+        NodeState::Normal
+            | NodeState::TakingOver
+            | NodeState::RunningInBackupMode
+            | NodeState::FallingBack
+            | NodeState::TakingBack
+            | NodeState::RunningInFailedMode
+    )
+}
+
+/// A watch of `wanted(state)` over this node's HA state, checked every 100 ms: whether to hold
+/// a component link. The server keeps the newer of two links for one domain (Prosody's
+/// `component_conflict_resolve = "kick_old"`, ejabberd by default), so the short overlap of a
+/// handover does no harm.
+fn component_wanted(recovery: crate::ha::recovery::Recovery, wanted: fn(NodeState) -> bool, shutdown: CancellationToken) -> tokio::sync::watch::Receiver<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(wanted(recovery.state()));
     tokio::spawn(async move {
         loop {
-            let backup = recovery.state() == crate::ha::state::NodeState::RunningInBackupMode;
-            let peer_up = recovery.link().is_some_and(|l| l.peer().reachable);
-            let wanted = backup && !peer_up;
+            let now = wanted(recovery.state());
             tx.send_if_modified(|w| {
-                let changed = *w != wanted;
-                *w = wanted;
+                let changed = *w != now;
+                *w = now;
                 changed
             });
             tokio::select! {
@@ -406,4 +428,3 @@ fn peer_component_wanted(recovery: crate::ha::recovery::Recovery, shutdown: Canc
     });
     rx
 }
-

@@ -109,6 +109,7 @@ on_postgres! {
     failover::clients_on_the_peer_use_rooms_over_the_link,
     failover::xmpp_clients_on_the_peer_use_rooms_over_the_link,
     component::ejabberd_component_link_over_tls,
+    failover::prosody_users_rejoin_after_a_maintenance_failover,
     tls::xmpp_direct_tls_listener,
     security::a_captured_node_link_hello_cannot_be_replayed,
     operations::ready_is_not_health,

@@ -49,9 +49,9 @@ const SENDER_QUEUE: usize = 64;
 /// How long one write to the server may take before the link counts as broken.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Keep the component link for `settings` up while `wanted` says so, until `shutdown`. A node
-/// wants its own room service's link always; in a pair, it also wants its peer's while it
-/// serves the peer's rooms and the peer is out of reach (node.rs decides, docs/xmpp.md).
+/// Keep the component link for `settings` up while `wanted` says so, until `shutdown`. The node
+/// that hosts a service's rooms holds its link: its own while it serves its rooms, its peer's
+/// in backup mode (node.rs decides, docs/xmpp.md).
 pub async fn run(gateway: Arc<Gateway>, settings: ComponentSettings, mut wanted: watch::Receiver<bool>, shutdown: CancellationToken) {
     let mut backoff = BACKOFF_MIN;
     loop {
@@ -79,7 +79,7 @@ pub async fn run(gateway: Arc<Gateway>, settings: ComponentSettings, mut wanted:
             return;
         }
         if !*wanted.borrow() {
-            tracing::info!(domain = %settings.domain, "xmpp component: link closed (the rooms of {} are served by their own node again)", settings.domain);
+            tracing::info!(domain = %settings.domain, "xmpp component: link closed (this node does not serve the rooms of {} now)", settings.domain);
             backoff = BACKOFF_MIN;
             continue;
         }

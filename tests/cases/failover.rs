@@ -696,13 +696,28 @@ pub async fn xmpp_clients_on_the_peer_use_rooms_over_the_link(db: &TestDb) {
     pair.kill(1);
 }
 
+/// Whether node `i`'s metrics say it holds the component link for `domain`.
+async fn holds_component(pair: &Pair, i: usize, domain: &str) -> bool {
+    let (_, metrics) = crate::harness::http_get(pair.process(i).admin_addr, "/metrics", None).await;
+    metrics.lines().any(|l| l == format!("stoa_xmpp_component_up{{domain=\"{domain}\"}} 1"))
+}
+
+/// Wait until node `i` holds (`true`) or does not hold the component link for `domain`.
+async fn await_component_link(pair: &Pair, i: usize, domain: &str, held: bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while holds_component(pair, i, domain).await != held {
+        assert!(Instant::now() < deadline, "node {} {} the component link for {domain}", IDS[i], if held { "never took" } else { "still holds" });
+        tokio::time::sleep(Duration::from_millis(50)).await; // polling interval, not a wait
+    }
+}
+
 /// Stoa as the room service of a real Prosody, in a pair: both nodes attach to Prosody as
 /// components (each for its own service), users of Prosody chat in a room of 1a, and 1a is
 /// killed (-9). 1b, in backup mode with 1a out of reach, attaches for 1a's service too; the
 /// users rejoin through Prosody, find every acknowledged (reflected) message once and in order
 /// in the archive, and resend the rest with the same origin-ids, stored once. Prints how long
-/// the room was unreachable for them (docs/benchmarks.md). Then 1a comes back: 1b lets go of
-/// 1a's service, and after the fallback the user chats in the room on 1a.
+/// the room was unreachable for them (docs/benchmarks.md). Then 1a comes back: 1b keeps 1a's
+/// service until the fallback hands it back, and the user chats in the room on 1a.
 pub async fn prosody_users_keep_their_room_across_a_kill9_failover(db: &TestDb) {
     use crate::cases::component::{Prosody, SECRET, await_component};
     use crate::cases::xmpp::XmppClient;
@@ -775,19 +790,17 @@ pub async fn prosody_users_keep_their_room_across_a_kill9_failover(db: &TestDb) 
     let expected: Vec<String> = (0..acked + burst).map(|i| format!("m{i}")).collect();
     assert_eq!(bodies, expected, "every message once, in order, after the resend");
 
-    // 1a back: it attaches for its own service again, and 1b lets go of it as soon as it sees
-    // 1a on the node link. After the fallback the user is (again) in the room, served by 1a.
+    // 1a back, failed over: 1b keeps 1a's service until the fallback, then hands it back; the
+    // user is (again) in the room, served by 1a.
     pair.start(0).await;
     pair.await_state(0, "failed_over", DEADLINE).await;
-    let holds_1a = |metrics: &str| !metrics.lines().any(|l| l.starts_with("stoa_xmpp_component_up{domain=\"conference-1a.localhost\"} 0"));
-    let deadline = Instant::now() + DEADLINE;
-    while holds_1a(&crate::harness::http_get(pair.process(1).admin_addr, "/metrics", None).await.1) {
-        assert!(Instant::now() < deadline, "1b still holds 1a's component link with 1a back");
-        tokio::time::sleep(Duration::from_millis(50)).await; // polling interval, not a wait
-    }
+    assert!(holds_component(&pair, 1, "conference-1a.localhost").await, "1b holds 1a's service while it hosts 1a's rooms");
+    assert!(!holds_component(&pair, 0, "conference-1a.localhost").await, "1a, failed over, does not take its service back");
     let answer = pair.call(1, "POST", "/api/nodes/1a/fallback").await;
     assert_eq!(answer.status, 200, "fallback: {}", answer.body);
     pair.await_state(0, "normal", DEADLINE).await;
+    await_component_link(&pair, 1, "conference-1a.localhost", false).await;
+    await_component_link(&pair, 0, "conference-1a.localhost", true).await;
     let back = loop {
         let j = ann.join(&room, "Ann", json!({"timeout": 1})).await;
         if j["event"] == "joined" || killed.elapsed() > DEADLINE * 2 {
@@ -802,6 +815,56 @@ pub async fn prosody_users_keep_their_room_across_a_kill9_failover(db: &TestDb) 
     let stored = db.stored_messages(&room).await;
     assert_eq!(stored.last().map(|m| m.body.as_str()), Some("after the fallback"));
     assert_eq!(stored.len(), acked + burst + 1, "nothing lost or doubled across failover and fallback");
+    ann.quit().await;
+    pair.kill(0);
+    pair.kill(1);
+    prosody.stop().await;
+}
+
+/// A maintenance failover with Stoa behind Prosody: 1a, failed over, lets go of its service's
+/// component link and 1b, in backup mode, takes it; the user of Prosody in 1a's room rejoins
+/// (served by 1b now) and chats, nothing lost.
+pub async fn prosody_users_rejoin_after_a_maintenance_failover(db: &TestDb) {
+    use crate::cases::component::{Prosody, SECRET, await_component};
+    use crate::cases::xmpp::XmppClient;
+    let prosody = Prosody::start(db.dir(), &["conference-1a.localhost", "conference-1b.localhost"]).await;
+    let mut pair = Pair::configure(db, None);
+    for config in &pair.configs {
+        let mut text = std::fs::read_to_string(config).expect("a node config");
+        text.push_str(&format!("\n[xmpp.component]\nserver = \"127.0.0.1:{}\"\nsecret = \"{SECRET}\"\n", prosody.component_port));
+        std::fs::write(config, text).expect("writing a node config");
+    }
+    pair.start(0).await;
+    pair.await_state(0, "normal", DEADLINE).await;
+    pair.start(1).await;
+    pair.await_state(1, "normal", DEADLINE).await;
+    crate::harness::await_admin(pair.process(1).admin_addr, None, "/api/topology", "1b to see 1a", |t| t["peer"]["reachable"] == true).await;
+    let room = create_rooms(&pair, 1).await.remove(0);
+    let mut ann = XmppClient::connect(prosody.c2s, "guest", None).await;
+    await_component(&mut ann, "conference-1a.localhost", || prosody.log()).await;
+    assert_eq!(ann.join(&room, "Ann", json!({})).await["event"], "joined");
+    ann.command(json!({"op": "send", "room": room, "body": "before", "origin_id": "b1"})).await;
+    ann.groupchat("before").await;
+
+    let answer = pair.call(0, "POST", "/api/nodes/1a/failover").await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    pair.await_state(1, "running_in_backup_mode", DEADLINE).await;
+    await_component_link(&pair, 1, "conference-1a.localhost", true).await;
+    await_component_link(&pair, 0, "conference-1a.localhost", false).await;
+    let started = Instant::now();
+    let rejoined = loop {
+        let j = ann.join(&room, "Ann", json!({"timeout": 1})).await;
+        if j["event"] == "joined" || started.elapsed() > DEADLINE {
+            break j;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(rejoined["event"], "joined", "rejoined, served by 1b: {rejoined}\nProsody's log:\n{}", prosody.log());
+    ann.command(json!({"op": "send", "room": room, "body": "after", "origin_id": "a1"})).await;
+    ann.groupchat("after").await;
+    assert_eq!(hosted(db, "1b").await, 1, "1b hosts the room now");
+    let bodies: Vec<String> = db.stored_messages(&room).await.into_iter().map(|m| m.body).collect();
+    assert_eq!(bodies, ["before", "after"]);
     ann.quit().await;
     pair.kill(0);
     pair.kill(1);
