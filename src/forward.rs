@@ -172,8 +172,7 @@ impl crate::gateway::Remote for Forwarder {
 
     /// Does `session` use `room` on the peer?
     fn is_forwarded(&self, session: u64, room: &RoomAddr) -> bool {
-        let forwarding = self.forwarding.lock().expect("forwarding lock");
-        !forwarding.is_empty() && forwarding.get(&session).is_some_and(|rooms| rooms.contains(room))
+        self.forwarding.lock().expect("forwarding lock").get(&session).is_some_and(|rooms| rooms.contains(room))
     }
 
     /// Serve `op` of `session` on the peer and wait for the reply.
@@ -185,6 +184,7 @@ impl crate::gateway::Remote for Forwarder {
             let (tx, rx) = oneshot::channel();
             self.waiting.lock().expect("waiting lock").insert(id, Waiting { session: session.id, reply: tx });
             self.forwarding.lock().expect("forwarding lock").entry(session.id).or_default().insert(op.room().clone());
+            session.mark_uses_peer();
             metrics::counter!("stoa_forwarded_requests_total").increment(1);
             let msg = serde_json::to_string(&Up::Request { id, op }).map_err(|e| {
                 tracing::error!(error = %e, "a room operation does not serialize");

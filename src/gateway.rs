@@ -614,7 +614,7 @@ impl Gateway {
     /// whose host cannot serve it now waits for this node to take it over, and is tried again.
     async fn route(&self, session: &Arc<Session>, op: RoomOp) -> Outcome<Reply> {
         let Some(remote) = self.forwarder() else { return self.serve(session, op).await };
-        if remote.is_forwarded(session.id, op.room()) {
+        if session.uses_peer() && remote.is_forwarded(session.id, op.room()) {
             return remote.request(session, op).await;
         }
         // Kept for a second try, except a post: its room must be joined first, here or (above)

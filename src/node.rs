@@ -315,7 +315,7 @@ async fn run(settings: Settings, tls: Option<crate::tls::ServerTls>, shutdown: C
         let always = tokio::sync::watch::Sender::new(true);
         let (own, peers) = match (&recovery, settings.peer()) {
             (Some((recovery, _)), Some(peer)) => (
-                component_wanted(recovery.clone(), hosts_own_rooms, shutdown.clone()),
+                component_wanted(recovery.clone(), NodeState::hosts_rooms, shutdown.clone()),
                 Some((
                     crate::config::ComponentSettings { domain: peer.service.clone(), ..c.clone() },
                     component_wanted(recovery.clone(), |s| s == NodeState::RunningInBackupMode, shutdown.clone()),
@@ -390,20 +390,6 @@ pub fn redact(url: &str) -> String {
         }
         _ => url.to_owned(),
     }
-}
-
-/// Whether a node in `state` serves its own rooms (and so holds its own service's component
-/// link): not while it starts, fails over or is failed over.
-fn hosts_own_rooms(state: NodeState) -> bool {
-    matches!(
-        state,
-        NodeState::Normal
-            | NodeState::TakingOver
-            | NodeState::RunningInBackupMode
-            | NodeState::FallingBack
-            | NodeState::TakingBack
-            | NodeState::RunningInFailedMode
-    )
 }
 
 /// A watch of `wanted(state)` over this node's HA state, checked every 100 ms: whether to hold

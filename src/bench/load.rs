@@ -371,26 +371,7 @@ pub async fn run(target: &mut Target, shape: &Shape) -> anyhow::Result<Outcome> 
             }
         })
     };
-    let mut alive_check = tokio::time::interval(Duration::from_millis(500));
-    let started = tokio::time::Instant::now();
-    let measure_from = started + shape.warmup + Duration::from_millis(10);
-    let end = measure_from + shape.duration;
-    let mut cpu_start = None;
-    loop {
-        let phase_end = if cpu_start.is_none() { measure_from } else { end };
-        tokio::select! {
-            _ = tokio::time::sleep_until(phase_end) => {
-                if cpu_start.is_none() {
-                    cpu_start = Some(stats::CpuSnapshot::take(target.pid));
-                } else {
-                    break;
-                }
-            }
-            _ = alive_check.tick() => target.check_alive()?,
-        }
-    }
-    let cpu_end = stats::CpuSnapshot::take(target.pid);
-    let cpu = cpu_start.expect("taken at the window start").cores_until(&cpu_end, shape.duration.as_secs_f64());
+    let cpu = stats::measure_window(target.pid, shape.warmup, shape.duration, || target.check_alive()).await?;
     ticker.abort();
     bar.finish_and_clear();
     let server_rss = target.rss_bytes();

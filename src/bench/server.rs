@@ -280,15 +280,7 @@ pub async fn spawn_node(dir: &Path, store_url: &str, args: &TargetArgs, tuning: 
         let (k, v) = kv.split_once('=').with_context(|| format!("--server-env `{kv}` is not KEY=VALUE"))?;
         cmd.env(k, v);
     }
-    // SAFETY: prctl is async-signal-safe; it only asks the kernel to SIGKILL the child when the
-    // thread that spawned it (the bench's main thread, which lives as long as the bench) dies,
-    // so a bench killed with SIGKILL leaves no server behind.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
+    die_with_the_bench(&mut cmd);
     let process = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
     let pid = process.id();
     let mut target = Target {
@@ -327,6 +319,19 @@ fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// Have the kernel SIGKILL the server `cmd` starts when the thread that spawns it (the bench's
+/// main thread, which lives as long as the bench) dies: a bench killed with SIGKILL leaves no
+/// server behind.
+pub fn die_with_the_bench(cmd: &mut tokio::process::Command) {
+    // SAFETY: prctl is async-signal-safe, and this closure does nothing else.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
 }
 
 #[cfg(test)]

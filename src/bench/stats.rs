@@ -171,6 +171,30 @@ pub fn collect() -> Stats {
     total
 }
 
+/// Wait out `warmup` (plus 10 ms), then measure the server `pid`'s CPU over `duration`, checking
+/// every 500 ms that it is still alive (`alive` fails the run if not).
+pub async fn measure_window(pid: Option<u32>, warmup: std::time::Duration, duration: std::time::Duration, mut alive: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<CpuCores> {
+    let mut alive_check = tokio::time::interval(std::time::Duration::from_millis(500));
+    let measure_from = tokio::time::Instant::now() + warmup + std::time::Duration::from_millis(10);
+    let end = measure_from + duration;
+    let mut cpu_start = None;
+    loop {
+        let phase_end = if cpu_start.is_none() { measure_from } else { end };
+        tokio::select! {
+            _ = tokio::time::sleep_until(phase_end) => {
+                if cpu_start.is_none() {
+                    cpu_start = Some(CpuSnapshot::take(pid));
+                } else {
+                    break;
+                }
+            }
+            _ = alive_check.tick() => alive()?,
+        }
+    }
+    let cpu_end = CpuSnapshot::take(pid);
+    Ok(cpu_start.expect("taken at the window start").cores_until(&cpu_end, duration.as_secs_f64()))
+}
+
 /// CPU time used so far by the whole machine (busy, all cores), the server and this process,
 /// in seconds: two snapshots give who used how many cores during the measured window, which
 /// says whether the figure was CPU-bound and whether anything else was running.

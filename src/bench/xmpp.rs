@@ -436,14 +436,7 @@ async fn start_prosody(dir: &Path, bin: &Path, sql: bool) -> anyhow::Result<Node
         .stdout(console.try_clone()?)
         .stderr(console)
         .kill_on_drop(true);
-    // SAFETY: prctl is async-signal-safe; it asks the kernel to SIGKILL Prosody when the bench's
-    // thread that spawned it dies, so a bench killed with SIGKILL leaves no server behind.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
+    server::die_with_the_bench(&mut cmd);
     let child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
     let pid = child.id();
     let version = prosody_version(bin);
@@ -725,25 +718,7 @@ async fn run(node: &mut Node, shape: &Shape) -> anyhow::Result<Outcome> {
     let window_start = start + shape.warmup.as_nanos() as u64;
     stats::set_window(window_start, window_start + shape.duration.as_nanos() as u64);
     start_tx.send(Some(start)).ok();
-    let mut alive_check = tokio::time::interval(Duration::from_millis(500));
-    let measure_from = tokio::time::Instant::now() + shape.warmup + Duration::from_millis(10);
-    let end = measure_from + shape.duration;
-    let mut cpu_start = None;
-    loop {
-        let phase_end = if cpu_start.is_none() { measure_from } else { end };
-        tokio::select! {
-            _ = tokio::time::sleep_until(phase_end) => {
-                if cpu_start.is_none() {
-                    cpu_start = Some(stats::CpuSnapshot::take(node.pid));
-                } else {
-                    break;
-                }
-            }
-            _ = alive_check.tick() => node.check_alive()?,
-        }
-    }
-    let cpu_end = stats::CpuSnapshot::take(node.pid);
-    let cpu = cpu_start.expect("taken at the window start").cores_until(&cpu_end, shape.duration.as_secs_f64());
+    let cpu = stats::measure_window(node.pid, shape.warmup, shape.duration, || node.check_alive()).await?;
     let server_rss = node.rss_bytes();
     stop.cancel();
     let drain = async { while tasks.join_next().await.is_some() {} };

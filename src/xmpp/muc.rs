@@ -141,26 +141,27 @@ impl XmppState {
     /// A client-to-server session of `user`, bound as `jid`.
     pub fn new(jid: String, user: String, domain: String, out: mpsc::Sender<String>) -> Arc<Self> {
         let server = domain.clone();
+        XmppState::with(jid, user, domain, server, false, out)
+    }
+
+    /// An occupant `jid` (of another server) of the component `server`.
+    pub fn for_component(jid: String, user: String, domain: String, server: String, out: mpsc::Sender<String>) -> Arc<Self> {
+        XmppState::with(jid, user, domain, server, true, out)
+    }
+
+    fn with(jid: String, user: String, domain: String, server: String, component: bool, out: mpsc::Sender<String>) -> Arc<Self> {
         Arc::new(XmppState {
             jid,
             user,
             domain,
             server,
-            component: false,
+            component,
             out,
             nicks: Mutex::default(),
             pending: Mutex::default(),
             next_request: AtomicU64::new(1),
             ended: Default::default(),
         })
-    }
-
-    /// An occupant `jid` (of another server) of the component `server`.
-    pub fn for_component(jid: String, user: String, domain: String, server: String, out: mpsc::Sender<String>) -> Arc<Self> {
-        let mut state = Arc::into_inner(XmppState::new(jid, user, domain, out)).expect("just made");
-        state.server = server;
-        state.component = true;
-        Arc::new(state)
     }
 
     /// Queue a stanza.

@@ -294,15 +294,24 @@ fn docs_snippet(lang: &str) -> String {
     section[start..end].to_owned()
 }
 
-/// A Stoa node on `db` attached to the server at `prosody_port` as the component for its room
-/// service.
-async fn attached_node(db: &TestDb, id: &str, prosody_port: u16) -> TestNode {
-    attached_node_with(db, id, prosody_port, |_| {}).await
+/// A room service of the test's own. The in-process nodes of the tests running at once share
+/// one metrics recorder, so each test's component link needs a domain (its metric's label) that
+/// no other test uses: else one node's stop would read as another's link going down.
+fn own_service() -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    format!("conference-t{}.localhost", NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+}
+
+/// A Stoa node on `db` serving `service`, attached to the server at `prosody_port` as the
+/// component for it.
+async fn attached_node(db: &TestDb, service: &str, prosody_port: u16) -> TestNode {
+    attached_node_with(db, service, prosody_port, |_| {}).await
 }
 
 /// [`attached_node`] with more settings.
-async fn attached_node_with(db: &TestDb, id: &str, prosody_port: u16, more: impl FnOnce(&mut stoa::config::Settings)) -> TestNode {
-    let mut s = db.settings(id);
+async fn attached_node_with(db: &TestDb, service: &str, prosody_port: u16, more: impl FnOnce(&mut stoa::config::Settings)) -> TestNode {
+    let mut s = db.settings("c1");
+    s.node.service = service.to_owned();
     s.xmpp.c2s = Some("127.0.0.1:0".parse().expect("literal"));
     s.xmpp.component = Some(stoa::config::ComponentSettings {
         server: format!("127.0.0.1:{prosody_port}"),
@@ -351,29 +360,28 @@ pub async fn await_component(client: &mut XmppClient, service: &str, server_log:
 /// the stored id), get history on join and page the archive (MAM), and leave; bad addresses
 /// get stanza errors and the link stays up.
 pub async fn prosody_users_chat_in_stoa_rooms_through_the_component(db: &TestDb) {
-    let service = db.settings("c1").node.service;
+    let service = own_service();
     let prosody = Prosody::start(db.dir(), &[&service]).await;
-    users_chat_through(db, HostServer::Prosody(prosody)).await;
+    users_chat_through(db, &service, HostServer::Prosody(prosody)).await;
 }
 
 /// The same with ejabberd as the host server.
 pub async fn ejabberd_users_chat_in_stoa_rooms_through_the_component(db: &TestDb) {
-    let service = db.settings("c1").node.service;
+    let service = own_service();
     let ejabberd = Ejabberd::start(&[&service]).await;
-    users_chat_through(db, HostServer::Ejabberd(ejabberd)).await;
+    users_chat_through(db, &service, HostServer::Ejabberd(ejabberd)).await;
 }
 
-async fn users_chat_through(db: &TestDb, prosody: HostServer) {
-    let service = db.settings("c1").node.service;
-    let node = attached_node(db, "c1", prosody.component_port()).await;
-    await_link_up(&node, &service).await;
+async fn users_chat_through(db: &TestDb, service: &str, prosody: HostServer) {
+    let node = attached_node(db, service, prosody.component_port()).await;
+    await_link_up(&node, service).await;
     let room = format!("lobby@{service}");
 
     let mut ann = XmppClient::connect(prosody.c2s(), "guest", None).await;
-    await_component(&mut ann, &service, || prosody.log()).await;
+    await_component(&mut ann, service, || prosody.log()).await;
     if let HostServer::Prosody(_) = prosody {
         let items = ann.iq("localhost", "<query xmlns='http://jabber.org/protocol/disco#items'/>").await;
-        assert!(items["xml"].as_str().is_some_and(|x| x.contains(&service)), "Prosody lists Stoa's service: {items}");
+        assert!(items["xml"].as_str().is_some_and(|x| x.contains(service)), "Prosody lists Stoa's service: {items}");
     }
 
     let joined = ann.join(&room, "Ann", json!({})).await;
@@ -462,8 +470,8 @@ pub async fn bad_input_from_the_host_server_never_ends_the_component_link(db: &T
     use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a loopback port");
     let port = listener.local_addr().expect("bound").port();
-    let node = attached_node(db, "c1", port).await;
-    let service = db.settings("c1").node.service;
+    let service = own_service();
+    let node = attached_node(db, &service, port).await;
     let accept = async || tokio::time::timeout(Duration::from_secs(10), listener.accept()).await.expect("Stoa dials the server in 10 s").expect("accept").0;
     let server_header = |id: &str| {
         format!("<?xml version='1.0'?><stream:stream xmlns='jabber:component:accept' xmlns:stream='http://etherx.jabber.org/streams' from='{service}' id='{id}'>")
@@ -547,11 +555,11 @@ pub async fn ejabberd_component_link_over_tls(db: &TestDb) {
     let key = rcgen::KeyPair::generate().expect("leaf key");
     let cert = leaf.signed_by(&key, &ca).expect("leaf certificate");
 
-    let service = db.settings("c1").node.service;
+    let service = own_service();
     // The chain, leaf first.
     let chain = format!("{}{}", cert.pem(), ca.pem());
     let ejabberd = Ejabberd::start_with(&[&service], Some((chain, key.serialize_pem()))).await;
-    let node = attached_node_with(db, "c1", ejabberd.component_port, |s| {
+    let node = attached_node_with(db, &service, ejabberd.component_port, |s| {
         s.tls.ca_file = Some(ca_file.clone());
         if let Some(c) = s.xmpp.component.as_mut() {
             c.tls = true;

@@ -346,6 +346,12 @@ async fn create_rooms(pair: &Pair, n: usize) -> Vec<String> {
 
 async fn start_pair(db: &TestDb) -> Pair {
     let mut pair = Pair::configure(db, None);
+    start_both(&mut pair).await;
+    pair
+}
+
+/// Start 1a, then 1b, and wait until each sees the other over the link.
+async fn start_both(pair: &mut Pair) {
     pair.start(0).await;
     pair.await_state(0, "normal", DEADLINE).await;
     pair.start(1).await;
@@ -353,7 +359,6 @@ async fn start_pair(db: &TestDb) -> Pair {
     // Each sees the other over the link.
     crate::harness::await_admin(pair.process(0).admin_addr, None, "/api/topology", "1a to see 1b", |t| t["peer"]["reachable"] == true).await;
     crate::harness::await_admin(pair.process(1).admin_addr, None, "/api/topology", "1b to see 1a", |t| t["peer"]["reachable"] == true).await;
-    pair
 }
 
 async fn hosted(db: &TestDb, node: &str) -> u64 {
@@ -696,6 +701,26 @@ pub async fn xmpp_clients_on_the_peer_use_rooms_over_the_link(db: &TestDb) {
     pair.kill(1);
 }
 
+/// A started pair attached to a Prosody of its own as components (each node for its service,
+/// both with the same secret), one room of 1a, and a user of Prosody, `Ann`, in it.
+async fn pair_behind_prosody(db: &TestDb) -> (crate::cases::component::Prosody, Pair, String, crate::cases::xmpp::XmppClient) {
+    use crate::cases::component::{Prosody, SECRET, await_component};
+    use crate::cases::xmpp::XmppClient;
+    let prosody = Prosody::start(db.dir(), &["conference-1a.localhost", "conference-1b.localhost"]).await;
+    let mut pair = Pair::configure(db, None);
+    for config in &pair.configs {
+        let mut text = std::fs::read_to_string(config).expect("a node config");
+        text.push_str(&format!("\n[xmpp.component]\nserver = \"127.0.0.1:{}\"\nsecret = \"{SECRET}\"\n", prosody.component_port));
+        std::fs::write(config, text).expect("writing a node config");
+    }
+    start_both(&mut pair).await;
+    let room = create_rooms(&pair, 1).await.remove(0);
+    let mut ann = XmppClient::connect(prosody.c2s, "guest", None).await;
+    await_component(&mut ann, "conference-1a.localhost", || prosody.log()).await;
+    assert_eq!(ann.join(&room, "Ann", json!({})).await["event"], "joined");
+    (prosody, pair, room, ann)
+}
+
 /// Whether node `i`'s metrics say it holds the component link for `domain`.
 async fn holds_component(pair: &Pair, i: usize, domain: &str) -> bool {
     let (_, metrics) = crate::harness::http_get(pair.process(i).admin_addr, "/metrics", None).await;
@@ -719,25 +744,7 @@ async fn await_component_link(pair: &Pair, i: usize, domain: &str, held: bool) {
 /// the room was unreachable for them (docs/benchmarks.md). Then 1a comes back: 1b keeps 1a's
 /// service until the fallback hands it back, and the user chats in the room on 1a.
 pub async fn prosody_users_keep_their_room_across_a_kill9_failover(db: &TestDb) {
-    use crate::cases::component::{Prosody, SECRET, await_component};
-    use crate::cases::xmpp::XmppClient;
-    let prosody = Prosody::start(db.dir(), &["conference-1a.localhost", "conference-1b.localhost"]).await;
-    let mut pair = Pair::configure(db, None);
-    for config in &pair.configs {
-        let mut text = std::fs::read_to_string(config).expect("a node config");
-        text.push_str(&format!("\n[xmpp.component]\nserver = \"127.0.0.1:{}\"\nsecret = \"{SECRET}\"\n", prosody.component_port));
-        std::fs::write(config, text).expect("writing a node config");
-    }
-    pair.start(0).await;
-    pair.await_state(0, "normal", DEADLINE).await;
-    pair.start(1).await;
-    pair.await_state(1, "normal", DEADLINE).await;
-    crate::harness::await_admin(pair.process(1).admin_addr, None, "/api/topology", "1b to see 1a", |t| t["peer"]["reachable"] == true).await;
-    let room = create_rooms(&pair, 1).await.remove(0);
-
-    let mut ann = XmppClient::connect(prosody.c2s, "guest", None).await;
-    await_component(&mut ann, "conference-1a.localhost", || prosody.log()).await;
-    assert_eq!(ann.join(&room, "Ann", json!({})).await["event"], "joined");
+    let (prosody, mut pair, room, mut ann) = pair_behind_prosody(db).await;
     let acked = 20;
     for i in 0..acked {
         ann.command(json!({"op": "send", "room": room, "body": format!("m{i}"), "origin_id": format!("o{i}")})).await;
@@ -825,31 +832,16 @@ pub async fn prosody_users_keep_their_room_across_a_kill9_failover(db: &TestDb) 
 /// component link and 1b, in backup mode, takes it; the user of Prosody in 1a's room rejoins
 /// (served by 1b now) and chats, nothing lost.
 pub async fn prosody_users_rejoin_after_a_maintenance_failover(db: &TestDb) {
-    use crate::cases::component::{Prosody, SECRET, await_component};
-    use crate::cases::xmpp::XmppClient;
-    let prosody = Prosody::start(db.dir(), &["conference-1a.localhost", "conference-1b.localhost"]).await;
-    let mut pair = Pair::configure(db, None);
-    for config in &pair.configs {
-        let mut text = std::fs::read_to_string(config).expect("a node config");
-        text.push_str(&format!("\n[xmpp.component]\nserver = \"127.0.0.1:{}\"\nsecret = \"{SECRET}\"\n", prosody.component_port));
-        std::fs::write(config, text).expect("writing a node config");
-    }
-    pair.start(0).await;
-    pair.await_state(0, "normal", DEADLINE).await;
-    pair.start(1).await;
-    pair.await_state(1, "normal", DEADLINE).await;
-    crate::harness::await_admin(pair.process(1).admin_addr, None, "/api/topology", "1b to see 1a", |t| t["peer"]["reachable"] == true).await;
-    let room = create_rooms(&pair, 1).await.remove(0);
-    let mut ann = XmppClient::connect(prosody.c2s, "guest", None).await;
-    await_component(&mut ann, "conference-1a.localhost", || prosody.log()).await;
-    assert_eq!(ann.join(&room, "Ann", json!({})).await["event"], "joined");
+    let (prosody, mut pair, room, mut ann) = pair_behind_prosody(db).await;
     ann.command(json!({"op": "send", "room": room, "body": "before", "origin_id": "b1"})).await;
     ann.groupchat("before").await;
 
+    let asked = Instant::now();
     let answer = pair.call(0, "POST", "/api/nodes/1a/failover").await;
     assert_eq!(answer.status, 200, "{}", answer.body);
     pair.await_state(1, "running_in_backup_mode", DEADLINE).await;
     await_component_link(&pair, 1, "conference-1a.localhost", true).await;
+    eprintln!("component: maintenance failover of 1a → 1b holds 1a's service after {} ms", asked.elapsed().as_millis());
     await_component_link(&pair, 0, "conference-1a.localhost", false).await;
     let started = Instant::now();
     let rejoined = loop {
@@ -860,6 +852,7 @@ pub async fn prosody_users_rejoin_after_a_maintenance_failover(db: &TestDb) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(rejoined["event"], "joined", "rejoined, served by 1b: {rejoined}\nProsody's log:\n{}", prosody.log());
+    eprintln!("component: maintenance failover of 1a → the user back in the room after {} ms", asked.elapsed().as_millis());
     ann.command(json!({"op": "send", "room": room, "body": "after", "origin_id": "a1"})).await;
     ann.groupchat("after").await;
     assert_eq!(hosted(db, "1b").await, 1, "1b hosts the room now");
