@@ -305,7 +305,7 @@ async fn rooms(State(state): State<AdminState>, page: Result<Query<Page>, axum::
 }
 
 async fn room(State(state): State<AdminState>, Path(room): Path<String>) -> Response {
-    let addr = crate::protocol::RoomAddr(room);
+    let addr = crate::ids::RoomAddr(room);
     let row = match state.store.load_room(&addr).await {
         Ok(Some(row)) => row,
         Ok(None) => return (StatusCode::NOT_FOUND, Json(json!({"error": "not_found"}))).into_response(),
@@ -336,7 +336,7 @@ async fn topology(State(state): State<AdminState>) -> Json<serde_json::Value> {
     for g in &state.settings.cluster.groups {
         let mut nodes = Vec::new();
         for n in &g.nodes {
-            let lease = match crate::ha::lease::read(&state.store, &crate::store::NodeId(n.id.clone())).await {
+            let lease = match state.store.lease(&crate::ids::NodeId(n.id.clone())).await {
                 Ok(Some(l)) => json!({"holder": l.holder, "expired": l.expired, "remaining_ms": l.remaining_ms}),
                 Ok(None) => serde_json::Value::Null,
                 Err(e) => json!({"error": e.to_string()}),
@@ -360,17 +360,16 @@ async fn topology(State(state): State<AdminState>) -> Json<serde_json::Value> {
 /// One node as this node sees it: its recovery state (its own status for this node; the
 /// heartbeat and the store's record for the peer), rooms it hosts, users connected here.
 async fn node_view(state: &AdminState, id: &str) -> serde_json::Value {
-    use crate::ha::fencing;
-    let node = crate::store::NodeId(id.to_owned());
-    let hosted = fencing::hosted_by(&state.store, &node).await.ok();
-    let recorded = fencing::last_state(&state.store, &node).await.ok().flatten();
+    let node = crate::ids::NodeId(id.to_owned());
+    let hosted = state.store.rooms_hosted_by(&node).await.ok();
+    let recorded = state.store.last_node_state(&node).await.ok().flatten();
     let me = id == state.settings.node.id;
     let (recovery_state, reason, since_ms) = match (me, state.recovery.as_ref(), &recorded) {
         (true, Some(r), _) => {
             let s = r.status();
             (json!(s.state), json!(s.reason), json!(s.since_ms))
         }
-        (_, _, Some((st, reason, at))) => (json!(st), json!(reason), json!(at)),
+        (_, _, Some(r)) => (json!(r.state), json!(r.reason), json!(r.at_ms)),
         _ => (json!(null), json!(null), json!(null)),
     };
     let peer = state.link.as_ref().map(|l| l.peer()).filter(|p| p.id == id);
@@ -408,7 +407,7 @@ async fn node_status(State(state): State<AdminState>, Path(node): Path<String>) 
             .into_response();
     }
     let mut view = node_view(&state, &node).await;
-    if let Ok(Some(l)) = crate::ha::lease::read(&state.store, &crate::store::NodeId(node.clone())).await {
+    if let Ok(Some(l)) = state.store.lease(&crate::ids::NodeId(node.clone())).await {
         view["lease"] = json!({"holder": l.holder, "expired": l.expired, "remaining_ms": l.remaining_ms});
     }
     Json(view).into_response()

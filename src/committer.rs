@@ -8,9 +8,10 @@
 //! optional `max_batch_delay_us` gather), with up to `max_in_flight` transactions at once (one on
 //! SQLite). Each request's answer is sent only after its transaction committed.
 
+use crate::ids::RoomId;
 use crate::config::CommitterSettings;
 use crate::ha::gate::WriteGate;
-use crate::store::{AppendError, AppendRequest, Appended, RoomId, Store, StoreKind};
+use crate::store::{AppendError, AppendRequest, Appended, Store, StoreKind};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

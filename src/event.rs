@@ -9,7 +9,8 @@
 //! A leaf module: ids and data types only, so the room (below the front ends) can name it and
 //! every front end (above the room) can implement it.
 
-use crate::protocol::{Affiliation, ErrorCode, OccupantInfo, RequestId, RoomAddr, RoomConfig};
+use crate::ids::{RoomAddr, SessionId};
+use crate::protocol::{Affiliation, ErrorCode, OccupantInfo, RequestId, RoomConfig};
 use serde::{Deserialize, Serialize};
 use std::any::Any;
 use std::sync::{Arc, OnceLock};
@@ -149,7 +150,7 @@ mod replay {
 /// session whose queue is full disconnects itself (slow consumer).
 pub trait Occupant: Send + Sync {
     /// The session's id, unique per node process.
-    fn id(&self) -> u64;
+    fn id(&self) -> SessionId;
     /// The logged-in user name.
     fn user(&self) -> &str;
     /// An event for everyone in the room.

@@ -19,17 +19,17 @@
 //! naming B itself: the clients resume (rejoin, resend by `cid` or origin-id), and find the
 //! rooms local after a takeover, or forwarded again once the link is back.
 
+use crate::ids::{NodeId, RoomAddr, SessionId};
 use crate::event::{Delivery, Occupant, Protocol, RoomAnswer, RoomEvent};
 use crate::gateway::{Failure, Gateway, Outcome, Reply, RoomOp};
 use crate::ha::link::{Inbound, Link, PeerCommand};
-use crate::ha::recovery::Recovery;
-use crate::protocol::{ErrorCode, RoomAddr};
+use crate::ha::recovery::{Recovery, StateWatch};
+use crate::protocol::ErrorCode;
 use crate::session::{Queued, Session, Wire};
-use crate::store::NodeId;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -66,90 +66,58 @@ enum Down {
 
 /// A forwarded operation waiting for its reply: the session that sent it, and where to put it.
 struct Waiting {
-    session: u64,
+    session: SessionId,
     reply: oneshot::Sender<Outcome<Reply>>,
 }
 
-/// Both directions of forwarding for one node.
+/// This node's sessions' side of forwarding: the operations it sends the peer and the
+/// sessions using rooms there. It is the gateway's [`crate::gateway::Remote`]; what the peer
+/// sends back arrives through [`PeerSide`].
 pub struct Forwarder {
-    me: Weak<Forwarder>,
-    gateway: Arc<Gateway>,
     peer: NodeId,
-    /// This node's client URL, named in `goaway` when forwarded rooms are cut off.
-    my_url: String,
-    link: OnceLock<Link>,
-    recovery: OnceLock<Recovery>,
-    /// The peer's sessions this node serves rooms for: peer session id → its stand-in's queue.
-    hosted: Mutex<HashMap<u64, mpsc::UnboundedSender<(u64, RoomOp)>>>,
+    link: Link,
+    /// Whether and when this node takes the peer's rooms over.
+    watch: StateWatch,
     /// This node's sessions using rooms on the peer: session id → those rooms.
-    forwarding: Mutex<HashMap<u64, HashSet<RoomAddr>>>,
+    forwarding: Mutex<HashMap<SessionId, HashSet<RoomAddr>>>,
     /// Forwarded operations waiting for their reply, by request id.
     waiting: Mutex<HashMap<u64, Waiting>>,
     next_request: AtomicU64,
 }
 
 impl Forwarder {
-    pub fn new(gateway: Arc<Gateway>, peer: NodeId, my_url: String) -> Arc<Forwarder> {
-        Arc::new_cyclic(|me| Forwarder {
-            me: me.clone(),
-            gateway,
+    pub fn new(peer: NodeId, link: Link, watch: StateWatch) -> Arc<Forwarder> {
+        Arc::new(Forwarder {
             peer,
-            my_url,
-            link: OnceLock::new(),
-            recovery: OnceLock::new(),
-            hosted: Mutex::new(HashMap::new()),
+            link,
+            watch,
             forwarding: Mutex::new(HashMap::new()),
             waiting: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
         })
     }
 
-    /// Attach the link and the recovery manager (once, at start-up). After each takeover by
-    /// this node, forwarding is reset: the rooms are local now.
-    pub fn attach(&self, link: Link, recovery: Recovery) {
-        let mut takeovers = recovery.takeovers();
-        let _ = self.link.set(link);
-        let _ = self.recovery.set(recovery);
-        let me = self.me.clone();
-        tokio::spawn(async move {
-            while takeovers.changed().await.is_ok() {
-                match me.upgrade() {
-                    Some(f) => f.reset("this node took over the rooms you used through its peer; resume"),
-                    None => return,
-                }
-            }
-        });
-    }
-
     /// May a room hosted by `host` be forwarded now (the host is the peer, reachable, and
     /// serving rooms)?
     fn can_forward_now(&self, host: &NodeId) -> bool {
-        *host == self.peer && self.link.get().is_some_and(|l| {
-            let p = l.peer();
-            p.reachable && p.hosting
-        })
+        let p = self.link.peer();
+        *host == self.peer && p.reachable && p.hosting
     }
 
-    /// Drop the peer's stand-ins here, fail the operations waiting for the peer, and send this
-    /// node's sessions that use rooms on the peer `goaway` naming this node, so they resume
-    /// cleanly.
-    fn reset(&self, reason: &str) {
-        self.hosted.lock().expect("hosted lock").clear();
+    /// Forget every forwarding and fail the operations waiting for the peer; returns the
+    /// sessions that used rooms on the peer (they are to be sent `goaway`).
+    fn cut_off(&self) -> Vec<SessionId> {
         // Dropping the reply senders fails the waiting operations with `unavailable`.
         self.waiting.lock().expect("waiting lock").clear();
-        let sessions: Vec<u64> = self.forwarding.lock().expect("forwarding lock").drain().map(|(id, _)| id).collect();
-        if !sessions.is_empty() {
-            tracing::info!(sessions = sessions.len(), "forwarding reset: sessions with rooms on the peer resume here");
-            self.gateway.goaway_sessions(&sessions, reason, Some(self.my_url.clone()));
-        }
+        self.forwarding.lock().expect("forwarding lock").drain().map(|(id, _)| id).collect()
     }
+}
 
-    /// Send `down` to the peer's session `session`.
-    fn send_down(link: &Link, session: u64, down: &Down) {
-        match serde_json::to_string(down) {
-            Ok(msg) => link.to_session(session, msg),
-            Err(e) => tracing::error!(error = %e, "a message for the peer's session does not serialize"),
-        }
+/// Send `down` to the peer's session `session`.
+fn send_down(link: &Link, session: SessionId, down: &Down) {
+    match serde_json::to_string(down) {
+        Ok(msg) => link.to_session(session, msg),
+        Err(e) => tracing::error!(error = %e, "a message for the peer's session does not serialize"),
     }
 }
 
@@ -165,13 +133,12 @@ impl crate::gateway::Remote for Forwarder {
             if *host != self.peer || self.can_forward_now(host) {
                 return false;
             }
-            let Some(recovery) = self.recovery.get() else { return false };
-            recovery.await_takeover(TAKEOVER_WAIT).await
+            self.watch.await_takeover(TAKEOVER_WAIT).await
         })
     }
 
     /// Does `session` use `room` on the peer?
-    fn is_forwarded(&self, session: u64, room: &RoomAddr) -> bool {
+    fn is_forwarded(&self, session: SessionId, room: &RoomAddr) -> bool {
         self.forwarding.lock().expect("forwarding lock").get(&session).is_some_and(|rooms| rooms.contains(room))
     }
 
@@ -179,7 +146,6 @@ impl crate::gateway::Remote for Forwarder {
     fn request<'a>(&'a self, session: &'a Arc<Session>, op: RoomOp) -> futures_util::future::BoxFuture<'a, Outcome<Reply>> {
         Box::pin(async move {
             let gone = || Failure::new(ErrorCode::Unavailable, "the node serving this room went away; retry");
-            let Some(link) = self.link.get() else { return Err(gone()) };
             let id = self.next_request.fetch_add(1, Ordering::Relaxed);
             let (tx, rx) = oneshot::channel();
             self.waiting.lock().expect("waiting lock").insert(id, Waiting { session: session.id, reply: tx });
@@ -190,7 +156,7 @@ impl crate::gateway::Remote for Forwarder {
                 tracing::error!(error = %e, "a room operation does not serialize");
                 Failure::new(ErrorCode::Internal, "internal error")
             })?;
-            link.to_host(session.id, &session.user, msg);
+            self.link.to_host(session.id, &session.user, msg);
             match tokio::time::timeout(REPLY_TIMEOUT, rx).await {
                 Ok(Ok(result)) => result,
                 Ok(Err(_)) => Err(gone()),
@@ -203,11 +169,11 @@ impl crate::gateway::Remote for Forwarder {
     }
 
     /// A session of this node ended: the peer may drop its stand-in.
-    fn session_closed(&self, session: u64) {
+    fn session_closed(&self, session: SessionId) {
         let had = self.forwarding.lock().expect("forwarding lock").remove(&session).is_some();
         self.waiting.lock().expect("waiting lock").retain(|_, w| w.session != session);
-        if had && let Some(link) = self.link.get() {
-            link.session_gone(session);
+        if had {
+            self.link.session_gone(session);
         }
     }
 }
@@ -216,7 +182,7 @@ impl crate::gateway::Remote for Forwarder {
 struct LinkWire {
     link: Link,
     /// The session's id on the peer.
-    session: u64,
+    session: SessionId,
 }
 
 impl Wire for LinkWire {
@@ -230,20 +196,63 @@ impl Wire for LinkWire {
     }
 
     fn answer(&self, answer: RoomAnswer) -> Queued {
-        Forwarder::send_down(&self.link, self.session, &Down::Answer { answer });
+        send_down(&self.link, self.session, &Down::Answer { answer });
         Queued::Yes
     }
 
     fn goaway(&self, reason: &str, to: Option<&str>) -> Queued {
-        Forwarder::send_down(&self.link, self.session, &Down::Goaway { reason: reason.to_owned(), to: to.map(str::to_owned) });
+        send_down(&self.link, self.session, &Down::Goaway { reason: reason.to_owned(), to: to.map(str::to_owned) });
         Queued::Yes
     }
 }
 
-impl Forwarder {
+/// What the peer sends this node, served: operations of the peer's sessions on rooms hosted
+/// here (each session gets a stand-in), replies and events for this node's own sessions, and
+/// the peer's admin requests. The link's [`Inbound`]; made after the gateway and the recovery
+/// manager, which it hands things to.
+pub struct PeerSide {
+    me: Weak<PeerSide>,
+    forwarder: Arc<Forwarder>,
+    gateway: Arc<Gateway>,
+    recovery: Recovery,
+    /// This node's client URL, named in `goaway` when forwarded rooms are cut off.
+    my_url: String,
+    /// The peer's sessions this node serves rooms for: peer session id → its stand-in's queue.
+    hosted: Mutex<HashMap<SessionId, mpsc::UnboundedSender<(u64, RoomOp)>>>,
+}
+
+impl PeerSide {
+    /// After each takeover by this node, forwarding is reset: the rooms are local now.
+    pub fn new(forwarder: Arc<Forwarder>, gateway: Arc<Gateway>, recovery: Recovery, my_url: String) -> Arc<PeerSide> {
+        let mut takeovers = forwarder.watch.takeovers();
+        let side = Arc::new_cyclic(|me| PeerSide { me: me.clone(), forwarder, gateway, recovery, my_url, hosted: Mutex::new(HashMap::new()) });
+        let me = Arc::downgrade(&side);
+        tokio::spawn(async move {
+            while takeovers.changed().await.is_ok() {
+                match me.upgrade() {
+                    Some(side) => side.reset("this node took over the rooms you used through its peer; resume"),
+                    None => return,
+                }
+            }
+        });
+        side
+    }
+
+    /// Drop the peer's stand-ins here, fail the operations waiting for the peer, and send this
+    /// node's sessions that use rooms on the peer `goaway` naming this node, so they resume
+    /// cleanly.
+    fn reset(&self, reason: &str) {
+        self.hosted.lock().expect("hosted lock").clear();
+        let sessions = self.forwarder.cut_off();
+        if !sessions.is_empty() {
+            tracing::info!(sessions = sessions.len(), "forwarding reset: sessions with rooms on the peer resume here");
+            self.gateway.goaway_sessions(&sessions, reason, Some(self.my_url.clone()));
+        }
+    }
+
     /// Start serving the peer's session `session` of `user`: a stand-in session whose wire is
     /// the link, serving the operations it is sent one at a time and replying over the link.
-    fn open_stand_in(&self, session: u64, user: String, link: Link) -> mpsc::UnboundedSender<(u64, RoomOp)> {
+    fn open_stand_in(&self, session: SessionId, user: String, link: Link) -> mpsc::UnboundedSender<(u64, RoomOp)> {
         let (ops_tx, mut ops) = mpsc::unbounded_channel::<(u64, RoomOp)>();
         let kill = CancellationToken::new();
         let wire = Box::new(LinkWire { link: link.clone(), session });
@@ -256,7 +265,7 @@ impl Forwarder {
                     op = ops.recv() => match op {
                         Some((id, op)) => {
                             let result = gateway.serve(&stand_in, op).await;
-                            Forwarder::send_down(&link, session, &Down::Reply { id, result });
+                            send_down(&link, session, &Down::Reply { id, result });
                         }
                         None => break,
                     },
@@ -265,7 +274,7 @@ impl Forwarder {
                         // not think it is still in its rooms.
                         if stand_in.killed_for() != Some(crate::session::KillReason::Moved) {
                             let reason = "the node serving your rooms ended your session there; resume";
-                            Forwarder::send_down(&link, session, &Down::Goaway { reason: reason.to_owned(), to: None });
+                            send_down(&link, session, &Down::Goaway { reason: reason.to_owned(), to: None });
                         }
                         break;
                     }
@@ -283,8 +292,7 @@ impl Forwarder {
     }
 
     /// Hand `msg` from the peer's session to its stand-in (opened on first use).
-    fn serve_peer_session(&self, session: u64, user: String, msg: &str) {
-        let Some(link) = self.link.get() else { return };
+    fn serve_peer_session(&self, session: SessionId, user: String, msg: &str) {
         let Up::Request { id, op } = match serde_json::from_str::<Up>(msg) {
             Ok(up) => up,
             Err(e) => {
@@ -296,7 +304,7 @@ impl Forwarder {
         let tx = match hosted.get(&session) {
             Some(tx) if !tx.is_closed() => tx.clone(),
             _ => {
-                let tx = self.open_stand_in(session, user, link.clone());
+                let tx = self.open_stand_in(session, user, self.forwarder.link.clone());
                 hosted.insert(session, tx.clone());
                 tx
             }
@@ -305,7 +313,7 @@ impl Forwarder {
     }
 
     /// Hand `msg` from the peer (about the rooms it hosts) to this node's session.
-    fn to_own_session(&self, session: u64, msg: &str) {
+    fn to_own_session(&self, session: SessionId, msg: &str) {
         let down = match serde_json::from_str::<Down>(msg) {
             Ok(d) => d,
             Err(e) => {
@@ -314,23 +322,21 @@ impl Forwarder {
             }
         };
         if let Down::Reply { id, result } = down {
-            if let Some(w) = self.waiting.lock().expect("waiting lock").remove(&id) {
+            if let Some(w) = self.forwarder.waiting.lock().expect("waiting lock").remove(&id) {
                 let _ = w.reply.send(result);
             }
             return;
         }
         let Some(s) = self.gateway.session(session) else {
             // The session is gone here: the peer may drop its stand-in.
-            if let Some(link) = self.link.get() {
-                link.session_gone(session);
-            }
+            self.forwarder.link.session_gone(session);
             return;
         };
         match down {
             Down::Event { event } => s.deliver(&Delivery::new(event)),
             Down::Answer { answer } => s.answer(answer),
             Down::Goaway { reason, to } => {
-                self.forwarding.lock().expect("forwarding lock").remove(&session);
+                self.forwarder.forwarding.lock().expect("forwarding lock").remove(&session);
                 self.gateway.goaway_sessions(&[session], &reason, Some(to.unwrap_or_else(|| self.my_url.clone())));
             }
             Down::Reply { .. } => unreachable!("handled above"),
@@ -338,23 +344,21 @@ impl Forwarder {
     }
 }
 
-impl Inbound for Forwarder {
+impl Inbound for PeerSide {
     fn command(&self, id: u64, command: PeerCommand) {
-        if let Some(r) = self.recovery.get() {
-            r.from_peer(id, command);
-        }
+        self.recovery.from_peer(id, command);
     }
 
-    fn to_host(&self, session: u64, user: String, msg: String) {
+    fn to_host(&self, session: SessionId, user: String, msg: String) {
         self.serve_peer_session(session, user, &msg);
     }
 
-    fn session_gone(&self, session: u64) {
+    fn session_gone(&self, session: SessionId) {
         // Dropping the sender ends the stand-in (it leaves its rooms).
         self.hosted.lock().expect("hosted lock").remove(&session);
     }
 
-    fn to_session(&self, session: u64, msg: String) {
+    fn to_session(&self, session: SessionId, msg: String) {
         self.to_own_session(session, &msg);
     }
 

@@ -17,19 +17,20 @@
 //! The gateway also keeps the node's table of live sessions (for `goaway` on failover, the
 //! admin's session list and kick) and whether the node takes logins at all.
 
+use crate::ids::{NodeId, RoomAddr, SessionId};
 use crate::auth::{Auth, AuthError, LoggedIn};
 use crate::config::Settings;
 use crate::event::ChatMessage;
-use crate::protocol::{Affiliation, ClientMsgId, ErrorCode, RequestId, RoomAddr, RoomConfig, RoomConfigPatch, RoomSummary};
+use crate::protocol::{Affiliation, ClientMsgId, ErrorCode, RequestId, RoomConfig, RoomConfigPatch, RoomSummary};
 use crate::registry::RoomRegistry;
 use crate::room::{self, RoomError};
 use crate::session::{KillReason, Session, Wire};
-use crate::store::{NodeId, Store};
+use crate::store::Store;
 use crate::auth::scram::{Credentials, Hash};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -55,13 +56,13 @@ pub trait Remote: Send + Sync {
     /// `host` cannot serve now: wait for this node to take its rooms over; true if it did.
     fn await_takeover<'a>(&'a self, host: &'a NodeId) -> futures_util::future::BoxFuture<'a, bool>;
     /// Does `session` use `room` on the other node?
-    fn is_forwarded(&self, session: u64, room: &RoomAddr) -> bool;
+    fn is_forwarded(&self, session: SessionId, room: &RoomAddr) -> bool;
     /// Serve `op` of `session` on the other node and wait for its outcome. Answers and events
     /// of the room reach the session's wire meanwhile, in the room's order. Fails with
     /// `unavailable` (never hangs) when the other node goes away or does not answer in time.
     fn request<'a>(&'a self, session: &'a Arc<Session>, op: RoomOp) -> futures_util::future::BoxFuture<'a, Outcome<Reply>>;
     /// A session of this node ended.
-    fn session_closed(&self, session: u64);
+    fn session_closed(&self, session: SessionId);
 }
 
 /// An operation on a room: what [`Gateway::serve`] does here and [`Remote::request`] asks of
@@ -261,12 +262,12 @@ pub struct Gateway {
     next_session: AtomicU64,
     connections: AtomicI64,
     /// Logged-in sessions, so the node can send them all `goaway` (failover).
-    sessions: Mutex<HashMap<u64, Weak<Session>>>,
+    sessions: Mutex<HashMap<SessionId, Weak<Session>>>,
     /// Whether logins are taken (off while the `router` service is stopped or the node is
     /// failed over).
     accepting: tokio::sync::watch::Sender<bool>,
-    /// Forwarding to the peer over the node link (HA pairs), set once at start-up.
-    forwarder: OnceLock<Weak<dyn Remote>>,
+    /// Forwarding to the peer over the node link (HA pairs).
+    forwarder: Option<Arc<dyn Remote>>,
     /// Since when every `accept` on the client listener has failed (the `router` probe).
     accept_failing_since: Mutex<Option<Instant>>,
     /// Failed logins per user name and source address, across connections.
@@ -276,7 +277,8 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub fn new(settings: Arc<Settings>, registry: RoomRegistry, store: Store, auth: Auth) -> Self {
+    /// The gateway of a node; `forwarder` serves rooms hosted by the peer (in a pair).
+    pub fn new(settings: Arc<Settings>, registry: RoomRegistry, store: Store, auth: Auth, forwarder: Option<Arc<dyn Remote>>) -> Self {
         use crate::throttle::{Policy, Throttle};
         let window = Duration::from_secs(settings.auth.login_failure_window_s);
         let login_failures = Throttle::new(
@@ -301,7 +303,7 @@ impl Gateway {
             connections: Default::default(),
             sessions: Default::default(),
             accepting: tokio::sync::watch::Sender::new(true),
-            forwarder: OnceLock::new(),
+            forwarder,
             accept_failing_since: Mutex::new(None),
         }
     }
@@ -341,15 +343,9 @@ impl Gateway {
         self.accept_failing_since.lock().expect("accept probe lock").is_none_or(|t| t.elapsed() < Duration::from_secs(1))
     }
 
-    /// Attach the forwarder (once, at start-up: it needs this gateway for its virtual
-    /// connections, and this gateway needs it for rooms of the peer).
-    pub fn set_forwarder(&self, forwarder: Weak<dyn Remote>) {
-        let _ = self.forwarder.set(forwarder);
-    }
-
     /// Forwarding to the peer, in a pair.
-    pub fn forwarder(&self) -> Option<Arc<dyn Remote>> {
-        self.forwarder.get().and_then(Weak::upgrade)
+    pub fn forwarder(&self) -> Option<&Arc<dyn Remote>> {
+        self.forwarder.as_ref()
     }
 
     /// Take logins (again), or refuse them with `unavailable` (clients then try the peer).
@@ -372,7 +368,7 @@ impl Gateway {
     /// Open a session of `user` writing through `wire` (after a login, or for the peer's
     /// forwarded sessions) and enter it in the node's table.
     pub fn open_session(&self, user: String, token_hash: Option<String>, address: Option<std::net::IpAddr>, wire: Box<dyn Wire>, kill: CancellationToken) -> Arc<Session> {
-        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let id = SessionId(self.next_session.fetch_add(1, Ordering::Relaxed));
         let mut session = Session::new(id, user, wire, kill).with_address(address);
         if let Some(hash) = token_hash {
             session = session.with_token_hash(hash);
@@ -396,12 +392,12 @@ impl Gateway {
     }
 
     /// A logged-in session of this node, by id.
-    pub fn session(&self, id: u64) -> Option<Arc<Session>> {
+    pub fn session(&self, id: SessionId) -> Option<Arc<Session>> {
         self.sessions.lock().expect("sessions lock").get(&id).and_then(Weak::upgrade)
     }
 
     /// Send these sessions `goaway` (naming `to`) and close them shortly after.
-    pub fn goaway_sessions(&self, ids: &[u64], reason: &str, to: Option<String>) {
+    pub fn goaway_sessions(&self, ids: &[SessionId], reason: &str, to: Option<String>) {
         let sessions: Vec<Arc<Session>> = ids.iter().filter_map(|id| self.session(*id)).collect();
         Self::goaway(sessions, reason, to);
     }
@@ -437,7 +433,7 @@ impl Gateway {
     pub fn kick_sessions(&self, which: &crate::store::SessionFilter) -> usize {
         let sessions = self.sessions_matching(which);
         for s in &sessions {
-            tracing::info!(session = s.id, user = %s.user, "session ended by an administrator");
+            tracing::info!(session = %s.id, user = %s.user, "session ended by an administrator");
             s.kill(KillReason::Kicked);
         }
         sessions.len()

@@ -17,7 +17,9 @@
 //!
 //! Module map:
 //!
-//! - [`protocol`]: wire frames of protocol v1 (serde), id newtypes, error codes, close codes.
+//! - [`ids`]: the ids that cross modules as newtypes (`RoomAddr`, `Seq`, `NodeId`, `Epoch`,
+//!   `RoomId`, `SessionId`); a leaf that imports nothing of Stoa.
+//! - [`protocol`]: wire frames of protocol v1 (serde), error codes, close codes.
 //! - [`config`]: `Settings` from defaults, a TOML file and `STOA__SECTION__KEY` variables; dev mode;
 //!   relative paths resolved against the config file's folder.
 //! - [`clock`]: the monotonic clock of activity stamps; Unix milliseconds as UTC dates for people
@@ -79,6 +81,7 @@ pub mod event;
 pub mod forward;
 pub mod gateway;
 pub mod ha;
+pub mod ids;
 pub mod logfile;
 pub mod names;
 pub mod node;

@@ -6,6 +6,7 @@
 //! works). [`Node::stop`] shuts down in order: listeners and connections, then the committer
 //! drains its in-flight transactions, then the arbiters stop.
 
+use crate::ids::NodeId;
 use crate::admin;
 use crate::auth::Auth;
 use crate::committer::Committer;
@@ -16,7 +17,7 @@ use crate::config::Settings;
 use crate::registry::RoomRegistry;
 use crate::room::{RoomDeps, RoomLimits};
 use crate::gateway::Gateway;
-use crate::store::{NodeId, Store};
+use crate::store::Store;
 use crate::transport;
 use anyhow::Context as _;
 use std::net::SocketAddr;
@@ -221,11 +222,9 @@ async fn run(settings: Settings, tls: Option<crate::tls::ServerTls>, shutdown: C
         n => n,
     };
     let arbiters: Vec<actix::Arbiter> = (0..arbiter_count).map(|_| actix::Arbiter::new()).collect();
-    let registry = RoomRegistry::new(node_id.clone(), store.clone(), arbiters.iter().map(|a| a.handle()).collect());
     let deps = Arc::new(RoomDeps {
         store: store.clone(),
         committer,
-        registry: Arc::new(registry.clone()),
         limits: RoomLimits {
             join_replay_limit: settings.rooms.join_replay_limit,
             max_occupants: settings.rooms.max_occupants,
@@ -235,12 +234,38 @@ async fn run(settings: Settings, tls: Option<crate::tls::ServerTls>, shutdown: C
         peer_client: settings.peer().map(|p| p.client.clone()),
         plugins: plugins.clone(),
     });
-    registry.set_room_deps(&deps);
+    let registry = RoomRegistry::new(node_id.clone(), store.clone(), arbiters.iter().map(|a| a.handle()).collect(), deps);
     registry.start_sweeper(settings.passivate_after(), shutdown.clone());
     tracing::info!(arbiters = arbiter_count, "room registry ready");
 
+    // A pair: the node link's handle first (its runner starts once what it hands things to
+    // exists), then what sends through it, in the order each part needs the one before.
+    let ha_peer = settings.peer().filter(|_| ha_group);
+    let link = match (settings.group(), ha_peer) {
+        (Some(group), Some(peer)) => {
+            let me = group.nodes.iter().find(|n| n.id == settings.node.id).expect("settings checked: this node is in its group");
+            Some(crate::ha::link::new(crate::ha::link::LinkConfig {
+                me: me.id.clone(),
+                peer_id: peer.id.clone(),
+                peer_link: peer.link.clone(),
+                secret: settings.cluster.secret.clone(),
+                heartbeat: Duration::from_millis(settings.cluster.heartbeat_ms),
+                tls: tls.clone(),
+                client_tls: link_client_tls.clone(),
+            }))
+        }
+        _ => None,
+    };
+    let (link, link_runner) = link.unzip();
+    let state_watch = crate::ha::recovery::StateWatch::default();
+    let forwarder = match (&link, ha_peer) {
+        (Some(link), Some(peer)) => Some(crate::forward::Forwarder::new(NodeId(peer.id.clone()), link.clone(), state_watch.clone())),
+        _ => None,
+    };
+
     let auth = Auth::new(store.clone(), settings.auth.allow_guests, settings.auth.session_ttl_s);
-    let gateway = Arc::new(Gateway::new(settings.clone(), registry.clone(), store.clone(), auth));
+    let remote = forwarder.clone().map(|f| f as Arc<dyn crate::gateway::Remote>);
+    let gateway = Arc::new(Gateway::new(settings.clone(), registry.clone(), store.clone(), auth, remote));
 
     let recovery = if ha_group {
         let config = RecoveryConfig {
@@ -252,40 +277,28 @@ async fn run(settings: Settings, tls: Option<crate::tls::ServerTls>, shutdown: C
             auto_fallback_after: (settings.cluster.auto_fallback_after_s > 0).then(|| Duration::from_secs(settings.cluster.auto_fallback_after_s)),
             tick: Duration::from_millis((settings.cluster.heartbeat_ms / 5).clamp(20, 200)),
         };
-        let (recovery, task) = crate::ha::recovery::start(config, store.clone(), gate, registry.clone(), gateway.clone(), shutdown.clone())
-            .await
-            .context("starting the recovery manager")?;
+        let parts = crate::ha::recovery::RecoveryParts {
+            store: store.clone(),
+            gate,
+            registry: registry.clone(),
+            gateway: gateway.clone(),
+            link: link.clone(),
+            watch: state_watch.clone(),
+        };
+        let (recovery, task) = crate::ha::recovery::start(config, parts, shutdown.clone()).await.context("starting the recovery manager")?;
         tracing::info!(state = %recovery.state(), "recovery manager started");
         Some((recovery, task))
     } else {
         None
     };
 
-    let link = match (&recovery, settings.group(), settings.peer()) {
-        (Some((recovery, _)), Some(group), Some(peer)) => {
-            let me = group.nodes.iter().find(|n| n.id == settings.node.id).expect("settings checked: this node is in its group");
-            let listener = link_listener.take().expect("bound above for a node of an HA group");
-            let config = crate::ha::link::LinkConfig {
-                me: me.id.clone(),
-                peer_id: peer.id.clone(),
-                peer_link: peer.link.clone(),
-                secret: settings.cluster.secret.clone(),
-                heartbeat: Duration::from_millis(settings.cluster.heartbeat_ms),
-                tls: tls.clone(),
-                client_tls: link_client_tls.clone(),
-            };
-            let forwarder = crate::forward::Forwarder::new(gateway.clone(), NodeId(peer.id.clone()), me.client.clone());
-            let link = crate::ha::link::start(listener, config, Arc::new(recovery.clone()), forwarder.clone(), shutdown.clone());
-            recovery.set_link(link.clone());
-            forwarder.attach(link.clone(), recovery.clone());
-            let remote: Arc<dyn crate::gateway::Remote> = forwarder.clone();
-            gateway.set_forwarder(Arc::downgrade(&remote));
-            tracing::info!(link = %me.link, peer = %peer.id, "node link started");
-            Some((link, forwarder))
-        }
-        _ => None,
-    };
-    let (link, _forwarder) = link.unzip();
+    if let (Some(runner), Some(forwarder), Some((recovery, _)), Some(peer)) = (link_runner, forwarder, &recovery, ha_peer) {
+        let me = settings.group().and_then(|g| g.nodes.iter().find(|n| n.id == settings.node.id)).expect("settings checked: this node is in its group");
+        let listener = link_listener.take().expect("bound above for a node of an HA group");
+        let peer_side = crate::forward::PeerSide::new(forwarder, gateway.clone(), recovery.clone(), me.client.clone());
+        runner.start(listener, Arc::new(recovery.clone()), peer_side, shutdown.clone());
+        tracing::info!(link = %me.link, peer = %peer.id, "node link started");
+    }
 
     let client_addr = client_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
@@ -314,11 +327,11 @@ async fn run(settings: Settings, tls: Option<crate::tls::ServerTls>, shutdown: C
     let component = settings.xmpp.component.clone().map(|c| {
         let always = tokio::sync::watch::Sender::new(true);
         let (own, peers) = match (&recovery, settings.peer()) {
-            (Some((recovery, _)), Some(peer)) => (
-                component_wanted(recovery.clone(), NodeState::hosts_rooms, shutdown.clone()),
+            (Some(_), Some(peer)) => (
+                component_wanted(state_watch.states(), NodeState::hosts_rooms, shutdown.clone()),
                 Some((
                     crate::config::ComponentSettings { domain: peer.service.clone(), ..c.clone() },
-                    component_wanted(recovery.clone(), |s| s == NodeState::RunningInBackupMode, shutdown.clone()),
+                    component_wanted(state_watch.states(), |s| s == NodeState::RunningInBackupMode, shutdown.clone()),
                 )),
             ),
             _ => (always.subscribe(), None),
@@ -358,7 +371,6 @@ async fn run(settings: Settings, tls: Option<crate::tls::ServerTls>, shutdown: C
     resumption.close_all(&gateway);
     let _ = admin.await;
     tracing::info!("draining the committer");
-    drop(deps);
     committer_stop.cancel();
     let _ = committer_task.await;
     if let Some((_, task)) = recovery {
@@ -392,24 +404,20 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-/// A watch of `wanted(state)` over this node's HA state, checked every 100 ms: whether to hold
-/// a component link. The server keeps the newer of two links for one domain (Prosody's
+/// A watch of `wanted(state)` over this node's HA state: whether to hold a component link. The
+/// server keeps the newer of two links for one domain (Prosody's
 /// `component_conflict_resolve = "kick_old"`, ejabberd by default), so the short overlap of a
 /// handover does no harm.
-fn component_wanted(recovery: crate::ha::recovery::Recovery, wanted: fn(NodeState) -> bool, shutdown: CancellationToken) -> tokio::sync::watch::Receiver<bool> {
-    let (tx, rx) = tokio::sync::watch::channel(wanted(recovery.state()));
+fn component_wanted(mut states: tokio::sync::watch::Receiver<NodeState>, wanted: fn(NodeState) -> bool, shutdown: CancellationToken) -> tokio::sync::watch::Receiver<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(wanted(*states.borrow_and_update()));
     tokio::spawn(async move {
         loop {
-            let now = wanted(recovery.state());
-            tx.send_if_modified(|w| {
-                let changed = *w != now;
-                *w = now;
-                changed
-            });
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+                changed = states.changed() => if changed.is_err() { return },
             }
+            let now = wanted(*states.borrow_and_update());
+            tx.send_if_modified(|w| std::mem::replace(w, now) != now);
         }
     });
     rx

@@ -30,7 +30,7 @@ pub mod worker;
 
 pub use settings::{EnabledPlugin, FailurePolicy, PluginSettings, canonical_name, valid_name};
 
-use crate::protocol::RoomAddr;
+use crate::ids::RoomAddr;
 use sha2::{Digest, Sha256};
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};

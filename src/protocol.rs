@@ -6,40 +6,12 @@
 //! `bad_request` answer that still echoes the request id when one could be read.
 
 use serde::{Deserialize, Serialize};
-use std::fmt;
 
 /// The protocol version this build speaks (`"v"` in `hello` and `welcome`).
 pub const PROTOCOL_VERSION: u32 = 1;
 
-/// A room address, `name@service` (e.g. `ops@conference.localhost`).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct RoomAddr(pub String);
-
-impl RoomAddr {
-    /// The part before `@`.
-    pub fn name(&self) -> &str {
-        self.0.split_once('@').map_or(&self.0, |(n, _)| n)
-    }
-    /// The part after `@`: the alias of the room's home node.
-    pub fn service(&self) -> &str {
-        self.0.split_once('@').map_or("", |(_, s)| s)
-    }
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for RoomAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-/// A room sequence number: contiguous from 1 per room.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
-#[serde(transparent)]
-pub struct Seq(pub u64);
+/// The ids frames carry, re-exported for clients of the wire types.
+pub use crate::ids::{RoomAddr, Seq};
 
 /// A client-chosen request id, echoed as `re` in the answer.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

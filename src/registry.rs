@@ -6,19 +6,20 @@
 //! anything that still reaches it with [`RoomError::Passivating`]; callers then resolve again
 //! and get the next incarnation ([`RoomRegistry::call`] does this), so no request is dropped.
 
+use crate::ids::{NodeId, RoomAddr};
 use crate::clock::monotonic_ms;
 use crate::plugin::v0_1::Occupant as PluginOccupant;
 use crate::plugin::worker::JoinDecision;
-use crate::protocol::{RoomAddr, RoomConfig};
+use crate::protocol::RoomConfig;
 use crate::room::plugin::{PluginChain, PluginRoomCreated};
 use crate::room::{Activity, HandOff, PassivateIfIdle, Registrar, Room, RoomDeps, RoomError};
-use crate::store::{NodeId, RoomRow, Store};
+use crate::store::{RoomRow, Store};
 use actix::dev::ToEnvelope;
 use actix::prelude::*;
 use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -39,8 +40,11 @@ struct Inner {
     incarnations: AtomicU64,
     /// Number of `Slot::Active` entries (kept beside the map so reading it is O(1)).
     active: AtomicU64,
-    /// Set once at start-up: rooms need the registry and the registry creates rooms.
-    deps: OnceLock<Weak<RoomDeps>>,
+    /// What every room of the node shares.
+    deps: Arc<RoomDeps>,
+    /// How a room tells this registry it stops: a handle on `Inner` that does not keep it
+    /// alive (rooms must not keep the registry that owns them).
+    registrar: Arc<dyn Registrar>,
     /// Whether this node serves rooms now (the recovery manager turns it off while the node
     /// is failed over, or fails over).
     hosting: AtomicBool,
@@ -58,11 +62,12 @@ pub struct RoomRegistry {
 const MAX_RESOLVE_ATTEMPTS: usize = 8;
 
 impl RoomRegistry {
-    /// A registry for rooms hosted by `node`, spreading actors over `arbiters`.
-    pub fn new(node: NodeId, store: Store, arbiters: Vec<ArbiterHandle>) -> Self {
+    /// A registry for rooms hosted by `node`, spreading actors over `arbiters`; every room it
+    /// starts gets `deps`.
+    pub fn new(node: NodeId, store: Store, arbiters: Vec<ArbiterHandle>, deps: Arc<RoomDeps>) -> Self {
         assert!(!arbiters.is_empty(), "a registry needs at least one arbiter");
         RoomRegistry {
-            inner: Arc::new(Inner {
+            inner: Arc::new_cyclic(|inner| Inner {
                 node,
                 store,
                 slots: Mutex::new(HashMap::new()),
@@ -70,16 +75,12 @@ impl RoomRegistry {
                 hasher: Default::default(),
                 incarnations: AtomicU64::new(1),
                 active: AtomicU64::new(0),
-                deps: OnceLock::new(),
+                deps,
+                registrar: Arc::new(Passivations(inner.clone())),
                 hosting: AtomicBool::new(true),
                 moving_homes: Mutex::new(HashSet::new()),
             }),
         }
-    }
-
-    /// Give the registry what it passes to every room it starts (once, at start-up).
-    pub fn set_room_deps(&self, deps: &Arc<RoomDeps>) {
-        let _ = self.inner.deps.set(Arc::downgrade(deps));
     }
 
     fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<RoomAddr, Slot>> {
@@ -170,17 +171,12 @@ impl RoomRegistry {
     /// Start the actor of a loaded room.
     fn start_room(&self, row: RoomRow, affiliations: HashMap<String, crate::protocol::Affiliation>) -> Result<(Addr<Room>, u64, Activity), RoomError> {
         let room = row.address.clone();
-        let deps = self
-            .inner
-            .deps
-            .get()
-            .and_then(Weak::upgrade)
-            .ok_or_else(|| RoomError::Unavailable("node is shutting down".into()))?;
+        let (deps, registrar) = (self.inner.deps.clone(), self.inner.registrar.clone());
         let incarnation = self.inner.incarnations.fetch_add(1, Ordering::Relaxed);
         let arbiter = &self.inner.arbiters[self.arbiter_index(&room)];
         let activity: Activity = Arc::new(AtomicU64::new(monotonic_ms()));
         let shared = activity.clone();
-        let addr = Room::start_in_arbiter(arbiter, move |_ctx| Room::new(row, affiliations, incarnation, shared, deps));
+        let addr = Room::start_in_arbiter(arbiter, move |_ctx| Room::new(row, affiliations, incarnation, shared, deps, registrar));
         metrics::counter!("stoa_room_activations_total").increment(1);
         tracing::debug!(room = %room, incarnation, "room activated");
         Ok((addr, incarnation, activity))
@@ -291,8 +287,7 @@ impl RoomRegistry {
     /// Its plugin list is checked first ([`crate::room::plugin::check_room_plugins`]).
     pub async fn create(&self, room: &RoomAddr, config: &RoomConfig, owner: &str) -> Result<RoomRow, RoomError> {
         self.check_hosting()?;
-        let plugins = self.inner.deps.get().and_then(Weak::upgrade).and_then(|d| d.plugins.clone());
-        crate::room::plugin::check_room_plugins(plugins.as_ref(), room, &config.plugins).await?;
+        crate::room::plugin::check_room_plugins(self.inner.deps.plugins.as_ref(), room, &config.plugins).await?;
         match self.inner.store.create_room(room, config, owner, &self.inner.node).await {
             Ok(row) => Ok(row),
             Err(crate::store::StoreError::Conflict) => Err(RoomError::Conflict("room already exists".into())),
@@ -301,9 +296,15 @@ impl RoomRegistry {
     }
 }
 
-impl Registrar for RoomRegistry {
+/// The registry as its rooms see it (a weak handle: a room outliving the registry at
+/// shutdown has no one to tell).
+struct Passivations(Weak<Inner>);
+
+impl Registrar for Passivations {
     fn passivated(&self, room: &RoomAddr, incarnation: u64) {
-        self.forget(room, incarnation);
+        if let Some(inner) = self.0.upgrade() {
+            RoomRegistry { inner }.forget(room, incarnation);
+        }
     }
 }
 

@@ -9,8 +9,8 @@
 //!
 //! Rooms see a session only as an [`Occupant`].
 
+use crate::ids::{RoomAddr, SessionId};
 use crate::event::{Delivery, Occupant, RoomAnswer};
-use crate::protocol::RoomAddr;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
@@ -53,7 +53,7 @@ pub trait Wire: Send + Sync {
 /// session table and every room it occupies.
 pub struct Session {
     /// Unique per node process.
-    pub id: u64,
+    pub id: SessionId,
     /// The logged-in user name.
     pub user: String,
     /// The client's address (its rooms created count against it); none for the stand-ins of
@@ -80,7 +80,7 @@ impl std::fmt::Debug for Session {
 
 impl Session {
     /// A session writing through `wire`; `kill` is cancelled to disconnect it.
-    pub fn new(id: u64, user: String, wire: Box<dyn Wire>, kill: CancellationToken) -> Self {
+    pub fn new(id: SessionId, user: String, wire: Box<dyn Wire>, kill: CancellationToken) -> Self {
         Session {
             id,
             user,
@@ -140,7 +140,7 @@ impl Session {
             *slot = Some(reason);
             if reason == KillReason::SlowConsumer {
                 metrics::counter!("stoa_slow_consumers_total").increment(1);
-                tracing::info!(session = self.id, user = %self.user, "disconnecting slow consumer");
+                tracing::info!(session = %self.id, user = %self.user, "disconnecting slow consumer");
             }
         }
         self.kill.cancel();
@@ -173,7 +173,7 @@ impl Session {
 }
 
 impl Occupant for Session {
-    fn id(&self) -> u64 {
+    fn id(&self) -> SessionId {
         self.id
     }
 

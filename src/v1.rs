@@ -240,7 +240,7 @@ impl Connection {
         let wire = V1Wire::new(self.outbound.clone());
         let hash = crate::auth::token_hash(&logged_in.token);
         let session = self.gateway.open_session(logged_in.user.clone(), Some(hash), self.address, wire, self.kill.clone());
-        tracing::debug!(session = session.id, user = %logged_in.user, guest = logged_in.guest, "logged in");
+        tracing::debug!(session = %session.id, user = %logged_in.user, guest = logged_in.guest, "logged in");
         self.session = Some(session);
         let s = &self.gateway.settings;
         Ok(Some(ServerFrame::Welcome {

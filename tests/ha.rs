@@ -2,8 +2,8 @@
 
 use crate::harness::{Backend, DEADLINE, TestDb};
 use std::time::{Duration, Instant};
-use stoa::ha::lease::{self, LeaseError};
-use stoa::store::NodeId;
+use stoa::store::cluster::ClusterError;
+use stoa::ids::NodeId;
 
 /// A lease renewed on the database clock is live, expires on that clock after its TTL, and a
 /// released lease is expired at once; a new incarnation takes the lease over. SQLite (single
@@ -13,24 +13,24 @@ pub async fn leases_live_and_expire_on_the_database_clock(db: &TestDb) {
     store.migrate().await.expect("migrations");
     let node = NodeId("1a".into());
     if db.backend == Backend::Sqlite {
-        let err = lease::renew(&store, &node, 1, Duration::from_secs(5)).await.unwrap_err();
-        assert!(matches!(err, LeaseError::Unsupported), "{err}");
+        let err = store.renew_lease(&node, 1, Duration::from_secs(5)).await.unwrap_err();
+        assert!(matches!(err, ClusterError::Unsupported), "{err}");
         assert!(err.to_string().contains("SQLite"), "{err}");
         return;
     }
-    assert_eq!(lease::read(&store, &node).await.unwrap(), None, "no lease before the first renewal");
+    assert_eq!(store.lease(&node).await.unwrap(), None, "no lease before the first renewal");
 
-    lease::renew(&store, &node, 1, Duration::from_secs(30)).await.unwrap();
-    let live = lease::read(&store, &node).await.unwrap().expect("lease after renewal");
+    store.renew_lease(&node, 1, Duration::from_secs(30)).await.unwrap();
+    let live = store.lease(&node).await.unwrap().expect("lease after renewal");
     assert!(!live.expired, "{live:?}");
     assert_eq!((live.holder.as_str(), live.incarnation), ("1a/1", 1));
     assert!((25_000..=30_000).contains(&live.remaining_ms), "remaining {} ms of a 30 s lease", live.remaining_ms);
 
     // A short lease runs out on the database clock.
-    lease::renew(&store, &node, 1, Duration::from_millis(200)).await.unwrap();
+    store.renew_lease(&node, 1, Duration::from_millis(200)).await.unwrap();
     let started = Instant::now();
     loop {
-        let l = lease::read(&store, &node).await.unwrap().expect("lease");
+        let l = store.lease(&node).await.unwrap().expect("lease");
         if l.expired {
             assert!(l.remaining_ms <= 0, "{l:?}");
             break;
@@ -41,15 +41,15 @@ pub async fn leases_live_and_expire_on_the_database_clock(db: &TestDb) {
     assert!(started.elapsed() >= Duration::from_millis(100), "expired too early");
 
     // Renewal by a restarted process (new incarnation) takes over the same row.
-    lease::renew(&store, &node, 2, Duration::from_secs(30)).await.unwrap();
-    let taken = lease::read(&store, &node).await.unwrap().expect("lease");
+    store.renew_lease(&node, 2, Duration::from_secs(30)).await.unwrap();
+    let taken = store.lease(&node).await.unwrap().expect("lease");
     assert_eq!((taken.incarnation, taken.expired), (2, false));
 
     // Release: expired at once, so a peer need not wait for the TTL.
-    lease::release(&store, &node).await.unwrap();
-    assert!(lease::read(&store, &node).await.unwrap().expect("lease").expired);
+    store.release_lease(&node).await.unwrap();
+    assert!(store.lease(&node).await.unwrap().expect("lease").expired);
     // Another node's lease is untouched by all of this.
-    assert_eq!(lease::read(&store, &NodeId("1b".into())).await.unwrap(), None);
+    assert_eq!(store.lease(&NodeId("1b".into())).await.unwrap(), None);
 }
 
 /// A node in a pair tells its clients where to resume: `welcome.peers` holds the peer's client
@@ -139,7 +139,7 @@ pub async fn an_ha_node_records_its_states_and_holds_its_lease(db: &TestDb) {
     );
 
     node.stop().await;
-    let l = lease::read(&store, &NodeId("1a".into())).await.unwrap().expect("lease");
+    let l = store.lease(&NodeId("1a".into())).await.unwrap().expect("lease");
     assert!(l.expired, "the lease must be released on shutdown: {l:?}");
 }
 
@@ -241,8 +241,8 @@ pub async fn admin_failover_then_automatic_fallback(db: &TestDb) {
     crate::harness::await_admin(b.admin_addr, None, "/api/topology", "1b normal again", |t| status(t)["state"] == "normal").await;
 
     let store = db.store().await;
-    let reasons = stoa::ha::fencing::last_state(&store, &NodeId("1b".into())).await.unwrap().unwrap();
-    assert_eq!((reasons.0.as_str(), reasons.1.as_str()), ("normal", "automatic_fallback"));
+    let recorded = store.last_node_state(&NodeId("1b".into())).await.unwrap().unwrap();
+    assert_eq!((recorded.state.as_str(), recorded.reason.as_str()), ("normal", "automatic_fallback"));
     let mut bob = a.client("bob").await;
     bob.join(room, "bob").await;
     bob.send_acked(room, "after", "c2").await;

@@ -6,7 +6,8 @@
 //! that asked, and answered `{"ok":true,"message":…}` or `{"error":…,"message":…}`.
 
 use super::{Actor, AdminState, bad_request, store_down, write_audit};
-use crate::protocol::{Affiliation, RoomAddr, RoomConfigPatch, RoomPlugin};
+use crate::ids::RoomAddr;
+use crate::protocol::{Affiliation, RoomConfigPatch, RoomPlugin};
 use crate::store::SessionFilter;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Extension, Path, Query, State};

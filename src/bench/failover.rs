@@ -391,7 +391,7 @@ async fn check_store(url: &str, rooms: &[String], acked: &[(usize, String, u64)]
     }
     let (mut lost, mut duplicates) = (0u64, 0u64);
     for (r, expected) in by_room {
-        let row = store.load_room(&crate::protocol::RoomAddr(rooms[r].clone())).await?.context("bench room vanished")?;
+        let row = store.load_room(&crate::ids::RoomAddr(rooms[r].clone())).await?.context("bench room vanished")?;
         let stored = store.messages(row.id, 0, None, 10_000_000, false).await?;
         let mut seen: HashMap<&str, Vec<u64>> = HashMap::new();
         for m in &stored {

@@ -8,8 +8,9 @@
 use super::server::{NODE_ID, SERVICE, Tuning, Workspace};
 use super::wire::{self, Endpoint, Head};
 use super::{ColdArgs, IdleArgs, Summary, TargetArgs, round3};
-use crate::protocol::{RoomAddr, RoomConfig};
-use crate::store::{NodeId, Store};
+use crate::ids::{NodeId, RoomAddr};
+use crate::protocol::RoomConfig;
+use crate::store::Store;
 use anyhow::{Context as _, bail};
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;

@@ -175,7 +175,8 @@ pub fn send_frame(room: &str, now_ns: u64, cid: u64, pad: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{MessageEvent, RequestId, RoomAddr, ServerFrame};
+    use crate::ids::RoomAddr;
+    use crate::protocol::{MessageEvent, RequestId, ServerFrame};
 
     #[test]
     fn messages_and_acks_are_read_by_prefix() {

@@ -3,8 +3,8 @@
 
 use super::admin::{AdminApi, path_segment};
 use super::{AdminTarget, Env, RoomCommand};
-use crate::protocol::{RoomAddr, RoomConfig};
-use crate::store::NodeId;
+use crate::ids::{NodeId, RoomAddr};
+use crate::protocol::RoomConfig;
 use anyhow::Context as _;
 use serde_json::{Value, json};
 

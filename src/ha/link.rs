@@ -25,6 +25,7 @@
 //! [`HANDSHAKE_TIMEOUT`]. What travels after the handshake is protected on the wire by TLS
 //! (`[tls]`), which a node requires for a link off loopback (docs/operations.md#security).
 
+use crate::ids::SessionId;
 use super::state::NodeState;
 use futures_util::{SinkExt, StreamExt};
 use hmac::{Hmac, Mac};
@@ -86,12 +87,12 @@ enum LinkFrame {
     CommandDone { id: u64, ok: bool, message: String },
     /// A message from a session of `user` on the sender to the receiver, which hosts rooms it
     /// uses (a room request: `crate::forward` defines `msg`).
-    ToHost { session: u64, user: String, msg: String },
+    ToHost { session: SessionId, user: String, msg: String },
     /// That session ended on the sender.
-    SessionGone { session: u64 },
+    SessionGone { session: SessionId },
     /// A message for a session on the receiver (replies, answers and events of the rooms the
     /// sender hosts for it).
-    ToSession { session: u64, msg: String },
+    ToSession { session: SessionId, msg: String },
 }
 
 /// What a node does with what its peer sends it over the link.
@@ -99,11 +100,11 @@ pub trait Inbound: Send + Sync + 'static {
     /// An admin request from the peer; its outcome goes back with [`Link::answer`] and `id`.
     fn command(&self, id: u64, command: PeerCommand);
     /// A message from session `session` of `user` on the peer.
-    fn to_host(&self, session: u64, user: String, msg: String);
+    fn to_host(&self, session: SessionId, user: String, msg: String);
     /// Session `session` on the peer ended.
-    fn session_gone(&self, session: u64);
+    fn session_gone(&self, session: SessionId);
     /// A message for this node's session `session`.
-    fn to_session(&self, session: u64, msg: String);
+    fn to_session(&self, session: SessionId, msg: String);
     /// The peer's link connection closed (it died, restarted, or the network broke).
     fn peer_lost(&self);
 }
@@ -235,7 +236,7 @@ pub struct Link {
     next_command: Arc<std::sync::atomic::AtomicU64>,
 }
 
-/// Node link settings for [`start`].
+/// Node link settings for [`new`].
 pub struct LinkConfig {
     pub me: String,
     pub peer_id: String,
@@ -303,17 +304,17 @@ impl Link {
 
     /// Pass a message of this node's session `session` of `user` to the peer, which hosts
     /// rooms it uses.
-    pub fn to_host(&self, session: u64, user: &str, msg: String) {
+    pub fn to_host(&self, session: SessionId, user: &str, msg: String) {
         let _ = self.outbox.send(LinkFrame::ToHost { session, user: user.to_owned(), msg });
     }
 
     /// Tell the peer a session whose rooms it served has ended.
-    pub fn session_gone(&self, session: u64) {
+    pub fn session_gone(&self, session: SessionId) {
         let _ = self.outbox.send(LinkFrame::SessionGone { session });
     }
 
     /// Send a message to the peer's session `session`.
-    pub fn to_session(&self, session: u64, msg: String) {
+    pub fn to_session(&self, session: SessionId, msg: String) {
         let _ = self.outbox.send(LinkFrame::ToSession { session, msg });
     }
 
@@ -334,16 +335,19 @@ pub trait LocalView: Send + Sync + 'static {
     fn connections(&self) -> i64;
 }
 
-/// Start the link: serve `listener` and keep dialing the peer, until `shutdown`.
-/// `my_state` is read for every heartbeat.
-/// `local` is read for every heartbeat; what the peer sends goes to `inbound`.
-pub fn start(
-    listener: TcpListener,
+/// The link of a node before it runs: [`new`] makes it with its [`Link`] handle, so the parts
+/// that send through the link (recovery, forwarding) are built before the ones that handle
+/// what arrives, and [`LinkRunner::start`] runs it with those.
+pub struct LinkRunner {
     config: LinkConfig,
-    local: Arc<dyn LocalView>,
-    inbound: Arc<dyn Inbound>,
-    shutdown: CancellationToken,
-) -> Link {
+    view: Arc<Mutex<PeerView>>,
+    pending: PendingCommands,
+    outbox: tokio::sync::mpsc::UnboundedReceiver<LinkFrame>,
+}
+
+/// The link's handle (frames sent through it wait until the link runs and the peer is
+/// connected) and its runner.
+pub fn new(config: LinkConfig) -> (Link, LinkRunner) {
     let view = Arc::new(Mutex::new(PeerView { current: None, generations: 0, last: None, state: None, hosting: false, down: Vec::new(), connections: 0, rooms: Vec::new() }));
     let (outbox, outbox_rx) = tokio::sync::mpsc::unbounded_channel();
     let pending = PendingCommands::default();
@@ -355,10 +359,17 @@ pub fn start(
         pending: pending.clone(),
         next_command: Arc::default(),
     };
-    let config = Arc::new(config);
-    tokio::spawn(serve(listener, config.clone(), view, pending, inbound, shutdown.clone()));
-    tokio::spawn(dial(config, local, outbox_rx, shutdown));
-    link
+    (link, LinkRunner { config, view, pending, outbox: outbox_rx })
+}
+
+impl LinkRunner {
+    /// Serve `listener` and keep dialing the peer, until `shutdown`. `local` is read for every
+    /// heartbeat; what the peer sends goes to `inbound`.
+    pub fn start(self, listener: TcpListener, local: Arc<dyn LocalView>, inbound: Arc<dyn Inbound>, shutdown: CancellationToken) {
+        let config = Arc::new(self.config);
+        tokio::spawn(serve(listener, config.clone(), self.view, self.pending, inbound, shutdown.clone()));
+        tokio::spawn(dial(config, local, self.outbox, shutdown));
+    }
 }
 
 fn encode(frame: &LinkFrame) -> Message {

@@ -10,22 +10,28 @@
 //!   its presence lock) and carries out failover, takeover and fallback, including the admin
 //!   requests ([`Recovery::request`]).
 //!
-//! Every room move is one epoch-bumping statement ([`super::fencing`]); nothing here is needed
+//! Every room move is one epoch-bumping statement (`store::cluster`); nothing here is needed
 //! for safety, only for liveness.
+//!
+//! This file holds the handle, the status, start-up and the two tasks' shared state; the
+//! control loop is in `detect` (what it watches and decides), `moves` (the transitions and
+//! room moves it carries out) and `admin` (admin requests).
 
-use super::fencing;
+mod admin;
+mod detect;
+mod moves;
+
 use super::gate::WriteGate;
-use super::lease;
 use super::link::{Link, PeerCommand, PeerStatus};
 use super::state::{NodeState, Reason};
+use crate::ids::NodeId;
 use crate::registry::RoomRegistry;
 use crate::gateway::Gateway;
-use crate::store::{NodeId, Store, now_ms};
-use sea_orm::ConnectionTrait;
-use sea_orm::sea_query::{Alias, Expr, Query};
+use crate::store::cluster::ClusterError;
+use crate::store::{Store, now_ms};
 use serde::Serialize;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -172,34 +178,69 @@ struct Inner {
     incarnation: AtomicI64,
     /// Whether the lease task should renew (not while failing over: the lease is released).
     lease_wanted: AtomicBool,
-    link: OnceLock<Link>,
+    /// The node link to the peer (none without a peer).
+    link: Option<Link>,
     commands: mpsc::UnboundedSender<Command>,
-    /// Counts the takeovers this node has done (requests for a down peer's rooms wait on it).
-    takeovers: tokio::sync::watch::Sender<u64>,
+    /// The state and takeovers, published for the parts that wait on them.
+    watch: StateWatch,
+}
+
+/// The recovery manager's state and the number of takeovers it has done, published for the
+/// parts of the node that wait on them (forwarding waits for a takeover of a down peer's
+/// rooms; the XMPP component link follows the state). Made at start-up before those parts and
+/// before the recovery manager, which is the only writer; cheap to clone.
+#[derive(Clone)]
+pub struct StateWatch {
+    state: Arc<tokio::sync::watch::Sender<NodeState>>,
+    takeovers: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Default for StateWatch {
+    fn default() -> Self {
+        StateWatch {
+            state: Arc::new(tokio::sync::watch::Sender::new(NodeState::Initializing)),
+            takeovers: Arc::new(tokio::sync::watch::Sender::new(0)),
+        }
+    }
+}
+
+impl StateWatch {
+    /// The node's recovery state now.
+    pub fn state(&self) -> NodeState {
+        *self.state.borrow()
+    }
+
+    /// Follows the node's recovery state.
+    pub fn states(&self) -> tokio::sync::watch::Receiver<NodeState> {
+        self.state.subscribe()
+    }
+
+    /// Changes whenever this node completes a takeover.
+    pub fn takeovers(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.takeovers.subscribe()
+    }
+
+    /// Wait up to `limit` for this node's next takeover (only while it may take over); true if
+    /// one happened, or if this node already runs in backup mode (the caller's attempt raced
+    /// with the takeover).
+    pub async fn await_takeover(&self, limit: Duration) -> bool {
+        let mut rx = self.takeovers.subscribe();
+        rx.mark_unchanged();
+        match self.state() {
+            // The takeover finished between the caller's attempt and now: retry at once.
+            NodeState::RunningInBackupMode => true,
+            NodeState::Normal | NodeState::TakingOver | NodeState::FailedOver => {
+                matches!(tokio::time::timeout(limit, rx.changed()).await, Ok(Ok(())))
+            }
+            _ => false,
+        }
+    }
 }
 
 /// Handle to a running recovery manager.
 #[derive(Clone)]
 pub struct Recovery {
     inner: Arc<Inner>,
-}
-
-/// Record a transition in `node_states` (time on the database clock; `epoch` holds the
-/// node's lease incarnation).
-pub async fn record_transition(store: &Store, node: &NodeId, state: NodeState, reason: Reason, incarnation: i64) -> Result<(), crate::store::StoreError> {
-    let stmt = Query::insert()
-        .into_table(Alias::new("node_states"))
-        .columns([Alias::new("node_id"), Alias::new("state"), Alias::new("reason"), Alias::new("epoch"), Alias::new("at")])
-        .values_panic([
-            node.0.clone().into(),
-            state.as_str().into(),
-            reason.as_str().into(),
-            incarnation.into(),
-            Expr::current_timestamp(),
-        ])
-        .to_owned();
-    store.connection().execute(&stmt).await?;
-    Ok(())
 }
 
 impl Recovery {
@@ -232,35 +273,9 @@ impl Recovery {
             .collect()
     }
 
-    /// Wait up to `limit` for this node's next takeover (only while it may take over); true if
-    /// one happened, or if this node already runs in backup mode (the caller's attempt raced
-    /// with the takeover).
-    pub async fn await_takeover(&self, limit: Duration) -> bool {
-        let mut rx = self.inner.takeovers.subscribe();
-        rx.mark_unchanged();
-        match self.state() {
-            // The takeover finished between the caller's attempt and now: retry at once.
-            NodeState::RunningInBackupMode => true,
-            NodeState::Normal | NodeState::TakingOver | NodeState::FailedOver => {
-                matches!(tokio::time::timeout(limit, rx.changed()).await, Ok(Ok(())))
-            }
-            _ => false,
-        }
-    }
-
-    /// Changes whenever this node completes a takeover.
-    pub fn takeovers(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.inner.takeovers.subscribe()
-    }
-
-    /// The node link, once started.
+    /// The node link, if this node has a peer.
     pub fn link(&self) -> Option<&Link> {
-        self.inner.link.get()
-    }
-
-    /// Attach the node link (once, right after it starts).
-    pub fn set_link(&self, link: Link) {
-        let _ = self.inner.link.set(link);
+        self.inner.link.as_ref()
     }
 
     /// Carry out an admin request (here, or by passing it to the peer over the link) and
@@ -346,26 +361,34 @@ impl super::link::LocalView for Recovery {
     }
 }
 
+/// The parts of the node the recovery manager works with.
+pub struct RecoveryParts {
+    pub store: Store,
+    /// Opened while this node's lease is fresh.
+    pub gate: WriteGate,
+    pub registry: RoomRegistry,
+    pub gateway: Arc<Gateway>,
+    /// The node link to the peer (its runner starts after the recovery manager, which it
+    /// reads for heartbeats).
+    pub link: Option<Link>,
+    /// Where the recovery manager publishes its state and takeovers.
+    pub watch: StateWatch,
+}
+
 /// Start the recovery manager: hold the presence lock, decide the starting state (`normal`,
 /// or `failed_over` if the peer serves this node's rooms), and run the lease task and the
 /// control loop until `shutdown`, when the lease is released so a peer need not wait for it.
-pub async fn start(
-    config: RecoveryConfig,
-    store: Store,
-    gate: WriteGate,
-    registry: RoomRegistry,
-    gateway: Arc<Gateway>,
-    shutdown: CancellationToken,
-) -> anyhow::Result<(Recovery, tokio::task::JoinHandle<()>)> {
+pub async fn start(config: RecoveryConfig, parts: RecoveryParts, shutdown: CancellationToken) -> anyhow::Result<(Recovery, tokio::task::JoinHandle<()>)> {
     use anyhow::Context as _;
+    let RecoveryParts { store, gate, registry, gateway, link, watch } = parts;
     let me = config.me.clone();
     let incarnation = now_ms();
-    record_transition(&store, &me, NodeState::Initializing, Reason::Initializing, incarnation).await.context("recording the initial state")?;
+    store.record_node_state(&me, NodeState::Initializing.as_str(), Reason::Initializing.as_str(), incarnation).await.context("recording the initial state")?;
 
     // The presence lock first: while this node's lease is alive, a missing presence lock then
     // means the process is gone (docs/ha.md, check 3).
     let (present_tx, mut present_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(fencing::hold_presence(store.url().to_owned(), store.kind(), me.clone(), present_tx, shutdown.clone()));
+    tokio::spawn(store.hold_presence(me.clone(), present_tx, shutdown.clone()));
     tokio::time::timeout(Duration::from_secs(15), present_rx.wait_for(|held| *held))
         .await
         .map_err(|_| anyhow::anyhow!("could not take the presence lock within 15 s"))?
@@ -374,7 +397,7 @@ pub async fn start(
     // Registry and router stay closed until the starting state is known.
     registry.set_hosting(false);
     gateway.set_accepting(false);
-    lease::renew(&store, &me, incarnation, config.ttl).await.context("taking the node lease")?;
+    store.renew_lease(&me, incarnation, config.ttl).await.context("taking the node lease")?;
     let (commands, commands_rx) = mpsc::unbounded_channel();
     let inner = Arc::new(Inner {
         status: Mutex::new(HaStatus {
@@ -390,9 +413,9 @@ pub async fn start(
         services: Mutex::new(std::array::from_fn(|_| ServiceFlags { admin_stopped: false, probe_ok: true, down_since: None })),
         incarnation: AtomicI64::new(incarnation),
         lease_wanted: AtomicBool::new(true),
-        link: OnceLock::new(),
+        link,
         commands,
-        takeovers: tokio::sync::watch::Sender::new(0),
+        watch,
         config,
         store,
         gate,
@@ -409,7 +432,7 @@ pub async fn start(
         control.run(commands_rx, shutdown).await;
         let _ = lease_task.await;
         let me = &inner.config.me;
-        if let Err(e) = lease::release(&inner.store, me).await {
+        if let Err(e) = inner.store.release_lease(me).await {
             tracing::warn!(node = %me, error = %e, "could not release the lease on shutdown");
         } else {
             tracing::info!(node = %me, "node lease released");
@@ -439,7 +462,7 @@ async fn lease_task(r: Recovery, shutdown: CancellationToken) {
         }
         let started = Instant::now();
         let incarnation = inner.incarnation.load(Ordering::Acquire);
-        let result = lease::extend(&inner.store, &me, incarnation, ttl).await;
+        let result = inner.store.extend_lease(&me, incarnation, ttl).await;
         match result {
             Ok(true) => {
                 inner.status.lock().expect("ha status lock").store_ok = true;
@@ -516,555 +539,5 @@ impl Control {
 
     fn state(&self) -> NodeState {
         self.r.state()
-    }
-
-    /// Enter `state` (if legal from the current one), record it and log it.
-    async fn enter(&self, state: NodeState, reason: Reason) {
-        let from = {
-            let mut s = self.inner().status.lock().expect("ha status lock");
-            let from = s.state;
-            if from == state && s.reason == reason {
-                return;
-            }
-            if !from.can_become(state) {
-                tracing::error!(node = %self.me(), %from, to = %state, "illegal recovery transition refused");
-                return;
-            }
-            s.state = state;
-            s.reason = reason;
-            s.since_ms = now_ms();
-            from
-        };
-        metrics::counter!("stoa_ha_transitions_total", "state" => state.as_str()).increment(1);
-        tracing::info!(node = %self.me(), %from, to = %state, %reason, "recovery state");
-        let incarnation = self.inner().incarnation.load(Ordering::Acquire);
-        if let Err(e) = record_transition(&self.inner().store, self.me(), state, reason, incarnation).await {
-            tracing::warn!(error = %e, "could not record the transition in node_states");
-        }
-    }
-
-    /// Serve rooms and clients (after a fresh lease renewal opened the gate), or stop.
-    async fn host(&self, on: bool) -> Result<(), lease::LeaseError> {
-        let inner = self.inner();
-        if on {
-            let started = Instant::now();
-            let incarnation = inner.incarnation.load(Ordering::Acquire);
-            if !lease::extend(&inner.store, self.me(), incarnation, inner.config.ttl).await? {
-                self.new_lease().await?;
-            }
-            inner.gate.open_until(started + inner.config.ttl - margin(inner.config.ttl));
-            let services = inner.services.lock().expect("services lock");
-            inner.registry.set_hosting(!services[Service::Rooms.index()].admin_stopped);
-            inner.gateway.set_accepting(!services[Service::Router.index()].admin_stopped);
-        } else {
-            inner.gate.close();
-            inner.registry.set_hosting(false);
-            inner.gateway.set_accepting(false);
-        }
-        Ok(())
-    }
-
-    /// Take the lease again under a new incarnation (after stepping down or failing over).
-    async fn new_lease(&self) -> Result<(), lease::LeaseError> {
-        let inner = self.inner();
-        let incarnation = now_ms().max(inner.incarnation.load(Ordering::Acquire) + 1);
-        lease::renew(&inner.store, self.me(), incarnation, inner.config.ttl).await?;
-        inner.incarnation.store(incarnation, Ordering::Release);
-        inner.lease_wanted.store(true, Ordering::Release);
-        Ok(())
-    }
-
-    fn peer(&self) -> Option<&PeerRef> {
-        self.inner().config.peer.as_ref()
-    }
-
-    fn peer_status(&self) -> Option<PeerStatus> {
-        self.r.link().map(|l| l.peer())
-    }
-
-    /// Start-up: normal, unless the peer serves this node's rooms (then wait for fallback), or
-    /// reclaim them if that peer is gone too (both nodes failed; this one came back first).
-    /// A node that finds itself serving its peer's service (the pair was stopped while it
-    /// backed the peer up) runs in backup mode and returns it once the peer is up.
-    async fn initial_state(&mut self) -> Result<(), lease::LeaseError> {
-        let inner = self.inner();
-        let served_by = fencing::service_host(&inner.store, self.me()).await?;
-        if &served_by == self.me() {
-            self.host(true).await?;
-            let backing_up = match self.peer() {
-                Some(peer) => &fencing::service_host(&inner.store, &peer.id).await? == self.me(),
-                None => false,
-            };
-            if backing_up {
-                tracing::info!(node = %self.me(), "this node serves its peer's rooms since before it started: backup mode until the peer is up");
-                self.return_on_peer_start = true;
-                self.enter(NodeState::RunningInBackupMode, Reason::Initializing).await;
-            } else {
-                self.enter(NodeState::Normal, Reason::Initializing).await;
-            }
-            return Ok(());
-        }
-        if let Some(peer) = self.peer() {
-            let peer_lease = lease::read(&inner.store, &peer.id).await?;
-            let peer_gone = peer_lease.is_none_or(|l| l.expired) && !fencing::is_present(&inner.store, &peer.id).await?;
-            if peer_gone {
-                let moved = fencing::return_home(&inner.store, self.me(), &peer.id).await?;
-                tracing::info!(node = %self.me(), peer = %peer.id, rooms = moved, "peer is down too: reclaimed this node's rooms");
-                self.host(true).await?;
-                self.enter(NodeState::Normal, Reason::Initializing).await;
-                return Ok(());
-            }
-        }
-        tracing::info!(node = %self.me(), by = %served_by, "this node's rooms are served by its peer: failed over, waiting for fallback");
-        self.enter(NodeState::FailedOver, Reason::Initializing).await;
-        Ok(())
-    }
-
-    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>, shutdown: CancellationToken) {
-        let mut tick = tokio::time::interval(self.inner().config.tick);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut next_lease_look = Instant::now();
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                command = commands.recv() => match command {
-                    Some(Command::Admin(request, reply)) => {
-                        let answer = self.admin(request).await;
-                        match &answer {
-                            Ok(Outcome::Done(m)) => tracing::info!(node = %self.me(), "{m}"),
-                            Ok(Outcome::Forward(c)) => tracing::info!(node = %self.me(), ?c, "passing the request to the peer"),
-                            Err(m) => tracing::warn!(node = %self.me(), "admin request refused: {m}"),
-                        }
-                        if let Some(reply) = reply {
-                            let _ = reply.send(answer);
-                        }
-                    }
-                    Some(Command::LeaseLost) => self.step_down().await,
-                    None => return,
-                },
-                _ = shutdown.cancelled() => return,
-            }
-            if let Err(e) = self.watch_services().await {
-                tracing::warn!(error = %e, "service check failed");
-            }
-            let look_at_lease = Instant::now() >= next_lease_look;
-            if look_at_lease {
-                next_lease_look = Instant::now() + self.inner().config.renew;
-            }
-            if let Err(e) = self.watch_peer(look_at_lease).await {
-                tracing::warn!(error = %e, "peer check failed");
-            }
-            if let Err(e) = self.watch_home().await {
-                tracing::warn!(error = %e, "fallback check failed");
-            }
-        }
-    }
-
-    /// Critical services: restart what came back; fail over when one stays down too long.
-    async fn watch_services(&mut self) -> Result<(), lease::LeaseError> {
-        {
-            // The store's probe is the lease renewal; rooms and router are probed by `probe_task`.
-            let store_ok = self.inner().status.lock().expect("ha status lock").store_ok;
-            self.inner().services.lock().expect("services lock")[Service::Store.index()].probe_ok = store_ok;
-        }
-        let down_longest = {
-            let mut flags = self.inner().services.lock().expect("services lock");
-            let mut longest: Option<Duration> = None;
-            for service in Service::ALL {
-                let f = &mut flags[service.index()];
-                let down = f.admin_stopped || !f.probe_ok;
-                match (down, f.down_since) {
-                    (true, None) => f.down_since = Some(Instant::now()),
-                    (false, Some(_)) => f.down_since = None,
-                    _ => {}
-                }
-                if let Some(t) = f.down_since {
-                    longest = Some(longest.unwrap_or_default().max(t.elapsed()));
-                }
-            }
-            longest
-        };
-        match (self.state(), down_longest) {
-            // Only to a peer that can take the rooms: with the peer gone too, limping on is
-            // better than going dark.
-            (NodeState::Normal, Some(d))
-                if d >= self.inner().config.service_down_delay && self.peer_status().is_some_and(|p| p.reachable) =>
-            {
-                self.fail_over(Reason::OnCriticalServiceDown).await;
-            }
-            (NodeState::FailedOverCriticalServicesNotRunning, None) => {
-                self.enter(NodeState::FailedOver, Reason::OnCriticalServiceDown).await;
-            }
-            (NodeState::FailedOver, Some(_)) => {
-                self.enter(NodeState::FailedOverCriticalServicesNotRunning, Reason::OnCriticalServiceDown).await;
-            }
-            _ => {}
-        }
-        Ok(())
-    }
-
-    /// Take over the peer's rooms when the store says it is gone: its lease expired (or was
-    /// released), or its link closed and its presence lock vanished (a dead process).
-    async fn watch_peer(&mut self, look_at_lease: bool) -> Result<(), lease::LeaseError> {
-        let Some(peer) = self.peer().cloned() else { return Ok(()) };
-        let status = self.peer_status();
-        if status.as_ref().is_some_and(|p| p.reachable) {
-            self.peer_seen_alive = true;
-        }
-        let state = self.state();
-        let may_take_over = matches!(state, NodeState::Normal | NodeState::FailedOver | NodeState::RunningInFailedMode);
-        if !may_take_over {
-            return Ok(());
-        }
-        let suspicious = match &status {
-            None => true,
-            Some(p) => {
-                !p.reachable
-                    || matches!(
-                        p.state,
-                        Some(NodeState::FailingOver | NodeState::FailedOver | NodeState::FailedOverCriticalServicesNotRunning)
-                    )
-            }
-        };
-        if !suspicious && !look_at_lease {
-            return Ok(());
-        }
-        let store = &self.inner().store;
-        let peer_lease = lease::read(store, &peer.id).await?;
-        // Nothing to take: the peer hosts no room, and it has never run (a new pair) or its
-        // service is served elsewhere already.
-        if fencing::hosted_by(store, &peer.id).await? == 0
-            && (peer_lease.is_none() || fencing::service_host(store, &peer.id).await? != peer.id)
-        {
-            return Ok(());
-        }
-        let expired = peer_lease.as_ref().is_none_or(|l| l.expired);
-        let link_down = status.as_ref().is_none_or(|p| !p.link_up);
-        let dead = !expired && link_down && !fencing::is_present(store, &peer.id).await?;
-        if expired || dead {
-            tracing::warn!(node = %self.me(), peer = %peer.id, lease_expired = expired, process_gone = dead, "peer is down: taking over its rooms");
-            self.take_over(&peer).await;
-        }
-        Ok(())
-    }
-
-    /// Fence every room the peer hosts with one statement, activate the ones it had active,
-    /// and run in backup mode.
-    async fn take_over(&mut self, peer: &PeerRef) {
-        let was = self.state();
-        let decided = Instant::now();
-        self.enter(NodeState::TakingOver, Reason::OnPeerDown).await;
-        let inner = self.inner();
-        // Our own lease must be good before we serve anything.
-        if let Err(e) = self.host(true).await {
-            tracing::error!(error = %e, "cannot renew this node's lease; not taking over");
-            self.host(false).await.ok();
-            self.enter(was, Reason::OnPeerDown).await;
-            return;
-        }
-        let moved = match fencing::take_over(&inner.store, &peer.id, self.me()).await {
-            Ok(n) => n,
-            Err(e) => {
-                // Nothing moved (the statement is one transaction): back to where we were, and
-                // the next check tries again.
-                tracing::warn!(error = %e, "takeover statement failed; will retry");
-                if !was.hosts_rooms() {
-                    self.host(false).await.ok();
-                }
-                self.enter(was, Reason::OnPeerDown).await;
-                return;
-            }
-        };
-        let fence_ms = decided.elapsed().as_millis() as u64;
-        metrics::counter!("stoa_ha_takeovers_total").increment(1);
-        metrics::histogram!("stoa_ha_takeover_fence_seconds").record(decided.elapsed().as_secs_f64());
-        let return_on_peer_start = !self.peer_seen_alive;
-        self.return_on_peer_start = return_on_peer_start;
-        let inner = self.inner();
-        tracing::info!(
-            node = %self.me(),
-            peer = %peer.id,
-            rooms = moved,
-            fence_ms,
-            return_on_peer_start,
-            "peer's rooms fenced and taken over"
-        );
-        self.enter(NodeState::RunningInBackupMode, Reason::OnPeerDown).await;
-        inner.takeovers.send_modify(|n| *n += 1);
-        // Activate what the peer had active, so its clients' rejoins find warm rooms.
-        let rooms = self.r.link().map(|l| l.peer_rooms()).unwrap_or_default();
-        let started = Instant::now();
-        let activated = activate_all(&inner.registry, rooms).await;
-        let activate_ms = started.elapsed().as_millis() as u64;
-        tracing::info!(node = %self.me(), activated, activate_ms, "peer's active rooms activated");
-        inner.status.lock().expect("ha status lock").last_takeover =
-            Some(TakeoverReport { from: peer.id.0.clone(), rooms: moved, fence_ms, activated, activate_ms, at_ms: now_ms() });
-    }
-
-    /// This node gives its rooms to the peer: stop serving, finish what is in flight, tell
-    /// clients where to go, release the lease, and wait until the peer has fenced the rooms.
-    async fn fail_over(&mut self, reason: Reason) {
-        let Some(peer) = self.peer().cloned() else { return };
-        self.enter(NodeState::FailingOver, reason).await;
-        let inner = self.inner();
-        self.host(false).await.ok();
-        let handed = inner.registry.hand_off(None, &peer.client, Duration::from_secs(10)).await;
-        inner.lease_wanted.store(false, Ordering::Release);
-        if let Err(e) = lease::release(&inner.store, self.me()).await {
-            tracing::warn!(error = %e, "could not release the lease; the peer waits for it to expire");
-        }
-        let told = inner.gateway.goaway_all("node is failing over; resume on its peer", Some(peer.client.clone()));
-        tracing::info!(node = %self.me(), rooms = handed, sessions = told, "failing over: rooms handed off, clients sent to the peer");
-        self.awaiting_takeover = true;
-    }
-
-    /// The peer took this node's rooms while it was not looking (paused, or cut off from the
-    /// store): stop serving at once and wait for fallback.
-    async fn step_down(&mut self) {
-        let state = self.state();
-        if !state.hosts_rooms() {
-            return;
-        }
-        let inner = self.inner();
-        self.host(false).await.ok();
-        let to = self.peer().map(|p| p.client.clone()).unwrap_or_default();
-        let told = inner.gateway.goaway_all("this node's rooms moved to its peer", Some(to.clone()));
-        let handed = inner.registry.hand_off(None, &to, Duration::from_secs(10)).await;
-        tracing::warn!(node = %self.me(), rooms = handed, sessions = told, "stepped down: the peer serves this node's rooms");
-        self.enter(NodeState::FailingOver, Reason::OnPeerDown).await;
-        if let Err(e) = self.new_lease().await {
-            tracing::warn!(error = %e, "could not take a new lease");
-        }
-        self.enter(NodeState::FailedOver, Reason::OnPeerDown).await;
-    }
-
-    /// Failed over: notice the takeover (failing over) and the fallback (rooms came home).
-    async fn watch_home(&mut self) -> Result<(), lease::LeaseError> {
-        let store = &self.inner().store;
-        match self.state() {
-            NodeState::FailingOver if self.awaiting_takeover => {
-                // Taken over when the peer serves this node's service (rooms or none) and no
-                // room is left here.
-                let taken = &fencing::service_host(store, self.me()).await? != self.me() && fencing::hosted_by(store, self.me()).await? == 0;
-                if taken {
-                    self.awaiting_takeover = false;
-                    self.new_lease().await?;
-                    let critical = self.r.services().iter().any(|s| !s.running);
-                    let (state, reason) = {
-                        let s = self.inner().status.lock().expect("ha status lock");
-                        (if critical { NodeState::FailedOverCriticalServicesNotRunning } else { NodeState::FailedOver }, s.reason)
-                    };
-                    self.enter(state, reason).await;
-                }
-            }
-            NodeState::FailedOver => self.take_back_if_returned().await?,
-            NodeState::RunningInBackupMode => {
-                let peer = self.peer().map(|p| p.id.clone());
-                let still_backing_up = match &peer {
-                    Some(peer) => &fencing::service_host(store, peer).await? == self.me(),
-                    None => false,
-                };
-                if still_backing_up {
-                    self.maybe_auto_fallback().await;
-                } else {
-                    // The peer reclaimed its service itself (it started while this node was
-                    // down, or both started at once): nothing is backed up here any more.
-                    tracing::info!(node = %self.me(), "the peer serves its own rooms again: back to normal");
-                    self.return_on_peer_start = false;
-                    let reason = self.inner().status.lock().expect("ha status lock").reason;
-                    self.enter(NodeState::Normal, reason).await;
-                }
-            }
-            _ => {}
-        }
-        Ok(())
-    }
-
-    /// Failed over: once this node's service is its own again (the backup gave it back, or a
-    /// recovery returned it), take the lease and serve, with the reason the backup gave the
-    /// rooms back for (an operator's fallback, or automatic).
-    async fn take_back_if_returned(&mut self) -> Result<(), lease::LeaseError> {
-        if &fencing::service_host(&self.inner().store, self.me()).await? != self.me() {
-            return Ok(());
-        }
-        let backup_reason = match self.peer() {
-            Some(peer) => fencing::last_state(&self.inner().store, &peer.id).await?.map(|(_, reason, _)| reason),
-            None => None,
-        };
-        let reason = match backup_reason.as_deref() {
-            Some("automatic_fallback") => Reason::AutomaticFallback,
-            _ => Reason::OnAdminRequest,
-        };
-        self.enter(NodeState::TakingBack, reason).await;
-        if let Err(e) = self.host(true).await {
-            tracing::warn!(error = %e, "cannot take the lease back yet");
-            self.enter(NodeState::FailedOver, reason).await;
-            return Ok(());
-        }
-        // Warm up the rooms that were active on the backup, for the clients it is sending here.
-        let service = format!("@{}", self.inner().gateway.settings.node.service);
-        let mine: Vec<String> =
-            self.r.link().map(|l| l.peer_rooms()).unwrap_or_default().into_iter().filter(|r| r.ends_with(&service)).collect();
-        let started = Instant::now();
-        let n = activate_all(&self.inner().registry, mine).await;
-        tracing::info!(node = %self.me(), activated = n, activate_ms = started.elapsed().as_millis() as u64, "rooms taken back and activated");
-        self.enter(NodeState::Normal, reason).await;
-        Ok(())
-    }
-
-    async fn maybe_auto_fallback(&mut self) {
-        let after = if self.return_on_peer_start { Some(Duration::ZERO) } else { self.inner().config.auto_fallback_after };
-        let Some(after) = after else { return };
-        let Some(peer) = self.peer().cloned() else { return };
-        let healthy = self.peer_status().is_some_and(|p| p.reachable && p.state == Some(NodeState::FailedOver));
-        if !healthy {
-            self.healthy_since = None;
-            return;
-        }
-        let since = *self.healthy_since.get_or_insert_with(Instant::now);
-        if since.elapsed() >= after {
-            self.healthy_since = None;
-            if let Err(e) = self.fall_back(&peer, Reason::AutomaticFallback).await {
-                tracing::warn!("automatic fallback not done: {e}");
-            }
-        }
-    }
-
-    /// On the backup: hand `peer`'s rooms back. Rooms finish their appends in flight, their
-    /// occupants are told `moved`, then one statement gives them back with a new epoch.
-    async fn fall_back(&mut self, peer: &PeerRef, reason: Reason) -> Result<String, String> {
-        if self.state() != NodeState::RunningInBackupMode {
-            return Err(format!("node {} is {}, not running_in_backup_mode: nothing to fall back", self.me(), self.state()));
-        }
-        let store = &self.inner().store;
-        let peer_lease = lease::read(store, &peer.id).await.map_err(|e| e.to_string())?;
-        if peer_lease.is_none_or(|l| l.expired) {
-            return Err(format!("node {} is not running (its lease has expired): start it first", peer.id));
-        }
-        // The peer's recorded state (written before its heartbeats can tell).
-        let recorded = fencing::last_state(store, &peer.id).await.map_err(|e| e.to_string())?.map(|(s, _, _)| s);
-        match recorded.as_deref() {
-            Some("failed_over") => {}
-            Some("failed_over_critical_services_not_running") => {
-                let down = self.peer_status().map(|p| p.services_down).unwrap_or_default();
-                let named = if down.is_empty() { "a critical service".to_owned() } else { format!("its critical service {}", down.join(", ")) };
-                let first = down.first().map_or("SERVICE", String::as_str);
-                return Err(format!(
-                    "node {} still has {named} down: start it first (stoa admin service start {first} {})",
-                    peer.id, peer.id
-                ));
-            }
-            other => return Err(format!("node {} is {}, not failed_over: it cannot take its rooms back now", peer.id, other.unwrap_or("unknown"))),
-        }
-        let started = Instant::now();
-        self.enter(NodeState::FallingBack, reason).await;
-        let inner = self.inner();
-        inner.registry.block_home(&peer.id);
-        let handed = inner.registry.hand_off(Some(&peer.id), &peer.client, Duration::from_secs(10)).await;
-        let mut attempts = 0;
-        let moved = loop {
-            match fencing::return_home(store, &peer.id, self.me()).await {
-                Ok(n) => break n,
-                Err(e) if attempts < 50 => {
-                    attempts += 1;
-                    tracing::warn!(error = %e, "fallback statement failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                Err(e) => {
-                    // The rooms never left: serve them here again.
-                    inner.registry.unblock_home(&peer.id);
-                    self.enter(NodeState::RunningInBackupMode, reason).await;
-                    return Err(format!("fallback failed, the rooms stay on {}: {e}", self.me()));
-                }
-            }
-        };
-        inner.registry.unblock_home(&peer.id);
-        self.return_on_peer_start = false;
-        self.enter(NodeState::Normal, reason).await;
-        let ms = started.elapsed().as_millis();
-        metrics::counter!("stoa_ha_fallbacks_total").increment(1);
-        Ok(format!("fell back: {moved} rooms returned to node {} ({handed} were active here) in {ms} ms", peer.id))
-    }
-
-    async fn admin(&mut self, request: Request) -> Result<Outcome, String> {
-        let me = self.me().0.clone();
-        let peer = self.peer().cloned();
-        let is_peer = |node: &str| peer.as_ref().is_some_and(|p| p.id.0 == node);
-        let forward = |command: PeerCommand| Ok(Outcome::Forward(command));
-        match request {
-            Request::Failover { node } if node == me => {
-                if self.state() != NodeState::Normal {
-                    return Err(format!("node {me} is {}; only a normal node can fail over", self.state()));
-                }
-                if self.peer_status().is_none_or(|p| !p.reachable) {
-                    return Err(format!("node {me}'s peer is not reachable; failing over now would leave its rooms unserved"));
-                }
-                self.fail_over(Reason::OnAdminRequest).await;
-                Ok(Outcome::Done(format!("node {me} is failing over to its peer")))
-            }
-            Request::Failover { node } if is_peer(&node) => forward(PeerCommand::Failover { node }),
-            Request::Fallback { node } if is_peer(&node) => {
-                let peer = peer.expect("is_peer");
-                self.fall_back(&peer, Reason::OnAdminRequest).await.map(Outcome::Done)
-            }
-            Request::Fallback { node } if node == me => match self.state() {
-                NodeState::FailedOver => forward(PeerCommand::Fallback { node }),
-                NodeState::FailedOverCriticalServicesNotRunning => {
-                    let down: Vec<&str> = self.r.services().iter().filter(|s| !s.running).map(|s| s.service.as_str()).collect();
-                    Err(format!(
-                        "node {me} still has its critical service {} down: start it first (stoa admin service start {} {me})",
-                        down.join(", "),
-                        down.first().copied().unwrap_or("SERVICE")
-                    ))
-                }
-                s => Err(format!("node {me} is {s}, not failed over: nothing to fall back")),
-            },
-            Request::Service { node, service, start } if node == me => {
-                self.set_service(service, start).await;
-                Ok(Outcome::Done(format!("service {} on node {me} {}", service.as_str(), if start { "started" } else { "stopped" })))
-            }
-            Request::Service { node, service, start } if is_peer(&node) => {
-                forward(PeerCommand::Service { node, service: service.as_str().to_owned(), start })
-            }
-            Request::Failover { node } | Request::Fallback { node } | Request::Service { node, .. } => {
-                Err(format!("node {node} is neither this node ({me}) nor its peer"))
-            }
-        }
-    }
-
-    /// Stop or start a critical service. Stopping takes effect at once (rooms stop, logins are
-    /// refused, or the lease stops being renewed); failover follows after the delay.
-    async fn set_service(&mut self, service: Service, start: bool) {
-        let inner = self.inner();
-        inner.services.lock().expect("services lock")[service.index()].admin_stopped = !start;
-        let hosting = self.state().hosts_rooms();
-        match (service, start) {
-            (Service::Rooms, false) => {
-                inner.registry.set_hosting(false);
-                let to = self.peer().map(|p| p.client.clone()).unwrap_or_default();
-                inner.registry.hand_off(None, &to, Duration::from_secs(10)).await;
-            }
-            (Service::Rooms, true) => inner.registry.set_hosting(hosting),
-            (Service::Router, false) => {
-                inner.gateway.set_accepting(false);
-                let to = self.peer().map(|p| p.client.clone());
-                inner.gateway.goaway_all("the router service was stopped", to);
-            }
-            (Service::Router, true) => inner.gateway.set_accepting(hosting),
-            // The lease task stops renewing; the write gate closes by itself.
-            (Service::Store, _) => {}
-        }
-    }
-}
-
-/// Activate `rooms` on this node in bulk; returns how many were started.
-async fn activate_all(registry: &RoomRegistry, rooms: Vec<String>) -> usize {
-    let rooms = rooms.into_iter().map(crate::protocol::RoomAddr).collect();
-    match registry.activate_many(rooms).await {
-        Ok(n) => n,
-        Err(e) => {
-            tracing::warn!(error = %e, "bulk activation stopped early; the rest activate on first use");
-            0
-        }
     }
 }

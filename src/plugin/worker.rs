@@ -10,7 +10,7 @@
 use super::instance::PluginInstance;
 use super::v0_1::{Admission, Message, Occupant, RoomCtx, Verdict};
 use super::{FailurePolicy, Lookup, PluginCtx, PluginHost, RoomLink};
-use crate::protocol::RoomAddr;
+use crate::ids::RoomAddr;
 use crate::store::{Fence, Store};
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -9,10 +9,11 @@
 //! same list, already accepted.
 
 use super::{PendingPost, Room};
+use crate::ids::{RoomAddr, SessionId};
 use crate::plugin::v0_1::{Message, Occupant};
 use crate::plugin::worker::{self, Attachment, Chain, DecisionTo, MessageDecision, PluginHandle};
 use crate::plugin::{RoomInfo, RoomLink};
-use crate::protocol::{ErrorCode, RoomAddr, RoomConfig};
+use crate::protocol::{ErrorCode, RoomConfig};
 use crate::room::RoomError;
 use crate::store::{NewMessage, now_ms};
 use actix::WeakAddr;
@@ -293,7 +294,7 @@ impl Handler<PluginRoomInfo> for Room {
 #[derive(Message, Clone)]
 #[rtype(result = "Result<Vec<PluginHandle>, RoomError>")]
 pub struct PluginChain {
-    pub session: u64,
+    pub session: SessionId,
     pub user: String,
     pub nick: String,
     pub password: Option<String>,

@@ -1,6 +1,7 @@
 //! Pure room state: occupants, affiliations, config, and the permission rules.
 //! No I/O here, so every rule is unit-tested beside it.
 
+use crate::ids::SessionId;
 use crate::protocol::{Affiliation, OccupantInfo, RoomConfig};
 use std::collections::HashMap;
 
@@ -37,7 +38,7 @@ pub struct RoomState {
     /// Non-`none` affiliations by user name.
     pub affiliations: HashMap<String, Affiliation>,
     /// Occupants by session id.
-    pub occupants: HashMap<u64, OccupantState>,
+    pub occupants: HashMap<SessionId, OccupantState>,
 }
 
 impl RoomState {
@@ -66,7 +67,7 @@ impl RoomState {
     /// occupant cap. Returns the user's affiliation.
     pub fn check_join(
         &self,
-        session: u64,
+        session: SessionId,
         user: &str,
         nick: &str,
         password: Option<&str>,
@@ -152,12 +153,12 @@ impl RoomState {
     }
 
     /// Check that `actor` may kick the occupant(s) using `nick`; returns their session ids.
-    pub fn check_kick(&self, actor: &str, nick: &str) -> Result<Vec<u64>, Denied> {
+    pub fn check_kick(&self, actor: &str, nick: &str) -> Result<Vec<SessionId>, Denied> {
         let mine = self.affiliation(actor);
         if mine < Affiliation::Admin {
             return Err(Denied::Forbidden("only owners and admins may kick"));
         }
-        let targets: Vec<(u64, &OccupantState)> =
+        let targets: Vec<(SessionId, &OccupantState)> =
             self.occupants.iter().filter(|(_, o)| o.nick == nick).map(|(s, o)| (*s, o)).collect();
         if targets.is_empty() {
             return Err(Denied::NotFound("no occupant with that nick"));
@@ -170,7 +171,7 @@ impl RoomState {
 
     /// Sessions that may no longer stay after `user` became `aff` (banned, or no longer a
     /// member of a members-only room).
-    pub fn evicted_by(&self, user: &str, aff: Affiliation) -> Vec<u64> {
+    pub fn evicted_by(&self, user: &str, aff: Affiliation) -> Vec<SessionId> {
         let must_leave = aff == Affiliation::Outcast || (!self.config.public && aff < Affiliation::Member);
         if !must_leave {
             return Vec::new();
@@ -195,34 +196,34 @@ mod tests {
     #[test]
     fn outcasts_never_enter_and_members_only_needs_membership() {
         let r = room(true);
-        assert_eq!(r.check_join(1, "otto", "o", None, 10), Err(Denied::Forbidden("you are banned from this room")));
-        assert!(r.check_join(1, "guest", "g", None, 10).is_ok());
+        assert_eq!(r.check_join(SessionId(1), "otto", "o", None, 10), Err(Denied::Forbidden("you are banned from this room")));
+        assert!(r.check_join(SessionId(1), "guest", "g", None, 10).is_ok());
         let r = room(false);
-        assert_eq!(r.check_join(1, "guest", "g", None, 10), Err(Denied::Forbidden("this room is members-only")));
-        assert_eq!(r.check_join(1, "mia", "m", None, 10), Ok(Affiliation::Member));
+        assert_eq!(r.check_join(SessionId(1), "guest", "g", None, 10), Err(Denied::Forbidden("this room is members-only")));
+        assert_eq!(r.check_join(SessionId(1), "mia", "m", None, 10), Ok(Affiliation::Member));
     }
 
     #[test]
     fn room_password_binds_everyone_below_admin() {
         let mut r = room(true);
         r.config.password = Some("s3".into());
-        assert!(r.check_join(1, "mia", "m", None, 10).is_err());
-        assert!(r.check_join(1, "mia", "m", Some("nope"), 10).is_err());
-        assert!(r.check_join(1, "mia", "m", Some("s3"), 10).is_ok());
-        assert!(r.check_join(1, "adam", "a", None, 10).is_ok());
+        assert!(r.check_join(SessionId(1), "mia", "m", None, 10).is_err());
+        assert!(r.check_join(SessionId(1), "mia", "m", Some("nope"), 10).is_err());
+        assert!(r.check_join(SessionId(1), "mia", "m", Some("s3"), 10).is_ok());
+        assert!(r.check_join(SessionId(1), "adam", "a", None, 10).is_ok());
     }
 
     #[test]
     fn nick_clash_and_capacity() {
         let mut r = room(true);
-        r.occupants.insert(7, OccupantState::new("mia".into(), "m".into()));
-        assert_eq!(r.check_join(8, "guest", "m", None, 10), Err(Denied::Conflict("nick is taken in this room")));
-        assert_eq!(r.check_join(8, "guest", "M.", None, 10), Err(Denied::Conflict("nick is taken in this room")), "a lookalike");
-        assert!(r.check_join(8, "mia", "m", None, 10).is_ok(), "same user may use its nick twice");
-        assert_eq!(r.check_join(8, "guest", "g", None, 1), Err(Denied::TooLarge("room is full")));
-        assert!(r.check_join(7, "mia", "m", None, 1).is_ok(), "a rejoin does not count twice");
+        r.occupants.insert(SessionId(7), OccupantState::new("mia".into(), "m".into()));
+        assert_eq!(r.check_join(SessionId(8), "guest", "m", None, 10), Err(Denied::Conflict("nick is taken in this room")));
+        assert_eq!(r.check_join(SessionId(8), "guest", "M.", None, 10), Err(Denied::Conflict("nick is taken in this room")), "a lookalike");
+        assert!(r.check_join(SessionId(8), "mia", "m", None, 10).is_ok(), "same user may use its nick twice");
+        assert_eq!(r.check_join(SessionId(8), "guest", "g", None, 1), Err(Denied::TooLarge("room is full")));
+        assert!(r.check_join(SessionId(7), "mia", "m", None, 1).is_ok(), "a rejoin does not count twice");
         r.config.max_occupants = 1;
-        assert_eq!(r.check_join(8, "guest", "g", None, 10), Err(Denied::TooLarge("room is full")));
+        assert_eq!(r.check_join(SessionId(8), "guest", "g", None, 10), Err(Denied::TooLarge("room is full")));
     }
 
     #[test]
@@ -241,13 +242,13 @@ mod tests {
     #[test]
     fn kick_needs_a_higher_affiliation() {
         let mut r = room(true);
-        r.occupants.insert(1, OccupantState::new("mia".into(), "m".into()));
-        r.occupants.insert(2, OccupantState::new("adam".into(), "a".into()));
-        assert_eq!(r.check_kick("adam", "m"), Ok(vec![1]));
+        r.occupants.insert(SessionId(1), OccupantState::new("mia".into(), "m".into()));
+        r.occupants.insert(SessionId(2), OccupantState::new("adam".into(), "a".into()));
+        assert_eq!(r.check_kick("adam", "m"), Ok(vec![SessionId(1)]));
         assert!(r.check_kick("adam", "a").is_err());
         assert!(r.check_kick("mia", "a").is_err());
         assert_eq!(r.check_kick("olga", "zz"), Err(Denied::NotFound("no occupant with that nick")));
-        assert_eq!(r.evicted_by("mia", Affiliation::Outcast), vec![1]);
+        assert_eq!(r.evicted_by("mia", Affiliation::Outcast), vec![SessionId(1)]);
         assert!(r.evicted_by("mia", Affiliation::None).is_empty(), "public room keeps non-members");
     }
 }

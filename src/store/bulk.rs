@@ -9,7 +9,8 @@
 
 use super::entity::{affiliation, room};
 use super::{NodeId, Store, StoreError, now_ms};
-use crate::protocol::{Affiliation, RoomAddr, RoomConfig};
+use crate::ids::RoomAddr;
+use crate::protocol::{Affiliation, RoomConfig};
 use sea_orm::sea_query::{Expr, Query};
 use sea_orm::{ColumnTrait, ConnectionTrait, TransactionTrait};
 

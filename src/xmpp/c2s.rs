@@ -563,7 +563,7 @@ pub(super) async fn run<C: Channel>(channel: C, peer: SocketAddr, bound: Bound, 
             let wire = Box::new(XmppWire { state: state.clone(), settings: gateway.settings.clone() });
             let hash = crate::auth::token_hash(&logged_in.token);
             let session = gateway.open_session(logged_in.user.clone(), Some(hash), Some(peer.ip()), wire, kill.clone());
-            tracing::debug!(session = session.id, jid = %state.jid, "xmpp session bound");
+            tracing::debug!(session = %session.id, jid = %state.jid, "xmpp session bound");
             (session, state, rx, Arc::new(Mutex::new(Sm::default())), kill, resource, Vec::new())
         }
         Bound::Resumed { parked, h } => {
@@ -575,7 +575,7 @@ pub(super) async fn run<C: Channel>(channel: C, peer: SocketAddr, bound: Bound, 
                 first.extend(sm.resend_after(h));
                 first
             };
-            tracing::debug!(session = session.id, jid = %state.jid, "xmpp session resumed");
+            tracing::debug!(session = %session.id, jid = %state.jid, "xmpp session resumed");
             metrics::counter!("stoa_xmpp_resumptions_total").increment(1);
             (session, state, queue, sm, kill, resource, first)
         }
@@ -705,7 +705,7 @@ pub(super) async fn run<C: Channel>(channel: C, peer: SocketAddr, bound: Bound, 
         connection_over.cancel();
         if let Ok(queue) = writer.await {
             let user = session.user.clone();
-            tracing::debug!(session = session.id, "xmpp connection lost; session parked for resumption");
+            tracing::debug!(session = %session.id, "xmpp connection lost; session parked for resumption");
             let timeout = Duration::from_secs(gateway.settings.xmpp.resume_timeout_s);
             let parked = Parked { user, resource, session, state, queue, sm, kill };
             resumption.park(id, parked, gateway, timeout);

@@ -12,8 +12,9 @@
 //! XEP-0359 `stanza-id`, the sender's `origin-id` (Stoa's cid), and XEP-0421 `occupant-id`.
 
 use super::{escape, ns};
+use crate::ids::RoomAddr;
 use crate::event::{ChatMessage, Delivery, Protocol, RoomAnswer, RoomEvent};
-use crate::protocol::{Affiliation, ErrorCode, RoomAddr};
+use crate::protocol::{Affiliation, ErrorCode};
 use crate::session::{Queued, Wire};
 use std::collections::HashMap;
 use std::fmt::Write as _;

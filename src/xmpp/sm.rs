@@ -123,7 +123,7 @@ impl Resumption {
                 _ = kill.cancelled() => {}
             }
             if let Some(p) = me.take(&id) {
-                tracing::debug!(session = p.session.id, "parked xmpp session not resumed; closing it");
+                tracing::debug!(session = %p.session.id, "parked xmpp session not resumed; closing it");
                 gateway.close_session(&session);
                 p.session.kill(KillReason::Shutdown);
             }

@@ -363,7 +363,7 @@ async fn start_both(pair: &mut Pair) {
 
 async fn hosted(db: &TestDb, node: &str) -> u64 {
     let store = db.store().await;
-    let n = stoa::ha::fencing::hosted_by(&store, &stoa::store::NodeId(node.into())).await.expect("count rooms");
+    let n = store.rooms_hosted_by(&stoa::ids::NodeId(node.into())).await.expect("count rooms");
     store.connection().clone().close().await.ok();
     n
 }

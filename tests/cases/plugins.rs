@@ -82,7 +82,7 @@ async fn admin_post(addr: SocketAddr, path: &str) -> (u16, Value) {
 async fn create_in_store(db: &TestDb, room: &str, owner: &str, config: Value) {
     let config: stoa::protocol::RoomConfig = serde_json::from_value(config).expect("a room config");
     let store = db.store().await;
-    let (room, node) = (stoa::protocol::RoomAddr(room.to_owned()), stoa::store::NodeId("n1".into()));
+    let (room, node) = (stoa::protocol::RoomAddr(room.to_owned()), stoa::ids::NodeId("n1".into()));
     store.create_room(&room, &config, owner, &node).await.expect("room created in the store");
 }
 
@@ -461,7 +461,8 @@ pub async fn reload_under_traffic_loses_nothing(db: &TestDb) {
 /// writes it; deletes and sets of one call land together.
 pub async fn plugin_state_writes_are_fenced(db: &TestDb) {
     use std::collections::HashMap;
-    use stoa::store::{Epoch, Fence, NodeId, StoreError};
+    use stoa::ids::{Epoch, NodeId};
+    use stoa::store::{Fence, StoreError};
     let store = db.store().await;
     store.migrate().await.expect("migrations");
     let home = NodeId("n1".into());

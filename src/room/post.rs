@@ -1,0 +1,271 @@
+//! The write path of a room: a post is queued, handed to the group committer as part of an
+//! append (at most two in flight), and only after the commit acked and fanned out; a failed or
+//! fenced commit acks nobody. The plugin hooks that may rewrite or refuse a post first are in
+//! [`super::plugin`].
+
+use super::*;
+
+impl Room {
+    pub(super) fn message_event(&self, seq: u64, m: &NewMessage, ts: i64) -> Arc<Delivery> {
+        Delivery::new(RoomEvent::Message(ChatMessage {
+            room: self.addr.clone(),
+            seq,
+            id: m.id.clone(),
+            from: m.sender.clone(),
+            nick: m.nick.clone(),
+            body: m.body.clone(),
+            cid: m.client_msg_id.clone(),
+            ts,
+        }))
+    }
+
+    pub(super) fn stored_event(&self, m: &StoredMessage) -> Arc<Delivery> {
+        Delivery::new(RoomEvent::Message(ChatMessage {
+            room: self.addr.clone(),
+            seq: m.seq,
+            id: m.id.clone(),
+            from: m.sender.clone(),
+            nick: m.nick.clone(),
+            body: m.body.clone(),
+            cid: m.client_msg_id.clone(),
+            ts: m.created_at,
+        }))
+    }
+
+    pub(super) fn remember(&mut self, seq: u64, event: Arc<Delivery>) {
+        if let Some(recent) = &mut self.recent {
+            recent.push_back(Recent { seq, event });
+            while recent.len() > self.deps.limits.recent_cache.max(1) {
+                recent.pop_front();
+            }
+        }
+    }
+
+    pub(super) fn remember_cid(&mut self, sender: String, cid: String, seq: u64, ts: i64) {
+        let key = (sender, cid);
+        if self.committed_cids.insert(key.clone(), (seq, ts)).is_none() {
+            self.cid_order.push_back(key);
+            if self.cid_order.len() > CID_MEMORY
+                && let Some(old) = self.cid_order.pop_front() {
+                    self.committed_cids.remove(&old);
+                }
+        }
+    }
+
+
+    /// Hand queued posts to the committer, up to [`PIPELINE_DEPTH`] appends in flight. Each
+    /// append assumes the previous ones will commit in full (`next_base`); the store checks
+    /// that assumption (`last_seq = base_seq`), so a wrong guess comes back as `Stale`.
+    pub(super) fn flush(&mut self, ctx: &mut Context<Self>) {
+        if self.handoff.is_some() {
+            self.finish_handoff_if_drained(ctx);
+            return;
+        }
+        while !self.queue.is_empty() && self.in_flight.len() < PIPELINE_DEPTH && !self.resyncing {
+            if self.needs_resync {
+                if self.in_flight.is_empty() {
+                    self.resync(ctx);
+                }
+                return;
+            }
+            let take = self.queue.len().min(MAX_APPEND_MESSAGES);
+            let posts: Vec<PendingPost> = self.queue.drain(..take).collect();
+            let request = AppendRequest {
+                fence: self.fence.clone(),
+                base_seq: self.next_base,
+                messages: posts.iter().map(|p| p.message.clone()).collect(),
+            };
+            self.next_base += posts.len() as u64;
+            let ticket = self.in_flight.submit(posts);
+            let answer = self.deps.committer.submit(request);
+            ctx.spawn(answer.into_actor(self).map(move |result, room, ctx| room.answered(ticket, result, ctx)));
+        }
+    }
+
+    /// The committer's answer to append `ticket`: applied once every older append's answer has
+    /// been (actix may poll the answers' futures newest first; see `room::pipeline`).
+    pub(super) fn answered(&mut self, ticket: u64, result: Result<Appended, CommitError>, ctx: &mut Context<Self>) {
+        // `None`: an older append is still waiting, or the room stopped and answered these
+        // posts already.
+        let mut ready = self.in_flight.answered(ticket, result);
+        while let Some((posts, result)) = ready {
+            if !self.committed(posts, result, ctx) {
+                return;
+            }
+            ready = self.in_flight.next_ready();
+        }
+        if self.in_flight.is_empty() {
+            self.requeued = 0;
+        }
+        self.flush(ctx);
+    }
+
+    /// Apply the answer to the oldest append in flight, whose posts are `posts`. Returns false
+    /// when the room is stopping (nothing more is applied).
+    pub(super) fn committed(&mut self, posts: Vec<PendingPost>, result: Result<Appended, CommitError>, ctx: &mut Context<Self>) -> bool {
+        match result {
+            Ok(appended) => {
+                // After an earlier failure the log may hold messages this room never showed:
+                // ack now, but leave delivery to the resync, which shows everything in order.
+                let deliver = !self.needs_resync;
+                for (post, outcome) in posts.into_iter().zip(appended.outcomes) {
+                    for (session, re) in &post.waiters {
+                        session.answer(RoomAnswer::Ack {
+                            re: re.clone(),
+                            room: self.addr.clone(),
+                            seq: outcome.seq,
+                            ts: outcome.created_at,
+                            duplicate: outcome.duplicate,
+                        });
+                    }
+                    if deliver {
+                        let NewMessage { sender, client_msg_id, .. } = &post.message;
+                        self.remember_cid(sender.clone(), client_msg_id.clone(), outcome.seq, outcome.created_at);
+                        if !outcome.duplicate {
+                            let event = self.message_event(outcome.seq, &post.message, outcome.created_at);
+                            self.broadcast(&event);
+                            self.remember(outcome.seq, event);
+                        }
+                    }
+                }
+                if deliver {
+                    self.last_seq = appended.last_seq;
+                }
+            }
+            Err(CommitError::Append(AppendError::Stale { last_seq })) => {
+                tracing::info!(room = %self.addr, known = self.last_seq, stored = last_seq, "room log moved on; resyncing");
+                // Nothing of this append was written: back in the queue, ahead of every post
+                // that was never sent, behind the ones requeued before it.
+                let n = posts.len();
+                for (i, p) in posts.into_iter().enumerate() {
+                    self.queue.insert(self.requeued + i, p);
+                }
+                self.requeued += n;
+                self.needs_resync = true;
+            }
+            Err(CommitError::Append(AppendError::Fenced { host, epoch })) => {
+                tracing::warn!(room = %self.addr, %host, epoch, "room fenced; stopping this incarnation");
+                self.fail_posts(posts, ErrorCode::Unavailable, "room moved to another node; retry");
+                self.stop_fenced(ctx);
+                return false;
+            }
+            Err(CommitError::Append(AppendError::Gone)) => {
+                self.fail_posts(posts, ErrorCode::NotFound, "room was destroyed");
+                self.stop_fenced(ctx);
+                return false;
+            }
+            Err(e) => {
+                tracing::warn!(room = %self.addr, error = %e, "append not committed");
+                self.fail_posts(posts, ErrorCode::Unavailable, "message not stored; retry with the same cid");
+                // The commit may have landed after all (connection lost during COMMIT).
+                self.needs_resync = true;
+            }
+        }
+        true
+    }
+
+    pub(super) fn fail_posts(&self, posts: Vec<PendingPost>, code: ErrorCode, message: &str) {
+        for post in posts {
+            for (session, re) in post.waiters {
+                session.answer(RoomAnswer::Error { re: Some(re), room: self.addr.clone(), code, message: message.into() });
+            }
+        }
+    }
+
+    /// Answer every post in flight or queued with an error (the room is stopping).
+    pub(super) fn fail_all(&mut self, code: ErrorCode, message: &str) {
+        let mut posts: Vec<PendingPost> = self.in_flight.drain().flatten().collect();
+        posts.extend(self.queue.drain(..));
+        posts.extend(self.hooks.drain_posts());
+        self.fail_posts(posts, code, message);
+    }
+
+    /// Reload the room's log position from the store and deliver whatever was committed that
+    /// this incarnation has not shown yet, then carry on with the queue. Runs only with no
+    /// append in flight.
+    pub(super) fn resync(&mut self, ctx: &mut Context<Self>) {
+        self.resyncing = true;
+        let store = self.deps.store.clone();
+        let id = self.fence.room;
+        let known = self.last_seq;
+        let load = self.on_io(async move {
+            let row = store.load_room_by_id(id).await?;
+            let missing = match &row {
+                Some(row) if row.last_seq > known => store.messages(id, known, None, row.last_seq - known, false).await?,
+                _ => Vec::new(),
+            };
+            Ok((row, missing))
+        });
+        ctx.spawn(load.into_actor(self).map(|result, room, ctx| {
+            room.resyncing = false;
+            match result {
+                Ok((Some(row), missing)) if row.host_node == room.fence.host && row.epoch == room.fence.epoch => {
+                    for m in &missing {
+                        let event = room.stored_event(m);
+                        room.broadcast(&event);
+                        room.remember(m.seq, event);
+                        room.remember_cid(m.sender.clone(), m.client_msg_id.clone(), m.seq, m.created_at);
+                    }
+                    room.last_seq = row.last_seq;
+                    room.next_base = row.last_seq;
+                    room.needs_resync = false;
+                    room.flush(ctx);
+                }
+                Ok((Some(_), _)) => {
+                    room.fail_all(ErrorCode::Unavailable, "room moved to another node; retry");
+                    room.stop_fenced(ctx);
+                }
+                Ok((None, _)) => {
+                    room.fail_all(ErrorCode::NotFound, "room was destroyed");
+                    room.stop_fenced(ctx);
+                }
+                Err(e) => {
+                    // Store still unreachable: fail what is queued; try again on the next post.
+                    room.fail_all(e.code(), &e.client_message());
+                }
+            }
+        }));
+    }
+}
+
+/// An occupant posts a message. The ack (after commit) or the error goes to its queue.
+#[derive(Message, Clone)]
+#[rtype(result = "Result<(), RoomError>")]
+pub struct Post {
+    pub session: SessionId,
+    pub re: RequestId,
+    pub body: String,
+    pub client_msg_id: String,
+}
+
+impl Handler<Post> for Room {
+    type Result = Result<(), RoomError>;
+
+    fn handle(&mut self, msg: Post, ctx: &mut Context<Self>) -> Self::Result {
+        self.check_alive()?;
+        let session = self.occupant(msg.session)?.clone();
+        let user = session.user().to_owned();
+        let nick = self.state.occupants.get(&msg.session).map(|o| o.nick.clone()).unwrap_or_default();
+        self.touch();
+        let key = (user, msg.client_msg_id);
+        if let Some(&(seq, ts)) = self.committed_cids.get(&key) {
+            session.answer(RoomAnswer::Ack { re: msg.re, room: self.addr.clone(), seq, ts, duplicate: true });
+            return Ok(());
+        }
+        {
+            let mut pending = self.in_flight.iter_mut().flatten().chain(self.queue.iter_mut()).chain(self.hooks.posts_mut());
+            if let Some(p) = pending.find(|p| p.message.sender == key.0 && p.message.client_msg_id == key.1) {
+                // A resend of a post not yet committed: answer both with the one commit.
+                p.waiters.push((session, msg.re));
+                return Ok(());
+            }
+        }
+        let (sender, client_msg_id) = key;
+        let post = PendingPost {
+            message: NewMessage { id: uuid::Uuid::now_v7().to_string(), sender, nick, body: msg.body, client_msg_id, created_at: now_ms() },
+            waiters: vec![(session, msg.re)],
+        };
+        self.enqueue_post(post, false, ctx);
+        Ok(())
+    }
+}
