@@ -1,12 +1,12 @@
-//! Host side of WIT `stoa:plugin@0.1.0` (`wit/stoa-plugin.wit`): the generated bindings and
-//! the host imports. A future breaking WIT version gets a module of its own beside this one.
+//! Host side of WIT `stoa:plugin@0.1.0` (`wit/0.1.0/`, frozen): the generated bindings and the
+//! host imports. The next WIT version gets a folder and a module of its own beside this one.
 
 use super::{CallState, PluginCtx};
 use std::time::Duration;
 
 wasmtime::component::bindgen!({
     world: "room-plugin",
-    path: "wit",
+    path: "wit/0.1.0",
     imports: { default: async | trappable },
     exports: { default: async },
 });
@@ -124,5 +124,37 @@ impl self::stoa::plugin::host::Host for PluginCtx {
             }),
             _ => Ok(empty),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sha2::{Digest, Sha256};
+    use std::path::Path;
+
+    /// SHA-256 over the name and bytes of every file in `wit/0.1.0/`, in name order.
+    const FROZEN_WIT_SHA256: &str = "368ff93064f0e85d2e5d5c992a549af57ba1fb3c5fc57c45e45c31790cbbdccb";
+
+    /// `wit/0.1.0/` is exactly what was released: no file changed, added or removed.
+    #[test]
+    fn the_released_wit_folder_is_frozen() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("wit/0.1.0");
+        let mut files: Vec<_> = std::fs::read_dir(&dir).expect("reading wit/0.1.0").map(|e| e.expect("a directory entry").path()).collect();
+        files.sort();
+        let mut hash = Sha256::new();
+        for file in &files {
+            hash.update(file.file_name().expect("a file name").as_encoded_bytes());
+            hash.update([0]);
+            hash.update(std::fs::read(file).expect("reading a WIT file"));
+            hash.update([0]);
+        }
+        let digest = hex::encode(hash.finalize());
+        assert_eq!(
+            digest, FROZEN_WIT_SHA256,
+            "wit/0.1.0/ changed. A released WIT version must never change: plugins built against it rely on every \
+             function, field and case as released. Put the change in a new package version in a new folder \
+             (wit/0.2.0/) with a host module of its own (src/plugin/v0_2.rs) beside v0_1.rs; see docs/plugins.md, \
+             \"Versioning\"."
+        );
     }
 }
