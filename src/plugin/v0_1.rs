@@ -1,8 +1,14 @@
-//! Host side of WIT `stoa:plugin@0.1.0` (`wit/0.1.0/`, frozen): the generated bindings and the
-//! host imports. The next WIT version gets a folder and a module of its own beside this one.
+//! Host side of WIT `stoa:plugin@0.1.0` (`wit/0.1.0/`, frozen): the generated bindings, the
+//! host imports, and the conversions between the generated types and the plugin module's own,
+//! which are all the rest of Stoa sees. The next WIT version gets a module of its own beside
+//! this one; the dispatcher in `plugin.rs` picks one per component (docs/plugins.md,
+//! "Versioning").
 
 use super::{CallState, PluginCtx};
+use crate::plugin;
 use std::time::Duration;
+use wasmtime::Store;
+use wasmtime::component::{HasSelf, Linker};
 
 wasmtime::component::bindgen!({
     world: "room-plugin",
@@ -11,7 +17,81 @@ wasmtime::component::bindgen!({
     exports: { default: async },
 });
 
-pub use self::stoa::plugin::types::{Level, RoomSnapshot};
+use self::stoa::plugin::types::{Level, RoomSnapshot};
+
+/// The WIT package of this module, as component import names carry it (`stoa:plugin/host@0.1.0`).
+pub const PACKAGE: &str = "stoa:plugin@0.1.0";
+
+/// Add this version's host imports to `linker` (which holds WASI already).
+pub fn add_to_linker(linker: &mut Linker<PluginCtx>) -> wasmtime::Result<()> {
+    RoomPlugin::add_to_linker::<PluginCtx, HasSelf<PluginCtx>>(linker, |c| c)
+}
+
+/// The hooks of one instance, and what every hook is told about where it runs.
+pub struct Hooks {
+    bindings: RoomPlugin,
+    ctx: RoomCtx,
+}
+
+impl Hooks {
+    /// Instantiate `pre` in `store`; the hooks' `room-ctx` is the store's room and plugin.
+    pub async fn instantiate(pre: &RoomPluginPre<PluginCtx>, store: &mut Store<PluginCtx>) -> wasmtime::Result<Hooks> {
+        let ctx = RoomCtx { room: store.data().room.0.clone(), plugin: store.data().plugin.to_string() };
+        Ok(Hooks { bindings: pre.instantiate_async(store).await?, ctx })
+    }
+
+    /// `init`.
+    pub async fn init(&self, store: &mut Store<PluginCtx>, config: &str) -> wasmtime::Result<Result<(), String>> {
+        self.bindings.call_init(store, config).await
+    }
+
+    /// `on-message`. The message's strings move into the generated record for the call and
+    /// back (the hot path: no copy per call); it comes back unchanged.
+    pub async fn on_message(&self, store: &mut Store<PluginCtx>, message: &mut plugin::Message) -> wasmtime::Result<plugin::Verdict> {
+        let lent = Message {
+            sender: std::mem::take(&mut message.sender),
+            nick: std::mem::take(&mut message.nick),
+            body: std::mem::take(&mut message.body),
+            cid: std::mem::take(&mut message.client_msg_id),
+        };
+        let verdict = self.bindings.call_on_message(store, &self.ctx, &lent).await;
+        *message = plugin::Message { sender: lent.sender, nick: lent.nick, body: lent.body, client_msg_id: lent.cid };
+        Ok(match verdict? {
+            Verdict::Accept => plugin::Verdict::Accept,
+            Verdict::Reject(reason) => plugin::Verdict::Reject(reason),
+            Verdict::Rewrite(body) => plugin::Verdict::Rewrite(body),
+        })
+    }
+
+    /// `on-join`.
+    pub async fn on_join(&self, store: &mut Store<PluginCtx>, occupant: &plugin::Occupant) -> wasmtime::Result<plugin::Admission> {
+        Ok(match self.bindings.call_on_join(store, &self.ctx, &occupant.into()).await? {
+            Admission::Allow => plugin::Admission::Allow,
+            Admission::Deny(reason) => plugin::Admission::Deny(reason),
+        })
+    }
+
+    /// `on-leave`.
+    pub async fn on_leave(&self, store: &mut Store<PluginCtx>, occupant: &plugin::Occupant) -> wasmtime::Result<()> {
+        self.bindings.call_on_leave(store, &self.ctx, &occupant.into()).await
+    }
+
+    /// `on-room-created`.
+    pub async fn on_room_created(&self, store: &mut Store<PluginCtx>) -> wasmtime::Result<()> {
+        self.bindings.call_on_room_created(store, &self.ctx).await
+    }
+
+    /// `on-config-changed`.
+    pub async fn on_config_changed(&self, store: &mut Store<PluginCtx>, config: &str) -> wasmtime::Result<()> {
+        self.bindings.call_on_config_changed(store, &self.ctx, config).await
+    }
+}
+
+impl From<&plugin::Occupant> for Occupant {
+    fn from(o: &plugin::Occupant) -> Occupant {
+        Occupant { user: o.user.clone(), nick: o.nick.clone() }
+    }
+}
 
 /// Longest key of `state-set`.
 pub const MAX_STATE_KEY_BYTES: usize = 255;
@@ -120,7 +200,7 @@ impl self::stoa::plugin::host::Host for PluginCtx {
                 room: self.room.0.clone(),
                 subject: info.subject,
                 last_seq: info.last_seq,
-                occupants: info.occupants.into_iter().map(|(user, nick)| Occupant { user, nick }).collect(),
+                occupants: info.occupants.iter().map(Occupant::from).collect(),
             }),
             _ => Ok(empty),
         }
