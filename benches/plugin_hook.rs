@@ -13,21 +13,20 @@ use std::hint::black_box;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use stoa::plugin::instance::PluginInstance;
-use stoa::plugin::v0_1::{Message, RoomCtx, Verdict};
 use stoa::plugin::worker::{self, Attachment, PluginHandle};
-use stoa::plugin::{Lookup, PluginCtx, PluginHost, PluginSettings};
+use stoa::plugin::{Lookup, Message, PluginCtx, PluginHost, PluginSettings, Verdict};
 use stoa::protocol::RoomAddr;
 
 /// The same hook as native code.
 trait MessageHook {
-    fn on_message(&mut self, ctx: &RoomCtx, message: &Message) -> Verdict;
+    fn on_message(&mut self, message: &Message) -> Verdict;
 }
 
 struct NativeNoop;
 
 impl MessageHook for NativeNoop {
-    fn on_message(&mut self, ctx: &RoomCtx, message: &Message) -> Verdict {
-        black_box((ctx, message));
+    fn on_message(&mut self, message: &Message) -> Verdict {
+        black_box(message);
         Verdict::Accept
     }
 }
@@ -74,8 +73,7 @@ fn bench(c: &mut Criterion) {
     host.load("noop").expect("loading the noop plugin");
     let Lookup::Ready(loaded, _, _) = host.lookup("noop", &stoa::protocol::RoomAddr("bench@conference.localhost".into())) else { panic!("noop is loaded") };
     let room = RoomAddr("bench@conference.localhost".into());
-    let ctx = RoomCtx { room: room.0.clone(), plugin: "noop".into() };
-    let message = Message { sender: "ann".into(), nick: "ann".into(), body: "hello, world".into(), cid: "c1".into() };
+    let mut message = Message { sender: "ann".into(), nick: "ann".into(), body: "hello, world".into(), client_msg_id: "c1".into() };
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let plugin_ctx = PluginCtx::new("noop".into(), room.clone(), &settings, 16 * 1024, None);
@@ -83,11 +81,11 @@ fn bench(c: &mut Criterion) {
     let mut native: Box<dyn MessageHook> = Box::new(NativeNoop);
 
     let mut group = c.benchmark_group("on_message");
-    group.bench_function("native trait object", |b| b.iter(|| black_box(native.on_message(&ctx, &message))));
+    group.bench_function("native trait object", |b| b.iter(|| black_box(native.on_message(&message))));
     group.bench_function("native trait object in block_on", |b| {
-        b.iter(|| rt.block_on(async { black_box(native.on_message(&ctx, &message)) }))
+        b.iter(|| rt.block_on(async { black_box(native.on_message(&message)) }))
     });
-    group.bench_function("wasm instance call", |b| b.iter(|| rt.block_on(instance.on_message(&ctx, &message)).expect("no fault")));
+    group.bench_function("wasm instance call", |b| b.iter(|| rt.block_on(instance.on_message(&mut message)).expect("no fault")));
 
     // The path rooms use: the worker task and its queue (two task hops per call).
     let mt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
@@ -99,10 +97,10 @@ fn bench(c: &mut Criterion) {
 
     println!("\nsingle-call percentiles (same run):");
     percentiles("native trait object", || {
-        black_box(native.on_message(&ctx, &message));
+        black_box(native.on_message(&message));
     });
     percentiles("wasm instance call", || {
-        rt.block_on(instance.on_message(&ctx, &message)).expect("no fault");
+        rt.block_on(instance.on_message(&mut message)).expect("no fault");
     });
     percentiles("wasm via worker queue", || {
         black_box(mt.block_on(PluginHandle::run_chain(&chain, message.clone())));

@@ -53,8 +53,9 @@
 //! - [`auth`]: argon2 users, session tokens, guest login.
 //! - [`throttle`]: budgets per user name and source address (failed logins, room creations).
 //! - [`names`]: when two nicks or user names clash (a confusable-skeleton comparison key).
-//! - [`plugin`]: Wasm plugins (wasmtime components, WIT `stoa:plugin@0.1.0`): limits, per-room
-//!   workers, fault counting; the room side is `room::plugin` (docs/plugins.md).
+//! - [`plugin`]: Wasm plugins (wasmtime components of a frozen WIT version under `wit/`, one
+//!   host module per version, `plugin::v0_1` for `stoa:plugin@0.1.0`): limits, per-room workers,
+//!   fault counting; the room side is `room::plugin` (docs/plugins.md).
 //! - [`xmpp`]: XMPP, the second codec over the gateway: the c2s listener (RFC 6120 streams,
 //!   STARTTLS, SASL, binding), MUC over Stoa rooms (`xmpp::muc`), the stream parser with its
 //!   limits (`xmpp::stream`); docs/xmpp.md.

@@ -1,11 +1,13 @@
 //! Wasm plugins: sandboxed hooks on room events (docs/plugins.md).
 //!
-//! A plugin is a WebAssembly component for the WIT world `stoa:plugin/room-plugin@0.1.0`
-//! (`wit/`). The node compiles each one once (cached on disk by content hash and engine), keeps
-//! an [`InstancePre`](wasmtime::component::InstancePre) per loaded version, and instantiates it
-//! per room and plugin. Every instance is driven by its own worker task ([`worker`]): one call
-//! at a time, fed by a bounded queue, owning its `Store`; rooms run their workers on their own
-//! arbiter, which the guest gives back at every epoch tick.
+//! A plugin is a WebAssembly component for the WIT world `room-plugin` of a version of the
+//! package `stoa:plugin` this host supports ([`WitVersion`]; each frozen in `wit/<version>/`).
+//! The node compiles each one once (cached on disk by content hash and engine), links it with
+//! the host module of the WIT version it was built for, keeps that
+//! [`InstancePre`](wasmtime::component::InstancePre) ([`Pre`]) per loaded plugin version, and
+//! instantiates it per room and plugin. Every instance is driven by its own worker task
+//! ([`worker`]): one call at a time, fed by a bounded queue, owning its `Store`; rooms run their
+//! workers on their own arbiter, which the guest gives back at every epoch tick.
 //!
 //! Limits of one call: a wall-clock deadline enforced by epoch interruption (one ticker thread
 //! per node; the guest yields to the executor on every tick, so it never holds a runtime
@@ -18,7 +20,9 @@
 //!
 //! - [`settings`]: the `[plugins]` section.
 //! - [`cli`]: `stoa plugin ...` (through the admin API, whose routes are `admin::plugins`).
-//! - [`v0_1`]: bindings and host imports of WIT `stoa:plugin@0.1.0`.
+//! - [`v0_1`]: bindings and host imports of WIT `stoa:plugin@0.1.0`, and the conversions
+//!   between its generated types and this module's [`Message`], [`Occupant`], [`Verdict`],
+//!   [`Admission`] and [`RoomInfo`], which are all the room sees.
 //! - [`instance`]: one instance in one store, with the limits applied to every call.
 //! - [`worker`]: the per-room, per-plugin task and the decisions it hands rooms.
 
@@ -39,7 +43,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use wasmtime::component::{Component, Linker, ResourceTable};
-use wasmtime::{Config, Engine};
+use wasmtime::{Config, Engine, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 /// Errors of loading and managing plugins (calls fail with [`Fault`] instead).
@@ -51,9 +55,14 @@ pub enum PluginError {
     /// No `<name>.wasm` in the plugin directory.
     #[error("plugin `{name}`: cannot read {path}: {source}")]
     Read { name: String, path: PathBuf, source: std::io::Error },
-    /// The file is not a component of the `stoa:plugin/room-plugin@0.1.0` world.
-    #[error("plugin `{name}` is not a valid stoa:plugin@0.1.0 component: {detail}")]
-    Invalid { name: String, detail: String },
+    /// The file is not a component of the `room-plugin` world of WIT package `wit` (a supported
+    /// `stoa:plugin@<version>`, or just `stoa:plugin` when it is not a component at all).
+    #[error("plugin `{name}` is not a valid {wit} component: {detail}")]
+    Invalid { name: String, wit: &'static str, detail: String },
+    /// The component was built for no WIT version this host supports: `found` names the
+    /// packages it uses instead.
+    #[error("plugin `{name}` is built for {found}, which this host does not run (supported: {})", supported())]
+    Unsupported { name: String, found: String },
     /// No plugin of that name is loaded.
     #[error("no plugin `{0}` is loaded")]
     NotLoaded(String),
@@ -101,20 +110,61 @@ impl Fault {
 
 
 
+/// A message an occupant posts, as plugins see it before it is stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    /// The sender's user name.
+    pub sender: String,
+    /// The sender's nick in the room.
+    pub nick: String,
+    pub body: String,
+    /// The client's message id (deduplication key).
+    pub client_msg_id: String,
+}
+
+/// Someone entering or leaving a room.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Occupant {
+    pub user: String,
+    pub nick: String,
+}
+
+/// What becomes of a message: one plugin's answer to `on-message`, and the answer of a room's
+/// whole chain of plugins (with the failure policy's where one failed).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Store and broadcast it as is.
+    Accept,
+    /// Refused with this reason (sent to the sender with code `rejected`); nothing is stored.
+    Reject(String),
+    /// Store and broadcast this body instead.
+    Rewrite(String),
+}
+
+/// What becomes of a join: one plugin's answer to `on-join`, and the chain's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Admission {
+    Allow,
+    /// Refused with code `rejected` and this reason.
+    Deny(String),
+}
+
 /// A room as a plugin's host imports see it: where `send` posts and what `room-info` reads.
 pub trait RoomLink: Send + Sync {
     /// Queue `body` as a message from the plugin's bot (through the room's write path).
     fn send(&self, plugin: &str, body: String);
-    /// The room's subject, last seq and occupants (user, nick); `None` if the room is gone.
+    /// The room's subject, last seq and occupants; `None` if the room is gone.
     fn info(&self) -> futures_util::future::BoxFuture<'static, Option<RoomInfo>>;
 }
 
-/// What [`RoomLink::info`] reports.
+/// What [`RoomLink::info`] reports (a plugin's `room-info`).
 #[derive(Clone, Debug, Default)]
 pub struct RoomInfo {
     pub subject: String,
+    /// Highest committed seq of the room log.
     pub last_seq: u64,
-    pub occupants: Vec<(String, String)>,
+    /// Occupants present now, in order.
+    pub occupants: Vec<Occupant>,
 }
 
 /// Per-call bookkeeping in the store, reset before every call.
@@ -197,13 +247,161 @@ pub struct LoadedPlugin {
     pub name: Arc<str>,
     /// Bumped on every load/reload of any plugin: instances compare it before each call.
     pub generation: u64,
-    pub pre: v0_1::RoomPluginPre<PluginCtx>,
+    pub pre: Pre,
     /// SHA-256 of the wasm bytes.
     pub digest: String,
     pub size: usize,
     pub path: PathBuf,
     /// Whether the compiled form came from the disk cache.
     pub cached: bool,
+}
+
+/// A version of WIT package `stoa:plugin` this host runs components of. Each has a frozen
+/// folder (`wit/0.1.0/`), a host module (`v0_1`), a linker, and a case of [`Pre`] and [`Hooks`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WitVersion {
+    V0_1,
+}
+
+impl WitVersion {
+    /// Every supported version, oldest first.
+    pub const ALL: [WitVersion; 1] = [WitVersion::V0_1];
+
+    /// The package with its version, as component import names carry it (`stoa:plugin@0.1.0`).
+    pub fn package(self) -> &'static str {
+        match self {
+            WitVersion::V0_1 => v0_1::PACKAGE,
+        }
+    }
+}
+
+/// The supported packages, for messages: `stoa:plugin@0.1.0, ...`.
+pub fn supported() -> String {
+    WitVersion::ALL.map(WitVersion::package).join(", ")
+}
+
+/// A component pre-linked against the host module of the WIT version it was built for.
+pub enum Pre {
+    V0_1(v0_1::RoomPluginPre<PluginCtx>),
+}
+
+impl Pre {
+    /// The engine it was compiled for.
+    pub fn engine(&self) -> &Engine {
+        match self {
+            Pre::V0_1(pre) => pre.engine(),
+        }
+    }
+
+    /// A new instance in `store` (whose room and plugin the hooks are told).
+    pub async fn instantiate(&self, store: &mut Store<PluginCtx>) -> wasmtime::Result<Hooks> {
+        match self {
+            Pre::V0_1(pre) => Ok(Hooks::V0_1(v0_1::Hooks::instantiate(pre, store).await?)),
+        }
+    }
+}
+
+/// The hooks of one instance, called through the bindings of its WIT version: they take and
+/// give this module's types, whatever the version.
+pub enum Hooks {
+    V0_1(v0_1::Hooks),
+}
+
+impl Hooks {
+    /// `init(config)`: `Err` is the plugin refusing its config.
+    pub async fn init(&self, store: &mut Store<PluginCtx>, config: &str) -> wasmtime::Result<Result<(), String>> {
+        match self {
+            Hooks::V0_1(hooks) => hooks.init(store, config).await,
+        }
+    }
+
+    /// `on-message`; `message` comes back unchanged.
+    pub async fn on_message(&self, store: &mut Store<PluginCtx>, message: &mut Message) -> wasmtime::Result<Verdict> {
+        match self {
+            Hooks::V0_1(hooks) => hooks.on_message(store, message).await,
+        }
+    }
+
+    /// `on-join`.
+    pub async fn on_join(&self, store: &mut Store<PluginCtx>, occupant: &Occupant) -> wasmtime::Result<Admission> {
+        match self {
+            Hooks::V0_1(hooks) => hooks.on_join(store, occupant).await,
+        }
+    }
+
+    /// `on-leave`.
+    pub async fn on_leave(&self, store: &mut Store<PluginCtx>, occupant: &Occupant) -> wasmtime::Result<()> {
+        match self {
+            Hooks::V0_1(hooks) => hooks.on_leave(store, occupant).await,
+        }
+    }
+
+    /// `on-room-created`.
+    pub async fn on_room_created(&self, store: &mut Store<PluginCtx>) -> wasmtime::Result<()> {
+        match self {
+            Hooks::V0_1(hooks) => hooks.on_room_created(store).await,
+        }
+    }
+
+    /// `on-config-changed` with the room's public config as JSON.
+    pub async fn on_config_changed(&self, store: &mut Store<PluginCtx>, config: &str) -> wasmtime::Result<()> {
+        match self {
+            Hooks::V0_1(hooks) => hooks.on_config_changed(store, config).await,
+        }
+    }
+}
+
+/// One linker per supported WIT version, each with WASI and that version's host imports.
+struct Linkers {
+    v0_1: Linker<PluginCtx>,
+}
+
+impl Linkers {
+    fn new(engine: &Engine) -> Result<Linkers, PluginError> {
+        let linker = |add: fn(&mut Linker<PluginCtx>) -> wasmtime::Result<()>| {
+            let mut linker = Linker::new(engine);
+            wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| PluginError::Engine(format!("linking WASI: {e:#}")))?;
+            add(&mut linker).map_err(|e| PluginError::Engine(format!("linking the host API: {e:#}")))?;
+            Ok::<_, PluginError>(linker)
+        };
+        Ok(Linkers { v0_1: linker(v0_1::add_to_linker)? })
+    }
+
+    /// Pre-link `component` of plugin `name` with the host module of the WIT version it was
+    /// built for (the `stoa:plugin` package its imports and exports name).
+    fn pre(&self, name: &str, engine: &Engine, component: &Component) -> Result<Pre, PluginError> {
+        let packages = wit_packages(engine, component);
+        let Some(version) = WitVersion::ALL.into_iter().find(|v| packages.contains(v.package())) else {
+            let found = if packages.is_empty() { "no WIT package but WASI".to_owned() } else { Vec::from_iter(packages).join(", ") };
+            return Err(PluginError::Unsupported { name: name.into(), found });
+        };
+        let invalid = |e: wasmtime::Error| PluginError::Invalid { name: name.into(), wit: version.package(), detail: format!("{e:#}") };
+        match version {
+            WitVersion::V0_1 => {
+                let pre = self.v0_1.instantiate_pre(component).map_err(invalid)?;
+                Ok(Pre::V0_1(v0_1::RoomPluginPre::new(pre).map_err(invalid)?))
+            }
+        }
+    }
+}
+
+/// The WIT packages (`namespace:name@version`) that `component`'s imports and exports are
+/// interfaces of, but WASI's (every version links WASI): `stoa:plugin/host@0.1.0` is package
+/// `stoa:plugin@0.1.0`; plain function names such as `on-message` name none.
+fn wit_packages(engine: &Engine, component: &Component) -> std::collections::BTreeSet<String> {
+    let ty = component.component_type();
+    let names = ty.imports(engine).map(|(name, _)| name).chain(ty.exports(engine).map(|(name, _)| name));
+    names
+        .filter_map(|name| {
+            let (package, rest) = name.split_once('/')?;
+            let version = rest.split_once('@').map(|(_, v)| v);
+            Some(match version {
+                Some(v) => format!("{package}@{v}"),
+                None => package.to_owned(),
+            })
+        })
+        .filter(|package| !package.starts_with("wasi:"))
+        .collect()
 }
 
 /// A loaded plugin's bookkeeping.
@@ -271,7 +469,7 @@ pub struct PluginSummary {
 
 struct HostInner {
     engine: Engine,
-    linker: Linker<PluginCtx>,
+    linkers: Linkers,
     settings: PluginSettings,
     dir: PathBuf,
     cache_dir: PathBuf,
@@ -311,10 +509,7 @@ impl PluginHost {
     pub fn new(settings: PluginSettings, dir: PathBuf, cache_dir: PathBuf, max_body_bytes: usize) -> Result<PluginHost, PluginError> {
         settings.check().map_err(PluginError::Engine)?;
         let engine = Engine::new(&engine_config(&settings)).map_err(|e| PluginError::Engine(format!("{e:#}")))?;
-        let mut linker: Linker<PluginCtx> = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| PluginError::Engine(format!("linking WASI: {e:#}")))?;
-        v0_1::RoomPlugin::add_to_linker::<PluginCtx, wasmtime::component::HasSelf<PluginCtx>>(&mut linker, |c| c)
-            .map_err(|e| PluginError::Engine(format!("linking the host API: {e:#}")))?;
+        let linkers = Linkers::new(&engine)?;
         let ticker_stop = Arc::new(AtomicBool::new(false));
         {
             let engine = engine.clone();
@@ -333,7 +528,7 @@ impl PluginHost {
         Ok(PluginHost {
             inner: Arc::new(HostInner {
                 engine,
-                linker,
+                linkers,
                 settings,
                 dir,
                 cache_dir,
@@ -426,7 +621,7 @@ impl PluginHost {
         let mut engine_hash = std::collections::hash_map::DefaultHasher::new();
         self.inner.engine.precompile_compatibility_hash().hash(&mut engine_hash);
         let cache_file = self.inner.cache_dir.join(format!("{}-{:016x}.cwasm", &digest[..32], engine_hash.finish()));
-        let invalid = |e: wasmtime::Error| PluginError::Invalid { name: name.into(), detail: format!("{e:#}") };
+        let invalid = |e: wasmtime::Error| PluginError::Invalid { name: name.into(), wit: "stoa:plugin", detail: format!("{e:#}") };
         // SAFETY: the cache directory is this node's own; a file there was written by
         // `Component::serialize` of an engine with the same compatibility hash (it is in the
         // file name), and wasmtime re-checks version and settings on load.
@@ -450,8 +645,7 @@ impl PluginHost {
                 c
             }
         };
-        let pre = self.inner.linker.instantiate_pre(&component).map_err(invalid)?;
-        let pre = v0_1::RoomPluginPre::new(pre).map_err(invalid)?;
+        let pre = self.inner.linkers.pre(name, &self.inner.engine, &component)?;
         Ok(LoadedPlugin {
             name: name.into(),
             generation: self.inner.generation.fetch_add(1, Ordering::Relaxed) + 1,
@@ -640,11 +834,55 @@ mod tests {
         std::fs::write(dir.path().join("junk.wasm"), b"\0asm\x0d\0\x01\0garbage").unwrap();
         let err = host.load("junk").unwrap_err();
         assert!(matches!(err, PluginError::Invalid { .. }), "{err}");
-        assert!(err.to_string().contains("not a valid stoa:plugin@0.1.0 component"), "{err}");
+        assert!(err.to_string().contains("not a valid stoa:plugin component"), "{err}");
         assert!(matches!(host.load("../etc/passwd"), Err(PluginError::BadName(_))));
         assert!(matches!(host.unload("junk"), Err(PluginError::NotLoaded(_))));
         assert!(host.list().is_empty());
         assert!(matches!(host.lookup("junk", &RoomAddr("r@conference.localhost".into())), Lookup::Missing));
+    }
+
+    /// A component that imports one instance named `import`, with nothing in it. Component
+    /// binary format: the preamble, a type section with one empty instance type, an import
+    /// section with `import` of that type.
+    fn component_importing(import: &str) -> Vec<u8> {
+        assert!(import.len() < 100, "lengths here are one-byte LEB128");
+        let mut bytes = b"\0asm\x0d\0\x01\0".to_vec();
+        // Section 7 (types), 3 bytes: one type, an instance type (0x42) with no declarations.
+        bytes.extend([7, 3, 1, 0x42, 0]);
+        // Section 10 (imports): one import, a plain name (0x00), its length and bytes, and an
+        // instance (0x05) of type 0.
+        let name = import.as_bytes();
+        bytes.extend([10, name.len() as u8 + 5, 1, 0, name.len() as u8]);
+        bytes.extend(name);
+        bytes.extend([5, 0]);
+        bytes
+    }
+
+    /// A component built for a WIT version the host does not run, or for another package
+    /// altogether, is refused at load by the dispatcher, with an error (the admin API's
+    /// `plugin load` answer) naming what it is built for and the versions this host supports.
+    #[test]
+    fn components_of_unsupported_wit_versions_are_refused_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = host(dir.path());
+        let cases = [
+            ("future", "stoa:plugin/host@0.2.0", "is built for stoa:plugin@0.2.0, which this host does not run (supported: stoa:plugin@0.1.0)"),
+            ("other", "acme:chat/hooks@1.0.0", "is built for acme:chat@1.0.0, which this host does not run (supported: stoa:plugin@0.1.0)"),
+            ("bare", "wasi:io/error@0.2.6", "is built for no WIT package but WASI, which this host does not run (supported: stoa:plugin@0.1.0)"),
+        ];
+        for (name, import, why) in cases {
+            std::fs::write(dir.path().join(format!("{name}.wasm")), component_importing(import)).unwrap();
+            let err = host.load(name).unwrap_err();
+            assert!(matches!(err, PluginError::Unsupported { .. }), "{name}: {err}");
+            assert_eq!(err.to_string(), format!("plugin `{name}` {why}"));
+        }
+        // A component that names the supported version is linked by that version's host
+        // module, which says what does not fit (here: it exports no hooks).
+        std::fs::write(dir.path().join("hollow.wasm"), component_importing("stoa:plugin/host@0.1.0")).unwrap();
+        let err = host.load("hollow").unwrap_err();
+        assert!(matches!(err, PluginError::Invalid { wit: "stoa:plugin@0.1.0", .. }), "{err}");
+        assert!(err.to_string().starts_with("plugin `hollow` is not a valid stoa:plugin@0.1.0 component: "), "{err}");
+        assert!(host.list().is_empty());
     }
 
     #[test]

@@ -8,8 +8,7 @@
 
 use crate::ids::{NodeId, RoomAddr};
 use crate::clock::monotonic_ms;
-use crate::plugin::v0_1::Occupant as PluginOccupant;
-use crate::plugin::worker::JoinDecision;
+use crate::plugin::{Admission, Occupant as PluginOccupant};
 use crate::protocol::RoomConfig;
 use crate::room::plugin::{PluginChain, PluginRoomCreated};
 use crate::room::{Activity, HandOff, PassivateIfIdle, Registrar, Room, RoomDeps, RoomError};
@@ -316,7 +315,7 @@ impl RoomRegistry {
         let (user, nick) = (join.user.clone(), join.nick.clone());
         let chain = self.call(room, join).await.and_then(|r| r)?;
         for h in chain {
-            if let JoinDecision::Deny(reason) = h.on_join(PluginOccupant { user: user.clone(), nick: nick.clone() }).await {
+            if let Admission::Deny(reason) = h.on_join(PluginOccupant { user: user.clone(), nick: nick.clone() }).await {
                 return Err(RoomError::Rejected(reason));
             }
         }

@@ -39,7 +39,7 @@ fn host(state: &AdminState) -> Result<&PluginHost, Box<Response>> {
 
 fn plugin_error(e: PluginError) -> Response {
     let status = match &e {
-        PluginError::BadName(_) | PluginError::Invalid { .. } => StatusCode::BAD_REQUEST,
+        PluginError::BadName(_) | PluginError::Invalid { .. } | PluginError::Unsupported { .. } => StatusCode::BAD_REQUEST,
         PluginError::Read { .. } | PluginError::NotLoaded(_) => StatusCode::NOT_FOUND,
         PluginError::Engine(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };

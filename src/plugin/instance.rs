@@ -1,7 +1,6 @@
 //! One plugin instance in its own `Store`, and the limits applied around every call.
 
-use super::v0_1::{Admission, Message, Occupant, RoomCtx, RoomPlugin, Verdict};
-use super::{Fault, LoadedPlugin, PluginCtx, PluginSettings};
+use super::{Admission, Fault, Hooks, LoadedPlugin, Message, Occupant, PluginCtx, PluginSettings, Verdict};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use wasmtime::{Store, UpdateDeadline};
@@ -10,7 +9,7 @@ use wasmtime::{Store, UpdateDeadline};
 /// be entered again.
 pub struct PluginInstance {
     store: Store<PluginCtx>,
-    bindings: RoomPlugin,
+    hooks: Hooks,
     /// The [`LoadedPlugin::generation`] it was made from.
     pub generation: u64,
     deadline: Duration,
@@ -19,7 +18,7 @@ pub struct PluginInstance {
 
 impl PluginInstance {
     /// Instantiate `plugin` with `ctx` (its state already loaded) and run `init(config)`, under
-    /// the same limits as any call.
+    /// the same limits as any call. Its hooks are told `ctx`'s room and plugin name.
     pub async fn start(plugin: &LoadedPlugin, ctx: PluginCtx, config: &str, limits: &PluginSettings) -> Result<PluginInstance, Fault> {
         let engine = plugin.pre.engine().clone();
         let mut store = Store::new(&engine, ctx);
@@ -38,12 +37,12 @@ impl PluginInstance {
         let deadline = Duration::from_millis(limits.call_deadline_ms);
         let max_result = limits.max_result_bytes.min(store.data().max_body_bytes.max(1));
         begin(&mut store, deadline);
-        let bindings = match plugin.pre.instantiate_async(&mut store).await {
-            Ok(b) => b,
+        let hooks = match plugin.pre.instantiate(&mut store).await {
+            Ok(h) => h,
             Err(e) => return Err(classify(&store, e, deadline).into_init()),
         };
-        let mut instance = PluginInstance { store, bindings, generation: plugin.generation, deadline, max_result };
-        let result = instance.bindings.call_init(&mut instance.store, config).await;
+        let mut instance = PluginInstance { store, hooks, generation: plugin.generation, deadline, max_result };
+        let result = instance.hooks.init(&mut instance.store, config).await;
         match instance.finish(result)? {
             Ok(()) => {
                 instance.store.data_mut().dirty.clear();
@@ -70,9 +69,10 @@ impl PluginInstance {
     }
 
     /// `on-message`. A rewrite must be a valid body (1 byte up to the result limit).
-    pub async fn on_message(&mut self, ctx: &RoomCtx, message: &Message) -> Result<Verdict, Fault> {
+    /// `message` is lent to the call and comes back unchanged.
+    pub async fn on_message(&mut self, message: &mut Message) -> Result<Verdict, Fault> {
         self.begin();
-        let result = self.bindings.call_on_message(&mut self.store, ctx, message).await;
+        let result = self.hooks.on_message(&mut self.store, message).await;
         let verdict = self.finish(result)?;
         match &verdict {
             Verdict::Accept => {}
@@ -91,9 +91,9 @@ impl PluginInstance {
     }
 
     /// `on-join`.
-    pub async fn on_join(&mut self, ctx: &RoomCtx, occupant: &Occupant) -> Result<Admission, Fault> {
+    pub async fn on_join(&mut self, occupant: &Occupant) -> Result<Admission, Fault> {
         self.begin();
-        let result = self.bindings.call_on_join(&mut self.store, ctx, occupant).await;
+        let result = self.hooks.on_join(&mut self.store, occupant).await;
         let admission = self.finish(result)?;
         if let Admission::Deny(reason) = &admission {
             self.check_len(reason)?;
@@ -102,23 +102,23 @@ impl PluginInstance {
     }
 
     /// `on-leave`.
-    pub async fn on_leave(&mut self, ctx: &RoomCtx, occupant: &Occupant) -> Result<(), Fault> {
+    pub async fn on_leave(&mut self, occupant: &Occupant) -> Result<(), Fault> {
         self.begin();
-        let result = self.bindings.call_on_leave(&mut self.store, ctx, occupant).await;
+        let result = self.hooks.on_leave(&mut self.store, occupant).await;
         self.finish(result)
     }
 
     /// `on-room-created`.
-    pub async fn on_room_created(&mut self, ctx: &RoomCtx) -> Result<(), Fault> {
+    pub async fn on_room_created(&mut self) -> Result<(), Fault> {
         self.begin();
-        let result = self.bindings.call_on_room_created(&mut self.store, ctx).await;
+        let result = self.hooks.on_room_created(&mut self.store).await;
         self.finish(result)
     }
 
     /// `on-config-changed`.
-    pub async fn on_config_changed(&mut self, ctx: &RoomCtx, config: &str) -> Result<(), Fault> {
+    pub async fn on_config_changed(&mut self, config: &str) -> Result<(), Fault> {
         self.begin();
-        let result = self.bindings.call_on_config_changed(&mut self.store, ctx, config).await;
+        let result = self.hooks.on_config_changed(&mut self.store, config).await;
         self.finish(result)
     }
 

@@ -8,8 +8,7 @@
 //! what the failure policy says when the plugin faulted, is disabled, or is overloaded.
 
 use super::instance::PluginInstance;
-use super::v0_1::{Admission, Message, Occupant, RoomCtx, Verdict};
-use super::{FailurePolicy, Lookup, PluginCtx, PluginHost, RoomLink};
+use super::{Admission, FailurePolicy, Lookup, Message, Occupant, PluginCtx, PluginHost, RoomLink, Verdict};
 use crate::ids::RoomAddr;
 use crate::store::{Fence, Store};
 use std::collections::HashMap;
@@ -17,23 +16,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
-
-/// What becomes of a message after a plugin (or its failure policy) had its say.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum MessageDecision {
-    Accept,
-    /// Refused with this reason (sent to the sender with code `rejected`).
-    Reject(String),
-    /// Stored and broadcast with this body.
-    Rewrite(String),
-}
-
-/// What becomes of a join.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum JoinDecision {
-    Allow,
-    Deny(String),
-}
 
 /// Where a worker's instance lives: its room, and where its state is stored.
 pub struct Attachment {
@@ -61,7 +43,7 @@ enum Call {
     /// `chain[next..]` are the plugins after this one in the room's chain: the worker hands the
     /// message on to the next one itself, so every plugin sees a room's messages in arrival order.
     Message { message: Message, rewritten: bool, chain: Chain, next: usize, reply: DecisionTo },
-    Join { occupant: Occupant, reply: oneshot::Sender<JoinDecision> },
+    Join { occupant: Occupant, reply: oneshot::Sender<Admission> },
     Leave { occupant: Occupant },
     RoomCreated,
     ConfigChanged { config: String },
@@ -85,13 +67,13 @@ impl Call {
             Call::Message { message, rewritten, chain, next, reply } => match closed {
                 None => pass_on(message, rewritten, chain, next, reply),
                 Some(why) => {
-                    reply.send(MessageDecision::Reject(format!("plugin `{name}` could not check this message ({why})")));
+                    reply.send(Verdict::Reject(format!("plugin `{name}` could not check this message ({why})")));
                 }
             },
             Call::Join { reply, .. } => {
                 let _ = reply.send(match closed {
-                    None => JoinDecision::Allow,
-                    Some(why) => JoinDecision::Deny(format!("plugin `{name}` could not check this join ({why})")),
+                    None => Admission::Allow,
+                    Some(why) => Admission::Deny(format!("plugin `{name}` could not check this join ({why})")),
                 });
             }
             _ => {}
@@ -128,17 +110,17 @@ impl PluginHandle {
     /// Run `on-message` through a room's chain of plugins (`chain[0]` first). The message is
     /// queued at once, so calls made in arrival order are served in arrival order by every
     /// plugin of the chain; the decision comes when the last plugin is done or one rejects.
-    pub fn run_chain(chain: &Chain, message: Message) -> impl Future<Output = MessageDecision> + Send + 'static {
+    pub fn run_chain(chain: &Chain, message: Message) -> impl Future<Output = Verdict> + Send + 'static {
         let (reply, rx) = oneshot::channel();
         pass_on(message, false, chain.clone(), 0, DecisionTo::Oneshot(reply));
-        async move { rx.await.unwrap_or(MessageDecision::Accept) }
+        async move { rx.await.unwrap_or(Verdict::Accept) }
     }
 
     /// Run `on-join`.
-    pub fn on_join(&self, occupant: Occupant) -> impl Future<Output = JoinDecision> + Send + 'static {
+    pub fn on_join(&self, occupant: Occupant) -> impl Future<Output = Admission> + Send + 'static {
         let (reply, rx) = oneshot::channel();
         self.enqueue(Call::Join { occupant, reply });
-        async move { rx.await.unwrap_or(JoinDecision::Allow) }
+        async move { rx.await.unwrap_or(Admission::Allow) }
     }
 
     /// Queue `on-leave` (nobody waits for it).
@@ -160,7 +142,7 @@ impl PluginHandle {
 /// Hand a message to the next plugin of its chain, or answer if none is left.
 fn pass_on(message: Message, rewritten: bool, chain: Chain, next: usize, reply: DecisionTo) {
     let Some(handle) = chain.get(next) else {
-        reply.send(if rewritten { MessageDecision::Rewrite(message.body) } else { MessageDecision::Accept });
+        reply.send(if rewritten { Verdict::Rewrite(message.body) } else { Verdict::Accept });
         return;
     };
     handle.enqueue(Call::Message { message, rewritten, chain: chain.clone(), next: next + 1, reply });
@@ -169,14 +151,14 @@ fn pass_on(message: Message, rewritten: bool, chain: Chain, next: usize, reply: 
 /// Where the decision on a message goes.
 pub enum DecisionTo {
     /// To one waiting future.
-    Oneshot(oneshot::Sender<MessageDecision>),
+    Oneshot(oneshot::Sender<Verdict>),
     /// To the room's one stream of decisions, tagged with the post's ticket: a room with many
     /// posts in its plugins then has one stream in its actor context, not one future per post.
-    Room { ticket: u64, decisions: mpsc::UnboundedSender<(u64, MessageDecision)> },
+    Room { ticket: u64, decisions: mpsc::UnboundedSender<(u64, Verdict)> },
 }
 
 impl DecisionTo {
-    fn send(self, decision: MessageDecision) {
+    fn send(self, decision: Verdict) {
         match self {
             DecisionTo::Oneshot(tx) => {
                 let _ = tx.send(decision);
@@ -207,7 +189,6 @@ pub fn spawn(host: &PluginHost, name: &str, config: String, attachment: Attachme
         seconds: metrics::histogram!("stoa_plugin_call_seconds", "plugin" => name.to_string()),
     };
     let worker = Worker {
-        ctx: RoomCtx { room: attachment.room.0.clone(), plugin: name.to_string() },
         host: host.clone(),
         name: name.clone(),
         config: config.clone(),
@@ -230,8 +211,6 @@ struct WorkerMetrics {
 }
 
 struct Worker {
-    /// What every hook is told about where it runs.
-    ctx: RoomCtx,
     metrics: WorkerMetrics,
     host: PluginHost,
     name: Arc<str>,
@@ -293,22 +272,19 @@ impl Worker {
         let instance = self.instance.as_mut().expect("instantiated above");
         calls.fetch_add(1, Ordering::Relaxed);
         self.metrics.calls[call.hook_index()].increment(1);
-        let ctx = &self.ctx;
         let started = Instant::now();
         let outcome = match call {
-            Call::Message { message, rewritten, chain, next, reply } => match instance.on_message(ctx, &message).await {
+            Call::Message { mut message, rewritten, chain, next, reply } => match instance.on_message(&mut message).await {
                 Ok(v) => Ok(Reply::Message { message, rewritten, chain, next, reply, verdict: v }),
                 Err(f) => Err((f, Call::Message { message, rewritten, chain, next, reply })),
             },
-            Call::Join { occupant, reply } => match instance.on_join(ctx, &occupant).await {
+            Call::Join { occupant, reply } => match instance.on_join(&occupant).await {
                 Ok(a) => Ok(Reply::Join(reply, a)),
                 Err(f) => Err((f, Call::Join { occupant, reply })),
             },
-            Call::Leave { occupant } => instance.on_leave(ctx, &occupant).await.map(|_| Reply::None).map_err(|f| (f, Call::RoomCreated)),
-            Call::RoomCreated => instance.on_room_created(ctx).await.map(|_| Reply::None).map_err(|f| (f, Call::RoomCreated)),
-            Call::ConfigChanged { config } => {
-                instance.on_config_changed(ctx, &config).await.map(|_| Reply::None).map_err(|f| (f, Call::RoomCreated))
-            }
+            Call::Leave { occupant } => instance.on_leave(&occupant).await.map(|_| Reply::None).map_err(|f| (f, Call::RoomCreated)),
+            Call::RoomCreated => instance.on_room_created().await.map(|_| Reply::None).map_err(|f| (f, Call::RoomCreated)),
+            Call::ConfigChanged { config } => instance.on_config_changed(&config).await.map(|_| Reply::None).map_err(|f| (f, Call::RoomCreated)),
         };
         self.metrics.seconds.record(started.elapsed().as_secs_f64());
         let reply = match outcome {
@@ -374,7 +350,7 @@ async fn load_state(store: Option<(Store, Fence)>, plugin: Arc<str>) -> Result<H
 /// A successful call's answer, held until its state is stored.
 enum Reply {
     Message { message: Message, rewritten: bool, chain: Chain, next: usize, reply: DecisionTo, verdict: Verdict },
-    Join(oneshot::Sender<JoinDecision>, Admission),
+    Join(oneshot::Sender<Admission>, Admission),
     None,
 }
 
@@ -387,15 +363,10 @@ impl Reply {
                     message.body = body;
                     pass_on(message, true, chain, next, reply);
                 }
-                Verdict::Reject(reason) => {
-                    reply.send(MessageDecision::Reject(reason));
-                }
+                Verdict::Reject(reason) => reply.send(Verdict::Reject(reason)),
             },
-            Reply::Join(tx, a) => {
-                let _ = tx.send(match a {
-                    Admission::Allow => JoinDecision::Allow,
-                    Admission::Deny(r) => JoinDecision::Deny(r),
-                });
+            Reply::Join(tx, admission) => {
+                let _ = tx.send(admission);
             }
             Reply::None => {}
         }
@@ -404,7 +375,7 @@ impl Reply {
     fn fail(self, name: &str, policy: FailurePolicy, why: &str) {
         let call = match self {
             Reply::Message { message, rewritten, chain, next, reply, .. } => Call::Message { message, rewritten, chain, next, reply },
-            Reply::Join(reply, _) => Call::Join { occupant: Occupant { user: String::new(), nick: String::new() }, reply },
+            Reply::Join(reply, _) => Call::Join { occupant: Occupant::default(), reply },
             Reply::None => return,
         };
         call.answer_without(name, Some((policy, why.into())));

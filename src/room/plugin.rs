@@ -10,9 +10,8 @@
 
 use super::{PendingPost, Room};
 use crate::ids::{RoomAddr, SessionId};
-use crate::plugin::v0_1::{Message, Occupant};
-use crate::plugin::worker::{self, Attachment, Chain, DecisionTo, MessageDecision, PluginHandle};
-use crate::plugin::{RoomInfo, RoomLink};
+use crate::plugin::worker::{self, Attachment, Chain, DecisionTo, PluginHandle};
+use crate::plugin::{Message, Occupant, RoomInfo, RoomLink, Verdict};
 use crate::protocol::{ErrorCode, RoomConfig};
 use crate::room::RoomError;
 use crate::store::{NewMessage, now_ms};
@@ -33,13 +32,13 @@ pub(super) struct RoomHooks {
     pending: VecDeque<Hooked>,
     next_ticket: u64,
     /// Where workers send decisions (a stream of the room's actor context), once started.
-    decisions: Option<tokio::sync::mpsc::UnboundedSender<(u64, MessageDecision)>>,
+    decisions: Option<tokio::sync::mpsc::UnboundedSender<(u64, Verdict)>>,
 }
 
 pub(super) struct Hooked {
     ticket: u64,
     post: PendingPost,
-    decision: Option<MessageDecision>,
+    decision: Option<Verdict>,
 }
 
 impl RoomHooks {
@@ -170,10 +169,10 @@ impl Room {
         }
         let ticket = self.hooks.next_ticket;
         self.hooks.next_ticket += 1;
-        let decision = if bot || self.hooks.chain.is_empty() { Some(MessageDecision::Accept) } else { None };
+        let decision = if bot || self.hooks.chain.is_empty() { Some(Verdict::Accept) } else { None };
         if decision.is_none() {
             let m = &post.message;
-            let message = Message { sender: m.sender.clone(), nick: m.nick.clone(), body: m.body.clone(), cid: m.client_msg_id.clone() };
+            let message = Message { sender: m.sender.clone(), nick: m.nick.clone(), body: m.body.clone(), client_msg_id: m.client_msg_id.clone() };
             let decisions = self.hooks.decisions.clone().expect("started with the chain");
             worker::start_chain(&self.hooks.chain, message, DecisionTo::Room { ticket, decisions });
         }
@@ -181,7 +180,7 @@ impl Room {
         self.drain_hooked(ctx);
     }
 
-    fn hook_decided(&mut self, ticket: u64, decision: MessageDecision, ctx: &mut Context<Self>) {
+    fn hook_decided(&mut self, ticket: u64, decision: Verdict, ctx: &mut Context<Self>) {
         // Decisions mostly come in order: the post is usually at the head.
         if let Some(h) = self.hooks.pending.iter_mut().find(|h| h.ticket == ticket) {
             h.decision = Some(decision);
@@ -196,9 +195,9 @@ impl Room {
             let h = self.hooks.pending.pop_front().expect("front exists");
             let mut post = h.post;
             match h.decision.expect("checked above") {
-                MessageDecision::Accept => {}
-                MessageDecision::Rewrite(body) => post.message.body = body,
-                MessageDecision::Reject(reason) => {
+                Verdict::Accept => {}
+                Verdict::Rewrite(body) => post.message.body = body,
+                Verdict::Reject(reason) => {
                     metrics::counter!("stoa_plugin_rejected_total").increment(1);
                     self.fail_posts(vec![post], ErrorCode::Rejected, &reason);
                     continue;
@@ -233,8 +232,8 @@ impl Room {
     }
 }
 
-impl StreamHandler<(u64, MessageDecision)> for Room {
-    fn handle(&mut self, (ticket, decision): (u64, MessageDecision), ctx: &mut Context<Self>) {
+impl StreamHandler<(u64, Verdict)> for Room {
+    fn handle(&mut self, (ticket, decision): (u64, Verdict), ctx: &mut Context<Self>) {
         self.hook_decided(ticket, decision, ctx);
     }
 
@@ -283,7 +282,7 @@ impl Handler<PluginRoomInfo> for Room {
     type Result = MessageResult<PluginRoomInfo>;
 
     fn handle(&mut self, _msg: PluginRoomInfo, _ctx: &mut Context<Self>) -> Self::Result {
-        let mut occupants: Vec<(String, String)> = self.state.occupants.values().map(|o| (o.user.clone(), o.nick.clone())).collect();
+        let mut occupants: Vec<Occupant> = self.state.occupants.values().map(|o| Occupant { user: o.user.clone(), nick: o.nick.clone() }).collect();
         occupants.sort();
         MessageResult(RoomInfo { subject: self.state.config.subject.clone(), last_seq: self.last_seq, occupants })
     }

@@ -65,6 +65,22 @@ async fn plugin_settings(db: &TestDb, names: &[&str]) -> Settings {
     s
 }
 
+/// `bytes` with every `from` replaced by `to` (of the same length).
+fn replace_all(bytes: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
+    assert_eq!(from.len(), to.len());
+    let mut out = bytes.to_vec();
+    let mut i = 0;
+    while i + from.len() <= out.len() {
+        if &out[i..i + from.len()] == from {
+            out[i..i + from.len()].copy_from_slice(to);
+            i += from.len();
+        } else {
+            i += 1;
+        }
+    }
+    out
+}
+
 /// POST to the admin API; returns the status and the JSON body.
 async fn admin_post(addr: SocketAddr, path: &str) -> (u16, Value) {
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connecting to the admin API");
@@ -366,7 +382,17 @@ pub async fn plugin_is_disabled_after_repeated_faults_and_reload_restores_it(db:
     std::fs::write(dir.join("garbage.wasm"), b"\0asm but not really").unwrap();
     let (status, body) = admin_post(node.admin_addr, "/api/plugins/garbage/load").await;
     assert_eq!(status, 400, "{body}");
-    assert!(body["message"].as_str().unwrap().contains("not a valid stoa:plugin@0.1.0 component"), "{body}");
+    assert!(body["message"].as_str().unwrap().contains("not a valid stoa:plugin component"), "{body}");
+    // The noop plugin as if built against a WIT version this host does not have: the same
+    // bytes with every `stoa:plugin/...@0.1.0` name saying 0.2.0 (same length, still valid).
+    let noop = std::fs::read(built_plugins().join("noop.wasm")).expect("reading the built noop plugin");
+    let future = replace_all(&noop, b"stoa:plugin/types@0.1.0", b"stoa:plugin/types@0.2.0");
+    assert_ne!(future, noop, "noop imports stoa:plugin/types@0.1.0");
+    std::fs::write(dir.join("future.wasm"), future).unwrap();
+    let (status, body) = admin_post(node.admin_addr, "/api/plugins/future/load").await;
+    assert_eq!(status, 400, "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(message.contains("built for stoa:plugin@0.2.0") && message.contains("(supported: stoa:plugin@0.1.0)"), "{body}");
     let (status, body) = admin_post(node.admin_addr, "/api/plugins/Bad.Name/load").await;
     assert_eq!(status, 400, "{body}");
     let (ok, out) = run_stoa(&["plugin", "load", "misbehave", "--admin", &admin]).await;

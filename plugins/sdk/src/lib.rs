@@ -19,7 +19,7 @@
 //! ```
 //!
 //! Build with `cargo build --release --target wasm32-wasip2`; the `.wasm` file is a component
-//! for the WIT world `stoa:plugin/room-plugin@0.1.0` (see `wit/` and docs/plugins.md).
+//! for the WIT world `stoa:plugin/room-plugin@0.1.0` (see `wit/0.1.0/` and docs/plugins.md).
 //!
 //! One instance of the plugin serves one room, one call at a time, so `&mut self` is plain
 //! per-room memory. It is lost when the instance is replaced (reload, fault, room moving to
@@ -32,7 +32,7 @@ extern crate alloc;
 pub mod bindings {
     wit_bindgen::generate!({
         world: "room-plugin",
-        path: "../../wit",
+        path: "../../wit/0.1.0",
         pub_export_macro: true,
         export_macro_name: "__export_room_plugin",
         default_bindings_module: "stoa_plugin_sdk::bindings",
