@@ -81,9 +81,23 @@ fn stmt(db: DbBackend, sql: &str, values: Vec<sea_orm::Value>) -> Statement {
     Statement::from_sql_and_values(db, placeholders(db, sql), values)
 }
 
-/// The name of `node`'s presence lock.
-fn presence_name(node: &NodeId) -> String {
-    format!("stoa-presence/{node}")
+/// The name of `node`'s presence lock in the store at `url`. PostgreSQL advisory locks belong
+/// to one database already; MySQL/MariaDB named locks are server-wide, so there the name holds
+/// the database too (two pairs, or two test runs, with the same node ids on one server must not
+/// take each other's locks), hashed when it would pass the 64-character limit.
+fn presence_name(url: &str, kind: StoreKind, node: &NodeId) -> String {
+    let plain = format!("stoa-presence/{node}");
+    if kind != StoreKind::MySql {
+        return plain;
+    }
+    let database = url::Url::parse(url).map(|u| u.path().trim_start_matches('/').to_owned()).unwrap_or_default();
+    let name = format!("{plain}/{database}");
+    if name.len() <= 64 {
+        return name;
+    }
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(format!("{node}\0{database}").as_bytes());
+    format!("stoa-presence/{}", hex::encode(&digest[..16]))
 }
 
 /// PostgreSQL advisory locks take two int4 keys: a fixed class ('ST') and the name's hash.
@@ -314,13 +328,15 @@ impl Store {
         let sql = match db {
             DbBackend::Postgres => {
                 "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
                  AND classid = ?::oid AND objid = (hashtext(?) & 2147483647)::oid AND objsubid = 2"
             }
             _ => "SELECT COUNT(*) FROM (SELECT IS_USED_LOCK(?) AS holder) l WHERE holder IS NOT NULL",
         };
+        let name = presence_name(self.url(), self.kind(), node);
         let values = match db {
-            DbBackend::Postgres => vec![PG_PRESENCE_CLASS.into(), presence_name(node).into()],
-            _ => vec![presence_name(node).into()],
+            DbBackend::Postgres => vec![PG_PRESENCE_CLASS.into(), name.into()],
+            _ => vec![name.into()],
         };
         Ok(self.count(sql, values).await? > 0)
     }
@@ -347,7 +363,7 @@ impl Store {
 
 async fn hold_presence(url: String, kind: StoreKind, node: NodeId, held: tokio::sync::watch::Sender<bool>, shutdown: CancellationToken) {
     use sqlx::Connection as _;
-    let name = presence_name(&node);
+    let name = presence_name(&url, kind, &node);
     loop {
         let outcome = async {
             match kind {
@@ -415,6 +431,17 @@ async fn hold_presence(url: String, kind: StoreKind, node: NodeId, held: tokio::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mysql_presence_locks_name_their_database() {
+        let node = NodeId("1a".into());
+        assert_eq!(presence_name("postgres://u@h/db1", StoreKind::Postgres, &node), "stoa-presence/1a");
+        let (one, two) = (presence_name("mysql://u@h:3306/db1", StoreKind::MySql, &node), presence_name("mysql://u@h:3306/db2", StoreKind::MySql, &node));
+        assert_eq!(one, "stoa-presence/1a/db1");
+        assert_ne!(one, two);
+        let long = presence_name(&format!("mysql://u@h/{}", "d".repeat(64)), StoreKind::MySql, &node);
+        assert!(long.len() <= 64 && long.starts_with("stoa-presence/"), "{long}");
+    }
 
     #[test]
     fn placeholders_are_numbered_for_postgres_only() {
