@@ -61,7 +61,9 @@
 //! - [`admin_client`]: the small HTTP(S) client behind `stoa admin …`.
 //! - [`tls`]: rustls (ring) for every listener and dialer: a reloadable server certificate,
 //!   a bounded handshake, trust anchors from `tls.ca_file` or the Mozilla roots.
-//! - [`client`]: a Rust client library (request/answer matching, reconnect and resume).
+//! - [`client`]: a Rust client library (request/answer matching, reconnect and resume), one file
+//!   per part: `api` (the `Client` handle), `events`, `options`, `session` (shared state, routing
+//!   answers by `re`), `resume` (a connection's loss and the resume), `wire` (socket, TLS, frames).
 //! - [`bench`]: `stoa bench`, the load generator behind docs/benchmarks.md.
 //! - [`systemd`]: `Type=notify` readiness, stopping, status and watchdog pings (sd_notify).
 //! - [`logfile`]: where log lines go (stderr or `log.file`, reopened on SIGHUP), never failing.
