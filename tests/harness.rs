@@ -1,6 +1,6 @@
 //! Test harness: a fresh database per test ([`TestDb`], `db`), in-process nodes ([`TestNode`])
 //! and real `stoa` processes ([`NodeProcess`], `node`), a raw WebSocket client ([`Client`],
-//! `client`) that can send any frame, a tiny HTTP client for the admin API ([`http_get`],
+//! `client`) that can send any frame, the admin API through `stoa::admin_client` ([`http_get`],
 //! [`await_admin`], `admin`), and checks on frames and rooms (`assert`). Everything is
 //! re-exported here, so a test names it `crate::harness::X`.
 //!
