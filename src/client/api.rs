@@ -13,12 +13,16 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use super::ClientError;
-use super::events::{Ack, ClientEvent, EventStream, HistoryPage, Joined, JoinedRoom, Welcome, ack_from, joined_from, unexpected};
+use super::events::{
+    Ack, ClientEvent, EventStream, HistoryPage, Joined, JoinedRoom, Welcome, ack_from, joined_from, unexpected,
+};
 use super::options::{ClientOptions, Login};
 use super::resume::candidate_urls;
 use super::session::{Answer, PendingKind, Phase, Shared, State};
 use super::wire::{IdGen, encode, handshake};
-use crate::protocol::{Affiliation, ClientFrame, ClientMsgId, RequestId, RoomAddr, RoomConfigPatch, RoomSummary, ServerFrame};
+use crate::protocol::{
+    Affiliation, ClientFrame, ClientMsgId, RequestId, RoomAddr, RoomConfigPatch, RoomSummary, ServerFrame,
+};
 
 /// A connected, logged-in protocol v1 session. Dropping it closes the connection.
 ///

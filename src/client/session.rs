@@ -114,7 +114,12 @@ impl Shared {
     }
 
     /// Register a request and write it, or (a send while resuming) park it for the resume.
-    pub(super) async fn submit(&self, id: u64, kind: PendingKind, text: Utf8Bytes) -> Result<oneshot::Receiver<Answer>, ClientError> {
+    pub(super) async fn submit(
+        &self,
+        id: u64,
+        kind: PendingKind,
+        text: Utf8Bytes,
+    ) -> Result<oneshot::Receiver<Answer>, ClientError> {
         let is_send = matches!(kind, PendingKind::Send { .. });
         let (tx, rx) = oneshot::channel();
         loop {

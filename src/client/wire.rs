@@ -55,7 +55,11 @@ fn tls_config(options: &ClientOptions) -> Arc<rustls::ClientConfig> {
 }
 
 /// Open the socket and log in; answers the stream and the `welcome`.
-pub(super) async fn handshake(url: &str, login: &Login, options: &ClientOptions) -> Result<(WsStream, Welcome), ClientError> {
+pub(super) async fn handshake(
+    url: &str,
+    login: &Login,
+    options: &ClientOptions,
+) -> Result<(WsStream, Welcome), ClientError> {
     let attempt = async {
         let config = WebSocketConfig::default()
             .read_buffer_size(READ_BUFFER_SIZE)
