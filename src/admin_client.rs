@@ -1,6 +1,7 @@
-//! A small client for the admin HTTP API: what `stoa admin …` runs, and what tests use to
-//! drive a node (HTTP/1.1, one request per connection, bearer token; https through
-//! [`request_with`] when the node has `[tls]`).
+//! A small client for the admin HTTP API, the one the project has: what `stoa admin …` runs,
+//! what the bench polls a server's `/health` with, and what tests use to drive a node
+//! (HTTP/1.1, one request per connection, bearer token; https through [`request_with`] when
+//! the node has `[tls]`).
 
 use anyhow::Context as _;
 use std::path::Path;

@@ -61,10 +61,12 @@
 //!   limits (`xmpp::stream`); docs/xmpp.md.
 //! - [`admin`]: admin HTTP API (`/health`, `/api/...`, HA verbs, audit log) and Prometheus `/metrics`;
 //!   `admin::manage` has the operator's verbs on sessions and rooms of a running node.
-//! - [`admin_client`]: the small HTTP(S) client behind `stoa admin …`.
+//! - [`admin_client`]: the one HTTP(S) client of the admin API: `stoa admin …`, the bench, the tests.
 //! - [`tls`]: rustls (ring) for every listener and dialer: a reloadable server certificate,
 //!   a bounded handshake, trust anchors from `tls.ca_file` or the Mozilla roots.
-//! - [`client`]: a Rust client library (request/answer matching, reconnect and resume).
+//! - [`client`]: a Rust client library (request/answer matching, reconnect and resume), one file
+//!   per part: `api` (the `Client` handle), `events`, `options`, `session` (shared state, routing
+//!   answers by `re`), `resume` (a connection's loss and the resume), `wire` (socket, TLS, frames).
 //! - [`bench`]: `stoa bench`, the load generator behind docs/benchmarks.md.
 //! - [`systemd`]: `Type=notify` readiness, stopping, status and watchdog pings (sd_notify).
 //! - [`logfile`]: where log lines go (stderr or `log.file`, reopened on SIGHUP), never failing.

@@ -6,7 +6,6 @@
 //! `STOA_TEST_PG_URL` and `STOA_TEST_MYSQL_URL`; a test whose database is missing fails, it is
 //! never skipped. Run one backend with e.g. `cargo test --test integration postgres`.
 
-#[path = "harness.rs"]
 mod harness;
 
 mod cases {

@@ -10,7 +10,6 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Node id and room service of a spawned server.
 pub const NODE_ID: &str = "bench";
@@ -305,14 +304,8 @@ pub async fn spawn_node(dir: &Path, store_url: &str, args: &TargetArgs, tuning: 
 
 /// `GET /health` answers 200.
 async fn health_ok(admin: SocketAddr) -> bool {
-    let probe = async {
-        let mut s = tokio::net::TcpStream::connect(admin).await.ok()?;
-        s.write_all(format!("GET /health HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n").as_bytes()).await.ok()?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await.ok()?;
-        Some(buf.starts_with(b"HTTP/1.1 200"))
-    };
-    matches!(tokio::time::timeout(Duration::from_secs(2), probe).await, Ok(Some(true)))
+    let answer = crate::admin_client::request(&admin.to_string(), "GET", "/health", None, Duration::from_secs(2)).await;
+    answer.is_ok_and(|a| a.status == 200)
 }
 
 fn log_tail(path: &Path) -> String {

@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 use stoa::config::Settings;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Build the example plugins once per test process (a file lock keeps concurrent test
 /// processes from building at the same time). Needs `rustup target add wasm32-wasip2`.
@@ -83,15 +82,8 @@ fn replace_all(bytes: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
 
 /// POST to the admin API; returns the status and the JSON body.
 async fn admin_post(addr: SocketAddr, path: &str) -> (u16, Value) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connecting to the admin API");
-    let request = format!("POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.expect("writing the request");
-    let mut raw = Vec::new();
-    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut raw)).await.expect("admin POST timed out").expect("reading the answer");
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let (head, body) = text.split_once("\r\n\r\n").expect("HTTP header end");
-    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("HTTP status");
-    (status, serde_json::from_str(body).unwrap_or(Value::String(body.to_owned())))
+    let answer = stoa::admin_client::request(&addr.to_string(), "POST", path, None, DEADLINE).await.expect("admin POST");
+    (answer.status, serde_json::from_str(&answer.body).unwrap_or(Value::String(answer.body)))
 }
 
 /// Create `room` of `owner` on node `n1` straight in the store, with `config` unchecked.
