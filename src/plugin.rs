@@ -9,9 +9,9 @@
 //! ([`worker`]): one call at a time, fed by a bounded queue, owning its `Store`; rooms run their
 //! workers on their own arbiter, which the guest gives back at every epoch tick.
 //!
-//! Limits of one call: a wall-clock deadline enforced by epoch interruption (one ticker thread
-//! per node; the guest yields to the executor on every tick, so it never holds a runtime
-//! thread longer than a tick), a linear-memory cap, a stack cap, a host-call budget and a
+//! Limits of one call: a wall-clock deadline enforced by epoch interruption (one [`Ticker`]
+//! thread per node, ticking only while a call runs; the guest yields to the executor on every
+//! tick, so it never holds a runtime thread longer than a tick), a linear-memory cap, a stack cap, a host-call budget and a
 //! maximum result size. WASI is linked with an empty context: no files, no network, no
 //! environment, no clocks beyond `now`. A call that breaks a limit or traps is a *fault*: the
 //! instance is dropped (re-instantiated for the next call), the fault is counted, and after
@@ -254,6 +254,71 @@ pub struct LoadedPlugin {
     pub path: PathBuf,
     /// Whether the compiled form came from the disk cache.
     pub cached: bool,
+    /// The node's epoch ticker: a call holds it running ([`Ticker::hold`]).
+    pub ticker: Ticker,
+}
+
+/// The epoch ticker: one thread per node that advances the engine's epoch every
+/// `epoch_tick_ms` while at least one plugin call runs, and is parked otherwise, so a node with
+/// no call in flight (or no plugin at all) has no thread waking up. Deadlines are counted from
+/// each call's start, so a ticker that starts with the call measures them alike.
+#[derive(Clone)]
+pub struct Ticker {
+    state: Arc<TickerState>,
+    thread: std::thread::Thread,
+}
+
+struct TickerState {
+    /// Calls in flight.
+    calls: std::sync::atomic::AtomicUsize,
+    stop: AtomicBool,
+}
+
+/// Keeps the ticker ticking while it lives: one per call in flight.
+pub struct TickHold(Arc<TickerState>);
+
+impl Drop for TickHold {
+    fn drop(&mut self) {
+        self.0.calls.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Ticker {
+    fn start(engine: Engine, tick: Duration) -> std::io::Result<Ticker> {
+        let state = Arc::new(TickerState { calls: Default::default(), stop: AtomicBool::new(false) });
+        let shared = state.clone();
+        let thread = std::thread::Builder::new().name("stoa-plugin-epoch".into()).spawn(move || {
+            while !shared.stop.load(Ordering::Acquire) {
+                if shared.calls.load(Ordering::Acquire) == 0 {
+                    // Woken by the next call's hold (or by stop); a wake-up before the park
+                    // makes it return at once.
+                    std::thread::park();
+                    continue;
+                }
+                std::thread::sleep(tick);
+                engine.increment_epoch();
+            }
+        })?;
+        Ok(Ticker { state, thread: thread.thread().clone() })
+    }
+
+    /// Tick until the returned hold is dropped.
+    pub fn hold(&self) -> TickHold {
+        if self.state.calls.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.thread.unpark();
+        }
+        TickHold(self.state.clone())
+    }
+
+    /// Whether the ticker is ticking (a call is in flight).
+    pub fn ticking(&self) -> bool {
+        self.state.calls.load(Ordering::Acquire) > 0
+    }
+
+    fn stop(&self) {
+        self.state.stop.store(true, Ordering::Release);
+        self.thread.unpark();
+    }
 }
 
 /// A version of WIT package `stoa:plugin` this host runs components of. Each has a frozen
@@ -476,12 +541,12 @@ struct HostInner {
     max_body_bytes: usize,
     plugins: RwLock<HashMap<String, Entry>>,
     generation: AtomicU64,
-    ticker_stop: Arc<AtomicBool>,
+    ticker: Ticker,
 }
 
 impl Drop for HostInner {
     fn drop(&mut self) {
-        self.ticker_stop.store(true, Ordering::Relaxed);
+        self.ticker.stop();
     }
 }
 
@@ -505,26 +570,14 @@ fn engine_config(settings: &PluginSettings) -> Config {
 
 impl PluginHost {
     /// A host for plugins under `settings` (dirs already resolved against the data dir).
-    /// Starts the epoch ticker thread; it stops when the last clone is dropped.
+    /// Starts the epoch ticker thread (parked until a call runs); it stops when the last clone
+    /// is dropped.
     pub fn new(settings: PluginSettings, dir: PathBuf, cache_dir: PathBuf, max_body_bytes: usize) -> Result<PluginHost, PluginError> {
         settings.check().map_err(PluginError::Engine)?;
         let engine = Engine::new(&engine_config(&settings)).map_err(|e| PluginError::Engine(format!("{e:#}")))?;
         let linkers = Linkers::new(&engine)?;
-        let ticker_stop = Arc::new(AtomicBool::new(false));
-        {
-            let engine = engine.clone();
-            let stop = ticker_stop.clone();
-            let tick = Duration::from_millis(settings.epoch_tick_ms);
-            std::thread::Builder::new()
-                .name("stoa-plugin-epoch".into())
-                .spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        std::thread::sleep(tick);
-                        engine.increment_epoch();
-                    }
-                })
-                .map_err(|e| PluginError::Engine(format!("starting the epoch ticker: {e}")))?;
-        }
+        let ticker = Ticker::start(engine.clone(), Duration::from_millis(settings.epoch_tick_ms))
+            .map_err(|e| PluginError::Engine(format!("starting the epoch ticker: {e}")))?;
         Ok(PluginHost {
             inner: Arc::new(HostInner {
                 engine,
@@ -535,7 +588,7 @@ impl PluginHost {
                 max_body_bytes,
                 plugins: RwLock::new(HashMap::new()),
                 generation: AtomicU64::new(0),
-                ticker_stop,
+                ticker,
             }),
         })
     }
@@ -601,6 +654,11 @@ impl PluginHost {
         &self.inner.engine
     }
 
+    /// The node's epoch ticker.
+    pub fn ticker(&self) -> &Ticker {
+        &self.inner.ticker
+    }
+
     fn plugins_read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Entry>> {
         self.inner.plugins.read().expect("plugin table lock poisoned")
     }
@@ -654,6 +712,7 @@ impl PluginHost {
             size: bytes.len(),
             path: path.to_path_buf(),
             cached: was_cached,
+            ticker: self.inner.ticker.clone(),
         })
     }
 
@@ -812,6 +871,42 @@ mod tests {
 
     fn host(dir: &Path) -> PluginHost {
         PluginHost::new(PluginSettings::default(), dir.to_path_buf(), dir.join("cache"), 16 * 1024).expect("plugin host")
+    }
+
+    /// Threads of this process named `stoa-plugin-epoch`, with their voluntary context switches.
+    fn epoch_threads() -> HashMap<String, u64> {
+        let mut found = HashMap::new();
+        for task in std::fs::read_dir("/proc/self/task").expect("/proc/self/task").flatten() {
+            let path = task.path();
+            // The kernel keeps 15 bytes of a thread name.
+            if std::fs::read_to_string(path.join("comm")).is_ok_and(|c| c.trim() == &"stoa-plugin-epoch"[..15]) {
+                let status = std::fs::read_to_string(path.join("status")).unwrap_or_default();
+                let switches = status.lines().find_map(|l| l.strip_prefix("voluntary_ctxt_switches:")).and_then(|v| v.trim().parse().ok());
+                found.insert(task.file_name().to_string_lossy().into_owned(), switches.unwrap_or(0));
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn the_epoch_ticker_sleeps_while_no_call_runs() {
+        let before = epoch_threads();
+        let dir = tempfile::tempdir().unwrap();
+        let host = host(dir.path());
+        std::thread::sleep(Duration::from_millis(50));
+        let tid = epoch_threads().into_keys().find(|t| !before.contains_key(t)).expect("the new host's ticker thread");
+        let switches = || epoch_threads().get(&tid).copied().expect("ticker thread alive");
+        let idle = switches();
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(switches() <= idle + 1, "an idle ticker must stay parked (a 5 ms tick would wake it ~60 times)");
+        assert!(!host.ticker().ticking());
+        let hold = host.ticker().hold();
+        assert!(host.ticker().ticking());
+        let running = switches();
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(switches() >= running + 10, "a ticker held by a call ticks every epoch_tick_ms");
+        drop(hold);
+        assert!(!host.ticker().ticking());
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! One plugin instance in its own `Store`, and the limits applied around every call.
 
-use super::{Admission, Fault, Hooks, LoadedPlugin, Message, Occupant, PluginCtx, PluginSettings, Verdict};
+use super::{Admission, Fault, Hooks, LoadedPlugin, Message, Occupant, PluginCtx, PluginSettings, TickHold, Ticker, Verdict};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use wasmtime::{Store, UpdateDeadline};
@@ -14,6 +14,9 @@ pub struct PluginInstance {
     pub generation: u64,
     deadline: Duration,
     max_result: usize,
+    ticker: Ticker,
+    /// Held while a call runs: the epoch ticker ticks only then.
+    ticking: Option<TickHold>,
 }
 
 impl PluginInstance {
@@ -36,12 +39,14 @@ impl PluginInstance {
         });
         let deadline = Duration::from_millis(limits.call_deadline_ms);
         let max_result = limits.max_result_bytes.min(store.data().max_body_bytes.max(1));
+        let ticking = Some(plugin.ticker.hold());
         begin(&mut store, deadline);
         let hooks = match plugin.pre.instantiate(&mut store).await {
             Ok(h) => h,
             Err(e) => return Err(classify(&store, e, deadline).into_init()),
         };
-        let mut instance = PluginInstance { store, hooks, generation: plugin.generation, deadline, max_result };
+        let ticker = plugin.ticker.clone();
+        let mut instance = PluginInstance { store, hooks, generation: plugin.generation, deadline, max_result, ticker, ticking };
         let result = instance.hooks.init(&mut instance.store, config).await;
         match instance.finish(result)? {
             Ok(()) => {
@@ -53,10 +58,12 @@ impl PluginInstance {
     }
 
     fn begin(&mut self) {
+        self.ticking = Some(self.ticker.hold());
         begin(&mut self.store, self.deadline);
     }
 
     fn finish<T>(&mut self, result: wasmtime::Result<T>) -> Result<T, Fault> {
+        self.ticking = None;
         self.store.data_mut().call.started = None;
         result.map_err(|e| classify(&self.store, e, self.deadline))
     }
