@@ -29,8 +29,10 @@
 //!   protocol, so fan-out serializes once per event and protocol).
 //! - [`cli`]: the `stoa` verbs' arguments and bodies, one module per group (`cli::user`,
 //!   `cli::room`, `cli::session`, `cli::admin`); `main.rs` parses, runs `serve` and dispatches.
-//! - [`ha`]: redundancy pairs (docs/ha.md): state machine, leases, fencing moves, write gate, node link,
-//!   and the recovery manager (failover, takeover, fallback).
+//! - [`ha`]: redundancy pairs (docs/ha.md), the decisions: state machine, write gate, node link
+//!   (a handle made before its runner starts), and the recovery manager (failover, takeover,
+//!   fallback; `detect`, `moves`, `admin`), which publishes its state on a `StateWatch`. The
+//!   statements it runs are `store::cluster`'s.
 //! - [`node`]: start-up and ordered shutdown of one node (actix System, arbiters, listeners).
 //! - [`transport`]: client transports; `transport::ws` is the WebSocket listener at `/ws`, `transport::upgrade`
 //!   reads the HTTP request before the upgrade (plain HTTP answers, handshake slots).
@@ -45,11 +47,15 @@
 //!   `event::Occupant`): the rooms it is in, how it ended, and its front end's `Wire`.
 //! - [`registry`]: room address → room actor; activation, passivation, spreading over arbiters;
 //!   the plugin checks around a join and a creation that run outside the room actor.
-//! - [`room`]: the room actor (joins, posts, permissions, typed events to its occupants, a replay
-//!   cache of events); pure rules in `room::state`.
+//! - [`room`]: the room actor (typed events to its occupants, a replay cache of events), one file
+//!   per part: `post` (the write path, a post to its ack), `occupants` (joins, leaves, replay),
+//!   `moderation`, `stopping` (passivation, hand-off, fencing), `plugin` (hooks), `pipeline`
+//!   (appends in flight), `state` (pure rules).
 //! - [`committer`]: the group committer: many rooms' appends per transaction, answers after commit.
-//! - [`store`]: SeaORM entities, migrations under a lock, the fenced write path (`append_batch`),
-//!   users and sessions, the admin audit log (`store::audit`).
+//! - [`store`]: every SQL statement of the node: SeaORM entities, migrations under a lock, and by
+//!   what is stored: `rooms`, `log` (the fenced group-commit append, reads, archive), `accounts`
+//!   (users, SCRAM, sessions), `cluster` (a pair's leases, room moves, node states, presence
+//!   lock), `audit`, `plugin_state`.
 //! - [`auth`]: argon2 users, session tokens, guest login.
 //! - [`throttle`]: budgets per user name and source address (failed logins, room creations).
 //! - [`names`]: when two nicks or user names clash (a confusable-skeleton comparison key).
