@@ -3,12 +3,12 @@
 //! A client on node B, whatever protocol it speaks, may join, read and post in a room hosted by
 //! its peer A. B's gateway tries the room locally first; when the registry answers that A
 //! hosts it (and the link to A is up), the gateway passes the operation, typed (a
-//! [`RoomOp`]), to A through this module ([`Remote::request`]). A serves it with
+//! [`RoomOp`]), to A through this module (`Remote::request`). A serves it with
 //! [`Gateway::serve`] for a *stand-in* session: an ordinary [`Session`] of the same user (the
 //! link is authenticated, and B did the login) whose wire is the link. What the room tells the
 //! stand-in (answers such as `joined` and acks, room events, `goaway`) travels back typed
-//! ([`Down`]) and reaches the client's own session on B, whose front end encodes it as if the
-//! room were local. The operation's outcome comes back as a [`Down::Reply`]. Later operations
+//! (`Down`) and reaches the client's own session on B, whose front end encodes it as if the
+//! room were local. The operation's outcome comes back as a `Down::Reply`. Later operations
 //! of that session on that room go straight to A.
 //!
 //! So the room's actor, its order, its fencing and its acks are A's, unchanged; B adds one hop,

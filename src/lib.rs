@@ -73,7 +73,7 @@
 //! - [`client`]: a Rust client library (request/answer matching, reconnect and resume), one file
 //!   per part: `api` (the `Client` handle), `events`, `options`, `session` (shared state, routing
 //!   answers by `re`), `resume` (a connection's loss and the resume), `wire` (socket, TLS, frames).
-//! - [`bench`]: `stoa bench`, the load generator behind docs/benchmarks.md.
+//! - [`bench`](mod@bench): `stoa bench`, the load generator behind docs/benchmarks.md.
 //! - [`systemd`]: `Type=notify` readiness, stopping, status and watchdog pings (sd_notify).
 //! - [`logfile`]: where log lines go (stderr or `log.file`, reopened on SIGHUP), never failing.
 

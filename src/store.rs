@@ -6,8 +6,8 @@
 //! the log is stale (after an ambiguous commit) learns it instead of writing a gap or a clash.
 //!
 //! Every SQL statement of the node is here. This file connects and migrates; the rest by what
-//! it stores: [`rooms`] (rooms, affiliations), [`log`] (messages: the fenced append, reads,
-//! archive), [`accounts`] (users, SCRAM credentials, login sessions), [`cluster`] (a pair's
+//! it stores: `rooms` (rooms, affiliations), `log` (messages: the fenced append, reads,
+//! archive), `accounts` (users, SCRAM credentials, login sessions), [`cluster`] (a pair's
 //! leases, room moves, node states, presence lock), [`audit`] (the admin audit log),
 //! [`plugin_state`] (plugins' per-room state), [`bulk`] (bulk room creation for benchmarks and
 //! imports) and [`entity`] (the SeaORM entities).

@@ -21,8 +21,8 @@
 //! Only then does either side act on a frame. A newer authenticated connection from the peer
 //! (it restarted, or the old TCP connection is half-open) replaces the older one; the older
 //! one's end is then not taken for the peer going away. Unauthenticated connections change
-//! nothing, and at most [`MAX_PENDING_HANDSHAKES`] of them are served at once, each for at most
-//! [`HANDSHAKE_TIMEOUT`]. What travels after the handshake is protected on the wire by TLS
+//! nothing, and at most `MAX_PENDING_HANDSHAKES` of them are served at once, each for at most
+//! `HANDSHAKE_TIMEOUT`. What travels after the handshake is protected on the wire by TLS
 //! (`[tls]`), which a node requires for a link off loopback (docs/operations.md#security).
 
 use crate::ids::SessionId;

@@ -1,6 +1,6 @@
 //! The recovery state machine of one node (Cisco's states and reasons, snake_case in the API).
 //!
-//! Pure: [`NodeState::next`] says which transitions are legal, so the recovery manager cannot
+//! Pure: `NodeState::next` says which transitions are legal, so the recovery manager cannot
 //! reach a state by accident, and every transition can be recorded with its reason.
 
 use serde::{Deserialize, Serialize};

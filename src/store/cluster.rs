@@ -206,7 +206,7 @@ impl Store {
     /// Take over every room `failed` hosts: one statement that makes `me` the host with a new
     /// epoch, and, in the same transaction, mark `failed`'s lease as taken so that node steps
     /// down if it was only paused (its next conditional renewal finds another incarnation), and
-    /// record `me` as the host of every room service `failed` served ([`service_host`]), rooms or
+    /// record `me` as the host of every room service `failed` served (`service_host`), rooms or
     /// none. Returns how many rooms moved.
     pub async fn take_over(&self, failed: &NodeId, me: &NodeId) -> Result<u64, ClusterError> {
         let db = self.pair_backend()?;

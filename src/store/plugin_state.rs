@@ -1,6 +1,6 @@
 //! `plugin_state`: each plugin's key-value state per room, stored with the room.
 //!
-//! Writes are fenced like every room mutation ([`Store::check_fence`] in the same
+//! Writes are fenced like every room mutation (`Store::check_fence` in the same
 //! transaction), so a node that lost the room cannot write its plugins' state, and the state
 //! moves with the room when another node takes it over.
 

@@ -7,7 +7,7 @@
 //! SCRAM-SHA-256 and SCRAM-SHA-1 ([`crate::auth::scram`]: they send no password, so wherever STARTTLS
 //! is not required first), PLAIN (only under TLS, on loopback, or where `xmpp.c2s_insecure`
 //! allows it) and ANONYMOUS (where PLAIN is offered and guests are allowed), the stream
-//! restart, and resource binding. Then every stanza goes to [`Handler`], which calls the
+//! restart, and resource binding. Then every stanza goes to `Handler`, which calls the
 //! gateway; what rooms send comes through [`super::muc::XmppWire`].
 //!
 //! Bad input: a stream that is not well-formed XML, a DTD or an entity, an over-long or
