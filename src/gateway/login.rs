@@ -1,0 +1,81 @@
+//! Logins through the gateway: password, token, SCRAM and guest, each behind the node's
+//! accepting gate and the failed-login budgets.
+
+use super::*;
+
+impl Gateway {
+    /// Log in with a password, a session token, or as a guest (no credentials), from `address`.
+    pub async fn login(&self, user: Option<&str>, password: Option<&str>, token: Option<&str>, address: Option<std::net::IpAddr>) -> Outcome<LoggedIn> {
+        self.login_gate(user, address).await?;
+        let result = self.auth.login(user, password, token).await;
+        self.login_outcome(result, user, address)
+    }
+
+    /// The stored SCRAM credentials of `user` for `hash` (SASL SCRAM's first step, before the
+    /// client proves its password), `None` if it has none (unknown, or a password set before
+    /// SCRAM). Refused as [`Gateway::login`] is when the node takes no logins or `user` or
+    /// `address` spent its failed-login budget; nothing is spent here.
+    pub async fn scram_credentials(&self, user: &str, hash: Hash, address: Option<std::net::IpAddr>) -> Outcome<Option<Credentials>> {
+        self.login_gate(Some(user), address).await?;
+        match self.auth.scram_credentials(user, hash).await {
+            Ok(c) => Ok(c),
+            Err(AuthError::InvalidName(m)) => fail(ErrorCode::BadRequest, m),
+            Err(e) => {
+                tracing::warn!(error = %e, "SCRAM credentials failed on the store");
+                fail(ErrorCode::Unavailable, "login service unavailable; retry")
+            }
+        }
+    }
+
+    /// Complete the login of `user` from `address` whose password was checked without being
+    /// sent (SASL SCRAM's proof): `verified` is that check's outcome. As [`Gateway::login`]:
+    /// refused when the node takes no logins or the failed-login budget is spent; a wrong
+    /// proof spends the budget, a right one forgets the user's and stores a new session.
+    pub async fn login_verified(&self, user: &str, verified: bool, address: Option<std::net::IpAddr>) -> Outcome<LoggedIn> {
+        self.login_gate(Some(user), address).await?;
+        let result = self.auth.login_verified(user, verified).await;
+        self.login_outcome(result, Some(user), address)
+    }
+
+    /// Before any login: the node takes logins (waiting up to [`ACCEPT_WAIT`] for it), and
+    /// `user` and `address` have failed-login budget left.
+    pub(super) async fn login_gate(&self, user: Option<&str>, address: Option<std::net::IpAddr>) -> Outcome<()> {
+        if !self.is_accepting() && !self.await_accepting(ACCEPT_WAIT).await {
+            let peer = self.settings.peer().map(|p| p.client.clone());
+            return fail(
+                ErrorCode::Unavailable,
+                match peer {
+                    Some(p) => format!("this node does not serve clients now (failed over); connect to {p}"),
+                    None => "this node does not serve clients now; retry later".to_owned(),
+                },
+            );
+        }
+        if let Err(t) = self.login_failures.check(user, address, Instant::now()) {
+            return Err(Self::throttled(t, "failed logins"));
+        }
+        Ok(())
+    }
+
+    /// A login's outcome: a denial spends the failed-login budget of `user` and `address`, a
+    /// registered user's success forgets the user's.
+    pub(super) fn login_outcome(&self, result: Result<LoggedIn, AuthError>, user: Option<&str>, address: Option<std::net::IpAddr>) -> Outcome<LoggedIn> {
+        let throttle = &self.login_failures;
+        let logged_in = match result {
+            Ok(l) => l,
+            Err(AuthError::Denied(m)) => {
+                metrics::counter!("stoa_login_failures_total").increment(1);
+                throttle.spend(user, address, Instant::now());
+                return fail(ErrorCode::Unauthorized, m);
+            }
+            Err(AuthError::InvalidName(m)) => return fail(ErrorCode::BadRequest, m),
+            Err(e) => {
+                tracing::warn!(error = %e, "login failed on the store");
+                return fail(ErrorCode::Unavailable, "login service unavailable; retry");
+            }
+        };
+        if !logged_in.guest {
+            throttle.forget(&logged_in.user);
+        }
+        Ok(logged_in)
+    }
+}
