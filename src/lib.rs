@@ -39,6 +39,7 @@
 //! - [`gateway`]: the protocol-neutral session API (login, create, join, leave, send, history,
 //!   subject, configure, affiliate, kick, destroy, list): validation, budgets, typed results and
 //!   documented error codes; the node's table of live sessions and whether it takes logins.
+//!   Parts: `gateway::ops` (room operations, routed here or to the peer), `login`, `checks`.
 //! - [`v1`]: protocol v1, the JSON codec over the gateway: a connection's frames, its request
 //!   budget, paging answers by size; `V1Wire` encodes room events once per event.
 //! - [`forward`]: room operations (`gateway::RoomOp`) of a session on one node served by its
