@@ -335,8 +335,8 @@ async fn create_rooms(ws: &mut wire::Ws, rooms: &[String]) -> anyhow::Result<()>
             ws.feed(Message::text(format!(r#"{{"op":"create","id":"c{c}-{i}","room":"{room}"}}"#))).await?;
         }
         ws.flush().await?;
-        for i in 0..chunk.len() {
-            wire::answer(ws, &format!("c{c}-{i}")).await.with_context(|| format!("creating {}", chunk[i]))?;
+        for (i, room) in chunk.iter().enumerate() {
+            wire::answer(ws, &format!("c{c}-{i}")).await.with_context(|| format!("creating {room}"))?;
         }
     }
     Ok(())
