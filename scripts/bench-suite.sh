@@ -2,7 +2,7 @@
 # The figures of docs/benchmarks.md: every `stoa bench` mode, ROUNDS times, one JSON summary per
 # line in $OUT/<name>.jsonl, then the median of each headline figure.
 #
-#   cargo build --release && scripts/bench-suite.sh            # 3 rounds, ~15 min
+#   cargo build --release && scripts/bench-suite.sh            # 3 rounds, ~25 min
 #   ROUNDS=1 OUT=/tmp/b scripts/bench-suite.sh                    # one quick pass
 #   cargo build --profile profiling && STOA=target/profiling/stoa scripts/bench-suite.sh
 #                          # under perf: the release build has no debug info, `profiling` has
@@ -44,6 +44,7 @@ for round in $(seq "$ROUNDS"); do
   run latency-sqlite latency
   run idle-rooms idle-rooms --rooms 100000 --warm-rooms 20000
   run cold-activation-sqlite cold-activation
+  run connections connections
   if [[ "$PG" == 1 ]]; then
     echo "== pg-ratio" >&2
     STOA="$STOA" "$HERE/bench-pg-ratio.sh" | jq -c . >> "$OUT/pg-ratio.jsonl" || echo "   pg-ratio failed" >&2
@@ -67,6 +68,7 @@ for f in "$OUT"/*.jsonl; do
     latency-*) keys="saturation_per_s target_rate_per_s e2e_p50_ms e2e_p99_ms e2e_p999_ms cpu_cores_other" ;;
     idle-rooms) keys="bytes_per_idle_room activations_per_s" ;;
     cold-activation-*) keys="cold_join_p50_ms cold_join_p99_ms warm_join_p50_ms bulk_insert_rooms_per_s" ;;
+    connections) keys="bytes_per_connection_idle bytes_per_connection_active connect_per_s ack_p50_ms ack_p99_ms cpu_cores_server" ;;
     pg-ratio) keys="pgbench_commits_per_s_mean stoa_committed_per_s ratio" ;;
     *) keys="" ;;
   esac

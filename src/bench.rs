@@ -13,6 +13,8 @@
 //! - `latency`: end-to-end and ack latency at a fixed rate (half the measured saturation rate
 //!   unless `--total-rate` is given).
 //! - `idle-rooms`: server memory per activated idle room.
+//! - `connections`: server memory per WebSocket connection (19,000 by default), idle and with a
+//!   message per connection per minute.
 //! - `cold-activation`: join latency of never-activated rooms with a million rooms in the store.
 //! - `failover`: a redundancy pair under probe load; detection, failover, client resume and
 //!   fallback times over repeated faults, and a check that no acked probe was lost or doubled.
@@ -24,6 +26,7 @@
 //! connections with small buffers, no per-delivery shared state (each message body starts with
 //! its send time, and each worker thread keeps its own histograms, merged at the end).
 
+mod connections;
 mod failover;
 mod load;
 mod rooms;
@@ -59,6 +62,9 @@ pub enum Mode {
     IdleRooms(IdleArgs),
     /// Join latency of never-activated rooms with many rooms (default 1,000,000) in the store.
     ColdActivation(ColdArgs),
+    /// Server memory per WebSocket connection (default 19,000 guests over 1,000 rooms): idle,
+    /// then with a message per connection per minute.
+    Connections(connections::ConnectionsArgs),
     /// A redundancy pair under probe load: kill -9 (or a critical service stop) of the host,
     /// failover, restart, fallback, repeated; needs --store postgres://… or mysql://….
     Failover(failover::FailoverArgs),
@@ -254,6 +260,7 @@ async fn run_mode(mode: Mode, target: &TargetArgs) -> anyhow::Result<Summary> {
         Mode::Latency(a) => load::latency(&a, target).await,
         Mode::IdleRooms(a) => rooms::idle_rooms(&a, target).await,
         Mode::ColdActivation(a) => rooms::cold_activation(&a, target).await,
+        Mode::Connections(a) => connections::connections(&a, target).await,
         Mode::Failover(a) => failover::failover(&a, target).await,
         Mode::Xmpp(a) => xmpp::xmpp(&a, target).await,
     }?;

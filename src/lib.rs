@@ -41,7 +41,8 @@
 //!   documented error codes; the node's table of live sessions and whether it takes logins.
 //!   Parts: `gateway::ops` (room operations, routed here or to the peer), `login`, `checks`.
 //! - [`v1`]: protocol v1, the JSON codec over the gateway: a connection's frames, its request
-//!   budget, paging answers by size; `V1Wire` encodes room events once per event.
+//!   budget, paging answers by size; `V1Wire` encodes room events once per event;
+//!   `v1::outbound` is a connection's bounded queue of frames for its writer.
 //! - [`forward`]: room operations (`gateway::RoomOp`) of a session on one node served by its
 //!   peer for a stand-in session, over the node link; answers and events come back typed.
 //! - [`session`]: a logged-in session of any protocol as rooms see it (it implements

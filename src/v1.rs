@@ -13,9 +13,10 @@ use crate::protocol::{ClientFrame, ErrorCode, FrameError, MessageEvent, PROTOCOL
 use crate::session::{Queued, Session, Wire};
 use std::sync::Arc;
 use std::time::Instant;
-use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
+
+pub mod outbound;
 
 /// Failed logins after which a connection is closed.
 pub const MAX_FAILED_LOGINS: u32 = 5;
@@ -38,27 +39,27 @@ pub enum Flow {
 }
 
 /// Queue `frame` on `outbound`.
-fn queue(outbound: &mpsc::Sender<Outbound>, frame: Utf8Bytes) -> Queued {
+fn queue(outbound: &outbound::Sender, frame: Utf8Bytes) -> Queued {
     match outbound.try_send(Outbound::Frame(frame)) {
         Ok(()) => Queued::Yes,
-        Err(mpsc::error::TrySendError::Full(_)) => Queued::Full,
-        Err(mpsc::error::TrySendError::Closed(_)) => Queued::Closed,
+        Err(outbound::TrySendError::Full) => Queued::Full,
+        Err(outbound::TrySendError::Closed) => Queued::Closed,
     }
 }
 
 /// Queue a server frame (error answers are counted in `stoa_errors_total` by code).
-fn send(outbound: &mpsc::Sender<Outbound>, frame: &ServerFrame) -> Queued {
+fn send(outbound: &outbound::Sender, frame: &ServerFrame) -> Queued {
     count_error(frame);
     queue(outbound, Utf8Bytes::from(frame.to_json()))
 }
 
 /// A v1 session's side: room events and answers as v1 frames on the connection's queue.
 pub struct V1Wire {
-    outbound: mpsc::Sender<Outbound>,
+    outbound: outbound::Sender,
 }
 
 impl V1Wire {
-    pub fn new(outbound: mpsc::Sender<Outbound>) -> Box<Self> {
+    pub fn new(outbound: outbound::Sender) -> Box<Self> {
         Box::new(V1Wire { outbound })
     }
 }
@@ -154,7 +155,7 @@ type Answer = Outcome<Option<ServerFrame>>;
 /// One client connection's protocol state.
 pub struct Connection {
     gateway: Arc<Gateway>,
-    outbound: mpsc::Sender<Outbound>,
+    outbound: outbound::Sender,
     kill: CancellationToken,
     session: Option<Arc<Session>>,
     bucket: TokenBucket,
@@ -165,7 +166,7 @@ pub struct Connection {
 
 impl Connection {
     /// A connection writing its frames to `outbound`; `kill` ends it.
-    pub fn new(gateway: Arc<Gateway>, outbound: mpsc::Sender<Outbound>, kill: CancellationToken) -> Self {
+    pub fn new(gateway: Arc<Gateway>, outbound: outbound::Sender, kill: CancellationToken) -> Self {
         let bucket = gateway.request_bucket();
         Connection { gateway, outbound, kill, session: None, bucket, failed_logins: 0, address: None }
     }

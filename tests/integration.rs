@@ -244,6 +244,20 @@ mod bench_smoke {
         assert!(v["bytes_per_idle_room"].as_f64().is_some_and(|b| b > 0.0), "{v}");
     }
 
+    /// `bench connections`, small: 200 guests in 10 rooms, idle and then sending once a second
+    /// each, report their server memory per connection, their acks and no errors.
+    #[test]
+    fn connections_bench_measures_memory_per_connection() {
+        let v = run_bench(&["connections", "--connections", "200", "--rooms", "10", "--settle", "500ms", "--duration", "2s", "--per-minute", "60"]);
+        assert_eq!(v["mode"], "connections", "{v}");
+        assert_eq!(v["connections"], 200, "{v}");
+        for field in ["bytes_per_connection_idle", "bytes_per_connection_active", "server_rss_before_bytes", "server_rss_idle_bytes", "connect_per_s", "ack_p50_ms", "ack_p99_ms", "cpu_cores_server"] {
+            assert!(v[field].as_f64().is_some_and(|x| x > 0.0), "`{field}` missing or not positive in {v}");
+        }
+        assert!(v["acks"].as_u64().is_some_and(|a| a > 0), "nothing acked: {v}");
+        assert_eq!(v["errors"], serde_json::json!({}), "{v}");
+    }
+
     /// `bench xmpp` against Stoa only (the comparison with Prosody is a documented command,
     /// docs/benchmarks.md: CI does not install Prosody).
     #[test]

@@ -469,7 +469,7 @@ async fn read_loop(ctx: &Ctx, ws: &mut wire::Ws) -> anyhow::Result<()> {
 }
 
 /// Handle one frame; frees a window slot for every answer to a send.
-fn on_frame(msg: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>, in_flight: &mut usize) -> anyhow::Result<()> {
+pub(super) fn on_frame(msg: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>, in_flight: &mut usize) -> anyhow::Result<()> {
     let text = match msg {
         Some(Ok(Message::Text(t))) => t,
         Some(Ok(Message::Close(_))) | None => bail!("closed by the server"),

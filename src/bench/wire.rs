@@ -48,10 +48,15 @@ impl Endpoint {
 /// Open a WebSocket with small buffers (tungstenite's default read buffer is 128 KiB per
 /// connection, which thousands of connections cannot afford).
 pub async fn connect(ep: &Endpoint) -> anyhow::Result<Ws> {
+    connect_with_read_buffer(ep, 4096).await
+}
+
+/// [`connect`] with a read buffer of `read_buffer` bytes (it grows for a larger frame).
+pub async fn connect_with_read_buffer(ep: &Endpoint, read_buffer: usize) -> anyhow::Result<Ws> {
     let stream = TcpStream::connect(ep.addr).await.with_context(|| format!("connecting to {}", ep.addr))?;
     stream.set_nodelay(true)?;
     let config = WebSocketConfig::default()
-        .read_buffer_size(4096)
+        .read_buffer_size(read_buffer)
         .write_buffer_size(16 * 1024)
         .max_message_size(Some(64 << 20))
         .max_frame_size(Some(64 << 20));

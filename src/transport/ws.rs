@@ -14,7 +14,7 @@ use std::time::Duration;
 use super::upgrade::{self, HeadError, Prefixed};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::error::ProtocolError;
@@ -81,7 +81,11 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, tls: Option<cra
         tracker.spawn(async move {
             let _ = stream.set_nodelay(true);
             let timeout = Duration::from_millis(gateway.settings.limits.handshake_timeout_ms);
-            let upgraded = match tokio::time::timeout(timeout, upgrade_maybe_tls(stream, tls.as_ref(), &gateway, &slots)).await {
+            // The handshake's state (TLS, the request head, tungstenite's handshake) is boxed, so
+            // that it is freed once the connection is up rather than sized into this task for
+            // the connection's whole life; the same for each protocol's connection, which would
+            // otherwise size every connection's task to the larger of the two.
+            let upgraded = match tokio::time::timeout(timeout, Box::pin(upgrade_maybe_tls(stream, tls.as_ref(), &gateway, &slots))).await {
                 Ok(upgraded) => upgraded,
                 Err(_) => {
                     metrics::counter!("stoa_connections_refused_total", "reason" => "handshake_timeout").increment(1);
@@ -93,8 +97,8 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, tls: Option<cra
             let Some((ws, endpoint, slot)) = upgraded else { return };
             gateway.count_connection(1);
             match endpoint {
-                Endpoint::V1 => run_connection(ws, peer.ip(), gateway.clone(), shutdown).await,
-                Endpoint::Xmpp => crate::xmpp::websocket::serve_connection(ws, peer, tls.is_some(), gateway.clone(), resumption, shutdown).await,
+                Endpoint::V1 => Box::pin(run_connection(ws, peer.ip(), gateway.clone(), shutdown)).await,
+                Endpoint::Xmpp => Box::pin(crate::xmpp::websocket::serve_connection(ws, peer, tls.is_some(), gateway.clone(), resumption, shutdown)).await,
             }
             gateway.count_connection(-1);
             tracing::trace!(%peer, "connection ended");
@@ -200,7 +204,7 @@ async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, gateway: &Gat
 async fn run_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(ws: Ws<S>, address: std::net::IpAddr, gateway: Arc<Gateway>, shutdown: CancellationToken) {
     let limits = gateway.settings.limits.clone();
     let (mut sink, mut source) = ws.split();
-    let (tx, mut rx) = mpsc::channel::<Outbound>(limits.outbound_queue);
+    let (tx, mut rx) = crate::v1::outbound::queue(limits.outbound_queue);
     let kill = CancellationToken::new();
     let mut conn = Connection::new(gateway.clone(), tx, kill.clone()).from_address(address);
 
@@ -209,20 +213,16 @@ async fn run_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(ws: 
     let close_with: Arc<std::sync::Mutex<Option<(u16, &'static str)>>> = Arc::default();
     let writer_close = close_with.clone();
     let writer = tokio::spawn(async move {
-        let mut batch = Vec::with_capacity(16);
         loop {
             tokio::select! {
                 biased;
                 _ = writer_kill.cancelled() => break,
-                first = rx.recv() => match first {
+                batch = rx.recv_batch(MAX_FRAMES_PER_FLUSH) => match batch {
                     None => break,
-                    Some(item) => {
-                        batch.push(item);
-                        while batch.len() < MAX_FRAMES_PER_FLUSH {
-                            match rx.try_recv() { Ok(item) => batch.push(item), Err(_) => break }
-                        }
+                    Some(batch) => {
+                        // The batch takes the queue's buffer with it: an idle connection keeps none.
                         let write = async {
-                            for item in batch.drain(..) {
+                            for item in batch {
                                 let msg = match item {
                                     Outbound::Frame(text) => Message::Text(text),
                                     Outbound::Ping => Message::Ping(Default::default()),
@@ -330,7 +330,9 @@ async fn run_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(ws: 
         pinged = false;
         match msg {
             Message::Text(text) => {
-                if let Flow::Close(code, reason) = conn.handle_text(text.as_str()).await {
+                // Boxed: a request's future (a login, a join, …) is several times the size of
+                // everything else here, and an idle connection should not carry it.
+                if let Flow::Close(code, reason) = Box::pin(conn.handle_text(text.as_str())).await {
                     close(code, reason);
                     break;
                 }
