@@ -254,7 +254,7 @@ impl Recovery {
 
     /// The node's current state.
     pub fn state(&self) -> NodeState {
-        self.inner.status.lock().expect("ha status lock").state
+        self.inner.watch.state()
     }
 
     fn services(&self) -> Vec<ServiceStatus> {

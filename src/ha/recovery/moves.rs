@@ -19,9 +19,10 @@ impl Control {
             s.state = state;
             s.reason = reason;
             s.since_ms = now_ms();
+            // Published under the status lock: the watch never disagrees with the status.
+            self.inner().watch.state.send_replace(state);
             from
         };
-        self.inner().watch.state.send_replace(state);
         metrics::counter!("stoa_ha_transitions_total", "state" => state.as_str()).increment(1);
         tracing::info!(node = %self.me(), %from, to = %state, %reason, "recovery state");
         let incarnation = self.inner().incarnation.load(Ordering::Acquire);
@@ -52,7 +53,7 @@ impl Control {
     }
 
     /// Take the lease again under a new incarnation (after stepping down or failing over).
-    pub(super) async fn new_lease(&self) -> Result<(), ClusterError> {
+    async fn new_lease(&self) -> Result<(), ClusterError> {
         let inner = self.inner();
         let incarnation = now_ms().max(inner.incarnation.load(Ordering::Acquire) + 1);
         inner.store.renew_lease(self.me(), incarnation, inner.config.ttl).await?;
@@ -205,7 +206,7 @@ impl Control {
     /// Failed over: once this node's service is its own again (the backup gave it back, or a
     /// recovery returned it), take the lease and serve, with the reason the backup gave the
     /// rooms back for (an operator's fallback, or automatic).
-    pub(super) async fn take_back_if_returned(&mut self) -> Result<(), ClusterError> {
+    async fn take_back_if_returned(&mut self) -> Result<(), ClusterError> {
         if &self.inner().store.service_host(self.me()).await? != self.me() {
             return Ok(());
         }
@@ -234,7 +235,7 @@ impl Control {
         Ok(())
     }
 
-    pub(super) async fn maybe_auto_fallback(&mut self) {
+    async fn maybe_auto_fallback(&mut self) {
         let after = if self.return_on_peer_start { Some(Duration::ZERO) } else { self.inner().config.auto_fallback_after };
         let Some(after) = after else { return };
         let Some(peer) = self.peer().cloned() else { return };
