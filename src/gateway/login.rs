@@ -39,7 +39,7 @@ impl Gateway {
 
     /// Before any login: the node takes logins (waiting up to [`ACCEPT_WAIT`] for it), and
     /// `user` and `address` have failed-login budget left.
-    pub(super) async fn login_gate(&self, user: Option<&str>, address: Option<std::net::IpAddr>) -> Outcome<()> {
+    async fn login_gate(&self, user: Option<&str>, address: Option<std::net::IpAddr>) -> Outcome<()> {
         if !self.is_accepting() && !self.await_accepting(ACCEPT_WAIT).await {
             let peer = self.settings.peer().map(|p| p.client.clone());
             return fail(
@@ -58,7 +58,7 @@ impl Gateway {
 
     /// A login's outcome: a denial spends the failed-login budget of `user` and `address`, a
     /// registered user's success forgets the user's.
-    pub(super) fn login_outcome(&self, result: Result<LoggedIn, AuthError>, user: Option<&str>, address: Option<std::net::IpAddr>) -> Outcome<LoggedIn> {
+    fn login_outcome(&self, result: Result<LoggedIn, AuthError>, user: Option<&str>, address: Option<std::net::IpAddr>) -> Outcome<LoggedIn> {
         let throttle = &self.login_failures;
         let logged_in = match result {
             Ok(l) => l,

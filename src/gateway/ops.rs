@@ -196,7 +196,7 @@ impl Gateway {
     /// Serve `op` here, or on the node that hosts its room: a room this session already uses
     /// there goes straight over the link; a room found to be hosted there is forwarded; a room
     /// whose host cannot serve it now waits for this node to take it over, and is tried again.
-    pub(super) async fn route(&self, session: &Arc<Session>, op: RoomOp) -> Outcome<Reply> {
+    async fn route(&self, session: &Arc<Session>, op: RoomOp) -> Outcome<Reply> {
         let Some(remote) = self.forwarder() else { return self.serve(session, op).await };
         if session.uses_peer() && remote.is_forwarded(session.id, op.room()) {
             return remote.request(session, op).await;
@@ -241,7 +241,7 @@ impl Gateway {
 
 
     /// Create a room owned by the session's user.
-    pub(super) async fn create_here(&self, session: &Session, room: &RoomAddr, patch: &RoomConfigPatch) -> Outcome<()> {
+    async fn create_here(&self, session: &Session, room: &RoomAddr, patch: &RoomConfigPatch) -> Outcome<()> {
         self.check_room(room)?;
         self.check_config(patch)?;
         let user = &session.user;
@@ -258,7 +258,7 @@ impl Gateway {
     }
 
     /// Enter a room. On success the room has queued `joined` and the replay on the session.
-    pub(super) async fn join_here(&self, session: &Arc<Session>, join: JoinRequest) -> Outcome<()> {
+    async fn join_here(&self, session: &Arc<Session>, join: JoinRequest) -> Outcome<()> {
         let JoinRequest { re, room, nick, since, password } = join;
         self.check_room(&room)?;
         self.check_nick(&nick)?;
@@ -275,7 +275,7 @@ impl Gateway {
     }
 
     /// Leave a room. On success the room has queued `left` on the session.
-    pub(super) async fn leave_here(&self, session: &Session, re: RequestId, room: &RoomAddr) -> Outcome<()> {
+    async fn leave_here(&self, session: &Session, re: RequestId, room: &RoomAddr) -> Outcome<()> {
         self.check_room(room)?;
         let addr = self.occupied(session, room, "not in this room", "room unavailable; retry")?;
         addr.send(room::Leave { session: session.id, re: Some(re) })
@@ -285,7 +285,7 @@ impl Gateway {
     }
 
     /// Post a message. The room answers on the session after commit (an ack) or with an error.
-    pub(super) async fn send_here(&self, session: &Session, re: RequestId, room: &RoomAddr, body: String, cid: ClientMsgId) -> Outcome<()> {
+    async fn send_here(&self, session: &Session, re: RequestId, room: &RoomAddr, body: String, cid: ClientMsgId) -> Outcome<()> {
         self.check_room(room)?;
         let limits = &self.settings.limits;
         if body.len() > limits.max_body_bytes {
@@ -305,7 +305,7 @@ impl Gateway {
     }
 
     /// Read a room's history (members and occupants, as the room's config says).
-    pub(super) async fn history_here(&self, session: &Session, room: &RoomAddr, query: HistoryQuery) -> Outcome<HistoryPage> {
+    async fn history_here(&self, session: &Session, room: &RoomAddr, query: HistoryQuery) -> Outcome<HistoryPage> {
         self.check_room(room)?;
         let HistoryQuery { before, after, limit } = query;
         check_seq("before", before)?;
@@ -338,7 +338,7 @@ impl Gateway {
         Ok(HistoryPage { messages, truncated, newest_first })
     }
 
-    pub(super) async fn subject_here(&self, session: &Session, room: &RoomAddr, subject: String) -> Outcome<()> {
+    async fn subject_here(&self, session: &Session, room: &RoomAddr, subject: String) -> Outcome<()> {
         self.check_room(room)?;
         self.check_text("subject", &subject)?;
         let msg = room::SetSubject { session: session.id, user: session.user.clone(), subject };
@@ -346,14 +346,14 @@ impl Gateway {
         Ok(())
     }
 
-    pub(super) async fn configure_here(&self, session: &Session, room: &RoomAddr, patch: RoomConfigPatch) -> Outcome<()> {
+    async fn configure_here(&self, session: &Session, room: &RoomAddr, patch: RoomConfigPatch) -> Outcome<()> {
         self.check_room(room)?;
         self.check_config(&patch)?;
         self.registry.call(room, room::Configure { user: session.user.clone(), patch }).await.and_then(|r| r)?;
         Ok(())
     }
 
-    pub(super) async fn affiliate_here(&self, session: &Session, room: &RoomAddr, target: String, affiliation: Affiliation) -> Outcome<()> {
+    async fn affiliate_here(&self, session: &Session, room: &RoomAddr, target: String, affiliation: Affiliation) -> Outcome<()> {
         self.check_room(room)?;
         crate::auth::validate_user_ref(&target).map_err(|e| Failure::new(ErrorCode::BadRequest, e.to_string()))?;
         let msg = room::Affiliate { user: session.user.clone(), target, affiliation };
@@ -361,7 +361,7 @@ impl Gateway {
         Ok(())
     }
 
-    pub(super) async fn kick_here(&self, session: &Session, room: &RoomAddr, nick: String, reason: Option<String>) -> Outcome<()> {
+    async fn kick_here(&self, session: &Session, room: &RoomAddr, nick: String, reason: Option<String>) -> Outcome<()> {
         self.check_room(room)?;
         if let Some(r) = &reason {
             self.check_text("reason", r)?;
@@ -370,7 +370,7 @@ impl Gateway {
         Ok(())
     }
 
-    pub(super) async fn destroy_here(&self, session: &Session, room: &RoomAddr, reason: Option<String>) -> Outcome<()> {
+    async fn destroy_here(&self, session: &Session, room: &RoomAddr, reason: Option<String>) -> Outcome<()> {
         self.check_room(room)?;
         if let Some(r) = &reason {
             self.check_text("reason", r)?;
@@ -382,7 +382,7 @@ impl Gateway {
 
     /// Search a room's archive (XMPP MAM over RSM): messages after or before one named by its
     /// unique id, within a time range, of one nick. Readers as for `history`.
-    pub(super) async fn archive_here(&self, session: &Session, room: &RoomAddr, query: ArchiveQuery) -> Outcome<ArchivePage> {
+    async fn archive_here(&self, session: &Session, room: &RoomAddr, query: ArchiveQuery) -> Outcome<ArchivePage> {
         self.check_room(room)?;
         let room_id = self.registry.call(room, room::CheckRead { session: session.id, user: session.user.clone() }).await.and_then(|r| r)?;
         let store_err = |e: crate::store::StoreError| Failure::from(RoomError::from(e));
@@ -419,7 +419,7 @@ impl Gateway {
     }
 
     /// The room's whole configuration and affiliations, for its owners and admins.
-    pub(super) async fn admin_view_here(&self, session: &Session, room: &RoomAddr) -> Outcome<room::RoomAdminView> {
+    async fn admin_view_here(&self, session: &Session, room: &RoomAddr) -> Outcome<room::RoomAdminView> {
         self.check_room(room)?;
         Ok(self.registry.call(room, room::AdminView { user: session.user.clone() }).await.and_then(|r| r)?)
     }

@@ -72,7 +72,7 @@ impl Handler<Configure> for Room {
 
 impl Room {
     /// Store `config` (fenced); on success adopt it and run `then`.
-    pub(super) fn store_config(&mut self, config: RoomConfig, then: impl FnOnce(&mut Room) + 'static) -> ResponseActFuture<Self, Result<(), RoomError>> {
+    fn store_config(&mut self, config: RoomConfig, then: impl FnOnce(&mut Room) + 'static) -> ResponseActFuture<Self, Result<(), RoomError>> {
         let store = self.deps.store.clone();
         let fence = self.fence.clone();
         let stored = config.clone();

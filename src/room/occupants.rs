@@ -5,7 +5,7 @@ use super::*;
 
 impl Room {
     /// Send `joined` and the replay to a session that was just admitted.
-    pub(super) fn send_join_replay(&self, session: &dyn Occupant, re: RequestId, nick: String, aff: Affiliation, replay: Vec<Arc<Delivery>>, truncated: bool) {
+    fn send_join_replay(&self, session: &dyn Occupant, re: RequestId, nick: String, aff: Affiliation, replay: Vec<Arc<Delivery>>, truncated: bool) {
         session.answer(RoomAnswer::Joined {
             re,
             room: self.addr.clone(),
@@ -20,7 +20,7 @@ impl Room {
     }
 
     /// The replay for a join, from the cache if it covers it. `None` = the store must be read.
-    pub(super) fn replay_from_cache(&self, since: Option<u64>) -> Option<(Vec<Arc<Delivery>>, bool)> {
+    fn replay_from_cache(&self, since: Option<u64>) -> Option<(Vec<Arc<Delivery>>, bool)> {
         let recent = self.recent.as_ref()?;
         let oldest_cached = recent.front().map_or(self.last_seq + 1, |r| r.seq);
         match since {
@@ -45,7 +45,7 @@ impl Room {
         }
     }
 
-    pub(super) fn admit(&mut self, session: Arc<dyn Occupant>, nick: String) {
+    fn admit(&mut self, session: Arc<dyn Occupant>, nick: String) {
         let was_in = self.occupants.contains_key(&session.id());
         if !was_in {
             self.broadcast_event(RoomEvent::Presence {

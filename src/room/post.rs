@@ -6,7 +6,7 @@
 use super::*;
 
 impl Room {
-    pub(super) fn message_event(&self, seq: u64, m: &NewMessage, ts: i64) -> Arc<Delivery> {
+    fn message_event(&self, seq: u64, m: &NewMessage, ts: i64) -> Arc<Delivery> {
         Delivery::new(RoomEvent::Message(ChatMessage {
             room: self.addr.clone(),
             seq,
@@ -32,7 +32,7 @@ impl Room {
         }))
     }
 
-    pub(super) fn remember(&mut self, seq: u64, event: Arc<Delivery>) {
+    fn remember(&mut self, seq: u64, event: Arc<Delivery>) {
         if let Some(recent) = &mut self.recent {
             recent.push_back(Recent { seq, event });
             while recent.len() > self.deps.limits.recent_cache.max(1) {
@@ -41,7 +41,7 @@ impl Room {
         }
     }
 
-    pub(super) fn remember_cid(&mut self, sender: String, cid: String, seq: u64, ts: i64) {
+    fn remember_cid(&mut self, sender: String, cid: String, seq: u64, ts: i64) {
         let key = (sender, cid);
         if self.committed_cids.insert(key.clone(), (seq, ts)).is_none() {
             self.cid_order.push_back(key);
@@ -102,7 +102,7 @@ impl Room {
 
     /// Apply the answer to the oldest append in flight, whose posts are `posts`. Returns false
     /// when the room is stopping (nothing more is applied).
-    pub(super) fn committed(&mut self, posts: Vec<PendingPost>, result: Result<Appended, CommitError>, ctx: &mut Context<Self>) -> bool {
+    fn committed(&mut self, posts: Vec<PendingPost>, result: Result<Appended, CommitError>, ctx: &mut Context<Self>) -> bool {
         match result {
             Ok(appended) => {
                 // After an earlier failure the log may hold messages this room never showed:
@@ -183,7 +183,7 @@ impl Room {
     /// Reload the room's log position from the store and deliver whatever was committed that
     /// this incarnation has not shown yet, then carry on with the queue. Runs only with no
     /// append in flight.
-    pub(super) fn resync(&mut self, ctx: &mut Context<Self>) {
+    fn resync(&mut self, ctx: &mut Context<Self>) {
         self.resyncing = true;
         let store = self.deps.store.clone();
         let id = self.fence.room;

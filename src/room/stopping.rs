@@ -23,7 +23,7 @@ impl Room {
     }
 
     /// Tell every occupant `farewell` (they are no longer in the room here), deregister, stop.
-    pub(super) fn dismiss_all_and_stop(&mut self, farewell: Farewell, ctx: &mut Context<Self>) {
+    fn dismiss_all_and_stop(&mut self, farewell: Farewell, ctx: &mut Context<Self>) {
         for session in self.occupants.values() {
             match &farewell {
                 Farewell::Event(event) => session.deliver(event),

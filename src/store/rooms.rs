@@ -126,7 +126,7 @@ impl Store {
         Err(self.fenced_error(txn, fence.room).await)
     }
 
-    pub(super) async fn fenced_error<C: ConnectionTrait>(&self, conn: &C, id: RoomId) -> StoreError {
+    async fn fenced_error<C: ConnectionTrait>(&self, conn: &C, id: RoomId) -> StoreError {
         match room::Entity::find_by_id(id.0).one(conn).await {
             Ok(Some(row)) => StoreError::Fenced { host: row.host_node, epoch: row.epoch },
             Ok(None) => StoreError::Fenced { host: String::new(), epoch: 0 },

@@ -52,7 +52,7 @@ impl Control {
 
     /// Stop or start a critical service. Stopping takes effect at once (rooms stop, logins are
     /// refused, or the lease stops being renewed); failover follows after the delay.
-    pub(super) async fn set_service(&mut self, service: Service, start: bool) {
+    async fn set_service(&mut self, service: Service, start: bool) {
         let inner = self.inner();
         inner.services.lock().expect("services lock")[service.index()].admin_stopped = !start;
         let hosting = self.state().hosts_rooms();

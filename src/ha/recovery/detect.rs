@@ -83,7 +83,7 @@ impl Control {
     }
 
     /// Critical services: restart what came back; fail over when one stays down too long.
-    pub(super) async fn watch_services(&mut self) -> Result<(), ClusterError> {
+    async fn watch_services(&mut self) -> Result<(), ClusterError> {
         {
             // The store's probe is the lease renewal; rooms and router are probed by `probe_task`.
             let store_ok = self.inner().status.lock().expect("ha status lock").store_ok;
@@ -127,7 +127,7 @@ impl Control {
 
     /// Take over the peer's rooms when the store says it is gone: its lease expired (or was
     /// released), or its link closed and its presence lock vanished (a dead process).
-    pub(super) async fn watch_peer(&mut self, look_at_lease: bool) -> Result<(), ClusterError> {
+    async fn watch_peer(&mut self, look_at_lease: bool) -> Result<(), ClusterError> {
         let Some(peer) = self.peer().cloned() else { return Ok(()) };
         let status = self.peer_status();
         if status.as_ref().is_some_and(|p| p.reachable) {
