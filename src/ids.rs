@@ -30,6 +30,26 @@ impl fmt::Display for RoomAddr {
     }
 }
 
+/// A message's unique id (XMPP's stanza-id and MAM result id, kept across failovers and merges):
+/// a UUIDv7 whose millisecond timestamp is the message's `created_at`. Since a room's times never
+/// go back as its seqs grow, the id says where in the room's log the message is, and the store
+/// finds it through the log's primary key with no index of ids (`Store::message_seq`).
+pub fn message_id(created_at_ms: i64) -> String {
+    let ms = created_at_ms.max(0) as u64;
+    let at = uuid::Timestamp::from_unix_time(ms / 1000, (ms % 1000) as u32 * 1_000_000, 0, 0);
+    uuid::Uuid::new_v7(at).to_string()
+}
+
+/// The `created_at` a [`message_id`] carries (`None`: not a UUIDv7, so no message's id).
+pub fn message_id_time(id: &str) -> Option<i64> {
+    let id = uuid::Uuid::try_parse(id).ok()?;
+    if id.get_version_num() != 7 {
+        return None;
+    }
+    let (secs, nanos) = id.get_timestamp()?.to_unix();
+    Some(secs as i64 * 1000 + (nanos / 1_000_000) as i64)
+}
+
 /// A room sequence number: contiguous from 1 per room.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
 #[serde(transparent)]
@@ -64,5 +84,22 @@ pub struct SessionId(pub u64);
 impl fmt::Display for SessionId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_id_carries_its_time() {
+        for at in [0, 1, 999, 1_000, 1_764_892_800_123, 4_102_444_800_999] {
+            let a = message_id(at);
+            let b = message_id(at);
+            assert_ne!(a, b, "ids of one millisecond still differ");
+            assert_eq!(message_id_time(&a), Some(at), "{a}");
+        }
+        assert_eq!(message_id_time("not-a-uuid"), None);
+        assert_eq!(message_id_time(&uuid::Uuid::new_v4().to_string()), None, "only v7 ids carry a time");
     }
 }

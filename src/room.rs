@@ -174,6 +174,10 @@ pub struct Room {
     state: RoomState,
     /// Highest committed seq.
     last_seq: u64,
+    /// The room's clock: the time (Unix ms) of the last message handed to the committer. It
+    /// never goes back, here or on the next host (it starts at the stored `last_ts`), so a
+    /// room's messages are in time order as well as seq order (see `Room::stamp`).
+    clock: i64,
     /// Posts not yet handed to the committer.
     queue: VecDeque<PendingPost>,
     /// Posts of the appends in flight, oldest first (at most [`PIPELINE_DEPTH`]).
@@ -242,6 +246,7 @@ impl Room {
             incarnation,
             state: RoomState::new(row.config, affiliations),
             last_seq: row.last_seq,
+            clock: row.last_ts,
             queue: VecDeque::new(),
             in_flight: pipeline::Pipeline::default(),
             next_base: row.last_seq,

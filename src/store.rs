@@ -121,6 +121,9 @@ pub struct RoomRow {
     pub epoch: Epoch,
     pub last_seq: u64,
     pub created_at: i64,
+    /// The time of the message at `last_seq` (0: none): a room's messages never go back in
+    /// time, so its actor stamps the next one no earlier than this.
+    pub last_ts: i64,
 }
 
 impl TryFrom<room::Model> for RoomRow {
@@ -137,6 +140,7 @@ impl TryFrom<room::Model> for RoomRow {
             epoch: Epoch(m.epoch),
             last_seq: m.last_seq as u64,
             created_at: m.created_at,
+            last_ts: m.last_ts,
         })
     }
 }

@@ -259,14 +259,7 @@ impl Handler<PluginPost> for Room {
         }
         self.touch();
         let post = PendingPost {
-            message: NewMessage {
-                id: uuid::Uuid::now_v7().to_string(),
-                sender: bot_sender(&msg.plugin),
-                nick: msg.plugin,
-                body: msg.body,
-                client_msg_id: uuid::Uuid::now_v7().to_string(),
-                created_at: now_ms(),
-            },
+            message: NewMessage::unstamped(bot_sender(&msg.plugin), msg.plugin, msg.body, uuid::Uuid::now_v7().to_string()),
             waiters: Vec::new(),
         };
         self.enqueue_post(post, true, ctx);

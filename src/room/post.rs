@@ -53,6 +53,17 @@ impl Room {
     }
 
 
+    /// Give a message its time and its id as it goes to the committer, in log order: the time
+    /// is the room's clock, which never goes back, so a later seq never has an earlier time;
+    /// the id carries that time ([`crate::ids::message_id`]), which is how the store finds a
+    /// message by id without an index. A post sent again after a `Stale` answer is stamped
+    /// again (nothing of it was stored).
+    fn stamp(&mut self, message: &mut NewMessage) {
+        self.clock = self.clock.max(now_ms());
+        message.created_at = self.clock;
+        message.id = crate::ids::message_id(self.clock);
+    }
+
     /// Hand queued posts to the committer, up to [`PIPELINE_DEPTH`] appends in flight. Each
     /// append assumes the previous ones will commit in full (`next_base`); the store checks
     /// that assumption (`last_seq = base_seq`), so a wrong guess comes back as `Stale`.
@@ -69,7 +80,10 @@ impl Room {
                 return;
             }
             let take = self.queue.len().min(MAX_APPEND_MESSAGES);
-            let posts: Vec<PendingPost> = self.queue.drain(..take).collect();
+            let mut posts: Vec<PendingPost> = self.queue.drain(..take).collect();
+            for post in &mut posts {
+                self.stamp(&mut post.message);
+            }
             let request = AppendRequest {
                 fence: self.fence.clone(),
                 base_seq: self.next_base,
@@ -207,6 +221,7 @@ impl Room {
                         room.remember_cid(m.sender.clone(), m.client_msg_id.clone(), m.seq, m.created_at);
                     }
                     room.last_seq = row.last_seq;
+                    room.clock = room.clock.max(row.last_ts);
                     room.next_base = row.last_seq;
                     room.needs_resync = false;
                     room.flush(ctx);
@@ -262,7 +277,7 @@ impl Handler<Post> for Room {
         }
         let (sender, client_msg_id) = key;
         let post = PendingPost {
-            message: NewMessage { id: uuid::Uuid::now_v7().to_string(), sender, nick, body: msg.body, client_msg_id, created_at: now_ms() },
+            message: NewMessage::unstamped(sender, nick, msg.body, client_msg_id),
             waiters: vec![(session, msg.re)],
         };
         self.enqueue_post(post, false, ctx);

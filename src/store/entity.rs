@@ -20,6 +20,8 @@ pub mod room {
         pub epoch: i64,
         pub last_seq: i64,
         pub created_at: i64,
+        /// `created_at` of the message at `last_seq` (0: none yet): where the room's clock resumes.
+        pub last_ts: i64,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

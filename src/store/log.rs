@@ -41,13 +41,23 @@ pub struct ArchiveRange {
 /// A message a room actor wants appended; the store assigns its seq.
 #[derive(Clone, Debug)]
 pub struct NewMessage {
-    /// A unique id (a UUIDv7 the room makes): XMPP's stanza-id, kept with the message.
+    /// A unique id: XMPP's stanza-id, kept with the message; a UUIDv7 carrying `created_at`
+    /// ([`crate::ids::message_id`]).
     pub id: String,
     pub sender: String,
     pub nick: String,
     pub body: String,
     pub client_msg_id: String,
+    /// Unix ms; within a room never less than an earlier seq's.
     pub created_at: i64,
+}
+
+impl NewMessage {
+    /// A message without its time and id yet: the room stamps both as it hands the message to
+    /// the committer, in log order.
+    pub fn unstamped(sender: String, nick: String, body: String, client_msg_id: String) -> NewMessage {
+        NewMessage { id: String::new(), sender, nick, body, client_msg_id, created_at: 0 }
+    }
 }
 
 /// One room's appends in a group commit: written only if the room row still matches
@@ -128,37 +138,107 @@ impl Store {
     }
 
     /// The seq of the message whose unique id is `id` in `room`, if it is there.
+    ///
+    /// There is no index of ids (it cost every commit a quarter of SQLite's throughput): the id
+    /// carries the message's time ([`crate::ids::message_id`]), and the messages of that
+    /// millisecond are found by [`Store::first_seq_at`] through the primary key.
     pub async fn message_seq(&self, room: RoomId, id: &str) -> Result<Option<u64>, StoreError> {
-        let row = message::Entity::find()
+        let Some(at) = crate::ids::message_id_time(id) else { return Ok(None) };
+        let end = self.end_seq(room).await?;
+        let from = self.first_seq_at(room, at, end).await?;
+        let to = self.first_seq_at(room, at.saturating_add(1), end).await?;
+        if from == to {
+            return Ok(None);
+        }
+        let seq: Option<i64> = message::Entity::find()
+            .select_only()
+            .column(message::Column::Seq)
             .filter(message::Column::RoomId.eq(room.0))
+            .filter(message::Column::Seq.gte(from as i64))
+            .filter(message::Column::Seq.lt(to as i64))
             .filter(message::Column::Id.eq(id))
+            .into_tuple()
             .one(&self.db)
             .await?;
-        Ok(row.map(|m| m.seq as u64))
+        Ok(seq.map(|s| s as u64))
+    }
+
+    /// One past the highest seq stored for `room` (1 if it has no message).
+    async fn end_seq(&self, room: RoomId) -> Result<u64, StoreError> {
+        let last: Option<Option<i64>> = message::Entity::find()
+            .select_only()
+            .column_as(message::Column::Seq.max(), "last")
+            .filter(message::Column::RoomId.eq(room.0))
+            .into_tuple()
+            .one(&self.db)
+            .await?;
+        Ok(last.flatten().map_or(1, |s| s as u64 + 1))
+    }
+
+    /// The lowest seq of `room` whose message is from `at` (Unix ms) or later, or `end` (one past
+    /// the last seq) if none is. A binary search over the primary key, about log2(messages)
+    /// point reads: right because a room's `created_at` never decreases as its seq grows (the
+    /// room actor's clock, `room::post`, resumed from `rooms.last_ts`), and seqs may have gaps.
+    async fn first_seq_at(&self, room: RoomId, at: i64, end: u64) -> Result<u64, StoreError> {
+        // Every message below `lo` is older than `at`; none from `hi` on is.
+        let (mut lo, mut hi) = (0u64, end);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let probe: Option<(i64, i64)> = message::Entity::find()
+                .select_only()
+                .column(message::Column::Seq)
+                .column(message::Column::CreatedAt)
+                .filter(message::Column::RoomId.eq(room.0))
+                .filter(message::Column::Seq.gte(mid as i64))
+                .filter(message::Column::Seq.lt(hi as i64))
+                .order_by_asc(message::Column::Seq)
+                .into_tuple()
+                .one(&self.db)
+                .await?;
+            match probe {
+                None => hi = mid,
+                Some((seq, created_at)) if created_at >= at => hi = seq as u64,
+                Some((seq, _)) => lo = seq as u64 + 1,
+            }
+        }
+        Ok(hi)
     }
 
     /// Messages of `room` in `range` (seq after/before, time from/until, one nick): at most
     /// `limit`, from the oldest, or from the newest when `newest_first`; ascending either way.
     /// And how many messages the range holds, ignoring its seq bounds (a MAM result's count).
+    /// The time bounds become seq bounds ([`Store::first_seq_at`]), so every query reads a
+    /// range of the primary key.
     pub async fn archive(&self, room: RoomId, range: &ArchiveRange, limit: u64, newest_first: bool) -> Result<(Vec<StoredMessage>, u64), StoreError> {
-        let filtered = || {
-            let mut q = message::Entity::find().filter(message::Column::RoomId.eq(room.0));
+        // The time bounds as seqs: `since < seq < until`.
+        let (mut since, mut until) = (0u64, None);
+        if range.start_ms.is_some() || range.end_ms.is_some() {
+            let end = self.end_seq(room).await?;
             if let Some(t) = range.start_ms {
-                q = q.filter(message::Column::CreatedAt.gte(t));
+                since = self.first_seq_at(room, t, end).await?.saturating_sub(1);
             }
             if let Some(t) = range.end_ms {
-                q = q.filter(message::Column::CreatedAt.lte(t));
+                until = Some(self.first_seq_at(room, t.saturating_add(1), end).await?);
+            }
+        }
+        let filtered = |after: u64, before: Option<u64>| {
+            let mut q = message::Entity::find()
+                .filter(message::Column::RoomId.eq(room.0))
+                .filter(message::Column::Seq.gt(after as i64));
+            if let Some(before) = before {
+                q = q.filter(message::Column::Seq.lt(before as i64));
             }
             if let Some(nick) = &range.nick {
                 q = q.filter(message::Column::Nick.eq(nick.as_str()));
             }
             q
         };
-        let count = sea_orm::PaginatorTrait::count(filtered(), &self.db).await?;
-        let mut q = filtered().filter(message::Column::Seq.gt(range.after as i64));
-        if let Some(before) = range.before {
-            q = q.filter(message::Column::Seq.lt(before as i64));
-        }
+        let count = sea_orm::PaginatorTrait::count(filtered(since, until), &self.db).await?;
+        let before = match (range.before, until) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let mut q = filtered(range.after.max(since), before);
         q = if newest_first { q.order_by_desc(message::Column::Seq) } else { q.order_by_asc(message::Column::Seq) };
         let mut rows: Vec<StoredMessage> = q.limit(limit).all(&self.db).await?.into_iter().map(StoredMessage::from).collect();
         if newest_first {
@@ -258,10 +338,13 @@ impl Store {
         if !writing.is_empty() {
             let new_last: HashMap<usize, u64> = writing.iter().map(|&i| (i, last_new_seq(&plans[i], requests[i].base_seq))).collect();
             let mut case = CaseStatement::new();
+            let mut clock = CaseStatement::new();
             let mut any = Cond::any();
             for &i in &writing {
                 let r = &requests[i];
                 case = case.case(room::Column::Id.eq(r.fence.room.0), Expr::val(new_last[&i] as i64));
+                let last_ts = plans[i].iter().filter(|o| !o.duplicate).map(|o| o.created_at).max().unwrap_or_default();
+                clock = clock.case(room::Column::Id.eq(r.fence.room.0), Expr::val(last_ts));
                 any = any.add(
                     Cond::all()
                         .add(room::Column::Id.eq(r.fence.room.0))
@@ -271,7 +354,13 @@ impl Store {
                 );
             }
             let case = case.finally(Expr::col(room::Column::LastSeq));
-            let stmt = Query::update().table(room::Entity).value(room::Column::LastSeq, case).cond_where(any).to_owned();
+            let clock = clock.finally(Expr::col(room::Column::LastTs));
+            let stmt = Query::update()
+                .table(room::Entity)
+                .value(room::Column::LastSeq, case)
+                .value(room::Column::LastTs, clock)
+                .cond_where(any)
+                .to_owned();
             let updated = txn.execute(&stmt).await?.rows_affected();
             if updated != writing.len() as u64 {
                 // Find which rooms failed: their rows do not show our new last_seq under our fence.
@@ -384,4 +473,59 @@ impl Store {
 /// The highest seq a plan stores, or `base` if it stores nothing new.
 fn last_new_seq(plan: &[MessageOutcome], base: u64) -> u64 {
     plan.iter().filter(|o| !o.duplicate).map(|o| o.seq).max().unwrap_or(base)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::message_id;
+
+    /// A message is found by its id, and an archive by its time bounds, through the primary key
+    /// alone: many messages in one millisecond, long runs of one time, times that jump.
+    #[tokio::test]
+    async fn ids_and_time_bounds_are_found_through_the_room_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::connect(&format!("sqlite://{}/log.db", dir.path().display()), 2, "normal").await.unwrap();
+        store.migrate().await.unwrap();
+        let home = NodeId("n1".into());
+        let row = store.create_room(&RoomAddr("r@conference.localhost".into()), &RoomConfig::default(), "ann", &home).await.unwrap();
+        let other = store.create_room(&RoomAddr("s@conference.localhost".into()), &RoomConfig::default(), "ann", &home).await.unwrap();
+        // Times of seq 1..=N: runs of equal times and jumps, non-decreasing.
+        let times: Vec<i64> = (0..300).map(|i: i64| 1_000_000 + (i / 7) * 3 + if i > 200 { 10_000 } else { 0 }).collect();
+        let fence = Fence { room: row.id, host: home.clone(), epoch: row.epoch };
+        let mut ids = Vec::new();
+        for (n, chunk) in times.chunks(64).enumerate() {
+            let messages: Vec<NewMessage> = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, &t)| NewMessage { id: message_id(t), created_at: t, ..NewMessage::unstamped("ann".into(), "Ann".into(), format!("m{n}.{i}"), format!("c{n}.{i}")) })
+                .collect();
+            ids.extend(messages.iter().map(|m| m.id.clone()));
+            let answer = store.append_batch(&[AppendRequest { fence: fence.clone(), base_seq: (n * 64) as u64, messages }]).await.unwrap();
+            assert!(answer[0].is_ok(), "{:?}", answer[0]);
+        }
+        assert_eq!(store.load_room_by_id(row.id).await.unwrap().unwrap().last_ts, *times.last().unwrap(), "rooms.last_ts follows the appends");
+        for (i, id) in ids.iter().enumerate() {
+            assert_eq!(store.message_seq(row.id, id).await.unwrap(), Some(i as u64 + 1), "id of seq {}", i + 1);
+            assert_eq!(store.message_seq(other.id, id).await.unwrap(), None, "an id is found in its own room only");
+        }
+        for unknown in [message_id(times[10]), message_id(1_000_001), message_id(5), message_id(9_000_000), "no-such-id".into()] {
+            assert_eq!(store.message_seq(row.id, &unknown).await.unwrap(), None, "{unknown}");
+        }
+        // Time bounds, inclusive at both ends, as the filter over all messages would give them.
+        let all = store.messages(row.id, 0, None, 1000, false).await.unwrap();
+        for (start, end) in [(None, None), (Some(1_000_003), None), (None, Some(1_000_003)), (Some(1_000_004), Some(1_000_020)), (Some(1_000_500), Some(1_010_000)), (Some(2_000_000), None), (Some(0), Some(10))] {
+            let expect: Vec<u64> = all.iter().filter(|m| start.is_none_or(|s| m.created_at >= s) && end.is_none_or(|e| m.created_at <= e)).map(|m| m.seq).collect();
+            let range = ArchiveRange { start_ms: start, end_ms: end, ..Default::default() };
+            let (rows, count) = store.archive(row.id, &range, 1000, false).await.unwrap();
+            assert_eq!(rows.iter().map(|m| m.seq).collect::<Vec<_>>(), expect, "{start:?}..{end:?}");
+            assert_eq!(count, expect.len() as u64, "count of {start:?}..{end:?}");
+            let (last_two, _) = store.archive(row.id, &range, 2, true).await.unwrap();
+            assert_eq!(last_two.iter().map(|m| m.seq).collect::<Vec<_>>(), expect[expect.len().saturating_sub(2)..], "newest of {start:?}..{end:?}");
+            let after = expect.get(1).copied().unwrap_or(0);
+            let (rest, count) = store.archive(row.id, &ArchiveRange { after, ..range.clone() }, 1000, false).await.unwrap();
+            assert_eq!(rest.iter().map(|m| m.seq).collect::<Vec<_>>(), expect.iter().copied().filter(|&s| s > after).collect::<Vec<_>>());
+            assert_eq!(count, expect.len() as u64, "the count ignores the seq bounds");
+        }
+    }
 }

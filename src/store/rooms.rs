@@ -25,6 +25,7 @@ impl Store {
             epoch: Set(1),
             last_seq: Set(0),
             created_at: Set(now),
+            last_ts: Set(0),
             ..Default::default()
         })
         .exec(&txn)
@@ -49,6 +50,7 @@ impl Store {
             epoch: Epoch(1),
             last_seq: 0,
             created_at: now,
+            last_ts: 0,
         })
     }
 

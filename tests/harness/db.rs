@@ -112,6 +112,19 @@ impl TestDb {
             row.last_seq,
             "rooms.last_seq of {room} disagrees with its last stored message"
         );
+        assert_eq!(
+            messages.last().map_or(0, |m| m.created_at),
+            row.last_ts,
+            "rooms.last_ts of {room} disagrees with its last stored message"
+        );
+        // The room's clock: times never go back along the log, and each id carries its time
+        // (how the store finds a message by id, `Store::message_seq`).
+        for w in messages.windows(2) {
+            assert!(w[0].created_at <= w[1].created_at, "room {room}: seq {} is older than seq {}", w[1].seq, w[0].seq);
+        }
+        for m in &messages {
+            assert_eq!(stoa::ids::message_id_time(&m.id), Some(m.created_at), "room {room}: the id of seq {} does not carry its time", m.seq);
+        }
         store.connection().clone().close().await.ok();
         // Tests name guests by the name they asked for; the store keeps `name~suffix`.
         messages.into_iter().map(|m| StoredMessage { sender: asked_name(&m.sender).to_owned(), ..m }).collect()
