@@ -14,7 +14,7 @@ use crate::plugin::worker::{self, Attachment, Chain, DecisionTo, PluginHandle};
 use crate::plugin::{Message, Occupant, RoomInfo, RoomLink, Verdict};
 use crate::protocol::{ErrorCode, RoomConfig};
 use crate::room::RoomError;
-use crate::store::{NewMessage, now_ms};
+use crate::store::NewMessage;
 use actix::WeakAddr;
 use actix::prelude::*;
 use std::collections::VecDeque;
