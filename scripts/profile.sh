@@ -19,7 +19,7 @@ SECONDS_="${SECONDS_:-8}"
 [[ -x "$STOA" ]] || { echo "$STOA not found: cargo build --profile profiling (or set STOA=…)" >&2; exit 1; }
 command -v perf >/dev/null || { echo "perf not found: apt-get install linux-perf" >&2; exit 1; }
 OUT="$(mktemp -d)"
-trap 'rm -rf "$OUT"' EXIT
+trap '[[ -n "${KEEP:-}" ]] && cp "$OUT/perf.data" "$KEEP"; rm -rf "$OUT"' EXIT
 
 # The bench warms up for 2 s before its window; sample inside the window.
 "$STOA" bench latency --total-rate "$RATE" --duration "$((SECONDS_ + 4))s" --format json "$@" > "$OUT/summary.json" 2> "$OUT/bench.err" &

@@ -34,7 +34,8 @@ use crate::protocol::{Affiliation, ErrorCode, RequestId, RoomConfig, RoomConfigP
 use crate::store::{AppendError, AppendRequest, Appended, Fence, NewMessage, RoomRow, Store, StoredMessage, now_ms};
 use actix::prelude::*;
 use state::{Denied, OccupantState, RoomState};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -193,6 +194,13 @@ pub struct Room {
     /// The last committed messages, newest last; `None` until first needed.
     recent: Option<VecDeque<Recent>>,
     committed_cids: HashMap<(String, String), (u64, i64)>,
+    /// Hashes of the `(sender, cid)` of posts that may still be pending (waiting for plugins,
+    /// queued or in flight). A post whose hash is not here is certainly not a resend of a
+    /// pending one, so only a likely resend scans the pending posts (under a backlog, scanning
+    /// for every post cost more than the rest of `Post`). A hash leaves when its append is
+    /// answered, and all of them when nothing is pending; one left behind only costs a scan.
+    pending_cids: HashSet<u64>,
+    cid_hasher: RandomState,
     cid_order: VecDeque<(String, String)>,
     /// Connected occupants' sessions by session id (their nicks are in `state.occupants`).
     occupants: HashMap<SessionId, Arc<dyn Occupant>>,
@@ -255,6 +263,8 @@ impl Room {
             resyncing: false,
             recent: None,
             committed_cids: HashMap::new(),
+            pending_cids: HashSet::new(),
+            cid_hasher: RandomState::new(),
             cid_order: VecDeque::new(),
             occupants: HashMap::new(),
             passivating: false,

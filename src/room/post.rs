@@ -111,6 +111,9 @@ impl Room {
         if self.in_flight.is_empty() {
             self.requeued = 0;
         }
+        if self.in_flight.is_empty() && self.queue.is_empty() && self.hooks.len() == 0 {
+            self.pending_cids.clear();
+        }
         self.flush(ctx);
     }
 
@@ -123,6 +126,8 @@ impl Room {
                 // ack now, but leave delivery to the resync, which shows everything in order.
                 let deliver = !self.needs_resync;
                 for (post, outcome) in posts.into_iter().zip(appended.outcomes) {
+                    let NewMessage { sender, client_msg_id, .. } = &post.message;
+                    self.pending_cids.remove(&self.cid_hasher.hash_one((sender, client_msg_id)));
                     for (session, re) in &post.waiters {
                         session.answer(RoomAnswer::Ack {
                             re: re.clone(),
@@ -267,7 +272,8 @@ impl Handler<Post> for Room {
             session.answer(RoomAnswer::Ack { re: msg.re, room: self.addr.clone(), seq, ts, duplicate: true });
             return Ok(());
         }
-        {
+        let hash = self.cid_hasher.hash_one(&key);
+        if !self.pending_cids.insert(hash) {
             let mut pending = self.in_flight.iter_mut().flatten().chain(self.queue.iter_mut()).chain(self.hooks.posts_mut());
             if let Some(p) = pending.find(|p| p.message.sender == key.0 && p.message.client_msg_id == key.1) {
                 // A resend of a post not yet committed: answer both with the one commit.
