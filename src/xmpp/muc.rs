@@ -318,8 +318,15 @@ pub fn error_element(kind: &str, cond: &str, text: &str) -> String {
 }
 
 impl XmppWire {
+    /// `<name to='my full JID'` and `rest`: a stanza addressed to this session.
     fn to(&self, rest: &str, name: &str) -> String {
-        format!("<{name} to='{}'{rest}", escape(&self.state.jid))
+        // Once per delivery, so by hand rather than through `format!`.
+        let jid = escape(&self.state.jid);
+        let mut stanza = String::with_capacity(name.len() + jid.len() + rest.len() + 6);
+        for part in ["<", name, " to='", &jid, "'", rest] {
+            stanza.push_str(part);
+        }
+        stanza
     }
 
     /// The answer to a join (`RoomAnswer::Joined`), in XEP-0045 order.
