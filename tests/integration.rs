@@ -128,6 +128,7 @@ on_every_backend! {
     log::resends_are_deduplicated_by_cid,
     log::one_cid_from_two_senders_in_one_commit_is_two_messages,
     log::nothing_is_acked_when_the_commit_fails,
+    log::a_group_commit_fences_each_room_on_its_own,
     room_life::idle_room_passivates_and_reactivates_intact,
     room_life::churn_with_repeated_passivation_drops_no_request,
     permission::room_permissions_are_enforced,

@@ -4,6 +4,8 @@
 
 use super::*;
 
+mod postgres;
+
 /// A stored message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredMessage {
@@ -254,7 +256,12 @@ impl Store {
     ///
     /// `Err` means the whole transaction failed (and nothing of it is visible).
     pub async fn append_batch(&self, requests: &[AppendRequest]) -> Result<Vec<Result<Appended, AppendError>>, StoreError> {
-        match self.try_append(requests, false).await {
+        let first = if self.kind == StoreKind::Postgres && requests.iter().all(|r| !r.messages.is_empty()) {
+            self.append_postgres(requests).await
+        } else {
+            self.try_append(requests, false).await
+        };
+        match first {
             // A unique violation means some cid is already stored (a resend the room actor had
             // no memory of, e.g. after a restart): redo the batch looking every cid up first.
             Err(StoreError::Conflict) => self.try_append(requests, true).await,
@@ -364,28 +371,8 @@ impl Store {
             let updated = txn.execute(&stmt).await?.rows_affected();
             if updated != writing.len() as u64 {
                 // Find which rooms failed: their rows do not show our new last_seq under our fence.
-                let ids: Vec<i64> = writing.iter().map(|&i| requests[i].fence.room.0).collect();
-                let rows: HashMap<i64, room::Model> = room::Entity::find()
-                    .filter(room::Column::Id.is_in(ids))
-                    .all(txn)
-                    .await?
-                    .into_iter()
-                    .map(|m| (m.id, m))
-                    .collect();
-                for &i in &writing {
-                    let r = &requests[i];
-                    let err = match rows.get(&r.fence.room.0) {
-                        None => Some(AppendError::Gone),
-                        Some(row) if row.host_node != r.fence.host.0 || row.epoch != r.fence.epoch.0 => {
-                            Some(AppendError::Fenced { host: row.host_node.clone(), epoch: row.epoch })
-                        }
-                        Some(row) if row.last_seq as u64 != new_last[&i] => Some(AppendError::Stale { last_seq: row.last_seq as u64 }),
-                        Some(_) => None,
-                    };
-                    if let Some(err) = err {
-                        rejected.insert(i, err);
-                    }
-                }
+                let written = writing.iter().map(|&i| (i, new_last[&i]));
+                rejected = refusals(txn, requests, written).await?.into_iter().filter_map(|(i, e)| Some((i, e?))).collect();
             }
         }
 
@@ -468,6 +455,35 @@ impl Store {
             })
             .collect())
     }
+}
+
+/// Why each of `requests` (index, and the last seq its append would have left) was refused, by
+/// its room row as `conn` sees it now: gone, fenced (another host or epoch), or stale (its log
+/// moved on). `None`: the row shows that append's last seq under its fence.
+async fn refusals<C: ConnectionTrait>(
+    conn: &C,
+    requests: &[AppendRequest],
+    appends: impl Iterator<Item = (usize, u64)>,
+) -> Result<Vec<(usize, Option<AppendError>)>, StoreError> {
+    let appends: Vec<(usize, u64)> = appends.collect();
+    let ids: Vec<i64> = appends.iter().map(|&(i, _)| requests[i].fence.room.0).collect();
+    let rows: HashMap<i64, room::Model> =
+        room::Entity::find().filter(room::Column::Id.is_in(ids)).all(conn).await?.into_iter().map(|m| (m.id, m)).collect();
+    Ok(appends
+        .into_iter()
+        .map(|(i, last_seq)| {
+            let fence = &requests[i].fence;
+            let why = match rows.get(&fence.room.0) {
+                None => Some(AppendError::Gone),
+                Some(row) if row.host_node != fence.host.0 || row.epoch != fence.epoch.0 => {
+                    Some(AppendError::Fenced { host: row.host_node.clone(), epoch: row.epoch })
+                }
+                Some(row) if row.last_seq as u64 != last_seq => Some(AppendError::Stale { last_seq: row.last_seq as u64 }),
+                Some(_) => None,
+            };
+            (i, why)
+        })
+        .collect())
 }
 
 /// The highest seq a plan stores, or `base` if it stores nothing new.

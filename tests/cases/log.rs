@@ -457,3 +457,54 @@ pub async fn nothing_is_acked_when_the_commit_fails(db: &TestDb) {
         assert_contiguous(&seqs(&seen), previous, &format!("messages {who} received"));
     }
 }
+
+/// The store's group commit judges each room of a batch on its own: a room with a stale epoch,
+/// one on another host, one whose log moved on and a destroyed one are refused with the reason
+/// and write nothing, while the rest of the same batch commits; a batch with a resent cid
+/// stores it once and the rest after it. (PostgreSQL commits a batch in one statement, the
+/// others in a transaction of several: this holds for both.)
+pub async fn a_group_commit_fences_each_room_on_its_own(db: &TestDb) {
+    use stoa::ids::{Epoch, NodeId, message_id};
+    use stoa::store::{AppendError, AppendRequest, Fence, NewMessage};
+    let store = db.store().await;
+    store.migrate().await.expect("migrations");
+    let home = NodeId("n1".into());
+    let mut rows = Vec::new();
+    for name in ["ok", "epoch", "host", "stale", "gone", "ok2"] {
+        rows.push(store.create_room(&stoa::protocol::RoomAddr(room(name)), &Default::default(), "ann", &home).await.expect("creating a room"));
+    }
+    let fence = |i: usize| Fence { room: rows[i].id, host: home.clone(), epoch: rows[i].epoch };
+    store.destroy_room(&fence(4)).await.expect("destroying a room");
+    let message = |n: u32, cid: &str| {
+        let at = 1_800_000_000_000 + n as i64;
+        NewMessage { id: message_id(at), created_at: at, ..NewMessage::unstamped("ann".into(), "Ann".into(), format!("m{n}"), cid.into()) }
+    };
+    let request = |fence: Fence, base_seq: u64, cids: &[&str]| AppendRequest { fence, base_seq, messages: cids.iter().enumerate().map(|(n, c)| message(n as u32, c)).collect() };
+    let batch = [
+        request(fence(0), 0, &["a", "b"]),
+        request(Fence { epoch: Epoch(rows[1].epoch.0 + 1), ..fence(1) }, 0, &["a"]),
+        request(Fence { host: NodeId("n2".into()), ..fence(2) }, 0, &["a"]),
+        request(fence(3), 5, &["a"]),
+        request(fence(4), 0, &["a"]),
+        request(fence(5), 0, &["a", "b", "c"]),
+    ];
+    let answers = store.append_batch(&batch).await.expect("the batch commits");
+    let last: Vec<Option<u64>> = answers.iter().map(|a| a.as_ref().ok().map(|a| a.last_seq)).collect();
+    assert_eq!(last, [Some(2), None, None, None, None, Some(3)], "{answers:?}");
+    assert!(matches!(answers[1], Err(AppendError::Fenced { epoch, .. }) if epoch == rows[1].epoch.0), "{:?}", answers[1]);
+    assert!(matches!(&answers[2], Err(AppendError::Fenced { host, .. }) if host == "n1"), "{:?}", answers[2]);
+    assert!(matches!(answers[3], Err(AppendError::Stale { last_seq: 0 })), "{:?}", answers[3]);
+    assert!(matches!(answers[4], Err(AppendError::Gone)), "{:?}", answers[4]);
+    for (i, stored) in [(0, 2), (1, 0), (2, 0), (3, 0), (5, 3)] {
+        assert_eq!(db.stored_messages(&room(["ok", "epoch", "host", "stale", "gone", "ok2"][i])).await.len(), stored, "room {i}");
+    }
+
+    // A resent cid among new ones: stored once, answered with its first seq, the rest after it.
+    let again = store.append_batch(&[request(fence(0), 2, &["b", "c", "d"])]).await.expect("the batch commits");
+    let appended = again[0].as_ref().expect("the room's append commits");
+    let outcomes: Vec<(u64, bool)> = appended.outcomes.iter().map(|o| (o.seq, o.duplicate)).collect();
+    assert_eq!(outcomes, [(2, true), (3, false), (4, false)]);
+    assert_eq!(appended.last_seq, 4);
+    let stored = db.stored_messages(&room("ok")).await;
+    assert_eq!(stored.iter().map(|m| m.client_msg_id.as_str()).collect::<Vec<_>>(), ["a", "b", "c", "d"]);
+}
