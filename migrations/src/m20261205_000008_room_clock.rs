@@ -41,7 +41,7 @@ impl MigrationTrait for Migration {
             .await?;
         // Every room's clock starts at its newest message.
         let newest = Query::select()
-            .expr(Func::coalesce([Expr::col((Messages::Table, Messages::CreatedAt)).max(), Expr::val(0i64).into()]))
+            .expr(Func::coalesce([Expr::col((Messages::Table, Messages::CreatedAt)).max(), Expr::val(0i64)]))
             .from(Messages::Table)
             .and_where(Expr::col((Messages::Table, Messages::RoomId)).equals((Rooms::Table, Rooms::Id)))
             .to_owned();

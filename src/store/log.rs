@@ -143,7 +143,7 @@ impl Store {
     ///
     /// There is no index of ids (it cost every commit a quarter of SQLite's throughput): the id
     /// carries the message's time ([`crate::ids::message_id`]), and the messages of that
-    /// millisecond are found by [`Store::first_seq_at`] through the primary key.
+    /// millisecond are found by `Store::first_seq_at` through the primary key.
     pub async fn message_seq(&self, room: RoomId, id: &str) -> Result<Option<u64>, StoreError> {
         let Some(at) = crate::ids::message_id_time(id) else { return Ok(None) };
         let end = self.end_seq(room).await?;
@@ -209,7 +209,7 @@ impl Store {
     /// Messages of `room` in `range` (seq after/before, time from/until, one nick): at most
     /// `limit`, from the oldest, or from the newest when `newest_first`; ascending either way.
     /// And how many messages the range holds, ignoring its seq bounds (a MAM result's count).
-    /// The time bounds become seq bounds ([`Store::first_seq_at`]), so every query reads a
+    /// The time bounds become seq bounds (`Store::first_seq_at`), so every query reads a
     /// range of the primary key.
     pub async fn archive(&self, room: RoomId, range: &ArchiveRange, limit: u64, newest_first: bool) -> Result<(Vec<StoredMessage>, u64), StoreError> {
         // The time bounds as seqs: `since < seq < until`.
