@@ -56,6 +56,7 @@ function signedIn(s) {
 
 $('signin-form').addEventListener('submit', async (e) => {
   e.preventDefault();
+  $('signin-error').textContent = '';
   const body = { token: $('token').value };
   if ($('name').value) body.name = $('name').value;
   const r = await api('POST', '/api/console/login', body);
@@ -150,7 +151,7 @@ function nodeCard(group, n, now) {
     : ['rooms', 'router', 'store'].map((svc) => el('li', {}, `${svc}: `,
       n.link && n.link.services_down && n.link.services_down.includes(svc) ? el('span', { class: 'bad' }, 'down') : el('span', {}, 'see its console'),
       ' ', serviceButton(n, svc, false), ' ', serviceButton(n, svc, true)));
-  return el('section', { class: `node ${STATE_CLASS(n.state)}`, dataset: { node: n.id, state: n.state || '' } },
+  return el('section', { class: `node state-${STATE_CLASS(n.state)}`, dataset: { node: n.id, state: n.state || '' } },
     el('h3', {}, `Node ${n.id}`),
     el('p', { class: 'state' }, el('strong', { class: 'badge' }, n.state || 'unknown'), n.reason ? ` because ${n.reason}` : ''),
     el('dl', {},
@@ -187,6 +188,14 @@ function renderHistory() {
 // ---- Actions ------------------------------------------------------------------------------
 
 // What an action will do, in words, with the numbers the console has now.
+// The other node of n's group, as the topology shows it now.
+function peerOf(n) {
+  for (const g of (topology && topology.groups) || []) {
+    if (g.nodes.some((o) => o.id === n.id)) return g.nodes.find((o) => o.id !== n.id) || null;
+  }
+  return null;
+}
+
 function consequence(kind, n, peer, service) {
   const users = n.users_connected ?? 0;
   const rooms = n.rooms_hosted ?? 0;
@@ -241,7 +250,8 @@ function outcome(ok, text) {
   o.textContent = text;
 }
 
-async function act(kind, n, peer, service) {
+async function act(kind, n, givenPeer, service) {
+  const peer = givenPeer || peerOf(n);
   const title = { service_stop: 'Stop a critical service', service_start: 'Start a critical service', failover: 'Manual failover', fallback: 'Fallback' }[kind];
   const verb = { service_stop: `Stop ${service}`, service_start: `Start ${service}`, failover: `Fail ${n.id} over`, fallback: `Fall back to ${n.id}` }[kind];
   if (!await confirmDialog(title, consequence(kind, n, peer, service), verb)) {
