@@ -149,7 +149,9 @@ function nodeCard(group, n, now) {
       ' ',
       serviceButton(n, s.service, !s.running)))
     : ['rooms', 'router', 'store'].map((svc) => el('li', {}, `${svc}: `,
-      n.link && n.link.services_down && n.link.services_down.includes(svc) ? el('span', { class: 'bad' }, 'down') : el('span', {}, 'see its console'),
+      // The peer's services as its last heartbeat said.
+      !(n.link && n.link.reachable) ? el('span', {}, 'unknown (no heartbeat)')
+        : n.link.services_down.includes(svc) ? el('span', { class: 'bad' }, 'down') : el('span', { class: 'ok' }, 'running'),
       ' ', serviceButton(n, svc, false), ' ', serviceButton(n, svc, true)));
   return el('section', { class: `node state-${STATE_CLASS(n.state)}`, dataset: { node: n.id, state: n.state || '' } },
     el('h3', {}, `Node ${n.id}`),
