@@ -192,6 +192,7 @@ function show(room, joined) {
     current = room;
     fill($('messages'));
     fill($('outbox'));
+    $('older').textContent = 'Load older messages';
   }
   $('room').hidden = false;
   $('room-title').textContent = room;
@@ -216,11 +217,29 @@ function message(m) {
   r.lastSeq = m.seq;
   if (m.from === me.user && pending.has(m.cid)) settled(m.cid);
   if (m.room !== current) return;
-  $('messages').append(el('li', { dataset: { seq: m.seq, from: m.from } },
-    el('time', { datetime: new Date(m.ts).toISOString() }, clock(m.ts).slice(11)), ' ',
-    el('span', { class: 'nick' }, m.nick), ': ', el('span', { class: 'body' }, m.body)));
+  $('messages').append(item(m));
   $('messages').lastElementChild.scrollIntoView({ block: 'nearest' });
 }
+
+function item(m) {
+  return el('li', { dataset: { seq: m.seq, from: m.from } },
+    el('time', { datetime: new Date(m.ts).toISOString() }, clock(m.ts).slice(11)), ' ',
+    el('span', { class: 'nick' }, m.nick), ': ', el('span', { class: 'body' }, m.body));
+}
+
+// Older messages than the first one shown, from `history`.
+$('older').addEventListener('click', async () => {
+  const first = $('messages').querySelector('li[data-seq]');
+  const before = first ? Number(first.dataset.seq) : (rooms.get(current) || { lastSeq: 0 }).lastSeq + 1;
+  if (before <= 1) { $('older').textContent = 'This is the beginning of the room.'; return; }
+  try {
+    const h = await request({ op: 'history', room: current, before, limit: 50 });
+    $('messages').prepend(...h.messages.map(item));
+    if (h.messages.length === 0 || h.messages[0].seq <= 1) $('older').textContent = 'This is the beginning of the room.';
+  } catch (err) {
+    $('room-error').textContent = `Could not load older messages: ${err.message}`;
+  }
+});
 
 function line(text) {
   $('messages').append(el('li', { class: 'system' }, text));

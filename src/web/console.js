@@ -308,10 +308,13 @@ async function showRoom(room) {
       el('dt', {}, 'Epoch'), el('dd', {}, d.epoch),
       el('dt', {}, 'Messages'), el('dd', {}, d.last_seq),
       el('dt', {}, 'Created'), el('dd', {}, clock(d.created_at)),
-      el('dt', {}, 'Occupants here'), el('dd', {}, d.live ? d.live.occupants : 'inactive on this node'),
     ),
     el('h3', {}, 'Configuration'),
     el('pre', {}, JSON.stringify(d.config, null, 2)),
+    el('h3', {}, 'Occupants on this node'),
+    d.live && d.live.occupant_list.length
+      ? el('ul', { class: 'occupants' }, d.live.occupant_list.slice(0, 200).map((o) => el('li', {}, `${o.nick} (${o.user})`)))
+      : el('p', { class: 'empty' }, d.live ? 'Nobody is in the room.' : 'The room is not active on this node.'),
     el('h3', {}, 'Affiliations'),
     affiliations.length ? el('ul', {}, affiliations.map(([u, a]) => el('li', {}, `${u}: ${a}`))) : el('p', { class: 'empty' }, 'None.'),
     el('h3', {}, 'Last messages'),

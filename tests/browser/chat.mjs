@@ -3,13 +3,15 @@
 // command per line on stdin; one JSON event per line on stdout. Usage:
 //   node chat.mjs --url http://127.0.0.1:PORT/
 // Commands (`who` names a browser context) and their events:
-//   {"op":"open","who":W,"user":U[,"password":P]} -> {"event":"logged_in","status":…} | {"event":"refused","text":…}
+//   {"op":"open","who":W,"user":U[,"password":P][,"url":URL]} -> {"event":"logged_in","status":…}
+//                                          | {"event":"refused","text":…} (a new context, at URL or --url)
 //   {"op":"create","who":W,"room":NAME}   -> {"event":"joined","room":…}
 //   {"op":"join","who":W,"room":ROOM}     -> {"event":"joined","room":…}
 //   {"op":"send","who":W,"body":B}        -> {"event":"sent"} (typed and Enter pressed)
 //   {"op":"wait_text","who":W,"text":T}   -> {"event":"text"} once a message with T shows
 //   {"op":"wait_status","who":W,"text":T} -> {"event":"status","status":…} once the status has T
 //   {"op":"messages","who":W}             -> {"event":"messages","list":[{seq,from,body}]}
+//   {"op":"older","who":W}                -> {"event":"older","button":…} ("Load older messages" clicked)
 //   {"op":"screenshot","who":W,"path":P}  -> {"event":"screenshot"}
 //   {"op":"quit"}
 import { chromium } from 'playwright-core';
@@ -35,7 +37,7 @@ async function run(cmd) {
       p.on('console', (m) => process.stderr.write(`${cmd.who} console: ${m.text()}\n`));
       p.on('pageerror', (e) => { problems.push(String(e)); process.stderr.write(`${cmd.who} page error: ${e}\n`); });
       pages.set(cmd.who, p);
-      await p.goto(args.url);
+      await p.goto(cmd.url || args.url);
       await p.fill('#user', cmd.user);
       if (cmd.password) await p.fill('#password', cmd.password);
       await p.press('#user', 'Enter');
@@ -76,6 +78,10 @@ async function run(cmd) {
         outbox: await page.$$eval('#outbox li', (els) => els.map((e) => e.textContent)),
         problems,
       };
+    case 'older':
+      await page.click('#older');
+      await page.waitForFunction(() => document.getElementById('older').textContent !== 'Load older messages', null, { timeout: WAIT });
+      return { event: 'older', button: await page.textContent('#older') };
     case 'screenshot':
       await page.screenshot({ path: cmd.path, fullPage: true });
       return { event: 'screenshot', path: cmd.path };

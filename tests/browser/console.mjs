@@ -9,6 +9,7 @@
 //                                        confirmation, confirms: {"event":"outcome","confirm":…,"outcome":…}
 //   {"op":"history"}                  -> {"event":"history","items":[…]} (transitions, newest first)
 //   {"op":"audit","filter":F}         -> {"event":"audit","rows":[{action,actor,outcome,target}]}
+//   {"op":"room","search":S,"room":R} -> {"event":"room","list":[…],"text":…} (rooms tab, search, open R)
 //   {"op":"tab","tab":T}              -> {"event":"tab"}
 //   {"op":"screenshot","path":P}      -> {"event":"screenshot"}
 //   {"op":"quit"}
@@ -79,6 +80,13 @@ async function run(cmd) {
         target: tr.children[4].textContent,
       })));
       return { event: 'audit', rows };
+    }
+    case 'room': {
+      await page.click('#tabs button[data-tab="rooms"]');
+      await page.fill('#room-search', cmd.search);
+      await page.click(`#rooms button:text-is("${cmd.room}")`, { timeout: WAIT });
+      await page.waitForSelector('#room-detail article', { timeout: WAIT });
+      return { event: 'room', list: await page.$$eval('#rooms li', (els) => els.map((e) => e.textContent)), text: await page.innerText('#room-detail') };
     }
     case 'tab':
       await page.click(`#tabs button[data-tab="${cmd.tab}"]`);

@@ -273,8 +273,8 @@ async fn web_pair(db: &TestDb) -> Pair {
 /// confirmation says what will happen, to how many rooms) turns 1a
 /// `failed_over_critical_services_not_running` and 1b `running_in_backup_mode` live, with the
 /// transitions listed; starting the service and falling back from the console brings both back
-/// to `normal`; the audit log (in the page, and through the API) shows both actions with the
-/// console's user. Screenshots go to target/tmp/browser (STOA_REFRESH_DOCS=1 also copies the
+/// to `normal`; a room is found by search and shown with its host; the audit log (in the page,
+/// and through the API) shows both actions with the console's user. Screenshots go to target/tmp/browser (STOA_REFRESH_DOCS=1 also copies the
 /// console's to docs/console.png).
 pub async fn console_in_chromium_stops_a_service_and_falls_back(db: &TestDb) {
     let pair = web_pair(db).await;
@@ -326,6 +326,11 @@ pub async fn console_in_chromium_stops_a_service_and_falls_back(db: &TestDb) {
         std::fs::copy(&shot, std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/console.png")).expect("copying the screenshot");
     }
 
+    let room = b.ask(json!({"op": "room", "search": "r1@", "room": rooms[1]})).await;
+    assert_eq!(room["list"].as_array().unwrap().len(), 1, "the search finds one room: {room}");
+    let text = room["text"].as_str().unwrap();
+    assert!(text.contains(&rooms[1]) && text.contains("1a / 1a") && text.contains("No messages."), "the room's detail: {room}");
+
     let audit = b.ask(json!({"op": "audit"})).await;
     let rows = audit["rows"].as_array().unwrap();
     let by_alice = |action: &str| rows.iter().any(|r| r["action"] == action && r["outcome"] == "done" && r["actor"].as_str().unwrap().starts_with("console:alice"));
@@ -348,18 +353,24 @@ pub async fn console_in_chromium_stops_a_service_and_falls_back(db: &TestDb) {
 }
 
 /// The chat page in Chromium, two browser contexts on node 1a of a pair: Ann logs in as a
-/// guest and creates a room, Bob (a guest too) joins it from the list; they exchange
-/// messages; 1a is killed (-9) while Ann keeps sending; both pages resume on 1b by themselves
-/// and show every message once, in order, with contiguous seqs (no gap), the ones sent during
-/// the outage included.
+/// guest and creates a room; Bob, a registered user, is refused with a wrong password, logs in
+/// with his own and joins the room from the list; they exchange messages; 1a is killed (-9)
+/// while Ann keeps sending; both pages resume on 1b by themselves and show every message once,
+/// in order, with contiguous seqs (no gap), the ones sent during the outage included. Carol
+/// then opens the page of 1b and gets the room's history on joining.
 pub async fn chat_page_in_chromium_survives_kill9_of_its_node(db: &TestDb) {
     let mut pair = web_pair(db).await;
+    stoa::auth::Auth::new(db.store().await, false, 3600).add_user("bob", "correct horse battery").await.expect("registering bob");
     let mut b = Browser::start("chat.mjs", &format!("http://127.0.0.1:{}/", pair.client_port(0)));
     assert_eq!(b.ask(json!({"op": "open", "who": "ann", "user": "ann"})).await["event"], "logged_in");
     let joined = b.ask(json!({"op": "create", "who": "ann", "room": "lobby"})).await;
     let room = joined["room"].as_str().unwrap().to_owned();
     assert_eq!(room, "lobby@conference-1a.localhost");
-    assert_eq!(b.ask(json!({"op": "open", "who": "bob", "user": "bob"})).await["event"], "logged_in");
+    let refused = b.ask(json!({"op": "open", "who": "bob", "user": "bob", "password": "wrong password"})).await;
+    assert_eq!(refused["event"], "refused", "{refused}");
+    let bob = b.ask(json!({"op": "open", "who": "bob", "user": "bob", "password": "correct horse battery"})).await;
+    assert_eq!(bob["event"], "logged_in", "{bob}");
+    assert!(bob["status"].as_str().unwrap().ends_with("as bob"), "a registered user, not a guest: {bob}");
     b.ask(json!({"op": "join", "who": "bob", "room": room})).await;
 
     b.ask(json!({"op": "send", "who": "ann", "body": "hello bob"})).await;
@@ -371,6 +382,7 @@ pub async fn chat_page_in_chromium_survives_kill9_of_its_node(db: &TestDb) {
     }
     b.ask(json!({"op": "wait_text", "who": "bob", "text": "before 3"})).await;
 
+    let killed = std::time::Instant::now();
     pair.kill(0);
     for i in 1..=3 {
         b.ask(json!({"op": "send", "who": "ann", "body": format!("during {i}")})).await;
@@ -378,6 +390,7 @@ pub async fn chat_page_in_chromium_survives_kill9_of_its_node(db: &TestDb) {
     for who in ["ann", "bob"] {
         b.ask(json!({"op": "wait_status", "who": who, "text": "connected to node 1b"})).await;
         b.ask(json!({"op": "wait_text", "who": who, "text": "during 3"})).await;
+        eprintln!("chat page: {who} resumed on 1b and sees the messages sent during the outage {} ms after kill -9", killed.elapsed().as_millis());
     }
     b.ask(json!({"op": "send", "who": "bob", "body": "after"})).await;
     b.ask(json!({"op": "wait_text", "who": "ann", "text": "after"})).await;
@@ -395,6 +408,15 @@ pub async fn chat_page_in_chromium_survives_kill9_of_its_node(db: &TestDb) {
         assert_eq!(m["outbox"], json!([]), "nothing left unsent on {who}'s page: {m}");
         assert_eq!(m["problems"], json!([]), "no script error on {who}'s page: {m}");
     }
+    // A page of the surviving node: the room's history comes with the join.
+    b.ask(json!({"op": "open", "who": "carol", "user": "carol", "url": format!("http://127.0.0.1:{}/", pair.client_port(1))})).await;
+    b.ask(json!({"op": "join", "who": "carol", "room": room})).await;
+    b.ask(json!({"op": "wait_text", "who": "carol", "text": "after"})).await;
+    let m = b.ask(json!({"op": "messages", "who": "carol"})).await;
+    let bodies: Vec<&str> = m["list"].as_array().unwrap().iter().map(|x| x["body"].as_str().unwrap()).collect();
+    assert_eq!(bodies, expected, "carol's history: {m}");
+    let older = b.ask(json!({"op": "older", "who": "carol"})).await;
+    assert_eq!(older["button"], "This is the beginning of the room.", "{older}");
     b.quit().await;
     let stored: Vec<String> = db.stored_messages(&room).await.into_iter().map(|m| m.body).collect();
     assert_eq!(stored, expected, "the store has each message once");
