@@ -426,9 +426,10 @@ async function sample() {
 }
 
 function series() {
+  // A counter shows up on /metrics at its first increment: absent is 0.
   const rate = (k) => samples.slice(1).map((s, i) => {
     const p = samples[i];
-    return s[k] === null || p[k] === null ? 0 : Math.max(0, (s[k] - p[k]) / ((s.t - p.t) / 1000));
+    return Math.max(0, ((s[k] ?? 0) - (p[k] ?? 0)) / ((s.t - p.t) / 1000));
   });
   const latency = samples.slice(1).map((s, i) => {
     const p = samples[i];
@@ -453,10 +454,20 @@ function chart(title, values, format) {
   svg.setAttribute('viewBox', `0 0 ${w} ${h}`);
   svg.setAttribute('role', 'img');
   svg.setAttribute('aria-label', `${title}: now ${values.length ? format(values[values.length - 1]) : 'no data'}`);
+  const axis = document.createElementNS(SVG, 'line');
+  for (const [k, v] of [['x1', 0], ['y1', h - 1], ['x2', w], ['y2', h - 1], ['class', 'axis']]) axis.setAttribute(k, v);
+  svg.append(axis);
   const line = document.createElementNS(SVG, 'polyline');
-  const step = w / Math.max(1, SAMPLES - 1);
+  const step = w / Math.max(1, values.length - 1);
   line.setAttribute('points', values.map((v, i) => `${(i * step).toFixed(1)},${(h - 2 - (v / max) * (h - 4)).toFixed(1)}`).join(' '));
   svg.append(line);
+  if (values.length) {
+    // The latest value as a dot: visible from the first sample on.
+    const dot = document.createElementNS(SVG, 'circle');
+    const last = values[values.length - 1];
+    for (const [k, v] of [['cx', (values.length - 1) * step], ['cy', h - 2 - (last / max) * (h - 4)], ['r', 2.5]]) dot.setAttribute(k, v.toFixed(1));
+    svg.append(dot);
+  }
   const now = values.length ? format(values[values.length - 1]) : '–';
   return el('figure', { class: 'chart' }, el('figcaption', {}, `${title}: `, el('strong', {}, now), ` (max ${format(max)})`), svg);
 }

@@ -10,7 +10,8 @@
 //   {"op":"history"}                  -> {"event":"history","items":[…]} (transitions, newest first)
 //   {"op":"audit","filter":F}         -> {"event":"audit","rows":[{action,actor,outcome,target}]}
 //   {"op":"room","search":S,"room":R} -> {"event":"room","list":[…],"text":…} (rooms tab, search, open R)
-//   {"op":"tab","tab":T}              -> {"event":"tab"}
+//   {"op":"tab","tab":T[,"wait":SEL][,"until":RE]} -> {"event":"tab","text":…} (once SEL shows and
+//                                        the tab's text matches RE)
 //   {"op":"screenshot","path":P}      -> {"event":"screenshot"}
 //   {"op":"quit"}
 import { chromium } from 'playwright-core';
@@ -91,7 +92,10 @@ async function run(cmd) {
     case 'tab':
       await page.click(`#tabs button[data-tab="${cmd.tab}"]`);
       if (cmd.wait) await page.waitForSelector(cmd.wait, { timeout: WAIT });
-      return { event: 'tab' };
+      if (cmd.until) {
+        await page.waitForFunction(([id, re]) => new RegExp(re).test(document.getElementById(id).innerText), [`tab-${cmd.tab}`, cmd.until], { timeout: WAIT });
+      }
+      return { event: 'tab', text: await page.innerText(`#tab-${cmd.tab}`) };
     case 'screenshot':
       await page.screenshot({ path: cmd.path, fullPage: true });
       return { event: 'screenshot', path: cmd.path };

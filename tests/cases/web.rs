@@ -338,7 +338,18 @@ pub async fn console_in_chromium_stops_a_service_and_falls_back(db: &TestDb) {
     assert!(rows.iter().any(|r| r["action"] == "console_login" && r["outcome"] == "refused"), "{audit}");
     let filtered = b.ask(json!({"op": "audit", "filter": "fallback"})).await;
     assert!(filtered["rows"].as_array().unwrap().iter().all(|r| r["action"] == "fallback"), "{filtered}");
-    b.ask(json!({"op": "tab", "tab": "metrics"})).await;
+    // Traffic for the charts: 30 messages through 1a.
+    let (writer, _) = stoa::client::Client::connect(&pair.url(0), stoa::client::Login::guest("writer")).await.expect("writer connects");
+    writer.join(rooms[0].as_str(), "writer", None, None).await.expect("writer joins");
+    for i in 0..30 {
+        writer.send(rooms[0].as_str(), format!("m{i}"), stoa::client::new_cid()).await.expect("send");
+    }
+    let until = r"Messages committed / s: [\d.]+ \(max [1-9]";
+    let metrics = b.ask(json!({"op": "tab", "tab": "metrics", "wait": "#charts figure svg", "until": until})).await;
+    writer.close().await;
+    for chart in ["Messages committed / s", "Deliveries / s", "Commit latency", "Client connections"] {
+        assert!(metrics["text"].as_str().unwrap().contains(chart), "{chart} is charted: {metrics}");
+    }
     b.ask(json!({"op": "screenshot", "path": screenshot("console-metrics.png")})).await;
     b.quit().await;
 
