@@ -75,7 +75,8 @@ const TOKEN: &str = "console-test-token";
 /// CSRF token; with the cookie, reads work and a state-changing call without the CSRF token
 /// (or with a wrong one) is refused 403, with it it runs and is audited under the console's
 /// name; bearer-token calls work as before without any CSRF token; the event stream opens
-/// with the topology; logout needs the CSRF token and ends the session.
+/// with the topology (and ends when the node stops); logout needs the CSRF token and ends the
+/// session.
 pub async fn console_sessions_need_the_cookie_and_the_csrf_token(db: &TestDb) {
     let mut settings = db.settings("web1");
     settings.auth.admin_token = TOKEN.into();
@@ -148,7 +149,7 @@ pub async fn console_sessions_need_the_cookie_and_the_csrf_token(db: &TestDb) {
         seen.push_str(&String::from_utf8_lossy(&buf[..n]));
     }
     assert!(seen.starts_with("HTTP/1.1 200") && seen.contains("text/event-stream"), "{seen}");
-    drop(s);
+    let events = s; // left open: the node's shutdown must end it (below)
 
     let out = http(admin, "POST", "/api/console/logout", &[("Cookie", &cookie)], None).await;
     assert_eq!(out.status, 403, "logout without the CSRF token: {}", out.body);
@@ -157,7 +158,8 @@ pub async fn console_sessions_need_the_cookie_and_the_csrf_token(db: &TestDb) {
     assert!(out.header("set-cookie").is_some_and(|c| c.contains("Max-Age=0")), "logout clears the cookie");
     let after = http(admin, "GET", "/api/node", &[("Cookie", &cookie)], None).await;
     assert_eq!(after.status, 401, "the session ended: {}", after.body);
-    node.stop().await;
+    tokio::time::timeout(DEADLINE, node.stop()).await.expect("the node stops with an event stream open");
+    drop(events);
 }
 
 /// The chat page on the client listener: with `web.chat` on, `/` and its files are served with
