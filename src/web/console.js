@@ -99,7 +99,7 @@ function follow() {
   events.addEventListener('error', () => { $('live').hidden = true; });
   events.addEventListener('topology', (e) => {
     topology = JSON.parse(e.data);
-    renderTopology();
+    if (!pressing) renderTopology();
   });
   events.addEventListener('history', (e) => {
     for (const t of JSON.parse(e.data)) transitions.unshift(t);
@@ -107,6 +107,13 @@ function follow() {
     renderHistory();
   });
 }
+
+// A button replaced between a press and its release gets no click: the topology waits for
+// the release to redraw.
+let pressing = false;
+document.addEventListener('pointerdown', () => { pressing = true; });
+document.addEventListener('pointerup', () => { pressing = false; if (topology) setTimeout(renderTopology, 0); });
+document.addEventListener('pointercancel', () => { pressing = false; });
 
 const STATE_CLASS = (s) => {
   if (!s) return 'unknown';
