@@ -1,10 +1,13 @@
 //! The admin HTTP API on its own listener: `/health`, `/api/node`, `/api/rooms`,
 //! `/api/rooms/{room}`, `/api/plugins...` (`admin::plugins`), `POST /api/tls/reload`, the
 //! operator's verbs on rooms and sessions (`admin::manage`), the audit log, and `/metrics`
-//! (Prometheus). Everything but `/health` and `/ready` needs `Authorization: Bearer
-//! <auth.admin_token>` when a token is configured, and every action is audited with the
-//! credential that asked ([`Actor`]). With `[tls]` the listener speaks https only.
+//! (Prometheus), and the operators' console (`admin::console`: its page at `/`, sign-in,
+//! server-sent events). Everything but `/health`, `/ready` and the console's page and sign-in
+//! needs `Authorization: Bearer <auth.admin_token>` when a token is configured, or a console
+//! session (with its CSRF token for a state-changing call), and every action is audited with
+//! the credential that asked ([`Actor`]). With `[tls]` the listener speaks https only.
 
+mod console;
 mod manage;
 mod plugins;
 
@@ -99,12 +102,16 @@ pub struct AdminState {
     link: Option<crate::ha::link::Link>,
     plugins: Option<crate::plugin::PluginHost>,
     tls: Option<crate::tls::ServerTls>,
+    console: console::Sessions,
+    /// The listener's shutdown, which ends the console's event streams.
+    shutdown: CancellationToken,
 }
 
 impl AdminState {
     pub fn new(settings: Arc<Settings>, store: Store, registry: RoomRegistry, gateway: Arc<Gateway>) -> Self {
         prometheus();
-        AdminState { settings, store, registry, gateway, started: Instant::now(), recovery: None, link: None, plugins: None, tls: None }
+        AdminState { settings, store, registry, gateway, started: Instant::now(), recovery: None, link: None, plugins: None, tls: None,
+            console: console::Sessions::default(), shutdown: CancellationToken::new() }
     }
 
     /// Report this node's recovery manager and node link (nodes in an HA group).
@@ -133,12 +140,14 @@ impl AdminState {
 }
 
 /// Serve the admin API until `shutdown`.
-pub async fn serve(listener: TcpListener, state: AdminState, shutdown: CancellationToken) {
+pub async fn serve(listener: TcpListener, mut state: AdminState, shutdown: CancellationToken) {
+    state.shutdown = shutdown.clone();
     let protected = Router::new()
         .route("/api/node", get(node))
         .route("/api/rooms", get(rooms))
         .route("/api/topology", get(topology))
         .route("/api/rooms/{room}", get(room))
+        .route("/api/rooms/{room}/messages", get(room_messages))
         .route("/api/nodes/{node}", get(node_status))
         .route("/api/nodes/{node}/failover", post(failover))
         .route("/api/nodes/{node}/fallback", post(fallback))
@@ -148,9 +157,16 @@ pub async fn serve(listener: TcpListener, state: AdminState, shutdown: Cancellat
         .route("/api/tls/reload", post(tls_reload))
         .route("/metrics", get(metrics_text))
         .merge(plugins::routes())
+        .merge(console::routes())
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     let tls = state.tls.clone();
-    let app = Router::new().route("/health", get(health)).route("/ready", get(ready)).merge(protected).with_state(state);
+    let app = Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .merge(console::open_routes(&state))
+        .merge(protected)
+        .layer(middleware::from_fn(console::security_headers))
+        .with_state(state);
     let result = match tls {
         None => axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned()).await,
         Some(tls) => match crate::tls::TlsListener::new(listener, tls, "admin", shutdown.clone()) {
@@ -171,7 +187,14 @@ pub struct Actor(pub String);
 async fn require_token(State(state): State<AdminState>, mut request: Request, next: Next) -> Response {
     let expected = &state.settings.auth.admin_token;
     if expected.is_empty() {
-        request.extensions_mut().insert(Actor(crate::store::audit::admin_actor(None)));
+        // An open API (loopback only): a console session still names its actor, and still
+        // needs its CSRF token.
+        let actor = match console::authenticate(&state, &request) {
+            Some(Ok(actor)) => actor,
+            Some(Err(refused)) => return refused,
+            None => Actor(crate::store::audit::admin_actor(None)),
+        };
+        request.extensions_mut().insert(actor);
         return next.run(request).await;
     }
     let given = request
@@ -183,6 +206,16 @@ async fn require_token(State(state): State<AdminState>, mut request: Request, ne
         let actor = Actor(crate::store::audit::admin_actor(given));
         request.extensions_mut().insert(actor);
         next.run(request).await
+    } else if given.is_none()
+        && let Some(console) = console::authenticate(&state, &request)
+    {
+        match console {
+            Ok(actor) => {
+                request.extensions_mut().insert(actor);
+                next.run(request).await
+            }
+            Err(refused) => refused,
+        }
     } else {
         (StatusCode::UNAUTHORIZED, Json(json!({"error": "unauthorized", "message": "missing or wrong bearer token"})))
             .into_response()
@@ -331,7 +364,46 @@ async fn room(State(state): State<AdminState>, Path(room): Path<String>) -> Resp
     .into_response()
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MessagesQuery {
+    limit: Option<u64>,
+}
+
+/// `GET /api/rooms/{room}/messages[?limit=N]`: the room's last messages (20 by default, at
+/// most [`MAX_PAGE`]), oldest first, as stored.
+async fn room_messages(
+    State(state): State<AdminState>,
+    Path(room): Path<String>,
+    q: Result<Query<MessagesQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let limit = match query(q).and_then(|q| check_page(0, q.limit.unwrap_or(20)).map(|()| q.limit.unwrap_or(20))) {
+        Ok(l) => l,
+        Err(why) => return bad_request(why),
+    };
+    let row = match state.store.load_room(&crate::ids::RoomAddr(room)).await {
+        Ok(Some(row)) => row,
+        Ok(None) => return (StatusCode::NOT_FOUND, Json(json!({"error": "not_found"}))).into_response(),
+        Err(e) => return store_down(e),
+    };
+    match state.store.messages(row.id, 0, None, limit, true).await {
+        Ok(list) => {
+            let messages: Vec<serde_json::Value> = list
+                .iter()
+                .map(|m| json!({"seq": m.seq, "from": m.sender, "nick": m.nick, "body": m.body, "ts": m.created_at}))
+                .collect();
+            Json(json!({"room": row.address, "last_seq": row.last_seq, "messages": messages})).into_response()
+        }
+        Err(e) => store_down(e),
+    }
+}
+
 async fn topology(State(state): State<AdminState>) -> Json<serde_json::Value> {
+    Json(topology_view(&state).await)
+}
+
+/// What `/api/topology` answers: every group and node as this node sees them.
+async fn topology_view(state: &AdminState) -> serde_json::Value {
     let mut groups = Vec::new();
     for g in &state.settings.cluster.groups {
         let mut nodes = Vec::new();
@@ -341,7 +413,7 @@ async fn topology(State(state): State<AdminState>) -> Json<serde_json::Value> {
                 Ok(None) => serde_json::Value::Null,
                 Err(e) => json!({"error": e.to_string()}),
             };
-            let mut view = node_view(&state, &n.id).await;
+            let mut view = node_view(state, &n.id).await;
             view["client"] = json!(n.client);
             view["service"] = json!(n.service);
             view["lease"] = lease;
@@ -349,12 +421,12 @@ async fn topology(State(state): State<AdminState>) -> Json<serde_json::Value> {
         }
         groups.push(json!({"name": g.name, "ha": g.ha, "nodes": nodes}));
     }
-    Json(json!({
+    json!({
         "node": state.settings.node.id,
         "status": state.recovery.as_ref().map(|r| r.status()),
         "peer": state.link.as_ref().map(|l| l.peer()),
         "groups": groups,
-    }))
+    })
 }
 
 /// One node as this node sees it: its recovery state (its own status for this node; the

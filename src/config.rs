@@ -50,6 +50,32 @@ pub struct Settings {
     pub plugins: crate::plugin::settings::PluginSettings,
     pub tls: TlsSettings,
     pub xmpp: XmppSettings,
+    pub web: WebSettings,
+}
+
+/// The pages built into the binary (docs/operations.md, "Console" and "Chat page").
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebSettings {
+    /// Serve the operators' console at `/` of the admin listener.
+    pub console: bool,
+    /// Serve the chat page at `/` of the client listener; unset = only in dev mode.
+    pub chat: Option<bool>,
+    /// A console session ends this long after its sign-in.
+    pub console_session_ttl_s: u64,
+}
+
+impl Default for WebSettings {
+    fn default() -> Self {
+        WebSettings { console: true, chat: None, console_session_ttl_s: 12 * 3600 }
+    }
+}
+
+impl WebSettings {
+    /// Whether the client listener serves the chat page (`chat`, else dev mode).
+    pub fn chat_enabled(&self, dev_mode: bool) -> bool {
+        self.chat.unwrap_or(dev_mode)
+    }
 }
 
 /// XMPP for clients (docs/xmpp.md): users log in as `user@domain`; rooms are

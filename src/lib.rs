@@ -68,7 +68,12 @@
 //!   STARTTLS, SASL, binding), MUC over Stoa rooms (`xmpp::muc`), the stream parser with its
 //!   limits (`xmpp::stream`); docs/xmpp.md.
 //! - [`admin`]: admin HTTP API (`/health`, `/api/...`, HA verbs, audit log) and Prometheus `/metrics`;
-//!   `admin::manage` has the operator's verbs on sessions and rooms of a running node.
+//!   `admin::manage` has the operator's verbs on sessions and rooms of a running node;
+//!   `admin::console` serves the operators' console (sign-in to a cookie session with a CSRF
+//!   token, server-sent events of the node's state).
+//! - [`web`]: the browser pages built into the binary (the console, and the chat page that
+//!   `transport::ws` serves at `/` of the client listener): plain JavaScript modules and CSS
+//!   under `src/web/`, and the Content-Security-Policy they are served with; imports nothing.
 //! - [`admin_client`]: the one HTTP(S) client of the admin API: `stoa admin …`, the bench, the tests.
 //! - [`tls`]: rustls (ring) for every listener and dialer: a reloadable server certificate,
 //!   a bounded handshake, trust anchors from `tls.ca_file` or the Mozilla roots.
@@ -107,4 +112,5 @@ pub mod throttle;
 pub mod tls;
 pub mod transport;
 pub mod v1;
+pub mod web;
 pub mod xmpp;

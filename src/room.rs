@@ -346,6 +346,8 @@ pub struct RoomSnapshot {
     pub host_node: String,
     pub last_seq: u64,
     pub occupants: usize,
+    /// Who they are (the console's room view).
+    pub occupant_list: Vec<crate::protocol::OccupantInfo>,
     pub queued: usize,
     pub config: serde_json::Value,
 }
@@ -360,6 +362,7 @@ impl Handler<Inspect> for Room {
             host_node: self.fence.host.0.clone(),
             last_seq: self.last_seq,
             occupants: self.occupants.len(),
+            occupant_list: self.state.occupant_list(),
             queued: self.queue.len() + self.hooks.len() + self.in_flight.iter().map(Vec::len).sum::<usize>(),
             config: self.state.config.public_view(),
         })

@@ -37,6 +37,8 @@ mod cases {
     pub mod security;
     #[path = "tls.rs"]
     pub mod tls;
+    #[path = "web.rs"]
+    pub mod web;
     #[path = "xmpp.rs"]
     pub mod xmpp;
 }
@@ -207,6 +209,17 @@ on_backends! {[sqlite]
     plugins::fail_closed_refuses_what_a_faulting_plugin_could_not_check,
     plugins::reload_under_traffic_loses_nothing,
     plugins::a_room_with_a_bad_plugin_config_only_breaks_itself,
+}
+
+// The console and the chat page (issue 16): their HTTP rules on SQLite, the pages in
+// Chromium against a real pair on PostgreSQL.
+on_backends! {[sqlite]
+    web::console_sessions_need_the_cookie_and_the_csrf_token,
+    web::the_client_listener_serves_the_chat_page_when_asked,
+}
+on_postgres! {
+    web::console_in_chromium_stops_a_service_and_falls_back,
+    web::chat_page_in_chromium_survives_kill9_of_its_node,
 }
 
 /// The short CI version of the benchmarks: `stoa bench` (the real binary, spawning its own

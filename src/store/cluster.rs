@@ -43,6 +43,18 @@ pub struct RecordedState {
     pub at_ms: i64,
 }
 
+/// One row of the node-state log, for the console's history of transitions.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct StateTransition {
+    /// The row's id: later transitions have larger ids.
+    pub id: i64,
+    pub node: String,
+    pub state: String,
+    pub reason: String,
+    /// When, in ms since the Unix epoch (database clock).
+    pub at_ms: i64,
+}
+
 /// Why a pair statement could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -317,6 +329,35 @@ impl Store {
         let row = self.connection().query_one_raw(stmt(db, &sql, vec![node.0.clone().into()])).await?;
         let Some(row) = row else { return Ok(None) };
         Ok(Some(RecordedState { state: row.try_get("", "state")?, reason: row.try_get("", "reason")?, at_ms: row.try_get("", "at_ms")? }))
+    }
+
+    /// The transitions of every node recorded after row `after` (0: from the start), the last
+    /// `limit` of them, oldest first.
+    pub async fn state_transitions(&self, after: i64, limit: u64) -> Result<Vec<StateTransition>, ClusterError> {
+        let db = self.pair_backend()?;
+        let at_ms = match db {
+            DbBackend::Postgres => "CAST(EXTRACT(EPOCH FROM at) * 1000 AS BIGINT)",
+            _ => "CAST(UNIX_TIMESTAMP(at) * 1000 AS SIGNED)",
+        };
+        let sql = format!(
+            "SELECT id, node_id, state, reason, {at_ms} AS at_ms FROM node_states WHERE id > ? ORDER BY id DESC LIMIT {}",
+            limit.min(i64::MAX as u64)
+        );
+        let rows = self.connection().query_all_raw(stmt(db, &sql, vec![after.into()])).await?;
+        let mut list = rows
+            .into_iter()
+            .map(|r| {
+                Ok(StateTransition {
+                    id: r.try_get("", "id")?,
+                    node: r.try_get("", "node_id")?,
+                    state: r.try_get("", "state")?,
+                    reason: r.try_get("", "reason")?,
+                    at_ms: r.try_get("", "at_ms")?,
+                })
+            })
+            .collect::<Result<Vec<_>, sea_orm::DbErr>>()?;
+        list.reverse();
+        Ok(list)
     }
 
     /// Does `node` hold its presence lock, i.e. does a live process of it have a session in the

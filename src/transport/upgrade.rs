@@ -23,6 +23,8 @@ const MAX_HEADERS: usize = 32;
 /// What the request head asks for.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Head {
+    /// The method (`GET`, …).
+    pub method: String,
     /// The path, without the query.
     pub path: String,
     /// The request carries `Upgrade: websocket` (the rest of the upgrade tungstenite checks).
@@ -61,7 +63,8 @@ pub async fn read_head<S: AsyncRead + Unpin>(stream: &mut S) -> Result<(Head, Ve
                 let websocket = req.headers.iter().any(|h| {
                     h.name.eq_ignore_ascii_case("upgrade") && std::str::from_utf8(h.value).is_ok_and(|v| v.trim().eq_ignore_ascii_case("websocket"))
                 });
-                return Ok((Head { path, websocket }, buf));
+                let method = req.method.unwrap_or("GET").to_owned();
+                return Ok((Head { method, path, websocket }, buf));
             }
             Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD_BYTES => {}
             Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
@@ -77,6 +80,26 @@ pub async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, status: u16, reason: 
         body.len()
     );
     let _ = stream.write_all(answer.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
+/// Answer with one of the chat page's files (`crate::web::CHAT`) under `csp`, and close;
+/// `HEAD` gets the headers only.
+pub async fn serve_file<S: AsyncWrite + Unpin>(stream: &mut S, asset: &crate::web::Asset, csp: &str, head_only: bool) {
+    let mut answer = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: {}\r\nContent-Length: {}\r\nContent-Security-Policy: {csp}\r\nConnection: close\r\n",
+        asset.content_type,
+        asset.body.len()
+    );
+    for (name, value) in crate::web::HEADERS {
+        answer.push_str(&format!("{name}: {value}\r\n"));
+    }
+    answer.push_str("\r\n");
+    let mut bytes = answer.into_bytes();
+    if !head_only {
+        bytes.extend_from_slice(asset.body);
+    }
+    let _ = stream.write_all(&bytes).await;
     let _ = stream.shutdown().await;
 }
 
@@ -142,7 +165,7 @@ mod tests {
         let request = b"GET /ws?x=1 HTTP/1.1\r\nHost: a\r\nUpgrade: WebSocket\r\nConnection: Upgrade\r\n\r\nextra";
         let mut input: &[u8] = request;
         let (head, read) = read_head(&mut input).await.unwrap();
-        assert_eq!(head, Head { path: "/ws".into(), websocket: true });
+        assert_eq!(head, Head { method: "GET".into(), path: "/ws".into(), websocket: true });
         let mut replay = Prefixed::new(read, &b"more"[..]);
         let mut all = Vec::new();
         replay.read_to_end(&mut all).await.unwrap();

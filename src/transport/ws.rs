@@ -156,6 +156,14 @@ async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, gateway: &Gat
     let endpoint = match head.path.as_str() {
         "/ws" => Endpoint::V1,
         crate::xmpp::websocket::PATH => Endpoint::Xmpp,
+        path if !head.websocket && chat_enabled(gateway) && let Some(asset) = crate::web::find(crate::web::CHAT, path) => {
+            if head.method == "GET" || head.method == "HEAD" {
+                upgrade::serve_file(&mut stream, asset, &chat_csp(gateway), head.method == "HEAD").await;
+            } else {
+                upgrade::refuse(&mut stream, 405, "Method Not Allowed", "the chat page answers GET only\n").await;
+            }
+            return None;
+        }
         _ => {
             upgrade::refuse(&mut stream, 404, "Not Found", "Stoa speaks WebSocket at /ws (protocol v1) and /xmpp-websocket (XMPP)\n").await;
             return None;
@@ -199,6 +207,18 @@ async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, gateway: &Gat
             None
         }
     }
+}
+
+/// Whether this listener serves the chat page (`web.chat`, by default in dev mode only).
+fn chat_enabled(gateway: &Gateway) -> bool {
+    gateway.settings.web.chat_enabled(gateway.settings.dev_mode)
+}
+
+/// The chat page's CSP: its WebSockets may go to this node and to every client URL of the
+/// cluster (where it resumes after a failover).
+fn chat_csp(gateway: &Gateway) -> String {
+    let nodes = gateway.settings.cluster.groups.iter().flat_map(|g| &g.nodes);
+    crate::web::chat_csp(nodes.filter_map(|n| crate::web::origin_of(&n.client)))
 }
 
 async fn run_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(ws: Ws<S>, address: std::net::IpAddr, gateway: Arc<Gateway>, shutdown: CancellationToken) {

@@ -32,11 +32,13 @@ impl Ports {
 }
 
 /// Two nodes `1a` (home of every test room) and `1b` on one test database.
-struct Pair {
+pub(crate) struct Pair {
     a: Option<NodeProcess>,
     b: Option<NodeProcess>,
     configs: [std::path::PathBuf; 2],
     ports: [Ports; 2],
+    /// The admin token both nodes have, if any.
+    pub(crate) token: Option<String>,
 }
 
 const IDS: [&str; 2] = ["1a", "1b"];
@@ -45,6 +47,16 @@ impl Pair {
     /// Write both configs; with `via` each node dials its peer's link through that proxy
     /// port (`via[i]` forwards to node i's link listener), so a test can cut the link.
     fn configure(db: &TestDb, via: Option<[u16; 2]>) -> Pair {
+        Pair::configure_with(db, via, None, "")
+    }
+
+    /// [`Pair::configure`], with `auth.admin_token = token` on both nodes when given, and
+    /// `extra` (whole TOML tables) at the end of both configs.
+    pub(crate) fn configure_with(db: &TestDb, via: Option<[u16; 2]>, token: Option<&str>, extra: &str) -> Pair {
+        let auth = match token {
+            Some(t) => format!("allow_guests = true\nadmin_token = \"{t}\""),
+            None => "allow_guests = true".to_owned(),
+        };
         let ports = [Ports::new(), Ports::new()];
         let node = |i: usize, dialed: bool| {
             let link = match via {
@@ -65,11 +77,11 @@ impl Pair {
                 "[node]\nid = \"{id}\"\nservice = \"conference-{id}.localhost\"\ndata_dir = \"{data}\"\n\n\
                  [listen]\nclient = \"127.0.0.1:{c}\"\nadmin = \"127.0.0.1:{a}\"\n\n\
                  [store]\nurl = \"{url}\"\nmax_connections = 8\nidle_in_transaction_timeout_ms = 2000\n\n\
-                 [auth]\nallow_guests = true\n\n[log]\nlevel = \"info\"\n\n\
+                 [auth]\n{auth}\n\n[log]\nlevel = \"info\"\n\n\
                  [cluster]\nsecret = \"{SECRET}\"\nlease_ttl_ms = 2000\nlease_renew_ms = 200\nheartbeat_ms = 100\n\
                  critical_service_down_delay_ms = 1000\n\n\
                  [xmpp]\nc2s = \"127.0.0.1:{x}\"\n\n\
-                 [[cluster.groups]]\nname = \"pair-1\"\nha = true\n{nodes}",
+                 [[cluster.groups]]\nname = \"pair-1\"\nha = true\n{nodes}\n{extra}",
                 id = IDS[me],
                 data = db.dir().join(format!("data-{}", IDS[me])).display(),
                 c = ports[me].client,
@@ -80,10 +92,10 @@ impl Pair {
             std::fs::write(&path, text).expect("writing a node config");
             path
         });
-        Pair { a: None, b: None, configs, ports }
+        Pair { a: None, b: None, configs, ports, token: token.map(str::to_owned) }
     }
 
-    async fn start(&mut self, i: usize) {
+    pub(crate) async fn start(&mut self, i: usize) {
         let p = NodeProcess::start(&self.configs[i], IDS[i]).await;
         *self.slot(i) = Some(p);
     }
@@ -96,7 +108,7 @@ impl Pair {
         if i == 0 { self.a.as_ref() } else { self.b.as_ref() }.expect("node is running")
     }
 
-    fn url(&self, i: usize) -> String {
+    pub(crate) fn url(&self, i: usize) -> String {
         format!("ws://127.0.0.1:{}/ws", self.ports[i].client)
     }
 
@@ -105,12 +117,17 @@ impl Pair {
         std::net::SocketAddr::from(([127, 0, 0, 1], self.ports[i].xmpp))
     }
 
-    fn admin(&self, i: usize) -> String {
+    pub(crate) fn admin(&self, i: usize) -> String {
         format!("127.0.0.1:{}", self.ports[i].admin)
     }
 
+    /// Node `i`'s client listener.
+    pub(crate) fn client_port(&self, i: usize) -> u16 {
+        self.ports[i].client
+    }
+
     /// kill -9.
-    fn kill(&mut self, i: usize) {
+    pub(crate) fn kill(&mut self, i: usize) {
         if let Some(mut p) = self.slot(i).take() {
             p.kill();
         }
@@ -122,8 +139,8 @@ impl Pair {
         assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "kill({pid}, {sig})");
     }
 
-    async fn call(&self, i: usize, method: &str, path: &str) -> stoa::admin_client::Answer {
-        stoa::admin_client::request(&self.admin(i), method, path, None, DEADLINE).await.expect("admin API answers")
+    pub(crate) async fn call(&self, i: usize, method: &str, path: &str) -> stoa::admin_client::Answer {
+        stoa::admin_client::request(&self.admin(i), method, path, self.token.as_deref(), DEADLINE).await.expect("admin API answers")
     }
 
     /// Node `i`'s own view of itself.
@@ -132,11 +149,11 @@ impl Pair {
     }
 
     /// Wait until node `i` reports `state`; returns how long it took.
-    async fn await_state(&self, i: usize, state: &str, within: Duration) -> Duration {
+    pub(crate) async fn await_state(&self, i: usize, state: &str, within: Duration) -> Duration {
         let started = Instant::now();
         let mut last = Value::Null;
         while started.elapsed() < within {
-            if let Ok(a) = stoa::admin_client::request(&self.admin(i), "GET", &format!("/api/nodes/{}", IDS[i]), None, Duration::from_secs(2)).await {
+            if let Ok(a) = stoa::admin_client::request(&self.admin(i), "GET", &format!("/api/nodes/{}", IDS[i]), self.token.as_deref(), Duration::from_secs(2)).await {
                 last = a.json();
                 if last["state"] == state {
                     return started.elapsed();
@@ -332,7 +349,7 @@ fn gaps(seqs: &[u64]) -> Vec<(u64, u64)> {
 }
 
 /// Create `n` rooms homed on 1a.
-async fn create_rooms(pair: &Pair, n: usize) -> Vec<String> {
+pub(crate) async fn create_rooms(pair: &Pair, n: usize) -> Vec<String> {
     let (owner, _) = Client::connect(&pair.url(0), Login::guest("owner")).await.expect("owner connects");
     let mut rooms = Vec::new();
     for i in 0..n {
@@ -351,17 +368,18 @@ async fn start_pair(db: &TestDb) -> Pair {
 }
 
 /// Start 1a, then 1b, and wait until each sees the other over the link.
-async fn start_both(pair: &mut Pair) {
+pub(crate) async fn start_both(pair: &mut Pair) {
     pair.start(0).await;
     pair.await_state(0, "normal", DEADLINE).await;
     pair.start(1).await;
     pair.await_state(1, "normal", DEADLINE).await;
     // Each sees the other over the link.
-    crate::harness::await_admin(pair.process(0).admin_addr, None, "/api/topology", "1a to see 1b", |t| t["peer"]["reachable"] == true).await;
-    crate::harness::await_admin(pair.process(1).admin_addr, None, "/api/topology", "1b to see 1a", |t| t["peer"]["reachable"] == true).await;
+    let token = pair.token.as_deref();
+    crate::harness::await_admin(pair.process(0).admin_addr, token, "/api/topology", "1a to see 1b", |t| t["peer"]["reachable"] == true).await;
+    crate::harness::await_admin(pair.process(1).admin_addr, token, "/api/topology", "1b to see 1a", |t| t["peer"]["reachable"] == true).await;
 }
 
-async fn hosted(db: &TestDb, node: &str) -> u64 {
+pub(crate) async fn hosted(db: &TestDb, node: &str) -> u64 {
     let store = db.store().await;
     let n = store.rooms_hosted_by(&stoa::ids::NodeId(node.into())).await.expect("count rooms");
     store.connection().clone().close().await.ok();

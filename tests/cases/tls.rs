@@ -6,7 +6,7 @@
 //! `localhost` and the IP address 127.0.0.1 (the node link dials an IP from the topology).
 
 use crate::harness::*;
-use serde_json::Value;
+use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -95,7 +95,8 @@ async fn await_https(addr: SocketAddr, tls: &AdminTls, path: &str, what: &str, p
 }
 
 /// A node with `[tls]` serves clients over `wss://` only (a `ws://` client and a client that
-/// does not trust the CA both fail), serves the admin API over https only, and reloads its
+/// does not trust the CA both fail), serves the admin API over https only (the console's
+/// session cookie is `Secure`), and reloads its
 /// certificate on `POST /api/tls/reload`: a new connection sees the new certificate, a client
 /// connected before keeps posting, and a reload from a broken file answers the error, keeps the
 /// certificate in use and is audited like the successful one.
@@ -133,6 +134,14 @@ pub async fn tls_on_client_and_admin_listeners_with_certificate_reload(db: &Test
     assert_eq!(info["tls"]["fingerprint_sha256"], stoa::tls::fingerprint(&first), "{info}");
     let (status, _) = https(node.admin_addr, &admin_tls, "GET", "/api/node", None).await;
     assert_eq!(status, 401, "the token is still required over https");
+    // The console's session cookie is `Secure` under TLS.
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").expect("name");
+    let tcp = tokio::net::TcpStream::connect(node.admin_addr).await.expect("connect");
+    let stream = tokio_rustls::TlsConnector::from(admin_tls.config.clone()).connect(name, tcp).await.expect("TLS handshake");
+    let login = crate::cases::web::exchange(stream, "POST", "/api/console/login", &[], Some(&json!({"token": "t0k3n-for-tls"}))).await;
+    assert_eq!(login.status, 200, "{}", login.body);
+    let cookie = login.header("set-cookie").expect("a session cookie");
+    assert!(cookie.contains("; Secure") && cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
     let plain_admin = stoa::admin_client::request(&node.admin_addr.to_string(), "GET", "/health", None, Duration::from_secs(5)).await;
     assert!(plain_admin.is_err(), "plain HTTP to the https admin API answered: {plain_admin:?}");
     assert_eq!(served_certificate(node.client_addr, &pki.ca_file).await, first);
