@@ -9,7 +9,10 @@
 #   PAIRS=5 DURATION=20s MODES="throughput-sqlite latency-sqlite" A=… B=… scripts/bench-ab.sh
 #
 # A and B are `stoa` release binaries (e.g. build an older commit in a git worktree and copy
-# its target/release/stoa away). PostgreSQL runs need a local server at 127.0.0.1:5432 (user
+# its target/release/stoa away). Give that worktree its own CARGO_TARGET_DIR, or touch
+# migrations/src/*.rs before building: cargo keys workspace path crates by their path relative to
+# the workspace, so a target dir shared between checkouts can keep another checkout's `migration`
+# crate as fresh (a binary without its own migrations; seen 2026-12-05). PostgreSQL runs need a local server at 127.0.0.1:5432 (user
 # postgres, trust); each run gets a fresh database, dropped afterwards.
 set -euo pipefail
 cd "$(dirname "$0")/.."
