@@ -14,17 +14,9 @@
 //   {"op":"older","who":W}                -> {"event":"older","button":…} ("Load older messages" clicked)
 //   {"op":"screenshot","who":W,"path":P}  -> {"event":"screenshot"}
 //   {"op":"quit"}
-import { chromium } from 'playwright-core';
-import { createInterface } from 'node:readline';
+import { args, launch, serve, WAIT } from './driver.mjs';
 
-const args = Object.fromEntries(
-  process.argv.slice(2).reduce((acc, a, i, all) => (a.startsWith('--') ? [...acc, [a.slice(2), all[i + 1]]] : acc), []),
-);
-const out = (event) => process.stdout.write(JSON.stringify(event) + '\n');
-const executablePath = process.env.CHROMIUM || '/usr/bin/chromium';
-const WAIT = 30000;
-
-const browser = await chromium.launch({ executablePath, args: ['--no-sandbox'] });
+const browser = await launch();
 const pages = new Map();
 const problems = [];
 
@@ -90,17 +82,4 @@ async function run(cmd) {
   }
 }
 
-try {
-  const lines = createInterface({ input: process.stdin });
-  for await (const line of lines) {
-    const cmd = JSON.parse(line);
-    if (cmd.op === 'quit') break;
-    try {
-      out(await run(cmd));
-    } catch (e) {
-      out({ event: 'error', op: cmd.op, text: String(e) });
-    }
-  }
-} finally {
-  await browser.close();
-}
+await serve(browser, run);
