@@ -1,5 +1,5 @@
 //! The admin HTTP API on its own listener: `/health`, `/api/node`, `/api/rooms`,
-//! `/api/rooms/{room}`, `/api/plugins...` (`admin::plugins`), `POST /api/tls/reload`, the
+//! `/api/rooms/{room}`, `/api/plugins...` (`admin::plugins`), `/api/db/jobs` (`admin::db`, merge jobs), `POST /api/tls/reload`, the
 //! operator's verbs on rooms and sessions (`admin::manage`), the audit log, and `/metrics`
 //! (Prometheus), and the operators' console (`admin::console`: its page at `/`, sign-in,
 //! server-sent events). Everything but `/health`, `/ready` and the console's page and sign-in
@@ -8,6 +8,7 @@
 //! the credential that asked ([`Actor`]). With `[tls]` the listener speaks https only.
 
 mod console;
+mod db;
 mod manage;
 mod plugins;
 
@@ -158,6 +159,7 @@ pub async fn serve(listener: TcpListener, mut state: AdminState, shutdown: Cance
         .route("/metrics", get(metrics_text))
         .merge(plugins::routes())
         .merge(console::routes())
+        .merge(db::routes())
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     let tls = state.tls.clone();
     let app = Router::new()

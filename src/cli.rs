@@ -1,5 +1,5 @@
 //! The `stoa` command line: the verbs' arguments ([`Cli`]) and what they do, one module per verb
-//! group (`cli::user`, `cli::room`, `cli::session`, `cli::admin`); `main.rs` parses, runs the
+//! group (`cli::user`, `cli::room`, `cli::session`, `cli::admin`, `cli::db`); `main.rs` parses, runs the
 //! node (`serve`) and dispatches here. Also: error text with each cause once, loading settings
 //! with the file named, `stoa config check`.
 
@@ -9,6 +9,7 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 pub mod admin;
+pub mod db;
 pub mod room;
 pub mod session;
 pub mod user;
@@ -58,6 +59,12 @@ pub enum Command {
         command: SessionCommand,
         #[command(flatten)]
         target: AdminTarget,
+    },
+    /// Stores: merge several into one (`db merge`, a validated, resumable job; docs/merge.md)
+    /// and the merge jobs a store records (`db jobs`, `db job ID`).
+    Db {
+        #[command(subcommand)]
+        command: DbCommand,
     },
     /// Load generator and benchmarks (see docs/benchmarks.md).
     Bench(crate::bench::BenchArgs),
@@ -236,6 +243,70 @@ pub enum RoomCommand {
     },
     /// Show one room.
     Show { room: String },
+}
+
+#[derive(Subcommand)]
+pub enum DbCommand {
+    /// Merge the sources into the target: validate, plan, copy in chunks recorded in the
+    /// target (resumable with --job), verify every room. The nodes on every store must be
+    /// stopped. Exits non-zero on any refusal or failure.
+    Merge(DbMerge),
+    /// The merge jobs recorded in a store (default: the config's `[store] url`).
+    Jobs {
+        /// The store to read (a store URL).
+        #[arg(long, value_name = "URL")]
+        store: Option<String>,
+        #[arg(long, default_value = "table", value_parser = ["table", "json"])]
+        format: String,
+    },
+    /// One merge job: its state, counts, validation report, conflicts, verification, error.
+    Job {
+        id: String,
+        #[arg(long, value_name = "URL")]
+        store: Option<String>,
+        #[arg(long, default_value = "table", value_parser = ["table", "json"])]
+        format: String,
+    },
+}
+
+/// `stoa db merge`'s arguments.
+#[derive(clap::Args)]
+pub struct DbMerge {
+    /// A store to merge (`sqlite://PATH`, `postgres://…`, `mysql://…`): twice or more, in
+    /// order (an earlier source wins ties). Never written.
+    #[arg(long, required = true, value_name = "URL")]
+    pub source: Vec<String>,
+    /// The store to merge into.
+    #[arg(long, value_name = "URL")]
+    pub target: String,
+    /// Show what would be merged and every conflict with the rule that applies; write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Validate the stores only; write nothing.
+    #[arg(long, conflicts_with = "dry_run")]
+    pub validate: bool,
+    /// A conflict rule, KIND=RULE, repeatable: rooms=union|rename|refuse (default union),
+    /// users=refuse|newer (refuse), affiliations=stronger|refuse (stronger),
+    /// messages=once|refuse (once).
+    #[arg(long, value_name = "KIND=RULE")]
+    pub on_conflict: Vec<String>,
+    /// Do not ask before writing (required when stdin is not a terminal).
+    #[arg(long)]
+    pub yes: bool,
+    /// Resume this job (or confirm it finished); it keeps the conflict rules it started with.
+    #[arg(long, value_name = "ID")]
+    pub job: Option<String>,
+    /// Bring the target to this binary's schema first (the sources are never migrated).
+    #[arg(long)]
+    pub migrate_target: bool,
+    #[arg(long, default_value = "table", value_parser = ["table", "json"])]
+    pub format: String,
+    /// Messages per chunk (one transaction of the target each).
+    #[arg(long, default_value_t = crate::merge::DEFAULT_CHUNK_ROWS, hide = true)]
+    pub chunk_rows: usize,
+    /// A pause after each chunk, in ms (tests kill a merge in the middle).
+    #[arg(long, default_value_t = 0, hide = true)]
+    pub chunk_pause_ms: u64,
 }
 
 #[derive(Subcommand)]

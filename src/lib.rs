@@ -28,7 +28,7 @@
 //!   `Occupant` trait it delivers through, and `Delivery` (an event with its encoding cached per
 //!   protocol, so fan-out serializes once per event and protocol).
 //! - [`cli`]: the `stoa` verbs' arguments and bodies, one module per group (`cli::user`,
-//!   `cli::room`, `cli::session`, `cli::admin`); `main.rs` parses, runs `serve` and dispatches.
+//!   `cli::room`, `cli::session`, `cli::admin`, `cli::db`); `main.rs` parses, runs `serve` and dispatches.
 //! - [`ha`]: redundancy pairs (docs/ha.md), the decisions: state machine, write gate, node link
 //!   (a handle made before its runner starts), and the recovery manager (failover, takeover,
 //!   fallback; `detect`, `moves`, `admin`), which publishes its state on a `StateWatch`. The
@@ -81,6 +81,10 @@
 //!   per part: `api` (the `Client` handle), `events`, `options`, `session` (shared state, routing
 //!   answers by `re`), `resume` (a connection's loss and the resume), `wire` (socket, TLS, frames).
 //! - [`bench`](mod@bench): `stoa bench`, the load generator behind docs/benchmarks.md.
+//! - [`merge`]: `stoa db merge`, several stores into one as a validated, resumable job:
+//!   validation (`merge::validate`), the pure plan and re-sequencing (`merge::plan`), the
+//!   job's chunks and verification (`merge::run`); docs/merge.md. Its statements are
+//!   `store::merge`'s.
 //! - [`systemd`]: `Type=notify` readiness, stopping, status and watchdog pings (sd_notify).
 //! - [`logfile`]: where log lines go (stderr or `log.file`, reopened on SIGHUP), never failing.
 
@@ -99,6 +103,7 @@ pub mod gateway;
 pub mod ha;
 pub mod ids;
 pub mod logfile;
+pub mod merge;
 pub mod names;
 pub mod node;
 pub mod plugin;

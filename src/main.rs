@@ -106,6 +106,12 @@ fn run() -> anyhow::Result<()> {
             runtime()?.block_on(stoa::cli::room::run(&env, &target, command))
         }
         Command::Session { command, target } => runtime()?.block_on(stoa::cli::session::run(config, &target, command)),
+        Command::Db { command } => {
+            let settings = Settings { log: stoa::config::LogSettings { level: "warn".into(), json: false, file: None }, ..Settings::default() };
+            init_tracing(&settings);
+            let store_url = || Ok(load(config)?.store_url());
+            runtime()?.block_on(stoa::cli::db::run(store_url, command))
+        }
         Command::Bench(args) => {
             let settings = Settings::default();
             init_tracing(&Settings { log: stoa::config::LogSettings { level: "warn".into(), json: false, file: None }, ..settings });

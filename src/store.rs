@@ -10,7 +10,7 @@
 //! archive), `accounts` (users, SCRAM credentials, login sessions), [`cluster`] (a pair's
 //! leases, room moves, node states, presence lock), [`audit`] (the admin audit log),
 //! [`plugin_state`] (plugins' per-room state), [`bulk`] (bulk room creation for benchmarks and
-//! imports) and [`entity`] (the SeaORM entities).
+//! imports), [`merge`] (what `stoa db merge` reads and writes, the job tables) and [`entity`] (the SeaORM entities).
 
 mod accounts;
 pub mod audit;
@@ -18,6 +18,7 @@ pub mod bulk;
 pub mod cluster;
 pub mod entity;
 mod log;
+pub mod merge;
 pub mod plugin_state;
 mod rooms;
 

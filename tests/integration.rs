@@ -21,6 +21,8 @@ mod cases {
     pub mod component;
     #[path = "log.rs"]
     pub mod log;
+    #[path = "merge.rs"]
+    pub mod merge;
     #[path = "failover.rs"]
     pub mod failover;
     #[path = "operations.rs"]
@@ -143,6 +145,20 @@ on_every_backend! {
     admin::concurrent_migrations_both_succeed,
     security::history_is_paged_by_bytes_and_the_connection_keeps_working,
     security::out_of_range_numbers_nul_and_duplicate_keys_are_refused,
+}
+
+// `stoa db merge` (issue 15): each backend pair into the case's database as the target.
+on_postgres! {
+    merge::sqlite_pair_merges_into_postgres,
+    merge::postgres_pair_merges_into_postgres,
+    merge::postgres_and_mariadb_merge_into_postgres,
+}
+on_backends! {[mysql]
+    merge::mariadb_pair_merges_into_mariadb,
+}
+on_every_backend! {
+    merge::each_conflict_rule_applies,
+    merge::kill9_mid_merge_then_resume_gives_the_same_store,
 }
 
 // The operator's command line (issue 9): what touches the store on every backend, the rest

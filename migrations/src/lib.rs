@@ -14,6 +14,7 @@ mod m20261204_000005_audit_actor;
 mod m20261204_000006_message_id_index;
 mod m20261204_000007_scram_credentials;
 mod m20261205_000008_room_clock;
+mod m20261205_000009_merge_jobs;
 
 /// Every migration of the Stoa schema, oldest first.
 pub struct Migrator;
@@ -30,6 +31,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261204_000006_message_id_index::Migration),
             Box::new(m20261204_000007_scram_credentials::Migration),
             Box::new(m20261205_000008_room_clock::Migration),
+            Box::new(m20261205_000009_merge_jobs::Migration),
         ]
     }
 }

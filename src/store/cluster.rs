@@ -97,7 +97,7 @@ fn stmt(db: DbBackend, sql: &str, values: Vec<sea_orm::Value>) -> Statement {
 /// to one database already; MySQL/MariaDB named locks are server-wide, so there the name holds
 /// the database too (two pairs, or two test runs, with the same node ids on one server must not
 /// take each other's locks), hashed when it would pass the 64-character limit.
-fn presence_name(url: &str, kind: StoreKind, node: &NodeId) -> String {
+pub(super) fn presence_name(url: &str, kind: StoreKind, node: &NodeId) -> String {
     let plain = format!("stoa-presence/{node}");
     if kind != StoreKind::MySql {
         return plain;
@@ -113,7 +113,7 @@ fn presence_name(url: &str, kind: StoreKind, node: &NodeId) -> String {
 }
 
 /// PostgreSQL advisory locks take two int4 keys: a fixed class ('ST') and the name's hash.
-const PG_PRESENCE_CLASS: i32 = 0x5354;
+pub(super) const PG_PRESENCE_CLASS: i32 = 0x5354;
 
 impl Store {
     fn pair_backend(&self) -> Result<DbBackend, ClusterError> {

@@ -183,6 +183,18 @@ impl NodeProcess {
         self.child.id()
     }
 
+    /// SIGTERM, and wait (up to [`DEADLINE`]) until it has exited: a clean stop that closes its
+    /// store connections and releases its lease.
+    pub async fn stop(&mut self) {
+        // SAFETY: signalling a child process this harness started and still owns.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + DEADLINE;
+        while self.child.try_wait().ok().flatten().is_none() {
+            assert!(std::time::Instant::now() < deadline, "stoa process {} did not stop on SIGTERM:\n{}", self.label, self.log_text());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// kill -9 and reap.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
