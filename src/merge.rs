@@ -120,7 +120,9 @@ impl Rules {
     pub fn set(&mut self, spec: &str) -> Result<(), String> {
         let (kind, rule) = spec.split_once('=').ok_or_else(|| format!("`{spec}`: write KIND=RULE, e.g. rooms=rename"))?;
         let bad = || format!("`{spec}`: unknown rule `{rule}` for {kind}");
-        let parse = |r: &str| serde_json::from_value(Value::String(r.to_owned()));
+        fn parse<T: serde::de::DeserializeOwned>(r: &str) -> Result<T, serde_json::Error> {
+            serde_json::from_value(Value::String(r.to_owned()))
+        }
         match kind {
             "rooms" => self.rooms = parse(rule).map_err(|_| bad())?,
             "users" => self.users = parse(rule).map_err(|_| bad())?,

@@ -10,7 +10,7 @@
 use super::entity::{affiliation, message, room, user};
 use super::plugin_state::entity as plugin_state;
 use super::{Store, StoreError, StoreKind};
-use sea_orm::sea_query::{Alias, Expr, Query};
+use sea_orm::sea_query::{Alias, Expr, ExprTrait as _, Query};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait, FromQueryResult, QueryFilter, QueryOrder,
     QuerySelect, Statement, TransactionTrait,
@@ -301,7 +301,7 @@ impl Store {
             StoreKind::Sqlite => "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()",
         };
         let row = self.db.query_one_raw(stmt(db, sql, vec![])).await?;
-        Ok(row.map(|r| r.try_get_by_index::<i64>(0)).transpose()?.map(|b| b.max(0) as u64))
+        Ok(row.map(|r| r.try_get_by_index::<i64>(0)).transpose()?.map(|b| Ord::max(b, 0) as u64))
     }
 
     /// The directory the database server keeps its files in, where the server tells it (its
@@ -777,5 +777,5 @@ fn sqlite_open_elsewhere(db: &std::path::Path) -> bool {
     lock.l_len = 1;
     // SAFETY: see above.
     let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETLK, &mut lock) };
-    r == 0 && lock.l_type != libc::F_UNLCK as _
+    r == 0 && lock.l_type != libc::F_UNLCK as libc::c_short
 }

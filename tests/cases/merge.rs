@@ -155,9 +155,13 @@ async fn seed_scenario(target: &TestDb, a: Backend, b: Backend) {
     let (shared, ops, dev) = (room("shared"), room("ops"), room("dev"));
     let mut ann = nodes[0].client("ann").await;
     let mut bob = nodes[1].client("bob").await;
-    for (c, r, nick) in [(&mut ann, &ops, "ann"), (&mut ann, &shared, "ann"), (&mut bob, &dev, "bob"), (&mut bob, &shared, "bob")] {
-        c.create(r, json!({})).await;
-        c.join(r, nick).await;
+    for r in [&ops, &shared] {
+        ann.create(r, json!({})).await;
+        ann.join(r, "ann").await;
+    }
+    for r in [&dev, &shared] {
+        bob.create(r, json!({})).await;
+        bob.join(r, "bob").await;
     }
     for i in 0..20 {
         ann.send_acked(&shared, &format!("a{i}"), &format!("ca{i}")).await;
