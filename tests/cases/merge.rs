@@ -355,7 +355,7 @@ pub async fn each_conflict_rule_applies(db: &TestDb) {
     assert!(ok, "{out}{err}");
     let d = dump(&renamed).await;
     let rooms: Vec<(String, usize)> = d["rooms"].as_array().unwrap().iter().map(|r| (r["room"][0].as_str().unwrap().to_owned(), r["messages"].as_array().unwrap().len())).collect();
-    assert_eq!(rooms, vec![(room("one"), 3), (room("shared"), 6), (room("shared-2"), 6), (room("two"), 3)]);
+    assert_eq!(rooms, vec![(room("one"), 3), (room("shared-2"), 6), (room("shared"), 6), (room("two"), 3)]);
 }
 
 /// A merge killed with kill -9 after some chunks, resumed with its job id, gives exactly the
