@@ -12,10 +12,31 @@ mod plan;
 mod run;
 mod validate;
 
-pub use run::{DEFAULT_CHUNK_ROWS, JobOutcome, MergeArgs, Progress, merge};
+pub use run::{DEFAULT_CHUNK_ROWS, JobOutcome, Progress, merge};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+
+/// What `stoa db merge` was asked.
+#[derive(Clone, Debug)]
+pub struct MergeArgs {
+    /// Store URLs, in order: on a tie in time, an earlier source's message comes first.
+    pub sources: Vec<String>,
+    pub target: String,
+    pub rules: Rules,
+    /// Report what would be merged and every conflict; write nothing.
+    pub dry_run: bool,
+    /// Validate only; write nothing.
+    pub validate_only: bool,
+    /// Bring the target to this binary's schema first.
+    pub migrate_target: bool,
+    /// Resume (or re-run) this job.
+    pub job: Option<String>,
+    /// Messages per chunk.
+    pub chunk_rows: usize,
+    /// A pause after each chunk written (for tests that kill a merge in the middle).
+    pub chunk_pause: std::time::Duration,
+}
 
 /// What the same room name in two sources becomes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

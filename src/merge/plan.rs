@@ -195,7 +195,7 @@ pub fn new_epoch(epochs: impl Iterator<Item = i64>) -> i64 {
 /// duplicates as refusals and nothing dropped.
 pub fn resequence(histories: Vec<(usize, Vec<message::Model>)>, address: &str, rules: &Rules) -> (Vec<message::Model>, Vec<Conflict>) {
     let mut all: Vec<(usize, message::Model)> = histories.into_iter().flat_map(|(i, h)| h.into_iter().map(move |m| (i, m))).collect();
-    all.sort_by(|(i, a), (j, b)| (a.created_at, *i, a.seq).cmp(&(b.created_at, *j, b.seq)));
+    all.sort_by_key(|(i, m)| (m.created_at, *i, m.seq));
     let mut seen: BTreeMap<(String, String), usize> = BTreeMap::new();
     let mut out = Vec::with_capacity(all.len());
     let mut conflicts = Vec::new();

@@ -2,7 +2,7 @@
 
 use super::plan::{self, Plan, SourceInventory};
 use super::validate::{self, Stores, label};
-use super::{Conflict, MergeError, Rules};
+use super::{Conflict, MergeArgs, MergeError, Rules};
 use crate::node::redact;
 use crate::store::Store;
 use crate::store::merge::{ChunkWrite, JobRow, SourceRoom};
@@ -17,27 +17,6 @@ const USER_CHUNK_ROWS: usize = 1000;
 
 /// Messages per chunk (one transaction of the target each), unless told otherwise.
 pub const DEFAULT_CHUNK_ROWS: usize = 5000;
-
-/// What `stoa db merge` was asked.
-#[derive(Clone, Debug)]
-pub struct MergeArgs {
-    /// Store URLs, in order: on a tie in time, an earlier source's message comes first.
-    pub sources: Vec<String>,
-    pub target: String,
-    pub rules: Rules,
-    /// Report what would be merged and every conflict; write nothing.
-    pub dry_run: bool,
-    /// Validate only; write nothing.
-    pub validate_only: bool,
-    /// Bring the target to this binary's schema first.
-    pub migrate_target: bool,
-    /// Resume (or re-run) this job.
-    pub job: Option<String>,
-    /// Messages per chunk.
-    pub chunk_rows: usize,
-    /// A pause after each chunk written (for tests that kill a merge in the middle).
-    pub chunk_pause: Duration,
-}
 
 /// How a merge ended (errors are [`MergeError`]).
 #[derive(Debug)]

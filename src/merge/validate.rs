@@ -3,7 +3,7 @@
 //! in the target, the privileges the merge needs. Each problem is one line naming the store and
 //! what to do.
 
-use super::run::MergeArgs;
+use super::MergeArgs;
 use crate::node::redact;
 use crate::store::Store;
 use serde_json::{Value, json};
