@@ -1,7 +1,7 @@
 //! `stoa db merge`: several stores into one, as a validated, resumable job (docs/merge.md).
 //!
-//! The order is fixed: validate every store ([`validate`]), read the sources and decide the
-//! plan ([`plan`], pure), refuse on a conflict whose rule is `refuse`, then run the job in
+//! The order is fixed: validate every store (`merge::validate`), read the sources and decide the
+//! plan (`merge::plan`, pure), refuse on a conflict whose rule is `refuse`, then run the job in
 //! chunks, each written with its record in `merge_chunks` in one transaction of the target, and
 //! verify every room against the sources at the end. A chunk's content is a function of the
 //! sources and the job's options alone, so a job killed anywhere and started again with
