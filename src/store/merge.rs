@@ -162,8 +162,9 @@ impl Store {
         Ok(Store { db, kind, url: url.to_owned() })
     }
 
-    /// The merge's target: like [`Store::connect`], but on one connection named
-    /// `stoa db merge` (so the check for other sessions knows its own).
+    /// The merge's target: like [`Store::connect`], but on one connection (so the check for
+    /// other sessions knows its own: every other one, another merge's included, is someone
+    /// else's), named `stoa db merge` on PostgreSQL.
     pub async fn open_merge_target(url: &str) -> Result<Store, StoreError> {
         if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let options = sqlx::postgres::PgConnectOptions::from_str(url)?.application_name("stoa db merge");
@@ -255,8 +256,7 @@ impl Store {
                     found.push(format!("{n} node(s) hold their presence lock"));
                 }
                 let sql = "SELECT COALESCE(application_name, ''), COALESCE(host(client_addr), 'local') FROM pg_stat_activity \
-                           WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend' \
-                           AND application_name <> 'stoa db merge'";
+                           WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'";
                 let rows = conn.query_all_raw(stmt(db, sql, vec![])).await?;
                 if !rows.is_empty() {
                     let mut who = BTreeMap::<String, usize>::new();
