@@ -23,8 +23,8 @@ for d in "${dbs[@]}"; do psql -q "$ADMIN" -c "CREATE DATABASE $d" >/dev/null; do
 fill() { # db node offset_ms
     STOA__STORE__URL="$BASE/$1" "$STOA" migrate >/dev/null
     psql -q "$BASE/$1" <<SQL
-INSERT INTO rooms (address, config, public, home_node, host_node, epoch, last_seq, created_at)
-SELECT 'room' || r || '@conference.localhost', '{}', true, '$2', '$2', 1, $MESSAGES, 0 FROM generate_series(1, $ROOMS) r;
+INSERT INTO rooms (address, config, public, home_node, host_node, epoch, last_seq, last_ts, created_at)
+SELECT 'room' || r || '@conference.localhost', '{}', true, '$2', '$2', 1, $MESSAGES, 1700000000000 + $MESSAGES * 2 + $3, 0 FROM generate_series(1, $ROOMS) r;
 INSERT INTO messages (room_id, seq, id, sender, nick, body, client_msg_id, epoch, created_at)
 SELECT rm.id, s, '$2-' || rm.id || '-' || s, 'user' || (s % 17), 'nick' || (s % 17),
        'message ' || s || ' of a benchmark room, about the length of a chat line', '$2-' || s, 1,

@@ -117,7 +117,7 @@ fn strength(affiliation: &str) -> u8 {
 
 /// A target room's row, affiliations and plugin state from its source parts (in source order),
 /// and the conflicts met. The row's `id` and `last_seq` are placeholders (0): the target
-/// assigns the id, the room's end sets the last seq and the new epoch.
+/// assigns the id, the room's end sets the last seq and `last_ts`.
 pub fn combine_room(address: &str, parts: &[(usize, SourceRoom)], rules: &Rules) -> (room::Model, Vec<affiliation::Model>, Vec<crate::store::plugin_state::entity::Model>, Vec<Conflict>) {
     let mut conflicts = Vec::new();
     let (first_source, first) = &parts[0];
@@ -125,6 +125,7 @@ pub fn combine_room(address: &str, parts: &[(usize, SourceRoom)], rules: &Rules)
     row.id = 0;
     row.address = address.to_owned();
     row.last_seq = 0;
+    row.last_ts = 0;
     row.host_node = row.home_node.clone();
     row.created_at = parts.iter().map(|(_, p)| p.row.created_at).min().unwrap_or(row.created_at);
     row.epoch = new_epoch(parts.iter().map(|(_, p)| p.row.epoch));
@@ -247,7 +248,7 @@ mod tests {
     }
 
     fn room(address: &str, epoch: i64) -> room::Model {
-        room::Model { id: 1, address: address.into(), config: "{}".into(), public: true, home_node: "n1".into(), host_node: "n1".into(), epoch, last_seq: 0, created_at: 5 }
+        room::Model { id: 1, address: address.into(), config: "{}".into(), public: true, home_node: "n1".into(), host_node: "n1".into(), epoch, last_seq: 0, last_ts: 0, created_at: 5 }
     }
 
     /// Two histories interleave by time; ties go to the lower source, then the lower seq;

@@ -334,6 +334,7 @@ struct Expected {
     count: u64,
     checksum: String,
     epoch: i64,
+    last_ts: i64,
     /// Messages per source room.
     from_sources: Vec<(usize, u64)>,
 }
@@ -387,13 +388,15 @@ impl Run<'_> {
             // Progress counts messages read: the duplicates dropped too.
             let read: u64 = c.from_sources.iter().map(|(_, n)| n).sum();
             self.progress.advance(read - c.history.len() as u64, &room.address);
-            let end = ChunkWrite::RoomEnd { address: &room.address, last_seq: c.history.len() as i64, epoch: c.row.epoch };
+            let last_ts = c.history.last().map_or(0, |m| m.created_at);
+            let end = ChunkWrite::RoomEnd { address: &room.address, last_seq: c.history.len() as i64, last_ts, epoch: c.row.epoch };
             count(self.chunk(&format!("room/{n}/end"), end).await?);
             expected.push(Expected {
                 address: room.address.clone(),
                 count: c.history.len() as u64,
                 checksum: plan::checksum(c.history.iter().map(|m| (m.seq, m.sender.as_str(), m.body.as_str()))),
                 epoch: c.row.epoch,
+                last_ts,
                 from_sources: c.from_sources,
             });
         }
@@ -407,9 +410,12 @@ async fn verify(target: &Store, expected: &[Expected]) -> Result<Value, MergeErr
     let mut rooms = Vec::with_capacity(expected.len());
     for e in expected {
         let log = target.merge_room_log(&e.address).await.map_err(MergeError::store(format!("reading room {} back from the target", e.address)))?;
-        let (last_seq, epoch, rows) = log.unwrap_or((-1, -1, Vec::new()));
+        let (last_seq, last_ts, epoch, rows) = match log {
+            Some((row, rows)) => (row.last_seq, row.last_ts, row.epoch, rows),
+            None => (-1, -1, -1, Vec::new()),
+        };
         let checksum = plan::checksum(rows.iter().map(|(seq, sender, body)| (*seq, sender.as_str(), body.as_str())));
-        let ok = rows.len() as u64 == e.count && checksum == e.checksum && last_seq == e.count as i64 && epoch == e.epoch;
+        let ok = rows.len() as u64 == e.count && checksum == e.checksum && last_seq == e.count as i64 && epoch == e.epoch && last_ts == e.last_ts;
         rooms.push(json!({
             "room": e.address,
             "expected_messages": e.count,
@@ -417,6 +423,7 @@ async fn verify(target: &Store, expected: &[Expected]) -> Result<Value, MergeErr
             "expected_checksum": e.checksum,
             "checksum": checksum,
             "last_seq": last_seq,
+            "last_ts": last_ts,
             "epoch": epoch,
             "from_sources": e.from_sources,
             "ok": ok,

@@ -76,8 +76,9 @@ pub enum ChunkWrite<'a> {
     Room { row: &'a room::Model, affiliations: &'a [affiliation::Model], plugin_state: &'a [plugin_state::Model] },
     /// Messages of the room at `address` (`room_id` is ignored; seqs are final).
     Messages { address: &'a str, messages: &'a [message::Model] },
-    /// The room's end: its last seq and its new epoch.
-    RoomEnd { address: &'a str, last_seq: i64, epoch: i64 },
+    /// The room's end: its last seq, the time of its last message (`last_ts`) and its new
+    /// epoch.
+    RoomEnd { address: &'a str, last_seq: i64, last_ts: i64, epoch: i64 },
 }
 
 impl ChunkWrite<'_> {
@@ -439,8 +440,8 @@ impl Store {
         Ok(found)
     }
 
-    /// (seq, sender, body) of every message of the room at `address` here, by seq.
-    pub async fn merge_room_log(&self, address: &str) -> Result<Option<(i64, i64, Vec<(i64, String, String)>)>, StoreError> {
+    /// The room at `address` here (its row) and (seq, sender, body) of its every message, by seq.
+    pub async fn merge_room_log(&self, address: &str) -> Result<Option<(room::Model, Vec<(i64, String, String)>)>, StoreError> {
         let Some(row) = room::Entity::find().filter(room::Column::Address.eq(address)).one(&self.db).await? else {
             return Ok(None);
         };
@@ -460,7 +461,7 @@ impl Store {
             let short = (page.len() as u64) < READ_PAGE_ROWS;
             out.extend(page);
             if short {
-                return Ok(Some((row.last_seq, row.epoch, out)));
+                return Ok(Some((row, out)));
             }
         }
     }
@@ -618,6 +619,7 @@ async fn write_chunk(txn: &DatabaseTransaction, write: &ChunkWrite<'_>) -> Resul
                     room::Column::HostNode,
                     room::Column::Epoch,
                     room::Column::LastSeq,
+                    room::Column::LastTs,
                     room::Column::CreatedAt,
                 ])
                 .values_panic([
@@ -628,6 +630,7 @@ async fn write_chunk(txn: &DatabaseTransaction, write: &ChunkWrite<'_>) -> Resul
                     row.host_node.clone().into(),
                     row.epoch.into(),
                     row.last_seq.into(),
+                    row.last_ts.into(),
                     row.created_at.into(),
                 ])
                 .to_owned();
@@ -687,10 +690,11 @@ async fn write_chunk(txn: &DatabaseTransaction, write: &ChunkWrite<'_>) -> Resul
                 txn.execute(&q).await.map_err(StoreError::classify)?;
             }
         }
-        ChunkWrite::RoomEnd { address, last_seq, epoch } => {
+        ChunkWrite::RoomEnd { address, last_seq, last_ts, epoch } => {
             let q = Query::update()
                 .table(room::Entity)
                 .value(room::Column::LastSeq, *last_seq)
+                .value(room::Column::LastTs, *last_ts)
                 .value(room::Column::Epoch, *epoch)
                 .and_where(room::Column::Address.eq(*address))
                 .to_owned();

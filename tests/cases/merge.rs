@@ -130,7 +130,7 @@ async fn dump(db: &TestDb) -> Value {
                 .into_iter()
                 .map(|a| json!([a.user_name, a.affiliation]))
                 .collect();
-            out.push(json!({"room": [r.address, r.config, r.public, r.home_node, r.host_node, r.epoch, r.last_seq, r.created_at], "messages": messages, "affiliations": affs}));
+            out.push(json!({"room": [r.address, r.config, r.public, r.home_node, r.host_node, r.epoch, r.last_seq, r.last_ts, r.created_at], "messages": messages, "affiliations": affs}));
         }
         let users: Vec<Value> = user::Entity::find().order_by_asc(user::Column::Name).all(c).await.expect("users").into_iter().map(|u| json!([u.name, u.password_hash, u.created_at])).collect();
         json!({"rooms": out, "users": users})
