@@ -156,6 +156,9 @@ on_postgres! {
 on_backends! {[mysql]
     merge::mariadb_pair_merges_into_mariadb,
 }
+on_shared_stores! {
+    merge::a_store_with_a_running_ha_node_is_refused,
+}
 on_every_backend! {
     merge::each_conflict_rule_applies,
     merge::kill9_mid_merge_then_resume_gives_the_same_store,

@@ -204,7 +204,8 @@ impl Store {
     }
 
     /// What shows that a node serves this store now, one line each (empty: none): live node
-    /// leases, held presence locks, node states recorded in the last `recent`, and other
+    /// leases, held presence locks, node states recorded in the last `recent` by a node whose
+    /// lease has not ended (one starting up: a stopped node released its lease), and other
     /// sessions on the database (a node without HA holds its pool open); for SQLite, another
     /// process with the database open.
     pub async fn serving_evidence(&self, recent: Duration) -> Result<Vec<String>, StoreError> {
@@ -230,8 +231,10 @@ impl Store {
             }
             let ms = recent.as_millis() as i64;
             let sql = match self.kind {
-                StoreKind::Postgres => "SELECT node_id, state FROM node_states WHERE at > now() - make_interval(secs => ?::double precision / 1000) ORDER BY id",
-                _ => "SELECT node_id, state FROM node_states WHERE at > NOW(6) - INTERVAL ? MICROSECOND ORDER BY id",
+                StoreKind::Postgres => "SELECT s.node_id, s.state FROM node_states s WHERE s.at > now() - make_interval(secs => ?::double precision / 1000) \
+                     AND NOT EXISTS (SELECT 1 FROM node_leases l WHERE l.node_id = s.node_id AND l.alive_until < now()) ORDER BY s.id",
+                _ => "SELECT s.node_id, s.state FROM node_states s WHERE s.at > NOW(6) - INTERVAL ? MICROSECOND \
+                      AND NOT EXISTS (SELECT 1 FROM node_leases l WHERE l.node_id = s.node_id AND l.alive_until < NOW(6)) ORDER BY s.id",
             };
             let value: sea_orm::Value = if self.kind == StoreKind::Postgres { ms.into() } else { (ms * 1000).into() };
             let mut seen = HashSet::new();

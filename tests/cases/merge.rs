@@ -425,3 +425,20 @@ pub async fn kill9_mid_merge_then_resume_gives_the_same_store(db: &TestDb) {
     assert!(ok && out.contains("nothing to do"), "{out}{err}");
     assert_eq!(dump(db).await, dump(&reference).await);
 }
+
+/// A store whose HA node runs is refused for its lease and its presence lock (beside its
+/// sessions), and nothing is written; once the node has stopped (lease released, lock and
+/// sessions gone) the same merge runs.
+pub async fn a_store_with_a_running_ha_node_is_refused(db: &TestDb) {
+    use crate::cases::ha::pair_settings;
+    use crate::harness::{TestNode, free_port};
+    let source = TestDb::new(db.backend, "merge_ha_source").await;
+    let node = TestNode::start(pair_settings(&source, "1a", (free_port(), free_port()))).await;
+    let (ok, out, err) = merge(&[&source], db, &["--migrate-target", "--yes"]).await;
+    assert!(!ok, "{out}{err}");
+    assert!(err.contains("node 1a holds a live lease") && err.contains("presence lock") && err.contains("other session"), "{err}");
+    assert!(!with_store(db, async |s: &Store| s.has_table("rooms").await.unwrap()).await, "nothing written");
+    node.stop().await;
+    let (ok, out, err) = merge(&[&source], db, &["--migrate-target", "--yes"]).await;
+    assert!(ok, "after the node stopped: {out}{err}");
+}
