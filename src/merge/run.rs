@@ -367,30 +367,38 @@ impl Run<'_> {
     /// skipped, and the conflicts met inside rooms.
     async fn chunks(&self, plan: &Plan) -> Result<(Vec<Expected>, u64, u64, Vec<Conflict>), MergeError> {
         let (mut written, mut skipped) = (0u64, 0u64);
-        let mut count = |w: bool| if w { written += 1 } else { skipped += 1 };
         for (k, page) in plan.users.chunks(USER_CHUNK_ROWS).enumerate() {
-            count(self.chunk(&format!("users/{k}"), ChunkWrite::Users(page)).await?);
+            if self.chunk(&format!("users/{k}"), ChunkWrite::Users(page)).await? {
+                written += 1;
+            } else {
+                skipped += 1;
+            }
         }
         let mut expected = Vec::with_capacity(plan.rooms.len());
         let mut conflicts = Vec::new();
+        // One room is read from the sources while the one before is written into the target
+        // (other connections, other database processes): reads and writes overlap.
+        let mut next = match plan.rooms.first() {
+            Some(room) => Some(room_content(self.sources, room, &self.rules).await?),
+            None => None,
+        };
         for (n, room) in plan.rooms.iter().enumerate() {
-            let c = room_content(self.sources, room, &self.rules).await?;
+            let mut c = next.take().expect("each room is read before its turn");
             if let Some(refused) = c.conflicts.iter().find(|c| c.refused) {
                 return Err(MergeError::Refused(vec![format!("conflict: {}", refused.line())]));
             }
-            conflicts.extend(c.conflicts);
-            let room_chunk = ChunkWrite::Room { row: &c.row, affiliations: &c.affiliations, plugin_state: &c.plugin_state };
-            count(self.chunk(&format!("room/{n}"), room_chunk).await?);
-            for (k, part) in c.history.chunks(self.chunk_rows).enumerate() {
-                count(self.chunk(&format!("room/{n}/m/{k}"), ChunkWrite::Messages { address: &room.address, messages: part }).await?);
-                self.progress.advance(part.len() as u64, &room.address);
-            }
-            // Progress counts messages read: the duplicates dropped too.
-            let read: u64 = c.from_sources.iter().map(|(_, n)| n).sum();
-            self.progress.advance(read - c.history.len() as u64, &room.address);
-            let last_ts = c.history.last().map_or(0, |m| m.created_at);
-            let end = ChunkWrite::RoomEnd { address: &room.address, last_seq: c.history.len() as i64, last_ts, epoch: c.row.epoch };
-            count(self.chunk(&format!("room/{n}/end"), end).await?);
+            conflicts.append(&mut c.conflicts);
+            let ahead = async {
+                match plan.rooms.get(n + 1) {
+                    Some(room) => room_content(self.sources, room, &self.rules).await.map(Some),
+                    None => Ok(None),
+                }
+            };
+            let (wrote, ahead) = tokio::join!(self.write_room(n, &room.address, &c), ahead);
+            let (w, s, last_ts) = wrote?;
+            next = ahead?;
+            written += w;
+            skipped += s;
             expected.push(Expected {
                 address: room.address.clone(),
                 count: c.history.len() as u64,
@@ -401,6 +409,26 @@ impl Run<'_> {
             });
         }
         Ok((expected, written, skipped, conflicts))
+    }
+
+    /// A room's chunks: its row, its messages, its end. Returns the chunks written and skipped,
+    /// and the room's `last_ts`.
+    async fn write_room(&self, n: usize, address: &str, c: &RoomContent) -> Result<(u64, u64, i64), MergeError> {
+        let (mut written, mut skipped) = (0u64, 0u64);
+        let mut count = |w: bool| if w { written += 1 } else { skipped += 1 };
+        let room_chunk = ChunkWrite::Room { row: &c.row, affiliations: &c.affiliations, plugin_state: &c.plugin_state };
+        count(self.chunk(&format!("room/{n}"), room_chunk).await?);
+        for (k, part) in c.history.chunks(self.chunk_rows).enumerate() {
+            count(self.chunk(&format!("room/{n}/m/{k}"), ChunkWrite::Messages { address, messages: part }).await?);
+            self.progress.advance(part.len() as u64, address);
+        }
+        // Progress counts messages read: the duplicates dropped too.
+        let read: u64 = c.from_sources.iter().map(|(_, n)| n).sum();
+        self.progress.advance(read - c.history.len() as u64, address);
+        let last_ts = c.history.last().map_or(0, |m| m.created_at);
+        let end = ChunkWrite::RoomEnd { address, last_seq: c.history.len() as i64, last_ts, epoch: c.row.epoch };
+        count(self.chunk(&format!("room/{n}/end"), end).await?);
+        Ok((written, skipped, last_ts))
     }
 }
 
