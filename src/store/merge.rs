@@ -507,8 +507,11 @@ impl Store {
         Ok(())
     }
 
-    /// One job.
+    /// One job (none when the store has no job tables yet).
     pub async fn merge_job(&self, id: &str) -> Result<Option<JobRow>, StoreError> {
+        if !self.has_table("merge_jobs").await? {
+            return Ok(None);
+        }
         let db = self.backend();
         let sql = "SELECT id, state, started_at, finished_at, sources, options, report, counts, verification, error FROM merge_jobs WHERE id = ?";
         Ok(JobRow::find_by_statement(stmt(db, sql, vec![id.into()])).one(&self.db).await?)
