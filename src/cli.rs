@@ -272,8 +272,8 @@ pub enum DbCommand {
 /// `stoa db merge`'s arguments.
 #[derive(clap::Args)]
 pub struct DbMerge {
-    /// A store to merge (`sqlite://PATH`, `postgres://…`, `mysql://…`): twice or more, in
-    /// order (an earlier source wins ties). Never written.
+    /// A store to merge (`sqlite://PATH`, `postgres://…`, `mysql://…`): once per store, in
+    /// order (an earlier source wins ties in time). Never written.
     #[arg(long, required = true, value_name = "URL")]
     pub source: Vec<String>,
     /// The store to merge into.

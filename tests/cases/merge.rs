@@ -192,6 +192,11 @@ async fn seed_scenario(target: &TestDb, a: Backend, b: Backend) {
     expected.sort();
     let expected: Vec<String> = expected.into_iter().map(|e| e.3).collect();
 
+    let (ok, out, err) = merge(&src, target, &["--validate"]).await;
+    assert!(!ok && err.contains("is not at this binary's schema") && err.contains("--migrate-target"), "{out}{err}");
+    let (ok, out, err) = merge(&src, target, &["--validate", "--migrate-target"]).await;
+    assert!(ok && out.contains("validation passed"), "{out}{err}");
+
     let (ok, out, err) = merge(&src, target, &["--migrate-target", "--dry-run"]).await;
     assert!(ok, "dry run: {out}{err}");
     assert!(out.contains(&format!("room {shared} (sources 1 and 2), rule union")), "{out}");
