@@ -238,11 +238,12 @@ pub async fn merge(args: &MergeArgs, progress: &Progress) -> Result<JobOutcome, 
         eprintln!("merge job {} resumed ({} chunk(s) already done)", job.id, done.len());
     }
 
-    let run = Run { target: &target, sources: &sources, job: job.id.clone(), done: &done, rules, chunk_rows, pause: args.chunk_pause, progress };
+    let checker = Store::open_merge_target(&args.target).await.map_err(MergeError::store("opening a second connection to the target"))?;
+    let run = Run { target: &target, checker: &checker, sources: &sources, job: job.id.clone(), done: &done, rules, chunk_rows, pause: args.chunk_pause, progress };
     progress.start(total_messages);
     let outcome = run.chunks(&plan).await;
     progress.finish();
-    let (expected, written, skipped, room_conflicts) = match outcome {
+    let (verified, written, skipped, room_conflicts) = match outcome {
         Ok(x) => x,
         Err(e) => {
             job.state = "failed".into();
@@ -254,17 +255,18 @@ pub async fn merge(args: &MergeArgs, progress: &Progress) -> Result<JobOutcome, 
     };
     conflicts.extend(room_conflicts);
 
-    let verification = verify(&target, &expected).await?;
-    let failed = verification["rooms"].as_array().map_or(0, |rooms| rooms.iter().filter(|r| r["ok"] != true).count());
+    let failed = verified.iter().filter(|r| r["ok"] != true).count();
+    let merged: u64 = verified.iter().map(|r| r["expected_messages"].as_u64().unwrap_or(0)).sum();
+    let verification = json!({ "ok": failed == 0, "rooms": verified });
     let mut report: Value = serde_json::from_str(&job.report).unwrap_or(report);
     report["conflicts"] = json!(conflicts);
     job.report = report.to_string();
     job.counts = json!({
         "rooms": plan.rooms.len(),
         "users": plan.users.len(),
-        "messages": expected.iter().map(|e| e.count).sum::<u64>(),
+        "messages": merged,
         "messages_read": total_messages,
-        "duplicates_dropped": total_messages - expected.iter().map(|e| e.count).sum::<u64>(),
+        "duplicates_dropped": total_messages - merged,
         "conflicts": conflicts.len(),
         "chunks_written": written,
         "chunks_already_done": skipped,
@@ -341,6 +343,8 @@ struct Expected {
 
 struct Run<'a> {
     target: &'a Store,
+    /// A second connection to the target, for the verification.
+    checker: &'a Store,
     sources: &'a [Store],
     job: String,
     done: &'a BTreeMap<String, u64>,
@@ -365,7 +369,7 @@ impl Run<'_> {
 
     /// Every chunk of the plan, in order; returns the expected rooms, the chunks written and
     /// skipped, and the conflicts met inside rooms.
-    async fn chunks(&self, plan: &Plan) -> Result<(Vec<Expected>, u64, u64, Vec<Conflict>), MergeError> {
+    async fn chunks(&self, plan: &Plan) -> Result<(Vec<Value>, u64, u64, Vec<Conflict>), MergeError> {
         let (mut written, mut skipped) = (0u64, 0u64);
         for (k, page) in plan.users.chunks(USER_CHUNK_ROWS).enumerate() {
             if self.chunk(&format!("users/{k}"), ChunkWrite::Users(page)).await? {
@@ -374,10 +378,12 @@ impl Run<'_> {
                 skipped += 1;
             }
         }
-        let mut expected = Vec::with_capacity(plan.rooms.len());
+        let mut verified = Vec::with_capacity(plan.rooms.len());
+        let mut pending: Option<Expected> = None;
         let mut conflicts = Vec::new();
         // One room is read from the sources while the one before is written into the target
-        // (other connections, other database processes): reads and writes overlap.
+        // and the one before that is read back from it on a connection of its own (other
+        // connections, other database processes): reads, writes and the verification overlap.
         let mut next = match plan.rooms.first() {
             Some(room) => Some(room_content(self.sources, room, &self.rules).await?),
             None => None,
@@ -394,12 +400,20 @@ impl Run<'_> {
                     None => Ok(None),
                 }
             };
-            let (wrote, ahead) = tokio::join!(self.write_room(n, &room.address, &c), ahead);
+            let previous = pending.take();
+            let check = async {
+                match previous {
+                    Some(e) => verify_room(self.checker, e).await.map(Some),
+                    None => Ok(None),
+                }
+            };
+            let (wrote, ahead, checked) = tokio::join!(self.write_room(n, &room.address, &c), ahead, check);
             let (w, s, last_ts) = wrote?;
             next = ahead?;
+            verified.extend(checked?);
             written += w;
             skipped += s;
-            expected.push(Expected {
+            pending = Some(Expected {
                 address: room.address.clone(),
                 count: c.history.len() as u64,
                 checksum: plan::checksum(c.history.iter().map(|m| (m.seq, m.sender.as_str(), m.body.as_str()))),
@@ -408,7 +422,10 @@ impl Run<'_> {
                 from_sources: c.from_sources,
             });
         }
-        Ok((expected, written, skipped, conflicts))
+        if let Some(e) = pending {
+            verified.push(verify_room(self.checker, e).await?);
+        }
+        Ok((verified, written, skipped, conflicts))
     }
 
     /// A room's chunks: its row, its messages, its end. Returns the chunks written and skipped,
@@ -432,31 +449,26 @@ impl Run<'_> {
     }
 }
 
-/// Read every merged room back from the target: count, checksum of (seq, sender, body), last
-/// seq and epoch against what the sources give.
-async fn verify(target: &Store, expected: &[Expected]) -> Result<Value, MergeError> {
-    let mut rooms = Vec::with_capacity(expected.len());
-    for e in expected {
-        let log = target.merge_room_log(&e.address).await.map_err(MergeError::store(format!("reading room {} back from the target", e.address)))?;
-        let (last_seq, last_ts, epoch, rows) = match log {
-            Some((row, rows)) => (row.last_seq, row.last_ts, row.epoch, rows),
-            None => (-1, -1, -1, Vec::new()),
-        };
-        let checksum = plan::checksum(rows.iter().map(|(seq, sender, body)| (*seq, sender.as_str(), body.as_str())));
-        let ok = rows.len() as u64 == e.count && checksum == e.checksum && last_seq == e.count as i64 && epoch == e.epoch && last_ts == e.last_ts;
-        rooms.push(json!({
-            "room": e.address,
-            "expected_messages": e.count,
-            "messages": rows.len(),
-            "expected_checksum": e.checksum,
-            "checksum": checksum,
-            "last_seq": last_seq,
-            "last_ts": last_ts,
-            "epoch": epoch,
-            "from_sources": e.from_sources,
-            "ok": ok,
-        }));
-    }
-    let ok = rooms.iter().all(|r| r["ok"] == true);
-    Ok(json!({ "ok": ok, "rooms": rooms }))
+/// Read a merged room back from the target: count, checksum of (seq, sender, body), last seq,
+/// `last_ts` and epoch against what the sources give.
+async fn verify_room(target: &Store, e: Expected) -> Result<Value, MergeError> {
+    let log = target.merge_room_log(&e.address).await.map_err(MergeError::store(format!("reading room {} back from the target", e.address)))?;
+    let (last_seq, last_ts, epoch, rows) = match log {
+        Some((row, rows)) => (row.last_seq, row.last_ts, row.epoch, rows),
+        None => (-1, -1, -1, Vec::new()),
+    };
+    let checksum = plan::checksum(rows.iter().map(|(seq, sender, body)| (*seq, sender.as_str(), body.as_str())));
+    let ok = rows.len() as u64 == e.count && checksum == e.checksum && last_seq == e.count as i64 && epoch == e.epoch && last_ts == e.last_ts;
+    Ok(json!({
+        "room": e.address,
+        "expected_messages": e.count,
+        "messages": rows.len(),
+        "expected_checksum": e.checksum,
+        "checksum": checksum,
+        "last_seq": last_seq,
+        "last_ts": last_ts,
+        "epoch": epoch,
+        "from_sources": e.from_sources,
+        "ok": ok,
+    }))
 }
