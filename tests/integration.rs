@@ -152,6 +152,7 @@ on_postgres! {
     merge::sqlite_pair_merges_into_postgres,
     merge::postgres_pair_merges_into_postgres,
     merge::postgres_and_mariadb_merge_into_postgres,
+    merge::a_target_user_without_write_privileges_is_refused,
 }
 on_backends! {[mysql]
     merge::mariadb_pair_merges_into_mariadb,

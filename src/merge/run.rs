@@ -217,7 +217,10 @@ pub async fn merge(args: &MergeArgs, progress: &Progress) -> Result<JobOutcome, 
         if validation.target_ready && resumed.is_none() {
             // Recorded so that `stoa db jobs` shows the refusal and its reasons; no data is written.
             let job = new_job(args, &rules, chunk_rows, &fingerprint, &report, "refused", Some(problems.join("\n")));
-            target.insert_merge_job(&job).await.map_err(MergeError::store("recording the refused job"))?;
+            // Best effort: the refusal may be that the user cannot write the target at all.
+            if let Err(e) = target.insert_merge_job(&job).await {
+                problems.push(format!("(the refused job could not be recorded in the target: {e})"));
+            }
         }
         return Err(MergeError::Refused(problems));
     }

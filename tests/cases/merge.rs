@@ -447,3 +447,29 @@ pub async fn a_store_with_a_running_ha_node_is_refused(db: &TestDb) {
     let (ok, out, err) = merge(&[&source], db, &["--migrate-target", "--yes"]).await;
     assert!(ok, "after the node stopped: {out}{err}");
 }
+
+/// A target whose user may read but not write is refused at validation, naming the missing
+/// privilege, and nothing is written (PostgreSQL: a role of the test's own).
+pub async fn a_target_user_without_write_privileges_is_refused(db: &TestDb) {
+    use sqlx::Connection as _;
+    let source = TestDb::new(Backend::Sqlite, "merge_priv_source").await;
+    fill(&source, Fill { node: "1a", rooms: &[("r", 3, "ann")], affiliations: &[], users: &[], t0: 1, step: 1, extra: &[] }).await;
+    with_store(db, async |s: &Store| s.migrate().await.expect("migrating the target")).await;
+    let role = format!("stoa_ro_{:08x}", rand::random::<u32>());
+    let mut admin = sqlx::PgConnection::connect(&db.url).await.expect("connecting to the target");
+    for sql in [format!("CREATE ROLE {role} LOGIN"), format!("GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}")] {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut admin).await.expect("setting up the read-only role");
+    }
+    admin.close().await.ok();
+    let mut url = url::Url::parse(&db.url).expect("target URL");
+    url.set_username(&role).expect("a user name");
+    let (ok, out, err) = stoa(&["db", "merge", "--source", &source.url, "--target", url.as_str(), "--yes"]).await;
+    let mut admin = sqlx::PgConnection::connect(&db.url).await.expect("connecting to the target");
+    for sql in [format!("REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {role}"), format!("DROP ROLE {role}")] {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut admin).await.expect("dropping the read-only role");
+    }
+    admin.close().await.ok();
+    assert!(!ok, "{out}{err}");
+    assert!(err.contains("the user lacks a privilege the merge needs") && err.contains("permission denied"), "{err}");
+    assert_eq!(with_store(db, async |s: &Store| s.count_rooms().await.unwrap()).await, 0);
+}
