@@ -77,7 +77,7 @@ $('logout').addEventListener('click', async () => {
 
 // ---- Tabs ---------------------------------------------------------------------------------
 
-const loaders = { rooms: loadRooms, plugins: loadPlugins, audit: loadAudit, metrics: () => {} };
+const loaders = { rooms: loadRooms, plugins: loadPlugins, audit: loadAudit, jobs: loadJobs, metrics: () => {} };
 
 function showTab(name) {
   for (const b of document.querySelectorAll('#tabs button')) {
@@ -392,6 +392,28 @@ function renderAudit() {
 }
 
 $('audit-filter').addEventListener('input', renderAudit);
+
+// ---- Merge jobs ---------------------------------------------------------------------------
+
+// "rooms 3, messages 1200" from a job's counts (any shape the job recorded).
+function counts(c) {
+  if (!c || typeof c !== 'object') return c ? String(c) : '';
+  return Object.entries(c).filter(([, v]) => typeof v !== 'object').map(([k, v]) => `${k} ${v}`).join(', ');
+}
+
+async function loadJobs() {
+  const r = await api('GET', '/api/db/jobs');
+  if (!r.ok) { fill($('jobs'), el('p', { class: 'error' }, r.data.message || String(r.status))); return; }
+  const jobs = r.data.jobs || [];
+  if (jobs.length === 0) { fill($('jobs'), el('p', { class: 'empty' }, 'No merge job has run against this store.')); return; }
+  fill($('jobs'), el('table', { class: 'audit' },
+    el('thead', {}, el('tr', {}, ['Job', 'State', 'Started', 'Took', 'Sources → target', 'Counts', 'Error'].map((h) => el('th', {}, h)))),
+    el('tbody', {}, jobs.map((j) => el('tr', { dataset: { job: j.id, state: j.state } },
+      el('td', {}, j.id), el('td', { class: j.state === 'done' ? 'ok' : j.state === 'running' ? '' : 'bad' }, j.state),
+      el('td', {}, clock(j.started_ms)), el('td', {}, j.finished_ms ? duration(j.finished_ms - j.started_ms) : ''),
+      el('td', {}, j.sources && j.sources.sources ? `${j.sources.sources.join(', ')} → ${j.sources.target}` : ''),
+      el('td', {}, counts(j.counts)), el('td', {}, j.error || ''))))));
+}
 
 // ---- Metrics ------------------------------------------------------------------------------
 

@@ -276,7 +276,8 @@ async fn web_pair(db: &TestDb) -> Pair {
 /// `failed_over_critical_services_not_running` and 1b `running_in_backup_mode` live, with the
 /// transitions listed; starting the service and falling back from the console brings both back
 /// to `normal`; a room is found by search and shown with its host; the audit log (in the page,
-/// and through the API) shows both actions with the console's user. Screenshots go to target/tmp/browser (STOA_REFRESH_DOCS=1 also copies the
+/// and through the API) shows both actions with the console's user; a merge refused because the
+/// pair serves its store is listed under the merge jobs. Screenshots go to target/tmp/browser (STOA_REFRESH_DOCS=1 also copies the
 /// console's to docs/console.png).
 pub async fn console_in_chromium_stops_a_service_and_falls_back(db: &TestDb) {
     let pair = web_pair(db).await;
@@ -353,6 +354,18 @@ pub async fn console_in_chromium_stops_a_service_and_falls_back(db: &TestDb) {
         assert!(metrics["text"].as_str().unwrap().contains(chart), "{chart} is charted: {metrics}");
     }
     b.ask(json!({"op": "screenshot", "path": screenshot("console-metrics.png")})).await;
+
+    // A merge into this pair's store is refused while its nodes serve it, and the refused job
+    // is listed in the console's merge jobs.
+    let dir = tempfile::tempdir().unwrap();
+    let source = format!("sqlite://{}/other-node.db", dir.path().display());
+    let other = stoa::store::Store::connect(&source, 1, "full").await.expect("creating the other node's store");
+    other.migrate().await.expect("its schema");
+    other.connection().clone().close().await.ok();
+    let (merged, text) = crate::harness::run_stoa(&["db", "merge", "--source", &source, "--target", &db.url, "--yes"]).await;
+    assert!(!merged, "a merge into a served store is refused: {text}");
+    let jobs = b.ask(json!({"op": "tab", "tab": "jobs", "wait": "#jobs table", "until": "refused"})).await;
+    assert!(jobs["text"].as_str().unwrap().contains("other-node.db"), "the job names its source: {jobs}");
     b.quit().await;
 
     let api = pair.call(0, "GET", "/api/audit").await.json();
