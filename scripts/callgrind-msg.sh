@@ -14,7 +14,7 @@
 # (100 msg/s is about half a core under callgrind), so this is the cost of a message committed
 # nearly alone (about one message per transaction), not of one in a large batch. How many
 # messages share a transaction still follows timing, so repeated runs differ by a few per cent
-# (two runs of one binary: 236,271 and 239,154 per message): compare binaries over several runs.
+# (two runs of one binary: 236,271 and 239,157 per message): compare binaries over several runs.
 set -euo pipefail
 RATE="${RATE:-100}"
 SHORT="${SHORT:-5}"
