@@ -3,6 +3,10 @@
 
 use super::*;
 
+/// How long a fallback waits for a peer recorded as `failing_over` to be recorded as
+/// `failed_over` (its recorded state lags its own by one store write).
+const FAILING_OVER_SETTLE: Duration = Duration::from_secs(2);
+
 impl Control {
     /// Enter `state` (if legal from the current one), record it and log it.
     pub(super) async fn enter(&self, state: NodeState, reason: Reason) {
@@ -264,8 +268,16 @@ impl Control {
         if peer_lease.is_none_or(|l| l.expired) {
             return Err(format!("node {} is not running (its lease has expired): start it first", peer.id));
         }
-        // The peer's recorded state (written before its heartbeats can tell).
-        let recorded = store.last_node_state(&peer.id).await.map_err(|e| e.to_string())?.map(|r| r.state);
+        // The peer's recorded state (written before its heartbeats can tell). It lags the peer's
+        // own view by one store write (`enter` publishes, then records): a fallback asked the
+        // moment the peer reports `failed_over` can still read `failing_over`, so that
+        // passing state is read again for a little while before it counts as the answer.
+        let mut recorded = store.last_node_state(&peer.id).await.map_err(|e| e.to_string())?.map(|r| r.state);
+        let settle = Instant::now() + FAILING_OVER_SETTLE;
+        while recorded.as_deref() == Some("failing_over") && Instant::now() < settle {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            recorded = store.last_node_state(&peer.id).await.map_err(|e| e.to_string())?.map(|r| r.state);
+        }
         match recorded.as_deref() {
             Some("failed_over") => {}
             Some("failed_over_critical_services_not_running") => {
