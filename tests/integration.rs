@@ -159,6 +159,7 @@ on_backends! {[mysql]
 }
 on_shared_stores! {
     merge::a_store_with_a_running_ha_node_is_refused,
+    merge::merged_stores_serve_an_ha_pair,
 }
 on_every_backend! {
     merge::each_conflict_rule_applies,

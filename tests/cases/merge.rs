@@ -473,3 +473,72 @@ pub async fn a_target_user_without_write_privileges_is_refused(db: &TestDb) {
     assert!(err.contains("the user lacks a privilege the merge needs") && err.contains("permission denied"), "{err}");
     assert_eq!(with_store(db, async |s: &Store| s.count_rooms().await.unwrap()).await, 0);
 }
+
+/// The seed's last step with the pair running: each node of a pair had its own store (1a's
+/// rooms in one, 1b's in the other, and one room both nodes wrote to); the stores are merged
+/// into the pair's shared store, and the pair starts on it as an HA pair (1a first, which holds
+/// 1b's rooms until 1b is up and then hands them over by itself): a client on 1b reads
+/// 1a's rooms over the node link in the merge's order, writes to them, and after a kill -9 of
+/// 1a finds every message on 1b, which took the rooms over (epochs above the sources').
+pub async fn merged_stores_serve_an_ha_pair(db: &TestDb) {
+    use stoa::client::{Client, Login, new_cid};
+    let sources = [TestDb::new(Backend::Postgres, "merge_pair_a").await, TestDb::new(Backend::Postgres, "merge_pair_b").await];
+    let (shared, own_a, own_b) = ("shared@conference-1a.localhost", "own@conference-1a.localhost", "own@conference-1b.localhost");
+    // Source i: times 1000 + 2k + i, so the merged `shared` alternates a0 b0 a1 b1 ...
+    for (i, src) in sources.iter().enumerate() {
+        let store = src.store().await;
+        store.migrate().await.expect("source schema");
+        let mut rooms = vec![(shared, NodeId("1a".into()))];
+        rooms.push(if i == 0 { (own_a, NodeId("1a".into())) } else { (own_b, NodeId("1b".into())) });
+        for (addr, home) in rooms {
+            let row = store.create_room(&RoomAddr(addr.into()), &Default::default(), "ann", &home).await.expect("source room");
+            let fence = Fence { room: row.id, host: home, epoch: row.epoch };
+            let messages = (0..10)
+                .map(|k| {
+                    let at = 1_800_000_001_000 + 2 * k + i as i64;
+                    let who = ["a", "b"][i];
+                    NewMessage { id: stoa::ids::message_id(at), created_at: at, ..NewMessage::unstamped(format!("user-{who}"), who.into(), format!("{who}{k}"), format!("c{who}{k}")) }
+                })
+                .collect();
+            let answer = store.append_batch(&[AppendRequest { fence, base_seq: 0, messages }]).await.expect("source append");
+            assert!(answer[0].is_ok(), "{answer:?}");
+        }
+        store.connection().clone().close().await.ok();
+    }
+    let src: Vec<&TestDb> = sources.iter().collect();
+    let (ok, out, err) = merge(&src, db, &["--migrate-target", "--yes"]).await;
+    assert!(ok, "merge: {out}{err}");
+
+    // 1a comes up first and, its peer never having run, serves 1b's rooms too (a cold start);
+    // 1b comes up and gets them back by itself: both normal.
+    let mut pair = crate::cases::failover::Pair::configure_with(db, None, None, "");
+    pair.start(0).await;
+    pair.start(1).await;
+    for i in [0, 1] {
+        pair.await_state(i, "normal", DEADLINE).await;
+        let addr = pair.admin(i).parse().expect("admin address");
+        crate::harness::await_admin(addr, None, "/api/topology", "the peer reachable", |t| t["peer"]["reachable"] == true).await;
+    }
+    let (reader, _) = Client::connect(&pair.url(1), Login::guest("reader")).await.expect("a client on 1b");
+    let bodies = |page: stoa::client::HistoryPage| page.messages.into_iter().map(|m| m.body).collect::<Vec<_>>();
+    let merged: Vec<String> = (0..10).flat_map(|k| [format!("a{k}"), format!("b{k}")]).collect();
+    let page = reader.history(shared, None, None, Some(100)).await.expect("1a's room read on 1b over the link");
+    assert_eq!(bodies(page), merged, "the merged room, in the merge's order");
+    let page = reader.history(own_b, None, None, Some(100)).await.expect("1b's own room");
+    assert_eq!(bodies(page), (0..10).map(|k| format!("b{k}")).collect::<Vec<_>>());
+    reader.join(shared, "reader", None, None).await.expect("joining over the link");
+    assert_eq!(reader.send(shared, "after the merge", new_cid()).await.expect("posting over the link").seq, 21);
+    reader.close().await;
+
+    pair.kill(0);
+    pair.await_state(1, "running_in_backup_mode", DEADLINE).await;
+    let (reader, _) = Client::connect(&pair.url(1), Login::guest("reader2")).await.expect("a client on 1b");
+    reader.join(shared, "reader2", None, None).await.expect("joining the room 1b took over");
+    let mut expected = merged.clone();
+    expected.push("after the merge".into());
+    assert_eq!(bodies(reader.history(shared, None, None, Some(100)).await.expect("history on 1b")), expected);
+    assert_eq!(reader.send(shared, "after the takeover", new_cid()).await.expect("posting on 1b").seq, 22);
+    reader.close().await;
+    let epoch = with_store(db, async |s: &Store| s.load_room(&RoomAddr(shared.into())).await.unwrap().unwrap().epoch.0).await;
+    assert!(epoch >= 3, "merged at 2 (above the sources' 1), then taken over: {epoch}");
+}
