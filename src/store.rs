@@ -146,6 +146,29 @@ impl TryFrom<room::Model> for RoomRow {
     }
 }
 
+/// `sql` written with `?` placeholders, numbered (`$1`, `$2`, …) for PostgreSQL.
+fn placeholders(db: sea_orm::DbBackend, sql: &str) -> String {
+    if db != sea_orm::DbBackend::Postgres {
+        return sql.to_owned();
+    }
+    let mut out = String::with_capacity(sql.len() + 8);
+    let mut n = 0;
+    for c in sql.chars() {
+        if c == '?' {
+            n += 1;
+            out.push_str(&format!("${n}"));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A statement for `db` from `sql` with `?` placeholders (see [`placeholders`]).
+fn stmt(db: sea_orm::DbBackend, sql: &str, values: Vec<sea_orm::Value>) -> sea_orm::Statement {
+    sea_orm::Statement::from_sql_and_values(db, placeholders(db, sql), values)
+}
+
 /// Attempts to open a SQLite database that another process is initialising at the same moment.
 const SQLITE_OPEN_RETRIES: u32 = 25;
 

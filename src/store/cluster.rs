@@ -13,7 +13,7 @@
 //! All of it needs a store shared by a pair: PostgreSQL or MySQL/MariaDB. SQLite (one node
 //! only) has none of it and answers [`ClusterError::Unsupported`].
 
-use super::{Store, StoreError, StoreKind};
+use super::{Store, StoreError, StoreKind, stmt};
 use crate::ids::NodeId;
 use sea_orm::sea_query::{Alias, Expr, Query};
 use sea_orm::{ConnectionTrait, DbBackend, Statement, TransactionTrait};
@@ -69,28 +69,6 @@ impl From<sea_orm::DbErr> for ClusterError {
     fn from(e: sea_orm::DbErr) -> Self {
         ClusterError::Store(StoreError::Db(e))
     }
-}
-
-/// `sql` written with `?` placeholders, numbered (`$1`, `$2`, …) for PostgreSQL.
-fn placeholders(db: DbBackend, sql: &str) -> String {
-    if db != DbBackend::Postgres {
-        return sql.to_owned();
-    }
-    let mut out = String::with_capacity(sql.len() + 8);
-    let mut n = 0;
-    for c in sql.chars() {
-        if c == '?' {
-            n += 1;
-            out.push_str(&format!("${n}"));
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-fn stmt(db: DbBackend, sql: &str, values: Vec<sea_orm::Value>) -> Statement {
-    Statement::from_sql_and_values(db, placeholders(db, sql), values)
 }
 
 /// The name of `node`'s presence lock in the store at `url`. PostgreSQL advisory locks belong
@@ -486,7 +464,7 @@ mod tests {
 
     #[test]
     fn placeholders_are_numbered_for_postgres_only() {
-        assert_eq!(placeholders(DbBackend::Postgres, "a = ? AND b = ?"), "a = $1 AND b = $2");
-        assert_eq!(placeholders(DbBackend::MySql, "a = ? AND b = ?"), "a = ? AND b = ?");
+        assert_eq!(crate::store::placeholders(DbBackend::Postgres, "a = ? AND b = ?"), "a = $1 AND b = $2");
+        assert_eq!(crate::store::placeholders(DbBackend::MySql, "a = ? AND b = ?"), "a = ? AND b = ?");
     }
 }

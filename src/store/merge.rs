@@ -9,11 +9,11 @@
 
 use super::entity::{affiliation, message, room, user};
 use super::plugin_state::entity as plugin_state;
-use super::{Store, StoreError, StoreKind};
+use super::{Store, StoreError, StoreKind, stmt};
 use sea_orm::sea_query::{Alias, Expr, ExprTrait as _, Query};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait, FromQueryResult, QueryFilter, QueryOrder,
-    QuerySelect, Statement, TransactionTrait,
+    QuerySelect, TransactionTrait,
 };
 use std::collections::{BTreeMap, HashSet};
 use std::str::FromStr;
@@ -91,26 +91,6 @@ impl ChunkWrite<'_> {
             ChunkWrite::RoomEnd { .. } => 1,
         }
     }
-}
-
-/// `sql` with `?` placeholders numbered for PostgreSQL.
-fn stmt(db: DbBackend, sql: &str, values: Vec<sea_orm::Value>) -> Statement {
-    let sql = if db == DbBackend::Postgres {
-        let mut out = String::with_capacity(sql.len() + 8);
-        let mut n = 0;
-        for c in sql.chars() {
-            if c == '?' {
-                n += 1;
-                out.push_str(&format!("${n}"));
-            } else {
-                out.push(c);
-            }
-        }
-        out
-    } else {
-        sql.to_owned()
-    };
-    Statement::from_sql_and_values(db, sql, values)
 }
 
 impl Store {
