@@ -147,8 +147,8 @@ impl Store {
     pub async fn message_seq(&self, room: RoomId, id: &str) -> Result<Option<u64>, StoreError> {
         let Some(at) = crate::ids::message_id_time(id) else { return Ok(None) };
         let end = self.end_seq(room).await?;
-        let from = self.first_seq_at(room, at, end).await?;
-        let to = self.first_seq_at(room, at.saturating_add(1), end).await?;
+        let from = self.first_seq_at(room, at, 0, end).await?;
+        let to = self.first_seq_at(room, at.saturating_add(1), from, end).await?;
         if from == to {
             return Ok(None);
         }
@@ -177,13 +177,14 @@ impl Store {
         Ok(last.flatten().map_or(1, |s| s as u64 + 1))
     }
 
-    /// The lowest seq of `room` whose message is from `at` (Unix ms) or later, or `end` (one past
-    /// the last seq) if none is. A binary search over the primary key, about log2(messages)
-    /// point reads: right because a room's `created_at` never decreases as its seq grows (the
-    /// room actor's clock, `room::post`, resumed from `rooms.last_ts`), and seqs may have gaps.
-    async fn first_seq_at(&self, room: RoomId, at: i64, end: u64) -> Result<u64, StoreError> {
+    /// The lowest seq of `room` from `from` on whose message is from `at` (Unix ms) or later, or
+    /// `end` (one past the last seq) if none is; every message below `from` must be older than
+    /// `at`. A binary search over the primary key, about log2(end - from) point reads: right
+    /// because a room's `created_at` never decreases as its seq grows (the room actor's clock,
+    /// `room::post`, resumed from `rooms.last_ts`), and seqs may have gaps.
+    async fn first_seq_at(&self, room: RoomId, at: i64, from: u64, end: u64) -> Result<u64, StoreError> {
         // Every message below `lo` is older than `at`; none from `hi` on is.
-        let (mut lo, mut hi) = (0u64, end);
+        let (mut lo, mut hi) = (from, end);
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
             let probe: Option<(i64, i64)> = message::Entity::find()
@@ -217,10 +218,12 @@ impl Store {
         if range.start_ms.is_some() || range.end_ms.is_some() {
             let end = self.end_seq(room).await?;
             if let Some(t) = range.start_ms {
-                since = self.first_seq_at(room, t, end).await?.saturating_sub(1);
+                since = self.first_seq_at(room, t, 0, end).await?.saturating_sub(1);
             }
             if let Some(t) = range.end_ms {
-                until = Some(self.first_seq_at(room, t.saturating_add(1), end).await?);
+                // Messages up to `since` are older than `start`; if `end` < `start`, none match.
+                let from = if range.start_ms.is_some_and(|s| s <= t) { since } else { 0 };
+                until = Some(self.first_seq_at(room, t.saturating_add(1), from, end).await?);
             }
         }
         let filtered = |after: u64, before: Option<u64>| {
