@@ -6,6 +6,8 @@ use super::*;
 
 mod postgres;
 
+pub(super) use postgres::MessageArrays;
+
 /// A stored message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredMessage {

@@ -693,38 +693,17 @@ async fn write_chunk(txn: &DatabaseTransaction, write: &ChunkWrite<'_>) -> Resul
 /// PostgreSQL: the messages through one `INSERT … SELECT * FROM UNNEST(arrays)`: nine bind
 /// parameters whatever the row count, parsed once.
 async fn insert_messages_pg(conn: &mut sqlx::PgConnection, room_id: i64, messages: &[message::Model]) -> Result<(), sqlx::Error> {
-    let n = messages.len();
-    let mut seq = Vec::with_capacity(n);
-    let mut id = Vec::with_capacity(n);
-    let mut sender = Vec::with_capacity(n);
-    let mut nick = Vec::with_capacity(n);
-    let mut body = Vec::with_capacity(n);
-    let mut cid = Vec::with_capacity(n);
-    let mut epoch = Vec::with_capacity(n);
-    let mut created = Vec::with_capacity(n);
+    let mut arrays = super::log::MessageArrays::with_capacity(messages.len());
     for m in messages {
-        seq.push(m.seq);
-        id.push(m.id.as_str());
-        sender.push(m.sender.as_str());
-        nick.push(m.nick.as_str());
-        body.push(m.body.as_str());
-        cid.push(m.client_msg_id.as_str());
-        epoch.push(m.epoch);
-        created.push(m.created_at);
+        arrays.push(room_id, m.seq, m.epoch, &m.id, &m.sender, &m.nick, &m.body, &m.client_msg_id, m.created_at);
     }
-    sqlx::query(
+    let mut args = sqlx::postgres::PgArguments::default();
+    arrays.add_to(&mut args).map_err(sqlx::Error::Encode)?;
+    sqlx::query_with(
         "INSERT INTO messages (room_id, seq, id, sender, nick, body, client_msg_id, epoch, created_at) \
-         SELECT $1, * FROM UNNEST($2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::bigint[], $9::bigint[])",
+         SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::bigint[], $9::bigint[])",
+        args,
     )
-    .bind(room_id)
-    .bind(seq)
-    .bind(id)
-    .bind(sender)
-    .bind(nick)
-    .bind(body)
-    .bind(cid)
-    .bind(epoch)
-    .bind(created)
     .execute(conn)
     .await?;
     Ok(())

@@ -13,6 +13,68 @@
 //! looks every cid up first.
 
 use super::*;
+use sqlx::Arguments as _;
+use sqlx::postgres::PgArguments;
+
+/// Rows of `messages` as PostgreSQL arrays, one per column in table order (`room_id, seq, id,
+/// sender, nick, body, client_msg_id, epoch, created_at`), added to a statement's arguments in
+/// that order: how the group commit and the merge (`store::merge`) insert many rows with one
+/// statement whose text does not depend on the row count.
+pub(in crate::store) struct MessageArrays<'a> {
+    room_id: Vec<i64>,
+    seq: Vec<i64>,
+    id: Vec<&'a str>,
+    sender: Vec<&'a str>,
+    nick: Vec<&'a str>,
+    body: Vec<&'a str>,
+    client_msg_id: Vec<&'a str>,
+    epoch: Vec<i64>,
+    created_at: Vec<i64>,
+}
+
+impl<'a> MessageArrays<'a> {
+    pub(in crate::store) fn with_capacity(n: usize) -> Self {
+        MessageArrays {
+            room_id: Vec::with_capacity(n),
+            seq: Vec::with_capacity(n),
+            id: Vec::with_capacity(n),
+            sender: Vec::with_capacity(n),
+            nick: Vec::with_capacity(n),
+            body: Vec::with_capacity(n),
+            client_msg_id: Vec::with_capacity(n),
+            epoch: Vec::with_capacity(n),
+            created_at: Vec::with_capacity(n),
+        }
+    }
+
+    /// One row, its columns in table order.
+    #[allow(clippy::too_many_arguments)]
+    pub(in crate::store) fn push(&mut self, room_id: i64, seq: i64, epoch: i64, id: &'a str, sender: &'a str, nick: &'a str, body: &'a str, client_msg_id: &'a str, created_at: i64) {
+        self.room_id.push(room_id);
+        self.seq.push(seq);
+        self.id.push(id);
+        self.sender.push(sender);
+        self.nick.push(nick);
+        self.body.push(body);
+        self.client_msg_id.push(client_msg_id);
+        self.epoch.push(epoch);
+        self.created_at.push(created_at);
+    }
+
+    /// The nine arrays, in table order, as the next nine arguments of `args` (in SQL:
+    /// `unnest($n::bigint[], $n+1::bigint[], $n+2::text[] … $n+6::text[], $n+7::bigint[], $n+8::bigint[])`).
+    pub(in crate::store) fn add_to(self, args: &mut PgArguments) -> Result<(), sqlx::error::BoxDynError> {
+        args.add(self.room_id)?;
+        args.add(self.seq)?;
+        args.add(self.id)?;
+        args.add(self.sender)?;
+        args.add(self.nick)?;
+        args.add(self.body)?;
+        args.add(self.client_msg_id)?;
+        args.add(self.epoch)?;
+        args.add(self.created_at)
+    }
+}
 
 /// `$1…$6`: one element per append (room, host, epoch, base seq, new last seq, new last time);
 /// `$7…$15`: one per message.
@@ -40,46 +102,33 @@ impl Store {
     /// back on [`StoreError::Conflict`]). Every request must carry at least one message.
     pub(in crate::store) async fn append_postgres(&self, requests: &[AppendRequest]) -> Result<Vec<Result<Appended, AppendError>>, StoreError> {
         let rows: usize = requests.iter().map(|r| r.messages.len()).sum();
-        let mut appends = (Vec::with_capacity(requests.len()), Vec::with_capacity(requests.len()), Vec::with_capacity(requests.len()));
-        let mut heads = (Vec::with_capacity(requests.len()), Vec::with_capacity(requests.len()), Vec::with_capacity(requests.len()));
-        let mut keys = (Vec::with_capacity(rows), Vec::with_capacity(rows), Vec::with_capacity(rows), Vec::with_capacity(rows));
-        let mut content = (Vec::with_capacity(rows), Vec::with_capacity(rows), Vec::with_capacity(rows), Vec::with_capacity(rows), Vec::with_capacity(rows));
+        let (mut rooms, mut hosts, mut epochs) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut bases, mut last_seqs, mut last_ts) = (Vec::new(), Vec::new(), Vec::new());
+        let mut messages = MessageArrays::with_capacity(rows);
         for r in requests {
             let last = r.messages.last().expect("a request carries messages");
-            appends.0.push(r.fence.room.0);
-            appends.1.push(r.fence.host.0.as_str());
-            appends.2.push(r.fence.epoch.0);
-            heads.0.push(r.base_seq as i64);
-            heads.1.push((r.base_seq + r.messages.len() as u64) as i64);
-            heads.2.push(last.created_at);
+            rooms.push(r.fence.room.0);
+            hosts.push(r.fence.host.0.as_str());
+            epochs.push(r.fence.epoch.0);
+            bases.push(r.base_seq as i64);
+            last_seqs.push((r.base_seq + r.messages.len() as u64) as i64);
+            last_ts.push(last.created_at);
             for (k, m) in r.messages.iter().enumerate() {
-                keys.0.push(r.fence.room.0);
-                keys.1.push((r.base_seq + 1 + k as u64) as i64);
-                keys.2.push(m.id.as_str());
-                keys.3.push(m.sender.as_str());
-                content.0.push(m.nick.as_str());
-                content.1.push(m.body.as_str());
-                content.2.push(m.client_msg_id.as_str());
-                content.3.push(r.fence.epoch.0);
-                content.4.push(m.created_at);
+                messages.push(r.fence.room.0, (r.base_seq + 1 + k as u64) as i64, r.fence.epoch.0, m.id.as_str(), m.sender.as_str(), m.nick.as_str(), m.body.as_str(), m.client_msg_id.as_str(), m.created_at);
             }
         }
-        let moved: Vec<i64> = sqlx::query_scalar(APPEND)
-            .bind(appends.0)
-            .bind(appends.1)
-            .bind(appends.2)
-            .bind(heads.0)
-            .bind(heads.1)
-            .bind(heads.2)
-            .bind(keys.0)
-            .bind(keys.1)
-            .bind(keys.2)
-            .bind(keys.3)
-            .bind(content.0)
-            .bind(content.1)
-            .bind(content.2)
-            .bind(content.3)
-            .bind(content.4)
+        let mut args = PgArguments::default();
+        let added: Result<(), sqlx::error::BoxDynError> = (|| {
+            args.add(rooms)?;
+            args.add(hosts)?;
+            args.add(epochs)?;
+            args.add(bases)?;
+            args.add(last_seqs)?;
+            args.add(last_ts)?;
+            messages.add_to(&mut args)
+        })();
+        added.map_err(|e| StoreError::Sqlx(sqlx::Error::Encode(e)))?;
+        let moved: Vec<i64> = sqlx::query_scalar_with(APPEND, args)
             .fetch_all(self.db.get_postgres_connection_pool())
             .await
             .map_err(|e| match &e {
