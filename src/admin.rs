@@ -80,6 +80,7 @@ fn describe_metrics() {
     describe_counter!("stoa_link_handshakes_refused_total", "node-link connections refused, by reason");
     describe_gauge!("stoa_ha_state", "1 for the node's HA state now, 0 for the others");
     describe_gauge!("stoa_peer_reachable", "1 while the peer's heartbeats arrive over the node link");
+    describe_gauge!("stoa_node_reachable", "1 while that node's heartbeats arrive over its node link (every other node of the cluster)");
     describe_gauge!("stoa_ready", "1 while /ready answers 200");
     process_metrics().describe();
 }
@@ -410,7 +411,9 @@ async fn topology_view(state: &AdminState) -> serde_json::Value {
     for g in &state.settings.cluster.groups {
         let mut nodes = Vec::new();
         for n in &g.nodes {
+            // Leases of other groups are in their own stores.
             let lease = match state.store.lease(&crate::ids::NodeId(n.id.clone())).await {
+                _ if !in_my_group(state, &n.id) => serde_json::Value::Null,
                 Ok(Some(l)) => json!({"holder": l.holder, "expired": l.expired, "remaining_ms": l.remaining_ms}),
                 Ok(None) => serde_json::Value::Null,
                 Err(e) => json!({"error": e.to_string()}),
@@ -426,17 +429,24 @@ async fn topology_view(state: &AdminState) -> serde_json::Value {
     json!({
         "node": state.settings.node.id,
         "status": state.recovery.as_ref().map(|r| r.status()),
-        "peer": state.link.as_ref().map(|l| l.peer()),
+        "peer": state.link.as_ref().and_then(|l| l.peer()),
         "groups": groups,
     })
 }
 
+/// Whether node `id` is this node or its peer: its records are in this node's store.
+fn in_my_group(state: &AdminState, id: &str) -> bool {
+    id == state.settings.node.id || state.settings.group().is_some_and(|g| g.nodes.iter().any(|n| n.id == id))
+}
+
 /// One node as this node sees it: its recovery state (its own status for this node; the
-/// heartbeat and the store's record for the peer), rooms it hosts, users connected here.
+/// heartbeat and the store's record for the others), rooms it hosts (in this node's group),
+/// users connected to it.
 async fn node_view(state: &AdminState, id: &str) -> serde_json::Value {
     let node = crate::ids::NodeId(id.to_owned());
-    let hosted = state.store.rooms_hosted_by(&node).await.ok();
-    let recorded = state.store.last_node_state(&node).await.ok().flatten();
+    let own_store = in_my_group(state, id);
+    let hosted = if own_store { state.store.rooms_hosted_by(&node).await.ok() } else { None };
+    let recorded = if own_store { state.store.last_node_state(&node).await.ok().flatten() } else { None };
     let me = id == state.settings.node.id;
     let (recovery_state, reason, since_ms) = match (me, state.recovery.as_ref(), &recorded) {
         (true, Some(r), _) => {
@@ -444,10 +454,13 @@ async fn node_view(state: &AdminState, id: &str) -> serde_json::Value {
             (json!(s.state), json!(s.reason), json!(s.since_ms))
         }
         (_, _, Some(r)) => (json!(r.state), json!(r.reason), json!(r.at_ms)),
+        // A single-node group of a cluster: no recovery manager; it serves its rooms, as its
+        // heartbeats tell the other nodes.
+        (true, None, _) if state.link.is_some() => (json!(crate::ha::state::NodeState::Normal), json!(null), json!(null)),
         _ => (json!(null), json!(null), json!(null)),
     };
-    let peer = state.link.as_ref().map(|l| l.peer()).filter(|p| p.id == id);
-    // The peer's state is what it says over the link; one that cannot be reached is `unknown`
+    let peer = state.link.as_ref().and_then(|l| l.status(&node));
+    // Another node's state is what it says over the link; one that cannot be reached is `unknown`
     // (Cisco's name), whatever it last recorded before it went away.
     let unreachable = peer.as_ref().is_some_and(|p| !p.reachable);
     let current = match &peer {
@@ -503,20 +516,28 @@ async fn write_audit(state: &AdminState, actor: &Actor, action: &str, target: &s
 
 /// Carry out an HA admin request, answer it, and write it to the audit log.
 async fn ha_request(state: &AdminState, actor: &Actor, action: &str, target: &str, request: crate::ha::recovery::Request) -> Response {
-    let Some(recovery) = &state.recovery else {
-        return (
-            StatusCode::CONFLICT,
-            Json(json!({"error": "conflict", "message": "this node is not in an HA group (cluster.groups with ha = true)"})),
-        )
-            .into_response();
-    };
+    use crate::ha::recovery::Request;
     let mut detail = match &request {
-        crate::ha::recovery::Request::Failover { node } | crate::ha::recovery::Request::Fallback { node } => json!({"node": node}),
-        crate::ha::recovery::Request::Service { node, service, start } => {
+        Request::Failover { node } | Request::Fallback { node } => json!({"node": node}),
+        Request::Service { node, service, start } => {
             json!({"node": node, "service": service.as_str(), "action": if *start { "start" } else { "stop" }})
         }
     };
-    let answer = recovery.request(request).await;
+    let answer = match other_groups_command(state, &request) {
+        // A node of another group: the node whose action it is carries it out and answers.
+        Some(Ok((node, command))) => match &state.link {
+            Some(link) => link.request(&node, command).await,
+            None => Err("this node has no node links".to_owned()),
+        },
+        Some(Err(refusal)) => Err(refusal),
+        None => match &state.recovery {
+            Some(recovery) => recovery.request(request).await,
+            None => {
+                let message = "this node is not in an HA group (cluster.groups with ha = true)";
+                return (StatusCode::CONFLICT, Json(json!({"error": "conflict", "message": message}))).into_response();
+            }
+        },
+    };
     let (outcome, status, body) = match &answer {
         Ok(m) => ("done", StatusCode::OK, json!({"ok": true, "message": m})),
         Err(m) => ("refused", StatusCode::CONFLICT, json!({"error": "conflict", "message": m})),
@@ -524,6 +545,33 @@ async fn ha_request(state: &AdminState, actor: &Actor, action: &str, target: &st
     detail["message"] = body["message"].clone();
     write_audit(state, actor, action, target, detail, outcome).await;
     (status, Json(body)).into_response()
+}
+
+/// An admin verb for a node of another group of the cluster: the node that carries it out
+/// (the node itself; for a fallback, its peer, which holds its rooms) and the command to pass
+/// it. `None`: the node is this node or its peer (the recovery manager's to do) or unknown.
+fn other_groups_command(state: &AdminState, request: &crate::ha::recovery::Request) -> Option<Result<(crate::ids::NodeId, crate::ha::link::PeerCommand), String>> {
+    use crate::ha::link::PeerCommand;
+    use crate::ha::recovery::Request;
+    let node = match request {
+        Request::Failover { node } | Request::Fallback { node } | Request::Service { node, .. } => node,
+    };
+    let settings = &state.settings;
+    if settings.group().is_some_and(|g| g.nodes.iter().any(|n| &n.id == node)) {
+        return None;
+    }
+    let group = settings.cluster.groups.iter().find(|g| g.nodes.iter().any(|n| &n.id == node))?;
+    let to = |id: &str| crate::ids::NodeId(id.to_owned());
+    Some(match request {
+        Request::Failover { node } => Ok((to(node), PeerCommand::Failover { node: node.clone() })),
+        Request::Service { node, service, start } => {
+            Ok((to(node), PeerCommand::Service { node: node.clone(), service: service.as_str().to_owned(), start: *start }))
+        }
+        Request::Fallback { node } => match group.nodes.iter().find(|n| &n.id != node).filter(|_| group.ha) {
+            Some(backup) => Ok((to(&backup.id), PeerCommand::Fallback { node: node.clone() })),
+            None => Err(format!("node {node} is not in an HA group: it has no peer to fall back from")),
+        },
+    })
 }
 
 async fn failover(State(state): State<AdminState>, Extension(actor): Extension<Actor>, Path(node): Path<String>) -> Response {
@@ -609,7 +657,12 @@ async fn metrics_text(State(state): State<AdminState>) -> impl IntoResponse {
         }
     }
     if let Some(link) = &state.link {
-        metrics::gauge!("stoa_peer_reachable").set(if link.peer().reachable { 1.0 } else { 0.0 });
+        if let Some(peer) = link.peer() {
+            metrics::gauge!("stoa_peer_reachable").set(if peer.reachable { 1.0 } else { 0.0 });
+        }
+        for node in link.statuses() {
+            metrics::gauge!("stoa_node_reachable", "node" => node.id).set(if node.reachable { 1.0 } else { 0.0 });
+        }
     }
     process_metrics().collect();
     metrics::gauge!("stoa_ready").set(if state.gateway.is_accepting() && state.registry.is_hosting() { 1.0 } else { 0.0 });

@@ -837,7 +837,7 @@ impl Settings {
         if let Some(c2s) = &self.xmpp.c2s {
             add("xmpp c2s", c2s.to_string(), exposed(c2s), "xmpp.c2s_insecure", self.xmpp.c2s_insecure);
         }
-        if let Some(group) = self.group().filter(|g| g.ha)
+        if let Some(group) = self.group().filter(|_| self.has_links())
             && let Some(me) = group.nodes.iter().find(|n| n.id == self.node.id)
         {
             add("node link", me.link.clone(), !link_is_loopback(&me.link), "cluster.link_insecure", self.cluster.link_insecure);
@@ -855,6 +855,23 @@ impl Settings {
         self.group()?.nodes.iter().find(|n| n.id != self.node.id)
     }
 
+    /// Whether `service` is the room service of this node or of its peer: rooms whose records
+    /// are in this node's store.
+    pub fn is_group_service(&self, service: &str) -> bool {
+        service == self.node.service || self.peer().is_some_and(|p| p.service == service)
+    }
+
+    /// Whether `service` is the room service of any node of the cluster (or this node's).
+    pub fn is_room_service(&self, service: &str) -> bool {
+        self.is_group_service(service) || self.cluster.groups.iter().flat_map(|g| &g.nodes).any(|n| n.service == service)
+    }
+
+    /// Whether this node keeps node links: to its peer in an HA group, and to every other node
+    /// when the cluster has more than one group (docs/clusters.md).
+    pub fn has_links(&self) -> bool {
+        self.group().is_some_and(|g| g.ha) || self.cluster.groups.len() > 1
+    }
+
     /// The XMPP address (`host:port`) of the node whose client URL is `client`, where the
     /// topology names one.
     pub fn xmpp_address_of(&self, client: &str) -> Option<&str> {
@@ -870,6 +887,7 @@ impl Settings {
             return invalid("cluster.lease_renew_ms must be at least 1 and at most half of cluster.lease_ttl_ms".into());
         }
         let mut ids = std::collections::HashSet::new();
+        let mut services = std::collections::HashSet::new();
         for g in &self.cluster.groups {
             if g.nodes.is_empty() || g.nodes.len() > 2 {
                 return invalid(format!("group `{}` must have one or two nodes", g.name));
@@ -883,6 +901,10 @@ impl Settings {
                 }
                 if n.service.is_empty() || n.client.is_empty() || n.link.is_empty() {
                     return invalid(format!("node `{}` needs client, link and service", n.id));
+                }
+                // A room's service names its group: nodes route requests by it.
+                if !services.insert(n.service.as_str()) {
+                    return invalid(format!("service `{}` appears twice in the topology (node `{}`)", n.service, n.id));
                 }
                 let host_port = |a: &str| a.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
                 if !n.xmpp.is_empty() && !host_port(&n.xmpp) {
@@ -900,17 +922,16 @@ impl Settings {
                 self.node.service, me.service, me.id
             ));
         }
-        if group.ha {
-            if self.store_url().starts_with("sqlite:") {
-                return invalid(format!(
-                    "group `{}` has ha = true, but its store is SQLite, which only one process can use: \
-                     give both nodes the same PostgreSQL or MySQL/MariaDB store.url",
-                    group.name
-                ));
-            }
-            if self.cluster.secret.len() < 16 {
-                return invalid("cluster.secret (at least 16 characters) is required for a redundancy group".into());
-            }
+        if group.ha && self.store_url().starts_with("sqlite:") {
+            return invalid(format!(
+                "group `{}` has ha = true, but its store is SQLite, which only one process can use: \
+                 give both nodes the same PostgreSQL or MySQL/MariaDB store.url",
+                group.name
+            ));
+        }
+        if self.has_links() && self.cluster.secret.len() < 16 {
+            let what = if group.ha { "a redundancy group" } else { "a cluster of several groups (its nodes link up)" };
+            return invalid(format!("cluster.secret (at least 16 characters) is required for {what}"));
         }
         Ok(())
     }

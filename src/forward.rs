@@ -1,30 +1,34 @@
-//! Forwarding room operations between the two nodes of a pair, over the node link.
+//! Forwarding room operations to the node that hosts the room, over the node link: the peer
+//! of a pair, or any node of another group of the cluster (docs/clusters.md).
 //!
 //! A client on node B, whatever protocol it speaks, may join, read and post in a room hosted by
-//! its peer A. B's gateway tries the room locally first; when the registry answers that A
-//! hosts it (and the link to A is up), the gateway passes the operation, typed (a
-//! [`RoomOp`]), to A through this module (`Remote::request`). A serves it with
-//! [`Gateway::serve`] for a *stand-in* session: an ordinary [`Session`] of the same user (the
-//! link is authenticated, and B did the login) whose wire is the link. What the room tells the
-//! stand-in (answers such as `joined` and acks, room events, `goaway`) travels back typed
-//! (`Down`) and reaches the client's own session on B, whose front end encodes it as if the
-//! room were local. The operation's outcome comes back as a `Down::Reply`. Later operations
-//! of that session on that room go straight to A.
+//! another node A. B's gateway finds A one of two ways: a room of B's own group is tried
+//! locally first, and the registry answers that A (B's peer) hosts it; a room of another
+//! group's service is located by the heartbeats of that group's nodes (each says which services
+//! it serves now). The gateway passes the operation, typed (a [`RoomOp`]), to A through this
+//! module (`Remote::request`). A serves it with [`Gateway::serve`] for a *stand-in* session:
+//! an ordinary [`Session`] of the same user (the link is authenticated, and B did the login)
+//! whose wire is the link. What the room tells the stand-in (answers such as `joined` and
+//! acks, room events, `goaway`) travels back typed (`Down`) and reaches the client's own
+//! session on B, whose front end encodes it as if the room were local. The operation's outcome
+//! comes back as a `Down::Reply`. Later operations of that session on that room go straight
+//! to A.
 //!
 //! So the room's actor, its order, its fencing and its acks are A's, unchanged; B adds one hop,
 //! and neither the room nor any front end knows. A stand-in serves its session's operations one
-//! at a time, in the order B sent them, as a connection does. When the link drops (A died, or
-//! the network broke), A drops its stand-ins (the rooms see their occupants leave), B fails
-//! the operations still waiting with `unavailable` and sends its forwarding sessions `goaway`
-//! naming B itself: the clients resume (rejoin, resend by `cid` or origin-id), and find the
-//! rooms local after a takeover, or forwarded again once the link is back.
+//! at a time, in the order B sent them, as a connection does. When a link drops (A died, or
+//! the network broke), A drops B's stand-ins (the rooms see their occupants leave), B fails
+//! the operations still waiting for A with `unavailable` and sends its sessions that used
+//! rooms on A `goaway` naming B itself: the clients resume (rejoin, resend by `cid` or
+//! origin-id), and find the rooms local after a takeover by B, forwarded to A's peer after a
+//! takeover there, or forwarded again once the link is back.
 
 use crate::ids::{NodeId, RoomAddr, SessionId};
 use crate::event::{Delivery, Occupant, Protocol, RoomAnswer, RoomEvent};
-use crate::gateway::{Failure, Gateway, Outcome, Reply, RoomOp};
+use crate::gateway::{Failure, Gateway, JoinRequest, Outcome, Remote, Reply, RoomOp};
 use crate::ha::link::{Inbound, Link, PeerCommand};
 use crate::ha::recovery::{Recovery, StateWatch};
-use crate::protocol::ErrorCode;
+use crate::protocol::{ErrorCode, RequestId};
 use crate::session::{Queued, Session, Wire};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
@@ -64,62 +68,184 @@ enum Down {
     Goaway { reason: String, to: Option<String> },
 }
 
-/// A forwarded operation waiting for its reply: the session that sent it, and where to put it.
+/// A forwarded operation waiting for its reply: the session that sent it, the node it went to,
+/// and where to put the reply.
 struct Waiting {
     session: SessionId,
+    node: NodeId,
     reply: oneshot::Sender<Outcome<Reply>>,
 }
 
-/// This node's sessions' side of forwarding: the operations it sends the peer and the
-/// sessions using rooms there. It is the gateway's [`crate::gateway::Remote`]; what the peer
-/// sends back arrives through [`PeerSide`].
+/// A room a session of this node uses on another node.
+struct Used {
+    /// The node serving it; none while the session follows the room to its new host.
+    node: Option<NodeId>,
+    /// The session follows the room to a new host: its requests wait until that is done.
+    following: bool,
+    /// The join that entered it, to enter it again where it moves (rooms of other groups).
+    join: Option<JoinRequest>,
+    /// The last message seq the session was given from it.
+    last_seq: u64,
+    /// Posts sent and not yet acknowledged (or refused) by the room, oldest first: sent again
+    /// with the same cid where the room moves (stored once: the cid is the dedupe key).
+    unacked: Vec<RoomOp>,
+}
+
+impl Used {
+    fn at(node: NodeId) -> Used {
+        Used { node: Some(node), following: false, join: None, last_seq: 0, unacked: Vec::new() }
+    }
+}
+
+/// The request id of a post.
+fn post_re(op: &RoomOp) -> Option<&RequestId> {
+    match op {
+        RoomOp::Send { re, .. } => Some(re),
+        _ => None,
+    }
+}
+
+/// A room of another group a session follows to its new host: joined again there with `since`
+/// its last seq, and its unacknowledged posts sent again, without the client seeing it.
+struct Follow {
+    session: SessionId,
+    room: RoomAddr,
+    join: JoinRequest,
+}
+
+/// This node's sessions' side of forwarding: the operations it sends other nodes and the
+/// sessions using rooms there. It is the gateway's [`crate::gateway::Remote`]; what the other
+/// nodes send back arrives through [`LinkSide`].
 pub struct Forwarder {
-    peer: NodeId,
     link: Link,
-    /// Whether and when this node takes the peer's rooms over.
+    /// Whether and when this node takes its peer's rooms over.
     watch: StateWatch,
-    /// This node's sessions using rooms on the peer: session id → those rooms.
-    forwarding: Mutex<HashMap<SessionId, HashSet<RoomAddr>>>,
+    /// This node's sessions using rooms on other nodes: session id → room → how.
+    forwarding: Mutex<HashMap<SessionId, HashMap<RoomAddr, Used>>>,
+    /// Rooms being followed to a new host: their `joined` answer is not the client's (it is
+    /// still in the room), only its replay is.
+    following: Mutex<HashSet<(SessionId, RoomAddr)>>,
     /// Forwarded operations waiting for their reply, by request id.
     waiting: Mutex<HashMap<u64, Waiting>>,
     next_request: AtomicU64,
 }
 
 impl Forwarder {
-    pub fn new(peer: NodeId, link: Link, watch: StateWatch) -> Arc<Forwarder> {
+    pub fn new(link: Link, watch: StateWatch) -> Arc<Forwarder> {
         Arc::new(Forwarder {
-            peer,
             link,
             watch,
             forwarding: Mutex::new(HashMap::new()),
+            following: Mutex::new(HashSet::new()),
             waiting: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
         })
     }
 
-    /// May a room hosted by `host` be forwarded now (the host is the peer, reachable, and
-    /// serving rooms)?
-    fn can_forward_now(&self, host: &NodeId) -> bool {
-        let p = self.link.peer();
-        *host == self.peer && p.reachable && p.hosting
+    /// Session `session` was given message `seq` of `room`.
+    fn seen(&self, session: SessionId, room: &RoomAddr, seq: u64) {
+        if let Some(used) = self.forwarding.lock().expect("forwarding lock").get_mut(&session).and_then(|rooms| rooms.get_mut(room)) {
+            used.last_seq = used.last_seq.max(seq);
+        }
     }
 
-    /// Forget every forwarding and fail the operations waiting for the peer; returns the
-    /// sessions that used rooms on the peer (they are to be sent `goaway`).
-    fn cut_off(&self) -> Vec<SessionId> {
+    /// The room answered the session's post `re` (an ack or a refusal): nothing to send again.
+    fn answered(&self, session: SessionId, room: &RoomAddr, re: &RequestId) {
+        if let Some(used) = self.forwarding.lock().expect("forwarding lock").get_mut(&session).and_then(|rooms| rooms.get_mut(room)) {
+            used.unacked.retain(|op| post_re(op) != Some(re));
+        }
+    }
+
+    /// The room followed to `node`: its posts to send again there (the session's requests for
+    /// it still wait, so these go first).
+    fn arrived(&self, session: SessionId, room: &RoomAddr) -> (Option<NodeId>, Vec<RoomOp>) {
+        let mut forwarding = self.forwarding.lock().expect("forwarding lock");
+        match forwarding.get_mut(&session).and_then(|rooms| rooms.get_mut(room)) {
+            Some(used) => (used.node.clone(), std::mem::take(&mut used.unacked)),
+            None => (None, Vec::new()),
+        }
+    }
+
+    /// The session's requests for `room` go on (the room was followed, or could not be).
+    fn settled(&self, session: SessionId, room: &RoomAddr) {
+        if let Some(used) = self.forwarding.lock().expect("forwarding lock").get_mut(&session).and_then(|rooms| rooms.get_mut(room)) {
+            used.following = false;
+        }
+    }
+
+    /// The session's `room` is between hosts again (an attempt to follow it failed): its
+    /// requests wait.
+    fn moving(&self, session: SessionId, room: &RoomAddr) {
+        if let Some(used) = self.forwarding.lock().expect("forwarding lock").get_mut(&session).and_then(|rooms| rooms.get_mut(room)) {
+            used.node = None;
+        }
+    }
+
+    /// The session's rooms on node `node` that it can follow to a new host (it joined them);
+    /// each is marked as moving (its requests wait) and returned with the join to send there.
+    fn to_follow(&self, session: SessionId, node: &NodeId) -> Vec<Follow> {
+        let mut forwarding = self.forwarding.lock().expect("forwarding lock");
+        let Some(rooms) = forwarding.get_mut(&session) else { return Vec::new() };
+        let mut follow = Vec::new();
+        rooms.retain(|room, used| {
+            if used.node.as_ref() != Some(node) {
+                return true;
+            }
+            match &used.join {
+                Some(join) => {
+                    used.node = None;
+                    used.following = true;
+                    let join = JoinRequest { since: Some(used.last_seq), ..join.clone() };
+                    follow.push(Follow { session, room: room.clone(), join });
+                    true
+                }
+                None => false,
+            }
+        });
+        follow
+    }
+
+    /// Node `node` went away: fail the operations waiting for it, and sort out the sessions
+    /// that used rooms there. Rooms of the peer are this node's to take over: those sessions
+    /// are returned to be sent `goaway` (they resume here). Rooms of another group move to
+    /// that group's other node: the joined ones are returned to be followed there.
+    fn cut_off(&self, node: &NodeId) -> (Vec<SessionId>, Vec<Follow>) {
         // Dropping the reply senders fails the waiting operations with `unavailable`.
-        self.waiting.lock().expect("waiting lock").clear();
-        self.forwarding.lock().expect("forwarding lock").drain().map(|(id, _)| id).collect()
+        self.waiting.lock().expect("waiting lock").retain(|_, w| w.node != *node);
+        let sessions: Vec<SessionId> = {
+            let forwarding = self.forwarding.lock().expect("forwarding lock");
+            forwarding.iter().filter(|(_, rooms)| rooms.values().any(|u| u.node.as_ref() == Some(node))).map(|(s, _)| *s).collect()
+        };
+        if self.link.peer_id() == Some(node) {
+            let mut forwarding = self.forwarding.lock().expect("forwarding lock");
+            for s in &sessions {
+                if let Some(rooms) = forwarding.get_mut(s) {
+                    rooms.retain(|_, u| u.node.as_ref() != Some(node));
+                }
+            }
+            return (sessions, Vec::new());
+        }
+        (Vec::new(), sessions.into_iter().flat_map(|s| self.to_follow(s, node)).collect())
+    }
+
+    /// May a room hosted by `host` be forwarded there now (another node, reachable, serving
+    /// rooms)?
+    fn can_forward_now(&self, host: &NodeId) -> bool {
+        self.link.status(host).is_some_and(|p| p.reachable && p.hosting)
     }
 }
 
-/// Send `down` to the peer's session `session`.
-fn send_down(link: &Link, session: SessionId, down: &Down) {
+/// Send `down` to node `node`'s session `session`.
+fn send_down(link: &Link, node: &NodeId, session: SessionId, down: &Down) {
     match serde_json::to_string(down) {
-        Ok(msg) => link.to_session(session, msg),
-        Err(e) => tracing::error!(error = %e, "a message for the peer's session does not serialize"),
+        Ok(msg) => link.to_session(node, session, msg),
+        Err(e) => tracing::error!(error = %e, "a message for another node's session does not serialize"),
     }
 }
+
+/// How often a request for a room whose group no node serves now looks again (heartbeats name
+/// the new host).
+const LOCATE_POLL: Duration = Duration::from_millis(50);
 
 impl crate::gateway::Remote for Forwarder {
     fn can_forward(&self, host: &NodeId) -> bool {
@@ -130,132 +256,261 @@ impl crate::gateway::Remote for Forwarder {
     /// wait until this node has taken over. True if a takeover happened meanwhile.
     fn await_takeover<'a>(&'a self, host: &'a NodeId) -> futures_util::future::BoxFuture<'a, bool> {
         Box::pin(async move {
-            if *host != self.peer || self.can_forward_now(host) {
+            if self.link.peer_id() != Some(host) || self.can_forward_now(host) {
                 return false;
             }
             self.watch.await_takeover(TAKEOVER_WAIT).await
         })
     }
 
-    /// Does `session` use `room` on the peer?
-    fn is_forwarded(&self, session: SessionId, room: &RoomAddr) -> bool {
-        self.forwarding.lock().expect("forwarding lock").get(&session).is_some_and(|rooms| rooms.contains(room))
+    /// The node serving `room` for `session`; while the session follows the room to a new
+    /// host, wait (bounded) until it is there, so its requests reach the room after the join.
+    fn forwarded_to<'a>(&'a self, session: SessionId, room: &'a RoomAddr) -> futures_util::future::BoxFuture<'a, Option<NodeId>> {
+        Box::pin(async move {
+            let deadline = tokio::time::Instant::now() + TAKEOVER_WAIT + REPLY_TIMEOUT;
+            loop {
+                let node = match self.forwarding.lock().expect("forwarding lock").get(&session).and_then(|rooms| rooms.get(room)) {
+                    None => return None,
+                    Some(used) => used.node.clone().filter(|_| !used.following),
+                };
+                if node.is_some() || tokio::time::Instant::now() >= deadline {
+                    return node;
+                }
+                tokio::time::sleep(LOCATE_POLL).await;
+            }
+        })
     }
 
-    /// Serve `op` of `session` on the peer and wait for the reply.
-    fn request<'a>(&'a self, session: &'a Arc<Session>, op: RoomOp) -> futures_util::future::BoxFuture<'a, Outcome<Reply>> {
+    /// The node of another group that serves the rooms of `service` now, as its heartbeats say;
+    /// while none does (its host died and the takeover is under way, or a partition), wait for
+    /// one up to the takeover bound.
+    fn locate<'a>(&'a self, service: &'a str) -> futures_util::future::BoxFuture<'a, Option<NodeId>> {
+        Box::pin(async move {
+            let deadline = tokio::time::Instant::now() + TAKEOVER_WAIT;
+            loop {
+                if let Some(node) = self.link.host_of(service) {
+                    return Some(node);
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return None;
+                }
+                tokio::time::sleep(LOCATE_POLL).await;
+            }
+        })
+    }
+
+    /// Serve `op` of `session` on node `node` and wait for the reply.
+    fn request<'a>(&'a self, session: &'a Arc<Session>, node: &'a NodeId, op: RoomOp) -> futures_util::future::BoxFuture<'a, Outcome<Reply>> {
         Box::pin(async move {
             let gone = || Failure::new(ErrorCode::Unavailable, "the node serving this room went away; retry");
             let id = self.next_request.fetch_add(1, Ordering::Relaxed);
             let (tx, rx) = oneshot::channel();
-            self.waiting.lock().expect("waiting lock").insert(id, Waiting { session: session.id, reply: tx });
-            self.forwarding.lock().expect("forwarding lock").entry(session.id).or_default().insert(op.room().clone());
+            self.waiting.lock().expect("waiting lock").insert(id, Waiting { session: session.id, node: node.clone(), reply: tx });
+            let room = op.room().clone();
+            let (join, leave) = match &op {
+                RoomOp::Join(join) => (Some(join.clone()), false),
+                RoomOp::Leave { .. } => (None, true),
+                _ => (None, false),
+            };
+            let post = post_re(&op).cloned();
+            {
+                let mut forwarding = self.forwarding.lock().expect("forwarding lock");
+                let used = forwarding.entry(session.id).or_default().entry(room.clone()).or_insert_with(|| Used::at(node.clone()));
+                used.node = Some(node.clone());
+                // Recorded before it is sent: the room's ack may overtake the reply.
+                if post.is_some() && !used.unacked.iter().any(|op| post_re(op) == post.as_ref()) {
+                    used.unacked.push(op.clone());
+                }
+            }
             session.mark_uses_peer();
             metrics::counter!("stoa_forwarded_requests_total").increment(1);
             let msg = serde_json::to_string(&Up::Request { id, op }).map_err(|e| {
                 tracing::error!(error = %e, "a room operation does not serialize");
                 Failure::new(ErrorCode::Internal, "internal error")
             })?;
-            self.link.to_host(session.id, &session.user, msg);
-            match tokio::time::timeout(REPLY_TIMEOUT, rx).await {
+            self.link.to_host(node, session.id, &session.user, msg);
+            let result = match tokio::time::timeout(REPLY_TIMEOUT, rx).await {
                 Ok(Ok(result)) => result,
                 Ok(Err(_)) => Err(gone()),
                 Err(_) => {
                     self.waiting.lock().expect("waiting lock").remove(&id);
                     Err(Failure::new(ErrorCode::Unavailable, "the node serving this room did not answer in time; retry"))
                 }
+            };
+            // A refused post was answered (the client was told).
+            if let (Some(re), Err(_)) = (&post, &result) {
+                self.answered(session.id, &room, re);
             }
+            // What the room needs to be followed elsewhere: the join that entered it.
+            if result.is_ok() && (join.is_some() || leave) {
+                let mut forwarding = self.forwarding.lock().expect("forwarding lock");
+                if let Some(rooms) = forwarding.get_mut(&session.id) {
+                    match join {
+                        Some(join) => {
+                            if let Some(used) = rooms.get_mut(&room) {
+                                used.join = Some(join);
+                            }
+                        }
+                        None => {
+                            rooms.remove(&room);
+                        }
+                    }
+                }
+            }
+            result
         })
     }
 
-    /// A session of this node ended: the peer may drop its stand-in.
+    /// A session of this node ended: the nodes that served it rooms may drop its stand-ins.
     fn session_closed(&self, session: SessionId) {
-        let had = self.forwarding.lock().expect("forwarding lock").remove(&session).is_some();
+        let rooms = self.forwarding.lock().expect("forwarding lock").remove(&session);
         self.waiting.lock().expect("waiting lock").retain(|_, w| w.session != session);
-        if had {
-            self.link.session_gone(session);
+        self.following.lock().expect("following lock").retain(|(s, _)| *s != session);
+        let nodes: HashSet<NodeId> = rooms.into_iter().flat_map(|r| r.into_values()).filter_map(|u| u.node).collect();
+        for node in nodes {
+            self.link.session_gone(&node, session);
         }
     }
 }
 
-/// The wire of a stand-in: what rooms tell it goes to the peer's session over the link.
+/// The wire of a stand-in: what rooms tell it goes to its session on node `node` over the link.
 struct LinkWire {
     link: Link,
-    /// The session's id on the peer.
+    node: NodeId,
+    /// The session's id on that node.
     session: SessionId,
 }
 
 impl Wire for LinkWire {
     fn deliver(&self, delivery: &Arc<Delivery>) -> Queued {
-        // Serialized once per event, however many of the peer's sessions are in the room.
+        // Serialized once per event, however many other nodes' sessions are in the room.
         let msg: Arc<str> = delivery.encoded(Protocol::Link, |event| {
             serde_json::to_string(&Down::Event { event: event.clone() }).unwrap_or_default().into()
         });
-        self.link.to_session(self.session, msg.to_string());
+        self.link.to_session(&self.node, self.session, msg.to_string());
         Queued::Yes
     }
 
     fn answer(&self, answer: RoomAnswer) -> Queued {
-        send_down(&self.link, self.session, &Down::Answer { answer });
+        send_down(&self.link, &self.node, self.session, &Down::Answer { answer });
         Queued::Yes
     }
 
     fn goaway(&self, reason: &str, to: Option<&str>) -> Queued {
-        send_down(&self.link, self.session, &Down::Goaway { reason: reason.to_owned(), to: to.map(str::to_owned) });
+        send_down(&self.link, &self.node, self.session, &Down::Goaway { reason: reason.to_owned(), to: to.map(str::to_owned) });
         Queued::Yes
     }
 }
 
-/// What the peer sends this node, served: operations of the peer's sessions on rooms hosted
+/// Another node's session, as this node serves rooms for it.
+type RemoteSession = (NodeId, SessionId);
+
+/// What the other nodes send this node, served: operations of their sessions on rooms hosted
 /// here (each session gets a stand-in), replies and events for this node's own sessions, and
-/// the peer's admin requests. The link's [`Inbound`]; made after the gateway and the recovery
-/// manager, which it hands things to.
-pub struct PeerSide {
-    me: Weak<PeerSide>,
+/// admin requests. The link's [`Inbound`]; made after the gateway and the recovery manager,
+/// which it hands things to.
+pub struct LinkSide {
+    me: Weak<LinkSide>,
     forwarder: Arc<Forwarder>,
     gateway: Arc<Gateway>,
-    recovery: Recovery,
+    /// This node's recovery manager (none for a node without a peer).
+    recovery: Option<Recovery>,
     /// This node's client URL, named in `goaway` when forwarded rooms are cut off.
     my_url: String,
-    /// The peer's sessions this node serves rooms for: peer session id → its stand-in's queue.
-    hosted: Mutex<HashMap<SessionId, mpsc::UnboundedSender<(u64, RoomOp)>>>,
+    /// Other nodes' sessions this node serves rooms for → each one's stand-in's queue.
+    hosted: Mutex<HashMap<RemoteSession, mpsc::UnboundedSender<(u64, RoomOp)>>>,
 }
 
-impl PeerSide {
-    /// After each takeover by this node, forwarding is reset: the rooms are local now.
-    pub fn new(forwarder: Arc<Forwarder>, gateway: Arc<Gateway>, recovery: Recovery, my_url: String) -> Arc<PeerSide> {
+impl LinkSide {
+    /// After each takeover by this node, forwarding to the peer is reset: its rooms are local now.
+    pub fn new(forwarder: Arc<Forwarder>, gateway: Arc<Gateway>, recovery: Option<Recovery>, my_url: String) -> Arc<LinkSide> {
         let mut takeovers = forwarder.watch.takeovers();
-        let side = Arc::new_cyclic(|me| PeerSide { me: me.clone(), forwarder, gateway, recovery, my_url, hosted: Mutex::new(HashMap::new()) });
+        let peer = forwarder.link.peer_id().cloned();
+        let side = Arc::new_cyclic(|me| LinkSide { me: me.clone(), forwarder, gateway, recovery, my_url, hosted: Mutex::new(HashMap::new()) });
         let me = Arc::downgrade(&side);
-        tokio::spawn(async move {
-            while takeovers.changed().await.is_ok() {
-                match me.upgrade() {
-                    Some(side) => side.reset("this node took over the rooms you used through its peer; resume"),
-                    None => return,
+        if let Some(peer) = peer {
+            tokio::spawn(async move {
+                while takeovers.changed().await.is_ok() {
+                    match me.upgrade() {
+                        Some(side) => side.reset(&peer, "this node took over the rooms you used through its peer; resume"),
+                        None => return,
+                    }
                 }
-            }
-        });
+            });
+        }
         side
     }
 
-    /// Drop the peer's stand-ins here, fail the operations waiting for the peer, and send this
-    /// node's sessions that use rooms on the peer `goaway` naming this node, so they resume
-    /// cleanly.
-    fn reset(&self, reason: &str) {
-        self.hosted.lock().expect("hosted lock").clear();
-        let sessions = self.forwarder.cut_off();
+    /// Drop node `node`'s stand-ins here, fail the operations waiting for it, and send this
+    /// node's sessions that use rooms on it `goaway` naming this node, so they resume cleanly.
+    fn reset(&self, node: &NodeId, reason: &str) {
+        self.hosted.lock().expect("hosted lock").retain(|(n, _), _| n != node);
+        let (sessions, follow) = self.forwarder.cut_off(node);
         if !sessions.is_empty() {
-            tracing::info!(sessions = sessions.len(), "forwarding reset: sessions with rooms on the peer resume here");
+            tracing::info!(node = %node, sessions = sessions.len(), "forwarding reset: sessions with rooms on that node resume here");
             self.gateway.goaway_sessions(&sessions, reason, Some(self.my_url.clone()));
+        }
+        if !follow.is_empty() {
+            tracing::info!(node = %node, rooms = follow.len(), "rooms of another group lost their host: following them to the new one");
+            self.follow(follow, reason);
         }
     }
 
-    /// Start serving the peer's session `session` of `user`: a stand-in session whose wire is
-    /// the link, serving the operations it is sent one at a time and replying over the link.
-    fn open_stand_in(&self, session: SessionId, user: String, link: Link) -> mpsc::UnboundedSender<(u64, RoomOp)> {
+    /// Join each room again where its group serves it now (after a takeover there), with
+    /// `since` the last seq its session was given: the session stays in the room and gets what
+    /// it missed, in order, and its requests for the room wait for this. A room that cannot be
+    /// followed (its group stays down past the takeover bound, or the join is refused) ends
+    /// the session with `goaway`, so its client resumes by itself and is told why.
+    fn follow(&self, rooms: Vec<Follow>, reason: &str) {
+        for Follow { session, room, join } in rooms {
+            let Some(s) = self.gateway.session(session) else { continue };
+            let (gateway, forwarder, my_url, reason) = (self.gateway.clone(), self.forwarder.clone(), self.my_url.clone(), reason.to_owned());
+            forwarder.following.lock().expect("following lock").insert((session, room.clone()));
+            tokio::spawn(async move {
+                metrics::counter!("stoa_forwarded_rooms_followed_total").increment(1);
+                // The room may be between the group's nodes for a moment (a fallback there
+                // answers "moving back; retry"): try again until the takeover bound.
+                let deadline = tokio::time::Instant::now() + TAKEOVER_WAIT;
+                let result = loop {
+                    match gateway.follow(&s, join.clone()).await {
+                        Err(f) if f.code == ErrorCode::Unavailable && tokio::time::Instant::now() < deadline => {
+                            forwarder.moving(session, &room);
+                            tokio::time::sleep(LOCATE_POLL).await;
+                        }
+                        other => break other,
+                    }
+                };
+                if result.is_ok() {
+                    // In the room again: its unacknowledged posts go first, in their order.
+                    if let (Some(node), posts) = forwarder.arrived(session, &room) {
+                        for post in posts {
+                            let re = post_re(&post).cloned();
+                            if let (Err(f), Some(re)) = (forwarder.request(&s, &node, post).await, re) {
+                                s.answer(RoomAnswer::Error { re: Some(re), room: room.clone(), code: f.code, message: f.message });
+                            }
+                        }
+                    }
+                    forwarder.settled(session, &room);
+                }
+                if let Err(failure) = result {
+                    tracing::info!(session = %session, room = %room, error = %failure.message, "could not follow a room to its new host; the session resumes");
+                    forwarder.following.lock().expect("following lock").remove(&(session, room.clone()));
+                    if let Some(rooms) = forwarder.forwarding.lock().expect("forwarding lock").get_mut(&session) {
+                        rooms.remove(&room);
+                    }
+                    gateway.goaway_sessions(&[session], &reason, Some(my_url));
+                }
+            });
+        }
+    }
+
+    /// Start serving session `session` of `user` on node `node`: a stand-in session whose wire
+    /// is the link, serving the operations it is sent one at a time and replying over the link.
+    fn open_stand_in(&self, node: NodeId, session: SessionId, user: String) -> mpsc::UnboundedSender<(u64, RoomOp)> {
         let (ops_tx, mut ops) = mpsc::unbounded_channel::<(u64, RoomOp)>();
         let kill = CancellationToken::new();
-        let wire = Box::new(LinkWire { link: link.clone(), session });
+        let link = self.forwarder.link.clone();
+        let wire = Box::new(LinkWire { link: link.clone(), node: node.clone(), session });
         let stand_in = self.gateway.open_session(user, None, None, wire, kill.clone());
         let gateway = self.gateway.clone();
         let me = self.me.clone();
@@ -265,7 +520,7 @@ impl PeerSide {
                     op = ops.recv() => match op {
                         Some((id, op)) => {
                             let result = gateway.serve(&stand_in, op).await;
-                            send_down(&link, session, &Down::Reply { id, result });
+                            send_down(&link, &node, session, &Down::Reply { id, result });
                         }
                         None => break,
                     },
@@ -274,7 +529,7 @@ impl PeerSide {
                         // not think it is still in its rooms.
                         if stand_in.killed_for() != Some(crate::session::KillReason::Moved) {
                             let reason = "the node serving your rooms ended your session there; resume";
-                            send_down(&link, session, &Down::Goaway { reason: reason.to_owned(), to: None });
+                            send_down(&link, &node, session, &Down::Goaway { reason: reason.to_owned(), to: None });
                         }
                         break;
                     }
@@ -283,41 +538,43 @@ impl PeerSide {
             gateway.close_session(&stand_in);
             if let Some(me) = me.upgrade() {
                 let mut hosted = me.hosted.lock().expect("hosted lock");
-                if hosted.get(&session).is_some_and(|tx| tx.is_closed()) {
-                    hosted.remove(&session);
+                let key = (node, session);
+                if hosted.get(&key).is_some_and(|tx| tx.is_closed()) {
+                    hosted.remove(&key);
                 }
             }
         });
         ops_tx
     }
 
-    /// Hand `msg` from the peer's session to its stand-in (opened on first use).
-    fn serve_peer_session(&self, session: SessionId, user: String, msg: &str) {
+    /// Hand `msg` from node `node`'s session to its stand-in (opened on first use).
+    fn serve_remote_session(&self, node: &NodeId, session: SessionId, user: String, msg: &str) {
         let Up::Request { id, op } = match serde_json::from_str::<Up>(msg) {
             Ok(up) => up,
             Err(e) => {
-                tracing::warn!(error = %e, "unreadable request from the peer's session");
+                tracing::warn!(node = %node, error = %e, "unreadable request from another node's session");
                 return;
             }
         };
         let mut hosted = self.hosted.lock().expect("hosted lock");
-        let tx = match hosted.get(&session) {
+        let key = (node.clone(), session);
+        let tx = match hosted.get(&key) {
             Some(tx) if !tx.is_closed() => tx.clone(),
             _ => {
-                let tx = self.open_stand_in(session, user, self.forwarder.link.clone());
-                hosted.insert(session, tx.clone());
+                let tx = self.open_stand_in(node.clone(), session, user);
+                hosted.insert(key, tx.clone());
                 tx
             }
         };
         let _ = tx.send((id, op));
     }
 
-    /// Hand `msg` from the peer (about the rooms it hosts) to this node's session.
-    fn to_own_session(&self, session: SessionId, msg: &str) {
+    /// Hand `msg` from node `node` (about the rooms it hosts) to this node's session.
+    fn to_own_session(&self, node: &NodeId, session: SessionId, msg: &str) {
         let down = match serde_json::from_str::<Down>(msg) {
             Ok(d) => d,
             Err(e) => {
-                tracing::warn!(error = %e, "unreadable message from the peer for a session");
+                tracing::warn!(node = %node, error = %e, "unreadable message from another node for a session");
                 return;
             }
         };
@@ -328,13 +585,55 @@ impl PeerSide {
             return;
         }
         let Some(s) = self.gateway.session(session) else {
-            // The session is gone here: the peer may drop its stand-in.
-            self.forwarder.link.session_gone(session);
+            // The session is gone here: that node may drop its stand-in.
+            self.forwarder.link.session_gone(node, session);
             return;
         };
         match down {
-            Down::Event { event } => s.deliver(&Delivery::new(event)),
-            Down::Answer { answer } => s.answer(answer),
+            Down::Event { event: RoomEvent::Moved { room, .. } } if self.forwarder.link.peer_id() != Some(node) => {
+                // A room of another group moved within its group: follow it there.
+                let follow: Vec<Follow> = self.forwarder.to_follow(session, node).into_iter().filter(|f| f.room == room).collect();
+                self.follow(follow, "the room moved and could not be followed; resume");
+            }
+            Down::Event { event } => {
+                if let RoomEvent::Message(m) = &event {
+                    self.forwarder.seen(session, &m.room, m.seq);
+                }
+                s.deliver(&Delivery::new(event))
+            }
+            Down::Answer { answer: RoomAnswer::Joined { room, replay, .. } }
+                if self.forwarder.following.lock().expect("following lock").remove(&(session, room.clone())) =>
+            {
+                // Followed to its new host: the client is still in the room; it gets what it missed.
+                for d in &replay {
+                    if let RoomEvent::Message(m) = &d.event {
+                        self.forwarder.seen(session, &m.room, m.seq);
+                    }
+                    s.deliver(d);
+                }
+            }
+            Down::Answer { answer } => {
+                match &answer {
+                    RoomAnswer::Joined { replay, .. } => {
+                        for d in replay {
+                            if let RoomEvent::Message(m) = &d.event {
+                                self.forwarder.seen(session, &m.room, m.seq);
+                            }
+                        }
+                    }
+                    RoomAnswer::Ack { re, room, .. } | RoomAnswer::Error { re: Some(re), room, .. } => self.forwarder.answered(session, room, re),
+                    _ => {}
+                }
+                s.answer(answer)
+            }
+            Down::Goaway { reason, .. } if self.forwarder.link.peer_id() != Some(node) => {
+                // That node drops this session's stand-in (it fails over, or stops): let it go
+                // now, and follow the session's rooms there to where their group serves them
+                // next (a fresh stand-in if that is the same node).
+                self.forwarder.link.session_gone(node, session);
+                let follow = self.forwarder.to_follow(session, node);
+                self.follow(follow, &reason);
+            }
             Down::Goaway { reason, to } => {
                 self.forwarder.forwarding.lock().expect("forwarding lock").remove(&session);
                 self.gateway.goaway_sessions(&[session], &reason, Some(to.unwrap_or_else(|| self.my_url.clone())));
@@ -344,25 +643,32 @@ impl PeerSide {
     }
 }
 
-impl Inbound for PeerSide {
-    fn command(&self, id: u64, command: PeerCommand) {
-        self.recovery.from_peer(id, command);
+impl Inbound for LinkSide {
+    fn command(&self, from: &NodeId, id: u64, command: PeerCommand) {
+        match &self.recovery {
+            Some(recovery) => recovery.from_node(from, id, command),
+            None => {
+                let me = &self.gateway.settings.node.id;
+                let refusal = format!("node {me} has no redundancy peer: it neither fails over nor takes rooms over");
+                self.forwarder.link.answer(from, id, &Err(refusal));
+            }
+        }
     }
 
-    fn to_host(&self, session: SessionId, user: String, msg: String) {
-        self.serve_peer_session(session, user, &msg);
+    fn to_host(&self, from: &NodeId, session: SessionId, user: String, msg: String) {
+        self.serve_remote_session(from, session, user, &msg);
     }
 
-    fn session_gone(&self, session: SessionId) {
+    fn session_gone(&self, from: &NodeId, session: SessionId) {
         // Dropping the sender ends the stand-in (it leaves its rooms).
-        self.hosted.lock().expect("hosted lock").remove(&session);
+        self.hosted.lock().expect("hosted lock").remove(&(from.clone(), session));
     }
 
-    fn to_session(&self, session: SessionId, msg: String) {
-        self.to_own_session(session, &msg);
+    fn to_session(&self, from: &NodeId, session: SessionId, msg: String) {
+        self.to_own_session(from, session, &msg);
     }
 
-    fn peer_lost(&self) {
-        self.reset("the node serving some of your rooms went away; resume");
+    fn node_lost(&self, node: &NodeId) {
+        self.reset(node, "the node serving some of your rooms went away; resume");
     }
 }

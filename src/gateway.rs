@@ -8,11 +8,12 @@
 //! Answers that rooms send themselves (a join's `joined` and replay, a post's ack) reach the
 //! session through its [`crate::session::Wire`], in room order.
 //!
-//! Operations on a room are [`RoomOp`]s. In a pair, one whose room the peer hosts is passed to
-//! the peer as it is ([`Remote::request`], over the node link) and served there by
-//! [`Gateway::serve`] for a stand-in of the session; the peer's answers and room events come
-//! back typed and reach the session's wire as if the room were here. So every front end
-//! reaches every room of the pair, and knows nothing of where it is.
+//! Operations on a room are [`RoomOp`]s. One whose room another node hosts (the peer in a pair,
+//! or any node of another group of the cluster) is passed to that node as it is
+//! ([`Remote::request`], over the node link) and served there by [`Gateway::serve`] for a
+//! stand-in of the session; that node's answers and room events come back typed and reach the
+//! session's wire as if the room were here. So every front end reaches every room of the
+//! cluster, and knows nothing of where it is.
 //!
 //! The gateway also keeps the node's table of live sessions (for `goaway` on failover, the
 //! admin's session list and kick) and whether the node takes logins at all.
@@ -57,20 +58,24 @@ pub const MAX_TEXT_CHARS: usize = 1024;
 /// rooms back right now) before it is refused.
 const ACCEPT_WAIT: Duration = Duration::from_secs(2);
 
-/// Rooms another node hosts, as a session reaches them (`crate::forward` over the node link of
-/// a pair). Defined here, where it is used, so the gateway needs no import of its
-/// implementation.
+/// Rooms other nodes host, as a session reaches them (`crate::forward` over the node links).
+/// Defined here, where it is used, so the gateway needs no import of its implementation.
 pub trait Remote: Send + Sync {
     /// May a room hosted by `host` be forwarded now?
     fn can_forward(&self, host: &NodeId) -> bool;
-    /// `host` cannot serve now: wait for this node to take its rooms over; true if it did.
+    /// `host` (this node's peer) cannot serve now: wait for this node to take its rooms over;
+    /// true if it did.
     fn await_takeover<'a>(&'a self, host: &'a NodeId) -> futures_util::future::BoxFuture<'a, bool>;
-    /// Does `session` use `room` on the other node?
-    fn is_forwarded(&self, session: SessionId, room: &RoomAddr) -> bool;
-    /// Serve `op` of `session` on the other node and wait for its outcome. Answers and events
-    /// of the room reach the session's wire meanwhile, in the room's order. Fails with
-    /// `unavailable` (never hangs) when the other node goes away or does not answer in time.
-    fn request<'a>(&'a self, session: &'a Arc<Session>, op: RoomOp) -> futures_util::future::BoxFuture<'a, Outcome<Reply>>;
+    /// The node that serves `room` for `session`, if the session uses it on another node
+    /// (waiting, bounded, while the session follows the room to a new host).
+    fn forwarded_to<'a>(&'a self, session: SessionId, room: &'a RoomAddr) -> futures_util::future::BoxFuture<'a, Option<NodeId>>;
+    /// The node of another group serving the rooms of `service` now; waits a bounded time
+    /// (a takeover there) while none does.
+    fn locate<'a>(&'a self, service: &'a str) -> futures_util::future::BoxFuture<'a, Option<NodeId>>;
+    /// Serve `op` of `session` on node `node` and wait for its outcome. Answers and events of
+    /// the room reach the session's wire meanwhile, in the room's order. Fails with
+    /// `unavailable` (never hangs) when that node goes away or does not answer in time.
+    fn request<'a>(&'a self, session: &'a Arc<Session>, node: &'a NodeId, op: RoomOp) -> futures_util::future::BoxFuture<'a, Outcome<Reply>>;
     /// A session of this node ended.
     fn session_closed(&self, session: SessionId);
 }
@@ -125,7 +130,7 @@ pub struct Gateway {
     /// Whether logins are taken (off while the `router` service is stopped or the node is
     /// failed over).
     accepting: tokio::sync::watch::Sender<bool>,
-    /// Forwarding to the peer over the node link (HA pairs).
+    /// Forwarding to other nodes over the node links (pairs, clusters).
     forwarder: Option<Arc<dyn Remote>>,
     /// Since when every `accept` on the client listener has failed (the `router` probe).
     accept_failing_since: Mutex<Option<Instant>>,

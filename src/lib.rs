@@ -30,7 +30,9 @@
 //! - [`cli`]: the `stoa` verbs' arguments and bodies, one module per group (`cli::user`,
 //!   `cli::room`, `cli::session`, `cli::admin`, `cli::db`); `main.rs` parses, runs `serve` and dispatches.
 //! - [`ha`]: redundancy pairs (docs/ha.md), the decisions: state machine, write gate, node link
-//!   (a handle made before its runner starts), and the recovery manager (failover, takeover,
+//!   (a full mesh in a cluster: heartbeats with the services each node serves, commands and
+//!   forwarded room requests to any node; a handle made before its runner starts), and the
+//!   recovery manager (failover, takeover,
 //!   fallback; `detect`, `moves`, `admin`), which publishes its state on a `StateWatch`. The
 //!   statements it runs are `store::cluster`'s.
 //! - [`node`]: start-up and ordered shutdown of one node (actix System, arbiters, listeners).
@@ -43,8 +45,10 @@
 //! - [`v1`]: protocol v1, the JSON codec over the gateway: a connection's frames, its request
 //!   budget, paging answers by size; `V1Wire` encodes room events once per event;
 //!   `v1::outbound` is a connection's bounded queue of frames for its writer.
-//! - [`forward`]: room operations (`gateway::RoomOp`) of a session on one node served by its
-//!   peer for a stand-in session, over the node link; answers and events come back typed.
+//! - [`forward`]: room operations (`gateway::RoomOp`) of a session on one node served by another
+//!   (its peer, or a node of another group) for a stand-in session, over the node link; answers
+//!   and events come back typed; a room of another group is followed to its new host across a
+//!   takeover there (docs/clusters.md).
 //! - [`session`]: a logged-in session of any protocol as rooms see it (it implements
 //!   `event::Occupant`): the rooms it is in, how it ended, and its front end's `Wire`.
 //! - [`registry`]: room address → room actor; activation, passivation, spreading over arbiters;

@@ -186,7 +186,7 @@ async fn run(settings: Settings, tls: Option<crate::tls::ServerTls>, shutdown: C
         Some(addr) => Some(bind(&addr.to_string(), "XMPP c2s (direct TLS)", "xmpp.c2s_tls").await?),
         None => None,
     };
-    let mut link_listener = match settings.group().filter(|g| g.ha).and_then(|g| g.nodes.iter().find(|n| n.id == settings.node.id)) {
+    let mut link_listener = match settings.group().filter(|_| settings.has_links()).and_then(|g| g.nodes.iter().find(|n| n.id == settings.node.id)) {
         Some(me) => Some(bind(&me.link, "node link", &format!("`link` of node {} in [cluster]", me.id)).await?),
         None => None,
     };
@@ -238,30 +238,31 @@ async fn run(settings: Settings, tls: Option<crate::tls::ServerTls>, shutdown: C
     registry.start_sweeper(settings.passivate_after(), shutdown.clone());
     tracing::info!(arbiters = arbiter_count, "room registry ready");
 
-    // A pair: the node link's handle first (its runner starts once what it hands things to
-    // exists), then what sends through it, in the order each part needs the one before.
-    let ha_peer = settings.peer().filter(|_| ha_group);
-    let link = match (settings.group(), ha_peer) {
-        (Some(group), Some(peer)) => {
-            let me = group.nodes.iter().find(|n| n.id == settings.node.id).expect("settings checked: this node is in its group");
-            Some(crate::ha::link::new(crate::ha::link::LinkConfig {
-                me: me.id.clone(),
-                peer_id: peer.id.clone(),
-                peer_link: peer.link.clone(),
-                secret: settings.cluster.secret.clone(),
-                heartbeat: Duration::from_millis(settings.cluster.heartbeat_ms),
-                tls: tls.clone(),
-                client_tls: link_client_tls.clone(),
-            }))
-        }
-        _ => None,
-    };
+    // A pair or a cluster: the node link's handle first (its runner starts once what it hands
+    // things to exists), then what sends through it, in the order each part needs the one before.
+    let link = settings.has_links().then(|| {
+        let me = settings.node.id.as_str();
+        crate::ha::link::new(crate::ha::link::LinkConfig {
+            me: me.to_owned(),
+            my_service: settings.node.service.clone(),
+            peer_id: settings.peer().filter(|_| ha_group).map(|p| p.id.clone()),
+            nodes: settings
+                .cluster
+                .groups
+                .iter()
+                .flat_map(|g| &g.nodes)
+                .filter(|n| n.id != me)
+                .map(|n| crate::ha::link::LinkNode { id: n.id.clone(), link: n.link.clone(), service: n.service.clone() })
+                .collect(),
+            secret: settings.cluster.secret.clone(),
+            heartbeat: Duration::from_millis(settings.cluster.heartbeat_ms),
+            tls: tls.clone(),
+            client_tls: link_client_tls.clone(),
+        })
+    });
     let (link, link_runner) = link.unzip();
     let state_watch = crate::ha::recovery::StateWatch::default();
-    let forwarder = match (&link, ha_peer) {
-        (Some(link), Some(peer)) => Some(crate::forward::Forwarder::new(NodeId(peer.id.clone()), link.clone(), state_watch.clone())),
-        _ => None,
-    };
+    let forwarder = link.as_ref().map(|link| crate::forward::Forwarder::new(link.clone(), state_watch.clone()));
 
     let auth = Auth::new(store.clone(), settings.auth.allow_guests, settings.auth.session_ttl_s);
     let remote = forwarder.clone().map(|f| f as Arc<dyn crate::gateway::Remote>);
@@ -292,12 +293,17 @@ async fn run(settings: Settings, tls: Option<crate::tls::ServerTls>, shutdown: C
         None
     };
 
-    if let (Some(runner), Some(forwarder), Some((recovery, _)), Some(peer)) = (link_runner, forwarder, &recovery, ha_peer) {
+    if let (Some(runner), Some(forwarder)) = (link_runner, forwarder) {
         let me = settings.group().and_then(|g| g.nodes.iter().find(|n| n.id == settings.node.id)).expect("settings checked: this node is in its group");
-        let listener = link_listener.take().expect("bound above for a node of an HA group");
-        let peer_side = crate::forward::PeerSide::new(forwarder, gateway.clone(), recovery.clone(), me.client.clone());
-        runner.start(listener, Arc::new(recovery.clone()), peer_side, shutdown.clone());
-        tracing::info!(link = %me.link, peer = %peer.id, "node link started");
+        let listener = link_listener.take().expect("bound above for a node with links");
+        let recovery = recovery.as_ref().map(|(r, _)| r.clone());
+        let side = crate::forward::LinkSide::new(forwarder, gateway.clone(), recovery.clone(), me.client.clone());
+        let local: Arc<dyn crate::ha::link::LocalView> = match recovery {
+            Some(recovery) => Arc::new(recovery),
+            None => Arc::new(Standalone { registry: registry.clone(), gateway: gateway.clone() }),
+        };
+        runner.start(listener, local, side, shutdown.clone());
+        tracing::info!(link = %me.link, peer = ?settings.peer().filter(|_| ha_group).map(|p| &p.id), "node link started");
     }
 
     let client_addr = client_listener.local_addr()?;
@@ -386,6 +392,35 @@ async fn run(settings: Settings, tls: Option<crate::tls::ServerTls>, shutdown: C
     tracing::info!("node stopped");
     actix::System::current().stop();
     Ok(())
+}
+
+/// What a node without a peer (a single-node group of a cluster) tells the other nodes in its
+/// heartbeats: it serves its rooms whenever its `rooms` service runs.
+struct Standalone {
+    registry: RoomRegistry,
+    gateway: Arc<Gateway>,
+}
+
+impl crate::ha::link::LocalView for Standalone {
+    fn state(&self) -> NodeState {
+        NodeState::Normal
+    }
+
+    fn hosting(&self) -> bool {
+        self.registry.is_hosting()
+    }
+
+    fn active_rooms(&self) -> Vec<String> {
+        Vec::new() // only a peer reads them, to take over
+    }
+
+    fn services_down(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    fn connections(&self) -> i64 {
+        self.gateway.connection_count()
+    }
 }
 
 /// Bind `addr` for the `what` listener; the error names the address and the config `key`.

@@ -17,6 +17,8 @@ mod cases {
     pub mod bad_input;
     #[path = "cli.rs"]
     pub mod cli;
+    #[path = "cluster.rs"]
+    pub mod cluster;
     #[path = "component.rs"]
     pub mod component;
     #[path = "log.rs"]
@@ -241,6 +243,12 @@ on_backends! {[sqlite]
 on_postgres! {
     web::console_in_chromium_stops_a_service_and_falls_back,
     web::chat_page_in_chromium_survives_kill9_of_its_node,
+}
+
+// Clusters of groups (issue 14): three PostgreSQL pairs and a SQLite single node.
+on_postgres! {
+    cluster::three_pairs_and_a_single_node_survive_a_kill9,
+    cluster::a_partition_between_groups_waits_then_fails_clearly,
 }
 
 /// The short CI version of the benchmarks: `stoa bench` (the real binary, spawning its own

@@ -54,9 +54,8 @@ impl Gateway {
         if !service_ok {
             return fail(ErrorCode::BadRequest, "invalid room service");
         }
-        // This node's rooms, and its peer's (which it serves after a takeover).
-        let settings = &self.settings;
-        if service != settings.node.service && settings.peer().is_none_or(|p| p.service != service) {
+        // Rooms of the cluster's services (this node's, its peer's, other groups').
+        if !self.settings.is_room_service(service) {
             return fail(ErrorCode::NotFound, format!("unknown room service `{service}`"));
         }
         Ok(())

@@ -194,12 +194,30 @@ impl Gateway {
     }
 
     /// Serve `op` here, or on the node that hosts its room: a room this session already uses
-    /// there goes straight over the link; a room found to be hosted there is forwarded; a room
-    /// whose host cannot serve it now waits for this node to take it over, and is tried again.
+    /// on another node goes straight over the link; a room of another group goes to the node
+    /// serving that group's rooms now; a room of this group found to be hosted by the peer is
+    /// forwarded; a room whose host cannot serve it now waits for this node to take it over,
+    /// and is tried again.
     async fn route(&self, session: &Arc<Session>, op: RoomOp) -> Outcome<Reply> {
         let Some(remote) = self.forwarder() else { return self.serve(session, op).await };
-        if session.uses_peer() && remote.is_forwarded(session.id, op.room()) {
-            return remote.request(session, op).await;
+        if session.uses_peer()
+            && let Some(node) = remote.forwarded_to(session.id, op.room()).await
+        {
+            return remote.request(session, &node, op).await;
+        }
+        let service = op.room().service();
+        if !self.settings.is_group_service(service) && self.settings.is_room_service(service) {
+            return self.route_to_group(remote.as_ref(), session, op).await;
+        }
+        // A room of the peer's service is created by the peer while it serves its rooms, so a
+        // room's service names its home node (what other groups route by).
+        if let RoomOp::Create { room, .. } = &op
+            && let Some(peer) = self.settings.peer().filter(|p| p.service == room.service())
+        {
+            let peer = NodeId(peer.id.clone());
+            if remote.can_forward(&peer) {
+                return remote.request(session, &peer, op).await;
+            }
         }
         // Kept for a second try, except a post: its room must be joined first, here or (above)
         // on the host, so it never learns of the host from its own failure.
@@ -207,13 +225,38 @@ impl Gateway {
         let result = self.serve(session, op).await;
         let (Err(Failure { hosted_by: Some(host), .. }), Some(op)) = (&result, again) else { return result };
         if remote.can_forward(host) {
-            return remote.request(session, op).await;
+            return remote.request(session, host, op).await;
         }
         // The host looks down: rather than have every client of it retry, wait.
         if remote.await_takeover(host).await {
             return self.serve(session, op).await;
         }
         result
+    }
+
+    /// Enter again a room of another group that moved to its group's other node (the node
+    /// link's follow-up of a takeover there): joined where the group serves it now.
+    pub async fn follow(&self, session: &Arc<Session>, join: JoinRequest) -> Outcome<()> {
+        let Some(remote) = self.forwarder() else { return fail(ErrorCode::Unavailable, "this node forwards nothing") };
+        self.route_to_group(remote.as_ref(), session, RoomOp::Join(join)).await.map(drop)
+    }
+
+    /// Serve `op` on a room of another group: at the node its heartbeats name as serving the
+    /// room's service (after waiting a bounded time for one, during a takeover there); if that
+    /// node answers that the other node of its group hosts the room now (the view was a
+    /// heartbeat old), there, once.
+    async fn route_to_group(&self, remote: &dyn Remote, session: &Arc<Session>, op: RoomOp) -> Outcome<Reply> {
+        self.check_room(op.room())?;
+        let service = op.room().service().to_owned();
+        let Some(node) = remote.locate(&service).await else {
+            return fail(ErrorCode::Unavailable, format!("no node serves the rooms of {service} now (its group is down or cut off from this node); retry later"));
+        };
+        let again = op.clone();
+        let result = remote.request(session, &node, op).await;
+        match &result {
+            Err(Failure { hosted_by: Some(host), .. }) if *host != node && remote.can_forward(host) => remote.request(session, host, again).await,
+            _ => result,
+        }
     }
 
     /// Serve `op` on this node, never forwarding it: the node link's requests from the peer

@@ -1,10 +1,13 @@
-//! The node link: an authenticated WebSocket between the two nodes of a pair. Each node dials
-//! its peer's link address and sends, on that connection, a heartbeat (with its recovery state)
-//! every `cluster.heartbeat_ms`, the list of its active rooms every few heartbeats (so the peer
-//! knows which rooms to activate at once if it takes over), and admin requests meant for the
-//! peer (fallback, failover). Each node's listener records what it receives. The peer counts as
-//! unreachable when its connection closes or three heartbeats are missed. This is detection
-//! only: whether a peer may be taken over is decided in the store (docs/ha.md).
+//! The node link: an authenticated WebSocket from each node to every other node of the cluster
+//! (a full mesh; in a single pair, the two nodes of the pair). Each node dials every other
+//! node's link address and sends, on that connection, a heartbeat every `cluster.heartbeat_ms`
+//! (its recovery state, and the room services it serves right now, by which other groups route
+//! room requests to it: docs/clusters.md), the list of its active rooms every few heartbeats to
+//! its peer only (so the peer knows which rooms to activate at once if it takes over), admin
+//! requests for the receiver, and forwarded room operations with their answers. Each node's
+//! listener records what it receives, per sending node. A node counts as unreachable when its
+//! connection closes or three heartbeats are missed. This is detection only: whether a peer may
+//! be taken over is decided in the store (docs/ha.md).
 //!
 //! Authentication is a challenge-response keyed with `cluster.secret`, so a hello captured off
 //! the wire is worth nothing a second time:
@@ -13,19 +16,19 @@
 //!    upgrade;
 //! 2. the dialer answers `link_hello { from, to, nonce: N_d, mac }` with
 //!    `mac = HMAC-SHA256(secret, "stoa-link-v2|hello|from|to|N_l|N_d")`;
-//! 3. the listener checks it and answers `link_welcome { mac }` with
-//!    `HMAC-SHA256(secret, "stoa-link-v2|welcome|from|to|N_l|N_d")`, which proves to the dialer
-//!    that the listener knows the secret too (the dialer sends commands and client frames, so it
-//!    must not talk to an impostor).
+//! 3. the listener checks it (`from` must be a node of the topology, `to` itself) and answers
+//!    `link_welcome { mac }` with `HMAC-SHA256(secret, "stoa-link-v2|welcome|from|to|N_l|N_d")`,
+//!    which proves to the dialer that the listener knows the secret too (the dialer sends
+//!    commands and client frames, so it must not talk to an impostor).
 //!
-//! Only then does either side act on a frame. A newer authenticated connection from the peer
+//! Only then does either side act on a frame. A newer authenticated connection from a node
 //! (it restarted, or the old TCP connection is half-open) replaces the older one; the older
-//! one's end is then not taken for the peer going away. Unauthenticated connections change
+//! one's end is then not taken for the node going away. Unauthenticated connections change
 //! nothing, and at most `MAX_PENDING_HANDSHAKES` of them are served at once, each for at most
 //! `HANDSHAKE_TIMEOUT`. What travels after the handshake is protected on the wire by TLS
 //! (`[tls]`), which a node requires for a link off loopback (docs/operations.md#security).
 
-use crate::ids::SessionId;
+use crate::ids::{NodeId, SessionId};
 use super::state::NodeState;
 use futures_util::{SinkExt, StreamExt};
 use hmac::{Hmac, Mac};
@@ -44,8 +47,8 @@ use tokio_util::sync::CancellationToken;
 /// dropped (a slow or silent dialer must not hold the listener).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Incoming link connections that may be in their handshake at once; more are closed at once.
-/// The peer needs one; the rest are strangers.
+/// Incoming link connections that may be in their handshake at once, besides one per node of
+/// the topology; more are closed at once.
 const MAX_PENDING_HANDSHAKES: usize = 8;
 
 /// Missed heartbeats after which the peer counts as unreachable.
@@ -74,8 +77,12 @@ enum LinkFrame {
         /// Client connections open on the sender.
         #[serde(default)]
         connections: i64,
+        /// The room services whose rooms the sender serves now (its own; its peer's too in
+        /// backup mode).
+        #[serde(default)]
+        services: Vec<String>,
     },
-    /// The sender's active rooms (addresses), sent when the set changed.
+    /// The sender's active rooms (addresses), sent to its peer when the set changed.
     Rooms { rooms: Vec<String> },
     /// An admin request for the receiver (it owns the action); `id` pairs it with its answer.
     Command {
@@ -86,7 +93,7 @@ enum LinkFrame {
     /// The outcome of the sender's peer's `command` `id`, as the admin who asked should see it.
     CommandDone { id: u64, ok: bool, message: String },
     /// A message from a session of `user` on the sender to the receiver, which hosts rooms it
-    /// uses (a room request: `crate::forward` defines `msg`).
+    /// uses (a room request: `crate::forward` defines `msg`). Session ids are the sender's.
     ToHost { session: SessionId, user: String, msg: String },
     /// That session ended on the sender.
     SessionGone { session: SessionId },
@@ -95,25 +102,26 @@ enum LinkFrame {
     ToSession { session: SessionId, msg: String },
 }
 
-/// What a node does with what its peer sends it over the link.
+/// What a node does with what the other nodes send it over their links; `from` is the
+/// authenticated sender.
 pub trait Inbound: Send + Sync + 'static {
-    /// An admin request from the peer; its outcome goes back with [`Link::answer`] and `id`.
-    fn command(&self, id: u64, command: PeerCommand);
-    /// A message from session `session` of `user` on the peer.
-    fn to_host(&self, session: SessionId, user: String, msg: String);
-    /// Session `session` on the peer ended.
-    fn session_gone(&self, session: SessionId);
-    /// A message for this node's session `session`.
-    fn to_session(&self, session: SessionId, msg: String);
-    /// The peer's link connection closed (it died, restarted, or the network broke).
-    fn peer_lost(&self);
+    /// An admin request from node `from`; its outcome goes back with [`Link::answer`] and `id`.
+    fn command(&self, from: &NodeId, id: u64, command: PeerCommand);
+    /// A message from session `session` of `user` on node `from`.
+    fn to_host(&self, from: &NodeId, session: SessionId, user: String, msg: String);
+    /// Session `session` on node `from` ended.
+    fn session_gone(&self, from: &NodeId, session: SessionId);
+    /// A message from node `from` for this node's session `session`.
+    fn to_session(&self, from: &NodeId, session: SessionId, msg: String);
+    /// Node `node`'s link connection closed (it died, restarted, or the network broke).
+    fn node_lost(&self, node: &NodeId);
 }
 
 fn yes() -> bool {
     true
 }
 
-/// An admin request one node passes to its peer over the link.
+/// An admin request one node passes to another over the link (the receiver owns the action).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum PeerCommand {
@@ -178,10 +186,12 @@ fn nonce_ok(n: &str) -> bool {
     n.len() == 64 && n.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-/// What this node knows about its peer from the link.
+/// What this node knows about another node from its link.
 #[derive(Clone, Debug, Serialize)]
 pub struct PeerStatus {
     pub id: String,
+    /// The node is this node's peer (the other node of its redundancy group).
+    pub peer: bool,
     /// A heartbeat arrived within the last three intervals on an open link.
     pub reachable: bool,
     /// The state the peer last reported.
@@ -192,6 +202,8 @@ pub struct PeerStatus {
     pub services_down: Vec<String>,
     /// Client connections open on the peer (as of its last heartbeat).
     pub connections: i64,
+    /// The room services whose rooms the node serves (as of its last heartbeat).
+    pub services: Vec<String>,
     /// Milliseconds since the last heartbeat, if any arrived.
     pub last_heartbeat_ms_ago: Option<u64>,
     /// The peer's link connection to this node is open (it closes at once when the peer's
@@ -199,8 +211,9 @@ pub struct PeerStatus {
     pub link_up: bool,
 }
 
+#[derive(Default)]
 struct PeerView {
-    /// The authenticated connection from the peer that counts now: its generation, and the
+    /// The authenticated connection from the node that counts now: its generation, and the
     /// token that ends it when a newer one replaces it.
     current: Option<(u64, CancellationToken)>,
     /// Generations handed out so far.
@@ -210,6 +223,7 @@ struct PeerView {
     hosting: bool,
     down: Vec<String>,
     connections: i64,
+    services: Vec<String>,
     rooms: Vec<String>,
 }
 
@@ -219,112 +233,184 @@ impl PeerView {
     }
 }
 
-/// How long an admin request passed to the peer waits for the peer's outcome.
+/// How long an admin request passed to another node waits for that node's outcome.
 const COMMAND_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Admin requests passed to the peer that wait for their outcome, by id.
+/// Admin requests passed to other nodes that wait for their outcome, by id.
 type PendingCommands = Arc<Mutex<std::collections::HashMap<u64, tokio::sync::oneshot::Sender<Result<String, String>>>>>;
 
-/// The link of one node: its listener and its dialer to the peer.
+/// One other node as the link sees it: what it last said, and the queue of frames for it.
+struct Remote {
+    id: NodeId,
+    /// Its own room service (from the topology).
+    service: String,
+    view: Mutex<PeerView>,
+    outbox: tokio::sync::mpsc::UnboundedSender<LinkFrame>,
+}
+
+/// The links of one node to every other node: the handle the rest of the node sends through
+/// and reads the other nodes' states from.
 #[derive(Clone)]
 pub struct Link {
-    peer_id: String,
+    peer_id: Option<NodeId>,
     heartbeat: Duration,
-    view: Arc<Mutex<PeerView>>,
-    outbox: tokio::sync::mpsc::UnboundedSender<LinkFrame>,
+    remotes: Arc<std::collections::HashMap<NodeId, Arc<Remote>>>,
     pending: PendingCommands,
     next_command: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Another node of the topology, as [`LinkConfig`] names it.
+#[derive(Clone, Debug)]
+pub struct LinkNode {
+    pub id: String,
+    /// Its node-link address (`host:port`).
+    pub link: String,
+    /// Its room service alias.
+    pub service: String,
 }
 
 /// Node link settings for [`new`].
 pub struct LinkConfig {
     pub me: String,
-    pub peer_id: String,
-    pub peer_link: String,
+    /// This node's room service alias.
+    pub my_service: String,
+    /// The other node of this node's redundancy group, if it has one with `ha = true`: the one
+    /// that gets the active-room lists and whose loss may lead to a takeover.
+    pub peer_id: Option<String>,
+    /// Every other node of the cluster.
+    pub nodes: Vec<LinkNode>,
     pub secret: String,
     pub heartbeat: Duration,
     /// `[tls]`: the listener accepts TLS only (before the WebSocket upgrade).
     pub tls: Option<crate::tls::ServerTls>,
-    /// `[tls]`: dial the peer with `wss://`, verifying its certificate for the host of its
-    /// `link` address against these trust anchors (`tls.ca_file`).
+    /// `[tls]`: dial the other nodes with `wss://`, verifying each one's certificate for the
+    /// host of its `link` address against these trust anchors (`tls.ca_file`).
     pub client_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Link {
-    /// The peer as seen from here now.
-    pub fn peer(&self) -> PeerStatus {
-        let v = self.view.lock().expect("peer view lock");
+    fn status_of(&self, r: &Remote) -> PeerStatus {
+        let v = r.view.lock().expect("peer view lock");
         let ago = v.last.map(|t| t.elapsed());
         let fresh = ago.is_some_and(|a| a < self.heartbeat * MISSED_HEARTBEATS);
         PeerStatus {
-            id: self.peer_id.clone(),
+            id: r.id.0.clone(),
+            peer: self.peer_id.as_ref() == Some(&r.id),
             reachable: v.connected() && fresh,
             state: v.state,
             hosting: v.hosting,
             services_down: v.down.clone(),
             connections: v.connections,
+            services: v.services.clone(),
             last_heartbeat_ms_ago: ago.map(|a| a.as_millis() as u64),
             link_up: v.connected(),
         }
     }
 
-    /// The peer's active rooms, as it last reported them.
-    pub fn peer_rooms(&self) -> Vec<String> {
-        self.view.lock().expect("peer view lock").rooms.clone()
+    /// This node's peer (the other node of its HA group), if it has one.
+    pub fn peer_id(&self) -> Option<&NodeId> {
+        self.peer_id.as_ref()
     }
 
-    /// Pass `command` to the peer and wait for its outcome (the peer's own words, as its
+    /// The peer as seen from here now (none without a peer).
+    pub fn peer(&self) -> Option<PeerStatus> {
+        self.status(self.peer_id.as_ref()?)
+    }
+
+    /// Node `node` as seen from here now (none: not a node of the topology).
+    pub fn status(&self, node: &NodeId) -> Option<PeerStatus> {
+        self.remotes.get(node).map(|r| self.status_of(r))
+    }
+
+    /// Every other node as seen from here now, by id.
+    pub fn statuses(&self) -> Vec<PeerStatus> {
+        let mut all: Vec<PeerStatus> = self.remotes.values().map(|r| self.status_of(r)).collect();
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        all
+    }
+
+    /// A reachable node that says it serves the rooms of `service` now: the service's own node
+    /// if it does, else another (its peer in backup mode). The view may be a heartbeat old;
+    /// the node that gets a request for a room it no longer hosts says who does (fencing
+    /// judges, never this view).
+    pub fn host_of(&self, service: &str) -> Option<NodeId> {
+        let serving = |r: &&Arc<Remote>| {
+            let s = self.status_of(r);
+            s.reachable && s.hosting && s.services.iter().any(|x| x == service)
+        };
+        let mut candidates: Vec<&Arc<Remote>> = self.remotes.values().filter(serving).collect();
+        candidates.sort_by_key(|r| (r.service != service, r.id.0.clone()));
+        candidates.first().map(|r| r.id.clone())
+    }
+
+    /// The node whose own room service is `service`, if it is another node of the topology.
+    pub fn node_of_service(&self, service: &str) -> Option<NodeId> {
+        self.remotes.values().find(|r| r.service == service).map(|r| r.id.clone())
+    }
+
+    /// The peer's active rooms, as it last reported them.
+    pub fn peer_rooms(&self) -> Vec<String> {
+        let Some(peer) = self.peer_id.as_ref().and_then(|p| self.remotes.get(p)) else { return Vec::new() };
+        peer.view.lock().expect("peer view lock").rooms.clone()
+    }
+
+    fn send(&self, node: &NodeId, frame: LinkFrame) {
+        if let Some(r) = self.remotes.get(node) {
+            let _ = r.outbox.send(frame);
+        }
+    }
+
+    /// Pass `command` to node `node` and wait for its outcome (that node's own words, as its
     /// admin API would answer them).
-    pub async fn request(&self, command: PeerCommand) -> Result<String, String> {
-        let peer = &self.peer_id;
-        if !self.is_up() {
-            return Err(format!("node {peer} cannot be reached over the node link; ask it directly"));
+    pub async fn request(&self, node: &NodeId, command: PeerCommand) -> Result<String, String> {
+        if !self.is_up(node) {
+            return Err(format!("node {node} cannot be reached over the node link; ask it directly"));
         }
         let id = self.next_command.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.pending.lock().expect("pending commands lock").insert(id, tx);
-        let _ = self.outbox.send(LinkFrame::Command { id, command });
+        self.send(node, LinkFrame::Command { id, command });
         let answer = tokio::time::timeout(COMMAND_ANSWER_TIMEOUT, rx).await;
         self.pending.lock().expect("pending commands lock").remove(&id);
         match answer {
             Ok(Ok(outcome)) => outcome,
-            Ok(Err(_)) => Err(format!("node {peer}: the node link closed before it answered; it may have carried the request out")),
-            Err(_) => Err(format!("node {peer} did not answer within {COMMAND_ANSWER_TIMEOUT:?}; it may still carry the request out")),
+            Ok(Err(_)) => Err(format!("node {node}: the node link closed before it answered; it may have carried the request out")),
+            Err(_) => Err(format!("node {node} did not answer within {COMMAND_ANSWER_TIMEOUT:?}; it may still carry the request out")),
         }
     }
 
-    /// Send the outcome of the peer's command `id` back to it.
-    pub fn answer(&self, id: u64, outcome: &Result<String, String>) {
+    /// Send the outcome of node `node`'s command `id` back to it.
+    pub fn answer(&self, node: &NodeId, id: u64, outcome: &Result<String, String>) {
         let (ok, message) = match outcome {
             Ok(m) => (true, m.clone()),
             Err(m) => (false, m.clone()),
         };
-        let _ = self.outbox.send(LinkFrame::CommandDone { id, ok, message });
+        self.send(node, LinkFrame::CommandDone { id, ok, message });
     }
 
-    /// Pass a message of this node's session `session` of `user` to the peer, which hosts
+    /// Pass a message of this node's session `session` of `user` to node `node`, which hosts
     /// rooms it uses.
-    pub fn to_host(&self, session: SessionId, user: &str, msg: String) {
-        let _ = self.outbox.send(LinkFrame::ToHost { session, user: user.to_owned(), msg });
+    pub fn to_host(&self, node: &NodeId, session: SessionId, user: &str, msg: String) {
+        self.send(node, LinkFrame::ToHost { session, user: user.to_owned(), msg });
     }
 
-    /// Tell the peer a session whose rooms it served has ended.
-    pub fn session_gone(&self, session: SessionId) {
-        let _ = self.outbox.send(LinkFrame::SessionGone { session });
+    /// Tell node `node` a session whose rooms it served has ended.
+    pub fn session_gone(&self, node: &NodeId, session: SessionId) {
+        self.send(node, LinkFrame::SessionGone { session });
     }
 
-    /// Send a message to the peer's session `session`.
-    pub fn to_session(&self, session: SessionId, msg: String) {
-        let _ = self.outbox.send(LinkFrame::ToSession { session, msg });
+    /// Send a message to node `node`'s session `session`.
+    pub fn to_session(&self, node: &NodeId, session: SessionId, msg: String) {
+        self.send(node, LinkFrame::ToSession { session, msg });
     }
 
-    /// Whether the link to the peer is up in both directions as far as this node knows.
-    pub fn is_up(&self) -> bool {
-        self.peer().reachable
+    /// Whether the link to `node` is up in both directions as far as this node knows.
+    pub fn is_up(&self, node: &NodeId) -> bool {
+        self.status(node).is_some_and(|s| s.reachable)
     }
 }
 
-/// What a node tells its peer about itself, read for every heartbeat.
+/// What a node tells the other nodes about itself, read for every heartbeat.
 pub trait LocalView: Send + Sync + 'static {
     fn state(&self) -> NodeState;
     fn hosting(&self) -> bool;
@@ -340,35 +426,40 @@ pub trait LocalView: Send + Sync + 'static {
 /// what arrives, and [`LinkRunner::start`] runs it with those.
 pub struct LinkRunner {
     config: LinkConfig,
-    view: Arc<Mutex<PeerView>>,
-    pending: PendingCommands,
-    outbox: tokio::sync::mpsc::UnboundedReceiver<LinkFrame>,
+    link: Link,
+    outboxes: Vec<(Arc<Remote>, tokio::sync::mpsc::UnboundedReceiver<LinkFrame>)>,
 }
 
-/// The link's handle (frames sent through it wait until the link runs and the peer is
-/// connected) and its runner.
+/// The link's handle (frames sent through it wait until the link runs and the receiving node
+/// is connected) and its runner.
 pub fn new(config: LinkConfig) -> (Link, LinkRunner) {
-    let view = Arc::new(Mutex::new(PeerView { current: None, generations: 0, last: None, state: None, hosting: false, down: Vec::new(), connections: 0, rooms: Vec::new() }));
-    let (outbox, outbox_rx) = tokio::sync::mpsc::unbounded_channel();
-    let pending = PendingCommands::default();
+    let mut remotes = std::collections::HashMap::new();
+    let mut outboxes = Vec::new();
+    for n in &config.nodes {
+        let (outbox, outbox_rx) = tokio::sync::mpsc::unbounded_channel();
+        let remote = Arc::new(Remote { id: NodeId(n.id.clone()), service: n.service.clone(), view: Mutex::default(), outbox });
+        remotes.insert(remote.id.clone(), remote.clone());
+        outboxes.push((remote, outbox_rx));
+    }
     let link = Link {
-        peer_id: config.peer_id.clone(),
+        peer_id: config.peer_id.clone().map(NodeId),
         heartbeat: config.heartbeat,
-        view: view.clone(),
-        outbox,
-        pending: pending.clone(),
+        remotes: Arc::new(remotes),
+        pending: PendingCommands::default(),
         next_command: Arc::default(),
     };
-    (link, LinkRunner { config, view, pending, outbox: outbox_rx })
+    (link.clone(), LinkRunner { config, link, outboxes })
 }
 
 impl LinkRunner {
-    /// Serve `listener` and keep dialing the peer, until `shutdown`. `local` is read for every
-    /// heartbeat; what the peer sends goes to `inbound`.
+    /// Serve `listener` and keep dialing every other node, until `shutdown`. `local` is read
+    /// for every heartbeat; what the other nodes send goes to `inbound`.
     pub fn start(self, listener: TcpListener, local: Arc<dyn LocalView>, inbound: Arc<dyn Inbound>, shutdown: CancellationToken) {
         let config = Arc::new(self.config);
-        tokio::spawn(serve(listener, config.clone(), self.view, self.pending, inbound, shutdown.clone()));
-        tokio::spawn(dial(config, local, self.outbox, shutdown));
+        tokio::spawn(serve(listener, config.clone(), self.link.clone(), inbound, shutdown.clone()));
+        for (remote, outbox) in self.outboxes {
+            tokio::spawn(dial(config.clone(), remote, local.clone(), outbox, shutdown.clone()));
+        }
     }
 }
 
@@ -389,20 +480,21 @@ async fn next_frame<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<
 enum HandshakeError {
     #[error("the connection closed or sent something else")]
     Closed,
-    #[error("hello from `{from}` to `{to}`: not this node's peer")]
+    #[error("hello from `{from}` to `{to}`: not another node of this cluster to this node")]
     WrongNodes { from: String, to: String },
     #[error("the MAC does not match (wrong cluster.secret, or a replayed hello)")]
     BadMac,
 }
 
-/// The listener's side of the handshake: challenge, check the hello, prove the secret.
-async fn accept_handshake<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>, config: &LinkConfig) -> Result<(), HandshakeError> {
+/// The listener's side of the handshake: challenge, check the hello, prove the secret; returns
+/// the authenticated dialer.
+async fn accept_handshake<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>, config: &LinkConfig) -> Result<NodeId, HandshakeError> {
     let listener_nonce = nonce();
     ws.send(encode(&LinkFrame::Challenge { nonce: listener_nonce.clone() })).await.map_err(|_| HandshakeError::Closed)?;
     let Some(LinkFrame::LinkHello { from, to, nonce: dialer_nonce, mac }) = next_frame(ws).await else {
         return Err(HandshakeError::Closed);
     };
-    if from != config.peer_id || to != config.me {
+    if !config.nodes.iter().any(|n| n.id == from) || to != config.me {
         return Err(HandshakeError::WrongNodes { from, to });
     }
     let transcript = Transcript { from: &from, to: &to, listener_nonce: &listener_nonce, dialer_nonce: &dialer_nonce };
@@ -410,11 +502,12 @@ async fn accept_handshake<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketS
         return Err(HandshakeError::BadMac);
     }
     let welcome = LinkFrame::LinkWelcome { mac: transcript.mac(&config.secret, Step::Welcome) };
-    ws.send(encode(&welcome)).await.map_err(|_| HandshakeError::Closed)
+    ws.send(encode(&welcome)).await.map_err(|_| HandshakeError::Closed)?;
+    Ok(NodeId(from))
 }
 
-/// The dialer's side: answer the challenge, check the listener's proof.
-async fn dial_handshake<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>, config: &LinkConfig) -> Result<(), HandshakeError> {
+/// The dialer's side: answer the challenge, check the listener's (node `to`'s) proof.
+async fn dial_handshake<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>, config: &LinkConfig, to: &NodeId) -> Result<(), HandshakeError> {
     let Some(LinkFrame::Challenge { nonce: listener_nonce }) = next_frame(ws).await else {
         return Err(HandshakeError::Closed);
     };
@@ -422,10 +515,10 @@ async fn dial_handshake<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStr
         return Err(HandshakeError::BadMac);
     }
     let dialer_nonce = nonce();
-    let transcript = Transcript { from: &config.me, to: &config.peer_id, listener_nonce: &listener_nonce, dialer_nonce: &dialer_nonce };
+    let transcript = Transcript { from: &config.me, to: &to.0, listener_nonce: &listener_nonce, dialer_nonce: &dialer_nonce };
     let hello = LinkFrame::LinkHello {
         from: config.me.clone(),
-        to: config.peer_id.clone(),
+        to: to.0.clone(),
         nonce: dialer_nonce.clone(),
         mac: transcript.mac(&config.secret, Step::Hello),
     };
@@ -437,15 +530,8 @@ async fn dial_handshake<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStr
     }
 }
 
-async fn serve(
-    listener: TcpListener,
-    config: Arc<LinkConfig>,
-    view: Arc<Mutex<PeerView>>,
-    commands: PendingCommands,
-    inbound: Arc<dyn Inbound>,
-    shutdown: CancellationToken,
-) {
-    let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
+async fn serve(listener: TcpListener, config: Arc<LinkConfig>, link: Link, inbound: Arc<dyn Inbound>, shutdown: CancellationToken) {
+    let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES + config.nodes.len()));
     loop {
         let (stream, remote) = tokio::select! {
             a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
@@ -456,7 +542,7 @@ async fn serve(
             tracing::warn!(%remote, "node link refused: too many connections in their handshake");
             continue;
         };
-        let (config, view, commands, inbound, shutdown) = (config.clone(), view.clone(), commands.clone(), inbound.clone(), shutdown.clone());
+        let (config, link, inbound, shutdown) = (config.clone(), link.clone(), inbound.clone(), shutdown.clone());
         tokio::spawn(async move {
             let handshake = async {
                 let stream = crate::tls::MaybeTls::accept(stream, config.tls.as_ref()).await.map_err(|e| {
@@ -464,10 +550,10 @@ async fn serve(
                     HandshakeError::Closed
                 })?;
                 let mut ws = tokio_tungstenite::accept_async(stream).await.map_err(|_| HandshakeError::Closed)?;
-                accept_handshake(&mut ws, &config).await.map(|()| ws)
+                accept_handshake(&mut ws, &config).await.map(|from| (ws, from))
             };
-            let mut ws = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-                Ok(Ok(ws)) => ws,
+            let (ws, from) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+                Ok(Ok(done)) => done,
                 Ok(Err(e)) => {
                     metrics::counter!("stoa_link_handshakes_refused_total", "reason" => "auth").increment(1);
                     tracing::warn!(%remote, error = %e, "node link refused");
@@ -480,84 +566,120 @@ async fn serve(
                 }
             };
             drop(permit);
-            // This connection is the peer's now; an older one (half-open, or from before the
-            // peer restarted) ends without counting as the peer going away.
-            let ended = CancellationToken::new();
-            let generation = {
-                let mut v = view.lock().expect("peer view lock");
-                v.generations += 1;
-                let generation = v.generations;
-                if let Some((_, older)) = v.current.replace((generation, ended.clone())) {
-                    older.cancel();
-                }
-                generation
-            };
-            tracing::info!(peer = %config.peer_id, generation, "node link up");
-            loop {
-                let next = tokio::select! {
-                    n = ws.next() => n,
-                    _ = ended.cancelled() => break,
-                    _ = shutdown.cancelled() => break,
-                };
-                match next {
-                    Some(Ok(Message::Text(text))) => match serde_json::from_str::<LinkFrame>(text.as_str()) {
-                        Ok(LinkFrame::Heartbeat { state, hosting, down, connections, .. }) => {
-                            let mut v = view.lock().expect("peer view lock");
-                            v.last = Some(Instant::now());
-                            v.state = Some(state);
-                            v.hosting = hosting;
-                            v.down = down;
-                            v.connections = connections;
-                        }
-                        Ok(LinkFrame::Rooms { rooms }) => view.lock().expect("peer view lock").rooms = rooms,
-                        Ok(LinkFrame::Command { id, command }) => {
-                            tracing::info!(peer = %config.peer_id, ?command, "request from the peer");
-                            inbound.command(id, command);
-                        }
-                        Ok(LinkFrame::CommandDone { id, ok, message }) => {
-                            if let Some(waiter) = commands.lock().expect("pending commands lock").remove(&id) {
-                                let _ = waiter.send(if ok { Ok(message) } else { Err(message) });
-                            }
-                        }
-                        Ok(LinkFrame::ToHost { session, user, msg }) => inbound.to_host(session, user, msg),
-                        Ok(LinkFrame::SessionGone { session }) => inbound.session_gone(session),
-                        Ok(LinkFrame::ToSession { session, msg }) => inbound.to_session(session, msg),
-                        Ok(LinkFrame::Challenge { .. } | LinkFrame::LinkHello { .. } | LinkFrame::LinkWelcome { .. }) | Err(_) => {
-                            tracing::warn!(peer = %config.peer_id, "unexpected node-link frame")
-                        }
-                    },
-                    Some(Ok(_)) => {}
-                    _ => break,
-                }
-            }
-            let replaced = {
-                let mut v = view.lock().expect("peer view lock");
-                match &v.current {
-                    Some((g, _)) if *g == generation => {
-                        v.current = None;
-                        false
-                    }
-                    _ => true,
-                }
-            };
-            if replaced {
-                tracing::info!(peer = %config.peer_id, generation, "older node link connection closed (a newer one serves)");
-            } else if !shutdown.is_cancelled() {
-                tracing::warn!(peer = %config.peer_id, "node link down");
-                inbound.peer_lost();
-            }
+            let node = link.remotes.get(&from).expect("the handshake admits nodes of the topology only").clone();
+            receive(ws, node, link, inbound, shutdown).await;
         });
     }
 }
 
+/// Record and hand on what node `node` sends on its authenticated connection, until it closes.
+async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
+    mut ws: WebSocketStream<S>,
+    node: Arc<Remote>,
+    link: Link,
+    inbound: Arc<dyn Inbound>,
+    shutdown: CancellationToken,
+) {
+    let from = &node.id;
+    // This connection is the node's now; an older one (half-open, or from before the node
+    // restarted) ends without counting as the node going away.
+    let ended = CancellationToken::new();
+    let generation = {
+        let mut v = node.view.lock().expect("peer view lock");
+        v.generations += 1;
+        let generation = v.generations;
+        if let Some((_, older)) = v.current.replace((generation, ended.clone())) {
+            older.cancel();
+        }
+        generation
+    };
+    tracing::info!(node = %from, generation, "node link up");
+    loop {
+        let next = tokio::select! {
+            n = ws.next() => n,
+            _ = ended.cancelled() => break,
+            _ = shutdown.cancelled() => break,
+        };
+        match next {
+            Some(Ok(Message::Text(text))) => match serde_json::from_str::<LinkFrame>(text.as_str()) {
+                Ok(LinkFrame::Heartbeat { state, hosting, down, connections, services, .. }) => {
+                    let mut v = node.view.lock().expect("peer view lock");
+                    v.last = Some(Instant::now());
+                    v.state = Some(state);
+                    v.hosting = hosting;
+                    v.down = down;
+                    v.connections = connections;
+                    v.services = services;
+                }
+                Ok(LinkFrame::Rooms { rooms }) => node.view.lock().expect("peer view lock").rooms = rooms,
+                Ok(LinkFrame::Command { id, command }) => {
+                    tracing::info!(node = %from, ?command, "request from another node");
+                    inbound.command(from, id, command);
+                }
+                Ok(LinkFrame::CommandDone { id, ok, message }) => {
+                    if let Some(waiter) = link.pending.lock().expect("pending commands lock").remove(&id) {
+                        let _ = waiter.send(if ok { Ok(message) } else { Err(message) });
+                    }
+                }
+                Ok(LinkFrame::ToHost { session, user, msg }) => inbound.to_host(from, session, user, msg),
+                Ok(LinkFrame::SessionGone { session }) => inbound.session_gone(from, session),
+                Ok(LinkFrame::ToSession { session, msg }) => inbound.to_session(from, session, msg),
+                Ok(LinkFrame::Challenge { .. } | LinkFrame::LinkHello { .. } | LinkFrame::LinkWelcome { .. }) | Err(_) => {
+                    tracing::warn!(node = %from, "unexpected node-link frame")
+                }
+            },
+            Some(Ok(_)) => {}
+            _ => break,
+        }
+    }
+    let replaced = {
+        let mut v = node.view.lock().expect("peer view lock");
+        match &v.current {
+            Some((g, _)) if *g == generation => {
+                v.current = None;
+                false
+            }
+            _ => true,
+        }
+    };
+    if replaced {
+        tracing::info!(node = %from, generation, "older node link connection closed (a newer one serves)");
+    } else if !shutdown.is_cancelled() {
+        tracing::warn!(node = %from, "node link down");
+        inbound.node_lost(from);
+    }
+}
+
+/// The services whose rooms a node in `state` serves: its own and, in backup mode, its
+/// peer's; none while it does not host rooms at all.
+fn services_served(config: &LinkConfig, state: NodeState, hosting: bool) -> Vec<String> {
+    let (own, peers) = state.serves();
+    let mut services = Vec::new();
+    if hosting && own {
+        services.push(config.my_service.clone());
+    }
+    if hosting
+        && peers
+        && let Some(peer) = config.peer_id.as_ref().and_then(|p| config.nodes.iter().find(|n| &n.id == p))
+    {
+        services.push(peer.service.clone());
+    }
+    services
+}
+
+/// Keep a connection to node `to`: dial, authenticate, then send heartbeats and whatever is
+/// queued for it, until `shutdown`.
 async fn dial(
     config: Arc<LinkConfig>,
+    to: Arc<Remote>,
     local: Arc<dyn LocalView>,
     mut outbox: tokio::sync::mpsc::UnboundedReceiver<LinkFrame>,
     shutdown: CancellationToken,
 ) {
+    let address = &config.nodes.iter().find(|n| n.id == to.id.0).expect("a remote of the topology").link;
     let scheme = if config.client_tls.is_some() { "wss" } else { "ws" };
-    let url = format!("{scheme}://{}/link", config.peer_link);
+    let url = format!("{scheme}://{address}/link");
+    let is_peer = config.peer_id.as_deref() == Some(to.id.0.as_str());
     let connector = config.client_tls.clone().map(tokio_tungstenite::Connector::Rustls);
     // A TLS failure (untrusted or wrong certificate) repeats on every attempt: log each new one once.
     let mut last_tls_error = String::new();
@@ -578,18 +700,18 @@ async fn dial(
                 if let Some(e) = tls_error
                     && e != last_tls_error
                 {
-                    tracing::warn!(peer = %config.peer_id, url = %url, error = %e, "node link: TLS to the peer failed");
+                    tracing::warn!(node = %to.id, url = %url, error = %e, "node link: TLS to the node failed");
                     last_tls_error = e;
                 }
                 HandshakeError::Closed
             })?;
             last_tls_error.clear(); // a later failure is news again
-            dial_handshake(&mut ws, &config).await.map(|()| ws)
+            dial_handshake(&mut ws, &config, &to.id).await.map(|()| ws)
         };
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, connect).await {
             Ok(Ok(mut ws)) => {
                 let mut ok = true;
-                // A new connection always gets the room list.
+                // A new connection to the peer always gets the room list.
                 let mut sent_rooms: Option<Vec<String>> = None;
                 let mut next_beat = tokio::time::Instant::now();
                 while ok {
@@ -597,16 +719,18 @@ async fn dial(
                         _ = tokio::time::sleep_until(next_beat) => {
                             seq += 1;
                             next_beat += config.heartbeat;
+                            let (state, hosting) = (local.state(), local.hosting());
                             let beat = LinkFrame::Heartbeat {
                                 from: config.me.clone(),
-                                state: local.state(),
+                                state,
                                 seq,
-                                hosting: local.hosting(),
+                                hosting,
                                 down: local.services_down(),
                                 connections: local.connections(),
+                                services: services_served(&config, state, hosting),
                             };
                             ok = ws.send(encode(&beat)).await.is_ok();
-                            if ok && (seq % ROOMS_EVERY == 1 || sent_rooms.is_none()) {
+                            if ok && is_peer && (seq % ROOMS_EVERY == 1 || sent_rooms.is_none()) {
                                 let mut rooms = local.active_rooms();
                                 rooms.sort_unstable();
                                 if sent_rooms.as_ref() != Some(&rooms) {
@@ -623,16 +747,16 @@ async fn dial(
                     }
                 }
             }
-            Ok(Err(HandshakeError::Closed)) | Err(_) => {} // the peer is not there (yet)
+            Ok(Err(HandshakeError::Closed)) | Err(_) => {} // the node is not there (yet)
             Ok(Err(e)) => {
                 metrics::counter!("stoa_link_handshakes_refused_total", "reason" => "peer_auth").increment(1);
-                tracing::warn!(peer = %config.peer_id, error = %e, "node link: the peer failed to prove the shared secret");
+                tracing::warn!(node = %to.id, error = %e, "node link: the node failed to prove the shared secret");
             }
         }
         // Whatever was queued for a link that is gone is stale now (forwarded client frames are
         // resent by their clients; admin requests are answered by the node that got them).
         while outbox.try_recv().is_ok() {}
-        // Peer not there (yet): try again after one heartbeat interval.
+        // Node not there (yet): try again after one heartbeat interval.
         tokio::select! {
             _ = tokio::time::sleep(config.heartbeat) => {}
             _ = shutdown.cancelled() => return,

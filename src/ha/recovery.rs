@@ -285,20 +285,22 @@ impl Recovery {
         self.inner.commands.send(Command::Admin(request, Some(tx))).map_err(|_| "the recovery manager has stopped".to_owned())?;
         match rx.await.unwrap_or_else(|_| Err("the recovery manager has stopped".to_owned()))? {
             Outcome::Done(message) => Ok(message),
-            Outcome::Forward(command) => match self.link() {
-                Some(link) => link.request(command).await,
+            Outcome::Forward(command) => match self.link().and_then(|l| Some((l, l.peer_id()?))) {
+                Some((link, peer)) => link.request(peer, command).await,
                 None => Err("no node link to the peer".to_owned()),
             },
         }
     }
 
-    /// A request the peer passed over the link (an admin asked the peer for something only
-    /// this node can do). It is carried out only if it is this node's to do: fail this node
-    /// over, stop or start one of its services, or hand the peer's rooms back to it; anything
-    /// else is refused. Either way it lands in the audit log with its outcome.
-    pub fn from_peer(&self, id: u64, command: PeerCommand) {
+    /// A request node `from` passed over the link (an admin asked that node, its peer or any
+    /// node of the cluster, for something only this node can do). It is carried out only if it
+    /// is this node's to do: fail this node over, stop or start one of its services, or hand
+    /// the peer's rooms back to it; anything else is refused. Either way it lands in the audit
+    /// log with its outcome, and the outcome goes back to `from`.
+    pub fn from_node(&self, from: &NodeId, id: u64, command: PeerCommand) {
         let me = self.inner.config.me.0.clone();
         let peer = self.inner.config.peer.as_ref().map(|p| p.id.0.clone()).unwrap_or_default();
+        let from = from.clone();
         let (action, target, request) = match command {
             PeerCommand::Failover { node } if node == me => ("failover", node.clone(), Ok(Request::Failover { node })),
             PeerCommand::Fallback { node } if node == peer => ("fallback", node.clone(), Ok(Request::Fallback { node })),
@@ -322,10 +324,10 @@ impl Recovery {
                 Ok(m) => ("done", m.as_str()),
                 Err(m) => ("refused", m.as_str()),
             };
-            tracing::info!(target: "stoa::audit", action, target, outcome, message, "admin action from the peer over the node link");
-            let actor = format!("node-link:{peer}");
+            tracing::info!(target: "stoa::audit", action, target, outcome, message, asked_by = %from, "admin action from another node over the node link");
+            let actor = format!("node-link:{from}");
             let detail = serde_json::Map::from_iter([
-                ("asked_by".to_owned(), serde_json::Value::String(peer.clone())),
+                ("asked_by".to_owned(), serde_json::Value::String(from.0.clone())),
                 ("message".to_owned(), serde_json::Value::String(message.to_owned())),
             ]);
             let entry = crate::store::audit::AuditEntry { node: &this.inner.config.me.0, actor: &actor, action, target: &target, detail, outcome };
@@ -333,7 +335,7 @@ impl Recovery {
                 tracing::warn!(error = %e, "could not write the audit log");
             }
             if let Some(link) = this.link() {
-                link.answer(id, &answer);
+                link.answer(&from, id, &answer);
             }
         });
     }

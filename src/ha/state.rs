@@ -95,6 +95,16 @@ impl NodeState {
         )
     }
 
+    /// Whose rooms a node in this state serves: (its own, its peer's). Heartbeats carry it to
+    /// every node of the cluster, which route room requests by it (docs/clusters.md).
+    pub fn serves(self) -> (bool, bool) {
+        let peers = matches!(
+            self,
+            NodeState::TakingOver | NodeState::RunningInBackupMode | NodeState::FallingBack | NodeState::RunningInFailedMode
+        );
+        (self.hosts_rooms(), peers)
+    }
+
     /// Is `to` a legal next state from `self`?
     pub fn can_become(self, to: NodeState) -> bool {
         use NodeState::*;

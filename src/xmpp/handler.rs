@@ -64,7 +64,7 @@ impl Handler {
         let jid = xmpp_parsers::jid::Jid::new(to).map_err(|_| ())?;
         let domain = jid.domain().as_str();
         let settings = &self.gateway.settings;
-        let service = domain == settings.node.service || settings.peer().is_some_and(|p| p.service == domain);
+        let service = settings.is_room_service(domain);
         let Some(node) = jid.node() else {
             return Ok(if domain == settings.xmpp.domain {
                 Target::Server

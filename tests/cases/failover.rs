@@ -176,32 +176,41 @@ struct Acked {
 
 /// Everything the clients saw.
 #[derive(Default)]
-struct History {
+pub(crate) struct History {
     acked: Vec<Acked>,
     /// Per client, per room: the message seqs in the order they arrived.
     views: Vec<BTreeMap<String, Vec<u64>>>,
     /// Sends given up (never acked: allowed, but counted).
     abandoned: usize,
+    /// Per client: how many times its connection was lost (a `goaway` or a drop).
+    pub(crate) disconnects: Vec<usize>,
 }
 
 /// Writers that keep sending to `rooms` through every fault, resending with the same `cid`
 /// until acked.
-struct Traffic {
+pub(crate) struct Traffic {
     stop: CancellationToken,
     history: Arc<Mutex<History>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Traffic {
+    /// `writers` writers on `urls[0]` (resuming on the others), writer `i` in room
+    /// `rooms[i % rooms.len()]`.
     async fn start(urls: Vec<String>, rooms: &[String], writers: usize) -> Traffic {
+        Traffic::start_writers((0..writers).map(|i| (urls.clone(), rooms[i % rooms.len()].clone())).collect()).await
+    }
+
+    /// One writer per `(urls, room)`: it logs in at `urls[0]` (resuming on any of `urls`) and
+    /// writes to `room`.
+    pub(crate) async fn start_writers(writers: Vec<(Vec<String>, String)>) -> Traffic {
         let stop = CancellationToken::new();
         let history: Arc<Mutex<History>> = Arc::default();
         let mut tasks = Vec::new();
         // Writer names are unique in the test process: two `Traffic`s in one room are
         // different users (guest names are their own), so their nicks must differ too.
         static NEXT_WRITER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        for i in 0..writers {
-            let room = rooms[i % rooms.len()].clone();
+        for (urls, room) in writers {
             let w = NEXT_WRITER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let options = ClientOptions {
                 reconnect: Some(ReconnectPolicy {
@@ -215,14 +224,20 @@ impl Traffic {
             let (client, _) = Client::connect_with(&urls[0], Login::guest(format!("w{w}")), options).await.expect("writer connects");
             client.join(room.as_str(), format!("w{w}"), None, None).await.expect("writer joins");
             let client = Arc::new(client);
-            let view = history.lock().unwrap().views.len();
-            history.lock().unwrap().views.push(BTreeMap::new());
+            let view = {
+                let mut h = history.lock().unwrap();
+                h.views.push(BTreeMap::new());
+                h.disconnects.push(0);
+                h.views.len() - 1
+            };
             let events = client.clone();
             let h = history.clone();
             let reader = tokio::spawn(async move {
                 while let Some(ev) = events.next_event().await {
-                    if let ClientEvent::Message(m) = ev {
-                        h.lock().unwrap().views[view].entry(m.room.0.clone()).or_default().push(m.seq);
+                    match ev {
+                        ClientEvent::Message(m) => h.lock().unwrap().views[view].entry(m.room.0.clone()).or_default().push(m.seq),
+                        ClientEvent::Disconnected { .. } => h.lock().unwrap().disconnects[view] += 1,
+                        _ => {}
                     }
                 }
             });
@@ -234,7 +249,16 @@ impl Traffic {
                     let cid = new_cid();
                     let first = Instant::now();
                     loop {
-                        match client.send(room.as_str(), format!("w{w} #{n}"), cid.clone()).await {
+                        let send = client.send(room.as_str(), format!("w{w} #{n}"), cid.clone());
+                        tokio::pin!(send);
+                        let answer = tokio::select! {
+                            a = &mut send => a,
+                            _ = tokio::time::sleep(Duration::from_secs(10)) => {
+                                eprintln!("writer w{w} (at {}): a send to {room} unanswered for 10 s (cid {})", urls[0], cid.0);
+                                send.await
+                            }
+                        };
+                        match answer {
                             Ok(ack) => {
                                 h.lock().unwrap().acked.push(Acked { room: room.clone(), cid: cid.0.clone(), seq: ack.seq, at: Instant::now() });
                                 break;
@@ -263,7 +287,7 @@ impl Traffic {
         Traffic { stop, history, tasks }
     }
 
-    fn acked_count(&self) -> usize {
+    pub(crate) fn acked_count(&self) -> usize {
         self.history.lock().unwrap().acked.len()
     }
 
@@ -278,7 +302,7 @@ impl Traffic {
     }
 
     /// Wait until every room has an ack after `t`; returns the slowest room's delay.
-    async fn await_all_rooms_writable(&self, rooms: &[String], t: Instant, within: Duration) -> Duration {
+    pub(crate) async fn await_all_rooms_writable(&self, rooms: &[String], t: Instant, within: Duration) -> Duration {
         let started = Instant::now();
         loop {
             let first = self.first_ack_after(t);
@@ -290,7 +314,7 @@ impl Traffic {
         }
     }
 
-    async fn finish(self) -> History {
+    pub(crate) async fn finish(self) -> History {
         self.stop.cancel();
         for t in self.tasks {
             t.await.expect("writer task");
@@ -304,8 +328,13 @@ impl Traffic {
 /// along a room's log (nothing was committed under a stale epoch); each client saw each room's
 /// messages in order with no gap (resume with `since` fills it).
 async fn check_history(db: &TestDb, rooms: &[String], history: &History) {
+    check_histories(&[(db, rooms)], history).await
+}
+
+/// [`check_history`] over several stores (a cluster: each group's rooms in its own store).
+pub(crate) async fn check_histories(stores: &[(&TestDb, &[String])], history: &History) {
     let mut stored_by_room = HashMap::new();
-    for room in rooms {
+    for (db, room) in stores.iter().flat_map(|(db, rooms)| rooms.iter().map(move |r| (*db, r))) {
         let stored = db.stored_messages(room).await;
         let seqs: Vec<u64> = stored.iter().map(|m| m.seq).collect();
         crate::harness::assert_contiguous(&seqs, seqs.len() as u64, &format!("room {room}"));
@@ -337,7 +366,7 @@ async fn check_history(db: &TestDb, rooms: &[String], history: &History) {
         "history: {} acked, {} stored in {} rooms, {} abandoned sends, {} client views checked",
         history.acked.len(),
         total,
-        rooms.len(),
+        stored_by_room.len(),
         history.abandoned,
         history.views.len()
     );
@@ -515,7 +544,7 @@ pub async fn store_connections_killed_lose_nothing(db: &TestDb) {
 
 /// A cuttable TCP link: accepts on `port`, forwards to `to`; aborting the task closes the
 /// listener and every connection through it.
-fn link_proxy(port: u16, to: u16) -> tokio::task::JoinHandle<()> {
+pub(crate) fn link_proxy(port: u16, to: u16) -> tokio::task::JoinHandle<()> {
     let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("binding the link proxy");
     listener.set_nonblocking(true).expect("non-blocking listener");
     let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");

@@ -71,7 +71,7 @@ impl Control {
     }
 
     pub(super) fn peer_status(&self) -> Option<PeerStatus> {
-        self.r.link().map(|l| l.peer())
+        self.r.link().and_then(|l| l.peer())
     }
 
 

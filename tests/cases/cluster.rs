@@ -1,0 +1,372 @@
+//! Clusters of redundancy groups (issue 14, docs/clusters.md): real `stoa` processes, one
+//! store per group, users on every node in rooms of every group, kill -9 of one pair's host
+//! under load, and the history checker of the pair tests.
+//!
+//! The cluster of these tests is three pairs (`g1`: 1a+1b, `g2`: 2a+2b, `g3`: 3a+3b, each on
+//! its own PostgreSQL database) and one single node (`g4`: 4a, on SQLite): seven processes,
+//! with the short HA timings of the pair tests.
+
+use super::failover::{Traffic, check_histories};
+use crate::harness::{Backend, DEADLINE, NodeProcess, TestDb, await_admin, free_port};
+use serde_json::Value;
+use std::time::{Duration, Instant};
+use stoa::client::{Client, Login};
+
+const SECRET: &str = "a-cluster-secret-of-20";
+
+/// One node of the test cluster.
+struct Member {
+    id: &'static str,
+    /// Index of its group in [`Cluster::groups`].
+    group: usize,
+    client: u16,
+    admin: u16,
+    link: u16,
+    config: std::path::PathBuf,
+    process: Option<NodeProcess>,
+}
+
+/// A group: its name, whether it is an HA pair, and its store.
+struct Group {
+    name: &'static str,
+    ha: bool,
+    db: TestDb,
+}
+
+/// A proxy on node `from`'s way to node `to`'s link.
+struct Proxy {
+    from: &'static str,
+    to: &'static str,
+    port: u16,
+    target: u16,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// (The processes stop before their databases are dropped: fields drop in order.)
+pub(crate) struct Cluster {
+    members: Vec<Member>,
+    groups: Vec<Group>,
+    proxies: Vec<Proxy>,
+}
+
+impl Cluster {
+    /// Three PostgreSQL pairs (the first on `db`) and one single SQLite node, configured (not
+    /// started).
+    async fn three_pairs_and_a_single_node(db: &TestDb) -> Cluster {
+        let groups = [("g1", true, Backend::Postgres), ("g2", true, Backend::Postgres), ("g3", true, Backend::Postgres), ("g4", false, Backend::Sqlite)];
+        let layout = [("1a", 0), ("1b", 0), ("2a", 1), ("2b", 1), ("3a", 2), ("3b", 2), ("4a", 3)];
+        Cluster::configure(db, &groups, &layout, &[]).await
+    }
+
+    /// `groups` (name, HA, store backend; each gets a database of its own) with the nodes of
+    /// `layout` (id, group index), configured (not started). Each `(from, to)` of `via` makes
+    /// node `from` dial node `to`'s link through a proxy ([`Cluster::proxy`]), so a test can cut
+    /// that link.
+    async fn configure(db: &TestDb, groups: &[(&'static str, bool, Backend)], layout: &[(&'static str, usize)], via: &[(&'static str, &'static str)]) -> Cluster {
+        assert_eq!(db.backend, Backend::Postgres, "the cluster tests run on PostgreSQL");
+        let mut stores = Vec::new();
+        for (name, ha, backend) in groups {
+            stores.push(Group { name, ha: *ha, db: TestDb::new(*backend, &format!("cluster_{name}")).await });
+        }
+        let members: Vec<Member> = layout
+            .iter()
+            .map(|&(id, group)| Member {
+                id,
+                group,
+                client: free_port(),
+                admin: free_port(),
+                link: free_port(),
+                config: db.dir().join(format!("{id}.toml")),
+                process: None,
+            })
+            .collect();
+        let proxies: Vec<Proxy> = via
+            .iter()
+            .map(|&(from, to)| {
+                let target = members.iter().find(|m| m.id == to).expect("a node of the layout").link;
+                Proxy { from, to, port: free_port(), target, task: None }
+            })
+            .collect();
+        for m in &members {
+            let mut topology = String::new();
+            for (g, group) in stores.iter().enumerate() {
+                topology += &format!("[[cluster.groups]]\nname = \"{}\"\nha = {}\n", group.name, group.ha);
+                for n in members.iter().filter(|n| n.group == g) {
+                    let link = proxies.iter().find(|p| p.from == m.id && p.to == n.id).map_or(n.link, |p| p.port);
+                    topology += &format!(
+                        "[[cluster.groups.nodes]]\nid = \"{id}\"\nclient = \"ws://127.0.0.1:{c}/ws\"\nlink = \"127.0.0.1:{link}\"\nservice = \"conference-{id}.localhost\"\n",
+                        id = n.id,
+                        c = n.client,
+                    );
+                }
+            }
+            let text = format!(
+                "[node]\nid = \"{id}\"\nservice = \"conference-{id}.localhost\"\ndata_dir = \"{data}\"\n\n\
+                 [listen]\nclient = \"127.0.0.1:{c}\"\nadmin = \"127.0.0.1:{a}\"\n\n\
+                 [store]\nurl = \"{url}\"\nmax_connections = 4\nidle_in_transaction_timeout_ms = 2000\n\n\
+                 [auth]\nallow_guests = true\n\n[log]\nlevel = \"info\"\n\n\
+                 [cluster]\nsecret = \"{SECRET}\"\nlease_ttl_ms = 2000\nlease_renew_ms = 200\nheartbeat_ms = 100\n\
+                 critical_service_down_delay_ms = 1000\n\n{topology}",
+                id = m.id,
+                data = db.dir().join(format!("data-{}", m.id)).display(),
+                c = m.client,
+                a = m.admin,
+                url = stores[m.group].db.url,
+            );
+            std::fs::write(&m.config, text).expect("writing a node config");
+        }
+        Cluster { members, groups: stores, proxies }
+    }
+
+    /// Run (`up`) or stop every proxy of `via`; stopping one closes the connections through it.
+    async fn proxies(&mut self, up: bool) {
+        for p in &mut self.proxies {
+            if let Some(task) = p.task.take() {
+                task.abort();
+                let _ = task.await;
+            }
+            if up {
+                p.task = Some(super::failover::link_proxy(p.port, p.target));
+            }
+        }
+    }
+
+    fn index(&self, id: &str) -> usize {
+        self.members.iter().position(|m| m.id == id).unwrap_or_else(|| panic!("no node {id}"))
+    }
+
+    fn url(&self, id: &str) -> String {
+        format!("ws://127.0.0.1:{}/ws", self.members[self.index(id)].client)
+    }
+
+    fn admin(&self, id: &str) -> String {
+        format!("127.0.0.1:{}", self.members[self.index(id)].admin)
+    }
+
+    /// The client URLs a user of node `id` resumes on: its own node, then its peer.
+    fn urls_of(&self, id: &str) -> Vec<String> {
+        let me = &self.members[self.index(id)];
+        let mut urls = vec![self.url(id)];
+        urls.extend(self.members.iter().filter(|m| m.group == me.group && m.id != id).map(|m| self.url(m.id)));
+        urls
+    }
+
+    async fn start(&mut self, id: &str) {
+        let i = self.index(id);
+        let m = &mut self.members[i];
+        m.process = Some(NodeProcess::start(&m.config, m.id).await);
+    }
+
+    fn kill(&mut self, id: &str) {
+        let i = self.index(id);
+        if let Some(mut p) = self.members[i].process.take() {
+            p.kill();
+        }
+    }
+
+    async fn call(&self, id: &str, method: &str, path: &str) -> stoa::admin_client::Answer {
+        stoa::admin_client::request(&self.admin(id), method, path, None, DEADLINE).await.expect("admin API answers")
+    }
+
+    /// Wait until node `on` sees node `id` in `state`.
+    async fn await_state(&self, on: &str, id: &str, state: &str) -> Duration {
+        let started = Instant::now();
+        let mut last = Value::Null;
+        while started.elapsed() < DEADLINE {
+            if let Ok(a) = stoa::admin_client::request(&self.admin(on), "GET", &format!("/api/nodes/{id}"), None, Duration::from_secs(2)).await {
+                last = a.json();
+                if last["state"] == state {
+                    return started.elapsed();
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await; // polling interval
+        }
+        panic!("node {on} did not see {id} {state} within {DEADLINE:?}; last view: {last}");
+    }
+
+    /// Start the proxies and every node (the first node of each group first) and wait until
+    /// each node sees every other over its link.
+    async fn start_all(&mut self) {
+        self.proxies(true).await;
+        let first: Vec<&'static str> = (0..self.groups.len()).filter_map(|g| self.members.iter().find(|m| m.group == g)).map(|m| m.id).collect();
+        for id in &first {
+            self.start(id).await;
+        }
+        for id in first.iter().filter(|id| self.groups[self.members[self.index(id)].group].ha) {
+            self.await_state(id, id, "normal").await;
+        }
+        let rest: Vec<&'static str> = self.members.iter().map(|m| m.id).filter(|id| !first.contains(id)).collect();
+        for id in rest {
+            self.start(id).await;
+        }
+        let all: Vec<&str> = self.members.iter().map(|m| m.id).collect();
+        for m in &self.members {
+            let addr = m.process.as_ref().expect("started").admin_addr;
+            let what = format!("{} to see every other node over its link", m.id);
+            await_admin(addr, None, "/api/topology", &what, |t| {
+                let nodes: Vec<&Value> = t["groups"].as_array().into_iter().flatten().flat_map(|g| g["nodes"].as_array().into_iter().flatten()).collect();
+                nodes.len() == all.len() && nodes.iter().all(|n| n["this_node"] == true || n["link"]["reachable"] == true)
+            })
+            .await;
+        }
+    }
+
+    /// Wait until node `on` sees node `other` over its link (`reachable`), or no longer.
+    async fn await_link(&self, on: &str, other: &str, reachable: bool) {
+        let what = format!("{on} to see {other} {}", if reachable { "over its link" } else { "cut off" });
+        let addr = self.admin(on).parse().expect("admin address");
+        await_admin(addr, None, &format!("/api/nodes/{other}"), &what, |n| n["link"]["reachable"] == reachable).await;
+    }
+
+    /// Rooms hosted by `node` in its group's store.
+    async fn hosted(&self, node: &str) -> u64 {
+        let db = &self.groups[self.members[self.index(node)].group].db;
+        crate::cases::failover::hosted(db, node).await
+    }
+}
+
+/// Three pairs and a single node, users on every node in rooms of every group (created from
+/// nodes of other groups, so over the links), kill -9 of pair 2's host under load: pair 2's
+/// backup takes over; every acked message is stored once, in order, in its group's store;
+/// users on the other groups' nodes keep their sessions (no reconnect) and see no gap. Every
+/// node shows the whole cluster, and a fallback of 2a asked of the single node 4a is carried
+/// out by 2b and reported with 2b's own words.
+pub async fn three_pairs_and_a_single_node_survive_a_kill9(db: &TestDb) {
+    let mut cluster = Cluster::three_pairs_and_a_single_node(db).await;
+    cluster.start_all().await;
+
+    // One room per group, created from a node of another group.
+    let rooms: Vec<(String, &str)> = vec![
+        ("r1@conference-1a.localhost".to_owned(), "4a"),
+        ("r2@conference-2a.localhost".to_owned(), "1b"),
+        ("r3@conference-3a.localhost".to_owned(), "2b"),
+        ("r4@conference-4a.localhost".to_owned(), "3a"),
+    ];
+    for (room, from) in &rooms {
+        let (owner, _) = Client::connect(&cluster.url(from), Login::guest(format!("owner-{from}"))).await.expect("owner connects");
+        owner.create(room.as_str(), Default::default()).await.unwrap_or_else(|e| panic!("creating {room} from {from}: {e}"));
+        owner.close().await;
+    }
+    let room_names: Vec<String> = rooms.iter().map(|(r, _)| r.clone()).collect();
+
+    // Two writers on every node, each in a room of another group and its own group's room.
+    let ids: Vec<&str> = cluster.members.iter().map(|m| m.id).collect();
+    let mut writers = Vec::new();
+    for (k, id) in ids.iter().enumerate() {
+        for j in 0..2 {
+            writers.push((cluster.urls_of(id), room_names[(k + j) % room_names.len()].clone()));
+        }
+    }
+    let writer_nodes: Vec<&str> = ids.iter().flat_map(|id| [*id, *id]).collect();
+    let traffic = Traffic::start_writers(writers).await;
+    tokio::time::sleep(Duration::from_millis(700)).await; // traffic before the fault
+    assert!(traffic.acked_count() > 0, "no traffic before the fault");
+
+    let killed = Instant::now();
+    cluster.kill("2a");
+    let detect = cluster.await_state("2b", "2b", "running_in_backup_mode").await;
+    let writable = traffic.await_all_rooms_writable(&room_names, killed, DEADLINE).await;
+    eprintln!("kill -9 of 2a → 2b in backup mode after {} ms, every room writable after {} ms", detect.as_millis(), writable.as_millis());
+    assert_eq!(cluster.hosted("2a").await, 0, "2b must host every room of 2a");
+
+    // Every node shows the whole cluster: 4a sees 2a unreachable and 2b in backup mode.
+    cluster.await_state("4a", "2b", "running_in_backup_mode").await;
+    cluster.await_state("4a", "2a", "unknown").await;
+    let topology = cluster.call("1a", "GET", "/api/topology").await.json();
+    let groups: Vec<&str> = topology["groups"].as_array().expect("groups").iter().map(|g| g["name"].as_str().unwrap_or_default()).collect();
+    assert_eq!(groups, ["g1", "g2", "g3", "g4"], "{topology}");
+
+    // 2a comes back failed over; a fallback asked of 4a is carried out by 2b.
+    cluster.start("2a").await;
+    cluster.await_state("2a", "2a", "failed_over").await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // traffic on the backup
+    let answer = cluster.call("4a", "POST", "/api/nodes/2a/fallback").await;
+    assert_eq!(answer.status, 200, "fallback of 2a asked of 4a: {}", answer.body);
+    cluster.await_state("2a", "2a", "normal").await;
+    cluster.await_state("2b", "2b", "normal").await;
+    let fell_back = Instant::now();
+    traffic.await_all_rooms_writable(&room_names, fell_back, DEADLINE).await;
+    assert_eq!(cluster.hosted("2b").await, 0, "after the fallback 2a hosts its rooms again");
+    let refused = cluster.call("1a", "POST", "/api/nodes/4a/failover").await;
+    assert_eq!(refused.status, 409, "4a has no peer: {}", refused.body);
+    assert!(refused.json()["message"].as_str().unwrap_or_default().contains("no redundancy peer"), "{}", refused.body);
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let history = tokio::time::timeout(DEADLINE, traffic.finish()).await.expect("every writer's last send answered");
+    let stores: Vec<(&TestDb, Vec<String>)> = cluster.groups.iter().map(|g| (&g.db, room_names.iter().filter(|r| r.contains(&format!("-{}", &g.name[1..]))).cloned().collect())).collect();
+    let stores: Vec<(&TestDb, &[String])> = stores.iter().map(|(db, rooms)| (*db, rooms.as_slice())).collect();
+    check_histories(&stores, &history).await;
+    let moved: Vec<(&str, usize)> = writer_nodes.iter().zip(&history.disconnects).map(|(n, d)| (*n, *d)).collect();
+    eprintln!("disconnects per writer (node, count): {moved:?}");
+    // Users of the other groups followed pair 2's room without a reconnect (2a's own users
+    // resumed on 2b: their node died).
+    let reconnected: Vec<&(&str, usize)> = moved.iter().filter(|(n, d)| !n.starts_with('2') && *d > 0).collect();
+    assert!(reconnected.is_empty(), "users of other groups' nodes had to reconnect: {reconnected:?}");
+}
+
+/// A partition between two groups' nodes (pair g1: 1a+1b on PostgreSQL; single node g2: 2a on
+/// SQLite; the link 1a↔2a through proxies, then cut): no node changes state (there is no
+/// failure, and no group decides anything about another); the sessions on 1a and 2a using the
+/// other side's room wait while the cut is shorter than the takeover bound, then go on with no
+/// reconnect and no gap, while 1b's users keep writing both rooms. A cut longer than the bound
+/// fails a request clearly (`unavailable`, naming the room's service), never hangs.
+pub async fn a_partition_between_groups_waits_then_fails_clearly(db: &TestDb) {
+    let groups = [("g1", true, Backend::Postgres), ("g2", false, Backend::Sqlite)];
+    let layout = [("1a", 0), ("1b", 0), ("2a", 1)];
+    let mut cluster = Cluster::configure(db, &groups, &layout, &[("1a", "2a"), ("2a", "1a")]).await;
+    cluster.start_all().await;
+    let (r1, r2) = ("p1@conference-1a.localhost".to_owned(), "p2@conference-2a.localhost".to_owned());
+    for (room, from) in [(&r1, "1b"), (&r2, "1b")] {
+        let (owner, _) = Client::connect(&cluster.url(from), Login::guest("owner")).await.expect("owner connects");
+        owner.create(room.as_str(), Default::default()).await.unwrap_or_else(|e| panic!("creating {room}: {e}"));
+        owner.close().await;
+    }
+    let writers = vec![
+        (cluster.urls_of("1a"), r2.clone()),
+        (cluster.urls_of("2a"), r1.clone()),
+        (cluster.urls_of("1b"), r1.clone()),
+        (cluster.urls_of("1b"), r2.clone()),
+    ];
+    let traffic = Traffic::start_writers(writers).await;
+    tokio::time::sleep(Duration::from_millis(500)).await; // traffic before the cut
+
+    // A short cut: 1a and 2a lose each other; 1b still sees both.
+    cluster.proxies(false).await;
+    let cut = Instant::now();
+    cluster.await_link("1a", "2a", false).await;
+    cluster.await_link("2a", "1a", false).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for (on, id) in [("1a", "1a"), ("1b", "1b"), ("1a", "2a"), ("2a", "2a")] {
+        let state = cluster.call(on, "GET", &format!("/api/nodes/{id}")).await.json()["state"].clone();
+        let expected = if on != id { "unknown" } else { "normal" };
+        assert_eq!(state, expected, "{on}'s view of {id} during the cut");
+    }
+    assert_eq!(cluster.call("1b", "GET", "/api/nodes/2a").await.json()["state"], "normal", "1b still sees 2a");
+    let during = traffic.await_all_rooms_writable(&[r1.clone(), r2.clone()], cut, DEADLINE).await;
+    eprintln!("during the cut both rooms took posts (through 1b) within {} ms", during.as_millis());
+    cluster.proxies(true).await;
+    let healed = Instant::now();
+    cluster.await_link("1a", "2a", true).await;
+    cluster.await_link("2a", "1a", true).await;
+    traffic.await_all_rooms_writable(&[r1.clone(), r2.clone()], healed, DEADLINE).await;
+    for id in ["1a", "1b"] {
+        assert_eq!(cluster.call(id, "GET", &format!("/api/nodes/{id}")).await.json()["state"], "normal", "{id} after the cut");
+    }
+    assert_eq!(cluster.hosted("1b").await, 0, "no room of 1a moved");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let history = tokio::time::timeout(DEADLINE, traffic.finish()).await.expect("every writer's last send answered");
+    check_histories(&[(&cluster.groups[0].db, &[r1.clone()][..]), (&cluster.groups[1].db, &[r2.clone()][..])], &history).await;
+    assert_eq!(history.disconnects, [0, 0, 0, 0], "nobody reconnected: the requests waited for the link");
+
+    // A cut longer than the takeover bound: a request for the other side's room fails
+    // clearly, in bounded time.
+    let (reader, _) = Client::connect(&cluster.url("1a"), Login::guest("reader")).await.expect("reader connects");
+    cluster.proxies(false).await;
+    cluster.await_link("1a", "2a", false).await;
+    let asked = Instant::now();
+    let answer = tokio::time::timeout(Duration::from_secs(20), reader.history(r2.as_str(), None, None, Some(10))).await.expect("a bounded answer");
+    let err = answer.expect_err("no node serves 2a's rooms for 1a now");
+    assert!(err.to_string().contains("unavailable") && err.to_string().contains("conference-2a.localhost"), "{err}");
+    eprintln!("history of {r2} during a long cut: `{err}` after {} ms", asked.elapsed().as_millis());
+    reader.close().await;
+}
