@@ -426,11 +426,27 @@ async fn topology_view(state: &AdminState) -> serde_json::Value {
         }
         groups.push(json!({"name": g.name, "ha": g.ha, "nodes": nodes}));
     }
+    // Peering clusters: their nodes as their heartbeats say (their stores are theirs).
+    let peering: Vec<serde_json::Value> = state
+        .settings
+        .cluster
+        .peering
+        .iter()
+        .map(|p| {
+            let nodes: Vec<serde_json::Value> = p
+                .nodes
+                .iter()
+                .map(|n| json!({"id": n.id, "service": n.service, "link": state.link.as_ref().and_then(|l| l.status(&crate::ids::NodeId(n.id.clone())))}))
+                .collect();
+            json!({"name": p.name, "nodes": nodes})
+        })
+        .collect();
     json!({
         "node": state.settings.node.id,
         "status": state.recovery.as_ref().map(|r| r.status()),
         "peer": state.link.as_ref().and_then(|l| l.peer()),
         "groups": groups,
+        "peering": peering,
     })
 }
 
@@ -489,7 +505,7 @@ async fn node_view(state: &AdminState, id: &str) -> serde_json::Value {
 }
 
 async fn node_status(State(state): State<AdminState>, Path(node): Path<String>) -> Response {
-    if !state.settings.cluster.groups.iter().flat_map(|g| &g.nodes).any(|n| n.id == node) && node != state.settings.node.id {
+    if !state.settings.linked_nodes().any(|(n, _)| n.id == node) && node != state.settings.node.id {
         return (StatusCode::NOT_FOUND, Json(json!({"error": "not_found", "message": format!("no node {node} in the topology")})))
             .into_response();
     }

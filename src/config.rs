@@ -194,6 +194,9 @@ pub struct ClusterSettings {
     pub secret: String,
     pub secret_file: Option<PathBuf>,
     pub groups: Vec<GroupSettings>,
+    /// Other clusters whose users may use this cluster's rooms, and whose rooms this
+    /// cluster's users may use (docs/clusters.md, "Between clusters").
+    pub peering: Vec<PeeringSettings>,
     /// Let the node link listen in plaintext on a non-loopback address (no `[tls]`): only on a
     /// network that is itself encrypted and private to the pair.
     pub link_insecure: bool,
@@ -217,6 +220,7 @@ impl Default for ClusterSettings {
             secret: String::new(),
             secret_file: None,
             groups: Vec::new(),
+            peering: Vec::new(),
             link_insecure: false,
             lease_ttl_ms: 5000,
             lease_renew_ms: 1000,
@@ -234,6 +238,21 @@ pub struct GroupSettings {
     pub name: String,
     /// Automatic failover between the two nodes (needs a PostgreSQL or MySQL/MariaDB store).
     pub ha: bool,
+    pub nodes: Vec<PeerSettings>,
+}
+
+/// Another cluster this one peers with: its nodes, reached over node links keyed by a secret of
+/// the peering's own (not either cluster's). Its users reach this cluster's rooms, and this
+/// cluster's users its rooms; nothing else (no admin requests, no takeovers).
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PeeringSettings {
+    /// The other cluster's name: its users appear here as `user@NAME`.
+    pub name: String,
+    /// The peering's shared secret (at least 16 characters; the same in both clusters' entries).
+    pub secret: String,
+    pub secret_file: Option<PathBuf>,
+    /// The other cluster's nodes (`id`, `client`, `link`, `service`; `xmpp` unused).
     pub nodes: Vec<PeerSettings>,
 }
 
@@ -606,6 +625,9 @@ impl Settings {
         if let Some(path) = self.xmpp.component.as_mut().and_then(|c| c.secret_file.as_mut()) {
             resolve("STOA__XMPP__COMPONENT__SECRET_FILE", path);
         }
+        for path in self.cluster.peering.iter_mut().filter_map(|p| p.secret_file.as_mut()) {
+            resolve_against(base, path);
+        }
         if !from_env("STOA__STORE__URL") {
             self.store.url = resolve_sqlite_url(base, &self.store.url);
         }
@@ -669,6 +691,11 @@ impl Settings {
         }
         if let Some(path) = &self.cluster.secret_file {
             self.cluster.secret = read(path)?;
+        }
+        for peering in &mut self.cluster.peering {
+            if let Some(path) = &peering.secret_file {
+                peering.secret = read(path)?;
+            }
         }
         if let Some(c) = &mut self.xmpp.component {
             if let Some(path) = &c.secret_file {
@@ -861,15 +888,24 @@ impl Settings {
         service == self.node.service || self.peer().is_some_and(|p| p.service == service)
     }
 
-    /// Whether `service` is the room service of any node of the cluster (or this node's).
+    /// Whether `service` is the room service of any node of the cluster (or this node's), or
+    /// of a peering cluster's node.
     pub fn is_room_service(&self, service: &str) -> bool {
-        self.is_group_service(service) || self.cluster.groups.iter().flat_map(|g| &g.nodes).any(|n| n.service == service)
+        self.is_group_service(service) || self.linked_nodes().any(|(n, _)| n.service == service)
     }
 
-    /// Whether this node keeps node links: to its peer in an HA group, and to every other node
-    /// when the cluster has more than one group (docs/clusters.md).
+    /// Every node of the topology and of the peering clusters, with the peering it belongs to
+    /// (none: a node of this cluster).
+    pub fn linked_nodes(&self) -> impl Iterator<Item = (&PeerSettings, Option<&PeeringSettings>)> {
+        let own = self.cluster.groups.iter().flat_map(|g| &g.nodes).map(|n| (n, None));
+        own.chain(self.cluster.peering.iter().flat_map(|p| p.nodes.iter().map(move |n| (n, Some(p)))))
+    }
+
+    /// Whether this node keeps node links: to its peer in an HA group, to every other node
+    /// when the cluster has more than one group, and to the nodes of peering clusters
+    /// (docs/clusters.md).
     pub fn has_links(&self) -> bool {
-        self.group().is_some_and(|g| g.ha) || self.cluster.groups.len() > 1
+        self.group().is_some_and(|g| g.ha) || self.cluster.groups.len() > 1 || !self.cluster.peering.is_empty()
     }
 
     /// The XMPP address (`host:port`) of the node whose client URL is `client`, where the
@@ -909,6 +945,31 @@ impl Settings {
                 let host_port = |a: &str| a.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
                 if !n.xmpp.is_empty() && !host_port(&n.xmpp) {
                     return invalid(format!("node `{}`: xmpp is `{}`, not host:port", n.id, n.xmpp));
+                }
+            }
+        }
+        for p in &self.cluster.peering {
+            if p.name.is_empty() || !p.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.') {
+                return invalid(format!("cluster.peering `{}`: name must be letters, digits, '-' or '.'", p.name));
+            }
+            if p.secret.len() < 16 || p.secret == self.cluster.secret {
+                return invalid(format!(
+                    "cluster.peering `{}` needs a secret of its own (at least 16 characters, not cluster.secret)",
+                    p.name
+                ));
+            }
+            if p.nodes.is_empty() {
+                return invalid(format!("cluster.peering `{}` lists no nodes", p.name));
+            }
+            for n in &p.nodes {
+                if n.service.is_empty() || n.link.is_empty() {
+                    return invalid(format!("node `{}` of peering `{}` needs link and service", n.id, p.name));
+                }
+                if !ids.insert(n.id.as_str()) {
+                    return invalid(format!("node `{}` appears twice in the topology and its peerings", n.id));
+                }
+                if !services.insert(n.service.as_str()) {
+                    return invalid(format!("service `{}` appears twice in the topology and its peerings (node `{}`)", n.service, n.id));
                 }
             }
         }
@@ -1084,6 +1145,47 @@ mod tests {
         s.check().unwrap();
         assert_eq!(s.peer().map(|p| p.id.as_str()), Some("1b"));
         pair(false).check().unwrap();
+    }
+
+    /// Clusters: a second group makes links (and a secret) necessary; services are unique
+    /// across the topology and its peerings; a peering needs a secret of its own.
+    #[test]
+    fn clusters_and_peerings_are_checked() {
+        let node = |id: &str| PeerSettings {
+            id: id.into(),
+            client: format!("ws://127.0.0.1:1/{id}"),
+            link: "127.0.0.1:2".into(),
+            service: format!("conference-{id}.example.com"),
+            xmpp: String::new(),
+        };
+        let mut s = pair(false);
+        assert!(!s.has_links(), "one group without HA: no links");
+        s.cluster.groups.push(GroupSettings { name: "single".into(), ha: false, nodes: vec![node("2a")] });
+        assert!(s.has_links());
+        s.check().unwrap();
+        assert!(s.is_room_service("conference-2a.example.com") && !s.is_group_service("conference-2a.example.com"));
+        s.cluster.secret = "short".into();
+        assert!(s.check().unwrap_err().to_string().contains("cluster of several groups"));
+        s.cluster.secret = "0123456789abcdef".into();
+        s.cluster.groups[1].nodes[0].service = "conference-1b.example.com".into();
+        assert!(s.check().unwrap_err().to_string().contains("appears twice"));
+        s.cluster.groups[1].nodes[0].service = "conference-2a.example.com".into();
+
+        let mut peering = PeeringSettings { name: "cluster-2".into(), secret: "0123456789abcdef".into(), secret_file: None, nodes: vec![node("9a")] };
+        s.cluster.peering.push(peering.clone());
+        assert!(s.check().unwrap_err().to_string().contains("secret of its own"), "the cluster's secret is not the peering's");
+        peering.secret = "another-secret-0123".into();
+        s.cluster.peering = vec![peering.clone()];
+        s.check().unwrap();
+        assert!(s.is_room_service("conference-9a.example.com"));
+        assert_eq!(s.linked_nodes().filter(|(_, p)| p.is_some()).count(), 1);
+        peering.nodes.push(node("2a"));
+        s.cluster.peering = vec![peering.clone()];
+        assert!(s.check().unwrap_err().to_string().contains("appears twice"), "node ids are unique across clusters");
+        peering.nodes.pop();
+        peering.name = "bad name".into();
+        s.cluster.peering = vec![peering];
+        assert!(s.check().unwrap_err().to_string().contains("name"));
     }
 
     #[test]

@@ -561,6 +561,11 @@ impl LinkSide {
         let tx = match hosted.get(&key) {
             Some(tx) if !tx.is_closed() => tx.clone(),
             _ => {
+                // Another cluster's users are its own, not this cluster's users of the same name.
+                let user = match self.forwarder.link.peering_of(node) {
+                    Some(cluster) => format!("{user}@{cluster}"),
+                    None => user,
+                };
                 let tx = self.open_stand_in(node.clone(), session, user);
                 hosted.insert(key, tx.clone());
                 tx

@@ -247,12 +247,14 @@ async fn run(settings: Settings, tls: Option<crate::tls::ServerTls>, shutdown: C
             my_service: settings.node.service.clone(),
             peer_id: settings.peer().filter(|_| ha_group).map(|p| p.id.clone()),
             nodes: settings
-                .cluster
-                .groups
-                .iter()
-                .flat_map(|g| &g.nodes)
-                .filter(|n| n.id != me)
-                .map(|n| crate::ha::link::LinkNode { id: n.id.clone(), link: n.link.clone(), service: n.service.clone() })
+                .linked_nodes()
+                .filter(|(n, _)| n.id != me)
+                .map(|(n, peering)| crate::ha::link::LinkNode {
+                    id: n.id.clone(),
+                    link: n.link.clone(),
+                    service: n.service.clone(),
+                    peering: peering.map(|p| (p.name.clone(), p.secret.clone())),
+                })
                 .collect(),
             secret: settings.cluster.secret.clone(),
             heartbeat: Duration::from_millis(settings.cluster.heartbeat_ms),

@@ -9,8 +9,9 @@
 //! connection closes or three heartbeats are missed. This is detection only: whether a peer may
 //! be taken over is decided in the store (docs/ha.md).
 //!
-//! Authentication is a challenge-response keyed with `cluster.secret`, so a hello captured off
-//! the wire is worth nothing a second time:
+//! Authentication is a challenge-response keyed with `cluster.secret` (for a node of a peering
+//! cluster, that peering's own secret), so a hello captured off the wire is worth nothing a
+//! second time:
 //!
 //! 1. the listener sends `challenge { nonce: N_l }` (32 fresh random bytes) right after the
 //!    upgrade;
@@ -244,6 +245,8 @@ struct Remote {
     id: NodeId,
     /// Its own room service (from the topology).
     service: String,
+    /// The peering cluster it belongs to (none: a node of this cluster).
+    peering: Option<String>,
     view: Mutex<PeerView>,
     outbox: tokio::sync::mpsc::UnboundedSender<LinkFrame>,
 }
@@ -267,6 +270,17 @@ pub struct LinkNode {
     pub link: String,
     /// Its room service alias.
     pub service: String,
+    /// The peering cluster it belongs to, with that peering's secret (none: a node of this
+    /// cluster, keyed by `cluster.secret`). A peering node's link carries room requests only.
+    pub peering: Option<(String, String)>,
+}
+
+impl LinkConfig {
+    /// The secret that keys the link with node `id`: its peering's, or the cluster's.
+    fn secret_for(&self, id: &str) -> Option<&str> {
+        let node = self.nodes.iter().find(|n| n.id == id)?;
+        Some(node.peering.as_ref().map_or(self.secret.as_str(), |(_, secret)| secret.as_str()))
+    }
 }
 
 /// Node link settings for [`new`].
@@ -343,9 +357,9 @@ impl Link {
         candidates.first().map(|r| r.id.clone())
     }
 
-    /// The node whose own room service is `service`, if it is another node of the topology.
-    pub fn node_of_service(&self, service: &str) -> Option<NodeId> {
-        self.remotes.values().find(|r| r.service == service).map(|r| r.id.clone())
+    /// The peering cluster node `node` belongs to (none: a node of this cluster, or unknown).
+    pub fn peering_of(&self, node: &NodeId) -> Option<&str> {
+        self.remotes.get(node).and_then(|r| r.peering.as_deref())
     }
 
     /// The peer's active rooms, as it last reported them.
@@ -437,7 +451,8 @@ pub fn new(config: LinkConfig) -> (Link, LinkRunner) {
     let mut outboxes = Vec::new();
     for n in &config.nodes {
         let (outbox, outbox_rx) = tokio::sync::mpsc::unbounded_channel();
-        let remote = Arc::new(Remote { id: NodeId(n.id.clone()), service: n.service.clone(), view: Mutex::default(), outbox });
+        let peering = n.peering.as_ref().map(|(name, _)| name.clone());
+        let remote = Arc::new(Remote { id: NodeId(n.id.clone()), service: n.service.clone(), peering, view: Mutex::default(), outbox });
         remotes.insert(remote.id.clone(), remote.clone());
         outboxes.push((remote, outbox_rx));
     }
@@ -494,14 +509,14 @@ async fn accept_handshake<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketS
     let Some(LinkFrame::LinkHello { from, to, nonce: dialer_nonce, mac }) = next_frame(ws).await else {
         return Err(HandshakeError::Closed);
     };
-    if !config.nodes.iter().any(|n| n.id == from) || to != config.me {
+    let Some(secret) = config.secret_for(&from).filter(|_| to == config.me) else {
         return Err(HandshakeError::WrongNodes { from, to });
-    }
+    };
     let transcript = Transcript { from: &from, to: &to, listener_nonce: &listener_nonce, dialer_nonce: &dialer_nonce };
-    if !nonce_ok(&dialer_nonce) || dialer_nonce == listener_nonce || !transcript.verify(&config.secret, Step::Hello, &mac) {
+    if !nonce_ok(&dialer_nonce) || dialer_nonce == listener_nonce || !transcript.verify(secret, Step::Hello, &mac) {
         return Err(HandshakeError::BadMac);
     }
-    let welcome = LinkFrame::LinkWelcome { mac: transcript.mac(&config.secret, Step::Welcome) };
+    let welcome = LinkFrame::LinkWelcome { mac: transcript.mac(secret, Step::Welcome) };
     ws.send(encode(&welcome)).await.map_err(|_| HandshakeError::Closed)?;
     Ok(NodeId(from))
 }
@@ -514,17 +529,18 @@ async fn dial_handshake<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStr
     if !nonce_ok(&listener_nonce) {
         return Err(HandshakeError::BadMac);
     }
+    let secret = config.secret_for(&to.0).expect("dialing a node of the topology");
     let dialer_nonce = nonce();
     let transcript = Transcript { from: &config.me, to: &to.0, listener_nonce: &listener_nonce, dialer_nonce: &dialer_nonce };
     let hello = LinkFrame::LinkHello {
         from: config.me.clone(),
         to: to.0.clone(),
         nonce: dialer_nonce.clone(),
-        mac: transcript.mac(&config.secret, Step::Hello),
+        mac: transcript.mac(secret, Step::Hello),
     };
     ws.send(encode(&hello)).await.map_err(|_| HandshakeError::Closed)?;
     match next_frame(ws).await {
-        Some(LinkFrame::LinkWelcome { mac }) if transcript.verify(&config.secret, Step::Welcome, &mac) => Ok(()),
+        Some(LinkFrame::LinkWelcome { mac }) if transcript.verify(secret, Step::Welcome, &mac) => Ok(()),
         Some(LinkFrame::LinkWelcome { .. }) => Err(HandshakeError::BadMac),
         _ => Err(HandshakeError::Closed),
     }
@@ -612,6 +628,12 @@ async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
                     v.services = services;
                 }
                 Ok(LinkFrame::Rooms { rooms }) => node.view.lock().expect("peer view lock").rooms = rooms,
+                Ok(LinkFrame::Command { id, command }) if node.peering.is_some() => {
+                    // A peering carries room requests only: another cluster's operators act on
+                    // their own nodes.
+                    tracing::warn!(node = %from, ?command, "admin request from a peering cluster's node refused");
+                    link.answer(from, id, &Err(format!("node {from} is of another cluster: admin requests are not taken over a peering")));
+                }
                 Ok(LinkFrame::Command { id, command }) => {
                     tracing::info!(node = %from, ?command, "request from another node");
                     inbound.command(from, id, command);

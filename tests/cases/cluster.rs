@@ -118,6 +118,25 @@ impl Cluster {
         Cluster { members, groups: stores, proxies }
     }
 
+    /// Make `other` a peering cluster of this one, named `name`, keyed by `secret`: an entry
+    /// appended to every node's config (call it on both clusters, before they start).
+    fn add_peering(&self, name: &str, secret: &str, other: &Cluster) {
+        let mut entry = format!("\n[[cluster.peering]]\nname = \"{name}\"\nsecret = \"{secret}\"\n");
+        for n in &other.members {
+            entry += &format!(
+                "[[cluster.peering.nodes]]\nid = \"{id}\"\nclient = \"ws://127.0.0.1:{c}/ws\"\nlink = \"127.0.0.1:{l}\"\nservice = \"conference-{id}.localhost\"\n",
+                id = n.id,
+                c = n.client,
+                l = n.link
+            );
+        }
+        for m in &self.members {
+            let mut text = std::fs::read_to_string(&m.config).expect("reading a node config");
+            text += &entry;
+            std::fs::write(&m.config, text).expect("writing a node config");
+        }
+    }
+
     /// Run (`up`) or stop every proxy of `via`; stopping one closes the connections through it.
     async fn proxies(&mut self, up: bool) {
         for p in &mut self.proxies {
@@ -368,5 +387,64 @@ pub async fn a_partition_between_groups_waits_then_fails_clearly(db: &TestDb) {
     let err = answer.expect_err("no node serves 2a's rooms for 1a now");
     assert!(err.to_string().contains("unavailable") && err.to_string().contains("conference-2a.localhost"), "{err}");
     eprintln!("history of {r2} during a long cut: `{err}` after {} ms", asked.elapsed().as_millis());
+    reader.close().await;
+}
+
+/// Two clusters with their own configs, peered with a secret of their own: cluster A is a
+/// PostgreSQL pair (1a, 1b), cluster B a single SQLite node (9a). B's users join and post in a
+/// room of A through their own node (and appear there as `user@cluster-b`); kill -9 of A's
+/// host: they follow the room to 1b without a reconnect or a gap, and every acked message is
+/// stored once. B's node cannot act on A's nodes. With cluster A down, a request from B fails
+/// clearly (`unavailable`, naming the service) in bounded time.
+pub async fn a_peering_cluster_uses_rooms_across_a_failover(db: &TestDb) {
+    let mut a = Cluster::configure(db, &[("g1", true, Backend::Postgres)], &[("1a", 0), ("1b", 0)], &[]).await;
+    let mut b = Cluster::configure(db, &[("g9", false, Backend::Sqlite)], &[("9a", 0)], &[]).await;
+    const PEERING_SECRET: &str = "a-peering-secret-of-its-own";
+    a.add_peering("cluster-b", PEERING_SECRET, &b);
+    b.add_peering("cluster-a", PEERING_SECRET, &a);
+    a.start_all().await;
+    b.start_all().await;
+    for (on, other) in [("9a", "1a"), ("9a", "1b"), ("1a", "9a"), ("1b", "9a")] {
+        let (cluster, id) = if on == "9a" { (&b, on) } else { (&a, on) };
+        cluster.await_link(id, other, true).await;
+    }
+    let topology = b.call("9a", "GET", "/api/topology").await.json();
+    assert_eq!(topology["peering"][0]["name"], "cluster-a", "{topology}");
+
+    let room = "x@conference-1a.localhost".to_owned();
+    let (owner, _) = Client::connect(&a.url("1a"), Login::guest("owner")).await.expect("owner connects");
+    owner.create(room.as_str(), Default::default()).await.expect("creating the room");
+    owner.close().await;
+    let traffic = Traffic::start_writers(vec![(b.urls_of("9a"), room.clone()), (b.urls_of("9a"), room.clone()), (a.urls_of("1b"), room.clone())]).await;
+    tokio::time::sleep(Duration::from_millis(500)).await; // traffic before the fault
+    assert!(traffic.acked_count() > 0, "no traffic before the fault");
+
+    // B's node is not one of A's operators.
+    let refused = b.call("9a", "POST", "/api/nodes/1a/failover").await;
+    assert_eq!(refused.status, 409, "{}", refused.body);
+    assert_eq!(a.call("1a", "GET", "/api/nodes/1a").await.json()["state"], "normal");
+
+    let killed = Instant::now();
+    a.kill("1a");
+    a.await_state("1b", "1b", "running_in_backup_mode").await;
+    let writable = traffic.await_all_rooms_writable(std::slice::from_ref(&room), killed, DEADLINE).await;
+    eprintln!("kill -9 of 1a: the room took posts again after {} ms", writable.as_millis());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let history = tokio::time::timeout(DEADLINE, traffic.finish()).await.expect("every writer's last send answered");
+    check_histories(&[(&a.groups[0].db, std::slice::from_ref(&room))], &history).await;
+    assert_eq!(&history.disconnects[..2], [0, 0], "cluster B's users followed the room without a reconnect");
+    let store = a.groups[0].db.store().await;
+    let row = store.load_room(&stoa::ids::RoomAddr(room.clone())).await.expect("loading the room").expect("the room is stored");
+    let senders: std::collections::BTreeSet<String> = store.messages(row.id, 0, None, 100_000, false).await.expect("reading messages").into_iter().map(|m| m.sender).collect();
+    store.connection().clone().close().await.ok();
+    assert_eq!(senders.iter().filter(|s| s.ends_with("@cluster-b")).count(), 2, "B's users are B's, named so in A: {senders:?}");
+
+    // Cluster A down: a clear error from B, not a hang.
+    a.kill("1b");
+    b.await_link("9a", "1b", false).await;
+    let (reader, _) = Client::connect(&b.url("9a"), Login::guest("reader")).await.expect("reader connects");
+    let answer = tokio::time::timeout(Duration::from_secs(20), reader.history(room.as_str(), None, None, Some(10))).await.expect("a bounded answer");
+    let err = answer.expect_err("cluster A is down");
+    assert!(err.to_string().contains("unavailable") && err.to_string().contains("conference-1a.localhost"), "{err}");
     reader.close().await;
 }
