@@ -142,6 +142,11 @@ impl Forwarder {
         })
     }
 
+    /// Whether `session` is joining `room` again at its new host (its `joined` is not the client's).
+    fn is_following(&self, session: SessionId, room: &RoomAddr) -> bool {
+        self.following.lock().expect("following lock").contains(&(session, room.clone()))
+    }
+
     /// Session `session` was given message `seq` of `room`.
     fn seen(&self, session: SessionId, room: &RoomAddr, seq: u64) {
         if let Some(used) = self.forwarding.lock().expect("forwarding lock").get_mut(&session).and_then(|rooms| rooms.get_mut(room)) {
@@ -606,10 +611,9 @@ impl LinkSide {
                 }
                 s.deliver(&Delivery::new(event))
             }
-            Down::Answer { answer: RoomAnswer::Joined { room, replay, .. } }
-                if self.forwarder.following.lock().expect("following lock").remove(&(session, room.clone())) =>
-            {
+            Down::Answer { answer: RoomAnswer::Joined { room, replay, .. } } if self.forwarder.is_following(session, &room) => {
                 // Followed to its new host: the client is still in the room; it gets what it missed.
+                self.forwarder.following.lock().expect("following lock").remove(&(session, room));
                 for d in &replay {
                     if let RoomEvent::Message(m) = &d.event {
                         self.forwarder.seen(session, &m.room, m.seq);

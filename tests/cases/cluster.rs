@@ -7,6 +7,8 @@
 //! with the short HA timings of the pair tests.
 
 use super::failover::{Traffic, check_histories};
+use super::xmpp::XmppClient;
+use serde_json::json;
 use crate::harness::{Backend, DEADLINE, NodeProcess, TestDb, await_admin, free_port};
 use serde_json::Value;
 use std::time::{Duration, Instant};
@@ -22,6 +24,7 @@ struct Member {
     client: u16,
     admin: u16,
     link: u16,
+    xmpp: u16,
     config: std::path::PathBuf,
     process: Option<NodeProcess>,
 }
@@ -76,6 +79,7 @@ impl Cluster {
                 client: free_port(),
                 admin: free_port(),
                 link: free_port(),
+                xmpp: free_port(),
                 config: db.dir().join(format!("{id}.toml")),
                 process: None,
             })
@@ -94,9 +98,10 @@ impl Cluster {
                 for n in members.iter().filter(|n| n.group == g) {
                     let link = proxies.iter().find(|p| p.from == m.id && p.to == n.id).map_or(n.link, |p| p.port);
                     topology += &format!(
-                        "[[cluster.groups.nodes]]\nid = \"{id}\"\nclient = \"ws://127.0.0.1:{c}/ws\"\nlink = \"127.0.0.1:{link}\"\nservice = \"conference-{id}.localhost\"\n",
+                        "[[cluster.groups.nodes]]\nid = \"{id}\"\nclient = \"ws://127.0.0.1:{c}/ws\"\nlink = \"127.0.0.1:{link}\"\nservice = \"conference-{id}.localhost\"\nxmpp = \"127.0.0.1:{x}\"\n",
                         id = n.id,
                         c = n.client,
+                        x = n.xmpp,
                     );
                 }
             }
@@ -104,13 +109,14 @@ impl Cluster {
                 "[node]\nid = \"{id}\"\nservice = \"conference-{id}.localhost\"\ndata_dir = \"{data}\"\n\n\
                  [listen]\nclient = \"127.0.0.1:{c}\"\nadmin = \"127.0.0.1:{a}\"\n\n\
                  [store]\nurl = \"{url}\"\nmax_connections = 4\nidle_in_transaction_timeout_ms = 2000\n\n\
-                 [auth]\nallow_guests = true\n\n[log]\nlevel = \"info\"\n\n\
+                 [auth]\nallow_guests = true\n\n[log]\nlevel = \"info\"\n\n[xmpp]\nc2s = \"127.0.0.1:{x}\"\n\n\
                  [cluster]\nsecret = \"{SECRET}\"\nlease_ttl_ms = 2000\nlease_renew_ms = 200\nheartbeat_ms = 100\n\
                  critical_service_down_delay_ms = 1000\n\n{topology}",
                 id = m.id,
                 data = db.dir().join(format!("data-{}", m.id)).display(),
                 c = m.client,
                 a = m.admin,
+                x = m.xmpp,
                 url = stores[m.group].db.url,
             );
             std::fs::write(&m.config, text).expect("writing a node config");
@@ -156,6 +162,11 @@ impl Cluster {
 
     fn url(&self, id: &str) -> String {
         format!("ws://127.0.0.1:{}/ws", self.members[self.index(id)].client)
+    }
+
+    /// Node `id`'s XMPP c2s listener.
+    fn xmpp(&self, id: &str) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.members[self.index(id)].xmpp))
     }
 
     fn admin(&self, id: &str) -> String {
@@ -278,6 +289,12 @@ pub async fn three_pairs_and_a_single_node_survive_a_kill9(db: &TestDb) {
     }
     let writer_nodes: Vec<&str> = ids.iter().flat_map(|id| [*id, *id]).collect();
     let traffic = Traffic::start_writers(writers).await;
+    // An XMPP user on the single node, in pair 2's room.
+    let mut ann = XmppClient::connect(cluster.xmpp("4a"), "guest", None).await;
+    let joined = ann.join(&room_names[1], "Ann", json!({})).await;
+    assert_eq!(joined["event"], "joined", "an XMPP client on 4a joins a room of pair 2: {joined}");
+    ann.command(json!({"op": "send", "room": room_names[1], "body": "ann before", "origin_id": "ann-1"})).await;
+    ann.groupchat("ann before").await;
     tokio::time::sleep(Duration::from_millis(700)).await; // traffic before the fault
     assert!(traffic.acked_count() > 0, "no traffic before the fault");
 
@@ -287,6 +304,11 @@ pub async fn three_pairs_and_a_single_node_survive_a_kill9(db: &TestDb) {
     let writable = traffic.await_all_rooms_writable(&room_names, killed, DEADLINE).await;
     eprintln!("kill -9 of 2a → 2b in backup mode after {} ms, every room writable after {} ms", detect.as_millis(), writable.as_millis());
     assert_eq!(cluster.hosted("2a").await, 0, "2b must host every room of 2a");
+
+    // The XMPP user is still in the room, now on 2b, on the same stream.
+    ann.command(json!({"op": "send", "room": room_names[1], "body": "ann after", "origin_id": "ann-2"})).await;
+    let after = ann.groupchat("ann after").await;
+    assert_eq!(after["origin_id"], "ann-2", "{after}");
 
     // Every node shows the whole cluster: 4a sees 2a unreachable and 2b in backup mode.
     cluster.await_state("4a", "2b", "running_in_backup_mode").await;
@@ -315,6 +337,12 @@ pub async fn three_pairs_and_a_single_node_survive_a_kill9(db: &TestDb) {
     let stores: Vec<(&TestDb, Vec<String>)> = cluster.groups.iter().map(|g| (&g.db, room_names.iter().filter(|r| r.contains(&format!("-{}", &g.name[1..]))).cloned().collect())).collect();
     let stores: Vec<(&TestDb, &[String])> = stores.iter().map(|(db, rooms)| (*db, rooms.as_slice())).collect();
     check_histories(&stores, &history).await;
+    let stored = cluster.groups[1].db.stored_messages(&room_names[1]).await;
+    let ann_ids: Vec<&str> = stored.iter().filter(|m| m.client_msg_id.starts_with("ann-")).map(|m| m.id.as_str()).collect();
+    assert_eq!(ann_ids.len(), 2, "each of Ann's messages stored once");
+    assert_eq!(Some(ann_ids[1]), after["stanza_id"].as_str(), "stanza-id is the stored id, across the takeover");
+    assert!(!ann.seen_event("disconnected"), "Ann's stream survived the takeover of her room's host");
+    ann.quit().await;
     let moved: Vec<(&str, usize)> = writer_nodes.iter().zip(&history.disconnects).map(|(n, d)| (*n, *d)).collect();
     eprintln!("disconnects per writer (node, count): {moved:?}");
     // Users of the other groups followed pair 2's room without a reconnect (2a's own users

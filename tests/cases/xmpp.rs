@@ -120,6 +120,11 @@ impl XmppClient {
         self.event(&format!("groupchat `{body}`"), |e| e["event"] == "groupchat" && e["body"] == body).await
     }
 
+    /// Whether an event `event` arrived and was passed over by [`XmppClient::event`] so far.
+    pub fn seen_event(&self, event: &str) -> bool {
+        self.seen.iter().any(|e| e["event"] == event)
+    }
+
     /// Ask the client to log out and end (it may have ended already: its stream was cut).
     pub async fn quit(mut self) {
         let _ = self.stdin.write_all(b"{\"op\":\"quit\"}\n").await;
