@@ -127,7 +127,13 @@ fn print_status(topology: &serde_json::Value) {
     if groups.is_empty() {
         println!("(no [cluster] topology configured on this node)");
     }
+    let several = groups.len() > 1;
     for group in groups {
+        // A cluster: each group under its name (the rooms and leases of another group are in
+        // its own store: `-` here).
+        if several {
+            println!("group {}{}", group["name"].as_str().unwrap_or("?"), if group["ha"] == true { " (ha)" } else { "" });
+        }
         for n in group["nodes"].as_array().cloned().unwrap_or_default() {
             // `ok`, or the services that are down.
             // (the peer's, as its heartbeats report them)
@@ -169,6 +175,14 @@ fn print_status(topology: &serde_json::Value) {
                 services,
                 lease,
             );
+        }
+    }
+    for peering in topology["peering"].as_array().cloned().unwrap_or_default() {
+        println!("peering cluster {}", peering["name"].as_str().unwrap_or("?"));
+        for n in peering["nodes"].as_array().cloned().unwrap_or_default() {
+            let link = &n["link"];
+            let state = if link["reachable"] == true { link["state"].as_str().unwrap_or("-") } else { "unknown" };
+            println!("{:<8} {:<26} {}", n["id"].as_str().unwrap_or("?"), state, n["service"].as_str().unwrap_or(""));
         }
     }
 }

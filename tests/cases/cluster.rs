@@ -313,6 +313,11 @@ pub async fn three_pairs_and_a_single_node_survive_a_kill9(db: &TestDb) {
     // Every node shows the whole cluster: 4a sees 2a unreachable and 2b in backup mode.
     cluster.await_state("4a", "2b", "running_in_backup_mode").await;
     cluster.await_state("4a", "2a", "unknown").await;
+    let (ok, status) = crate::harness::run_stoa(&["admin", "--admin", &cluster.admin("4a"), "status"]).await;
+    assert!(ok, "{status}");
+    let line = |id: &str| status.lines().find(|l| l.starts_with(&format!("{id} "))).unwrap_or_default().to_owned();
+    assert!(status.contains("group g2 (ha)") && status.contains("group g4"), "{status}");
+    assert!(line("2a").contains("unknown") && line("2b").contains("running_in_backup_mode"), "`stoa admin status` on 4a:\n{status}");
     let topology = cluster.call("1a", "GET", "/api/topology").await.json();
     let groups: Vec<&str> = topology["groups"].as_array().expect("groups").iter().map(|g| g["name"].as_str().unwrap_or_default()).collect();
     assert_eq!(groups, ["g1", "g2", "g3", "g4"], "{topology}");
