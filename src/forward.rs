@@ -55,7 +55,7 @@ enum Up {
 }
 
 /// What the host sends a session about its rooms.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "m", rename_all = "snake_case")]
 enum Down {
     /// The outcome of request `id`.
@@ -243,7 +243,7 @@ impl Forwarder {
 /// Send `down` to node `node`'s session `session`.
 fn send_down(link: &Link, node: &NodeId, session: SessionId, down: &Down) {
     match serde_json::to_string(down) {
-        Ok(msg) => link.to_session(node, session, msg),
+        Ok(msg) => link.to_session(node, session, msg.into()),
         Err(e) => tracing::error!(error = %e, "a message for another node's session does not serialize"),
     }
 }
@@ -392,7 +392,7 @@ impl Wire for LinkWire {
         let msg: Arc<str> = delivery.encoded(Protocol::Link, |event| {
             serde_json::to_string(&Down::Event { event: event.clone() }).unwrap_or_default().into()
         });
-        self.link.to_session(&self.node, self.session, msg.to_string());
+        self.link.to_session(&self.node, self.session, msg);
         Queued::Yes
     }
 
@@ -579,8 +579,8 @@ impl LinkSide {
         let _ = tx.send((id, op));
     }
 
-    /// Hand `msg` from node `node` (about the rooms it hosts) to this node's session.
-    fn to_own_session(&self, node: &NodeId, session: SessionId, msg: &str) {
+    /// Hand `msg` from node `node` (about the rooms it hosts) to these sessions of this node.
+    fn to_own_sessions(&self, node: &NodeId, sessions: &[SessionId], msg: &str) {
         let down = match serde_json::from_str::<Down>(msg) {
             Ok(d) => d,
             Err(e) => {
@@ -588,12 +588,36 @@ impl LinkSide {
                 return;
             }
         };
-        if let Down::Reply { id, result } = down {
-            if let Some(w) = self.forwarder.waiting.lock().expect("waiting lock").remove(&id) {
-                let _ = w.reply.send(result);
+        match down {
+            Down::Reply { id, result } => {
+                if let Some(w) = self.forwarder.waiting.lock().expect("waiting lock").remove(&id) {
+                    let _ = w.reply.send(result);
+                }
             }
-            return;
+            // A room event for several sessions: one delivery, so each front end encodes it once.
+            Down::Event { event } if !matches!(event, RoomEvent::Moved { .. }) => {
+                let delivery = Delivery::new(event);
+                for &session in sessions {
+                    let Some(s) = self.gateway.session(session) else {
+                        self.forwarder.link.session_gone(node, session);
+                        continue;
+                    };
+                    if let RoomEvent::Message(m) = &delivery.event {
+                        self.forwarder.seen(session, &m.room, m.seq);
+                    }
+                    s.deliver(&delivery);
+                }
+            }
+            down => {
+                for &session in sessions {
+                    self.to_own_session(node, session, down.clone());
+                }
+            }
         }
+    }
+
+    /// Hand `down` from node `node` (about the rooms it hosts) to this node's session.
+    fn to_own_session(&self, node: &NodeId, session: SessionId, down: Down) {
         let Some(s) = self.gateway.session(session) else {
             // The session is gone here: that node may drop its stand-in.
             self.forwarder.link.session_gone(node, session);
@@ -647,7 +671,7 @@ impl LinkSide {
                 self.forwarder.forwarding.lock().expect("forwarding lock").remove(&session);
                 self.gateway.goaway_sessions(&[session], &reason, Some(to.unwrap_or_else(|| self.my_url.clone())));
             }
-            Down::Reply { .. } => unreachable!("handled above"),
+            Down::Reply { .. } => unreachable!("handled by to_own_sessions"),
         }
     }
 }
@@ -664,8 +688,8 @@ impl Inbound for LinkSide {
         }
     }
 
-    fn to_host(&self, from: &NodeId, session: SessionId, user: String, msg: String) {
-        self.serve_remote_session(from, session, user, &msg);
+    fn to_host(&self, from: &NodeId, session: SessionId, user: String, msg: &str) {
+        self.serve_remote_session(from, session, user, msg);
     }
 
     fn session_gone(&self, from: &NodeId, session: SessionId) {
@@ -673,8 +697,8 @@ impl Inbound for LinkSide {
         self.hosted.lock().expect("hosted lock").remove(&(from.clone(), session));
     }
 
-    fn to_session(&self, from: &NodeId, session: SessionId, msg: String) {
-        self.to_own_session(from, session, &msg);
+    fn to_sessions(&self, from: &NodeId, sessions: &[SessionId], msg: &str) {
+        self.to_own_sessions(from, sessions, msg);
     }
 
     fn node_lost(&self, node: &NodeId) {

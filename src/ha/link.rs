@@ -34,6 +34,7 @@ use super::state::NodeState;
 use futures_util::{SinkExt, StreamExt};
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use sha2::Sha256;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -93,15 +94,61 @@ enum LinkFrame {
     },
     /// The outcome of the sender's peer's `command` `id`, as the admin who asked should see it.
     CommandDone { id: u64, ok: bool, message: String },
-    /// A message from a session of `user` on the sender to the receiver, which hosts rooms it
-    /// uses (a room request: `crate::forward` defines `msg`). Session ids are the sender's.
-    ToHost { session: SessionId, user: String, msg: String },
     /// That session ended on the sender.
     SessionGone { session: SessionId },
-    /// A message for a session on the receiver (replies, answers and events of the rooms the
-    /// sender hosts for it).
-    ToSession { session: SessionId, msg: String },
 }
+
+/// `{"op":"to_host","session":S,"user":U,"msg":M}`: a message from session `S` of user `U` on
+/// the sender to the receiver, which hosts rooms it uses (a room request: `crate::forward`
+/// defines `M`, JSON carried as it is). Session ids are the sender's.
+#[derive(Deserialize)]
+struct ToHost {
+    session: SessionId,
+    user: String,
+    msg: Box<RawValue>,
+}
+
+/// `{"op":"to_sessions","sessions":[S…],"msg":M}`: one message for one or more sessions on the
+/// receiver (replies, answers and events of the rooms the sender hosts for them), so a room
+/// event for several of the receiver's sessions travels once.
+#[derive(Deserialize)]
+struct ToSessions {
+    sessions: Vec<SessionId>,
+    msg: Box<RawValue>,
+}
+
+/// A frame as the listener reads it: the two that carry a message keep it as raw JSON (a
+/// `RawValue` cannot sit in the internally tagged [`LinkFrame`]).
+enum Incoming {
+    Frame(LinkFrame),
+    ToHost(ToHost),
+    ToSessions(ToSessions),
+}
+
+fn parse_incoming(text: &str) -> Option<Incoming> {
+    #[derive(Deserialize)]
+    struct Op<'a> {
+        #[serde(borrow)]
+        op: std::borrow::Cow<'a, str>,
+    }
+    let op: Op = serde_json::from_str(text).ok()?;
+    match op.op.as_ref() {
+        "to_host" => serde_json::from_str(text).ok().map(Incoming::ToHost),
+        "to_sessions" => serde_json::from_str(text).ok().map(Incoming::ToSessions),
+        _ => serde_json::from_str(text).ok().map(Incoming::Frame),
+    }
+}
+
+/// What waits in a node's outbox: a frame, or a message for one of that node's sessions (kept
+/// as text, and sent once for consecutive sessions that get the same message).
+enum Outgoing {
+    Frame(LinkFrame),
+    ToHost { session: SessionId, user: String, msg: String },
+    ToSession { session: SessionId, msg: Arc<str> },
+}
+
+/// At most this many queued frames are written before the connection is flushed.
+const FLUSH_EVERY: usize = 64;
 
 /// What a node does with what the other nodes send it over their links; `from` is the
 /// authenticated sender.
@@ -109,11 +156,11 @@ pub trait Inbound: Send + Sync + 'static {
     /// An admin request from node `from`; its outcome goes back with [`Link::answer`] and `id`.
     fn command(&self, from: &NodeId, id: u64, command: PeerCommand);
     /// A message from session `session` of `user` on node `from`.
-    fn to_host(&self, from: &NodeId, session: SessionId, user: String, msg: String);
+    fn to_host(&self, from: &NodeId, session: SessionId, user: String, msg: &str);
     /// Session `session` on node `from` ended.
     fn session_gone(&self, from: &NodeId, session: SessionId);
-    /// A message from node `from` for this node's session `session`.
-    fn to_session(&self, from: &NodeId, session: SessionId, msg: String);
+    /// A message from node `from` for these sessions of this node.
+    fn to_sessions(&self, from: &NodeId, sessions: &[SessionId], msg: &str);
     /// Node `node`'s link connection closed (it died, restarted, or the network broke).
     fn node_lost(&self, node: &NodeId);
 }
@@ -248,7 +295,7 @@ struct Remote {
     /// The peering cluster it belongs to (none: a node of this cluster).
     peering: Option<String>,
     view: Mutex<PeerView>,
-    outbox: tokio::sync::mpsc::UnboundedSender<LinkFrame>,
+    outbox: tokio::sync::mpsc::UnboundedSender<Outgoing>,
 }
 
 /// The links of one node to every other node: the handle the rest of the node sends through
@@ -369,8 +416,12 @@ impl Link {
     }
 
     fn send(&self, node: &NodeId, frame: LinkFrame) {
+        self.queue(node, Outgoing::Frame(frame));
+    }
+
+    fn queue(&self, node: &NodeId, out: Outgoing) {
         if let Some(r) = self.remotes.get(node) {
-            let _ = r.outbox.send(frame);
+            let _ = r.outbox.send(out);
         }
     }
 
@@ -402,10 +453,10 @@ impl Link {
         self.send(node, LinkFrame::CommandDone { id, ok, message });
     }
 
-    /// Pass a message of this node's session `session` of `user` to node `node`, which hosts
-    /// rooms it uses.
+    /// Pass a message (JSON) of this node's session `session` of `user` to node `node`, which
+    /// hosts rooms it uses.
     pub fn to_host(&self, node: &NodeId, session: SessionId, user: &str, msg: String) {
-        self.send(node, LinkFrame::ToHost { session, user: user.to_owned(), msg });
+        self.queue(node, Outgoing::ToHost { session, user: user.to_owned(), msg });
     }
 
     /// Tell node `node` a session whose rooms it served has ended.
@@ -413,9 +464,10 @@ impl Link {
         self.send(node, LinkFrame::SessionGone { session });
     }
 
-    /// Send a message to node `node`'s session `session`.
-    pub fn to_session(&self, node: &NodeId, session: SessionId, msg: String) {
-        self.send(node, LinkFrame::ToSession { session, msg });
+    /// Send a message (JSON) to node `node`'s session `session`. The same `msg` (one `Arc`)
+    /// queued for several sessions of that node in a row travels once.
+    pub fn to_session(&self, node: &NodeId, session: SessionId, msg: Arc<str>) {
+        self.queue(node, Outgoing::ToSession { session, msg });
     }
 
     /// Whether the link to `node` is up in both directions as far as this node knows.
@@ -441,7 +493,7 @@ pub trait LocalView: Send + Sync + 'static {
 pub struct LinkRunner {
     config: LinkConfig,
     link: Link,
-    outboxes: Vec<(Arc<Remote>, tokio::sync::mpsc::UnboundedReceiver<LinkFrame>)>,
+    outboxes: Vec<(Arc<Remote>, tokio::sync::mpsc::UnboundedReceiver<Outgoing>)>,
 }
 
 /// The link's handle (frames sent through it wait until the link runs and the receiving node
@@ -480,6 +532,47 @@ impl LinkRunner {
 
 fn encode(frame: &LinkFrame) -> Message {
     Message::Text(serde_json::to_string(frame).expect("link frames serialize").into())
+}
+
+/// The next frames to write from `first` and what is queued behind it (up to [`FLUSH_EVERY`]):
+/// a message for several sessions in a row becomes one `to_sessions` frame. Messages are JSON
+/// already and are written as they are, not escaped into a string.
+fn next_frames(first: Outgoing, queue: &mut tokio::sync::mpsc::UnboundedReceiver<Outgoing>) -> Vec<Message> {
+    let mut frames = Vec::new();
+    let mut pending: Option<(Vec<SessionId>, Arc<str>)> = None;
+    let mut next = Some(first);
+    while let Some(out) = next.take() {
+        match out {
+            Outgoing::ToSession { session, msg } => match &mut pending {
+                Some((sessions, same)) if Arc::ptr_eq(same, &msg) => sessions.push(session),
+                _ => {
+                    frames.extend(pending.take().map(|(sessions, msg)| to_sessions_frame(&sessions, &msg)));
+                    pending = Some((vec![session], msg));
+                }
+            },
+            other => {
+                frames.extend(pending.take().map(|(sessions, msg)| to_sessions_frame(&sessions, &msg)));
+                frames.push(match other {
+                    Outgoing::Frame(frame) => encode(&frame),
+                    Outgoing::ToHost { session, user, msg } => {
+                        let user = serde_json::to_string(&user).expect("a string serializes");
+                        Message::Text(format!(r#"{{"op":"to_host","session":{session},"user":{user},"msg":{msg}}}"#).into())
+                    }
+                    Outgoing::ToSession { .. } => unreachable!("matched above"),
+                });
+            }
+        }
+        if frames.len() < FLUSH_EVERY {
+            next = queue.try_recv().ok();
+        }
+    }
+    frames.extend(pending.map(|(sessions, msg)| to_sessions_frame(&sessions, &msg)));
+    frames
+}
+
+fn to_sessions_frame(sessions: &[SessionId], msg: &str) -> Message {
+    let ids: Vec<String> = sessions.iter().map(|s| s.0.to_string()).collect();
+    Message::Text(format!(r#"{{"op":"to_sessions","sessions":[{}],"msg":{msg}}}"#, ids.join(",")).into())
 }
 
 /// The next text frame as a link frame (`None`: closed, not text, or not a link frame).
@@ -617,8 +710,8 @@ async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
             _ = shutdown.cancelled() => break,
         };
         match next {
-            Some(Ok(Message::Text(text))) => match serde_json::from_str::<LinkFrame>(text.as_str()) {
-                Ok(LinkFrame::Heartbeat { state, hosting, down, connections, services, .. }) => {
+            Some(Ok(Message::Text(text))) => match parse_incoming(text.as_str()) {
+                Some(Incoming::Frame(LinkFrame::Heartbeat { state, hosting, down, connections, services, .. })) => {
                     let mut v = node.view.lock().expect("peer view lock");
                     v.last = Some(Instant::now());
                     v.state = Some(state);
@@ -627,26 +720,26 @@ async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
                     v.connections = connections;
                     v.services = services;
                 }
-                Ok(LinkFrame::Rooms { rooms }) => node.view.lock().expect("peer view lock").rooms = rooms,
-                Ok(LinkFrame::Command { id, command }) if node.peering.is_some() => {
+                Some(Incoming::Frame(LinkFrame::Rooms { rooms })) => node.view.lock().expect("peer view lock").rooms = rooms,
+                Some(Incoming::Frame(LinkFrame::Command { id, command })) if node.peering.is_some() => {
                     // A peering carries room requests only: another cluster's operators act on
                     // their own nodes.
                     tracing::warn!(node = %from, ?command, "admin request from a peering cluster's node refused");
                     link.answer(from, id, &Err(format!("node {from} is of another cluster: admin requests are not taken over a peering")));
                 }
-                Ok(LinkFrame::Command { id, command }) => {
+                Some(Incoming::Frame(LinkFrame::Command { id, command })) => {
                     tracing::info!(node = %from, ?command, "request from another node");
                     inbound.command(from, id, command);
                 }
-                Ok(LinkFrame::CommandDone { id, ok, message }) => {
+                Some(Incoming::Frame(LinkFrame::CommandDone { id, ok, message })) => {
                     if let Some(waiter) = link.pending.lock().expect("pending commands lock").remove(&id) {
                         let _ = waiter.send(if ok { Ok(message) } else { Err(message) });
                     }
                 }
-                Ok(LinkFrame::ToHost { session, user, msg }) => inbound.to_host(from, session, user, msg),
-                Ok(LinkFrame::SessionGone { session }) => inbound.session_gone(from, session),
-                Ok(LinkFrame::ToSession { session, msg }) => inbound.to_session(from, session, msg),
-                Ok(LinkFrame::Challenge { .. } | LinkFrame::LinkHello { .. } | LinkFrame::LinkWelcome { .. }) | Err(_) => {
+                Some(Incoming::ToHost(ToHost { session, user, msg })) => inbound.to_host(from, session, user, msg.get()),
+                Some(Incoming::Frame(LinkFrame::SessionGone { session })) => inbound.session_gone(from, session),
+                Some(Incoming::ToSessions(ToSessions { sessions, msg })) => inbound.to_sessions(from, &sessions, msg.get()),
+                Some(Incoming::Frame(LinkFrame::Challenge { .. } | LinkFrame::LinkHello { .. } | LinkFrame::LinkWelcome { .. })) | None => {
                     tracing::warn!(node = %from, "unexpected node-link frame")
                 }
             },
@@ -695,7 +788,7 @@ async fn dial(
     config: Arc<LinkConfig>,
     to: Arc<Remote>,
     local: Arc<dyn LocalView>,
-    mut outbox: tokio::sync::mpsc::UnboundedReceiver<LinkFrame>,
+    mut outbox: tokio::sync::mpsc::UnboundedReceiver<Outgoing>,
     shutdown: CancellationToken,
 ) {
     let address = &config.nodes.iter().find(|n| n.id == to.id.0).expect("a remote of the topology").link;
@@ -761,8 +854,14 @@ async fn dial(
                                 }
                             }
                         }
-                        frame = outbox.recv() => match frame {
-                            Some(frame) => ok = ws.send(encode(&frame)).await.is_ok(),
+                        out = outbox.recv() => match out {
+                            // What queued up meanwhile goes in the same write.
+                            Some(out) => {
+                                for frame in next_frames(out, &mut outbox) {
+                                    ok = ok && ws.feed(frame).await.is_ok();
+                                }
+                                ok = ok && ws.flush().await.is_ok();
+                            }
                             None => return,
                         },
                         _ = shutdown.cancelled() => { let _ = ws.close(None).await; return; }
@@ -791,7 +890,7 @@ async fn dial(
 /// panic.
 #[doc(hidden)]
 pub fn parse_link_frame(text: &str) -> bool {
-    serde_json::from_str::<LinkFrame>(text).is_ok()
+    parse_incoming(text).is_some()
 }
 
 #[cfg(test)]
@@ -815,6 +914,40 @@ mod tests {
         assert!(!transcript("1a", "1b", &other, &d).verify("secret-0123456789", Step::Hello, &m), "another challenge (a replay)");
         assert!(!transcript("1a", "1b", &l, &other).verify("secret-0123456789", Step::Hello, &m), "another dialer nonce");
         assert!(!t.verify("secret-0123456789", Step::Hello, "zz"), "not hex");
+    }
+
+    /// Messages for several sessions in a row travel once, in order, as raw JSON, and read
+    /// back as they were sent; a message with quotes and escapes is not escaped again.
+    #[test]
+    fn queued_messages_merge_per_run_and_read_back() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let (a, b): (Arc<str>, Arc<str>) = (r#"{"m":"event","text":"a \"quoted\" word"}"#.into(), r#"{"m":"other"}"#.into());
+        let to = |session: u64, msg: &Arc<str>| Outgoing::ToSession { session: SessionId(session), msg: msg.clone() };
+        for out in [to(2, &a), to(3, &b), Outgoing::Frame(LinkFrame::SessionGone { session: SessionId(4) }), to(5, &b)] {
+            tx.send(out).unwrap();
+        }
+        tx.send(Outgoing::ToHost { session: SessionId(6), user: "ann \"x\"".into(), msg: r#"{"m":"request"}"#.into() }).unwrap();
+        let frames = next_frames(to(1, &a), &mut rx);
+        let read: Vec<String> = frames
+            .iter()
+            .map(|f| match parse_incoming(f.to_text().unwrap()) {
+                Some(Incoming::ToSessions(t)) => format!("{:?} {}", t.sessions.iter().map(|s| s.0).collect::<Vec<_>>(), t.msg.get()),
+                Some(Incoming::ToHost(t)) => format!("host {} {} {}", t.session.0, t.user, t.msg.get()),
+                Some(Incoming::Frame(f)) => format!("{f:?}"),
+                None => panic!("unreadable: {f}"),
+            })
+            .collect();
+        assert_eq!(
+            read,
+            [
+                format!("[1, 2] {a}"),
+                format!("[3] {b}"),
+                "SessionGone { session: SessionId(4) }".to_owned(),
+                format!("[5] {b}"),
+                r#"host 6 ann "x" {"m":"request"}"#.to_owned(),
+            ]
+        );
+        assert!(parse_incoming(r#"{"op":"to_sessions","sessions":[1],"msg":}"#).is_none(), "bad JSON is no frame");
     }
 
     #[test]
