@@ -122,9 +122,6 @@ pub struct Forwarder {
     watch: StateWatch,
     /// This node's sessions using rooms on other nodes: session id → room → how.
     forwarding: Mutex<HashMap<SessionId, HashMap<RoomAddr, Used>>>,
-    /// Rooms being followed to a new host: their `joined` answer is not the client's (it is
-    /// still in the room), only its replay is.
-    following: Mutex<HashSet<(SessionId, RoomAddr)>>,
     /// Forwarded operations waiting for their reply, by request id.
     waiting: Mutex<HashMap<u64, Waiting>>,
     next_request: AtomicU64,
@@ -136,15 +133,15 @@ impl Forwarder {
             link,
             watch,
             forwarding: Mutex::new(HashMap::new()),
-            following: Mutex::new(HashSet::new()),
             waiting: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
         })
     }
 
-    /// Whether `session` is joining `room` again at its new host (its `joined` is not the client's).
+    /// Whether `session` is following `room` to a new host: the `joined` of its join there is
+    /// not the client's (it is still in the room), only its replay is.
     fn is_following(&self, session: SessionId, room: &RoomAddr) -> bool {
-        self.following.lock().expect("following lock").contains(&(session, room.clone()))
+        self.forwarding.lock().expect("forwarding lock").get(&session).and_then(|rooms| rooms.get(room)).is_some_and(|used| used.following)
     }
 
     /// Session `session` was given message `seq` of `room`.
@@ -370,7 +367,6 @@ impl crate::gateway::Remote for Forwarder {
     fn session_closed(&self, session: SessionId) {
         let rooms = self.forwarding.lock().expect("forwarding lock").remove(&session);
         self.waiting.lock().expect("waiting lock").retain(|_, w| w.session != session);
-        self.following.lock().expect("following lock").retain(|(s, _)| *s != session);
         let nodes: HashSet<NodeId> = rooms.into_iter().flat_map(|r| r.into_values()).filter_map(|u| u.node).collect();
         for node in nodes {
             self.link.session_gone(&node, session);
@@ -470,7 +466,6 @@ impl LinkSide {
         for Follow { session, room, join } in rooms {
             let Some(s) = self.gateway.session(session) else { continue };
             let (gateway, forwarder, my_url, reason) = (self.gateway.clone(), self.forwarder.clone(), self.my_url.clone(), reason.to_owned());
-            forwarder.following.lock().expect("following lock").insert((session, room.clone()));
             tokio::spawn(async move {
                 metrics::counter!("stoa_forwarded_rooms_followed_total").increment(1);
                 // The room may be between the group's nodes for a moment (a fallback there
@@ -499,7 +494,6 @@ impl LinkSide {
                 }
                 if let Err(failure) = result {
                     tracing::info!(session = %session, room = %room, error = %failure.message, "could not follow a room to its new host; the session resumes");
-                    forwarder.following.lock().expect("following lock").remove(&(session, room.clone()));
                     if let Some(rooms) = forwarder.forwarding.lock().expect("forwarding lock").get_mut(&session) {
                         rooms.remove(&room);
                     }
@@ -637,7 +631,6 @@ impl LinkSide {
             }
             Down::Answer { answer: RoomAnswer::Joined { room, replay, .. } } if self.forwarder.is_following(session, &room) => {
                 // Followed to its new host: the client is still in the room; it gets what it missed.
-                self.forwarder.following.lock().expect("following lock").remove(&(session, room));
                 for d in &replay {
                     if let RoomEvent::Message(m) = &d.event {
                         self.forwarder.seen(session, &m.room, m.seq);
