@@ -212,6 +212,9 @@ pub struct ClusterSettings {
     /// Fall back automatically once the failed-over node has been healthy this long
     /// (Cisco uses 30 minutes); 0 = fallback only on an admin's request.
     pub auto_fallback_after_s: u64,
+    /// Users' home nodes by user name (`ann = "1b"`), for users without one when they log in;
+    /// the node must be of the group whose store has the account (docs/clusters.md).
+    pub homes: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for ClusterSettings {
@@ -227,6 +230,7 @@ impl Default for ClusterSettings {
             heartbeat_ms: 500,
             critical_service_down_delay_ms: 5000,
             auto_fallback_after_s: 0,
+            homes: Default::default(),
         }
     }
 }
@@ -364,6 +368,9 @@ pub struct AuthSettings {
     /// The same per source address, over every user name it tries.
     pub login_failures_per_address: u32,
     pub login_failure_window_s: u64,
+    /// Logins a node serves per second (a re-login storm after a failover); over it a login is
+    /// refused with `rate_limited` and a `retry_after_ms` (docs/clusters.md). 0 = no bound.
+    pub logins_per_second: u32,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -478,6 +485,7 @@ impl Default for AuthSettings {
             login_failures_per_user: 5,
             login_failures_per_address: 30,
             login_failure_window_s: 60,
+            logins_per_second: 0,
         }
     }
 }
@@ -877,6 +885,11 @@ impl Settings {
         self.cluster.groups.iter().find(|g| g.nodes.iter().any(|n| n.id == self.node.id))
     }
 
+    /// Node `id` of the topology.
+    pub fn node_of_topology(&self, id: &str) -> Option<&PeerSettings> {
+        self.cluster.groups.iter().flat_map(|g| &g.nodes).find(|n| n.id == id)
+    }
+
     /// The other node of this node's group, if it has one.
     pub fn peer(&self) -> Option<&PeerSettings> {
         self.group()?.nodes.iter().find(|n| n.id != self.node.id)
@@ -971,6 +984,11 @@ impl Settings {
                 if !services.insert(n.service.as_str()) {
                     return invalid(format!("service `{}` appears twice in the topology and its peerings (node `{}`)", n.service, n.id));
                 }
+            }
+        }
+        for (user, node) in &self.cluster.homes {
+            if !self.cluster.groups.iter().flat_map(|g| &g.nodes).any(|n| &n.id == node) {
+                return invalid(format!("cluster.homes: `{user}` is homed on `{node}`, which is no node of the topology"));
             }
         }
         let Some(group) = self.group() else {

@@ -80,6 +80,25 @@ pub trait Remote: Send + Sync {
     fn session_closed(&self, session: SessionId);
 }
 
+/// Which node of the cluster serves a registered user's logins (docs/clusters.md, *Users' home
+/// nodes*). Defined here, where it is used; `crate::home` implements it over the node link.
+pub trait Homes: Send + Sync {
+    /// Where the logins of `user` are served now, from the name alone (its credentials are
+    /// checked where it is served). `Err`: the store failed.
+    fn place<'a>(&'a self, user: &'a str) -> futures_util::future::BoxFuture<'a, Result<Placement, String>>;
+}
+
+/// Where a login is served.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// On this node.
+    Here,
+    /// On this other node (the user's home, or its peer after a takeover there).
+    Elsewhere(NodeId),
+    /// The user's home (this node) is in a group that serves nothing now.
+    HomeDown(NodeId),
+}
+
 /// Why a request failed: a documented error code and a message for the client.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Failure {
@@ -89,11 +108,14 @@ pub struct Failure {
     pub retry_after_ms: Option<u64>,
     /// The room is hosted by this other node (a front end may forward the request there).
     pub hosted_by: Option<NodeId>,
+    /// A login: log in on this node instead (the user's home; docs/clusters.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub login_on: Option<NodeId>,
 }
 
 impl Failure {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Failure { code, message: message.into(), retry_after_ms: None, hosted_by: None }
+        Failure { code, message: message.into(), retry_after_ms: None, hosted_by: None, login_on: None }
     }
 }
 
@@ -138,6 +160,10 @@ pub struct Gateway {
     login_failures: crate::throttle::Throttle,
     /// Rooms created per user name and source address.
     room_creations: crate::throttle::Throttle,
+    /// Users' home nodes, in a cluster of two groups or more.
+    homes: Option<Arc<dyn Homes>>,
+    /// The logins this node serves per second (`auth.logins_per_second`).
+    login_pace: Mutex<checks::LoginPace>,
 }
 
 impl Gateway {
@@ -156,6 +182,7 @@ impl Gateway {
             Policy { burst: settings.limits.rooms_created_per_user_per_hour, window: hour },
             Policy { burst: settings.limits.rooms_created_per_address_per_hour, window: hour },
         );
+        let login_pace = Mutex::new(checks::LoginPace::new(settings.auth.logins_per_second, Instant::now()));
         Gateway {
             login_failures,
             room_creations,
@@ -167,9 +194,17 @@ impl Gateway {
             connections: Default::default(),
             sessions: Default::default(),
             accepting: tokio::sync::watch::Sender::new(true),
+            login_pace,
             forwarder,
             accept_failing_since: Mutex::new(None),
+            homes: None,
         }
+    }
+
+    /// Serve registered users' logins on their home nodes (a cluster of two groups or more).
+    pub fn with_homes(mut self, homes: Arc<dyn Homes>) -> Self {
+        self.homes = Some(homes);
+        self
     }
 
     /// The request budget of one connection.

@@ -49,6 +49,9 @@
 //!   (its peer, or a node of another group) for a stand-in session, over the node link; answers
 //!   and events come back typed; a room of another group is followed to its new host across a
 //!   takeover there (docs/clusters.md).
+//! - [`home`]: users' home nodes: where a registered user's login is served (a pure decision
+//!   over the node link's view), home assignment at the first login, and the answers to the
+//!   other nodes' `home_of` questions (docs/clusters.md, *Users' home nodes*).
 //! - [`session`]: a logged-in session of any protocol as rooms see it (it implements
 //!   `event::Occupant`): the rooms it is in, how it ended, and its front end's `Wire`.
 //! - [`registry`]: room address → room actor; activation, passivation, spreading over arbiters;
@@ -105,6 +108,7 @@ pub mod event;
 pub mod forward;
 pub mod gateway;
 pub mod ha;
+pub mod home;
 pub mod ids;
 pub mod logfile;
 pub mod merge;

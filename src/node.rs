@@ -260,6 +260,7 @@ async fn run(settings: Settings, tls: Option<crate::tls::ServerTls>, shutdown: C
             heartbeat: Duration::from_millis(settings.cluster.heartbeat_ms),
             tls: tls.clone(),
             client_tls: link_client_tls.clone(),
+            directory: Some(Arc::new(crate::home::Directory::new(settings.clone(), store.clone()))),
         })
     });
     let (link, link_runner) = link.unzip();
@@ -268,7 +269,14 @@ async fn run(settings: Settings, tls: Option<crate::tls::ServerTls>, shutdown: C
 
     let auth = Auth::new(store.clone(), settings.auth.allow_guests, settings.auth.session_ttl_s);
     let remote = forwarder.clone().map(|f| f as Arc<dyn crate::gateway::Remote>);
-    let gateway = Arc::new(Gateway::new(settings.clone(), registry.clone(), store.clone(), auth, remote));
+    let mut gateway = Gateway::new(settings.clone(), registry.clone(), store.clone(), auth, remote);
+    // Users' home nodes take effect in a cluster of two groups or more; a lone pair serves
+    // every login where it lands (docs/clusters.md, *Users' home nodes*).
+    if let Some(link) = link.as_ref().filter(|_| settings.cluster.groups.len() > 1) {
+        let directory = crate::home::Directory::new(settings.clone(), store.clone());
+        gateway = gateway.with_homes(Arc::new(crate::home::Placer::new(directory, link.clone())));
+    }
+    let gateway = Arc::new(gateway);
 
     let recovery = if ha_group {
         let config = RecoveryConfig {

@@ -534,6 +534,10 @@ pub enum ServerFrame {
         guest: bool,
         /// Addresses of the peer nodes a client may resume on (empty on a single node).
         peers: Vec<String>,
+        /// Not logged in: this user logs in on the node at this client URL (its home node,
+        /// docs/clusters.md); the server closes the connection after this frame.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        redirect: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         re: Option<RequestId>,
     },

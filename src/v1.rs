@@ -208,7 +208,10 @@ impl Connection {
         let re = frame.id().cloned();
         let answer = match frame {
             ClientFrame::Hello { v, user, password, token, id } => {
-                let answer = self.hello(v, user, password, token, id).await;
+                let answer = self.hello(v, user.clone(), password, token, id.clone()).await;
+                if let Err(Failure { login_on: Some(node), .. }) = &answer {
+                    return self.redirect(node, user.unwrap_or_default(), id);
+                }
                 if answer.is_err() && self.session.is_none() {
                     self.failed_logins += 1;
                 }
@@ -228,6 +231,28 @@ impl Connection {
             return Flow::Close(crate::protocol::close_code::POLICY, "too many failed logins");
         }
         Flow::Continue
+    }
+
+    /// Tell the client to log in on `node` (its home) with a `welcome` that carries `redirect`
+    /// and no session, then close.
+    fn redirect(&self, node: &crate::ids::NodeId, user: String, re: Option<RequestId>) -> Flow {
+        let s = &self.gateway.settings;
+        let Some(target) = s.node_of_topology(&node.0) else {
+            self.push(&ServerFrame::error(re, ErrorCode::Unavailable, format!("log in on node {node}")));
+            return Flow::Continue;
+        };
+        self.push(&ServerFrame::Welcome {
+            v: PROTOCOL_VERSION,
+            user,
+            node: node.0.clone(),
+            session: String::new(),
+            service: target.service.clone(),
+            guest: false,
+            peers: Vec::new(),
+            redirect: Some(target.client.clone()),
+            re,
+        });
+        Flow::Close(crate::protocol::close_code::NORMAL, "log in on your home node")
     }
 
     async fn hello(&mut self, v: u32, user: Option<String>, password: Option<String>, token: Option<String>, id: Option<RequestId>) -> Answer {
@@ -253,6 +278,7 @@ impl Connection {
             guest: logged_in.guest,
             // Where to resume if this node goes away (the session token is valid there too).
             peers: s.peer().map(|p| p.client.clone()).into_iter().collect(),
+            redirect: None,
             re: id,
         }))
     }

@@ -15,6 +15,7 @@ mod m20261204_000006_message_id_index;
 mod m20261204_000007_scram_credentials;
 mod m20261205_000008_room_clock;
 mod m20261205_000009_merge_jobs;
+mod m20261206_000010_home_node;
 
 /// Every migration of the Stoa schema, oldest first.
 pub struct Migrator;
@@ -32,6 +33,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261204_000007_scram_credentials::Migration),
             Box::new(m20261205_000008_room_clock::Migration),
             Box::new(m20261205_000009_merge_jobs::Migration),
+            Box::new(m20261206_000010_home_node::Migration),
         ]
     }
 }

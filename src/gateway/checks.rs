@@ -1,5 +1,5 @@
 //! The checks every front end's requests go through: room names, nicks, text and config sizes,
-//! and the request budget of one connection.
+//! the request budget of one connection, and the node's login pace.
 
 use super::*;
 
@@ -29,6 +29,54 @@ impl TokenBucket {
         } else {
             false
         }
+    }
+}
+
+/// The node's login budget (`auth.logins_per_second`, docs/clusters.md): a bucket of one
+/// second's worth. A login over it is told when to come back, each refusal at the next free
+/// slot after those promised before, so a re-login storm drains at the rate instead of coming
+/// back all at once.
+#[derive(Debug)]
+pub struct LoginPace {
+    /// Logins per second; 0 = no bound.
+    rate: f64,
+    tokens: f64,
+    at: Instant,
+    /// The latest slot promised to a refused login.
+    promised: Option<Instant>,
+}
+
+/// A login that comes back this much early (a fraction of a slot) is still served: clients'
+/// timers and the network round trip are not exact, and an early return must not go to the
+/// back of the queue.
+const PACE_EARLY: f64 = 0.25;
+
+impl LoginPace {
+    pub fn new(per_second: u32, now: Instant) -> Self {
+        let rate = per_second as f64;
+        LoginPace { rate, tokens: rate, at: now, promised: None }
+    }
+
+    /// Serve a login now (`Ok`), or come back after the wait (`Err`).
+    pub fn admit(&mut self, now: Instant) -> Result<(), Duration> {
+        if self.rate == 0.0 {
+            return Ok(());
+        }
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate);
+        if self.tokens >= 1.0 - PACE_EARLY {
+            self.tokens -= 1.0;
+            return Ok(());
+        }
+        let slot = Duration::from_secs_f64(1.0 / self.rate);
+        let next_token = now + Duration::from_secs_f64((1.0 - self.tokens) / self.rate);
+        let promise = match self.promised {
+            Some(p) if p >= next_token => p + slot,
+            _ => next_token,
+        };
+        self.promised = Some(promise);
+        Err(promise - now)
     }
 }
 
@@ -116,4 +164,30 @@ impl Gateway {
     }
 
     // --- room operations, here or on the room's host ----------------------------------------
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 30 logins at once at 5 per second: a second's worth served, the rest told to come back
+    /// one slot (200 ms) apart; when each comes back at its time, it is served.
+    #[test]
+    fn a_login_storm_is_spread_at_the_rate_and_drains() {
+        let t0 = Instant::now();
+        let mut pace = LoginPace::new(5, t0);
+        let waits: Vec<Option<Duration>> = (0..30).map(|_| pace.admit(t0).err()).collect();
+        assert_eq!(waits.iter().filter(|w| w.is_none()).count(), 5);
+        let mut promised: Vec<Duration> = waits.into_iter().flatten().collect();
+        for pair in promised.windows(2) {
+            assert_eq!((pair[1] - pair[0]).as_millis(), 200);
+        }
+        assert_eq!(promised[0].as_millis(), 200);
+        promised.sort();
+        for wait in &promised {
+            assert!(pace.admit(t0 + *wait).is_ok(), "a login back at its slot {wait:?} is served");
+        }
+        assert!(pace.admit(t0 + promised[promised.len() - 1]).is_err(), "and the budget is spent again");
+        assert!(LoginPace::new(0, t0).admit(t0).is_ok());
+    }
 }

@@ -96,6 +96,15 @@ enum LinkFrame {
     CommandDone { id: u64, ok: bool, message: String },
     /// That session ended on the sender.
     SessionGone { session: SessionId },
+    /// Which node is `user`'s home, if the receiver's store has the account? Answered with
+    /// `command_done` `id`: the node id, or empty (docs/clusters.md, *Users' home nodes*).
+    HomeOf { id: u64, user: String },
+}
+
+/// Answers `home_of` questions from the other nodes: the home node of a user whose account is
+/// in this node's store (assigning one if it has none), `None` if it has no such user.
+pub trait HomeDirectory: Send + Sync + 'static {
+    fn home_of(&self, user: String) -> futures_util::future::BoxFuture<'static, Option<String>>;
 }
 
 /// `{"op":"to_host","session":S,"user":U,"msg":M}`: a message from session `S` of user `U` on
@@ -307,6 +316,7 @@ pub struct Link {
     remotes: Arc<std::collections::HashMap<NodeId, Arc<Remote>>>,
     pending: PendingCommands,
     next_command: Arc<std::sync::atomic::AtomicU64>,
+    directory: Option<Arc<dyn HomeDirectory>>,
 }
 
 /// Another node of the topology, as [`LinkConfig`] names it.
@@ -347,6 +357,8 @@ pub struct LinkConfig {
     /// `[tls]`: dial the other nodes with `wss://`, verifying each one's certificate for the
     /// host of its `link` address against these trust anchors (`tls.ca_file`).
     pub client_tls: Option<Arc<rustls::ClientConfig>>,
+    /// Answers the other nodes' `home_of` questions (none: they get no answer and time out).
+    pub directory: Option<Arc<dyn HomeDirectory>>,
 }
 
 impl Link {
@@ -470,6 +482,31 @@ impl Link {
         self.queue(node, Outgoing::ToSession { session, msg });
     }
 
+    /// Ask node `node` for the home node of `user` (see [`HomeDirectory`]); `None` if it has no
+    /// such user, cannot be reached, or does not answer within `wait`.
+    pub async fn home_of(&self, node: &NodeId, user: &str, wait: Duration) -> Option<String> {
+        if !self.is_up(node) {
+            return None;
+        }
+        let id = self.next_command.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.pending.lock().expect("pending commands lock").insert(id, tx);
+        self.send(node, LinkFrame::HomeOf { id, user: user.to_owned() });
+        let answer = tokio::time::timeout(wait, rx).await;
+        self.pending.lock().expect("pending commands lock").remove(&id);
+        answer.ok()?.ok()?.ok().filter(|home| !home.is_empty())
+    }
+
+    /// Answer node `node`'s `home_of` question `id` from this node's directory.
+    fn answer_home_of(&self, node: &NodeId, id: u64, user: String) {
+        let Some(directory) = self.directory.clone() else { return };
+        let (link, node) = (self.clone(), node.clone());
+        tokio::spawn(async move {
+            let home = directory.home_of(user).await;
+            link.send(&node, LinkFrame::CommandDone { id, ok: true, message: home.unwrap_or_default() });
+        });
+    }
+
     /// Whether the link to `node` is up in both directions as far as this node knows.
     pub fn is_up(&self, node: &NodeId) -> bool {
         self.status(node).is_some_and(|s| s.reachable)
@@ -514,6 +551,7 @@ pub fn new(config: LinkConfig) -> (Link, LinkRunner) {
         remotes: Arc::new(remotes),
         pending: PendingCommands::default(),
         next_command: Arc::default(),
+        directory: config.directory.clone(),
     };
     (link.clone(), LinkRunner { config, link, outboxes })
 }
@@ -739,6 +777,9 @@ async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
                 Some(Incoming::ToHost(ToHost { session, user, msg })) => inbound.to_host(from, session, user, msg.get()),
                 Some(Incoming::Frame(LinkFrame::SessionGone { session })) => inbound.session_gone(from, session),
                 Some(Incoming::ToSessions(ToSessions { sessions, msg })) => inbound.to_sessions(from, &sessions, msg.get()),
+                // Homes are this cluster's business: a peering cluster's node learns none.
+                Some(Incoming::Frame(LinkFrame::HomeOf { id, .. })) if node.peering.is_some() => link.answer(from, id, &Ok(String::new())),
+                Some(Incoming::Frame(LinkFrame::HomeOf { id, user })) => link.answer_home_of(from, id, user),
                 Some(Incoming::Frame(LinkFrame::Challenge { .. } | LinkFrame::LinkHello { .. } | LinkFrame::LinkWelcome { .. })) | None => {
                     tracing::warn!(node = %from, "unexpected node-link frame")
                 }

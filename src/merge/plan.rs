@@ -311,6 +311,7 @@ mod tests {
             scram_sha256_iterations: None,
             scram_sha256_stored_key: None,
             scram_sha256_server_key: None,
+            home_node: None,
         };
         let sources = [
             SourceInventory { rooms: vec![], users: vec![u("ann", "h1", 1), u("bob", "h2", 1)] },

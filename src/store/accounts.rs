@@ -17,6 +17,33 @@ impl Store {
         Ok(())
     }
 
+    /// Where a user's account stands for a login: `None` if no user has this name, else its
+    /// home node (`None` inside: not assigned yet).
+    pub async fn user_home(&self, name: &str) -> Result<Option<Option<NodeId>>, StoreError> {
+        Ok(user::Entity::find_by_id(name.to_owned()).one(&self.db).await?.map(|u| u.home_node.map(NodeId)))
+    }
+
+    /// Set a user's home node; false if there is no such user. With `only_if_unset`, a home
+    /// already assigned stays (a first login's assignment never overrides one made meanwhile).
+    pub async fn set_user_home(&self, name: &str, node: &NodeId, only_if_unset: bool) -> Result<bool, StoreError> {
+        let mut update = user::Entity::update_many().col_expr(user::Column::HomeNode, Expr::value(node.0.clone())).filter(user::Column::Name.eq(name));
+        if only_if_unset {
+            update = update.filter(user::Column::HomeNode.is_null());
+        }
+        Ok(update.exec(&self.db).await?.rows_affected > 0)
+    }
+
+    /// How many users are homed on each of `nodes` (every one of them listed, 0 included).
+    pub async fn users_homed_on(&self, nodes: &[NodeId]) -> Result<Vec<(NodeId, u64)>, StoreError> {
+        use sea_orm::PaginatorTrait;
+        let mut counts = Vec::with_capacity(nodes.len());
+        for node in nodes {
+            let n = user::Entity::find().filter(user::Column::HomeNode.eq(node.0.clone())).count(&self.db).await?;
+            counts.push((node.clone(), n));
+        }
+        Ok(counts)
+    }
+
     /// A registered user's password hash.
     pub async fn user_password_hash(&self, name: &str) -> Result<Option<String>, StoreError> {
         Ok(user::Entity::find_by_id(name.to_owned()).one(&self.db).await?.map(|u| u.password_hash))

@@ -99,6 +99,8 @@ pub mod user {
         pub scram_sha256_iterations: Option<i32>,
         pub scram_sha256_stored_key: Option<String>,
         pub scram_sha256_server_key: Option<String>,
+        /// The node of this group the user logs in on (docs/clusters.md); NULL: not assigned yet.
+        pub home_node: Option<String>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -14,7 +14,7 @@
 //! over-deep stanza, or a stanza before authentication ends the stream with the RFC 6120
 //! stream error; a stanza the server cannot serve gets a stanza error, and the session goes on.
 
-use super::channel::{Channel, End, ItemSource, TextSink, stream_error};
+use super::channel::{Channel, End, ItemSource, TextSink};
 use super::handler::Handler;
 use super::muc::{XmppState, XmppWire};
 use super::sm::{self, Parked, Resumption, Sm};
@@ -200,14 +200,13 @@ impl Channel for XmlIo {
     }
 
     async fn end(mut self, end: End) {
-        let tail = match &end {
-            End::Gone => return,
-            End::Stream(condition, text) => {
-                tracing::debug!(condition, text, "xmpp stream error");
-                stream_error(condition, text)
-            }
-            End::Close => String::new(),
-        };
+        if matches!(end, End::Gone) {
+            return;
+        }
+        let tail = end.error_element().unwrap_or_default();
+        if !tail.is_empty() {
+            tracing::debug!(error = %tail, "xmpp stream error");
+        }
         if !self.header_sent {
             let _ = self.header(&self.settings.domain.clone()).await;
         }
@@ -454,36 +453,51 @@ fn sasl_data(text: &str) -> Result<Vec<u8>, SaslError> {
     }
 }
 
-/// The `<failure/>` condition and text of a login the gateway refused.
-fn refused(f: Failure) -> (&'static str, String) {
+/// The `<failure/>` condition and text of a login the gateway refused (over the login budget:
+/// `temporary-auth-failure`, the text saying `retry after N ms`), or, for a user whose home is
+/// another node, the stream error `see-other-host` naming that node's XMPP address
+/// (docs/xmpp.md).
+fn refused(gateway: &Gateway, f: Failure) -> SaslError {
+    if let Some(node) = &f.login_on {
+        let host = gateway.settings.node_of_topology(&node.0).map(|n| {
+            if n.xmpp.is_empty() {
+                url::Url::parse(&n.client).ok().and_then(|u| u.host_str().map(str::to_owned)).unwrap_or_else(|| n.client.clone())
+            } else {
+                n.xmpp.clone()
+            }
+        });
+        if let Some(host) = host {
+            return SaslError::End(End::SeeOtherHost(host, f.message));
+        }
+    }
     let condition = match f.code {
         ErrorCode::Unauthorized | ErrorCode::BadRequest => "not-authorized",
         _ => "temporary-auth-failure",
     };
-    (condition, f.message)
+    SaslError::Failure(condition, f.message)
 }
 
 /// PLAIN (`data` is authzid NUL user NUL password) or ANONYMOUS.
-async fn plain_or_anonymous(gateway: &Gateway, mechanism: &str, data: &[u8], peer: SocketAddr) -> Result<LoggedIn, (&'static str, String)> {
+async fn plain_or_anonymous(gateway: &Gateway, mechanism: &str, data: &[u8], peer: SocketAddr) -> Result<LoggedIn, SaslError> {
     if mechanism == "ANONYMOUS" {
-        return gateway.login(Some("guest"), None, None, Some(peer.ip())).await.map_err(refused);
+        return gateway.login(Some("guest"), None, None, Some(peer.ip())).await.map_err(|f| refused(gateway, f));
     }
     let mut parts = data.split(|b| *b == 0);
     let (Some(authz), Some(user), Some(password), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
-        return Err(("malformed-request", "PLAIN is authzid NUL user NUL password".into()));
+        return Err(("malformed-request", "PLAIN is authzid NUL user NUL password".to_owned()).into());
     };
     let (Ok(authz), Ok(user), Ok(password)) = (std::str::from_utf8(authz), std::str::from_utf8(user), std::str::from_utf8(password)) else {
-        return Err(("malformed-request", "not UTF-8".into()));
+        return Err(("malformed-request", "not UTF-8".to_owned()).into());
     };
     let domain = &gateway.settings.xmpp.domain;
     if !authz.is_empty() && authz != format!("{user}@{domain}") {
-        return Err(("invalid-authzid", "log in as yourself".into()));
+        return Err(("invalid-authzid", "log in as yourself".to_owned()).into());
     }
     let user = user.strip_suffix(&format!("@{domain}")).unwrap_or(user);
-    let logged_in = gateway.login(Some(user), Some(password), None, Some(peer.ip())).await.map_err(refused)?;
+    let logged_in = gateway.login(Some(user), Some(password), None, Some(peer.ip())).await.map_err(|f| refused(gateway, f))?;
     if logged_in.guest {
         // An unregistered name logs in as a guest in v1; in XMPP that is ANONYMOUS.
-        return Err(("not-authorized", "wrong user name or password".into()));
+        return Err(("not-authorized", "wrong user name or password".to_owned()).into());
     }
     Ok(logged_in)
 }
@@ -502,7 +516,7 @@ async fn scram_login<C: Channel>(xio: &mut C, gateway: &Gateway, hash: scram::Ha
         return Err(SaslError::Failure("invalid-authzid", "log in as yourself".into()));
     }
     let address = Some(peer.ip());
-    let credentials = gateway.scram_credentials(user, hash, address).await.map_err(refused)?;
+    let credentials = gateway.scram_credentials(user, hash, address).await.map_err(|f| refused(gateway, f))?;
     let (exchange, server_first) = scram::Exchange::start(hash, &first, credentials, &scram_secret(&gateway.settings));
     let last = challenge(xio, &server_first).await?;
     let server_final = match exchange.finish(&last) {
@@ -510,7 +524,7 @@ async fn scram_login<C: Channel>(xio: &mut C, gateway: &Gateway, hash: scram::Ha
         Err(scram::ScramError::InvalidProof) => None,
         Err(e) => return Err(scram_failure(e)),
     };
-    let logged_in = gateway.login_verified(user, server_final.is_some(), address).await.map_err(refused)?;
+    let logged_in = gateway.login_verified(user, server_final.is_some(), address).await.map_err(|f| refused(gateway, f))?;
     Ok((logged_in, server_final))
 }
 
@@ -714,10 +728,7 @@ pub(super) async fn run<C: Channel>(channel: C, peer: SocketAddr, bound: Bound, 
         gateway.close_session(&session);
         return;
     }
-    state.end(match end {
-        End::Stream(condition, text) => Some(stream_error(condition, &text)),
-        End::Gone | End::Close => None,
-    });
+    state.end(end.error_element());
     gateway.close_session(&session);
     // The writer sends what is queued (the stream error, if any), then the stream's end.
     kill.cancel();

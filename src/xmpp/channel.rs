@@ -12,8 +12,27 @@ pub enum End {
     Gone,
     /// Close with a stream error (a condition of RFC 6120 §4.9.3) and a text.
     Stream(&'static str, String),
+    /// Close with `see-other-host` naming this host (`host:port`): the client logs in there
+    /// (a user's home node, docs/clusters.md), and a text.
+    SeeOtherHost(String, String),
     /// Close normally.
     Close,
+}
+
+impl End {
+    /// The stream error to send before the stream's end, if any.
+    pub fn error_element(&self) -> Option<String> {
+        match self {
+            End::Stream(condition, text) => Some(stream_error(condition, text)),
+            End::SeeOtherHost(host, text) => Some(format!(
+                "<stream:error><see-other-host xmlns='{0}'>{1}</see-other-host><text xmlns='{0}'>{2}</text></stream:error>",
+                ns::STREAM_ERRORS,
+                escape(host),
+                escape(text)
+            )),
+            End::Gone | End::Close => None,
+        }
+    }
 }
 
 impl From<StreamFault> for End {

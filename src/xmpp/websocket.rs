@@ -9,7 +9,7 @@
 //! `<stream:features/>` and `<stream:error/>`).
 
 use super::c2s::{negotiate_in_time, run};
-use super::channel::{Channel, End, ItemSource, TextSink, stream_error};
+use super::channel::{Channel, End, ItemSource, TextSink};
 use super::sm::Resumption;
 use super::stream::{Item, StreamReader};
 use super::{escape, ns};
@@ -145,9 +145,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Channel for WsChannel<S
     }
 
     async fn end(mut self, end: End) {
-        if let End::Stream(condition, text) = &end {
-            tracing::debug!(condition, text, "xmpp stream error");
-            let _ = self.write(&stream_error(condition, text)).await;
+        if let Some(error) = end.error_element() {
+            tracing::debug!(%error, "xmpp stream error");
+            let _ = self.write(&error).await;
         }
         if !matches!(end, End::Gone) {
             let _ = self.write(&format!("<close xmlns='{FRAMING}'/>")).await;
