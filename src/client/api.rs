@@ -108,9 +108,10 @@ impl Client {
         login: Login,
         options: ClientOptions,
     ) -> Result<(Client, Welcome), ClientError> {
-        let (ws, welcome) = handshake(url, &login, &options).await?;
+        // The URL that served the login (the user's home node, after a redirect).
+        let (ws, welcome, url) = handshake(url, &login, &options).await?;
         let (events_tx, events_rx) = mpsc::unbounded_channel();
-        let urls = candidate_urls(url, &welcome, &options);
+        let urls = candidate_urls(&url, &welcome, &options);
         let shared = Arc::new(Shared {
             ids: IdGen::new(),
             state: Mutex::new(State {

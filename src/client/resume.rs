@@ -179,7 +179,7 @@ impl Shared {
             let login = Login::token(Some(st.welcome.user.clone()), st.welcome.session.clone());
             (url, login)
         };
-        let (ws, welcome) = handshake(&url, &login, &self.options).await?;
+        let (ws, welcome, _) = handshake(&url, &login, &self.options).await?;
         let Some((generation, writer)) = self.install(ws, Phase::Resuming) else {
             return Err(ClientError::Closed);
         };

@@ -16,7 +16,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use super::ClientError;
 use super::events::Welcome;
 use super::options::{ClientOptions, Login};
-use crate::protocol::{ClientFrame, ServerFrame};
+use crate::protocol::{ClientFrame, ErrorCode, ServerFrame};
 
 /// A client's WebSocket, over TLS for `wss://` URLs.
 pub(super) type WsStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -54,12 +54,54 @@ fn tls_config(options: &ClientOptions) -> Arc<rustls::ClientConfig> {
     })
 }
 
-/// Open the socket and log in; answers the stream and the `welcome`.
+/// Redirects to a user's home node a login follows before it gives up (a loop, say two nodes
+/// with different views during a takeover, must end).
+const MAX_REDIRECTS: usize = 3;
+
+/// `rate_limited` answers to `hello` (a node's login budget, after a failover) a login waits
+/// out before it gives up.
+const MAX_LOGIN_RETRIES: usize = 30;
+
+/// Open the socket and log in, following a `welcome` that redirects to the user's home node
+/// and waiting out a `rate_limited` answer's `retry_after_ms` (docs/protocol.md); answers the
+/// stream, the `welcome`, and the URL that served it.
 pub(super) async fn handshake(
     url: &str,
     login: &Login,
     options: &ClientOptions,
-) -> Result<(WsStream, Welcome), ClientError> {
+) -> Result<(WsStream, Welcome, String), ClientError> {
+    let mut url = url.to_owned();
+    let (mut redirects, mut retries) = (0, 0);
+    loop {
+        match handshake_once(&url, login, options).await? {
+            Hello::Welcome(ws, welcome) => return Ok((ws, welcome, url)),
+            Hello::Redirect(to) if redirects < MAX_REDIRECTS => {
+                redirects += 1;
+                url = to;
+            }
+            Hello::Redirect(to) => {
+                return Err(ClientError::Protocol(format!("more than {MAX_REDIRECTS} redirects (last to {to}): the nodes disagree on this user's home")));
+            }
+            Hello::RetryAfter(wait, _) if retries < MAX_LOGIN_RETRIES => {
+                retries += 1;
+                tokio::time::sleep(wait).await;
+            }
+            Hello::RetryAfter(_, message) => return Err(ClientError::Server { code: ErrorCode::RateLimited, message }),
+        }
+    }
+}
+
+/// How one `hello` was answered.
+enum Hello {
+    Welcome(WsStream, Welcome),
+    /// Log in at this URL instead.
+    Redirect(String),
+    /// The node's login budget is spent: try again after this long.
+    RetryAfter(std::time::Duration, String),
+}
+
+/// One connection and `hello`, bounded by the connect timeout.
+async fn handshake_once(url: &str, login: &Login, options: &ClientOptions) -> Result<Hello, ClientError> {
     let attempt = async {
         let config = WebSocketConfig::default()
             .read_buffer_size(READ_BUFFER_SIZE)
@@ -70,8 +112,13 @@ pub(super) async fn handshake(
         loop {
             match ws.next().await {
                 Some(Ok(Message::Text(text))) => match serde_json::from_str::<ServerFrame>(&text) {
+                    Ok(ServerFrame::Welcome { redirect: Some(to), .. }) => return Ok(Hello::Redirect(to)),
                     Ok(ServerFrame::Welcome { user, node, session, service, guest, peers, .. }) => {
-                        return Ok((ws, Welcome { user, node, session, service, guest, peers }));
+                        return Ok(Hello::Welcome(ws, Welcome { user, node, session, service, guest, peers }));
+                    }
+                    Ok(ServerFrame::Error { code: ErrorCode::RateLimited, message, retry_after_ms: Some(ms), .. }) => {
+                        // Capped: a server's answer must not park the client for long.
+                        return Ok(Hello::RetryAfter(std::time::Duration::from_millis(ms.min(30_000)), message));
                     }
                     Ok(ServerFrame::Error { code, message, .. }) => {
                         return Err(ClientError::Server { code, message });
