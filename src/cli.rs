@@ -174,6 +174,10 @@ pub enum UserCommand {
         name: String,
         #[command(flatten)]
         password: PasswordSource,
+        /// The node of this node's group the user logs in on (default: assigned at its first
+        /// login, docs/clusters.md).
+        #[arg(long)]
+        home: Option<String>,
     },
     /// Give a user a new password (--password-file, STOA_PASSWORD or a prompt). Its sessions
     /// stay valid: `stoa session kick --user NAME` ends them.
@@ -187,6 +191,9 @@ pub enum UserCommand {
     Delete { name: String },
     /// List registered users with their creation time (UTC).
     List,
+    /// Make NODE (a node of this node's group, whose store has the account) the user's home
+    /// node; its next login is served there (docs/clusters.md, *Users' home nodes*).
+    Home { name: String, node: String },
 }
 
 #[derive(Subcommand)]

@@ -30,13 +30,27 @@ pub(crate) async fn audit_cli(store: &Store, settings: &Settings, action: &str, 
 pub async fn run(settings: &Settings, command: UserCommand) -> anyhow::Result<()> {
     let auth = |store: Store| crate::auth::Auth::new(store, false, settings.auth.session_ttl_s);
     match command {
-        UserCommand::Add { name, password } => {
+        UserCommand::Add { name, password, home } => {
             crate::auth::validate_user_name(&name)?;
+            let home = home.map(|h| group_node(settings, &h)).transpose()?;
             let password = read_password(&name, password.password_file.as_deref())?;
             let store = super::open_store(settings).await?;
             auth(store.clone()).add_user(&name, &password).await.with_context(|| format!("adding user {name}"))?;
-            audit_cli(&store, settings, "user_add", &name, json!({})).await;
+            if let Some(home) = &home {
+                store.set_user_home(&name, home, false).await.with_context(|| format!("setting the home node of {name}"))?;
+            }
+            audit_cli(&store, settings, "user_add", &name, json!({"home": home.as_ref().map(|h| &h.0)})).await;
             println!("user {name} added");
+        }
+        UserCommand::Home { name, node } => {
+            crate::auth::validate_user_name(&name)?;
+            let home = group_node(settings, &node)?;
+            let store = super::open_store(settings).await?;
+            let before = store.user_home(&name).await?;
+            let Some(before) = before else { anyhow::bail!("no user `{name}` in this group's store (accounts live in the store of their group)") };
+            store.set_user_home(&name, &home, false).await.with_context(|| format!("setting the home node of {name}"))?;
+            audit_cli(&store, settings, "user_home", &name, json!({"home": home.0, "was": before.map(|b| b.0)})).await;
+            println!("user {name} is homed on node {home}; its next login is served there");
         }
         UserCommand::Passwd { name, password } => {
             crate::auth::validate_user_name(&name)?;
@@ -60,6 +74,17 @@ pub async fn run(settings: &Settings, command: UserCommand) -> anyhow::Result<()
         }
     }
     Ok(())
+}
+
+/// `node` as a home node: a node of this node's group (accounts never move between groups'
+/// stores), or this node when it is in no cluster.
+fn group_node(settings: &Settings, node: &str) -> anyhow::Result<crate::ids::NodeId> {
+    let in_group = match settings.group() {
+        Some(g) => g.nodes.iter().any(|n| n.id == node),
+        None => node == settings.node.id,
+    };
+    anyhow::ensure!(in_group, "node `{node}` is not in this node's group: a user's home is a node of the group whose store has its account");
+    Ok(crate::ids::NodeId(node.to_owned()))
 }
 
 /// The password for `user`: the first line of `file`, else [`PASSWORD_ENV`], else asked twice
