@@ -76,6 +76,8 @@ fn describe_metrics() {
     describe_counter!("stoa_connections_lost_total", "connections that ended without a close");
     describe_counter!("stoa_connections_refused_total", "sockets closed before they became connections, by reason");
     describe_counter!("stoa_login_failures_total", "failed logins");
+    describe_counter!("stoa_logins_refused_total", "logins refused over auth.logins_per_second (told to retry later)");
+    describe_counter!("stoa_logins_redirected_total", "logins told to log in on the user's home node");
     describe_counter!("stoa_throttled_total", "attempts refused by a budget across connections (what, by)");
     describe_counter!("stoa_link_handshakes_refused_total", "node-link connections refused, by reason");
     describe_gauge!("stoa_ha_state", "1 for the node's HA state now, 0 for the others");

@@ -250,6 +250,7 @@ on_postgres! {
     cluster::three_pairs_and_a_single_node_survive_a_kill9,
     cluster::a_partition_between_groups_waits_then_fails_clearly,
     cluster::a_peering_cluster_uses_rooms_across_a_failover,
+    cluster::users_log_in_on_their_home_node,
 }
 
 /// The short CI version of the benchmarks: `stoa bench` (the real binary, spawning its own

@@ -276,7 +276,21 @@ async fn run_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(ws: 
                 },
             }
         }
-        let (code, reason) = writer_close.lock().expect("close lock").take().unwrap_or((close_code::POLICY, "slow consumer"));
+        let deliberate = writer_close.lock().expect("close lock").take();
+        if deliberate.is_some() {
+            // The connection closes on purpose (a redirect to the user's home node, too many
+            // failed logins): the frames that say why, queued just before, go out first.
+            let last = async {
+                for item in rx.take_queued(MAX_FRAMES_PER_FLUSH) {
+                    if let Outbound::Frame(text) = item {
+                        sink.feed(Message::Text(text)).await?;
+                    }
+                }
+                sink.flush().await
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(1), last).await;
+        }
+        let (code, reason) = deliberate.unwrap_or((close_code::POLICY, "slow consumer"));
         let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
         let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(Message::Close(Some(frame)))).await;
         let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;

@@ -121,6 +121,15 @@ impl Receiver {
     }
 }
 
+impl Receiver {
+    /// Take up to `max` queued items without waiting (a deliberate close sends them first).
+    pub fn take_queued(&mut self, max: usize) -> VecDeque<Outbound> {
+        let mut state = self.0.state.lock().expect("outbound queue lock");
+        let n = state.items.len().min(max);
+        state.items.drain(..n).collect()
+    }
+}
+
 impl Drop for Receiver {
     fn drop(&mut self) {
         let mut state = self.0.state.lock().expect("outbound queue lock");

@@ -481,3 +481,133 @@ pub async fn a_peering_cluster_uses_rooms_across_a_failover(db: &TestDb) {
     assert!(err.to_string().contains("unavailable") && err.to_string().contains("conference-1a.localhost"), "{err}");
     reader.close().await;
 }
+
+impl Cluster {
+    /// Add `line` to node `id`'s `[auth]` section (before it starts).
+    fn auth_setting(&self, id: &str, line: &str) {
+        let path = &self.members[self.index(id)].config;
+        let text = std::fs::read_to_string(path).expect("a node config");
+        std::fs::write(path, text.replacen("[auth]\n", &format!("[auth]\n{line}\n"), 1)).expect("writing a node config");
+    }
+
+    /// `stoa ARGS --config <node id's config>` must succeed (with `STOA_PASSWORD` = `password`).
+    async fn stoa(&self, id: &str, args: &[&str], password: &str) {
+        let config = self.members[self.index(id)].config.display().to_string();
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_stoa"))
+            .args(args)
+            .args(["--config", &config])
+            .env_remove("STOA_CONFIG")
+            .env("STOA_PASSWORD", password)
+            .env("STOA_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output()
+            .await
+            .expect("running the stoa binary");
+        assert!(out.status.success(), "stoa {args:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+/// The node that served a login of `login` that arrived at node `at` (the client follows
+/// redirects).
+async fn served_by(cluster: &Cluster, at: &str, login: Login) -> String {
+    let (client, welcome) = Client::connect(&cluster.url(at), login).await.unwrap_or_else(|e| panic!("login at {at}: {e}"));
+    client.close().await;
+    welcome.node
+}
+
+/// Users' home nodes (docs/clusters.md) in a pair g1 (1a+1b, PostgreSQL) and a single node g2
+/// (2a, SQLite): a user homed on 1a who logs in on 2a or on 1b is redirected to 1a (v1
+/// `welcome` with `redirect`, then the server closes) and served there; the admin verb moves the
+/// home and the next login follows; guests are served where they land; after kill -9 of 1a the
+/// same logins are served by 1b. With `auth.logins_per_second = 5` on 2a, 30 logins at once:
+/// some are told `rate_limited` with `retry_after_ms`, all get in through the client's retry,
+/// and the storm takes the time the rate says.
+pub async fn users_log_in_on_their_home_node(db: &TestDb) {
+    let groups = [("g1", true, Backend::Postgres), ("g2", false, Backend::Sqlite)];
+    let layout = [("1a", 0), ("1b", 0), ("2a", 1)];
+    let mut cluster = Cluster::configure(db, &groups, &layout, &[]).await;
+    cluster.auth_setting("2a", "logins_per_second = 5");
+    cluster.start_all().await;
+    let pw = "ann's password";
+    cluster.stoa("1b", &["user", "add", "ann", "--home", "1a"], pw).await;
+    cluster.stoa("1b", &["user", "add", "bob"], pw).await;
+    let ann = || Login::password("ann", pw);
+
+    // The redirect as it is on the wire: a welcome naming 1a's client URL, then a close.
+    let (mut ws, _) = tokio_tungstenite::connect_async(cluster.url("2a")).await.expect("a socket to 2a");
+    use futures_util::{SinkExt, StreamExt};
+    ws.send(tokio_tungstenite::tungstenite::Message::text(r#"{"op":"hello","v":1,"user":"ann","password":"wrong","id":"h"}"#)).await.expect("hello");
+    let frame = tokio::time::timeout(DEADLINE, ws.next()).await.expect("an answer").expect("a frame").expect("a frame");
+    let welcome: Value = serde_json::from_str(frame.to_text().expect("text")).unwrap_or_else(|e| panic!("{e}: {frame:?}"));
+    assert_eq!((welcome["op"].as_str(), welcome["redirect"].as_str(), welcome["node"].as_str()), (Some("welcome"), Some(cluster.url("1a").as_str()), Some("1a")), "{welcome}");
+    assert_eq!(welcome["session"], "", "a redirect logs no one in: {welcome}");
+    let next = tokio::time::timeout(DEADLINE, ws.next()).await.expect("the close");
+    assert!(matches!(next, Some(Ok(tokio_tungstenite::tungstenite::Message::Close(_))) | None | Some(Err(_))), "{next:?}");
+
+    for at in ["2a", "1b", "1a"] {
+        assert_eq!(served_by(&cluster, at, ann()).await, "1a", "ann's login at {at}");
+    }
+    // bob had no home: his first login (at 2a, another group) gives him the node of g1 with the
+    // fewest users (1b: ann is on 1a), and every later login goes there.
+    assert_eq!(served_by(&cluster, "2a", Login::password("bob", pw)).await, "1b", "bob's first login");
+    assert_eq!(served_by(&cluster, "1a", Login::password("bob", pw)).await, "1b", "bob's next login");
+    // A wrong password is judged by the home node.
+    let wrong = Client::connect(&cluster.url("2a"), Login::password("ann", "not the password")).await;
+    assert!(wrong.as_ref().is_err_and(|e| e.to_string().contains("unauthorized")), "{:?}", wrong.map(|w| w.1));
+    // Guests are served where they land.
+    for at in ["2a", "1b"] {
+        assert_eq!(served_by(&cluster, at, Login::guest("visitor")).await, at, "a guest at {at}");
+    }
+
+    // The admin verb moves the home; the next login follows it, and back.
+    cluster.stoa("1a", &["user", "home", "ann", "1b"], pw).await;
+    assert_eq!(served_by(&cluster, "2a", ann()).await, "1b", "ann moved to 1b");
+    assert_eq!(served_by(&cluster, "1a", ann()).await, "1b", "ann moved to 1b");
+    cluster.stoa("1a", &["user", "home", "ann", "1a"], pw).await;
+    assert_eq!(served_by(&cluster, "2a", ann()).await, "1a", "ann back on 1a");
+
+    // 1a dies: its peer serves its users, wherever they log in.
+    cluster.kill("1a");
+    cluster.await_state("1b", "1b", "running_in_backup_mode").await;
+    let started = Instant::now();
+    loop {
+        // 2a's view of 1b's services follows 1b's heartbeats; until then 2a refuses with
+        // `unavailable` (the home's group serves nothing) or names 1b.
+        match Client::connect(&cluster.url("2a"), ann()).await {
+            Ok((client, welcome)) => {
+                client.close().await;
+                assert_eq!(welcome.node, "1b", "ann's login at 2a after 1a died");
+                break;
+            }
+            Err(e) if started.elapsed() < DEADLINE && e.to_string().contains("unavailable") => {
+                tokio::time::sleep(Duration::from_millis(100)).await; // 2a's view of g1 catching up
+            }
+            Err(e) => panic!("ann's login at 2a after 1a died: {e}"),
+        }
+    }
+    assert_eq!(served_by(&cluster, "1b", ann()).await, "1b", "ann's login at 1b after 1a died");
+
+    // The re-login storm on 2a (5 logins/s): 30 at once.
+    let metric = |text: &str| text.lines().find(|l| l.starts_with("stoa_logins_refused_total")).and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).unwrap_or(0.0);
+    let admin_2a = cluster.admin("2a").parse().expect("admin address");
+    let refused_before = metric(&crate::harness::http_get(admin_2a, "/metrics", None).await.1);
+    let storm = Instant::now();
+    let url_2a = cluster.url("2a");
+    let logins: Vec<_> = (0..30)
+        .map(|k| {
+            let url = url_2a.clone();
+            tokio::spawn(async move { Client::connect(&url, Login::guest(format!("storm{k}"))).await })
+        })
+        .collect();
+    for login in logins {
+        let (client, welcome) = login.await.expect("a login task").expect("every login gets in through the client's retry");
+        assert_eq!(welcome.node, "2a");
+        client.close().await;
+    }
+    let took = storm.elapsed();
+    let refused = metric(&crate::harness::http_get(admin_2a, "/metrics", None).await.1) - refused_before;
+    eprintln!("30 logins at once at 5/s on 2a: all in after {} ms, {refused} refusals (rate_limited) on the way", took.as_millis());
+    assert!(refused >= 25.0, "25 logins over the first second's budget are refused at least once: {refused}");
+    assert!(took >= Duration::from_millis(4000) && took < Duration::from_secs(15), "30 logins at 5/s with 5 at once take about 5 s: {took:?}");
+}
