@@ -24,6 +24,7 @@ pub(super) fn routes() -> Router<AdminState> {
         .route("/api/sessions", get(list_sessions))
         .route("/api/sessions/{id}/kick", post(kick_session))
         .route("/api/users/{user}/kick", post(kick_user))
+        .route("/api/users/{user}/home/{node}", post(set_home))
         .route("/api/rooms/{room}/configure", post(configure_room))
         .route("/api/rooms/{room}/destroy", post(destroy_room))
 }
@@ -116,6 +117,33 @@ async fn kick_user(State(state): State<AdminState>, Extension(actor): Extension<
         return bad_request(e.to_string());
     }
     kick(&state, &actor, SessionFilter::User(user.clone()), &user).await
+}
+
+/// `POST /api/users/{user}/home/{node}`: make `node` (a node of this node's group, whose store
+/// has the account) the user's home; its next login is served there (docs/clusters.md).
+async fn set_home(State(state): State<AdminState>, Extension(actor): Extension<Actor>, Path((user, node)): Path<(String, String)>) -> Response {
+    if let Err(e) = crate::auth::validate_user_name(&user) {
+        return bad_request(e.to_string());
+    }
+    let in_group = match state.settings.group() {
+        Some(g) => g.nodes.iter().any(|n| n.id == node),
+        None => node == state.settings.node.id,
+    };
+    if !in_group {
+        return bad_request(format!("node `{node}` is not in this node's group: a user's home is a node of the group whose store has its account"));
+    }
+    let before = match state.store.user_home(&user).await {
+        Ok(Some(before)) => before,
+        Ok(None) => return answer(StatusCode::NOT_FOUND, "not_found", format!("no user `{user}` in this group's store")),
+        Err(e) => return store_down(e),
+    };
+    let home = crate::ids::NodeId(node);
+    if let Err(e) = state.store.set_user_home(&user, &home, false).await {
+        return store_down(e);
+    }
+    let message = format!("user {user} is homed on node {home}; its next login is served there");
+    write_audit(&state, &actor, "user_home", &user, json!({"home": home.0, "was": before.map(|b| b.0)}), "done").await;
+    Json(json!({"ok": true, "message": message})).into_response()
 }
 
 /// What `POST /api/rooms/{room}/configure` takes: the keys `stoa room create` sets.

@@ -528,6 +528,12 @@ pub async fn users_log_in_on_their_home_node(db: &TestDb) {
     let layout = [("1a", 0), ("1b", 0), ("2a", 1)];
     let mut cluster = Cluster::configure(db, &groups, &layout, &[]).await;
     cluster.auth_setting("2a", "logins_per_second = 5");
+    let c2s_2a = free_port();
+    {
+        let path = &cluster.members[cluster.index("2a")].config;
+        let text = std::fs::read_to_string(path).expect("a node config");
+        std::fs::write(path, text.replacen("[cluster]\n", &format!("[xmpp]\nc2s = \"127.0.0.1:{c2s_2a}\"\n\n[cluster]\n"), 1)).expect("writing a node config");
+    }
     cluster.start_all().await;
     let pw = "ann's password";
     cluster.stoa("1b", &["user", "add", "ann", "--home", "1a"], pw).await;
@@ -548,6 +554,19 @@ pub async fn users_log_in_on_their_home_node(db: &TestDb) {
     for at in ["2a", "1b", "1a"] {
         assert_eq!(served_by(&cluster, at, ann()).await, "1a", "ann's login at {at}");
     }
+    // Over XMPP: SASL PLAIN as ann at 2a gets `see-other-host` naming 1a (its client URL's host:
+    // the topology gives it no `xmpp` address), and the stream ends.
+    {
+        use base64::Engine as _;
+        use tokio::io::AsyncWriteExt;
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", c2s_2a)).await.expect("connecting to 2a's c2s");
+        s.write_all(b"<?xml version='1.0'?><stream:stream to='localhost' version='1.0' xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>").await.unwrap();
+        super::xmpp::read_until(&mut s, "</stream:features>").await;
+        let plain = base64::engine::general_purpose::STANDARD.encode(format!("\0ann\0{pw}"));
+        s.write_all(format!("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{plain}</auth>").as_bytes()).await.unwrap();
+        let end = super::xmpp::read_until(&mut s, "</stream:stream>").await;
+        assert!(end.contains("<see-other-host xmlns='urn:ietf:params:xml:ns:xmpp-streams'>127.0.0.1</see-other-host>"), "{end}");
+    }
     // bob had no home: his first login (at 2a, another group) gives him the node of g1 with the
     // fewest users (1b: ann is on 1a), and every later login goes there.
     assert_eq!(served_by(&cluster, "2a", Login::password("bob", pw)).await, "1b", "bob's first login");
@@ -564,7 +583,9 @@ pub async fn users_log_in_on_their_home_node(db: &TestDb) {
     cluster.stoa("1a", &["user", "home", "ann", "1b"], pw).await;
     assert_eq!(served_by(&cluster, "2a", ann()).await, "1b", "ann moved to 1b");
     assert_eq!(served_by(&cluster, "1a", ann()).await, "1b", "ann moved to 1b");
-    cluster.stoa("1a", &["user", "home", "ann", "1a"], pw).await;
+    let moved = cluster.call("1b", "POST", "/api/users/ann/home/1a").await;
+    assert_eq!(moved.status, 200, "the admin API moves ann back: {}", moved.body);
+    assert_eq!(cluster.call("2a", "POST", "/api/users/ann/home/1a").await.status, 400, "2a's group has no node 1a");
     assert_eq!(served_by(&cluster, "2a", ann()).await, "1a", "ann back on 1a");
 
     // 1a dies: its peer serves its users, wherever they log in.
