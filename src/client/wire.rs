@@ -74,7 +74,7 @@ pub(super) async fn handshake(
     let (mut redirects, mut retries) = (0, 0);
     loop {
         match handshake_once(&url, login, options).await? {
-            Hello::Welcome(ws, welcome) => return Ok((ws, welcome, url)),
+            Hello::Welcome(ws, welcome) => return Ok((*ws, welcome, url)),
             Hello::Redirect(to) if redirects < MAX_REDIRECTS => {
                 redirects += 1;
                 url = to;
@@ -93,7 +93,7 @@ pub(super) async fn handshake(
 
 /// How one `hello` was answered.
 enum Hello {
-    Welcome(WsStream, Welcome),
+    Welcome(Box<WsStream>, Welcome),
     /// Log in at this URL instead.
     Redirect(String),
     /// The node's login budget is spent: try again after this long.
@@ -114,7 +114,7 @@ async fn handshake_once(url: &str, login: &Login, options: &ClientOptions) -> Re
                 Some(Ok(Message::Text(text))) => match serde_json::from_str::<ServerFrame>(&text) {
                     Ok(ServerFrame::Welcome { redirect: Some(to), .. }) => return Ok(Hello::Redirect(to)),
                     Ok(ServerFrame::Welcome { user, node, session, service, guest, peers, .. }) => {
-                        return Ok(Hello::Welcome(ws, Welcome { user, node, session, service, guest, peers }));
+                        return Ok(Hello::Welcome(Box::new(ws), Welcome { user, node, session, service, guest, peers }));
                     }
                     Ok(ServerFrame::Error { code: ErrorCode::RateLimited, message, retry_after_ms: Some(ms), .. }) => {
                         // Capped: a server's answer must not park the client for long.
