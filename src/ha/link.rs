@@ -4,7 +4,9 @@
 //! (its recovery state, and the room services it serves right now, by which other groups route
 //! room requests to it: docs/clusters.md), the list of its active rooms every few heartbeats to
 //! its peer only (so the peer knows which rooms to activate at once if it takes over), admin
-//! requests for the receiver, and forwarded room operations with their answers. Each node's
+//! requests for the receiver, `home_of` questions (where a user's home node is, asked by a node
+//! whose store lacks the account: docs/clusters.md), and forwarded room operations with their
+//! answers. Each node's
 //! listener records what it receives, per sending node. A node counts as unreachable when its
 //! connection closes or three heartbeats are missed. This is detection only: whether a peer may
 //! be taken over is decided in the store (docs/ha.md).
