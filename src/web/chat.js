@@ -107,12 +107,29 @@ $('login-form').addEventListener('submit', async (e) => {
   const password = $('password').value;
   let s;
   try {
-    s = await open(HERE);
-    const w = await hello(s, password ? { user: asked, password } : { user: asked });
+    const fields = password ? { user: asked, password } : { user: asked };
+    // A registered user logs in on its home node: follow a welcome's redirect (at most 3), and
+    // wait out a node's login budget (rate_limited with retry_after_ms; docs/protocol.md).
+    let to = HERE, w, redirects = 0, retries = 0;
+    for (;;) {
+      s = await open(to);
+      try {
+        w = await hello(s, fields);
+      } catch (err) {
+        s.close();
+        if (err.code !== 'rate_limited' || !err.retry_after_ms || ++retries > 30) throw err;
+        await new Promise((r) => setTimeout(r, Math.min(err.retry_after_ms, 30000)));
+        continue;
+      }
+      if (!w.redirect) break;
+      s.close();
+      if (++redirects > 3) throw { message: `too many redirects (last to ${w.redirect})` };
+      to = w.redirect;
+    }
     $('password').value = '';
     me = w;
     leaving = false;
-    attach(s, HERE);
+    attach(s, to);
     status(`connected to node ${w.node} as ${w.user}`);
     $('login').hidden = true;
     $('app').hidden = false;
