@@ -1222,6 +1222,12 @@ mod tests {
         s.store.url = "postgres://stoa@db/stoa".into();
         s.cluster.groups[0].nodes.pop();
         assert!(s.check().unwrap_err().to_string().contains("no second node"));
+        let mut s = pair(false);
+        s.cluster.homes.insert("ann".into(), "1b".into());
+        s.check().unwrap();
+        s.cluster.homes.insert("bob".into(), "9z".into());
+        let err = s.check().unwrap_err().to_string();
+        assert!(err.contains("cluster.homes") && err.contains("`bob`") && err.contains("`9z`"), "{err}");
     }
 
     /// A top-level key that the config crate would read as a path with an index gets an
