@@ -528,12 +528,7 @@ pub async fn users_log_in_on_their_home_node(db: &TestDb) {
     let layout = [("1a", 0), ("1b", 0), ("2a", 1)];
     let mut cluster = Cluster::configure(db, &groups, &layout, &[]).await;
     cluster.auth_setting("2a", "logins_per_second = 5");
-    let c2s_2a = free_port();
-    {
-        let path = &cluster.members[cluster.index("2a")].config;
-        let text = std::fs::read_to_string(path).expect("a node config");
-        std::fs::write(path, text.replacen("[cluster]\n", &format!("[xmpp]\nc2s = \"127.0.0.1:{c2s_2a}\"\n\n[cluster]\n"), 1)).expect("writing a node config");
-    }
+    let c2s_2a = cluster.xmpp("2a").port();
     cluster.start_all().await;
     let pw = "ann's password";
     cluster.stoa("1b", &["user", "add", "ann", "--home", "1a"], pw).await;
@@ -554,8 +549,8 @@ pub async fn users_log_in_on_their_home_node(db: &TestDb) {
     for at in ["2a", "1b", "1a"] {
         assert_eq!(served_by(&cluster, at, ann()).await, "1a", "ann's login at {at}");
     }
-    // Over XMPP: SASL PLAIN as ann at 2a gets `see-other-host` naming 1a (its client URL's host:
-    // the topology gives it no `xmpp` address), and the stream ends.
+    // Over XMPP: SASL PLAIN as ann at 2a gets `see-other-host` naming 1a's XMPP address (the
+    // topology's `xmpp`), and the stream ends.
     {
         use base64::Engine as _;
         use tokio::io::AsyncWriteExt;
@@ -565,7 +560,8 @@ pub async fn users_log_in_on_their_home_node(db: &TestDb) {
         let plain = base64::engine::general_purpose::STANDARD.encode(format!("\0ann\0{pw}"));
         s.write_all(format!("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{plain}</auth>").as_bytes()).await.unwrap();
         let end = super::xmpp::read_until(&mut s, "</stream:stream>").await;
-        assert!(end.contains("<see-other-host xmlns='urn:ietf:params:xml:ns:xmpp-streams'>127.0.0.1</see-other-host>"), "{end}");
+        let home = cluster.xmpp("1a");
+        assert!(end.contains(&format!("<see-other-host xmlns='urn:ietf:params:xml:ns:xmpp-streams'>{home}</see-other-host>")), "{end}");
     }
     // bob had no home: his first login (at 2a, another group) gives him the node of g1 with the
     // fewest users (1b: ann is on 1a), and every later login goes there.
