@@ -10,8 +10,10 @@ impl Gateway {
     pub async fn login(&self, user: Option<&str>, password: Option<&str>, token: Option<&str>, address: Option<std::net::IpAddr>) -> Outcome<LoggedIn> {
         self.login_gate(user, address).await?;
         // A resume by session token is served where it lands: the client aims it at a node
-        // of its session's group itself (the token is unknown elsewhere).
+        // of its session's group itself (the token is unknown elsewhere). So is a guest (no
+        // password): it has no account, hence no home, and asks no other node.
         if token.is_none()
+            && password.is_some()
             && let Some(user) = user
         {
             self.login_home(user).await?;
