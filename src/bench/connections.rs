@@ -300,11 +300,11 @@ async fn measure(args: &ConnectionsArgs, target: &mut Target, stop: &Cancellatio
     progress.finish_and_clear();
     let setup_s = setup_started.elapsed().as_secs_f64();
 
-    let cpu_before = CpuSnapshot::take(target.pid);
+    let cpu_before = CpuSnapshot::take(target.pid.as_slice());
     tokio::time::sleep(args.settle).await;
     target.check_alive()?;
     let idle = target.rss_bytes().context("reading the server's RSS")?;
-    let idle_cpu = cpu_before.cores_until(&CpuSnapshot::take(target.pid), args.settle.as_secs_f64());
+    let idle_cpu = cpu_before.cores_until(&CpuSnapshot::take(target.pid.as_slice()), args.settle.as_secs_f64());
 
     let mut active = Vec::new();
     let mut active_cpu = None;
@@ -313,7 +313,7 @@ async fn measure(args: &ConnectionsArgs, target: &mut Target, stop: &Cancellatio
         stats::set_window(start, start + args.duration.as_nanos() as u64);
         start_tx.send(Some(start)).ok();
         let mut last_sample = Instant::now();
-        let cpu = stats::measure_window(target.pid, Duration::ZERO, args.duration, || {
+        let cpu = stats::measure_window(&target.pid.into_iter().collect::<Vec<_>>(), Duration::ZERO, args.duration, || {
             target.check_alive()?;
             if last_sample.elapsed() >= RSS_SAMPLE_INTERVAL - Duration::from_millis(50) {
                 last_sample = Instant::now();

@@ -60,7 +60,7 @@ fn service_of(id: &str) -> String {
 
 /// Acks per room and per client, stamped.
 #[derive(Default)]
-struct Probes {
+pub(super) struct Probes {
     /// (room index, cid, seq)
     acked: Vec<(usize, String, u64)>,
     /// Per room: the time of every ack (kept short: only the latest few matter).
@@ -75,10 +75,116 @@ impl Probes {
     }
 
     /// Drop ack times older than `t` (keeps memory flat over many cycles).
-    fn forget_before(&mut self, t: Instant) {
+    pub(super) fn forget_before(&mut self, t: Instant) {
         for v in self.room_acks.iter_mut().chain(self.client_acks.iter_mut()) {
             v.retain(|a| *a >= t);
         }
+    }
+}
+
+/// Clients probing rooms: client `c` connects to `urls[c][0]` (resuming on any of `urls[c]` by
+/// itself), joins rooms `c`, `c + C`, `c + 2C`, … (C clients), and keeps one prober per room
+/// that sends a probe every `interval` and resends it with its `cid` until acked.
+pub(super) struct Probers {
+    pub(super) probes: Arc<Mutex<Probes>>,
+    tasks: Vec<tokio::task::JoinHandle<Arc<Client>>>,
+    stop: CancellationToken,
+}
+
+impl Probers {
+    /// Connect and join every client (64 at a time), and start probing.
+    pub(super) async fn start(urls: &[Vec<String>], rooms: Arc<Vec<String>>, interval: Duration) -> anyhow::Result<Probers> {
+        use futures_util::StreamExt;
+        let clients_n = urls.len();
+        let probes = Arc::new(Mutex::new(Probes {
+            room_acks: vec![Vec::new(); rooms.len()],
+            client_acks: vec![Vec::new(); clients_n],
+            ..Default::default()
+        }));
+        let mut probers = Probers { probes, tasks: Vec::with_capacity(rooms.len()), stop: CancellationToken::new() };
+        let bar = indicatif::ProgressBar::new(clients_n as u64);
+        bar.set_style(indicatif::ProgressStyle::with_template("{elapsed:>4} [{bar:40}] {pos}/{len} clients joined").expect("valid template"));
+        let connect = futures_util::stream::iter(urls.iter().cloned().enumerate()).map(|(c, urls)| {
+            let rooms = rooms.clone();
+            async move {
+                let options = ClientOptions {
+                    connect_timeout: Duration::from_secs(30),
+                    reconnect: Some(ReconnectPolicy {
+                        extra_urls: urls.clone(),
+                        initial_backoff: Duration::from_millis(20),
+                        max_backoff: Duration::from_millis(500),
+                        give_up_after: Some(Duration::from_secs(300)),
+                    }),
+                    ..ClientOptions::default()
+                };
+                let (client, _) = Client::connect_with(&urls[0], Login::guest(format!("p{c}")), options).await?;
+                let mine: Vec<usize> = (c..rooms.len()).step_by(clients_n).collect();
+                for &r in &mine {
+                    client.join(rooms[r].as_str(), format!("p{c}"), None, None).await.with_context(|| format!("joining {}", rooms[r]))?;
+                }
+                anyhow::Ok((c, client, mine))
+            }
+        });
+        let mut connect = connect.buffer_unordered(64);
+        while let Some(joined) = connect.next().await {
+            let (c, client, mine) = match joined {
+                Ok(j) => j,
+                Err(e) => {
+                    probers.stop.cancel();
+                    return Err(e);
+                }
+            };
+            bar.inc(1);
+            // One prober per room: a room's probe in flight (or parked while the client resumes)
+            // is acked as soon as that room is writable again, whatever its neighbours do.
+            let client = Arc::new(client);
+            for r in mine {
+                let (probes, stop, rooms, client) = (probers.probes.clone(), probers.stop.clone(), rooms.clone(), client.clone());
+                probers.tasks.push(tokio::spawn(async move {
+                    // Spread the probes of all rooms over the interval.
+                    tokio::time::sleep(interval.mul_f64(rand::random::<f64>())).await;
+                    while !stop.is_cancelled() {
+                        let cid = new_cid();
+                        loop {
+                            match client.send(rooms[r].as_str(), "probe", cid.clone()).await {
+                                Ok(ack) => {
+                                    let now = Instant::now();
+                                    let mut p = probes.lock().expect("probes lock");
+                                    p.acked.push((r, cid.0.clone(), ack.seq));
+                                    p.room_acks[r].push(now);
+                                    p.client_acks[c].push(now);
+                                    break;
+                                }
+                                Err(crate::client::ClientError::Closed) => return client,
+                                Err(_) if stop.is_cancelled() => return client,
+                                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await, // resend pace
+                            }
+                        }
+                        tokio::time::sleep(interval).await;
+                    }
+                    client
+                }));
+            }
+        }
+        bar.finish_and_clear();
+        Ok(probers)
+    }
+
+    /// Stop probing, close the clients, and return every acked probe (room index, cid, seq).
+    pub(super) async fn finish(self) -> Vec<(usize, String, u64)> {
+        self.stop.cancel();
+        let mut clients = Vec::new();
+        for t in self.tasks {
+            if let Ok(client) = t.await {
+                clients.push(client);
+            }
+        }
+        for client in clients {
+            if let Ok(client) = Arc::try_unwrap(client) {
+                client.close().await;
+            }
+        }
+        std::mem::take(&mut self.probes.lock().expect("probes lock").acked)
     }
 }
 
@@ -175,77 +281,10 @@ pub async fn failover(args: &FailoverArgs, target_args: &TargetArgs) -> anyhow::
     }
 
     // Clients: each on 1a, resuming anywhere in the pair.
-    let urls = [format!("ws://{}/ws", pair.specs[0].client), format!("ws://{}/ws", pair.specs[1].client)];
-    let probes = Arc::new(Mutex::new(Probes {
-        room_acks: vec![Vec::new(); rooms.len()],
-        client_acks: vec![Vec::new(); clients_n],
-        ..Default::default()
-    }));
-    let stop = CancellationToken::new();
-    let bar = indicatif::ProgressBar::new(clients_n as u64);
-    bar.set_style(indicatif::ProgressStyle::with_template("{elapsed:>4} [{bar:40}] {pos}/{len} clients joined").expect("valid template"));
-    let mut tasks = Vec::with_capacity(clients_n);
+    let urls = vec![format!("ws://{}/ws", pair.specs[0].client), format!("ws://{}/ws", pair.specs[1].client)];
     let rooms = Arc::new(rooms);
-    let connect = futures_util::stream::iter(0..clients_n).map(|c| {
-        let urls = urls.clone();
-        let rooms = rooms.clone();
-        async move {
-            let options = ClientOptions {
-                connect_timeout: Duration::from_secs(30),
-                reconnect: Some(ReconnectPolicy {
-                    extra_urls: urls.to_vec(),
-                    initial_backoff: Duration::from_millis(20),
-                    max_backoff: Duration::from_millis(500),
-                    give_up_after: Some(Duration::from_secs(300)),
-                }),
-                ..ClientOptions::default()
-            };
-            let (client, _) = Client::connect_with(&urls[0], Login::guest(format!("p{c}")), options).await?;
-            let mine: Vec<usize> = (c..rooms.len()).step_by(clients_n).collect();
-            for &r in &mine {
-                client.join(rooms[r].as_str(), format!("p{c}"), None, None).await.with_context(|| format!("joining {}", rooms[r]))?;
-            }
-            anyhow::Ok((c, client, mine))
-        }
-    });
-    use futures_util::StreamExt;
-    let mut connect = connect.buffer_unordered(64);
-    while let Some(joined) = connect.next().await {
-        let (c, client, mine) = joined?;
-        bar.inc(1);
-        // One prober per room: a room's probe in flight (or parked while the client resumes)
-        // is acked as soon as that room is writable again, whatever its neighbours do.
-        let client = Arc::new(client);
-        for r in mine {
-            let (probes, stop, rooms, client, interval) = (probes.clone(), stop.clone(), rooms.clone(), client.clone(), args.probe_interval);
-            tasks.push(tokio::spawn(async move {
-                // Spread the probes of all rooms over the interval.
-                tokio::time::sleep(interval.mul_f64(rand::random::<f64>())).await;
-                while !stop.is_cancelled() {
-                    let cid = new_cid();
-                    loop {
-                        match client.send(rooms[r].as_str(), "probe", cid.clone()).await {
-                            Ok(ack) => {
-                                let now = Instant::now();
-                                let mut p = probes.lock().expect("probes lock");
-                                p.acked.push((r, cid.0.clone(), ack.seq));
-                                p.room_acks[r].push(now);
-                                p.client_acks[c].push(now);
-                                break;
-                            }
-                            Err(crate::client::ClientError::Closed) => return client,
-                            Err(_) if stop.is_cancelled() => return client,
-                            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await, // resend pace
-                        }
-                    }
-                    tokio::time::sleep(interval).await;
-                }
-                client
-            }));
-        }
-    }
-    bar.finish_and_clear();
-    drop(connect);
+    let probers = Probers::start(&vec![urls; clients_n], rooms.clone(), args.probe_interval).await?;
+    let probes = probers.probes.clone();
 
     let mut failover_h = Vec::new();
     let mut fallback_h = Vec::new();
@@ -303,18 +342,7 @@ pub async fn failover(args: &FailoverArgs, target_args: &TargetArgs) -> anyhow::
         anyhow::Ok(())
     }
     .await;
-    stop.cancel();
-    let mut clients = Vec::new();
-    for t in tasks {
-        if let Ok(client) = t.await {
-            clients.push(client);
-        }
-    }
-    for client in clients {
-        if let Ok(client) = Arc::try_unwrap(client) {
-            client.close().await;
-        }
-    }
+    let acked = probers.finish().await;
     for t in pair.targets.iter_mut() {
         if let Some(t) = t.take() {
             t.stop().await;
@@ -322,7 +350,6 @@ pub async fn failover(args: &FailoverArgs, target_args: &TargetArgs) -> anyhow::
     }
     result?;
 
-    let acked = std::mem::take(&mut probes.lock().expect("probes lock").acked);
     let (lost, duplicates) = check_store(&store_url, &rooms, &acked).await?;
     let all = |v: &[Vec<u64>]| v.iter().flatten().copied().collect::<Vec<u64>>();
     let maxes = |v: &[Vec<u64>]| v.iter().map(|x| x.iter().copied().max().unwrap_or(0)).collect::<Vec<u64>>();
@@ -350,11 +377,11 @@ pub async fn failover(args: &FailoverArgs, target_args: &TargetArgs) -> anyhow::
     Ok(summary)
 }
 
-fn new_histogram() -> Histogram<u64> {
+pub(super) fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000, 3).expect("valid histogram bounds")
 }
 
-fn percentile(v: &[u64], q: f64) -> u64 {
+pub(super) fn percentile(v: &[u64], q: f64) -> u64 {
     if v.is_empty() {
         return 0;
     }
@@ -364,7 +391,7 @@ fn percentile(v: &[u64], q: f64) -> u64 {
 }
 
 /// Wait until every room and every client has an ack after `t`; returns the delays (ms).
-async fn await_all(probes: &Mutex<Probes>, t: Instant, rooms: usize, within: Duration) -> anyhow::Result<(Vec<u64>, Vec<u64>)> {
+pub(super) async fn await_all(probes: &Mutex<Probes>, t: Instant, rooms: usize, within: Duration) -> anyhow::Result<(Vec<u64>, Vec<u64>)> {
     loop {
         let (room, client) = {
             let p = probes.lock().expect("probes lock");
@@ -383,7 +410,7 @@ async fn await_all(probes: &Mutex<Probes>, t: Instant, rooms: usize, within: Dur
 }
 
 /// Every acked probe must be stored once under its seq. Returns (lost, duplicates).
-async fn check_store(url: &str, rooms: &[String], acked: &[(usize, String, u64)]) -> anyhow::Result<(u64, u64)> {
+pub(super) async fn check_store(url: &str, rooms: &[String], acked: &[(usize, String, u64)]) -> anyhow::Result<(u64, u64)> {
     let store = Store::connect(url, 2, "normal").await.context("connecting to the store to check")?;
     let mut by_room: HashMap<usize, Vec<(&str, u64)>> = HashMap::new();
     for (r, cid, seq) in acked {

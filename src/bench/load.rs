@@ -284,7 +284,8 @@ fn report(summary: &mut Summary, out: &Outcome) {
 
 /// What every occupant task shares.
 struct Ctx {
-    endpoint: Endpoint,
+    /// Occupants connect round robin.
+    endpoints: Vec<Endpoint>,
     service: String,
     tag: String,
     shape: Shape,
@@ -308,17 +309,45 @@ impl Occupant {
 
 /// Set up every connection, run the load for warm-up + duration, and collect.
 pub async fn run(target: &mut Target, shape: &Shape) -> anyhow::Result<Outcome> {
+    let servers = Servers { endpoints: vec![target.endpoint.clone()], service: None, pids: target.pid.into_iter().collect() };
+    let (pid, mut rss) = (target.pid, (None, None));
+    let out = run_on(&servers, shape, &mut || target.check_alive(), &mut || rss = super::server::rss_of(pid)).await?;
+    Ok(Outcome { server_rss: rss.0, server_peak_rss: rss.1, ..out })
+}
+
+/// Where a load runs: the client endpoints its connections are spread over (round robin), the
+/// room service (default: the first endpoint's own), and the server processes whose CPU is
+/// summed (one server, or every node of a cluster).
+pub struct Servers {
+    pub endpoints: Vec<Endpoint>,
+    pub service: Option<String>,
+    pub pids: Vec<u32>,
+}
+
+/// [`run`] over `servers`: `alive` fails the run when a server died, `at_window_end` is called
+/// once the window closes, before the connections do (e.g. to read RSS).
+pub async fn run_on(
+    servers: &Servers,
+    shape: &Shape,
+    alive: &mut dyn FnMut() -> anyhow::Result<()>,
+    at_window_end: &mut dyn FnMut(),
+) -> anyhow::Result<Outcome> {
     stats::reset();
     let setup_started = Instant::now();
     let tag: String = rand::rng().sample_iter(rand::distr::Alphanumeric).take(6).map(|b| (b as char).to_ascii_lowercase()).collect();
-    let mut probe = wire::connect(&target.endpoint).await?;
-    let welcome = wire::hello(&mut probe, &format!("b{tag}probe")).await?;
-    drop(probe);
+    let endpoints = servers.endpoints.clone();
+    let service = match &servers.service {
+        Some(s) => s.clone(),
+        None => {
+            let mut probe = wire::connect(endpoints.first().context("a load needs an endpoint")?).await?;
+            wire::hello(&mut probe, &format!("b{tag}probe")).await?.service
+        }
+    };
     let (start_tx, start_rx) = watch::channel(None);
     let stop = CancellationToken::new();
     let ctx = Arc::new(Ctx {
-        endpoint: target.endpoint.clone(),
-        service: welcome.service,
+        endpoints,
+        service,
         tag,
         shape: shape.clone(),
         pad: "x".repeat(shape.size - 20),
@@ -343,12 +372,12 @@ pub async fn run(target: &mut Target, shape: &Shape) -> anyhow::Result<Outcome> 
         n
     };
     let creators = spawn_occupants(&mut (0..shape.rooms).map(|room| Occupant { room, index: 0 }), &mut tasks);
-    wait_ready(creators, &mut ready_rx, target, &progress).await?;
+    wait_ready(creators, &mut ready_rx, alive, &progress).await?;
     let others = spawn_occupants(
         &mut (1..shape.occupants).flat_map(|index| (0..shape.rooms).map(move |room| Occupant { room, index })),
         &mut tasks,
     );
-    wait_ready(others, &mut ready_rx, target, &progress).await?;
+    wait_ready(others, &mut ready_rx, alive, &progress).await?;
     progress.finish_and_clear();
     let setup_s = setup_started.elapsed().as_secs_f64();
 
@@ -371,36 +400,35 @@ pub async fn run(target: &mut Target, shape: &Shape) -> anyhow::Result<Outcome> 
             }
         })
     };
-    let cpu = stats::measure_window(target.pid, shape.warmup, shape.duration, || target.check_alive()).await?;
+    let cpu = stats::measure_window(&servers.pids, shape.warmup, shape.duration, &mut *alive).await?;
     ticker.abort();
     bar.finish_and_clear();
-    let server_rss = target.rss_bytes();
-    let server_peak_rss = target.peak_rss_bytes();
+    at_window_end();
     stop.cancel();
     let drain = async { while tasks.join_next().await.is_some() {} };
     if tokio::time::timeout(Duration::from_secs(10), drain).await.is_err() {
         tasks.abort_all();
     }
-    Ok(Outcome { stats: stats::collect(), window_s: shape.duration.as_secs_f64(), setup_s, server_rss, server_peak_rss, cpu })
+    Ok(Outcome { stats: stats::collect(), window_s: shape.duration.as_secs_f64(), setup_s, server_rss: None, server_peak_rss: None, cpu })
 }
 
 /// Wait until `n` occupants are set up; the first failure (or a dead server) ends the run.
 async fn wait_ready(
     n: usize,
     rx: &mut mpsc::Receiver<anyhow::Result<()>>,
-    target: &mut Target,
+    alive: &mut dyn FnMut() -> anyhow::Result<()>,
     progress: &indicatif::ProgressBar,
 ) -> anyhow::Result<()> {
     for _ in 0..n {
         match tokio::time::timeout(Duration::from_secs(300), rx.recv()).await {
             Ok(Some(Ok(()))) => progress.inc(1),
             Ok(Some(Err(e))) => {
-                target.check_alive()?;
+                alive()?;
                 return Err(e);
             }
             Ok(None) => bail!("occupant tasks ended during set-up"),
             Err(_) => {
-                target.check_alive()?;
+                alive()?;
                 bail!("set-up stalled: no connection got ready for 300 s")
             }
         }
@@ -422,7 +450,8 @@ async fn occupant(ctx: Arc<Ctx>, occ: Occupant, ready: mpsc::Sender<anyhow::Resu
     let permit = slots.acquire_owned().await.expect("semaphore never closed");
     let room = format!("b{}-{}@{}", ctx.tag, occ.room, ctx.service);
     let setup = async {
-        let mut ws = wire::connect(&ctx.endpoint).await?;
+        let endpoint = &ctx.endpoints[(occ.room * ctx.shape.occupants + occ.index) % ctx.endpoints.len()];
+        let mut ws = wire::connect(endpoint).await?;
         let user = format!("b{}r{}o{}", ctx.tag, occ.room, occ.index);
         wire::hello(&mut ws, &user).await?;
         if occ.index == 0 {

@@ -56,6 +56,11 @@ pub(super) async fn fill_store(
         .store_url
         .as_deref()
         .context("this mode bulk-inserts rooms: give --store with the running server's store URL")?;
+    fill_store_at(url, prefix, count, batch, node, service).await
+}
+
+/// [`fill_store`] into the store at `url`.
+pub(super) async fn fill_store_at(url: &str, prefix: &str, count: usize, batch: usize, node: &str, service: &str) -> anyhow::Result<f64> {
     let store = Store::connect(url, 2, "normal").await.with_context(|| format!("connecting to {}", crate::node::redact(url)))?;
     store.migrate().await.context("running migrations")?;
     let config = RoomConfig::default();

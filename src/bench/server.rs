@@ -97,12 +97,12 @@ struct Child {
 impl Target {
     /// The server's resident set size now (VmRSS), in bytes.
     pub fn rss_bytes(&self) -> Option<u64> {
-        self.pid.and_then(|p| proc_status_kib(p, "VmRSS:")).map(|k| k * 1024)
+        rss_of(self.pid).0
     }
 
     /// The server's peak resident set size (VmHWM), in bytes.
     pub fn peak_rss_bytes(&self) -> Option<u64> {
-        self.pid.and_then(|p| proc_status_kib(p, "VmHWM:")).map(|k| k * 1024)
+        rss_of(self.pid).1
     }
 
     /// Kill a spawned server and wait for it (a running one is left alone).
@@ -135,6 +135,12 @@ pub fn store_kind(url: &str) -> &'static str {
     } else {
         "unknown"
     }
+}
+
+/// The resident set size (VmRSS) and its peak (VmHWM) of process `pid`, in bytes.
+pub fn rss_of(pid: Option<u32>) -> (Option<u64>, Option<u64>) {
+    let kib = |key| pid.and_then(|p| proc_status_kib(p, key)).map(|k| k * 1024);
+    (kib("VmRSS:"), kib("VmHWM:"))
 }
 
 fn proc_status_kib(pid: u32, key: &str) -> Option<u64> {

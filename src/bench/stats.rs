@@ -171,9 +171,9 @@ pub fn collect() -> Stats {
     total
 }
 
-/// Wait out `warmup` (plus 10 ms), then measure the server `pid`'s CPU over `duration`, checking
-/// every 500 ms that it is still alive (`alive` fails the run if not).
-pub async fn measure_window(pid: Option<u32>, warmup: std::time::Duration, duration: std::time::Duration, mut alive: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<CpuCores> {
+/// Wait out `warmup` (plus 10 ms), then measure the CPU of the server processes `pids` (summed)
+/// over `duration`, checking every 500 ms that they are still alive (`alive` fails the run if not).
+pub async fn measure_window(pids: &[u32], warmup: std::time::Duration, duration: std::time::Duration, mut alive: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<CpuCores> {
     let mut alive_check = tokio::time::interval(std::time::Duration::from_millis(500));
     let measure_from = tokio::time::Instant::now() + warmup + std::time::Duration::from_millis(10);
     let end = measure_from + duration;
@@ -183,7 +183,7 @@ pub async fn measure_window(pid: Option<u32>, warmup: std::time::Duration, durat
         tokio::select! {
             _ = tokio::time::sleep_until(phase_end) => {
                 if cpu_start.is_none() {
-                    cpu_start = Some(CpuSnapshot::take(pid));
+                    cpu_start = Some(CpuSnapshot::take(pids));
                 } else {
                     break;
                 }
@@ -191,11 +191,12 @@ pub async fn measure_window(pid: Option<u32>, warmup: std::time::Duration, durat
             _ = alive_check.tick() => alive()?,
         }
     }
-    let cpu_end = CpuSnapshot::take(pid);
+    let cpu_end = CpuSnapshot::take(pids);
     Ok(cpu_start.expect("taken at the window start").cores_until(&cpu_end, duration.as_secs_f64()))
 }
 
-/// CPU time used so far by the whole machine (busy, all cores), the server and this process,
+/// CPU time used so far by the whole machine (busy, all cores), the server (the sum over its
+/// processes: one, or a cluster's nodes) and this process,
 /// in seconds: two snapshots give who used how many cores during the measured window, which
 /// says whether the figure was CPU-bound and whether anything else was running.
 #[derive(Clone, Copy, Debug, Default)]
@@ -208,7 +209,7 @@ pub struct CpuSnapshot {
 }
 
 impl CpuSnapshot {
-    pub fn take(server_pid: Option<u32>) -> CpuSnapshot {
+    pub fn take(server_pids: &[u32]) -> CpuSnapshot {
         // SAFETY: sysconf has no preconditions.
         let tick = (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).max(1) as f64;
         let machine_busy_s = std::fs::read_to_string("/proc/stat")
@@ -239,7 +240,8 @@ impl CpuSnapshot {
         }
         CpuSnapshot {
             machine_busy_s,
-            server_s: server_pid.and_then(|p| proc_s(format!("/proc/{p}/stat"))),
+            // None when a process is unknown or gone (its time is no longer countable).
+            server_s: if server_pids.is_empty() { None } else { server_pids.iter().map(|p| proc_s(format!("/proc/{p}/stat"))).sum() },
             bench_s: proc_s("/proc/self/stat".into()).unwrap_or(0.0),
             db_s,
         }

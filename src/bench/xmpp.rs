@@ -470,9 +470,9 @@ async fn settle(node: &Node) {
     let started = Instant::now();
     let tick = Duration::from_millis(500);
     loop {
-        let before = stats::CpuSnapshot::take(node.pid);
+        let before = stats::CpuSnapshot::take(node.pid.as_slice());
         tokio::time::sleep(tick).await;
-        let busy = before.cores_until(&stats::CpuSnapshot::take(node.pid), tick.as_secs_f64()).server.unwrap_or(0.0);
+        let busy = before.cores_until(&stats::CpuSnapshot::take(node.pid.as_slice()), tick.as_secs_f64()).server.unwrap_or(0.0);
         if busy < 0.1 {
             return;
         }
@@ -718,7 +718,7 @@ async fn run(node: &mut Node, shape: &Shape) -> anyhow::Result<Outcome> {
     let window_start = start + shape.warmup.as_nanos() as u64;
     stats::set_window(window_start, window_start + shape.duration.as_nanos() as u64);
     start_tx.send(Some(start)).ok();
-    let cpu = stats::measure_window(node.pid, shape.warmup, shape.duration, || node.check_alive()).await?;
+    let cpu = stats::measure_window(&node.pid.into_iter().collect::<Vec<_>>(), shape.warmup, shape.duration, || node.check_alive()).await?;
     let server_rss = node.rss_bytes();
     stop.cancel();
     let drain = async { while tasks.join_next().await.is_some() {} };
