@@ -18,6 +18,9 @@
 //! - `cold-activation`: join latency of never-activated rooms with a million rooms in the store.
 //! - `failover`: a redundancy pair under probe load; detection, failover, client resume and
 //!   fallback times over repeated faults, and a check that no acked probe was lost or doubled.
+//! - `cluster`: the cluster of `examples/cluster/` (3 pairs + 1 single node, 7 processes):
+//!   server CPU and latency of forwarded against local rooms, and failover of one pair's host
+//!   under load with every acked message checked in its group's store.
 //! - `xmpp`: the same MUC load over XMPP against Stoa and against Prosody 0.12 (both started by
 //!   the bench), alternated round by round: messages/s, deliveries/s, latency, and deliveries
 //!   per server CPU-second of each.
@@ -26,6 +29,7 @@
 //! connections with small buffers, no per-delivery shared state (each message body starts with
 //! its send time, and each worker thread keeps its own histograms, merged at the end).
 
+mod cluster;
 mod connections;
 mod failover;
 mod load;
@@ -68,6 +72,10 @@ pub enum Mode {
     /// A redundancy pair under probe load: kill -9 (or a critical service stop) of the host,
     /// failover, restart, fallback, repeated; needs --store postgres://… or mysql://….
     Failover(failover::FailoverArgs),
+    /// The cluster of `examples/cluster/` (3 PostgreSQL pairs + 1 SQLite node, fresh databases
+    /// on --pg-url): forwarded against local rooms (msg/s, latency, server CPU per message),
+    /// then kill -9 of pair 2's host under load (failover times, acked_lost, duplicates).
+    Cluster(cluster::ClusterArgs),
     /// The same MUC load over XMPP against Stoa and against Prosody 0.12 (started by the bench,
     /// needs Debian's `prosody` and `lua-dbi-sqlite3`), alternated: msg/s, deliveries/s,
     /// latency, deliveries per server CPU-second.
@@ -262,6 +270,7 @@ async fn run_mode(mode: Mode, target: &TargetArgs) -> anyhow::Result<Summary> {
         Mode::ColdActivation(a) => rooms::cold_activation(&a, target).await,
         Mode::Connections(a) => connections::connections(&a, target).await,
         Mode::Failover(a) => failover::failover(&a, target).await,
+        Mode::Cluster(a) => cluster::cluster(&a, target).await,
         Mode::Xmpp(a) => xmpp::xmpp(&a, target).await,
     }?;
     summary.insert_front("command", std::env::args().collect::<Vec<_>>().join(" "));
