@@ -303,6 +303,29 @@ mod bench_smoke {
         assert_eq!(v["errors"], serde_json::json!({}), "{v}");
     }
 
+    /// `bench cluster`, small: the seven nodes of examples/cluster on fresh databases of
+    /// STOA_TEST_PG_URL, 10 rooms forwarded and local, then kill -9 of 2a with 20 rooms and 10
+    /// clients on every node: every field there, every acked probe stored once.
+    #[test]
+    fn cluster_bench_forwards_fails_over_and_loses_nothing() {
+        let pg = std::env::var("STOA_TEST_PG_URL").expect("STOA_TEST_PG_URL is not set: `bench cluster` needs PostgreSQL");
+        let v = run_bench(&[
+            "cluster", "--pg-url", &pg, "--rooms", "10", "--rate", "5", "--duration", "1s", "--warmup", "500ms", "--rounds", "1",
+            "--failover-rooms", "20", "--other-rooms", "10", "--clients", "10", "--settle", "1s",
+        ]);
+        assert_eq!(v["mode"], "cluster", "{v}");
+        for field in ["forwarded_msg_per_s", "local_msg_per_s", "forwarded_e2e_p50_ms", "local_e2e_p99_ms", "forwarded_cpu_us_per_msg", "local_cpu_us_per_msg"] {
+            assert!(v[field].as_f64().is_some_and(|x| x > 0.0), "`{field}` missing or not positive in {v}");
+        }
+        for field in ["forwarded_cpu_ratio", "failover_ms_p50", "failover_ms_max", "detect_ms", "client_resume_ms_p99"] {
+            assert!(v[field].is_number(), "`{field}` missing in {v}");
+        }
+        assert!(v["acked"].as_u64().is_some_and(|a| a > 0), "nothing acked: {v}");
+        assert_eq!(v["acked_lost"], 0, "{v}");
+        assert_eq!(v["duplicates"], 0, "{v}");
+        assert_eq!(v["overhead_errors"], 0, "{v}");
+    }
+
     /// `bench xmpp` against Stoa only (the comparison with Prosody is a documented command,
     /// docs/benchmarks.md: CI does not install Prosody).
     #[test]

@@ -12,8 +12,9 @@
 //!    occupants) runs `--rounds` times with the clients on pair 1's nodes (every request
 //!    forwarded to pair 2's host) and with the clients on 2a itself (local), alternated. Per
 //!    run: msg/s, ack and end-to-end latency, and server CPU per message summed over all seven
-//!    processes; `forwarded_cpu_ratio` is the median forwarded CPU per message over the median
-//!    local one.
+//!    processes, also net of the idle cluster's CPU (measured first: heartbeats and lease
+//!    renewals of seven nodes are not the messages' cost); `forwarded_cpu_ratio` is the median
+//!    forwarded net CPU per message over the median local one.
 //! 2. **Failover under load.** Pair 2's host holds `--failover-rooms` rooms and pairs 1 and 3
 //!    `--other-rooms` each, probed once per `--probe-interval` by `--clients` clients spread over
 //!    all seven nodes (the failover bench's probers: each probe resent with its cid until
@@ -24,7 +25,7 @@
 use super::failover::{Probers, await_all, check_store, percentile};
 use super::load::{self, Servers, Shape};
 use super::server::{NodeSpec, Target, Tuning, Workspace, loopback_port, spawn_node};
-use super::stats::Stats;
+use super::stats::{self, Stats};
 use super::wire::Endpoint;
 use super::{LoadArgs, Summary, TargetArgs, round3};
 use anyhow::{Context as _, bail};
@@ -259,14 +260,18 @@ struct Run {
     e2e_p99_ms: f64,
     /// Server CPU (all seven processes) per committed message, in microseconds.
     cpu_us_per_msg: f64,
+    /// The same without the cluster's idle CPU (heartbeats, lease renewals): what the messages
+    /// themselves cost.
+    net_cpu_us_per_msg: f64,
     cpu_cores_server: f64,
     errors: u64,
 }
 
 impl Run {
-    fn of(forwarded: bool, out: &load::Outcome) -> Run {
+    fn of(forwarded: bool, out: &load::Outcome, idle_cores: f64) -> Run {
         let s = &out.stats;
         let cores = out.cpu.server.unwrap_or(0.0);
+        let per_msg = |cores: f64| if s.acks > 0 { cores * out.window_s / s.acks as f64 * 1e6 } else { 0.0 };
         Run {
             forwarded,
             msg_per_s: s.acks as f64 / out.window_s,
@@ -274,7 +279,8 @@ impl Run {
             ack_p99_ms: Stats::ms(&s.ack, 0.99),
             e2e_p50_ms: Stats::ms(&s.e2e, 0.50),
             e2e_p99_ms: Stats::ms(&s.e2e, 0.99),
-            cpu_us_per_msg: if s.acks > 0 { cores * out.window_s / s.acks as f64 * 1e6 } else { 0.0 },
+            cpu_us_per_msg: per_msg(cores),
+            net_cpu_us_per_msg: per_msg((cores - idle_cores).max(0.0)),
             cpu_cores_server: cores,
             errors: s.errors.values().sum(),
         }
@@ -289,6 +295,7 @@ impl Run {
             "e2e_p50_ms": round3(self.e2e_p50_ms),
             "e2e_p99_ms": round3(self.e2e_p99_ms),
             "cpu_us_per_msg": round3(self.cpu_us_per_msg),
+            "net_cpu_us_per_msg": round3(self.net_cpu_us_per_msg),
             "cpu_cores_server": round3(self.cpu_cores_server),
             "errors": self.errors,
         })
@@ -331,14 +338,14 @@ pub async fn cluster(args: &ClusterArgs, target_args: &TargetArgs) -> anyhow::Re
     let mut cluster = Cluster::create(&args.pg_url, &dir).await?;
     let result = run(args, target_args, &shape, &dir, &mut cluster).await;
     cluster.stop().await;
-    let (runs, failover) = result?;
+    let (idle_cores, runs, failover) = result?;
 
     let mut summary = Summary::default();
     summary.push("mode", "cluster");
     summary.push("store", "postgres (3 pairs) + sqlite (single node)");
     summary.push("nodes", LAYOUT.len());
     let pick = |forwarded: bool, f: fn(&Run) -> f64| median(runs.iter().filter(|r| r.forwarded == forwarded).map(f).collect());
-    let (fwd_cpu, local_cpu) = (pick(true, |r| r.cpu_us_per_msg), pick(false, |r| r.cpu_us_per_msg));
+    let (fwd_cpu, local_cpu) = (pick(true, |r| r.net_cpu_us_per_msg), pick(false, |r| r.net_cpu_us_per_msg));
     summary.push("rooms", args.rooms);
     summary.push("occupants_per_room", args.occupants);
     summary.push("rate_per_room", round3(args.rate));
@@ -351,20 +358,23 @@ pub async fn cluster(args: &ClusterArgs, target_args: &TargetArgs) -> anyhow::Re
         summary.push(&format!("{side}_e2e_p50_ms"), round3(pick(forwarded, |r| r.e2e_p50_ms)));
         summary.push(&format!("{side}_e2e_p99_ms"), round3(pick(forwarded, |r| r.e2e_p99_ms)));
         summary.push(&format!("{side}_cpu_us_per_msg"), round3(pick(forwarded, |r| r.cpu_us_per_msg)));
+        summary.push(&format!("{side}_net_cpu_us_per_msg"), round3(pick(forwarded, |r| r.net_cpu_us_per_msg)));
     }
+    summary.push("idle_cpu_cores_server", round3(idle_cores));
     summary.push("forwarded_extra_e2e_p50_ms", round3(pick(true, |r| r.e2e_p50_ms) - pick(false, |r| r.e2e_p50_ms)));
     summary.push("forwarded_cpu_ratio", round3(if local_cpu > 0.0 { fwd_cpu / local_cpu } else { 0.0 }));
     summary.push("overhead_errors", runs.iter().map(|r| r.errors).sum::<u64>());
-    let mut human = String::from("\noverhead runs (median above):\nclients     msg/s   ack p50  e2e p50  e2e p99  cpu µs/msg\n");
+    let mut human = String::from("\noverhead runs (median above):\nclients     msg/s   ack p50  e2e p50  e2e p99  cpu µs/msg  net µs/msg\n");
     for r in &runs {
         human += &format!(
-            "{:<9} {:>7.1} {:>8.3} {:>8.3} {:>8.3} {:>11.1}\n",
+            "{:<9} {:>7.1} {:>8.3} {:>8.3} {:>8.3} {:>11.1} {:>11.1}\n",
             if r.forwarded { "forwarded" } else { "local" },
             r.msg_per_s,
             r.ack_p50_ms,
             r.e2e_p50_ms,
             r.e2e_p99_ms,
-            r.cpu_us_per_msg
+            r.cpu_us_per_msg,
+            r.net_cpu_us_per_msg
         );
     }
     summary.push("overhead_runs", runs.iter().map(Run::json).collect::<Vec<_>>());
@@ -401,7 +411,8 @@ struct Failover {
     duplicates: u64,
 }
 
-async fn run(args: &ClusterArgs, target_args: &TargetArgs, shape: &Shape, dir: &std::path::Path, cluster: &mut Cluster) -> anyhow::Result<(Vec<Run>, Option<Failover>)> {
+/// Run both phases; returns the cluster's idle CPU (cores), the overhead runs and the failover.
+async fn run(args: &ClusterArgs, target_args: &TargetArgs, shape: &Shape, dir: &std::path::Path, cluster: &mut Cluster) -> anyhow::Result<(f64, Vec<Run>, Option<Failover>)> {
     // The failover phase's rooms, inserted straight into their groups' stores before the
     // nodes start: pair 2's on 2a, then pair 1's on 1a and pair 3's on 3a.
     let prefix = format!("c{}-", super::rooms::run_tag());
@@ -423,6 +434,9 @@ async fn run(args: &ClusterArgs, target_args: &TargetArgs, shape: &Shape, dir: &
     }
     cluster.start(dir, target_args, &tuning).await?;
     eprintln!("cluster: seven nodes up, every node sees every other");
+    // The idle cluster's CPU (heartbeats, lease renewals), to tell the messages' own cost.
+    let idle_cores = stats::measure_window(&cluster.pids(), Duration::from_secs(1), args.warmup.max(Duration::from_secs(2)), || Ok(())).await?.server.unwrap_or(0.0);
+    eprintln!("cluster: idle, the seven nodes use {idle_cores:.3} cores");
 
     // 1. Forwarding overhead: the same load of pair 2's rooms from pair 1's nodes and from 2a.
     let service = service_of(LAYOUT[HOST].0);
@@ -434,7 +448,7 @@ async fn run(args: &ClusterArgs, target_args: &TargetArgs, shape: &Shape, dir: &
         for fwd in order {
             let servers = if fwd { &forwarded } else { &local };
             let out = load::run_on(servers, shape, &mut || cluster.check_alive(), &mut || {}).await?;
-            let run = Run::of(fwd, &out);
+            let run = Run::of(fwd, &out, idle_cores);
             eprintln!(
                 "round {round} {}: {:.0} msg/s, e2e p50 {:.3} ms p99 {:.3} ms, {:.1} µs server CPU per message",
                 if fwd { "forwarded" } else { "local" },
@@ -447,7 +461,7 @@ async fn run(args: &ClusterArgs, target_args: &TargetArgs, shape: &Shape, dir: &
         }
     }
     if args.failover_rooms == 0 {
-        return Ok((runs, None));
+        return Ok((idle_cores, runs, None));
     }
 
     // 2. Failover of pair 2 under load: clients on every node, round robin.
@@ -492,7 +506,7 @@ async fn run(args: &ClusterArgs, target_args: &TargetArgs, shape: &Shape, dir: &
     }
     let other_ms = room_ms.split_off(args.failover_rooms);
     let failover = Failover { clients: clients_n, detect_ms: detect.as_millis() as u64, room_ms, other_ms, client_ms, acked: acked.len(), lost, duplicates };
-    Ok((runs, Some(failover)))
+    Ok((idle_cores, runs, Some(failover)))
 }
 
 #[cfg(test)]
