@@ -389,6 +389,13 @@ pub async fn cluster(args: &ClusterArgs, target_args: &TargetArgs) -> anyhow::Re
     summary.push("other_pairs_first_ack_ms_max", f.other_ms.iter().copied().max().unwrap_or(0));
     summary.push("client_resume_ms_p50", percentile(&f.client_ms, 0.5));
     summary.push("client_resume_ms_p99", percentile(&f.client_ms, 0.99));
+    summary.push("client_resume_ms_max", f.client_ms.iter().copied().max().unwrap_or(0));
+    // Where the slowest clients were connected (client c is on node c mod 7).
+    let mut slowest: Vec<(usize, u64)> = f.client_ms.iter().copied().enumerate().collect();
+    slowest.sort_by_key(|(_, ms)| std::cmp::Reverse(*ms));
+    let slowest: Vec<serde_json::Value> =
+        slowest.iter().take(5).map(|(c, ms)| serde_json::json!({ "client": c, "node": LAYOUT[c % LAYOUT.len()].0, "ms": ms })).collect();
+    summary.push("slowest_clients", slowest);
     summary.push("acked", f.acked);
     summary.push("acked_lost", f.lost);
     summary.push("duplicates", f.duplicates);
@@ -435,7 +442,7 @@ async fn run(args: &ClusterArgs, target_args: &TargetArgs, shape: &Shape, dir: &
     cluster.start(dir, target_args, &tuning).await?;
     eprintln!("cluster: seven nodes up, every node sees every other");
     // The idle cluster's CPU (heartbeats, lease renewals), to tell the messages' own cost.
-    let idle_cores = stats::measure_window(&cluster.pids(), Duration::from_secs(1), args.warmup.max(Duration::from_secs(2)), || Ok(())).await?.server.unwrap_or(0.0);
+    let idle_cores = stats::measure_window(&cluster.pids(), Duration::from_secs(1), args.warmup.max(Duration::from_secs(2)), || cluster.check_alive()).await?.server.unwrap_or(0.0);
     eprintln!("cluster: idle, the seven nodes use {idle_cores:.3} cores");
 
     // 1. Forwarding overhead: the same load of pair 2's rooms from pair 1's nodes and from 2a.

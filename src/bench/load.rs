@@ -284,7 +284,8 @@ fn report(summary: &mut Summary, out: &Outcome) {
 
 /// What every occupant task shares.
 struct Ctx {
-    /// Occupants connect round robin.
+    /// Occupant `index` of room `room` connects to endpoint `(room + index) % len` (senders and
+    /// readers of a room on different endpoints when there are several).
     endpoints: Vec<Endpoint>,
     service: String,
     tag: String,
@@ -450,7 +451,7 @@ async fn occupant(ctx: Arc<Ctx>, occ: Occupant, ready: mpsc::Sender<anyhow::Resu
     let permit = slots.acquire_owned().await.expect("semaphore never closed");
     let room = format!("b{}-{}@{}", ctx.tag, occ.room, ctx.service);
     let setup = async {
-        let endpoint = &ctx.endpoints[(occ.room * ctx.shape.occupants + occ.index) % ctx.endpoints.len()];
+        let endpoint = &ctx.endpoints[(occ.room + occ.index) % ctx.endpoints.len()];
         let mut ws = wire::connect(endpoint).await?;
         let user = format!("b{}r{}o{}", ctx.tag, occ.room, occ.index);
         wire::hello(&mut ws, &user).await?;
