@@ -205,7 +205,7 @@ impl Cluster {
             }
         }
         let started = Instant::now();
-        for n in 0..LAYOUT.len() {
+        for (n, (id, _)) in LAYOUT.iter().enumerate() {
             loop {
                 self.check_alive()?;
                 let topology = crate::admin_client::request(&self.specs[n].admin.to_string(), "GET", "/api/topology", None, Duration::from_secs(2)).await;
@@ -218,7 +218,7 @@ impl Cluster {
                     break;
                 }
                 if started.elapsed() > Duration::from_secs(120) {
-                    bail!("node {} did not see every other node over its link within 120 s", LAYOUT[n].0);
+                    bail!("node {id} did not see every other node over its link within 120 s");
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await; // polling interval
             }
