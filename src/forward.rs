@@ -89,11 +89,14 @@ struct Used {
     /// Posts sent and not yet acknowledged (or refused) by the room, oldest first: sent again
     /// with the same cid where the room moves (stored once: the cid is the dedupe key).
     unacked: Vec<RoomOp>,
+    /// Posts the session sent while the room was being followed: sent after the join (and the
+    /// unacknowledged ones), in order; its connection goes on meanwhile.
+    held: Vec<RoomOp>,
 }
 
 impl Used {
     fn at(node: NodeId) -> Used {
-        Used { node: Some(node), following: false, join: None, last_seq: 0, unacked: Vec::new() }
+        Used { node: Some(node), following: false, join: None, last_seq: 0, unacked: Vec::new(), held: Vec::new() }
     }
 }
 
@@ -158,21 +161,36 @@ impl Forwarder {
         }
     }
 
-    /// The room followed to `node`: its posts to send again there (the session's requests for
-    /// it still wait, so these go first).
-    fn arrived(&self, session: SessionId, room: &RoomAddr) -> (Option<NodeId>, Vec<RoomOp>) {
+    /// Hold `op` if it is a post for a room `session` is following to a new host: it goes
+    /// there after the join, in order, and the session's connection goes on meanwhile (its
+    /// other rooms do not wait). True if held.
+    fn hold_post(&self, session: SessionId, op: &RoomOp) -> bool {
+        if post_re(op).is_none() {
+            return false;
+        }
         let mut forwarding = self.forwarding.lock().expect("forwarding lock");
-        match forwarding.get_mut(&session).and_then(|rooms| rooms.get_mut(room)) {
-            Some(used) => (used.node.clone(), std::mem::take(&mut used.unacked)),
-            None => (None, Vec::new()),
+        match forwarding.get_mut(&session).and_then(|rooms| rooms.get_mut(op.room())) {
+            Some(used) if used.following => {
+                used.held.push(op.clone());
+                true
+            }
+            _ => false,
         }
     }
 
-    /// The session's requests for `room` go on (the room was followed, or could not be).
-    fn settled(&self, session: SessionId, room: &RoomAddr) {
-        if let Some(used) = self.forwarding.lock().expect("forwarding lock").get_mut(&session).and_then(|rooms| rooms.get_mut(room)) {
+    /// The posts to send to the room's new host (after the join), with that host: first the
+    /// ones never acknowledged (`first`), then the held ones. When none is left the room is
+    /// settled, in the same step (so a post is either held and sent here, or goes its usual
+    /// way), and the session's requests for it go on.
+    fn to_send(&self, session: SessionId, room: &RoomAddr, first: bool) -> (Option<NodeId>, Vec<RoomOp>) {
+        let mut forwarding = self.forwarding.lock().expect("forwarding lock");
+        let Some(used) = forwarding.get_mut(&session).and_then(|rooms| rooms.get_mut(room)) else { return (None, Vec::new()) };
+        let mut posts = if first { std::mem::take(&mut used.unacked) } else { Vec::new() };
+        posts.append(&mut used.held);
+        if posts.is_empty() {
             used.following = false;
         }
+        (used.node.clone(), posts)
     }
 
     /// The session's `room` is between hosts again (an attempt to follow it failed): its
@@ -267,6 +285,10 @@ impl crate::gateway::Remote for Forwarder {
 
     /// The node serving `room` for `session`; while the session follows the room to a new
     /// host, wait (bounded) until it is there, so its requests reach the room after the join.
+    fn hold_post(&self, session: SessionId, op: &RoomOp) -> bool {
+        Forwarder::hold_post(self, session, op)
+    }
+
     fn forwarded_to<'a>(&'a self, session: SessionId, room: &'a RoomAddr) -> futures_util::future::BoxFuture<'a, Option<NodeId>> {
         Box::pin(async move {
             let deadline = tokio::time::Instant::now() + TAKEOVER_WAIT + REPLY_TIMEOUT;
@@ -308,6 +330,12 @@ impl crate::gateway::Remote for Forwarder {
             let id = self.next_request.fetch_add(1, Ordering::Relaxed);
             let (tx, rx) = oneshot::channel();
             self.waiting.lock().expect("waiting lock").insert(id, Waiting { session: session.id, node: node.clone(), reply: tx });
+            // The link went down before this was registered, so its cut-off missed it: a frame
+            // queued now would be dropped, and this would wait out its whole timeout.
+            if !self.link.is_up(node) {
+                self.waiting.lock().expect("waiting lock").remove(&id);
+                return Err(gone());
+            }
             let room = op.room().clone();
             let (join, leave) = match &op {
                 RoomOp::Join(join) => (Some(join.clone()), false),
@@ -481,8 +509,13 @@ impl LinkSide {
                     }
                 };
                 if result.is_ok() {
-                    // In the room again: its unacknowledged posts go first, in their order.
-                    if let (Some(node), posts) = forwarder.arrived(session, &room) {
+                    // In the room again: its unacknowledged posts go first, then the held ones,
+                    // in their order; then the session's requests go on.
+                    let mut first = true;
+                    while let (Some(node), posts) = forwarder.to_send(session, &room, std::mem::take(&mut first)) {
+                        if posts.is_empty() {
+                            break;
+                        }
                         for post in posts {
                             let re = post_re(&post).cloned();
                             if let (Err(f), Some(re)) = (forwarder.request(&s, &node, post).await, re) {
@@ -490,7 +523,6 @@ impl LinkSide {
                             }
                         }
                     }
-                    forwarder.settled(session, &room);
                 }
                 if let Err(failure) = result {
                     tracing::info!(session = %session, room = %room, error = %failure.message, "could not follow a room to its new host; the session resumes");

@@ -66,6 +66,9 @@ pub trait Remote: Send + Sync {
     /// `host` (this node's peer) cannot serve now: wait for this node to take its rooms over;
     /// true if it did.
     fn await_takeover<'a>(&'a self, host: &'a NodeId) -> futures_util::future::BoxFuture<'a, bool>;
+    /// Hold `op` if it is a post for a room the session is following to a new host (it is
+    /// sent there after the join, and acked then); true if held.
+    fn hold_post(&self, session: SessionId, op: &RoomOp) -> bool;
     /// The node that serves `room` for `session`, if the session uses it on another node
     /// (waiting, bounded, while the session follows the room to a new host).
     fn forwarded_to<'a>(&'a self, session: SessionId, room: &'a RoomAddr) -> futures_util::future::BoxFuture<'a, Option<NodeId>>;

@@ -200,10 +200,14 @@ impl Gateway {
     /// and is tried again.
     async fn route(&self, session: &Arc<Session>, op: RoomOp) -> Outcome<Reply> {
         let Some(remote) = self.forwarder() else { return self.serve(session, op).await };
-        if session.uses_peer()
-            && let Some(node) = remote.forwarded_to(session.id, op.room()).await
-        {
-            return remote.request(session, &node, op).await;
+        if session.uses_peer() {
+            // A post for a room being followed waits for the room, not the connection.
+            if remote.hold_post(session.id, &op) {
+                return Ok(Reply::Done);
+            }
+            if let Some(node) = remote.forwarded_to(session.id, op.room()).await {
+                return remote.request(session, &node, op).await;
+            }
         }
         let service = op.room().service();
         if !self.settings.is_group_service(service) && self.settings.is_room_service(service) {
