@@ -148,9 +148,23 @@ fn proc_status_kib(pid: u32, key: &str) -> Option<u64> {
     status.lines().find(|l| l.starts_with(key))?.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// A free loopback port, taken *below* the kernel's ephemeral range (32768–60999 on Linux): a
+/// port from that range, released and bound again later, can meanwhile become the source port
+/// of an outgoing connection (the nodes of a pair or a cluster dial each other while they start),
+/// and the node's bind then fails. Each call returns a different port; the start depends on the
+/// process id, so concurrent benches (and test binaries, which do the same) rarely meet.
 fn free_port() -> anyhow::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free loopback port")?;
-    Ok(l.local_addr()?.port())
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(0, 20_000 + (std::process::id() % 1000) as u16 * 12, Ordering::Relaxed, Ordering::Relaxed);
+    for _ in 0..12_000 {
+        let port = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = if port >= 32_000 { 20_000 + port % 12_000 } else { port };
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free loopback port between 20000 and 32000")
 }
 
 /// A TOML value: numbers, booleans, arrays and inline tables as they are, anything else as a
