@@ -380,6 +380,11 @@ pub async fn a_partition_between_groups_waits_then_fails_clearly(db: &TestDb) {
         (cluster.urls_of("1b"), r2.clone()),
     ];
     let traffic = Traffic::start_writers(writers).await;
+    // Carol on 1a is in a room of each side.
+    let (carol, _) = Client::connect(&cluster.url("1a"), Login::guest("carol")).await.expect("carol connects");
+    for room in [&r1, &r2] {
+        carol.join(room.as_str(), "carol", None, None).await.unwrap_or_else(|e| panic!("carol joins {room}: {e}"));
+    }
     tokio::time::sleep(Duration::from_millis(500)).await; // traffic before the cut
 
     // A short cut: 1a and 2a lose each other; 1b still sees both.
@@ -387,6 +392,13 @@ pub async fn a_partition_between_groups_waits_then_fails_clearly(db: &TestDb) {
     let cut = Instant::now();
     cluster.await_link("1a", "2a", false).await;
     cluster.await_link("2a", "1a", false).await;
+    // Carol's post to 2a's room waits for the link; her post to 1a's room, sent after it on
+    // the same connection, does not wait behind it.
+    let held = carol.send_nowait(r2.as_str(), "while cut off", stoa::client::new_cid()).await.expect("queued");
+    let held = tokio::spawn(held);
+    let local = tokio::time::timeout(Duration::from_secs(2), carol.send(r1.as_str(), "meanwhile, here", stoa::client::new_cid())).await;
+    local.expect("carol's post to 1a's room is not held up by her post to 2a's").expect("acked");
+    assert!(!held.is_finished(), "the post to 2a's room cannot be acked while 1a is cut off from 2a");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     for (on, id) in [("1a", "1a"), ("1b", "1b"), ("1a", "2a"), ("2a", "2a")] {
         let state = cluster.call(on, "GET", &format!("/api/nodes/{id}")).await.json()["state"].clone();
@@ -400,6 +412,9 @@ pub async fn a_partition_between_groups_waits_then_fails_clearly(db: &TestDb) {
     let healed = Instant::now();
     cluster.await_link("1a", "2a", true).await;
     cluster.await_link("2a", "1a", true).await;
+    let ack = tokio::time::timeout(DEADLINE, held).await.expect("the held post acked once the link is back").expect("task").expect("acked");
+    assert!(ack.seq > 0);
+    carol.close().await;
     traffic.await_all_rooms_writable(&[r1.clone(), r2.clone()], healed, DEADLINE).await;
     for id in ["1a", "1b"] {
         assert_eq!(cluster.call(id, "GET", &format!("/api/nodes/{id}")).await.json()["state"], "normal", "{id} after the cut");
