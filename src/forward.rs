@@ -508,28 +508,30 @@ impl LinkSide {
                         other => break other,
                     }
                 };
-                if result.is_ok() {
+                match result {
                     // In the room again: its unacknowledged posts go first, then the held ones,
                     // in their order; then the session's requests go on.
-                    let mut first = true;
-                    while let (Some(node), posts) = forwarder.to_send(session, &room, std::mem::take(&mut first)) {
-                        if posts.is_empty() {
-                            break;
-                        }
-                        for post in posts {
-                            let re = post_re(&post).cloned();
-                            if let (Err(f), Some(re)) = (forwarder.request(&s, &node, post).await, re) {
-                                s.answer(RoomAnswer::Error { re: Some(re), room: room.clone(), code: f.code, message: f.message });
+                    Ok(()) => {
+                        let mut first = true;
+                        while let (Some(node), posts) = forwarder.to_send(session, &room, std::mem::take(&mut first)) {
+                            if posts.is_empty() {
+                                break;
+                            }
+                            for post in posts {
+                                let re = post_re(&post).cloned();
+                                if let (Err(f), Some(re)) = (forwarder.request(&s, &node, post).await, re) {
+                                    s.answer(RoomAnswer::Error { re: Some(re), room: room.clone(), code: f.code, message: f.message });
+                                }
                             }
                         }
                     }
-                }
-                if let Err(failure) = result {
-                    tracing::info!(session = %session, room = %room, error = %failure.message, "could not follow a room to its new host; the session resumes");
-                    if let Some(rooms) = forwarder.forwarding.lock().expect("forwarding lock").get_mut(&session) {
-                        rooms.remove(&room);
+                    Err(failure) => {
+                        tracing::info!(session = %session, room = %room, error = %failure.message, "could not follow a room to its new host; the session resumes");
+                        if let Some(rooms) = forwarder.forwarding.lock().expect("forwarding lock").get_mut(&session) {
+                            rooms.remove(&room);
+                        }
+                        gateway.goaway_sessions(&[session], &reason, Some(my_url));
                     }
-                    gateway.goaway_sessions(&[session], &reason, Some(my_url));
                 }
             });
         }
