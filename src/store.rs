@@ -169,6 +169,36 @@ fn stmt(db: sea_orm::DbBackend, sql: &str, values: Vec<sea_orm::Value>) -> sea_o
     sea_orm::Statement::from_sql_and_values(db, placeholders(db, sql), values)
 }
 
+/// End `txn` by `result`: commit it when the work succeeded, roll it back now when it failed (not
+/// lazily on the connection's next use: on SQLite a failed transaction would keep the write lock
+/// from the retry).
+async fn settle<T>(txn: sea_orm::DatabaseTransaction, result: Result<T, StoreError>) -> Result<T, StoreError> {
+    match result {
+        Ok(value) => {
+            txn.commit().await?;
+            Ok(value)
+        }
+        Err(e) => {
+            let _ = txn.rollback().await;
+            Err(e)
+        }
+    }
+}
+
+/// The columns of a stored message, in the order the bulk inserts (the group commit's
+/// transaction path, the merge) give their values.
+const MESSAGE_COLUMNS: [message::Column; 9] = [
+    message::Column::RoomId,
+    message::Column::Seq,
+    message::Column::Id,
+    message::Column::Sender,
+    message::Column::Nick,
+    message::Column::Body,
+    message::Column::ClientMsgId,
+    message::Column::Epoch,
+    message::Column::CreatedAt,
+];
+
 /// Attempts to open a SQLite database that another process is initialising at the same moment.
 const SQLITE_OPEN_RETRIES: u32 = 25;
 

@@ -280,18 +280,8 @@ impl Store {
         check_duplicates: bool,
     ) -> Result<Vec<Result<Appended, AppendError>>, StoreError> {
         let txn = self.begin_write().await?;
-        match self.append_in(&txn, requests, check_duplicates).await {
-            Ok(answers) => {
-                txn.commit().await?;
-                Ok(answers)
-            }
-            Err(e) => {
-                // Roll back now, not lazily on the connection's next use: on SQLite the failed
-                // transaction would otherwise keep the write lock from the retry.
-                let _ = txn.rollback().await;
-                Err(e)
-            }
-        }
+        let result = self.append_in(&txn, requests, check_duplicates).await;
+        super::settle(txn, result).await
     }
 
     /// Start a transaction that will write. On SQLite it takes the write lock at BEGIN
@@ -382,17 +372,6 @@ impl Store {
         }
 
         // Insert the new rows of every room that passed its fence.
-        let columns = [
-            message::Column::RoomId,
-            message::Column::Seq,
-            message::Column::Id,
-            message::Column::Sender,
-            message::Column::Nick,
-            message::Column::Body,
-            message::Column::ClientMsgId,
-            message::Column::Epoch,
-            message::Column::CreatedAt,
-        ];
         let mut rows: Vec<(&Fence, &NewMessage, MessageOutcome)> = Vec::new();
         for &i in writing.iter().filter(|i| !rejected.contains_key(i)) {
             let r = &requests[i];
@@ -402,7 +381,7 @@ impl Store {
                 }
             }
         }
-        let mut insert = Query::insert().into_table(message::Entity).columns(columns).to_owned();
+        let mut insert = Query::insert().into_table(message::Entity).columns(super::MESSAGE_COLUMNS).to_owned();
         let mut pending = 0;
         for (fence, m, o) in rows {
             insert.values_panic([
@@ -419,7 +398,7 @@ impl Store {
             pending += 1;
             if pending == INSERT_CHUNK_ROWS {
                 txn.execute(&insert).await.map_err(StoreError::classify)?;
-                insert = Query::insert().into_table(message::Entity).columns(columns).to_owned();
+                insert = Query::insert().into_table(message::Entity).columns(super::MESSAGE_COLUMNS).to_owned();
                 pending = 0;
             }
         }

@@ -535,13 +535,7 @@ impl Store {
             Ok::<(), StoreError>(())
         }
         .await;
-        match result {
-            Ok(()) => Ok(txn.commit().await?),
-            Err(e) => {
-                let _ = txn.rollback().await;
-                Err(e)
-            }
-        }
+        super::settle(txn, result).await
     }
 }
 
@@ -646,20 +640,7 @@ async fn write_chunk(txn: &DatabaseTransaction, write: &ChunkWrite<'_>) -> Resul
         ChunkWrite::Messages { address, messages } => {
             let id = room_id(txn, address).await?;
             for part in messages.chunks(INSERT_ROWS) {
-                let mut q = Query::insert()
-                    .into_table(message::Entity)
-                    .columns([
-                        message::Column::RoomId,
-                        message::Column::Seq,
-                        message::Column::Id,
-                        message::Column::Sender,
-                        message::Column::Nick,
-                        message::Column::Body,
-                        message::Column::ClientMsgId,
-                        message::Column::Epoch,
-                        message::Column::CreatedAt,
-                    ])
-                    .to_owned();
+                let mut q = Query::insert().into_table(message::Entity).columns(super::MESSAGE_COLUMNS).to_owned();
                 for m in part {
                     q.values_panic([
                         id.into(),

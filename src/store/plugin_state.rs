@@ -71,13 +71,7 @@ impl Store {
             Ok::<(), StoreError>(())
         }
         .await;
-        match result {
-            Ok(()) => Ok(txn.commit().await?),
-            Err(e) => {
-                let _ = txn.rollback().await;
-                Err(e)
-            }
-        }
+        super::settle(txn, result).await
     }
 
     /// Delete every plugin's state of a room (the room is being destroyed), inside `txn`.
