@@ -147,10 +147,13 @@ impl Forwarder {
         self.forwarding.lock().expect("forwarding lock").get(&session).and_then(|rooms| rooms.get(room)).is_some_and(|used| used.following)
     }
 
-    /// Session `session` was given message `seq` of `room`.
-    fn seen(&self, session: SessionId, room: &RoomAddr, seq: u64) {
-        if let Some(used) = self.forwarding.lock().expect("forwarding lock").get_mut(&session).and_then(|rooms| rooms.get_mut(room)) {
-            used.last_seq = used.last_seq.max(seq);
+    /// `sessions` were given message `seq` of `room`.
+    fn seen(&self, sessions: &[SessionId], room: &RoomAddr, seq: u64) {
+        let mut forwarding = self.forwarding.lock().expect("forwarding lock");
+        for session in sessions {
+            if let Some(used) = forwarding.get_mut(session).and_then(|rooms| rooms.get_mut(room)) {
+                used.last_seq = used.last_seq.max(seq);
+            }
         }
     }
 
@@ -158,23 +161,6 @@ impl Forwarder {
     fn answered(&self, session: SessionId, room: &RoomAddr, re: &RequestId) {
         if let Some(used) = self.forwarding.lock().expect("forwarding lock").get_mut(&session).and_then(|rooms| rooms.get_mut(room)) {
             used.unacked.retain(|op| post_re(op) != Some(re));
-        }
-    }
-
-    /// Hold `op` if it is a post for a room `session` is following to a new host: it goes
-    /// there after the join, in order, and the session's connection goes on meanwhile (its
-    /// other rooms do not wait). True if held.
-    fn hold_post(&self, session: SessionId, op: &RoomOp) -> bool {
-        if post_re(op).is_none() {
-            return false;
-        }
-        let mut forwarding = self.forwarding.lock().expect("forwarding lock");
-        match forwarding.get_mut(&session).and_then(|rooms| rooms.get_mut(op.room())) {
-            Some(used) if used.following => {
-                used.held.push(op.clone());
-                true
-            }
-            _ => false,
         }
     }
 
@@ -251,7 +237,7 @@ impl Forwarder {
     /// May a room hosted by `host` be forwarded there now (another node, reachable, serving
     /// rooms)?
     fn can_forward_now(&self, host: &NodeId) -> bool {
-        self.link.status(host).is_some_and(|p| p.reachable && p.hosting)
+        self.link.is_serving(host)
     }
 }
 
@@ -283,12 +269,25 @@ impl crate::gateway::Remote for Forwarder {
         })
     }
 
-    /// The node serving `room` for `session`; while the session follows the room to a new
-    /// host, wait (bounded) until it is there, so its requests reach the room after the join.
+    /// Hold `op` if it is a post for a room `session` is following to a new host: it goes
+    /// there after the join, in order, and the session's connection goes on meanwhile (its
+    /// other rooms do not wait). True if held.
     fn hold_post(&self, session: SessionId, op: &RoomOp) -> bool {
-        Forwarder::hold_post(self, session, op)
+        if post_re(op).is_none() {
+            return false;
+        }
+        let mut forwarding = self.forwarding.lock().expect("forwarding lock");
+        match forwarding.get_mut(&session).and_then(|rooms| rooms.get_mut(op.room())) {
+            Some(used) if used.following => {
+                used.held.push(op.clone());
+                true
+            }
+            _ => false,
+        }
     }
 
+    /// The node serving `room` for `session`; while the session follows the room to a new
+    /// host, wait (bounded) until it is there, so its requests reach the room after the join.
     fn forwarded_to<'a>(&'a self, session: SessionId, room: &'a RoomAddr) -> futures_util::future::BoxFuture<'a, Option<NodeId>> {
         Box::pin(async move {
             let deadline = tokio::time::Instant::now() + TAKEOVER_WAIT + REPLY_TIMEOUT;
@@ -352,7 +351,7 @@ impl crate::gateway::Remote for Forwarder {
                     used.unacked.push(op.clone());
                 }
             }
-            session.mark_uses_peer();
+            session.mark_uses_other_nodes();
             metrics::counter!("stoa_forwarded_requests_total").increment(1);
             let msg = serde_json::to_string(&Up::Request { id, op }).map_err(|e| {
                 tracing::error!(error = %e, "a room operation does not serialize");
@@ -625,15 +624,14 @@ impl LinkSide {
             // A room event for several sessions: one delivery, so each front end encodes it once.
             Down::Event { event } if !matches!(event, RoomEvent::Moved { .. }) => {
                 let delivery = Delivery::new(event);
+                if let RoomEvent::Message(m) = &delivery.event {
+                    self.forwarder.seen(sessions, &m.room, m.seq);
+                }
                 for &session in sessions {
-                    let Some(s) = self.gateway.session(session) else {
-                        self.forwarder.link.session_gone(node, session);
-                        continue;
-                    };
-                    if let RoomEvent::Message(m) = &delivery.event {
-                        self.forwarder.seen(session, &m.room, m.seq);
+                    match self.gateway.session(session) {
+                        Some(s) => s.deliver(&delivery),
+                        None => self.forwarder.link.session_gone(node, session),
                     }
-                    s.deliver(&delivery);
                 }
             }
             down => {
@@ -659,7 +657,7 @@ impl LinkSide {
             }
             Down::Event { event } => {
                 if let RoomEvent::Message(m) = &event {
-                    self.forwarder.seen(session, &m.room, m.seq);
+                    self.forwarder.seen(&[session], &m.room, m.seq);
                 }
                 s.deliver(&Delivery::new(event))
             }
@@ -667,7 +665,7 @@ impl LinkSide {
                 // Followed to its new host: the client is still in the room; it gets what it missed.
                 for d in &replay {
                     if let RoomEvent::Message(m) = &d.event {
-                        self.forwarder.seen(session, &m.room, m.seq);
+                        self.forwarder.seen(&[session], &m.room, m.seq);
                     }
                     s.deliver(d);
                 }
@@ -677,7 +675,7 @@ impl LinkSide {
                     RoomAnswer::Joined { replay, .. } => {
                         for d in replay {
                             if let RoomEvent::Message(m) = &d.event {
-                                self.forwarder.seen(session, &m.room, m.seq);
+                                self.forwarder.seen(&[session], &m.room, m.seq);
                             }
                         }
                     }

@@ -64,9 +64,9 @@ pub struct Session {
     killed_for: Mutex<Option<KillReason>>,
     /// Rooms this session occupies, kept by the rooms themselves (join, leave, kick, destroy).
     rooms: Mutex<HashSet<RoomAddr>>,
-    /// The session has sent a room operation to the peer (`crate::forward`): only then may a
-    /// room of it be served there, so the others skip that lookup.
-    uses_peer: std::sync::atomic::AtomicBool,
+    /// The session has sent a room operation to another node (`crate::forward`): only then
+    /// may a room of it be served there, so the others skip that lookup.
+    uses_other_nodes: std::sync::atomic::AtomicBool,
     /// The SHA-256 of the session token it logged in with (none for the stand-ins of the
     /// peer's sessions), so an administrator can end the connections of one stored session.
     token_hash: Option<String>,
@@ -89,7 +89,7 @@ impl Session {
             kill,
             killed_for: Mutex::new(None),
             rooms: Mutex::new(HashSet::new()),
-            uses_peer: Default::default(),
+            uses_other_nodes: Default::default(),
             token_hash: None,
         }
     }
@@ -123,14 +123,14 @@ impl Session {
         self.queued(self.wire.goaway(reason, to));
     }
 
-    /// Record that the session sent a room operation to the peer.
-    pub fn mark_uses_peer(&self) {
-        self.uses_peer.store(true, std::sync::atomic::Ordering::Relaxed);
+    /// Record that the session sent a room operation to another node.
+    pub fn mark_uses_other_nodes(&self) {
+        self.uses_other_nodes.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Whether the session ever sent a room operation to the peer.
-    pub fn uses_peer(&self) -> bool {
-        self.uses_peer.load(std::sync::atomic::Ordering::Relaxed)
+    /// Whether the session ever sent a room operation to another node.
+    pub fn uses_other_nodes(&self) -> bool {
+        self.uses_other_nodes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Disconnect this session.

@@ -200,7 +200,7 @@ impl Gateway {
     /// and is tried again.
     async fn route(&self, session: &Arc<Session>, op: RoomOp) -> Outcome<Reply> {
         let Some(remote) = self.forwarder() else { return self.serve(session, op).await };
-        if session.uses_peer() {
+        if session.uses_other_nodes() {
             // A post for a room being followed waits for the room, not the connection.
             if remote.hold_post(session.id, &op) {
                 return Ok(Reply::Done);

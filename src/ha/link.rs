@@ -364,14 +364,18 @@ pub struct LinkConfig {
 }
 
 impl Link {
+    /// A heartbeat arrived within the last three intervals on an open link.
+    fn reachable(&self, v: &PeerView) -> bool {
+        v.connected() && v.last.is_some_and(|t| t.elapsed() < self.heartbeat * MISSED_HEARTBEATS)
+    }
+
     fn status_of(&self, r: &Remote) -> PeerStatus {
         let v = r.view.lock().expect("peer view lock");
         let ago = v.last.map(|t| t.elapsed());
-        let fresh = ago.is_some_and(|a| a < self.heartbeat * MISSED_HEARTBEATS);
         PeerStatus {
             id: r.id.0.clone(),
             peer: self.peer_id.as_ref() == Some(&r.id),
-            reachable: v.connected() && fresh,
+            reachable: self.reachable(&v),
             state: v.state,
             hosting: v.hosting,
             services_down: v.down.clone(),
@@ -410,8 +414,8 @@ impl Link {
     /// judges, never this view).
     pub fn host_of(&self, service: &str) -> Option<NodeId> {
         let serving = |r: &&Arc<Remote>| {
-            let s = self.status_of(r);
-            s.reachable && s.hosting && s.services.iter().any(|x| x == service)
+            let v = r.view.lock().expect("peer view lock");
+            self.reachable(&v) && v.hosting && v.services.iter().any(|x| x == service)
         };
         let mut candidates: Vec<&Arc<Remote>> = self.remotes.values().filter(serving).collect();
         candidates.sort_by_key(|r| (r.service != service, r.id.0.clone()));
@@ -511,7 +515,16 @@ impl Link {
 
     /// Whether the link to `node` is up in both directions as far as this node knows.
     pub fn is_up(&self, node: &NodeId) -> bool {
-        self.status(node).is_some_and(|s| s.reachable)
+        self.remotes.get(node).is_some_and(|r| self.reachable(&r.view.lock().expect("peer view lock")))
+    }
+
+    /// Whether `node` is up (as [`Link::is_up`]) and serves rooms (as of its last heartbeat):
+    /// read for every forwarded request, so without building a [`PeerStatus`].
+    pub fn is_serving(&self, node: &NodeId) -> bool {
+        self.remotes.get(node).is_some_and(|r| {
+            let v = r.view.lock().expect("peer view lock");
+            self.reachable(&v) && v.hosting
+        })
     }
 }
 
