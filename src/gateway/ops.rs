@@ -332,7 +332,7 @@ impl Gateway {
     }
 
     /// Post a message. The room answers on the session after commit (an ack) or with an error.
-    async fn send_here(&self, session: &Session, re: RequestId, room: &RoomAddr, body: String, cid: ClientMsgId) -> Outcome<()> {
+    async fn send_here(&self, session: &Arc<Session>, re: RequestId, room: &RoomAddr, body: String, cid: ClientMsgId) -> Outcome<()> {
         self.check_room(room)?;
         let limits = &self.settings.limits;
         if body.len() > limits.max_body_bytes {
@@ -345,10 +345,14 @@ impl Gateway {
             return fail(ErrorCode::BadRequest, format!("cid must be 1 to {} characters", limits.max_cid_chars));
         }
         let addr = self.occupied(session, room, "join the room first", "room unavailable; retry with the same cid")?;
-        addr.send(room::Post { session: session.id, re, body, client_msg_id: cid.0 })
-            .await
-            .map_err(|_| Failure::new(ErrorCode::Unavailable, "room unavailable; retry with the same cid"))??;
-        Ok(())
+        let post = room::Post { session: session.clone(), re, body, client_msg_id: cid.0 };
+        // Only a full mailbox waits (backpressure); the room answers the post on the session.
+        let unavailable = || Failure::new(ErrorCode::Unavailable, "room unavailable; retry with the same cid");
+        match addr.try_send(post) {
+            Ok(()) => Ok(()),
+            Err(actix::dev::SendError::Full(post)) => addr.send(post).await.map_err(|_| unavailable()),
+            Err(actix::dev::SendError::Closed(_)) => Err(unavailable()),
+        }
     }
 
     /// Read a room's history (members and occupants, as the room's config says).

@@ -248,28 +248,40 @@ impl Room {
     }
 }
 
-/// An occupant posts a message. The ack (after commit) or the error goes to its queue.
-#[derive(Message, Clone)]
-#[rtype(result = "Result<(), RoomError>")]
+/// An occupant posts a message. The ack (after commit) or the error goes to the occupant's
+/// answers: the sender does not wait for the room to take the post, which spares a
+/// connection a round trip (and a thread crossing) per message.
+#[derive(Message)]
+#[rtype(result = "()")]
 pub struct Post {
-    pub session: SessionId,
+    pub session: Arc<dyn Occupant>,
     pub re: RequestId,
     pub body: String,
     pub client_msg_id: String,
 }
 
 impl Handler<Post> for Room {
-    type Result = Result<(), RoomError>;
+    type Result = ();
 
-    fn handle(&mut self, msg: Post, ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: Post, ctx: &mut Context<Self>) {
+        let Post { session, re, body, client_msg_id } = msg;
+        if let Err(e) = self.post(&session, re.clone(), body, client_msg_id, ctx) {
+            session.answer(RoomAnswer::Error { re: Some(re), room: self.addr.clone(), code: e.code(), message: e.client_message() });
+        }
+    }
+}
+
+impl Room {
+    fn post(&mut self, sender: &Arc<dyn Occupant>, re: RequestId, body: String, client_msg_id: String, ctx: &mut Context<Self>) -> Result<(), RoomError> {
         self.check_alive()?;
-        let session = self.occupant(msg.session)?.clone();
+        // The room's own entry: a session that left meanwhile is refused.
+        let session = self.occupant(sender.id())?.clone();
         let user = session.user().to_owned();
-        let nick = self.state.occupants.get(&msg.session).map(|o| o.nick.clone()).unwrap_or_default();
+        let nick = self.state.occupants.get(&session.id()).map(|o| o.nick.clone()).unwrap_or_default();
         self.touch();
-        let key = (user, msg.client_msg_id);
+        let key = (user, client_msg_id);
         if let Some(&(seq, ts)) = self.committed_cids.get(&key) {
-            session.answer(RoomAnswer::Ack { re: msg.re, room: self.addr.clone(), seq, ts, duplicate: true });
+            session.answer(RoomAnswer::Ack { re, room: self.addr.clone(), seq, ts, duplicate: true });
             return Ok(());
         }
         let hash = self.cid_hasher.hash_one(&key);
@@ -277,14 +289,14 @@ impl Handler<Post> for Room {
             let mut pending = self.in_flight.iter_mut().flatten().chain(self.queue.iter_mut()).chain(self.hooks.posts_mut());
             if let Some(p) = pending.find(|p| p.message.sender == key.0 && p.message.client_msg_id == key.1) {
                 // A resend of a post not yet committed: answer both with the one commit.
-                p.waiters.push((session, msg.re));
+                p.waiters.push((session, re));
                 return Ok(());
             }
         }
         let (sender, client_msg_id) = key;
         let post = PendingPost {
-            message: NewMessage::unstamped(sender, nick, msg.body, client_msg_id),
-            waiters: vec![(session, msg.re)],
+            message: NewMessage::unstamped(sender, nick, body, client_msg_id),
+            waiters: vec![(session, re)],
         };
         self.enqueue_post(post, false, ctx);
         Ok(())
