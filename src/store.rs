@@ -36,6 +36,7 @@ use sea_orm::{
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Who may write a room: the host node at an epoch. Carried by every room mutation.
@@ -88,6 +89,9 @@ pub enum StoreError {
     /// A raw sqlx error (pool set-up, migration lock connection).
     #[error("database: {0}")]
     Sqlx(#[from] sqlx::Error),
+    /// An error of the SQLite group commit's own connection (`store::log::sqlite`).
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
 }
 
 impl StoreError {
@@ -98,6 +102,7 @@ impl StoreError {
         let sqlx = match self {
             StoreError::Db(DbErr::Exec(sea_orm::RuntimeErr::SqlxError(e)) | DbErr::Query(sea_orm::RuntimeErr::SqlxError(e))) => e.as_ref(),
             StoreError::Sqlx(e) => e,
+            StoreError::Sqlite(e) => return matches!(e, rusqlite::Error::SqliteFailure(..)),
             _ => return false,
         };
         matches!(sqlx, sqlx::Error::Database(_))
@@ -209,6 +214,8 @@ const MIGRATION_LOCK_KEY: i64 = 0x5374_6f61; // "Stoa"
 #[derive(Clone)]
 pub struct Store {
     db: DatabaseConnection,
+    /// SQLite in a file: the group commit's own connection and thread (`store::log::sqlite`).
+    sqlite_writer: Option<Arc<log::SqliteWriter>>,
     kind: StoreKind,
     url: String,
 }
@@ -237,7 +244,7 @@ impl Store {
     pub async fn connect_with(url: &str, settings: &crate::config::StoreSettings) -> Result<Store, StoreError> {
         let max_connections = settings.max_connections;
         let sqlite_synchronous = settings.sqlite_synchronous.as_str();
-        let (db, kind) = if url.starts_with("sqlite:") {
+        let (db, sqlite_writer, kind) = if url.starts_with("sqlite:") {
             use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
             let sync = SqliteSynchronous::from_str(sqlite_synchronous)
                 .map_err(|_| StoreError::UnsupportedUrl(format!("synchronous={sqlite_synchronous}")))?;
@@ -265,7 +272,15 @@ impl Store {
                     other => break other?,
                 }
             };
-            (sea_orm::SqlxSqliteConnector::from_sqlx_sqlite_pool(pool), StoreKind::Sqlite)
+            // An in-memory database is the pool's alone: its appends take the general path.
+            let writer = match sqlite_path(url) {
+                Some(path) => {
+                    let busy = Duration::from_millis(settings.sqlite_busy_timeout_ms);
+                    Some(Arc::new(log::SqliteWriter::start(&path, sqlite_synchronous, busy)?))
+                }
+                None => None,
+            };
+            (sea_orm::SqlxSqliteConnector::from_sqlx_sqlite_pool(pool), writer, StoreKind::Sqlite)
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let mut options = sqlx::postgres::PgConnectOptions::from_str(url)?;
             if settings.idle_in_transaction_timeout_ms > 0 {
@@ -277,7 +292,7 @@ impl Store {
                 .acquire_timeout(Duration::from_secs(5))
                 .connect_with(options)
                 .await?;
-            (sea_orm::SqlxPostgresConnector::from_sqlx_postgres_pool(pool), StoreKind::Postgres)
+            (sea_orm::SqlxPostgresConnector::from_sqlx_postgres_pool(pool), None, StoreKind::Postgres)
         } else if url.starts_with("mysql:") || url.starts_with("mariadb:") {
             let url = url.replacen("mariadb:", "mysql:", 1);
             // Whole seconds, at least 1 when on.
@@ -299,11 +314,11 @@ impl Store {
                 })
                 .connect(&url)
                 .await?;
-            (sea_orm::SqlxMySqlConnector::from_sqlx_mysql_pool(pool), StoreKind::MySql)
+            (sea_orm::SqlxMySqlConnector::from_sqlx_mysql_pool(pool), None, StoreKind::MySql)
         } else {
             return Err(StoreError::UnsupportedUrl(url.to_owned()));
         };
-        Ok(Store { db, kind, url: url.to_owned() })
+        Ok(Store { db, sqlite_writer, kind, url: url.to_owned() })
     }
 
     /// The URL this store was opened with (it may hold a password: never log it as is).

@@ -5,8 +5,10 @@
 use super::*;
 
 mod postgres;
+mod sqlite;
 
 pub(super) use postgres::MessageArrays;
+pub(super) use sqlite::SqliteWriter;
 
 /// A stored message.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -261,6 +263,9 @@ impl Store {
     ///
     /// `Err` means the whole transaction failed (and nothing of it is visible).
     pub async fn append_batch(&self, requests: &[AppendRequest]) -> Result<Vec<Result<Appended, AppendError>>, StoreError> {
+        if let Some(writer) = &self.sqlite_writer {
+            return writer.append_batch(requests).await;
+        }
         let first = if self.kind == StoreKind::Postgres && requests.iter().all(|r| !r.messages.is_empty()) {
             self.append_postgres(requests).await
         } else {

@@ -140,7 +140,7 @@ impl Store {
         } else {
             return Err(StoreError::UnsupportedUrl(url.to_owned()));
         };
-        Ok(Store { db, kind, url: url.to_owned() })
+        Ok(Store { db, sqlite_writer: None, kind, url: url.to_owned() })
     }
 
     /// The merge's target: like [`Store::connect`], but on one connection (so the check for
@@ -150,7 +150,7 @@ impl Store {
         if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let options = sqlx::postgres::PgConnectOptions::from_str(url)?.application_name("stoa db merge");
             let pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).acquire_timeout(Duration::from_secs(10)).connect_with(options).await?;
-            return Ok(Store { db: sea_orm::SqlxPostgresConnector::from_sqlx_postgres_pool(pool), kind: StoreKind::Postgres, url: url.to_owned() });
+            return Ok(Store { db: sea_orm::SqlxPostgresConnector::from_sqlx_postgres_pool(pool), sqlite_writer: None, kind: StoreKind::Postgres, url: url.to_owned() });
         }
         Store::connect(url, 1, "normal").await
     }

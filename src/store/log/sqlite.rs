@@ -1,0 +1,178 @@
+//! A group commit on SQLite as one hand-off to a writer thread of the store's own.
+//!
+//! sqlx runs each SQLite connection on a worker thread and sends it every statement as a
+//! message: the general path (`Store::try_append`: `BEGIN`, the fenced `UPDATE … CASE`, the
+//! `INSERT`, `COMMIT`) costs four round trips per batch, each waking the worker and then the
+//! waiting task. On a busy two-core machine those wake-ups, not SQLite, were most of a
+//! commit's cost (a 40-message batch took 4.7 ms at 8,000 msg/s, fsync 0.3 ms). Here the whole
+//! batch goes to one thread in one message and its answer comes back in one: the thread runs
+//! the transaction with statements prepared once (one fixed-shape `UPDATE` per room, one
+//! `INSERT` per row, both cached), on one connection whose page cache stays warm.
+//!
+//! The rules are the general path's, statement for statement: a room's part is written only
+//! if its row still shows the append's host, epoch and base seq; a refused room gets its
+//! [`AppendError`] and the rest of the batch commits; a unique violation (a resent cid the
+//! room did not remember) fails the attempt, which is redone looking every cid up first.
+//! SQLite has one writer: this connection takes the write lock at `BEGIN IMMEDIATE`, waiting
+//! for the store's other connections (room creation, sessions) up to the busy timeout.
+
+use super::*;
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use std::path::Path;
+use std::sync::mpsc;
+
+/// The answer to one batch.
+type Answer = Result<Vec<Result<Appended, AppendError>>, StoreError>;
+
+struct Job {
+    requests: Vec<AppendRequest>,
+    reply: tokio::sync::oneshot::Sender<Answer>,
+}
+
+/// The writer thread's handle; the thread ends when the last handle is dropped.
+pub(in crate::store) struct SqliteWriter {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl std::fmt::Debug for SqliteWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteWriter").finish_non_exhaustive()
+    }
+}
+
+impl SqliteWriter {
+    /// Open a connection of its own to the database at `path` (already in WAL mode: the pool
+    /// set it) and start the thread.
+    pub(in crate::store) fn start(path: &Path, synchronous: &str, busy_timeout: Duration) -> Result<SqliteWriter, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(busy_timeout)?;
+        // The values were checked by the pool's options; pragmas take no bind parameters.
+        conn.execute_batch(&format!("PRAGMA synchronous = {synchronous}; PRAGMA foreign_keys = ON;"))?;
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("stoa-sqlite-commit".into())
+            .spawn(move || {
+                let mut conn = conn;
+                while let Ok(job) = rx.recv() {
+                    let _ = job.reply.send(append(&mut conn, &job.requests));
+                }
+            })
+            .map_err(|e| StoreError::Lock(format!("starting the SQLite commit thread: {e}")))?;
+        Ok(SqliteWriter { jobs: tx })
+    }
+
+    /// Commit `requests` as one transaction on the writer thread.
+    pub(in crate::store) async fn append_batch(&self, requests: &[AppendRequest]) -> Answer {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job = Job { requests: requests.to_vec(), reply };
+        if self.jobs.send(job).is_err() {
+            return Err(StoreError::Lock("the SQLite commit thread has stopped".into()));
+        }
+        answer.await.unwrap_or_else(|_| Err(StoreError::Lock("the SQLite commit thread has stopped".into())))
+    }
+}
+
+/// One batch: as it comes, or, after a unique violation, looking every cid up first.
+fn append(conn: &mut Connection, requests: &[AppendRequest]) -> Answer {
+    match attempt(conn, requests, false) {
+        Err(StoreError::Conflict) => attempt(conn, requests, true),
+        other => other,
+    }
+}
+
+fn attempt(conn: &mut Connection, requests: &[AppendRequest], check_duplicates: bool) -> Answer {
+    // Dropped without commit (an error below), the transaction rolls back at once.
+    let txn = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut answers = Vec::with_capacity(requests.len());
+    for req in requests {
+        let existing = if check_duplicates { stored_cids(&txn, req)? } else { HashMap::new() };
+        let outcomes = plan(req, &existing, check_duplicates);
+        let last_seq = last_new_seq(&outcomes, req.base_seq);
+        if last_seq == req.base_seq {
+            // Nothing new (every message a resend): nothing to fence or write.
+            answers.push(Ok(Appended { outcomes, last_seq }));
+            continue;
+        }
+        let fence = &req.fence;
+        let last_ts = outcomes.iter().filter(|o| !o.duplicate).map(|o| o.created_at).max().unwrap_or_default();
+        let moved = txn
+            .prepare_cached("UPDATE rooms SET last_seq = ?1, last_ts = ?2 WHERE id = ?3 AND host_node = ?4 AND epoch = ?5 AND last_seq = ?6")?
+            .execute(params![last_seq as i64, last_ts, fence.room.0, fence.host.0, fence.epoch.0, req.base_seq as i64])?;
+        if moved != 1 {
+            answers.push(Err(refusal(&txn, req)?));
+            continue;
+        }
+        let mut insert = txn.prepare_cached(
+            "INSERT INTO messages (room_id, seq, id, sender, nick, body, client_msg_id, epoch, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )?;
+        for (m, o) in req.messages.iter().zip(&outcomes).filter(|(_, o)| !o.duplicate) {
+            insert
+                .execute(params![fence.room.0, o.seq as i64, m.id, m.sender, m.nick, m.body, m.client_msg_id, fence.epoch.0, m.created_at])
+                .map_err(classify)?;
+        }
+        answers.push(Ok(Appended { outcomes, last_seq }));
+    }
+    txn.commit()?;
+    Ok(answers)
+}
+
+/// The seq each message of `req` gets: the next one, or, if its `(sender, cid)` is stored
+/// already (`existing`) or earlier in the same request, the original's.
+fn plan(req: &AppendRequest, existing: &HashMap<(String, String), MessageOutcome>, check_duplicates: bool) -> Vec<MessageOutcome> {
+    let mut next = req.base_seq;
+    let mut seen: HashMap<(&str, &str), MessageOutcome> = HashMap::new();
+    let mut outcomes = Vec::with_capacity(req.messages.len());
+    for m in &req.messages {
+        let key = (m.sender.as_str(), m.client_msg_id.as_str());
+        let outcome = if let Some(o) = existing.get(&(m.sender.clone(), m.client_msg_id.clone())) {
+            *o
+        } else if let Some(o) = seen.get(&key).filter(|_| check_duplicates) {
+            MessageOutcome { duplicate: true, ..*o }
+        } else {
+            next += 1;
+            let o = MessageOutcome { seq: next, created_at: m.created_at, duplicate: false };
+            seen.insert(key, o);
+            o
+        };
+        outcomes.push(outcome);
+    }
+    outcomes
+}
+
+/// Already-stored `(sender, cid)` of a request's messages, with their original outcome.
+fn stored_cids(conn: &Connection, req: &AppendRequest) -> Result<HashMap<(String, String), MessageOutcome>, StoreError> {
+    let mut find = conn.prepare_cached("SELECT seq, created_at FROM messages WHERE room_id = ?1 AND sender = ?2 AND client_msg_id = ?3")?;
+    let mut found = HashMap::new();
+    for m in &req.messages {
+        let row: Option<(i64, i64)> = find.query_row(params![req.fence.room.0, m.sender, m.client_msg_id], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
+        if let Some((seq, created_at)) = row {
+            found.insert((m.sender.clone(), m.client_msg_id.clone()), MessageOutcome { seq: seq as u64, created_at, duplicate: true });
+        }
+    }
+    Ok(found)
+}
+
+/// Why the fenced `UPDATE` of `req`'s room changed nothing, by its row now.
+fn refusal(conn: &Connection, req: &AppendRequest) -> Result<AppendError, StoreError> {
+    let row: Option<(String, i64, i64)> = conn
+        .prepare_cached("SELECT host_node, epoch, last_seq FROM rooms WHERE id = ?1")?
+        .query_row(params![req.fence.room.0], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    Ok(match row {
+        None => AppendError::Gone,
+        Some((host, epoch, _)) if host != req.fence.host.0 || epoch != req.fence.epoch.0 => AppendError::Fenced { host, epoch },
+        Some((_, _, last_seq)) => AppendError::Stale { last_seq: last_seq as u64 },
+    })
+}
+
+/// A unique violation is a resent cid ([`StoreError::Conflict`]); anything else as it is.
+fn classify(e: rusqlite::Error) -> StoreError {
+    match &e {
+        rusqlite::Error::SqliteFailure(f, _)
+            if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE || f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY =>
+        {
+            StoreError::Conflict
+        }
+        _ => StoreError::Sqlite(e),
+    }
+}
