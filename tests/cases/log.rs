@@ -461,8 +461,8 @@ pub async fn nothing_is_acked_when_the_commit_fails(db: &TestDb) {
 /// The store's group commit judges each room of a batch on its own: a room with a stale epoch,
 /// one on another host, one whose log moved on and a destroyed one are refused with the reason
 /// and write nothing, while the rest of the same batch commits; a batch with a resent cid
-/// stores it once and the rest after it. (PostgreSQL commits a batch in one statement, the
-/// others in a transaction of several: this holds for both.)
+/// stores it once and the rest after it. (PostgreSQL commits a batch in one statement, SQLite
+/// on its commit thread, MariaDB in a transaction of several: this holds for all three.)
 pub async fn a_group_commit_fences_each_room_on_its_own(db: &TestDb) {
     use stoa::ids::{Epoch, NodeId, message_id};
     use stoa::store::{AppendError, AppendRequest, Fence, NewMessage};
