@@ -398,7 +398,7 @@ async fn run(settings: Settings, tls: Option<crate::tls::ServerTls>, shutdown: C
     for arbiter in arbiters {
         let _ = arbiter.join();
     }
-    store.connection().clone().close().await.ok();
+    store.close().await;
     tracing::info!("node stopped");
     actix::System::current().stop();
     Ok(())

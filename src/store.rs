@@ -321,6 +321,14 @@ impl Store {
         Ok(Store { db, sqlite_writer, kind, url: url.to_owned() })
     }
 
+    /// Close every connection of the store (its pool, and on SQLite the group commit's own).
+    pub async fn close(&self) {
+        if let Some(writer) = &self.sqlite_writer {
+            writer.close().await;
+        }
+        self.db.clone().close().await.ok();
+    }
+
     /// The URL this store was opened with (it may hold a password: never log it as is).
     pub fn url(&self) -> &str {
         &self.url

@@ -431,6 +431,6 @@ pub(super) async fn check_store(url: &str, rooms: &[String], acked: &[(usize, St
             }
         }
     }
-    store.connection().clone().close().await.ok();
+    store.close().await;
     Ok((lost, duplicates))
 }

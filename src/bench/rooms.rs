@@ -82,7 +82,7 @@ pub(super) async fn fill_store_at(url: &str, prefix: &str, count: usize, batch: 
     }
     bar.finish_and_clear();
     let rate = count as f64 / started.elapsed().as_secs_f64();
-    store.connection().clone().close().await.ok();
+    store.close().await;
     Ok(rate)
 }
 

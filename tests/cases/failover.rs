@@ -411,7 +411,7 @@ pub(crate) async fn start_both(pair: &mut Pair) {
 pub(crate) async fn hosted(db: &TestDb, node: &str) -> u64 {
     let store = db.store().await;
     let n = store.rooms_hosted_by(&stoa::ids::NodeId(node.into())).await.expect("count rooms");
-    store.connection().clone().close().await.ok();
+    store.close().await;
     n
 }
 

@@ -39,7 +39,7 @@ async fn merge(sources: &[&TestDb], target: &TestDb, extra: &[&str]) -> (bool, S
 async fn with_store<T>(db: &TestDb, f: impl AsyncFnOnce(&Store) -> T) -> T {
     let store = db.store().await;
     let out = f(&store).await;
-    store.connection().clone().close().await.ok();
+    store.close().await;
     out
 }
 
@@ -408,7 +408,7 @@ pub async fn kill9_mid_merge_then_resume_gives_the_same_store(db: &TestDb) {
     child.wait().await.expect("reaping the merge");
     let job = store.merge_job(&id).await.unwrap().expect("the job is recorded");
     assert_eq!(job.state, "running", "killed in the middle");
-    store.connection().clone().close().await.ok();
+    store.close().await;
     assert_ne!(dump(db).await, dump(&reference).await, "the killed merge had not finished");
 
     // The killed process's sessions go away on their own; until then the merge says the
@@ -503,7 +503,7 @@ pub async fn merged_stores_serve_an_ha_pair(db: &TestDb) {
             let answer = store.append_batch(&[AppendRequest { fence, base_seq: 0, messages }]).await.expect("source append");
             assert!(answer[0].is_ok(), "{answer:?}");
         }
-        store.connection().clone().close().await.ok();
+        store.close().await;
     }
     let src: Vec<&TestDb> = sources.iter().collect();
     let (ok, out, err) = merge(&src, db, &["--migrate-target", "--yes"]).await;

@@ -361,7 +361,7 @@ pub async fn console_in_chromium_stops_a_service_and_falls_back(db: &TestDb) {
     let source = format!("sqlite://{}/other-node.db", dir.path().display());
     let other = stoa::store::Store::connect(&source, 1, "full").await.expect("creating the other node's store");
     other.migrate().await.expect("its schema");
-    other.connection().clone().close().await.ok();
+    other.close().await;
     let (merged, text) = crate::harness::run_stoa(&["db", "merge", "--source", &source, "--target", &db.url, "--yes"]).await;
     assert!(!merged, "a merge into a served store is refused: {text}");
     let jobs = b.ask(json!({"op": "tab", "tab": "jobs", "wait": "#jobs table", "until": "refused"})).await;

@@ -125,7 +125,7 @@ impl TestDb {
         for m in &messages {
             assert_eq!(stoa::ids::message_id_time(&m.id), Some(m.created_at), "room {room}: the id of seq {} does not carry its time", m.seq);
         }
-        store.connection().clone().close().await.ok();
+        store.close().await;
         // Tests name guests by the name they asked for; the store keeps `name~suffix`.
         messages.into_iter().map(|m| StoredMessage { sender: asked_name(&m.sender).to_owned(), ..m }).collect()
     }
@@ -142,7 +142,7 @@ impl TestDb {
             .all(store.connection())
             .await
             .expect("reading message epochs");
-        store.connection().clone().close().await.ok();
+        store.close().await;
         rows.into_iter().map(|m| (m.seq as u64, m.epoch)).collect()
     }
 

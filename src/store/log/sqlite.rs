@@ -24,12 +24,14 @@ use std::sync::mpsc;
 /// The answer to one batch.
 type Answer = Result<Vec<Result<Appended, AppendError>>, StoreError>;
 
-struct Job {
-    requests: Vec<AppendRequest>,
-    reply: tokio::sync::oneshot::Sender<Answer>,
+enum Job {
+    Append { requests: Vec<AppendRequest>, reply: tokio::sync::oneshot::Sender<Answer> },
+    /// Close the connection, answer, and end the thread.
+    Close(tokio::sync::oneshot::Sender<()>),
 }
 
-/// The writer thread's handle; the thread ends when the last handle is dropped.
+/// The writer thread's handle; the thread ends when the last handle is dropped, or at
+/// [`SqliteWriter::close`].
 pub(in crate::store) struct SqliteWriter {
     jobs: mpsc::Sender<Job>,
 }
@@ -54,7 +56,16 @@ impl SqliteWriter {
             .spawn(move || {
                 let mut conn = conn;
                 while let Ok(job) = rx.recv() {
-                    let _ = job.reply.send(append(&mut conn, &job.requests));
+                    match job {
+                        Job::Append { requests, reply } => {
+                            let _ = reply.send(append(&mut conn, &requests));
+                        }
+                        Job::Close(done) => {
+                            drop(conn);
+                            let _ = done.send(());
+                            return;
+                        }
+                    }
                 }
             })
             .map_err(|e| StoreError::Lock(format!("starting the SQLite commit thread: {e}")))?;
@@ -64,11 +75,20 @@ impl SqliteWriter {
     /// Commit `requests` as one transaction on the writer thread.
     pub(in crate::store) async fn append_batch(&self, requests: &[AppendRequest]) -> Answer {
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let job = Job { requests: requests.to_vec(), reply };
-        if self.jobs.send(job).is_err() {
-            return Err(StoreError::Lock("the SQLite commit thread has stopped".into()));
+        let stopped = || StoreError::Lock("the store is closed (its SQLite commit thread has ended)".into());
+        if self.jobs.send(Job::Append { requests: requests.to_vec(), reply }).is_err() {
+            return Err(stopped());
         }
-        answer.await.unwrap_or_else(|_| Err(StoreError::Lock("the SQLite commit thread has stopped".into())))
+        answer.await.unwrap_or_else(|_| Err(stopped()))
+    }
+
+    /// Close the connection (the file is no longer open here once this returns) and end the
+    /// thread; appends after it fail.
+    pub(in crate::store) async fn close(&self) {
+        let (done, closed) = tokio::sync::oneshot::channel();
+        if self.jobs.send(Job::Close(done)).is_ok() {
+            let _ = closed.await;
+        }
     }
 }
 
