@@ -315,26 +315,7 @@ impl Store {
         let mut plans: Vec<Vec<MessageOutcome>> = Vec::with_capacity(requests.len());
         for req in requests {
             let existing = if check_duplicates { self.stored_cids(txn, req).await? } else { HashMap::new() };
-            let mut next = req.base_seq;
-            let mut seen_in_request: HashMap<(&str, &str), MessageOutcome> = HashMap::new();
-            let mut plan = Vec::with_capacity(req.messages.len());
-            for m in &req.messages {
-                let outcome = if let Some(o) = existing.get(&(m.sender.clone(), m.client_msg_id.clone())) {
-                    *o
-                } else if let Some(o) = seen_in_request
-                    .get(&(m.sender.as_str(), m.client_msg_id.as_str()))
-                    .filter(|_| check_duplicates)
-                {
-                    MessageOutcome { duplicate: true, ..*o }
-                } else {
-                    next += 1;
-                    let o = MessageOutcome { seq: next, created_at: m.created_at, duplicate: false };
-                    seen_in_request.insert((m.sender.as_str(), m.client_msg_id.as_str()), o);
-                    o
-                };
-                plan.push(outcome);
-            }
-            plans.push(plan);
+            plans.push(plan(req, &existing, check_duplicates));
         }
 
         // Fence + advance last_seq for every room that has new rows, in one statement.
@@ -473,6 +454,31 @@ async fn refusals<C: ConnectionTrait>(
             (i, why)
         })
         .collect())
+}
+
+/// The seq each message of `req` gets: the next one after its base, or, for a `(sender, cid)`
+/// already stored (`existing`) or, when `check_duplicates`, met earlier in the same request,
+/// the original's.
+fn plan(req: &AppendRequest, existing: &HashMap<(String, String), MessageOutcome>, check_duplicates: bool) -> Vec<MessageOutcome> {
+    let mut next = req.base_seq;
+    let mut seen: HashMap<(&str, &str), MessageOutcome> = HashMap::new();
+    let mut outcomes = Vec::with_capacity(req.messages.len());
+    for m in &req.messages {
+        let key = (m.sender.as_str(), m.client_msg_id.as_str());
+        let stored = if existing.is_empty() { None } else { existing.get(&(m.sender.clone(), m.client_msg_id.clone())) };
+        let outcome = if let Some(o) = stored {
+            *o
+        } else if let Some(o) = seen.get(&key).filter(|_| check_duplicates) {
+            MessageOutcome { duplicate: true, ..*o }
+        } else {
+            next += 1;
+            let o = MessageOutcome { seq: next, created_at: m.created_at, duplicate: false };
+            seen.insert(key, o);
+            o
+        };
+        outcomes.push(outcome);
+    }
+    outcomes
 }
 
 /// The highest seq a plan stores, or `base` if it stores nothing new.

@@ -136,29 +136,6 @@ fn attempt(conn: &mut Connection, requests: &[AppendRequest], check_duplicates: 
     Ok(answers)
 }
 
-/// The seq each message of `req` gets: the next one, or, if its `(sender, cid)` is stored
-/// already (`existing`) or earlier in the same request, the original's.
-fn plan(req: &AppendRequest, existing: &HashMap<(String, String), MessageOutcome>, check_duplicates: bool) -> Vec<MessageOutcome> {
-    let mut next = req.base_seq;
-    let mut seen: HashMap<(&str, &str), MessageOutcome> = HashMap::new();
-    let mut outcomes = Vec::with_capacity(req.messages.len());
-    for m in &req.messages {
-        let key = (m.sender.as_str(), m.client_msg_id.as_str());
-        let outcome = if let Some(o) = existing.get(&(m.sender.clone(), m.client_msg_id.clone())) {
-            *o
-        } else if let Some(o) = seen.get(&key).filter(|_| check_duplicates) {
-            MessageOutcome { duplicate: true, ..*o }
-        } else {
-            next += 1;
-            let o = MessageOutcome { seq: next, created_at: m.created_at, duplicate: false };
-            seen.insert(key, o);
-            o
-        };
-        outcomes.push(outcome);
-    }
-    outcomes
-}
-
 /// Already-stored `(sender, cid)` of a request's messages, with their original outcome.
 fn stored_cids(conn: &Connection, req: &AppendRequest) -> Result<HashMap<(String, String), MessageOutcome>, StoreError> {
     let mut find = conn.prepare_cached("SELECT seq, created_at FROM messages WHERE room_id = ?1 AND sender = ?2 AND client_msg_id = ?3")?;
