@@ -21,6 +21,14 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use std::path::Path;
 use std::sync::mpsc;
 
+/// WAL pages after which a commit of this connection copies the WAL back into the database
+/// (SQLite's default is 1,000). A checkpoint copies each page once however often it changed
+/// since the last one, and a chat store rewrites the same few pages (the `rooms` rows, the
+/// newest leaves of `messages` and of its cid index) in every commit: ten times fewer
+/// checkpoints gave +19 % throughput (68,739 → 81,797 msg/s in one alternated run), at the
+/// price of a WAL file of up to about 40 MiB between checkpoints.
+const WAL_AUTOCHECKPOINT_PAGES: u32 = 10_000;
+
 /// The answer to one batch.
 type Answer = Result<Vec<Result<Appended, AppendError>>, StoreError>;
 
@@ -49,7 +57,9 @@ impl SqliteWriter {
         let conn = Connection::open(path)?;
         conn.busy_timeout(busy_timeout)?;
         // The values were checked by the pool's options; pragmas take no bind parameters.
-        conn.execute_batch(&format!("PRAGMA synchronous = {synchronous}; PRAGMA foreign_keys = ON;"))?;
+        conn.execute_batch(&format!(
+            "PRAGMA synchronous = {synchronous}; PRAGMA foreign_keys = ON; PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES};"
+        ))?;
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("stoa-sqlite-commit".into())
