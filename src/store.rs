@@ -92,6 +92,9 @@ pub enum StoreError {
     /// An error of the SQLite group commit's own connection (`store::log::sqlite`).
     #[error("database: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// The store was closed ([`Store::close`]).
+    #[error("the store is closed")]
+    Closed,
 }
 
 impl StoreError {

@@ -44,12 +44,6 @@ pub(in crate::store) struct SqliteWriter {
     jobs: mpsc::Sender<Job>,
 }
 
-impl std::fmt::Debug for SqliteWriter {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteWriter").finish_non_exhaustive()
-    }
-}
-
 impl SqliteWriter {
     /// Open a connection of its own to the database at `path` (already in WAL mode: the pool
     /// set it) and start the thread.
@@ -85,11 +79,10 @@ impl SqliteWriter {
     /// Commit `requests` as one transaction on the writer thread.
     pub(in crate::store) async fn append_batch(&self, requests: &[AppendRequest]) -> Answer {
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let stopped = || StoreError::Lock("the store is closed (its SQLite commit thread has ended)".into());
         if self.jobs.send(Job::Append { requests: requests.to_vec(), reply }).is_err() {
-            return Err(stopped());
+            return Err(StoreError::Closed);
         }
-        answer.await.unwrap_or_else(|_| Err(stopped()))
+        answer.await.unwrap_or(Err(StoreError::Closed))
     }
 
     /// Close the connection (the file is no longer open here once this returns) and end the
