@@ -443,17 +443,22 @@ async fn refusals<C: ConnectionTrait>(
         .into_iter()
         .map(|(i, last_seq)| {
             let fence = &requests[i].fence;
-            let why = match rows.get(&fence.room.0) {
-                None => Some(AppendError::Gone),
-                Some(row) if row.host_node != fence.host.0 || row.epoch != fence.epoch.0 => {
-                    Some(AppendError::Fenced { host: row.host_node.clone(), epoch: row.epoch })
-                }
-                Some(row) if row.last_seq as u64 != last_seq => Some(AppendError::Stale { last_seq: row.last_seq as u64 }),
-                Some(_) => None,
-            };
-            (i, why)
+            let row = rows.get(&fence.room.0).map(|r| (r.host_node.as_str(), r.epoch, r.last_seq as u64));
+            (i, refused(fence, row, last_seq))
         })
         .collect())
+}
+
+/// Why an append under `fence` that should leave the room at `last_seq` does not hold, by the
+/// room's row (`host_node`, `epoch`, `last_seq`) as it is now: gone, fenced (another host or
+/// epoch), or stale (its log is elsewhere). `None`: the row shows `last_seq` under the fence.
+fn refused(fence: &Fence, row: Option<(&str, i64, u64)>, last_seq: u64) -> Option<AppendError> {
+    match row {
+        None => Some(AppendError::Gone),
+        Some((host, epoch, _)) if host != fence.host.0 || epoch != fence.epoch.0 => Some(AppendError::Fenced { host: host.to_owned(), epoch }),
+        Some((_, _, stored)) if stored != last_seq => Some(AppendError::Stale { last_seq: stored }),
+        Some(_) => None,
+    }
 }
 
 /// The seq each message of `req` gets: the next one after its base, or, for a `(sender, cid)`
