@@ -62,6 +62,7 @@ fn describe_metrics() {
     describe_histogram!("stoa_room_activation_seconds", "time to load a room from the store");
     describe_counter!("stoa_messages_committed_total", "messages durably stored");
     describe_counter!("stoa_deliveries_total", "message frames queued to occupants");
+    describe_counter!("stoa_join_store_reads_total", "joins whose replay was read from the store (not covered by the room's recent cache)");
     describe_histogram!("stoa_commit_batch_rows", "rows per group commit");
     describe_histogram!("stoa_commit_seconds", "group-commit transaction latency");
     describe_counter!("stoa_commit_failures_total", "group commits that failed (senders got unavailable)");

@@ -297,7 +297,7 @@ impl Room {
     }
 
     /// Run a store operation on the I/O runtime.
-    fn on_io<T, F>(&self, f: F) -> impl Future<Output = Result<T, RoomError>> + 'static
+    fn on_io<T, F>(&self, f: F) -> impl Future<Output = Result<T, RoomError>> + use<T, F>
     where
         T: Send + 'static,
         F: Future<Output = Result<T, crate::store::StoreError>> + Send + 'static,

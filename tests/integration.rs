@@ -136,6 +136,7 @@ on_every_backend! {
     log::nothing_is_acked_when_the_commit_fails,
     log::a_group_commit_fences_each_room_on_its_own,
     room_life::idle_room_passivates_and_reactivates_intact,
+    room_life::joins_into_a_reactivated_room_replay_exactly_what_they_miss,
     room_life::churn_with_repeated_passivation_drops_no_request,
     permission::room_permissions_are_enforced,
     bad_input::malformed_requests_get_errors_and_the_room_keeps_working,

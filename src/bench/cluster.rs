@@ -484,6 +484,7 @@ async fn run(args: &ClusterArgs, target_args: &TargetArgs, shape: &Shape, dir: &
         if let Some(t) = cluster.targets[HOST].take() {
             t.stop().await;
         }
+        probers.probe_now();
         let detect = cluster.await_state(BACKUP, LAYOUT[BACKUP].0, "out of normal", |s| s != "normal").await?;
         let (room_ms, client_ms) = await_all(&probes, t0, rooms.len(), Duration::from_secs(300)).await?;
         eprintln!(

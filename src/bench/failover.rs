@@ -46,8 +46,9 @@ pub struct FailoverArgs {
     #[arg(long, value_parser = super::parse_duration, default_value = "2s")]
     pub settle: Duration,
     /// Pause between two probes of one room (every room has a prober; probes in flight or
-    /// sent during the outage are acked as soon as their room is writable again, so the
-    /// failover figures are at most this much late).
+    /// sent during the outage are acked as soon as their room is writable again). At a kill
+    /// every prober sends at once, so the failover figures do not depend on it; the fallback
+    /// figures are at most this much late.
     #[arg(long, value_parser = super::parse_duration, default_value = "1s")]
     pub probe_interval: Duration,
 }
@@ -89,6 +90,8 @@ pub(super) struct Probers {
     pub(super) probes: Arc<Mutex<Probes>>,
     tasks: Vec<tokio::task::JoinHandle<Arc<Client>>>,
     stop: CancellationToken,
+    /// Bumped at a fault: every prober waiting out its interval sends at once.
+    kick: tokio::sync::watch::Sender<u64>,
 }
 
 impl Probers {
@@ -101,7 +104,8 @@ impl Probers {
             client_acks: vec![Vec::new(); clients_n],
             ..Default::default()
         }));
-        let mut probers = Probers { probes, tasks: Vec::with_capacity(rooms.len()), stop: CancellationToken::new() };
+        let mut probers =
+            Probers { probes, tasks: Vec::with_capacity(rooms.len()), stop: CancellationToken::new(), kick: tokio::sync::watch::Sender::new(0) };
         let bar = indicatif::ProgressBar::new(clients_n as u64);
         bar.set_style(indicatif::ProgressStyle::with_template("{elapsed:>4} [{bar:40}] {pos}/{len} clients joined").expect("valid template"));
         let connect = futures_util::stream::iter(urls.iter().cloned().enumerate()).map(|(c, urls)| {
@@ -140,6 +144,7 @@ impl Probers {
             let client = Arc::new(client);
             for r in mine {
                 let (probes, stop, rooms, client) = (probers.probes.clone(), probers.stop.clone(), rooms.clone(), client.clone());
+                let mut kick = probers.kick.subscribe();
                 probers.tasks.push(tokio::spawn(async move {
                     // Spread the probes of all rooms over the interval.
                     tokio::time::sleep(interval.mul_f64(rand::random::<f64>())).await;
@@ -160,7 +165,10 @@ impl Probers {
                                 Err(_) => tokio::time::sleep(Duration::from_millis(20)).await, // resend pace
                             }
                         }
-                        tokio::time::sleep(interval).await;
+                        tokio::select! {
+                            _ = tokio::time::sleep(interval) => {}
+                            _ = kick.changed() => {}
+                        }
                     }
                     client
                 }));
@@ -168,6 +176,12 @@ impl Probers {
         }
         bar.finish_and_clear();
         Ok(probers)
+    }
+
+    /// Every room probed now (at a fault): a room's failover figure is then the time until it
+    /// takes a probe sent at the fault, not late by up to one probe interval.
+    pub(super) fn probe_now(&self) {
+        self.kick.send_modify(|n| *n += 1);
     }
 
     /// Stop probing, close the clients, and return every acked probe (room index, cid, seq).
@@ -302,6 +316,10 @@ pub async fn failover(args: &FailoverArgs, target_args: &TargetArgs) -> anyhow::
                     if let Some(t) = pair.targets[0].take() {
                         t.stop().await;
                     }
+                    // The node is dead: no probe sent from now on can be acked before the
+                    // failover. (A stopped service keeps its rooms writable through its delay,
+                    // so there a kick would only measure the delay's start.)
+                    probers.probe_now();
                 }
                 _ => pair.post(0, "/api/nodes/1a/services/rooms/stop").await?,
             }

@@ -20,29 +20,32 @@ impl Room {
     }
 
     /// The replay for a join, from the cache if it covers it. `None` = the store must be read.
+    /// A join that has seen the whole log (a resume with `since` at the room's last seq, the
+    /// common case after a failover) needs neither, even in a room activated a moment ago.
     fn replay_from_cache(&self, since: Option<u64>) -> Option<(Vec<Arc<Delivery>>, bool)> {
+        let from = match since {
+            Some(since) => since.saturating_add(1),
+            None => self.last_seq.saturating_sub(self.state.config.history_on_join as u64) + 1,
+        };
+        if from > self.last_seq {
+            return Some((Vec::new(), false));
+        }
         let recent = self.recent.as_ref()?;
         let oldest_cached = recent.front().map_or(self.last_seq + 1, |r| r.seq);
-        match since {
-            None => {
-                let want = self.state.config.history_on_join as u64;
-                let from = self.last_seq.saturating_sub(want) + 1; // first seq to send
-                (from >= oldest_cached || from > self.last_seq || oldest_cached == 1).then(|| {
-                    (recent.iter().filter(|r| r.seq >= from).map(|r| r.event.clone()).collect(), false)
-                })
-            }
-            Some(since) => {
-                if since >= self.last_seq {
-                    return Some((Vec::new(), false));
-                }
-                let limit = self.deps.limits.join_replay_limit as u64;
-                (since + 1 >= oldest_cached || oldest_cached == 1).then(|| {
-                    let all: Vec<&Recent> = recent.iter().filter(|r| r.seq > since).collect();
-                    let truncated = all.len() as u64 > limit;
-                    (all.into_iter().take(limit as usize).map(|r| r.event.clone()).collect(), truncated)
-                })
-            }
+        if from < oldest_cached && oldest_cached != 1 {
+            return None;
         }
+        let events = recent.iter().filter(|r| r.seq >= from).map(|r| r.event.clone());
+        Some(match since {
+            None => (events.collect(), false),
+            Some(_) => {
+                let limit = self.deps.limits.join_replay_limit as usize;
+                let mut replay: Vec<Arc<Delivery>> = events.take(limit.saturating_add(1)).collect();
+                let truncated = replay.len() > limit;
+                replay.truncate(limit);
+                (replay, truncated)
+            }
+        })
     }
 
     fn admit(&mut self, session: Arc<dyn Occupant>, nick: String) {
@@ -117,30 +120,37 @@ impl Handler<Join> for Room {
             return AtomicResponse::new(Box::pin(fut::ready(Ok(()))));
         }
         // Not cached: read the replay (and warm the cache) while holding the room's mailbox,
-        // so no live message can slip between the replay and the admission.
-        let store = self.deps.store.clone();
-        let id = self.fence.room;
-        let last = self.last_seq;
-        let cache = self.deps.limits.recent_cache as u64;
-        let limit = self.deps.limits.join_replay_limit as u64;
-        let want_tail = (self.state.config.history_on_join as u64).max(cache);
+        // so no live message can slip between the replay and the admission. The log position
+        // is taken inside the wait, not here: between this handler and the wait's first poll,
+        // actix still polls the room's spawned futures once, and an append's answer applied
+        // there would move the log past a position taken now.
+        metrics::counter!("stoa_join_store_reads_total").increment(1);
         let since = msg.since;
-        let load = self.on_io(async move {
-            let tail = store.messages(id, last.saturating_sub(want_tail), Some(last + 1), want_tail, true).await?;
-            let replay = match since {
-                Some(since) if since < last.saturating_sub(want_tail) => {
-                    Some(store.messages(id, since, Some(last + 1), limit + 1, false).await?)
-                }
-                _ => None,
-            };
-            Ok((tail, replay))
+        let load = fut::ready(()).then(move |(), room: &mut Room, _ctx| {
+            let store = room.deps.store.clone();
+            let id = room.fence.room;
+            let last = room.last_seq;
+            let cache = room.deps.limits.recent_cache as u64;
+            let limit = room.deps.limits.join_replay_limit as u64;
+            let want_tail = (room.state.config.history_on_join as u64).max(cache);
+            let read = room.on_io(async move {
+                let tail = store.messages(id, last.saturating_sub(want_tail), Some(last + 1), want_tail, true).await?;
+                let replay = match since {
+                    Some(since) if since < last.saturating_sub(want_tail) => {
+                        Some(store.messages(id, since, Some(last + 1), limit + 1, false).await?)
+                    }
+                    _ => None,
+                };
+                Ok((tail, replay, last, limit))
+            });
+            read.into_actor(room)
         });
-        AtomicResponse::new(Box::pin(load.into_actor(self).map(move |result, room, _ctx| {
-            let (tail, replay) = result?;
+        AtomicResponse::new(Box::pin(load.map(move |result, room, _ctx| {
+            let (tail, replay, last, limit) = result?;
             room.check_alive()?;
             if room.last_seq != last {
-                // Cannot happen while the mailbox is held (actix pauses spawned futures during
-                // an atomic response), but a replay built on a moved log would have a gap.
+                // Cannot happen: nothing of the room runs while the wait holds it; but a
+                // replay built on a moved log would have a gap.
                 return Err(RoomError::Unavailable("room busy; retry the join".into()));
             }
             if room.recent.is_none() && room.last_seq == last {

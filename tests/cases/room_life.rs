@@ -44,6 +44,49 @@ pub async fn idle_room_passivates_and_reactivates_intact(db: &TestDb) {
     assert_contiguous(&seqs(&history), expected_last, "history after passivation");
 }
 
+/// In a room just re-activated (its cache of recent messages empty), each join gets exactly
+/// the replay it asks for: nothing for one that has seen the whole log (served without a store
+/// read), the gap for one behind, the room's `history_on_join` tail for one without `since`.
+pub async fn joins_into_a_reactivated_room_replay_exactly_what_they_miss(db: &TestDb) {
+    let mut settings = db.settings("n1");
+    settings.rooms.passivate_after_ms = 300;
+    let node = TestNode::start(settings).await;
+    let r = room("rejoin");
+    let mut ann = node.client("ann").await;
+    ann.create(&r, json!({"history_on_join": 2})).await;
+    ann.join(&r, "ann").await;
+    for i in 1..=5 {
+        assert_eq!(ann.send_acked(&r, "m", &format!("m{i}")).await, i);
+    }
+    ann.messages_through(&r, 5).await;
+    let left = ann.request(json!({"op": "leave", "room": r})).await;
+    assert_eq!(left["op"], "left", "{left}");
+    node.await_node_state("the idle room to passivate", |n| n["active_rooms"] == 0).await;
+
+    // At the log's end: nothing replayed; the next live message is the first one seen.
+    let joined = ann.join_since(&r, "ann", 5).await;
+    assert_eq!(joined["last_seq"].as_u64(), Some(5), "{joined}");
+    assert_eq!(ann.send_acked(&r, "m", "m6").await, 6);
+    assert_eq!(seqs(&ann.messages_through(&r, 6).await), vec![6], "a join at the log's end replays nothing");
+
+    // Behind: the gap, read from the store (the cache is still cold).
+    let mut bob = node.client("bob").await;
+    bob.join_since(&r, "bob", 3).await;
+    assert_eq!(seqs(&bob.messages_through(&r, 6).await), vec![4, 5, 6], "a join since 3 replays the gap");
+
+    // No `since`: the configured tail.
+    let mut cat = node.client("cat").await;
+    cat.join(&r, "cat").await;
+    assert_eq!(seqs(&cat.messages_through(&r, 6).await), vec![5, 6], "history_on_join = 2");
+
+    // Far ahead of the log (a client that saw a newer incarnation's seqs): nothing, no error.
+    let mut dan = node.client("dan").await;
+    let joined = dan.join_since(&r, "dan", 1_000).await;
+    assert_eq!(joined["last_seq"].as_u64(), Some(6), "{joined}");
+    assert_eq!(ann.send_acked(&r, "m", "m7").await, 7);
+    assert_eq!(seqs(&dan.messages_through(&r, 7).await), vec![7]);
+}
+
 /// Clients join, send and leave two rooms in a loop while the rooms passivate again and
 /// again (50 ms idle): every request is answered with success, and each room's log is
 /// contiguous and matches the acks exactly.
