@@ -269,6 +269,10 @@ impl crate::gateway::Remote for Forwarder {
         })
     }
 
+    fn taking_over(&self) -> bool {
+        self.watch.state() == crate::ha::state::NodeState::TakingOver
+    }
+
     /// Hold `op` if it is a post for a room `session` is following to a new host: it goes
     /// there after the join, in order, and the session's connection goes on meanwhile (its
     /// other rooms do not wait). True if held.

@@ -66,6 +66,8 @@ pub trait Remote: Send + Sync {
     /// `host` (this node's peer) cannot serve now: wait for this node to take its rooms over;
     /// true if it did.
     fn await_takeover<'a>(&'a self, host: &'a NodeId) -> futures_util::future::BoxFuture<'a, bool>;
+    /// Is this node taking its peer's rooms over right now (fencing them)?
+    fn taking_over(&self) -> bool;
     /// Hold `op` if it is a post for a room the session is following to a new host (it is
     /// sent there after the join, and acked then); true if held.
     fn hold_post(&self, session: SessionId, op: &RoomOp) -> bool;

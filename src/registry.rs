@@ -57,6 +57,9 @@ pub struct RoomRegistry {
     inner: Arc<Inner>,
 }
 
+/// Rooms loaded by one store round trip of a bulk activation.
+const ACTIVATION_CHUNK: usize = 1000;
+
 /// How many times a request is re-resolved when it meets a stopping incarnation.
 const MAX_RESOLVE_ATTEMPTS: usize = 8;
 
@@ -182,40 +185,96 @@ impl RoomRegistry {
     }
 
     /// Activate many rooms at once (after a takeover or a fallback, so that resuming clients
-    /// find them warm): one store round trip per chunk instead of two per room. Rooms already
-    /// active or loading, not hosted here, or of a home being moved are skipped. Returns how
-    /// many were started.
+    /// find them warm): [`RoomRegistry::reserve`], then [`RoomRegistry::activate_reserved`].
     pub async fn activate_many(&self, rooms: Vec<RoomAddr>) -> Result<usize, RoomError> {
+        let reserved = self.reserve(rooms)?;
+        self.activate_reserved(reserved).await
+    }
+
+    /// Mark each of `rooms` not yet active or loading as loading, for
+    /// [`RoomRegistry::activate_reserved`] to load in bulk: a request that reaches one of them
+    /// meanwhile waits for that load instead of reading the room from the store on its own
+    /// (after a takeover every client of the failed node asks at once). Returns the rooms
+    /// reserved; every one of them must go to `activate_reserved`.
+    pub fn reserve(&self, rooms: Vec<RoomAddr>) -> Result<Vec<RoomAddr>, RoomError> {
         self.check_hosting()?;
+        let mut slots = self.slots();
+        Ok(rooms
+            .into_iter()
+            .filter(|room| {
+                let free = !slots.contains_key(room);
+                if free {
+                    slots.insert(room.clone(), Slot::Loading(Vec::new()));
+                }
+                free
+            })
+            .collect())
+    }
+
+    /// Load `reserved` rooms (from [`RoomRegistry::reserve`]) in chunks, one store round trip
+    /// per chunk instead of two per room, start them and hand them to the requests waiting.
+    /// A reserved room not started here (not hosted here, gone, or of a home being moved)
+    /// is released: activated on its own if a request waits for it (which then gets the
+    /// reason), forgotten otherwise; on a store error, every room not yet started is. Returns
+    /// how many were started.
+    pub async fn activate_reserved(&self, reserved: Vec<RoomAddr>) -> Result<usize, RoomError> {
         let mut started = 0;
-        for chunk in rooms.chunks(1000) {
-            let wanted: Vec<RoomAddr> = {
-                let slots = self.slots();
-                chunk.iter().filter(|r| !slots.contains_key(*r)).cloned().collect()
+        for (i, chunk) in reserved.chunks(ACTIVATION_CHUNK).enumerate() {
+            let loaded = match self.inner.store.load_rooms_hosted(chunk, &self.inner.node).await {
+                Ok(loaded) => loaded,
+                Err(e) => {
+                    reserved[i * ACTIVATION_CHUNK..].iter().for_each(|room| self.release(room));
+                    self.set_active_gauge();
+                    return Err(e.into());
+                }
             };
-            if wanted.is_empty() {
-                continue;
-            }
-            let loaded = self.inner.store.load_rooms_hosted(&wanted, &self.inner.node).await?;
+            let mut done: HashSet<RoomAddr> = HashSet::with_capacity(loaded.len());
             for (row, affiliations) in loaded {
                 if self.inner.moving_homes.lock().expect("registry lock poisoned").contains(&row.home_node) {
                     continue;
                 }
                 let room = row.address.clone();
-                let mut slots = self.slots();
-                if slots.contains_key(&room) {
-                    continue; // activated meanwhile by a client
-                }
-                let (addr, incarnation, activity) = self.start_room(row, affiliations)?;
-                slots.insert(room, Slot::Active { addr, incarnation, activity });
+                let (addr, incarnation, activity) = match self.start_room(row, affiliations) {
+                    Ok(started) => started,
+                    Err(e) => {
+                        reserved[i * ACTIVATION_CHUNK..].iter().for_each(|room| self.release(room));
+                        self.set_active_gauge();
+                        return Err(e);
+                    }
+                };
+                let waiters = match self.slots().insert(room.clone(), Slot::Active { addr: addr.clone(), incarnation, activity }) {
+                    Some(Slot::Loading(waiters)) => waiters,
+                    _ => Vec::new(),
+                };
                 self.inner.active.fetch_add(1, Ordering::Relaxed);
+                for w in waiters {
+                    let _ = w.send(Ok(addr.clone()));
+                }
+                done.insert(room);
                 started += 1;
             }
+            chunk.iter().filter(|room| !done.contains(*room)).for_each(|room| self.release(room));
             // Let clients' requests in between chunks.
             tokio::task::yield_now().await;
         }
         self.set_active_gauge();
         Ok(started)
+    }
+
+    /// A reserved room that the bulk load did not start: activate it on its own for the
+    /// requests waiting for it, or forget the reservation. (A room already started is left.)
+    fn release(&self, room: &RoomAddr) {
+        let mut slots = self.slots();
+        match slots.get(room) {
+            Some(Slot::Loading(waiters)) if waiters.is_empty() => {
+                slots.remove(room);
+            }
+            Some(Slot::Loading(_)) => {
+                let (registry, room) = (self.clone(), room.clone());
+                tokio::spawn(async move { registry.finish_activation(room).await });
+            }
+            _ => {}
+        }
     }
 
     fn arbiter_index(&self, room: &RoomAddr) -> usize {
@@ -424,5 +483,65 @@ pub trait IsPassivating {
 impl<T> IsPassivating for Result<T, RoomError> {
     fn is_passivating(&self) -> bool {
         matches!(self, Err(RoomError::Passivating))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::committer::Committer;
+    use crate::config::CommitterSettings;
+    use crate::ha::gate::WriteGate;
+    use crate::room::RoomLimits;
+
+    /// After a takeover every client of the failed node asks for its rooms at once: a request
+    /// for a reserved room waits for the bulk load (it does not read the room itself), and a
+    /// reserved room the load does not start is activated for its waiters (who get the reason)
+    /// or forgotten.
+    #[test]
+    fn requests_for_reserved_rooms_wait_for_the_bulk_activation() {
+        actix::System::new().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::connect(&format!("sqlite://{}/rooms.db", dir.path().display()), 2, "normal").await.unwrap();
+            store.migrate().await.unwrap();
+            let addr = |name: &str| RoomAddr(format!("{name}@conference.localhost"));
+            let (here, there) = (NodeId("n1".into()), NodeId("n2".into()));
+            store.bulk_create_rooms(&[addr("a"), addr("b")], &RoomConfig::default(), "ann", &here).await.unwrap();
+            store.bulk_create_rooms(&[addr("elsewhere")], &RoomConfig::default(), "ann", &there).await.unwrap();
+            let stop = CancellationToken::new();
+            let (committer, _task) = Committer::start(store.clone(), &CommitterSettings::default(), WriteGate::always_open(), stop.clone());
+            let deps = Arc::new(RoomDeps {
+                store: store.clone(),
+                committer,
+                limits: RoomLimits { join_replay_limit: 100, max_occupants: 100, recent_cache: 8 },
+                io: tokio::runtime::Handle::current(),
+                peer_client: None,
+                plugins: None,
+            });
+            let registry = RoomRegistry::new(here, store.clone(), vec![actix::Arbiter::current()], deps);
+
+            let reserved = registry.reserve(vec![addr("a"), addr("b"), addr("elsewhere"), addr("missing")]).unwrap();
+            assert_eq!(reserved.len(), 4);
+            assert!(registry.reserve(vec![addr("a")]).unwrap().is_empty(), "a room is reserved once");
+            let waiting = |room: RoomAddr| {
+                let registry = registry.clone();
+                tokio::spawn(async move { registry.resolve(&room).await })
+            };
+            let (a, elsewhere) = (waiting(addr("a")), waiting(addr("elsewhere")));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert!(!a.is_finished() && !elsewhere.is_finished(), "requests wait for the bulk load");
+
+            assert_eq!(registry.activate_reserved(reserved).await.unwrap(), 2);
+            assert!(a.await.unwrap().is_ok(), "the waiting request gets the room the load started");
+            assert!(registry.lookup(&addr("b")).is_some(), "a room nobody waited for is active too");
+            match elsewhere.await.unwrap() {
+                Err(RoomError::HostedBy(node)) => assert_eq!(node.0, "n2"),
+                other => panic!("a room hosted elsewhere: {:?}", other.map(|_| ())),
+            }
+            assert!(matches!(registry.resolve(&addr("missing")).await, Err(RoomError::NotFound)), "a missing room's reservation is gone");
+            assert_eq!(registry.active_count(), 2);
+            stop.cancel();
+            store.close().await;
+        });
     }
 }

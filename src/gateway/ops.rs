@@ -223,6 +223,14 @@ impl Gateway {
                 return remote.request(session, &peer, op).await;
             }
         }
+        // A room of the peer while this node fences the peer's rooms: wait for the takeover
+        // rather than read first who hosts the room (the peer, until the fence commits; every
+        // client of the peer resumes here at that moment).
+        if remote.taking_over()
+            && let Some(peer) = self.settings.peer().filter(|p| p.service == op.room().service())
+        {
+            remote.await_takeover(&NodeId(peer.id.clone())).await;
+        }
         // Kept for a second try, except a post: its room must be joined first, here or (above)
         // on the host, so it never learns of the host from its own failure.
         let again = (!matches!(op, RoomOp::Send { .. })).then(|| op.clone());

@@ -116,12 +116,18 @@ impl Control {
             return_on_peer_start,
             "peer's rooms fenced and taken over"
         );
-        self.enter(NodeState::RunningInBackupMode, Reason::OnPeerDown).await;
-        inner.watch.takeovers.send_modify(|n| *n += 1);
-        // Activate what the peer had active, so its clients' rejoins find warm rooms.
+        // Activate what the peer had active, so its clients' rejoins find warm rooms: reserved
+        // before anyone learns of the takeover, so that their requests wait for the bulk load
+        // instead of each reading its room.
         let rooms = self.r.link().map(|l| l.peer_rooms()).unwrap_or_default();
         let started = Instant::now();
-        let activated = activate_all(&inner.registry, rooms).await;
+        let reserved = inner.registry.reserve(rooms.into_iter().map(crate::ids::RoomAddr).collect());
+        self.enter(NodeState::RunningInBackupMode, Reason::OnPeerDown).await;
+        inner.watch.takeovers.send_modify(|n| *n += 1);
+        let activated = activated_or_warn(match reserved {
+            Ok(reserved) => inner.registry.activate_reserved(reserved).await,
+            Err(e) => Err(e),
+        });
         let activate_ms = started.elapsed().as_millis() as u64;
         tracing::info!(node = %self.me(), activated, activate_ms, "peer's active rooms activated");
         inner.status.lock().expect("ha status lock").last_takeover =
@@ -324,12 +330,12 @@ impl Control {
 
 /// Activate `rooms` on this node in bulk; returns how many were started.
 async fn activate_all(registry: &RoomRegistry, rooms: Vec<String>) -> usize {
-    let rooms = rooms.into_iter().map(crate::ids::RoomAddr).collect();
-    match registry.activate_many(rooms).await {
-        Ok(n) => n,
-        Err(e) => {
-            tracing::warn!(error = %e, "bulk activation stopped early; the rest activate on first use");
-            0
-        }
-    }
+    activated_or_warn(registry.activate_many(rooms.into_iter().map(crate::ids::RoomAddr).collect()).await)
+}
+
+fn activated_or_warn(result: Result<usize, crate::room::RoomError>) -> usize {
+    result.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "bulk activation stopped early; the rest activate on first use");
+        0
+    })
 }
