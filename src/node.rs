@@ -26,6 +26,10 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// Store connections of the recovery manager (lease, node states, moves), apart from the
+/// node's pool; the presence lock holds one more of its own.
+const RECOVERY_CONNECTIONS: u32 = 2;
+
 /// A running node.
 pub struct Node {
     /// Where the WebSocket listener is bound.
@@ -288,8 +292,15 @@ async fn run(settings: Settings, tls: Option<crate::tls::ServerTls>, shutdown: C
             auto_fallback_after: (settings.cluster.auto_fallback_after_s > 0).then(|| Duration::from_secs(settings.cluster.auto_fallback_after_s)),
             tick: Duration::from_millis((settings.cluster.heartbeat_ms / 5).clamp(20, 200)),
         };
+        // The lease, the node's states and the moves go through connections of their own: a
+        // burst of room activations or commits that keeps every connection of the node's pool
+        // busy for seconds (10,000 clients coming back at a fallback) must not starve the lease
+        // renewal, or the peer takes over a node that is only busy.
+        let recovery_store = Store::connect_with(&url, &crate::config::StoreSettings { max_connections: RECOVERY_CONNECTIONS, ..settings.store.clone() })
+            .await
+            .with_context(|| format!("connecting the recovery manager to the store ({})", redact(&url)))?;
         let parts = crate::ha::recovery::RecoveryParts {
-            store: store.clone(),
+            store: recovery_store,
             gate,
             registry: registry.clone(),
             gateway: gateway.clone(),

@@ -60,6 +60,9 @@ pub struct RoomRegistry {
 /// Rooms loaded by one store round trip of a bulk activation.
 const ACTIVATION_CHUNK: usize = 1000;
 
+/// Store round trips of a bulk activation in flight at once.
+const ACTIVATION_READS_AHEAD: usize = 4;
+
 /// How many times a request is re-resolved when it meets a stopping incarnation.
 const MAX_RESOLVE_ATTEMPTS: usize = 8;
 
@@ -212,15 +215,29 @@ impl RoomRegistry {
     }
 
     /// Load `reserved` rooms (from [`RoomRegistry::reserve`]) in chunks, one store round trip
-    /// per chunk instead of two per room, start them and hand them to the requests waiting.
+    /// per chunk instead of two per room (a few chunks at once), start them and hand them to the requests waiting.
     /// A reserved room not started here (not hosted here, gone, or of a home being moved)
     /// is released: activated on its own if a request waits for it (which then gets the
     /// reason), forgotten otherwise; on a store error, every room not yet started is. Returns
     /// how many were started.
     pub async fn activate_reserved(&self, reserved: Vec<RoomAddr>) -> Result<usize, RoomError> {
+        use futures_util::StreamExt;
         let mut started = 0;
-        for (i, chunk) in reserved.chunks(ACTIVATION_CHUNK).enumerate() {
-            let loaded = match self.inner.store.load_rooms_hosted(chunk, &self.inner.node).await {
+        // A few chunks are read at once (each is a round trip the store mostly waits out),
+        // and started in order.
+        let (store, node) = (self.inner.store.clone(), self.inner.node.clone());
+        let mut loads = futures_util::stream::iter(reserved.chunks(ACTIVATION_CHUNK).map(<[RoomAddr]>::to_vec))
+            .map(move |chunk| {
+                let (store, node) = (store.clone(), node.clone());
+                async move {
+                    let loaded = store.load_rooms_hosted(&chunk, &node).await;
+                    (chunk, loaded)
+                }
+            })
+            .buffered(ACTIVATION_READS_AHEAD)
+            .enumerate();
+        while let Some((i, (chunk, loaded))) = loads.next().await {
+            let loaded = match loaded {
                 Ok(loaded) => loaded,
                 Err(e) => {
                     reserved[i * ACTIVATION_CHUNK..].iter().for_each(|room| self.release(room));

@@ -71,16 +71,21 @@ impl Store {
 
     /// The rooms at `addresses` hosted by `host`, with their affiliations, in one round trip
     /// per table (bulk activation after a takeover or a fallback).
+    ///
+    /// The rows are found by address alone and the host is checked here: right after a
+    /// takeover the planner's statistics still say that `host` hosts almost nothing, and with
+    /// `host_node` in the query it scanned every room `host` now hosts for each chunk (seen
+    /// on PostgreSQL: 82 ms for a chunk of 1,000 of 100,000 rooms, against 24 ms by address).
     pub async fn load_rooms_hosted(
         &self,
         addresses: &[RoomAddr],
         host: &NodeId,
     ) -> Result<Vec<(RoomRow, HashMap<String, Affiliation>)>, StoreError> {
-        let rows = room::Entity::find()
+        let mut rows = room::Entity::find()
             .filter(room::Column::Address.is_in(addresses.iter().map(|a| a.as_str())))
-            .filter(room::Column::HostNode.eq(host.0.as_str()))
             .all(&self.db)
             .await?;
+        rows.retain(|r| r.host_node == host.0);
         let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
         let mut affiliations: HashMap<i64, HashMap<String, Affiliation>> = HashMap::new();
         if !ids.is_empty() {
