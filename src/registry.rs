@@ -215,11 +215,11 @@ impl RoomRegistry {
     }
 
     /// Load `reserved` rooms (from [`RoomRegistry::reserve`]) in chunks, one store round trip
-    /// per chunk instead of two per room (a few chunks at once), start them and hand them to the requests waiting.
-    /// A reserved room not started here (not hosted here, gone, or of a home being moved)
-    /// is released: activated on its own if a request waits for it (which then gets the
-    /// reason), forgotten otherwise; on a store error, every room not yet started is. Returns
-    /// how many were started.
+    /// per chunk instead of two per room (a few chunks at once), start them and hand them to
+    /// the requests waiting. A reserved room not started here (not hosted here, gone, or of a
+    /// home being moved) is released: activated on its own if a request waits for it (which
+    /// then gets the reason), forgotten otherwise; on a store error, every room not yet
+    /// started is. Returns how many were started.
     pub async fn activate_reserved(&self, reserved: Vec<RoomAddr>) -> Result<usize, RoomError> {
         use futures_util::StreamExt;
         let mut started = 0;
