@@ -394,6 +394,17 @@ pub async fn kill9_mid_merge_then_resume_gives_the_same_store(db: &TestDb) {
     })
     .await
     .expect("the job starts");
+    // Keep reading what the merge says, so that it never blocks on a full pipe, and to show it
+    // if the merge stalls.
+    let said = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let reader = {
+        let said = said.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                said.lock().unwrap().push(line);
+            }
+        })
+    };
     let store = db.store().await;
     let deadline = std::time::Instant::now() + DEADLINE;
     loop {
@@ -401,11 +412,15 @@ pub async fn kill9_mid_merge_then_resume_gives_the_same_store(db: &TestDb) {
         if done.keys().filter(|k| k.contains("/m/")).count() >= 6 {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "the merge recorded no chunks in time");
+        if std::time::Instant::now() >= deadline {
+            let job = store.merge_job(&id).await.map(|j| j.map(|j| (j.state, j.error, j.counts)));
+            panic!("the merge recorded no chunks in time ({done:?}; job {job:?}); it said: {:?}", said.lock().unwrap());
+        }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     child.start_kill().expect("kill -9");
     child.wait().await.expect("reaping the merge");
+    reader.abort();
     let job = store.merge_job(&id).await.unwrap().expect("the job is recorded");
     assert_eq!(job.state, "running", "killed in the middle");
     store.close().await;
