@@ -245,6 +245,12 @@ impl Store {
 
     /// Connect with every store setting (pool size, SQLite `synchronous` and busy timeout).
     pub async fn connect_with(url: &str, settings: &crate::config::StoreSettings) -> Result<Store, StoreError> {
+        Store::open(url, settings, true).await
+    }
+
+    /// [`Store::connect_with`]; a SQLite file gets its group-commit thread only if `appends`
+    /// (a store that never appends to room logs, such as a merge's target, goes without).
+    pub(crate) async fn open(url: &str, settings: &crate::config::StoreSettings, appends: bool) -> Result<Store, StoreError> {
         let max_connections = settings.max_connections;
         let sqlite_synchronous = settings.sqlite_synchronous.as_str();
         let (db, sqlite_writer, kind) = if url.starts_with("sqlite:") {
@@ -276,7 +282,7 @@ impl Store {
                 }
             };
             // An in-memory database is the pool's alone: its appends take the general path.
-            let writer = match sqlite_path(url) {
+            let writer = match sqlite_path(url).filter(|_| appends) {
                 Some(path) => {
                     let busy = Duration::from_millis(settings.sqlite_busy_timeout_ms);
                     Some(Arc::new(log::SqliteWriter::start(&path, sqlite_synchronous, busy)?))

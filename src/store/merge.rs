@@ -152,7 +152,11 @@ impl Store {
             let pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).acquire_timeout(Duration::from_secs(10)).connect_with(options).await?;
             return Ok(Store { db: sea_orm::SqlxPostgresConnector::from_sqlx_postgres_pool(pool), sqlite_writer: None, kind: StoreKind::Postgres, url: url.to_owned() });
         }
-        Store::connect(url, 1, "normal").await
+        // The merge writes its chunks through the pool and never appends to a room's log: no
+        // group-commit thread. (With one, a merge into a SQLite file read by another process at
+        // the same time died of SIGBUS now and then: kill9_mid_merge_then_resume_gives_the_same_store.)
+        let settings = crate::config::StoreSettings { max_connections: 1, sqlite_synchronous: "normal".into(), ..Default::default() };
+        Store::open(url, &settings, false).await
     }
 
     /// The migrations this store has applied (`seaql_migrations`), by name; empty for an

@@ -378,7 +378,7 @@ pub async fn kill9_mid_merge_then_resume_gives_the_same_store(db: &TestDb) {
         .args(["db", "merge", "--source", &sources[0].url, "--source", &sources[1].url, "--target", &db.url])
         .args(["--migrate-target", "--yes", "--chunk-rows", "40", "--chunk-pause-ms", "100"])
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -399,10 +399,19 @@ pub async fn kill9_mid_merge_then_resume_gives_the_same_store(db: &TestDb) {
     let said = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let reader = {
         let said = said.clone();
+        let mut out = BufReader::new(child.stdout.take().expect("piped")).lines();
         tokio::spawn(async move {
-            while let Ok(Some(line)) = lines.next_line().await {
-                said.lock().unwrap().push(line);
-            }
+            let stdout = async {
+                while let Ok(Some(line)) = out.next_line().await {
+                    said.lock().unwrap().push(format!("stdout: {line}"));
+                }
+            };
+            let stderr = async {
+                while let Ok(Some(line)) = lines.next_line().await {
+                    said.lock().unwrap().push(line);
+                }
+            };
+            tokio::join!(stdout, stderr);
         })
     };
     let store = db.store().await;
@@ -414,7 +423,8 @@ pub async fn kill9_mid_merge_then_resume_gives_the_same_store(db: &TestDb) {
         }
         if std::time::Instant::now() >= deadline {
             let job = store.merge_job(&id).await.map(|j| j.map(|j| (j.state, j.error, j.counts)));
-            panic!("the merge recorded no chunks in time ({done:?}; job {job:?}); it said: {:?}", said.lock().unwrap());
+            let exit = child.try_wait();
+            panic!("the merge recorded no chunks in time ({done:?}; job {job:?}; process {exit:?}); it said: {:?}", said.lock().unwrap());
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
