@@ -120,10 +120,10 @@ impl Control {
         // before anyone learns of the takeover, so that their requests wait for the bulk load
         // instead of each reading its room.
         let rooms = self.r.link().map(|l| l.peer_rooms()).unwrap_or_default();
-        let started = Instant::now();
         let reserved = inner.registry.reserve(rooms.into_iter().map(crate::ids::RoomAddr).collect());
         self.enter(NodeState::RunningInBackupMode, Reason::OnPeerDown).await;
         inner.watch.takeovers.send_modify(|n| *n += 1);
+        let started = Instant::now();
         let activated = activated_or_warn(match reserved {
             Ok(reserved) => inner.registry.activate_reserved(reserved).await,
             Err(e) => Err(e),
