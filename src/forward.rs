@@ -11,7 +11,9 @@
 //! whose wire is the link. What the room tells the stand-in (answers such as `joined` and
 //! acks, room events, `goaway`) travels back typed (`Down`) and reaches the client's own
 //! session on B, whose front end encodes it as if the room were local. The operation's outcome
-//! comes back as a `Down::Reply`. Later operations of that session on that room go straight
+//! comes back as a `Down::Reply`, except a post's: like a local post it is answered by the
+//! room (its ack, or an error answer), so it crosses the link once each way and the client's
+//! connection does not wait for A. Later operations of that session on that room go straight
 //! to A.
 //!
 //! So the room's actor, its order, its fencing and its acks are A's, unchanged; B adds one hop,
@@ -50,8 +52,15 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "m", rename_all = "snake_case")]
 enum Up {
-    /// Serve this operation; reply with the same `id`.
-    Request { id: u64, op: RoomOp },
+    /// Serve this operation; reply with the same `id`. A `quiet` one (a post) gets no reply
+    /// when it succeeds: the room's ack answers it; a failure comes back as the room's error
+    /// answer to it. (A node that does not know `quiet` replies anyway; the reply is dropped.)
+    Request {
+        id: u64,
+        op: RoomOp,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        quiet: bool,
+    },
 }
 
 /// What the host sends a session about its rooms.
@@ -234,6 +243,36 @@ impl Forwarder {
         (Vec::new(), sessions.into_iter().flat_map(|s| self.to_follow(s, node)).collect())
     }
 
+    /// Send post `op` of `session` to node `node`, without waiting: like a local post, it is
+    /// answered by the room (its ack after commit, or an error answer), which saves a reply
+    /// over the link per post and lets the connection go on. Kept as unacknowledged first, so
+    /// that if the link drops from here on, the post is sent again where the room goes (or
+    /// the client resends it by `cid` as it resumes); if the link is down already, it fails.
+    fn post(&self, session: &Arc<Session>, node: &NodeId, op: RoomOp) -> Outcome<Reply> {
+        let (room, re) = (op.room().clone(), post_re(&op).cloned().expect("a post"));
+        {
+            let mut forwarding = self.forwarding.lock().expect("forwarding lock");
+            let used = forwarding.entry(session.id).or_default().entry(room.clone()).or_insert_with(|| Used::at(node.clone()));
+            used.node = Some(node.clone());
+            if !used.unacked.iter().any(|op| post_re(op) == Some(&re)) {
+                used.unacked.push(op.clone());
+            }
+        }
+        if !self.link.is_up(node) {
+            self.answered(session.id, &room, &re);
+            return Err(Failure::new(ErrorCode::Unavailable, "the node serving this room went away; retry"));
+        }
+        session.mark_uses_other_nodes();
+        metrics::counter!("stoa_forwarded_requests_total").increment(1);
+        let id = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let msg = serde_json::to_string(&Up::Request { id, op, quiet: true }).map_err(|e| {
+            tracing::error!(error = %e, "a room operation does not serialize");
+            Failure::new(ErrorCode::Internal, "internal error")
+        })?;
+        self.link.to_host(node, session.id, &session.user, msg);
+        Ok(Reply::Done)
+    }
+
     /// May a room hosted by `host` be forwarded there now (another node, reachable, serving
     /// rooms)?
     fn can_forward_now(&self, host: &NodeId) -> bool {
@@ -310,25 +349,33 @@ impl crate::gateway::Remote for Forwarder {
 
     /// The node of another group that serves the rooms of `service` now, as its heartbeats say;
     /// while none does (its host died and the takeover is under way, or a partition), wait for
-    /// one up to the takeover bound.
+    /// one up to the takeover bound: woken by the heartbeat that names one (after a takeover,
+    /// every session following a room of that group waits here at once).
     fn locate<'a>(&'a self, service: &'a str) -> futures_util::future::BoxFuture<'a, Option<NodeId>> {
         Box::pin(async move {
             let deadline = tokio::time::Instant::now() + TAKEOVER_WAIT;
+            let mut changes = self.link.host_changes();
             loop {
                 if let Some(node) = self.link.host_of(service) {
                     return Some(node);
                 }
-                if tokio::time::Instant::now() >= deadline {
+                let now = tokio::time::Instant::now();
+                if now >= deadline {
                     return None;
                 }
-                tokio::time::sleep(LOCATE_POLL).await;
+                // The poll only bounds a wake-up lost to a lagging view.
+                let _ = tokio::time::timeout_at(deadline.min(now + LOCATE_POLL * 10), changes.changed()).await;
             }
         })
     }
 
-    /// Serve `op` of `session` on node `node` and wait for the reply.
+    /// Serve `op` of `session` on node `node` and wait for the reply; a post is only sent (see
+    /// [`Forwarder::post`]).
     fn request<'a>(&'a self, session: &'a Arc<Session>, node: &'a NodeId, op: RoomOp) -> futures_util::future::BoxFuture<'a, Outcome<Reply>> {
         Box::pin(async move {
+            if post_re(&op).is_some() {
+                return self.post(session, node, op);
+            }
             let gone = || Failure::new(ErrorCode::Unavailable, "the node serving this room went away; retry");
             let id = self.next_request.fetch_add(1, Ordering::Relaxed);
             let (tx, rx) = oneshot::channel();
@@ -345,19 +392,11 @@ impl crate::gateway::Remote for Forwarder {
                 RoomOp::Leave { .. } => (None, true),
                 _ => (None, false),
             };
-            let post = post_re(&op).cloned();
-            {
-                let mut forwarding = self.forwarding.lock().expect("forwarding lock");
-                let used = forwarding.entry(session.id).or_default().entry(room.clone()).or_insert_with(|| Used::at(node.clone()));
-                used.node = Some(node.clone());
-                // Recorded before it is sent: the room's ack may overtake the reply.
-                if post.is_some() && !used.unacked.iter().any(|op| post_re(op) == post.as_ref()) {
-                    used.unacked.push(op.clone());
-                }
-            }
+            self.forwarding.lock().expect("forwarding lock").entry(session.id).or_default().entry(room.clone()).or_insert_with(|| Used::at(node.clone())).node =
+                Some(node.clone());
             session.mark_uses_other_nodes();
             metrics::counter!("stoa_forwarded_requests_total").increment(1);
-            let msg = serde_json::to_string(&Up::Request { id, op }).map_err(|e| {
+            let msg = serde_json::to_string(&Up::Request { id, op, quiet: false }).map_err(|e| {
                 tracing::error!(error = %e, "a room operation does not serialize");
                 Failure::new(ErrorCode::Internal, "internal error")
             })?;
@@ -370,10 +409,6 @@ impl crate::gateway::Remote for Forwarder {
                     Err(Failure::new(ErrorCode::Unavailable, "the node serving this room did not answer in time; retry"))
                 }
             };
-            // A refused post was answered (the client was told).
-            if let (Some(re), Err(_)) = (&post, &result) {
-                self.answered(session.id, &room, re);
-            }
             // What the room needs to be followed elsewhere: the join that entered it.
             if result.is_ok() && (join.is_some() || leave) {
                 let mut forwarding = self.forwarding.lock().expect("forwarding lock");
@@ -450,7 +485,14 @@ pub struct LinkSide {
     /// This node's client URL, named in `goaway` when forwarded rooms are cut off.
     my_url: String,
     /// Other nodes' sessions this node serves rooms for → each one's stand-in's queue.
-    hosted: Mutex<HashMap<RemoteSession, mpsc::UnboundedSender<(u64, RoomOp)>>>,
+    hosted: Mutex<HashMap<RemoteSession, mpsc::UnboundedSender<StandInOp>>>,
+}
+
+/// An operation for a stand-in to serve: request `id` of its session (see [`Up::Request`]).
+struct StandInOp {
+    id: u64,
+    op: RoomOp,
+    quiet: bool,
 }
 
 impl LinkSide {
@@ -542,8 +584,8 @@ impl LinkSide {
 
     /// Start serving session `session` of `user` on node `node`: a stand-in session whose wire
     /// is the link, serving the operations it is sent one at a time and replying over the link.
-    fn open_stand_in(&self, node: NodeId, session: SessionId, user: String) -> mpsc::UnboundedSender<(u64, RoomOp)> {
-        let (ops_tx, mut ops) = mpsc::unbounded_channel::<(u64, RoomOp)>();
+    fn open_stand_in(&self, node: NodeId, session: SessionId, user: String) -> mpsc::UnboundedSender<StandInOp> {
+        let (ops_tx, mut ops) = mpsc::unbounded_channel::<StandInOp>();
         let kill = CancellationToken::new();
         let link = self.forwarder.link.clone();
         let wire = Box::new(LinkWire { link: link.clone(), node: node.clone(), session });
@@ -554,9 +596,17 @@ impl LinkSide {
             loop {
                 tokio::select! {
                     op = ops.recv() => match op {
-                        Some((id, op)) => {
+                        Some(StandInOp { id, op, quiet }) => {
+                            let post = post_re(&op).cloned().map(|re| (re, op.room().clone()));
                             let result = gateway.serve(&stand_in, op).await;
-                            send_down(&link, &node, session, &Down::Reply { id, result });
+                            match (quiet, result, post) {
+                                (true, Ok(_), Some(_)) => {} // the room acks it
+                                (true, Err(f), Some((re, room))) => {
+                                    let answer = RoomAnswer::Error { re: Some(re), room, code: f.code, message: f.message };
+                                    send_down(&link, &node, session, &Down::Answer { answer });
+                                }
+                                (_, result, _) => send_down(&link, &node, session, &Down::Reply { id, result }),
+                            }
                         }
                         None => break,
                     },
@@ -585,7 +635,7 @@ impl LinkSide {
 
     /// Hand `msg` from node `node`'s session to its stand-in (opened on first use).
     fn serve_remote_session(&self, node: &NodeId, session: SessionId, user: String, msg: &str) {
-        let Up::Request { id, op } = match serde_json::from_str::<Up>(msg) {
+        let Up::Request { id, op, quiet } = match serde_json::from_str::<Up>(msg) {
             Ok(up) => up,
             Err(e) => {
                 tracing::warn!(node = %node, error = %e, "unreadable request from another node's session");
@@ -607,7 +657,7 @@ impl LinkSide {
                 tx
             }
         };
-        let _ = tx.send((id, op));
+        let _ = tx.send(StandInOp { id, op, quiet });
     }
 
     /// Hand `msg` from node `node` (about the rooms it hosts) to these sessions of this node.

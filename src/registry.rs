@@ -187,13 +187,6 @@ impl RoomRegistry {
         Ok((addr, incarnation, activity))
     }
 
-    /// Activate many rooms at once (after a takeover or a fallback, so that resuming clients
-    /// find them warm): [`RoomRegistry::reserve`], then [`RoomRegistry::activate_reserved`].
-    pub async fn activate_many(&self, rooms: Vec<RoomAddr>) -> Result<usize, RoomError> {
-        let reserved = self.reserve(rooms)?;
-        self.activate_reserved(reserved).await
-    }
-
     /// Mark each of `rooms` not yet active or loading as loading, for
     /// [`RoomRegistry::activate_reserved`] to load in bulk: a request that reaches one of them
     /// meanwhile waits for that load instead of reading the room from the store on its own
@@ -463,9 +456,11 @@ impl RoomRegistry {
 
     /// Hand off every active room (only `only_home`'s, if given): each finishes its appends in
     /// flight, tells its occupants `moved` to `to`, and stops. Returns how many stopped, once
-    /// all have (or after `timeout`). Call after [`RoomRegistry::set_hosting`]`(false)` or
-    /// [`RoomRegistry::block_home`], so nothing re-activates them meanwhile.
+    /// all have (or, after `timeout`, how many had). Call after
+    /// [`RoomRegistry::set_hosting`]`(false)` or [`RoomRegistry::block_home`], so nothing
+    /// re-activates them meanwhile.
     pub async fn hand_off(&self, only_home: Option<&NodeId>, to: &str, timeout: Duration) -> usize {
+        use futures_util::StreamExt;
         let addrs: Vec<Addr<Room>> = self
             .slots()
             .values()
@@ -474,21 +469,24 @@ impl RoomRegistry {
                 Slot::Loading(_) => None,
             })
             .collect();
-        let mut waits = Vec::with_capacity(addrs.len());
+        let mut waits = futures_util::stream::FuturesUnordered::new();
         for addr in addrs {
             let (done, rx) = oneshot::channel();
             addr.do_send(HandOff { only_home: only_home.cloned(), to: to.to_owned(), done });
             waits.push(rx);
         }
-        let all = futures_util::future::join_all(waits);
-        match tokio::time::timeout(timeout, all).await {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut stopped = 0;
+        while let Ok(Some(result)) = tokio::time::timeout_at(deadline, waits.next()).await {
             // A dropped sender means the room stopped anyway (fenced, or its arbiter ended).
-            Ok(results) => results.into_iter().filter(|r| !matches!(r, Ok(false))).count(),
-            Err(_) => {
-                tracing::warn!("rooms did not finish their hand-off in time");
-                0
+            if !matches!(result, Ok(false)) {
+                stopped += 1;
             }
         }
+        if !waits.is_empty() {
+            tracing::warn!(stopped, left = waits.len(), "rooms did not finish their hand-off in time");
+        }
+        stopped
     }
 }
 

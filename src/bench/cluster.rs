@@ -386,6 +386,18 @@ pub async fn cluster(args: &ClusterArgs, target_args: &TargetArgs) -> anyhow::Re
     summary.push("detect_ms", f.detect_ms);
     summary.push("failover_ms_p50", percentile(&f.room_ms, 0.5));
     summary.push("failover_ms_max", f.room_ms.iter().copied().max().unwrap_or(0));
+    // Pair 2's rooms by the node their prober's client is on (room r's prober is client
+    // r mod C, on node c mod 7): 2a's clients resume on 2b, the others follow the rooms there.
+    let by_node: serde_json::Map<String, serde_json::Value> = LAYOUT
+        .iter()
+        .enumerate()
+        .map(|(n, (id, _))| {
+            let ms: Vec<u64> = f.room_ms.iter().enumerate().filter(|(r, _)| (r % f.clients.max(1)) % LAYOUT.len() == n).map(|(_, ms)| *ms).collect();
+            let max = ms.iter().copied().max().unwrap_or(0);
+            ((*id).to_owned(), serde_json::json!({ "rooms": ms.len(), "p50": percentile(&ms, 0.5), "max": max }))
+        })
+        .collect();
+    summary.push("failover_ms_by_client_node", serde_json::Value::Object(by_node));
     summary.push("other_pairs_first_ack_ms_max", f.other_ms.iter().copied().max().unwrap_or(0));
     summary.push("client_resume_ms_p50", percentile(&f.client_ms, 0.5));
     summary.push("client_resume_ms_p99", percentile(&f.client_ms, 0.99));

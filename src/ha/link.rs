@@ -88,6 +88,10 @@ enum LinkFrame {
     },
     /// The sender's active rooms (addresses), sent to its peer when the set changed.
     Rooms { rooms: Vec<String> },
+    /// The sender, in backup mode, is handing the receiver's rooms back: these were active on
+    /// it. The receiver loads them in bulk when it takes its rooms back (by then they are gone
+    /// from the sender's `rooms` list, which follows its active rooms).
+    HandBack { rooms: Vec<String> },
     /// An admin request for the receiver (it owns the action); `id` pairs it with its answer.
     Command {
         #[serde(default)]
@@ -284,6 +288,8 @@ struct PeerView {
     connections: i64,
     services: Vec<String>,
     rooms: Vec<String>,
+    /// The rooms of its last `hand_back`, until taken.
+    handed_back: Vec<String>,
 }
 
 impl PeerView {
@@ -319,6 +325,9 @@ pub struct Link {
     pending: PendingCommands,
     next_command: Arc<std::sync::atomic::AtomicU64>,
     directory: Option<Arc<dyn HomeDirectory>>,
+    /// Bumped when a heartbeat says something new about who serves what (a node that became
+    /// reachable, or changed its hosting or its services).
+    hosts: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 /// Another node of the topology, as [`LinkConfig`] names it.
@@ -422,6 +431,12 @@ impl Link {
         candidates.first().map(|r| r.id.clone())
     }
 
+    /// Changes whenever [`Link::host_of`] may answer differently because of a heartbeat (a
+    /// node came up, or now serves other rooms): what waits for a new host waits on this.
+    pub fn host_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.hosts.subscribe()
+    }
+
     /// The peering cluster node `node` belongs to (none: a node of this cluster, or unknown).
     pub fn peering_of(&self, node: &NodeId) -> Option<&str> {
         self.remotes.get(node).and_then(|r| r.peering.as_deref())
@@ -431,6 +446,19 @@ impl Link {
     pub fn peer_rooms(&self) -> Vec<String> {
         let Some(peer) = self.peer_id.as_ref().and_then(|p| self.remotes.get(p)) else { return Vec::new() };
         peer.view.lock().expect("peer view lock").rooms.clone()
+    }
+
+    /// Tell the peer which of its rooms were active here, as this node hands them back.
+    pub fn hand_back(&self, rooms: Vec<String>) {
+        if let Some(peer) = &self.peer_id {
+            self.send(peer, LinkFrame::HandBack { rooms });
+        }
+    }
+
+    /// The rooms the peer said it was handing back (see [`Link::hand_back`]), once.
+    pub fn take_handed_back(&self) -> Vec<String> {
+        let Some(peer) = self.peer_id.as_ref().and_then(|p| self.remotes.get(p)) else { return Vec::new() };
+        std::mem::take(&mut peer.view.lock().expect("peer view lock").handed_back)
     }
 
     fn send(&self, node: &NodeId, frame: LinkFrame) {
@@ -537,6 +565,11 @@ pub trait LocalView: Send + Sync + 'static {
     fn services_down(&self) -> Vec<String>;
     /// Client connections open now.
     fn connections(&self) -> i64;
+    /// Follows the node's recovery state, if it changes: each change goes out in a heartbeat
+    /// at once (the other nodes learn of a takeover without waiting out an interval).
+    fn state_changes(&self) -> Option<tokio::sync::watch::Receiver<NodeState>> {
+        None
+    }
 }
 
 /// The link of a node before it runs: [`new`] makes it with its [`Link`] handle, so the parts
@@ -567,6 +600,7 @@ pub fn new(config: LinkConfig) -> (Link, LinkRunner) {
         pending: PendingCommands::default(),
         next_command: Arc::default(),
         directory: config.directory.clone(),
+        hosts: Arc::new(tokio::sync::watch::Sender::new(0)),
     };
     (link.clone(), LinkRunner { config, link, outboxes })
 }
@@ -766,6 +800,9 @@ async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
             Some(Ok(Message::Text(text))) => match parse_incoming(text.as_str()) {
                 Some(Incoming::Frame(LinkFrame::Heartbeat { state, hosting, down, connections, services, .. })) => {
                     let mut v = node.view.lock().expect("peer view lock");
+                    if !link.reachable(&v) || v.hosting != hosting || v.services != services {
+                        link.hosts.send_modify(|n| *n = n.wrapping_add(1));
+                    }
                     v.last = Some(Instant::now());
                     v.state = Some(state);
                     v.hosting = hosting;
@@ -774,6 +811,7 @@ async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
                     v.services = services;
                 }
                 Some(Incoming::Frame(LinkFrame::Rooms { rooms })) => node.view.lock().expect("peer view lock").rooms = rooms,
+                Some(Incoming::Frame(LinkFrame::HandBack { rooms })) => node.view.lock().expect("peer view lock").handed_back = rooms,
                 Some(Incoming::Frame(LinkFrame::Command { id, command })) if node.peering.is_some() => {
                     // A peering carries room requests only: another cluster's operators act on
                     // their own nodes.
@@ -885,8 +923,22 @@ async fn dial(
                 // A new connection to the peer always gets the room list.
                 let mut sent_rooms: Option<Vec<String>> = None;
                 let mut next_beat = tokio::time::Instant::now();
+                let mut changes = local.state_changes();
                 while ok {
+                    let changed = async {
+                        match changes.as_mut() {
+                            Some(rx) => rx.changed().await.is_ok(),
+                            None => std::future::pending().await,
+                        }
+                    };
                     tokio::select! {
+                        still = changed => {
+                            if still {
+                                next_beat = tokio::time::Instant::now();
+                            } else {
+                                changes = None;
+                            }
+                        }
                         _ = tokio::time::sleep_until(next_beat) => {
                             seq += 1;
                             next_beat += config.heartbeat;

@@ -361,6 +361,10 @@ impl super::link::LocalView for Recovery {
     fn connections(&self) -> i64 {
         self.inner.gateway.connection_count()
     }
+
+    fn state_changes(&self) -> Option<tokio::sync::watch::Receiver<NodeState>> {
+        Some(self.inner.watch.states())
+    }
 }
 
 /// The parts of the node the recovery manager works with.

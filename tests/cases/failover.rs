@@ -446,6 +446,15 @@ pub async fn kill9_failover_restart_and_fallback_lose_nothing(db: &TestDb) {
         let pause = traffic.await_all_rooms_writable(&rooms, fallback_at, DEADLINE).await;
         eprintln!("cycle {cycle}: fallback answered in {} ms ({}); every room writable on 1a after {} ms", fallback_at.elapsed().as_millis(), answer.json()["message"], pause.as_millis());
         assert_eq!(hosted(db, "1b").await, 0, "after fallback 1a hosts its rooms again");
+        // 1b said which of 1a's rooms it had active as it handed them back, and 1a loaded them
+        // in bulk as it took them back (by then 1b's active-room list no longer has them).
+        let took_back = || pair.process(0).log_text().lines().filter(|l| l.contains("rooms taken back and activated")).next_back().unwrap_or_default().to_owned();
+        let logged = Instant::now() + Duration::from_secs(5);
+        while took_back().is_empty() && Instant::now() < logged {
+            tokio::time::sleep(Duration::from_millis(20)).await; // the log is read from a pipe
+        }
+        let took_back = took_back();
+        assert!(took_back.contains(&format!("activated={}", rooms.len())), "1a must load every room active on 1b as it takes them back: {took_back:?}");
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let history = traffic.finish().await;
@@ -656,6 +665,17 @@ pub async fn clients_on_the_peer_use_rooms_over_the_link(db: &TestDb) {
     let page = reader.history(rooms[0].as_str(), None, None, Some(10)).await.expect("history of a room on 1a, asked on 1b");
     assert!(!page.messages.is_empty(), "history over the link is empty");
     reader.close().await;
+
+    // A post through the peer goes without waiting for a reply over the link: the room
+    // answers it, a refusal with its `re` as a local one, and the connection goes on.
+    let mut raw = crate::harness::Client::connect(std::net::SocketAddr::from(([127, 0, 0, 1], pair.client_port(1))), "raw").await;
+    let joined = raw.request(json!({"op": "join", "room": rooms[0], "nick": "raw"})).await;
+    assert_eq!(joined["op"], "joined", "{joined}");
+    let refused = raw.request(json!({"op": "send", "room": rooms[0], "body": "", "cid": "raw-1"})).await;
+    crate::harness::assert_error(&refused, "bad_request", "an empty post through the peer");
+    let acked = raw.request(json!({"op": "send", "room": rooms[0], "body": "after a refusal", "cid": "raw-2"})).await;
+    assert_eq!(acked["op"], "ack", "a post through the peer after a refused one: {acked}");
+    drop(raw);
 
     let killed = Instant::now();
     pair.kill(0);

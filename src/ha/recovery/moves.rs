@@ -234,12 +234,27 @@ impl Control {
             self.enter(NodeState::FailedOver, reason).await;
             return Ok(());
         }
-        // Warm up the rooms that were active on the backup, for the clients it is sending here.
-        let service = format!("@{}", self.inner().gateway.settings.node.service);
-        let mine: Vec<String> =
-            self.r.link().map(|l| l.peer_rooms()).unwrap_or_default().into_iter().filter(|r| r.ends_with(&service)).collect();
+        // Warm up the rooms that were active on the backup, for the clients it is sending here:
+        // the list it sent as it handed them back (its active-room list no longer has them),
+        // else its last active-room list. Reserved at once, so that those clients' requests
+        // wait for the bulk load instead of each reading its room.
+        let service = self.inner().gateway.settings.node.service.clone();
+        let mine: Vec<crate::ids::RoomAddr> = self
+            .r
+            .link()
+            .map(|l| Some(l.take_handed_back()).filter(|r| !r.is_empty()).unwrap_or_else(|| l.peer_rooms()))
+            .unwrap_or_default()
+            .into_iter()
+            .map(crate::ids::RoomAddr)
+            .filter(|r| r.service() == service.as_str())
+            .collect();
+        let registry = &self.inner().registry;
+        let reserved = registry.reserve(mine);
         let started = Instant::now();
-        let n = activate_all(&self.inner().registry, mine).await;
+        let n = activated_or_warn(match reserved {
+            Ok(reserved) => registry.activate_reserved(reserved).await,
+            Err(e) => Err(e),
+        });
         tracing::info!(node = %self.me(), activated = n, activate_ms = started.elapsed().as_millis() as u64, "rooms taken back and activated");
         self.enter(NodeState::Normal, reason).await;
         Ok(())
@@ -301,6 +316,10 @@ impl Control {
         self.enter(NodeState::FallingBack, reason).await;
         let inner = self.inner();
         inner.registry.block_home(&peer.id);
+        // The peer's rooms active here, for it to load in bulk as it takes them back.
+        if let (Some(link), Some(service)) = (self.r.link(), inner.gateway.settings.peer().map(|p| p.service.as_str())) {
+            link.hand_back(inner.registry.active_addresses().into_iter().filter(|r| r.service() == service).map(|r| r.0).collect());
+        }
         let handed = inner.registry.hand_off(Some(&peer.id), &peer.client, Duration::from_secs(10)).await;
         let mut attempts = 0;
         let moved = loop {
@@ -326,11 +345,6 @@ impl Control {
         metrics::counter!("stoa_ha_fallbacks_total").increment(1);
         Ok(format!("fell back: {moved} rooms returned to node {} ({handed} were active here) in {ms} ms", peer.id))
     }
-}
-
-/// Activate `rooms` on this node in bulk; returns how many were started.
-async fn activate_all(registry: &RoomRegistry, rooms: Vec<String>) -> usize {
-    activated_or_warn(registry.activate_many(rooms.into_iter().map(crate::ids::RoomAddr).collect()).await)
 }
 
 fn activated_or_warn(result: Result<usize, crate::room::RoomError>) -> usize {
