@@ -433,6 +433,13 @@ pub async fn kill9_failover_restart_and_fallback_lose_nothing(db: &TestDb) {
         let why = pair.process(1).log_text().lines().rev().find(|l| l.contains("taking over its rooms")).unwrap_or_default().to_owned();
         eprintln!("cycle {cycle}: kill -9 → 1b in backup mode after {} ms, every room writable after {} ms ({why})", detect.as_millis(), writable.as_millis());
         assert_eq!(hosted(db, "1a").await, 0, "1b must host every room of 1a");
+        // After the fence, the store's statistics of the rooms are refreshed (docs/ha.md).
+        let refreshed = Instant::now() + Duration::from_secs(5);
+        while !pair.process(1).log_text().contains("statistics of rooms refreshed") && Instant::now() < refreshed {
+            tokio::time::sleep(Duration::from_millis(20)).await; // the log is read from a pipe
+        }
+        let log = pair.process(1).log_text();
+        assert!(log.contains("statistics of rooms refreshed") && !log.contains("could not refresh"), "1b must refresh the rooms' statistics after the takeover");
 
         pair.start(0).await;
         pair.await_state(0, "failed_over", DEADLINE).await;

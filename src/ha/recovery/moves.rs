@@ -103,6 +103,7 @@ impl Control {
             }
         };
         let fence_ms = decided.elapsed().as_millis() as u64;
+        refresh_room_statistics(inner.store.clone());
         metrics::counter!("stoa_ha_takeovers_total").increment(1);
         metrics::histogram!("stoa_ha_takeover_fence_seconds").record(decided.elapsed().as_secs_f64());
         let return_on_peer_start = !self.peer_seen_alive;
@@ -339,12 +340,25 @@ impl Control {
             }
         };
         inner.registry.unblock_home(&peer.id);
+        refresh_room_statistics(store.clone());
         self.return_on_peer_start = false;
         self.enter(NodeState::Normal, reason).await;
         let ms = started.elapsed().as_millis();
         metrics::counter!("stoa_ha_fallbacks_total").increment(1);
         Ok(format!("fell back: {moved} rooms returned to node {} ({handed} were active here) in {ms} ms", peer.id))
     }
+}
+
+/// After a statement moved many rooms: refresh the store's statistics of them in the
+/// background (the commits that follow are planned with them; nothing waits for this).
+fn refresh_room_statistics(store: crate::store::Store) {
+    tokio::spawn(async move {
+        let started = Instant::now();
+        match store.refresh_room_statistics().await {
+            Ok(()) => tracing::info!(ms = started.elapsed().as_millis() as u64, "the store's statistics of rooms refreshed"),
+            Err(e) => tracing::warn!(error = %e, "could not refresh the store's statistics of rooms"),
+        }
+    });
 }
 
 fn activated_or_warn(result: Result<usize, crate::room::RoomError>) -> usize {
