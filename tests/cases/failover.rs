@@ -455,7 +455,7 @@ pub async fn kill9_failover_restart_and_fallback_lose_nothing(db: &TestDb) {
         assert_eq!(hosted(db, "1b").await, 0, "after fallback 1a hosts its rooms again");
         // 1b said which of 1a's rooms it had active as it handed them back, and 1a loaded them
         // in bulk as it took them back (by then 1b's active-room list no longer has them).
-        let took_back = || pair.process(0).log_text().lines().filter(|l| l.contains("rooms taken back and activated")).next_back().unwrap_or_default().to_owned();
+        let took_back = || pair.process(0).log_text().lines().rfind(|l| l.contains("rooms taken back and activated")).unwrap_or_default().to_owned();
         let logged = Instant::now() + Duration::from_secs(5);
         while took_back().is_empty() && Instant::now() < logged {
             tokio::time::sleep(Duration::from_millis(20)).await; // the log is read from a pipe
