@@ -243,6 +243,14 @@ impl Forwarder {
         (Vec::new(), sessions.into_iter().flat_map(|s| self.to_follow(s, node)).collect())
     }
 
+    /// `session` uses `room` on `node` from now on; `also` updates the rest of its record.
+    fn use_at(&self, session: SessionId, room: &RoomAddr, node: &NodeId, also: impl FnOnce(&mut Used)) {
+        let mut forwarding = self.forwarding.lock().expect("forwarding lock");
+        let used = forwarding.entry(session).or_default().entry(room.clone()).or_insert_with(|| Used::at(node.clone()));
+        used.node = Some(node.clone());
+        also(used);
+    }
+
     /// Send post `op` of `session` to node `node`, without waiting: like a local post, it is
     /// answered by the room (its ack after commit, or an error answer), which saves a reply
     /// over the link per post and lets the connection go on. Kept as unacknowledged first, so
@@ -250,14 +258,11 @@ impl Forwarder {
     /// the client resends it by `cid` as it resumes); if the link is down already, it fails.
     fn post(&self, session: &Arc<Session>, node: &NodeId, op: RoomOp) -> Outcome<Reply> {
         let (room, re) = (op.room().clone(), post_re(&op).cloned().expect("a post"));
-        {
-            let mut forwarding = self.forwarding.lock().expect("forwarding lock");
-            let used = forwarding.entry(session.id).or_default().entry(room.clone()).or_insert_with(|| Used::at(node.clone()));
-            used.node = Some(node.clone());
+        self.use_at(session.id, &room, node, |used| {
             if !used.unacked.iter().any(|op| post_re(op) == Some(&re)) {
                 used.unacked.push(op.clone());
             }
-        }
+        });
         if !self.link.is_up(node) {
             self.answered(session.id, &room, &re);
             return Err(Failure::new(ErrorCode::Unavailable, "the node serving this room went away; retry"));
@@ -392,8 +397,7 @@ impl crate::gateway::Remote for Forwarder {
                 RoomOp::Leave { .. } => (None, true),
                 _ => (None, false),
             };
-            self.forwarding.lock().expect("forwarding lock").entry(session.id).or_default().entry(room.clone()).or_insert_with(|| Used::at(node.clone())).node =
-                Some(node.clone());
+            self.use_at(session.id, &room, node, |_| {});
             session.mark_uses_other_nodes();
             metrics::counter!("stoa_forwarded_requests_total").increment(1);
             let msg = serde_json::to_string(&Up::Request { id, op, quiet: false }).map_err(|e| {
@@ -597,15 +601,16 @@ impl LinkSide {
                 tokio::select! {
                     op = ops.recv() => match op {
                         Some(StandInOp { id, op, quiet }) => {
-                            let post = post_re(&op).cloned().map(|re| (re, op.room().clone()));
+                            // A quiet post is answered by its room, or here if it fails first.
+                            let quiet_post = post_re(&op).filter(|_| quiet).map(|re| (re.clone(), op.room().clone()));
                             let result = gateway.serve(&stand_in, op).await;
-                            match (quiet, result, post) {
-                                (true, Ok(_), Some(_)) => {} // the room acks it
-                                (true, Err(f), Some((re, room))) => {
+                            match (quiet_post, result) {
+                                (Some(_), Ok(_)) => {}
+                                (Some((re, room)), Err(f)) => {
                                     let answer = RoomAnswer::Error { re: Some(re), room, code: f.code, message: f.message };
                                     send_down(&link, &node, session, &Down::Answer { answer });
                                 }
-                                (_, result, _) => send_down(&link, &node, session, &Down::Reply { id, result }),
+                                (None, result) => send_down(&link, &node, session, &Down::Reply { id, result }),
                             }
                         }
                         None => break,

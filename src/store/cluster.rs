@@ -284,15 +284,14 @@ impl Store {
 
     /// Bring the planner's statistics of `rooms` up to date, after a takeover or a fallback
     /// moved many rooms at once. Until the next automatic analyze, the statistics still say the
-    /// new host hosts few rooms, which makes `idx_rooms_host_node` look selective to a statement
-    /// that checks `host_node` (the commit's fence, on its path for resent posts): commits of
-    /// 1–4 s each were seen after a takeover of 100,000 rooms (docs/ha.md, *Takeover*).
+    /// new host hosts few rooms, which likely makes `idx_rooms_host_node` look selective to a
+    /// statement that checks `host_node` (the commit's fence, on its path for resent posts):
+    /// commits of 1–4 s each were seen after a takeover of 100,000 rooms (docs/ha.md,
+    /// *Takeover*).
     pub async fn refresh_room_statistics(&self) -> Result<(), ClusterError> {
-        let sql = match self.pair_backend()? {
-            DbBackend::Postgres => "ANALYZE rooms",
-            _ => "ANALYZE TABLE rooms",
-        };
-        self.connection().execute_raw(Statement::from_string(self.pair_backend()?, sql)).await?;
+        let db = self.pair_backend()?;
+        let sql = if db == DbBackend::Postgres { "ANALYZE rooms" } else { "ANALYZE TABLE rooms" };
+        self.connection().execute_raw(Statement::from_string(db, sql)).await?;
         Ok(())
     }
 

@@ -125,10 +125,7 @@ impl Control {
         self.enter(NodeState::RunningInBackupMode, Reason::OnPeerDown).await;
         inner.watch.takeovers.send_modify(|n| *n += 1);
         let started = Instant::now();
-        let activated = activated_or_warn(match reserved {
-            Ok(reserved) => inner.registry.activate_reserved(reserved).await,
-            Err(e) => Err(e),
-        });
+        let activated = activate_reserved(&inner.registry, reserved).await;
         let activate_ms = started.elapsed().as_millis() as u64;
         tracing::info!(node = %self.me(), activated, activate_ms, "peer's active rooms activated");
         inner.status.lock().expect("ha status lock").last_takeover =
@@ -252,10 +249,7 @@ impl Control {
         let registry = &self.inner().registry;
         let reserved = registry.reserve(mine);
         let started = Instant::now();
-        let n = activated_or_warn(match reserved {
-            Ok(reserved) => registry.activate_reserved(reserved).await,
-            Err(e) => Err(e),
-        });
+        let n = activate_reserved(registry, reserved).await;
         tracing::info!(node = %self.me(), activated = n, activate_ms = started.elapsed().as_millis() as u64, "rooms taken back and activated");
         self.enter(NodeState::Normal, reason).await;
         Ok(())
@@ -361,8 +355,14 @@ fn refresh_room_statistics(store: crate::store::Store) {
     });
 }
 
-fn activated_or_warn(result: Result<usize, crate::room::RoomError>) -> usize {
-    result.unwrap_or_else(|e| {
+/// Load the rooms `reserved` for a bulk activation (takeover, take-back); returns how many
+/// were started. Rooms left out activate on first use.
+async fn activate_reserved(registry: &RoomRegistry, reserved: Result<Vec<crate::ids::RoomAddr>, crate::room::RoomError>) -> usize {
+    match reserved {
+        Ok(reserved) => registry.activate_reserved(reserved).await,
+        Err(e) => Err(e),
+    }
+    .unwrap_or_else(|e| {
         tracing::warn!(error = %e, "bulk activation stopped early; the rest activate on first use");
         0
     })
