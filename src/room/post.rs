@@ -149,10 +149,14 @@ impl Room {
                 }
                 if deliver {
                     self.last_seq = appended.last_seq;
+                    // Resent posts already stored take no seq: with nothing else in flight,
+                    // the next append goes on from where this one left the log.
+                    if self.in_flight.is_empty() {
+                        self.next_base = self.last_seq;
+                    }
                 }
             }
             Err(CommitError::Append(AppendError::Stale { last_seq })) => {
-                tracing::info!(room = %self.addr, known = self.last_seq, stored = last_seq, "room log moved on; resyncing");
                 // Nothing of this append was written: back in the queue, ahead of every post
                 // that was never sent, behind the ones requeued before it.
                 let n = posts.len();
@@ -160,7 +164,17 @@ impl Room {
                     self.queue.insert(self.requeued + i, p);
                 }
                 self.requeued += n;
-                self.needs_resync = true;
+                if last_seq == self.last_seq && self.in_flight.is_empty() && !self.needs_resync {
+                    // The log ends where this room knows it does (the row is under this
+                    // room's fence, so nobody else wrote it): the append before this one
+                    // stored fewer messages than this one assumed (resends stored already).
+                    // Nothing to read; send again from there.
+                    tracing::debug!(room = %self.addr, last_seq, "append behind a shorter one; sent again");
+                    self.next_base = last_seq;
+                } else {
+                    tracing::info!(room = %self.addr, known = self.last_seq, stored = last_seq, "room log moved on; resyncing");
+                    self.needs_resync = true;
+                }
             }
             Err(CommitError::Append(AppendError::Fenced { host, epoch })) => {
                 tracing::warn!(room = %self.addr, %host, epoch, "room fenced; stopping this incarnation");

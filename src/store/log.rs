@@ -108,6 +108,10 @@ pub enum AppendError {
 /// Most rows in one INSERT: keeps every backend under its bind-parameter limit.
 const INSERT_CHUNK_ROWS: usize = 500;
 
+/// Messages whose `(room, sender, cid)` one duplicate lookup asks for (three bound values
+/// each; PostgreSQL's resend path asks for all in one statement with arrays).
+const CID_LOOKUP_CHUNK: usize = 1000;
+
 impl Store {
     /// Messages of a room with `after < seq < before`, ascending, at most `limit`. With
     /// `newest_first` the *last* `limit` of that range are returned (still ascending).
@@ -273,7 +277,9 @@ impl Store {
         };
         match first {
             // A unique violation means some cid is already stored (a resend the room actor had
-            // no memory of, e.g. after a restart): redo the batch looking every cid up first.
+            // no memory of, e.g. after a restart or a takeover): redo the batch looking every
+            // cid up first.
+            Err(StoreError::Conflict) if self.kind == StoreKind::Postgres => self.append_postgres_resent(requests).await,
             Err(StoreError::Conflict) => self.try_append(requests, true).await,
             other => other,
         }
@@ -312,11 +318,11 @@ impl Store {
     ) -> Result<Vec<Result<Appended, AppendError>>, StoreError> {
 
         // Plan: which messages of each request are new, and the seq each one gets.
-        let mut plans: Vec<Vec<MessageOutcome>> = Vec::with_capacity(requests.len());
-        for req in requests {
-            let existing = if check_duplicates { self.stored_cids(txn, req).await? } else { HashMap::new() };
-            plans.push(plan(req, &existing, check_duplicates));
-        }
+        let existing = match check_duplicates {
+            true => self.stored_cids(txn, requests).await?,
+            false => vec![HashMap::new(); requests.len()],
+        };
+        let plans: Vec<Vec<MessageOutcome>> = requests.iter().zip(&existing).map(|(req, existing)| plan(req, existing, check_duplicates)).collect();
 
         // Fence + advance last_seq for every room that has new rows, in one statement.
         let writing: Vec<usize> = (0..requests.len())
@@ -405,26 +411,53 @@ impl Store {
             .collect())
     }
 
-    /// Already-stored `(sender, cid)` of a request's messages, with their original outcome.
-    async fn stored_cids<C: ConnectionTrait>(
-        &self,
-        conn: &C,
-        req: &AppendRequest,
-    ) -> Result<HashMap<(String, String), MessageOutcome>, StoreError> {
-        let cids: HashSet<&str> = req.messages.iter().map(|m| m.client_msg_id.as_str()).collect();
-        let rows = message::Entity::find()
-            .filter(message::Column::RoomId.eq(req.fence.room.0))
-            .filter(message::Column::ClientMsgId.is_in(cids))
-            .all(conn)
-            .await?;
-        Ok(rows
-            .into_iter()
-            .map(|m| {
-                let o = MessageOutcome { seq: m.seq as u64, created_at: m.created_at, duplicate: true };
-                ((m.sender, m.client_msg_id), o)
-            })
-            .collect())
+    /// Already-stored `(sender, cid)` of each request's messages, with their original outcome:
+    /// one lookup per [`CID_LOOKUP_CHUNK`] messages of the whole batch (after a takeover a
+    /// batch holds many rooms' resends; a lookup per room was a round trip each).
+    async fn stored_cids<C: ConnectionTrait>(&self, conn: &C, requests: &[AppendRequest]) -> Result<Vec<StoredCids>, StoreError> {
+        use sea_orm::sea_query::ExprTrait as _;
+        let keys: Vec<(i64, String, String)> = lookup_keys(requests).into_iter().map(|(room, sender, cid)| (room, sender.to_owned(), cid.to_owned())).collect();
+        let mut stored = Vec::new();
+        for chunk in keys.chunks(CID_LOOKUP_CHUNK) {
+            let key = Expr::tuple([Expr::col(message::Column::RoomId), Expr::col(message::Column::Sender), Expr::col(message::Column::ClientMsgId)]);
+            let rows: Vec<StoredCid> = message::Entity::find()
+                .select_only()
+                .columns([message::Column::RoomId, message::Column::Sender, message::Column::ClientMsgId, message::Column::Seq, message::Column::CreatedAt])
+                .filter(key.in_tuples(chunk.iter().cloned()))
+                .into_tuple()
+                .all(conn)
+                .await?;
+            stored.extend(rows);
+        }
+        Ok(by_request(requests, stored))
     }
+}
+
+/// A request's messages already stored, by `(sender, cid)`, with their original outcome.
+type StoredCids = HashMap<(String, String), MessageOutcome>;
+
+/// A stored message as a duplicate lookup reads it: room, sender, cid, seq, time.
+type StoredCid = (i64, String, String, i64, i64);
+
+/// What a duplicate lookup of `requests` asks for: each message's room, sender and cid, once.
+fn lookup_keys(requests: &[AppendRequest]) -> HashSet<(i64, &str, &str)> {
+    requests.iter().flat_map(|r| r.messages.iter().map(|m| (r.fence.room.0, m.sender.as_str(), m.client_msg_id.as_str()))).collect()
+}
+
+/// The `stored` messages found by a lookup, to each request of their room.
+fn by_request(requests: &[AppendRequest], stored: Vec<StoredCid>) -> Vec<StoredCids> {
+    let mut of_room: HashMap<i64, Vec<usize>> = HashMap::new();
+    for (i, r) in requests.iter().enumerate() {
+        of_room.entry(r.fence.room.0).or_default().push(i);
+    }
+    let mut found = vec![HashMap::new(); requests.len()];
+    for (room, sender, cid, seq, created_at) in stored {
+        for &i in of_room.get(&room).into_iter().flatten() {
+            let outcome = MessageOutcome { seq: seq as u64, created_at, duplicate: true };
+            found[i].insert((sender.clone(), cid.clone()), outcome);
+        }
+    }
+    found
 }
 
 /// Why each of `requests` (index, and the last seq its append would have left) was refused, by

@@ -507,4 +507,19 @@ pub async fn a_group_commit_fences_each_room_on_its_own(db: &TestDb) {
     assert_eq!(appended.last_seq, 4);
     let stored = db.stored_messages(&room("ok")).await;
     assert_eq!(stored.iter().map(|m| m.client_msg_id.as_str()).collect::<Vec<_>>(), ["a", "b", "c", "d"]);
+
+    // Several rooms' resends in one batch (looked up together): each room's own, and a cid
+    // stored in another room is new here.
+    let later = |fence: Fence, base_seq: u64, cids: &[&str]| AppendRequest { fence, base_seq, messages: cids.iter().enumerate().map(|(n, c)| message(10 + n as u32, c)).collect() };
+    let batch = [later(fence(0), 4, &["a", "e"]), later(fence(5), 3, &["c", "a", "f"]), later(fence(3), 0, &["b"])];
+    let answers = store.append_batch(&batch).await.expect("the batch commits");
+    let outcomes: Vec<Vec<(u64, bool)>> =
+        answers.iter().map(|a| a.as_ref().expect("every room's append commits").outcomes.iter().map(|o| (o.seq, o.duplicate)).collect()).collect();
+    assert_eq!(outcomes, [vec![(1, true), (5, false)], vec![(3, true), (1, true), (4, false)], vec![(1, false)]]);
+    let last: Vec<u64> = answers.iter().map(|a| a.as_ref().map(|a| a.last_seq).unwrap_or_default()).collect();
+    assert_eq!(last, [5, 4, 1]);
+    for (name, cids) in [("ok", &["a", "b", "c", "d", "e"][..]), ("ok2", &["a", "b", "c", "f"]), ("stale", &["b"])] {
+        let stored = db.stored_messages(&room(name)).await;
+        assert_eq!(stored.iter().map(|m| m.client_msg_id.as_str()).collect::<Vec<_>>(), cids, "room {name}");
+    }
 }

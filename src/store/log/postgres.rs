@@ -97,7 +97,74 @@ WITH batch AS (
 )
 SELECT id FROM moved";
 
+/// `$1…$3`: one element per message looked up (room, sender, cid).
+const STORED_CIDS: &str = "\
+SELECT m.room_id, m.sender, m.client_msg_id, m.seq, m.created_at
+FROM unnest($1::bigint[], $2::text[], $3::text[]) AS k(room_id, sender, cid)
+JOIN messages AS m ON m.room_id = k.room_id AND m.sender = k.sender AND m.client_msg_id = k.cid";
+
 impl Store {
+    /// [`Store::append_batch`] on PostgreSQL for a batch in which some cid is stored already
+    /// (the first statement's unique violation): every cid of the batch is looked up in one
+    /// statement, and each room's new messages go as one statement as on the fast path, with
+    /// the seqs after its base ([`plan`] gives them the same). A room whose messages are all
+    /// stored writes nothing. (The general path took a lookup per room and a `CASE` update.)
+    pub(in crate::store) async fn append_postgres_resent(&self, requests: &[AppendRequest]) -> Result<Vec<Result<Appended, AppendError>>, StoreError> {
+        let existing = self.stored_cids_postgres(requests).await?;
+        let plans: Vec<Vec<MessageOutcome>> = requests.iter().zip(&existing).map(|(r, e)| plan(r, e, true)).collect();
+        let writing: Vec<usize> = (0..requests.len()).filter(|&i| plans[i].iter().any(|o| !o.duplicate)).collect();
+        let new_only: Vec<AppendRequest> = writing
+            .iter()
+            .map(|&i| AppendRequest {
+                fence: requests[i].fence.clone(),
+                base_seq: requests[i].base_seq,
+                messages: requests[i].messages.iter().zip(&plans[i]).filter(|(_, o)| !o.duplicate).map(|(m, _)| m.clone()).collect(),
+            })
+            .collect();
+        let written = match new_only.is_empty() {
+            true => Vec::new(),
+            false => match self.append_postgres(&new_only).await {
+                // Stored since the lookup (not by this node's rooms, which wait for their
+                // appends): the general path, in a transaction of its own.
+                Err(StoreError::Conflict) => return self.try_append(requests, true).await,
+                other => other?,
+            },
+        };
+        let mut refused: HashMap<usize, AppendError> =
+            writing.into_iter().zip(written).filter_map(|(i, result)| result.err().map(|e| (i, e))).collect();
+        Ok(plans
+            .into_iter()
+            .enumerate()
+            .map(|(i, outcomes)| match refused.remove(&i) {
+                Some(e) => Err(e),
+                None => {
+                    let last_seq = last_new_seq(&outcomes, requests[i].base_seq);
+                    Ok(Appended { outcomes, last_seq })
+                }
+            })
+            .collect())
+    }
+
+    /// Already-stored `(sender, cid)` of each request's messages, in one statement.
+    async fn stored_cids_postgres(&self, requests: &[AppendRequest]) -> Result<Vec<StoredCids>, StoreError> {
+        let keys = lookup_keys(requests);
+        let (mut rooms, mut senders, mut cids) = (Vec::with_capacity(keys.len()), Vec::with_capacity(keys.len()), Vec::with_capacity(keys.len()));
+        for (room, sender, cid) in keys {
+            rooms.push(room);
+            senders.push(sender);
+            cids.push(cid);
+        }
+        let mut args = PgArguments::default();
+        let added: Result<(), sqlx::error::BoxDynError> = (|| {
+            args.add(rooms)?;
+            args.add(senders)?;
+            args.add(cids)
+        })();
+        added.map_err(|e| StoreError::Sqlx(sqlx::Error::Encode(e)))?;
+        let stored: Vec<StoredCid> = sqlx::query_as_with(STORED_CIDS, args).fetch_all(self.db.get_postgres_connection_pool()).await.map_err(StoreError::Sqlx)?;
+        Ok(by_request(requests, stored))
+    }
+
     /// [`Store::append_batch`] on PostgreSQL for a batch with no resent cid (the caller falls
     /// back on [`StoreError::Conflict`]). Every request must carry at least one message.
     pub(in crate::store) async fn append_postgres(&self, requests: &[AppendRequest]) -> Result<Vec<Result<Appended, AppendError>>, StoreError> {
