@@ -12,7 +12,7 @@ use crate::plugin::{Admission, Occupant as PluginOccupant};
 use crate::protocol::RoomConfig;
 use crate::room::plugin::{PluginChain, PluginRoomCreated};
 use crate::room::{Activity, HandOff, PassivateIfIdle, Registrar, Room, RoomDeps, RoomError};
-use crate::store::{LoadedRoom, RoomRow, Store};
+use crate::store::{RoomRow, Store};
 use actix::dev::ToEnvelope;
 use actix::prelude::*;
 use std::collections::{HashMap, HashSet};
@@ -207,45 +207,28 @@ impl RoomRegistry {
             .collect())
     }
 
-    /// Start `reserved` rooms (from [`RoomRegistry::reserve`]) in chunks and hand them to the
-    /// requests waiting: from `loaded` (rooms hosted here, read already: a takeover's
-    /// statement returns them), else loaded with one store round trip per chunk instead of two
-    /// per room (a few chunks at once). A reserved room not started here (not hosted here,
-    /// gone, or of a home being moved) is released: activated on its own if a request waits
-    /// for it (which then gets the reason), forgotten otherwise; on a store error, every room
-    /// not yet started is. Returns how many were started.
-    pub async fn activate_reserved(&self, reserved: Vec<RoomAddr>, loaded: Option<Vec<LoadedRoom>>) -> Result<usize, RoomError> {
+    /// Load `reserved` rooms (from [`RoomRegistry::reserve`]) in chunks, one store round trip
+    /// per chunk instead of two per room (a few chunks at once), start them and hand them to
+    /// the requests waiting. A reserved room not started here (not hosted here, gone, or of a
+    /// home being moved) is released: activated on its own if a request waits for it (which
+    /// then gets the reason), forgotten otherwise; on a store error, every room not yet
+    /// started is. Returns how many were started.
+    pub async fn activate_reserved(&self, reserved: Vec<RoomAddr>) -> Result<usize, RoomError> {
         use futures_util::StreamExt;
         let mut started = 0;
-        let chunks = reserved.chunks(ACTIVATION_CHUNK).map(<[RoomAddr]>::to_vec);
-        let mut loads = match loaded {
-            Some(loaded) => {
-                let mut by_address: HashMap<RoomAddr, LoadedRoom> = loaded.into_iter().map(|r| (r.0.address.clone(), r)).collect();
-                let ready: Vec<_> = chunks
-                    .map(|chunk| {
-                        let rows = chunk.iter().filter_map(|room| by_address.remove(room)).collect();
-                        (chunk, Ok(rows))
-                    })
-                    .collect();
-                futures_util::stream::iter(ready).boxed()
-            }
-            None => {
-                // A few chunks are read at once (each is a round trip the store mostly waits
-                // out), and started in order.
-                let (store, node) = (self.inner.store.clone(), self.inner.node.clone());
-                futures_util::stream::iter(chunks)
-                    .map(move |chunk| {
-                        let (store, node) = (store.clone(), node.clone());
-                        async move {
-                            let loaded = store.load_rooms_hosted(&chunk, &node).await;
-                            (chunk, loaded)
-                        }
-                    })
-                    .buffered(ACTIVATION_READS_AHEAD)
-                    .boxed()
-            }
-        }
-        .enumerate();
+        // A few chunks are read at once (each is a round trip the store mostly waits out),
+        // and started in order.
+        let (store, node) = (self.inner.store.clone(), self.inner.node.clone());
+        let mut loads = futures_util::stream::iter(reserved.chunks(ACTIVATION_CHUNK).map(<[RoomAddr]>::to_vec))
+            .map(move |chunk| {
+                let (store, node) = (store.clone(), node.clone());
+                async move {
+                    let loaded = store.load_rooms_hosted(&chunk, &node).await;
+                    (chunk, loaded)
+                }
+            })
+            .buffered(ACTIVATION_READS_AHEAD)
+            .enumerate();
         while let Some((i, (chunk, loaded))) = loads.next().await {
             let loaded = match loaded {
                 Ok(loaded) => loaded,
@@ -563,7 +546,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
             assert!(!a.is_finished() && !elsewhere.is_finished(), "requests wait for the bulk load");
 
-            assert_eq!(registry.activate_reserved(reserved, None).await.unwrap(), 2);
+            assert_eq!(registry.activate_reserved(reserved).await.unwrap(), 2);
             assert!(a.await.unwrap().is_ok(), "the waiting request gets the room the load started");
             assert!(registry.lookup(&addr("b")).is_some(), "a room nobody waited for is active too");
             match elsewhere.await.unwrap() {

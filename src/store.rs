@@ -23,7 +23,6 @@ pub mod plugin_state;
 mod rooms;
 
 pub use accounts::{ScramRow, SessionFilter, SessionRow, UserScram};
-pub use rooms::LoadedRoom;
 pub use log::{AppendError, AppendRequest, Appended, ArchiveRange, MessageOutcome, NewMessage, StoredMessage};
 
 use crate::ids::{Epoch, NodeId, RoomAddr, RoomId};

@@ -127,7 +127,7 @@ on_every_backend! {
     component::ejabberd_users_chat_in_stoa_rooms_through_the_component,
     component::bad_input_from_the_host_server_never_ends_the_component_link,
     ha::leases_live_and_expire_on_the_database_clock,
-    ha::a_takeover_moves_and_returns_the_failed_nodes_rooms,
+    ha::a_takeover_moves_the_failed_nodes_rooms_to_a_new_epoch,
     ha::welcome_names_the_peer_and_tokens_work_across_the_group,
     ha::an_ha_node_records_its_states_and_holds_its_lease,
     log::acked_messages_survive_kill_and_restart,

@@ -13,23 +13,13 @@
 //! All of it needs a store shared by a pair: PostgreSQL or MySQL/MariaDB. SQLite (one node
 //! only) has none of it and answers [`ClusterError::Unsupported`].
 
-use super::entity::{affiliation, room};
-use super::rooms::with_affiliations;
-use super::{LoadedRoom, Store, StoreError, StoreKind, stmt};
+use super::{Store, StoreError, StoreKind, stmt};
 use crate::ids::NodeId;
 use sea_orm::sea_query::{Alias, Expr, Query};
-use sea_orm::{ConnectionTrait, DbBackend, EntityTrait, Statement, TransactionTrait};
+use sea_orm::{ConnectionTrait, DbBackend, Statement, TransactionTrait};
 use std::future::Future;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-
-/// What a takeover moved ([`Store::take_over`]).
-pub struct TakenOver {
-    /// How many rooms.
-    pub moved: u64,
-    /// On PostgreSQL, those rooms as the takeover left them, with their affiliations.
-    pub rooms: Option<Vec<LoadedRoom>>,
-}
 
 /// A lease as the store sees it now.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -207,37 +197,21 @@ impl Store {
     /// epoch, and, in the same transaction, mark `failed`'s lease as taken so that node steps
     /// down if it was only paused (its next conditional renewal finds another incarnation), and
     /// record `me` as the host of every room service `failed` served (`service_host`), rooms or
-    /// none. On PostgreSQL the statement returns the rooms as it left them (`RETURNING`), and
-    /// their affiliations are read in the same transaction, so that their activation reads
-    /// nothing more (MySQL/MariaDB have no `UPDATE … RETURNING`).
-    pub async fn take_over(&self, failed: &NodeId, me: &NodeId) -> Result<TakenOver, ClusterError> {
+    /// none. Returns how many rooms moved.
+    pub async fn take_over(&self, failed: &NodeId, me: &NodeId) -> Result<u64, ClusterError> {
         let db = self.pair_backend()?;
         let txn = self.connection().begin().await?;
         // A paused node may hold room rows locked (a commit in flight): do not wait on it for long;
         // the caller retries, and the server ends such a session after
         // `store.idle_in_transaction_timeout_ms`.
-        let hosts = vec![me.0.clone().into(), failed.0.clone().into()];
-        let (moved, returned) = match db {
+        let update = match db {
             DbBackend::Postgres => {
                 txn.execute_raw(Statement::from_string(db, "SET LOCAL lock_timeout = '2s'")).await?;
-                let update = "UPDATE rooms SET host_node = ?, epoch = epoch + 1 WHERE host_node = ? RETURNING *";
-                let rows = room::Entity::find().from_raw_sql(stmt(db, update, hosts)).all(&txn).await?;
-                // One array parameter (as text), however many rooms: no limit on bound values.
-                let ids: Vec<String> = rows.iter().map(|r| r.id.to_string()).collect();
-                let affiliations = match ids.is_empty() {
-                    true => Vec::new(),
-                    false => {
-                        let select = "SELECT * FROM affiliations WHERE room_id = ANY(string_to_array(?, ',')::bigint[])";
-                        affiliation::Entity::find().from_raw_sql(stmt(db, select, vec![ids.join(",").into()])).all(&txn).await?
-                    }
-                };
-                (rows.len() as u64, Some((rows, affiliations)))
+                "UPDATE rooms SET host_node = ?, epoch = epoch + 1 WHERE host_node = ?"
             }
-            _ => {
-                let update = "SET STATEMENT innodb_lock_wait_timeout = 2 FOR UPDATE rooms SET host_node = ?, epoch = epoch + 1 WHERE host_node = ?";
-                (txn.execute_raw(stmt(db, update, hosts)).await?.rows_affected(), None)
-            }
+            _ => "SET STATEMENT innodb_lock_wait_timeout = 2 FOR UPDATE rooms SET host_node = ?, epoch = epoch + 1 WHERE host_node = ?",
         };
+        let moved = txn.execute_raw(stmt(db, update, vec![me.0.clone().into(), failed.0.clone().into()])).await?.rows_affected();
         txn.execute_raw(stmt(
             db,
             "UPDATE node_leases SET incarnation = -1, holder = ? WHERE node_id = ?",
@@ -253,14 +227,7 @@ impl Store {
         .await?;
         Self::set_service_host(&txn, db, failed, me).await?;
         txn.commit().await?;
-        // A row that does not read as a room leaves these to be read room by room (each
-        // failing on its own), as without them; it never undoes the takeover.
-        let rooms = returned.and_then(|(rows, affiliations)| {
-            with_affiliations(rows, affiliations)
-                .inspect_err(|e| tracing::warn!(error = %e, "a room taken over does not read; the rooms are read again to start them"))
-                .ok()
-        });
-        Ok(TakenOver { moved, rooms })
+        Ok(moved)
     }
 
     /// Record that `host` serves `home`'s room service (part of a move's transaction).

@@ -80,18 +80,27 @@ impl Store {
         &self,
         addresses: &[RoomAddr],
         host: &NodeId,
-    ) -> Result<Vec<LoadedRoom>, StoreError> {
+    ) -> Result<Vec<(RoomRow, HashMap<String, Affiliation>)>, StoreError> {
         let mut rows = room::Entity::find()
             .filter(room::Column::Address.is_in(addresses.iter().map(|a| a.as_str())))
             .all(&self.db)
             .await?;
         rows.retain(|r| r.host_node == host.0);
         let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-        let affiliations = match ids.is_empty() {
-            true => Vec::new(),
-            false => affiliation::Entity::find().filter(affiliation::Column::RoomId.is_in(ids)).all(&self.db).await?,
-        };
-        with_affiliations(rows, affiliations)
+        let mut affiliations: HashMap<i64, HashMap<String, Affiliation>> = HashMap::new();
+        if !ids.is_empty() {
+            for r in affiliation::Entity::find().filter(affiliation::Column::RoomId.is_in(ids)).all(&self.db).await? {
+                let a = Affiliation::parse(&r.affiliation)
+                    .ok_or_else(|| StoreError::Corrupt(format!("affiliation `{}`", r.affiliation)))?;
+                affiliations.entry(r.room_id).or_default().insert(r.user_name, a);
+            }
+        }
+        rows.into_iter()
+            .map(|r| {
+                let affs = affiliations.remove(&r.id).unwrap_or_default();
+                Ok((RoomRow::try_from(r)?, affs))
+            })
+            .collect()
     }
 
     /// Every affiliation of a room other than `none`.
@@ -260,22 +269,4 @@ impl Store {
         use sea_orm::PaginatorTrait;
         Ok(room::Entity::find().count(&self.db).await?)
     }
-}
-
-/// Rooms with their affiliations, as a room is started.
-pub type LoadedRoom = (RoomRow, HashMap<String, Affiliation>);
-
-/// `rows` with their affiliations, from `affiliations` (of those rooms, and maybe others).
-pub(super) fn with_affiliations(rows: Vec<room::Model>, affiliations: Vec<affiliation::Model>) -> Result<Vec<LoadedRoom>, StoreError> {
-    let mut by_room: HashMap<i64, HashMap<String, Affiliation>> = HashMap::new();
-    for r in affiliations {
-        let a = Affiliation::parse(&r.affiliation).ok_or_else(|| StoreError::Corrupt(format!("affiliation `{}`", r.affiliation)))?;
-        by_room.entry(r.room_id).or_default().insert(r.user_name, a);
-    }
-    rows.into_iter()
-        .map(|r| {
-            let affs = by_room.remove(&r.id).unwrap_or_default();
-            Ok((RoomRow::try_from(r)?, affs))
-        })
-        .collect()
 }

@@ -89,8 +89,8 @@ impl Control {
             self.enter(was, Reason::OnPeerDown).await;
             return;
         }
-        let taken = match inner.store.take_over(&peer.id, self.me()).await {
-            Ok(taken) => taken,
+        let moved = match inner.store.take_over(&peer.id, self.me()).await {
+            Ok(n) => n,
             Err(e) => {
                 // Nothing moved (the statement is one transaction): back to where we were, and
                 // the next check tries again.
@@ -112,7 +112,7 @@ impl Control {
         tracing::info!(
             node = %self.me(),
             peer = %peer.id,
-            rooms = taken.moved,
+            rooms = moved,
             fence_ms,
             return_on_peer_start,
             "peer's rooms fenced and taken over"
@@ -125,11 +125,11 @@ impl Control {
         self.enter(NodeState::RunningInBackupMode, Reason::OnPeerDown).await;
         inner.watch.takeovers.send_modify(|n| *n += 1);
         let started = Instant::now();
-        let activated = activate_reserved(&inner.registry, reserved, taken.rooms).await;
+        let activated = activate_reserved(&inner.registry, reserved).await;
         let activate_ms = started.elapsed().as_millis() as u64;
         tracing::info!(node = %self.me(), activated, activate_ms, "peer's active rooms activated");
         inner.status.lock().expect("ha status lock").last_takeover =
-            Some(TakeoverReport { from: peer.id.0.clone(), rooms: taken.moved, fence_ms, activated, activate_ms, at_ms: now_ms() });
+            Some(TakeoverReport { from: peer.id.0.clone(), rooms: moved, fence_ms, activated, activate_ms, at_ms: now_ms() });
     }
 
     /// This node gives its rooms to the peer: stop serving, finish what is in flight, tell
@@ -249,7 +249,7 @@ impl Control {
         let registry = &self.inner().registry;
         let reserved = registry.reserve(mine);
         let started = Instant::now();
-        let n = activate_reserved(registry, reserved, None).await;
+        let n = activate_reserved(registry, reserved).await;
         tracing::info!(node = %self.me(), activated = n, activate_ms = started.elapsed().as_millis() as u64, "rooms taken back and activated");
         self.enter(NodeState::Normal, reason).await;
         Ok(())
@@ -355,15 +355,11 @@ fn refresh_room_statistics(store: crate::store::Store) {
     });
 }
 
-/// Start the rooms `reserved` for a bulk activation (takeover, take-back), from `loaded` or
-/// read in chunks; returns how many were started. Rooms left out activate on first use.
-async fn activate_reserved(
-    registry: &RoomRegistry,
-    reserved: Result<Vec<crate::ids::RoomAddr>, crate::room::RoomError>,
-    loaded: Option<Vec<crate::store::LoadedRoom>>,
-) -> usize {
+/// Load the rooms `reserved` for a bulk activation (takeover, take-back); returns how many
+/// were started. Rooms left out activate on first use.
+async fn activate_reserved(registry: &RoomRegistry, reserved: Result<Vec<crate::ids::RoomAddr>, crate::room::RoomError>) -> usize {
     match reserved {
-        Ok(reserved) => registry.activate_reserved(reserved, loaded).await,
+        Ok(reserved) => registry.activate_reserved(reserved).await,
         Err(e) => Err(e),
     }
     .unwrap_or_else(|e| {
