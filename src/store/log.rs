@@ -398,17 +398,7 @@ impl Store {
             txn.execute(&insert).await.map_err(StoreError::classify)?;
         }
 
-        Ok(plans
-            .into_iter()
-            .enumerate()
-            .map(|(i, outcomes)| match rejected.remove(&i) {
-                Some(err) => Err(err),
-                None => {
-                    let last_seq = last_new_seq(&outcomes, requests[i].base_seq);
-                    Ok(Appended { outcomes, last_seq })
-                }
-            })
-            .collect())
+        Ok(answers(requests, plans, rejected))
     }
 
     /// Already-stored `(sender, cid)` of each request's messages, with their original outcome:
@@ -517,6 +507,21 @@ fn plan(req: &AppendRequest, existing: &HashMap<(String, String), MessageOutcome
         outcomes.push(outcome);
     }
     outcomes
+}
+
+/// Each request's answer: its refusal, or its plan's outcomes.
+fn answers(requests: &[AppendRequest], plans: Vec<Vec<MessageOutcome>>, mut refused: HashMap<usize, AppendError>) -> Vec<Result<Appended, AppendError>> {
+    plans
+        .into_iter()
+        .enumerate()
+        .map(|(i, outcomes)| match refused.remove(&i) {
+            Some(e) => Err(e),
+            None => {
+                let last_seq = last_new_seq(&outcomes, requests[i].base_seq);
+                Ok(Appended { outcomes, last_seq })
+            }
+        })
+        .collect()
 }
 
 /// The highest seq a plan stores, or `base` if it stores nothing new.

@@ -130,19 +130,8 @@ impl Store {
                 other => other?,
             },
         };
-        let mut refused: HashMap<usize, AppendError> =
-            writing.into_iter().zip(written).filter_map(|(i, result)| result.err().map(|e| (i, e))).collect();
-        Ok(plans
-            .into_iter()
-            .enumerate()
-            .map(|(i, outcomes)| match refused.remove(&i) {
-                Some(e) => Err(e),
-                None => {
-                    let last_seq = last_new_seq(&outcomes, requests[i].base_seq);
-                    Ok(Appended { outcomes, last_seq })
-                }
-            })
-            .collect())
+        let refused = writing.into_iter().zip(written).filter_map(|(i, result)| result.err().map(|e| (i, e))).collect();
+        Ok(answers(requests, plans, refused))
     }
 
     /// Already-stored `(sender, cid)` of each request's messages, in one statement.
