@@ -434,12 +434,8 @@ pub async fn kill9_failover_restart_and_fallback_lose_nothing(db: &TestDb) {
         eprintln!("cycle {cycle}: kill -9 → 1b in backup mode after {} ms, every room writable after {} ms ({why})", detect.as_millis(), writable.as_millis());
         assert_eq!(hosted(db, "1a").await, 0, "1b must host every room of 1a");
         // After the fence, the store's statistics of the rooms are refreshed (docs/ha.md).
-        let refreshed = Instant::now() + Duration::from_secs(5);
-        while !pair.process(1).log_text().contains("statistics of rooms refreshed") && Instant::now() < refreshed {
-            tokio::time::sleep(Duration::from_millis(20)).await; // the log is read from a pipe
-        }
-        let log = pair.process(1).log_text();
-        assert!(log.contains("statistics of rooms refreshed") && !log.contains("could not refresh"), "1b must refresh the rooms' statistics after the takeover");
+        let refreshed = pair.process(1).log_line("statistics of rooms refreshed", Duration::from_secs(5)).await;
+        assert!(refreshed.is_some() && !pair.process(1).log_text().contains("could not refresh"), "1b must refresh the rooms' statistics after the takeover");
 
         pair.start(0).await;
         pair.await_state(0, "failed_over", DEADLINE).await;
@@ -455,12 +451,7 @@ pub async fn kill9_failover_restart_and_fallback_lose_nothing(db: &TestDb) {
         assert_eq!(hosted(db, "1b").await, 0, "after fallback 1a hosts its rooms again");
         // 1b said which of 1a's rooms it had active as it handed them back, and 1a loaded them
         // in bulk as it took them back (by then 1b's active-room list no longer has them).
-        let took_back = || pair.process(0).log_text().lines().rfind(|l| l.contains("rooms taken back and activated")).unwrap_or_default().to_owned();
-        let logged = Instant::now() + Duration::from_secs(5);
-        while took_back().is_empty() && Instant::now() < logged {
-            tokio::time::sleep(Duration::from_millis(20)).await; // the log is read from a pipe
-        }
-        let took_back = took_back();
+        let took_back = pair.process(0).log_line("rooms taken back and activated", Duration::from_secs(5)).await.unwrap_or_default();
         assert!(took_back.contains(&format!("activated={}", rooms.len())), "1a must load every room active on 1b as it takes them back: {took_back:?}");
     }
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -178,6 +178,21 @@ impl NodeProcess {
         self.log.lock().expect("log lock").join("\n")
     }
 
+    /// The last line of the log containing `text`, once one is there (the log comes through a
+    /// pipe and may trail what the process did); `None` if none came within `within`.
+    pub async fn log_line(&self, text: &str, within: Duration) -> Option<String> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(line) = self.log.lock().expect("log lock").iter().rfind(|l| l.contains(text)) {
+                return Some(line.clone());
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await; // polling interval, not a wait
+        }
+    }
+
     /// The process id (for SIGSTOP / SIGCONT).
     pub fn pid(&self) -> u32 {
         self.child.id()
