@@ -55,6 +55,16 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// the topology; more are closed at once.
 const MAX_PENDING_HANDSHAKES: usize = 8;
 
+/// Bytes a link connection reads at a time. tungstenite zero-fills this much of its buffer
+/// before every read, even one that finds nothing (its default is 128 KiB, which cost the
+/// forwarded path a 128 KiB `memset` per read); a larger frame still arrives whole, in more reads.
+const LINK_READ_BUFFER: usize = 16 * 1024;
+
+/// The WebSocket settings of both ends of a link connection.
+fn link_ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(LINK_READ_BUFFER)
+}
+
 /// Missed heartbeats after which the peer counts as unreachable.
 const MISSED_HEARTBEATS: u32 = 3;
 
@@ -326,7 +336,7 @@ pub struct Link {
     next_command: Arc<std::sync::atomic::AtomicU64>,
     directory: Option<Arc<dyn HomeDirectory>>,
     /// Bumped when a heartbeat says something new about who serves what (a node that became
-    /// reachable, or changed its hosting or its services).
+    /// reachable, or changed its hosting or its services), and when a node's link goes down.
     hosts: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
@@ -431,8 +441,9 @@ impl Link {
         candidates.first().map(|r| r.id.clone())
     }
 
-    /// Changes whenever [`Link::host_of`] may answer differently because of a heartbeat (a
-    /// node came up, or now serves other rooms): what waits for a new host waits on this.
+    /// Changes whenever [`Link::host_of`] may answer differently: a heartbeat (a node came
+    /// up, or now serves other rooms) or a node's link going down. What waits for a new host,
+    /// or for a node to go, waits on this.
     pub fn host_changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.hosts.subscribe()
     }
@@ -745,7 +756,7 @@ async fn serve(listener: TcpListener, config: Arc<LinkConfig>, link: Link, inbou
                     tracing::debug!(%remote, error = %e, "node link: TLS handshake failed");
                     HandshakeError::Closed
                 })?;
-                let mut ws = tokio_tungstenite::accept_async(stream).await.map_err(|_| HandshakeError::Closed)?;
+                let mut ws = tokio_tungstenite::accept_async_with_config(stream, Some(link_ws_config())).await.map_err(|_| HandshakeError::Closed)?;
                 accept_handshake(&mut ws, &config).await.map(|from| (ws, from))
             };
             let (ws, from) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
@@ -855,6 +866,9 @@ async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
         tracing::info!(node = %from, generation, "older node link connection closed (a newer one serves)");
     } else if !shutdown.is_cancelled() {
         tracing::warn!(node = %from, "node link down");
+        // The node is unreachable now: whoever waits on `host_changes` looks again at once
+        // (the recovery manager decides on a takeover without waiting for its next tick).
+        link.hosts.send_modify(|n| *n = n.wrapping_add(1));
         inbound.node_lost(from);
     }
 }
@@ -898,7 +912,10 @@ async fn dial(
             return;
         }
         let connect = async {
-            let dialed = tokio_tungstenite::connect_async_tls_with_config(&url, None, false, connector.clone()).await;
+            // No Nagle: the link carries small frames one at a time, and the other end only
+            // reads (its acknowledgements are delayed), so a frame sent behind an unacknowledged
+            // one would wait up to the delayed-ACK timeout (40 ms).
+            let dialed = tokio_tungstenite::connect_async_tls_with_config(&url, Some(link_ws_config()), true, connector.clone()).await;
             let (mut ws, _) = dialed.map_err(|e| {
                 // rustls reports a refused certificate as an I/O error wrapping a rustls::Error.
                 let tls_error = match &e {
@@ -1056,6 +1073,82 @@ mod tests {
             ]
         );
         assert!(parse_incoming(r#"{"op":"to_sessions","sessions":[1],"msg":}"#).is_none(), "bad JSON is no frame");
+    }
+
+    /// A node as the other end of a link in these tests: normal, hosting nothing, and
+    /// ignoring whatever arrives.
+    struct Quiet;
+
+    impl LocalView for Quiet {
+        fn state(&self) -> NodeState {
+            NodeState::Normal
+        }
+        fn hosting(&self) -> bool {
+            false
+        }
+        fn active_rooms(&self) -> Vec<String> {
+            Vec::new()
+        }
+        fn services_down(&self) -> Vec<String> {
+            Vec::new()
+        }
+        fn connections(&self) -> i64 {
+            0
+        }
+    }
+
+    impl Inbound for Quiet {
+        fn command(&self, _: &NodeId, _: u64, _: PeerCommand) {}
+        fn to_host(&self, _: &NodeId, _: SessionId, _: String, _: &str) {}
+        fn session_gone(&self, _: &NodeId, _: SessionId) {}
+        fn to_sessions(&self, _: &NodeId, _: &[SessionId], _: &str) {}
+        fn node_lost(&self, _: &NodeId) {}
+    }
+
+    /// Two nodes `a` and `b` linked on loopback; `b` stops when its token is cancelled.
+    async fn two_nodes(heartbeat: Duration) -> (Link, Link, CancellationToken, CancellationToken) {
+        let listeners = [TcpListener::bind("127.0.0.1:0").await.unwrap(), TcpListener::bind("127.0.0.1:0").await.unwrap()];
+        let addrs: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
+        let config = |me: usize| LinkConfig {
+            me: ["a", "b"][me].to_owned(),
+            my_service: format!("conference-{}.localhost", ["a", "b"][me]),
+            peer_id: Some(["b", "a"][me].to_owned()),
+            nodes: vec![LinkNode { id: ["b", "a"][me].to_owned(), link: addrs[1 - me].clone(), service: format!("conference-{}.localhost", ["b", "a"][me]), peering: None }],
+            secret: "a link secret for the tests".to_owned(),
+            heartbeat,
+            tls: None,
+            client_tls: None,
+            directory: None,
+        };
+        let [la, lb] = listeners;
+        let (a, run_a) = new(config(0));
+        let (b, run_b) = new(config(1));
+        let (stop_a, stop_b) = (CancellationToken::new(), CancellationToken::new());
+        run_a.start(la, Arc::new(Quiet), Arc::new(Quiet), stop_a.clone());
+        run_b.start(lb, Arc::new(Quiet), Arc::new(Quiet), stop_b.clone());
+        (a, b, stop_a, stop_b)
+    }
+
+    /// The recovery manager decides on a takeover when the peer's link goes down, not at its
+    /// next tick: the link tells whoever waits on `host_changes` at once. (The heartbeat here is
+    /// a minute, so nothing else could say it within the test's wait.)
+    #[tokio::test]
+    async fn a_link_going_down_is_told_at_once() {
+        let (a, _b, stop_a, stop_b) = two_nodes(Duration::from_secs(60)).await;
+        let peer = NodeId("b".to_owned());
+        let mut changes = a.host_changes();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !a.is_up(&peer) {
+                changes.changed().await.unwrap();
+            }
+        })
+        .await
+        .expect("a sees b within 10 s");
+        changes.mark_unchanged();
+        stop_b.cancel();
+        tokio::time::timeout(Duration::from_secs(5), changes.changed()).await.expect("a is told b's link went down").unwrap();
+        assert!(!a.is_up(&peer));
+        stop_a.cancel();
     }
 
     #[test]

@@ -46,9 +46,12 @@ impl Control {
         let mut tick = tokio::time::interval(self.inner().config.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut next_lease_look = Instant::now();
+        // A link going down is looked at at once, not at the next tick.
+        let mut link_changes = self.inner().link.as_ref().map(|l| l.host_changes());
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
+                _ = changed(&mut link_changes) => {}
                 command = commands.recv() => match command {
                     Some(Command::Admin(request, reply)) => {
                         let answer = self.admin(request).await;
@@ -169,4 +172,14 @@ impl Control {
         }
         Ok(())
     }
+}
+
+/// The next change of the link's view (never, without a link or once the link is gone).
+async fn changed(link_changes: &mut Option<tokio::sync::watch::Receiver<u64>>) {
+    if let Some(rx) = link_changes
+        && rx.changed().await.is_ok()
+    {
+        return;
+    }
+    std::future::pending().await
 }
