@@ -153,8 +153,7 @@ impl Store {
             return Ok(Store { db: sea_orm::SqlxPostgresConnector::from_sqlx_postgres_pool(pool), sqlite_writer: None, kind: StoreKind::Postgres, url: url.to_owned() });
         }
         // The merge writes its chunks through the pool and never appends to a room's log: no
-        // group-commit thread. (With one, a merge into a SQLite file read by another process at
-        // the same time died of SIGBUS now and then: kill9_mid_merge_then_resume_gives_the_same_store.)
+        // group-commit thread.
         let settings = crate::config::StoreSettings { max_connections: 1, sqlite_synchronous: "normal".into(), ..Default::default() };
         Store::open(url, &settings, false).await
     }
@@ -718,10 +717,18 @@ impl Store {
 /// SQLite in WAL mode: every connection that has the database open holds a shared lock on the
 /// "DMS" byte (128) of the `-shm` file for as long as it is open; `F_GETLK` reports such a
 /// lock of another process (never the caller's own).
+///
+/// The descriptor this opens stays open until the process ends (one per call; a merge calls
+/// this once per store): closing any descriptor of a file drops every POSIX lock the process
+/// holds on that file, SQLite's own DMS lock included. With that lock gone, the next process
+/// to open the database takes itself for the first, truncates the `-shm` file, and this
+/// process, which has it mapped, dies of SIGBUS (seen in
+/// `kill9_mid_merge_then_resume_gives_the_same_store`; the test below checks the lock stays).
 fn sqlite_open_elsewhere(db: &std::path::Path) -> bool {
-    use std::os::fd::AsRawFd;
+    use std::os::fd::IntoRawFd;
     let shm = std::path::PathBuf::from(format!("{}-shm", db.display()));
     let Ok(file) = std::fs::OpenOptions::new().read(true).write(true).open(&shm) else { return false };
+    let fd = file.into_raw_fd();
     // SAFETY: a zeroed `flock` is a valid value, filled in below; `fcntl(F_GETLK)` reads and
     // writes only that struct, on a descriptor this function owns.
     let mut lock: libc::flock = unsafe { std::mem::zeroed() };
@@ -730,6 +737,42 @@ fn sqlite_open_elsewhere(db: &std::path::Path) -> bool {
     lock.l_start = 128;
     lock.l_len = 1;
     // SAFETY: see above.
-    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETLK, &mut lock) };
+    let r = unsafe { libc::fcntl(fd, libc::F_GETLK, &mut lock) };
     r == 0 && lock.l_type != libc::F_UNLCK as libc::c_short
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// This process's POSIX locks on the file at `path` that cover byte 128, from `/proc/locks`.
+    fn own_locks_on_byte_128(path: &std::path::Path) -> usize {
+        use std::os::unix::fs::MetadataExt;
+        let ino = std::fs::metadata(path).unwrap().ino().to_string();
+        let me = std::process::id().to_string();
+        // "1: POSIX  ADVISORY  READ 1234 fd:01:5507074 128 128"
+        std::fs::read_to_string("/proc/locks")
+            .unwrap()
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .filter(|f| f.len() == 8 && f[1] == "POSIX" && f[4] == me && f[5].rsplit(':').next() == Some(ino.as_str()))
+            .filter(|f| f[6].parse::<u64>().is_ok_and(|s| s <= 128) && (f[7] == "EOF" || f[7].parse::<u64>().is_ok_and(|e| e >= 128)))
+            .count()
+    }
+
+    /// Looking for other processes with a SQLite store open must not drop this process's own
+    /// hold on it: without its DMS lock, another process truncates the `-shm` file this one
+    /// has mapped (SIGBUS).
+    #[tokio::test]
+    async fn looking_for_other_users_of_a_sqlite_file_keeps_this_process_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("target.db");
+        let store = Store::connect(&format!("sqlite://{}", db.display()), 1, "normal").await.unwrap();
+        store.migrate().await.unwrap();
+        let shm = std::path::PathBuf::from(format!("{}-shm", db.display()));
+        assert!(own_locks_on_byte_128(&shm) > 0, "SQLite holds its DMS lock while the store is open");
+        let evidence = store.serving_evidence(Duration::from_secs(60)).await.unwrap();
+        assert!(evidence.is_empty(), "no other process has it open: {evidence:?}");
+        assert!(own_locks_on_byte_128(&shm) > 0, "the check dropped this process's DMS lock");
+    }
 }
