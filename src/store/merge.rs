@@ -730,7 +730,7 @@ fn sqlite_open_elsewhere(db: &std::path::Path) -> bool {
     let Ok(file) = std::fs::OpenOptions::new().read(true).write(true).open(&shm) else { return false };
     let fd = file.into_raw_fd();
     // SAFETY: a zeroed `flock` is a valid value, filled in below; `fcntl(F_GETLK)` reads and
-    // writes only that struct, on a descriptor this function owns.
+    // writes only that struct, on the descriptor opened above (never closed: see above).
     let mut lock: libc::flock = unsafe { std::mem::zeroed() };
     lock.l_type = libc::F_WRLCK as _;
     lock.l_whence = libc::SEEK_SET as _;
@@ -741,7 +741,8 @@ fn sqlite_open_elsewhere(db: &std::path::Path) -> bool {
     r == 0 && lock.l_type != libc::F_UNLCK as libc::c_short
 }
 
-#[cfg(test)]
+/// (Linux: the test reads `/proc/locks`.)
+#[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
 
