@@ -107,9 +107,76 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogSink {
     }
 }
 
+/// Thins out sqlx's warning about a slow pool acquire, which it logs once per acquire that
+/// waited over 2 s: while a node's pool is saturated (10,000 clients resuming after a failover)
+/// that was 36,733 lines in a minute. One such warning goes through per [`SlowAcquires::EVERY`];
+/// every one is counted in `stoa_store_slow_acquires_total`.
+#[derive(Default)]
+pub struct SlowAcquires {
+    /// When the last warning went through.
+    last: Mutex<Option<std::time::Instant>>,
+}
+
+impl SlowAcquires {
+    /// At most one warning per this long.
+    pub const EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+    const TARGET: &str = "sqlx::pool::acquire";
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for SlowAcquires {
+    fn event_enabled(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) -> bool {
+        let meta = event.metadata();
+        if meta.target() != Self::TARGET || *meta.level() != tracing::Level::WARN {
+            return true;
+        }
+        metrics::counter!("stoa_store_slow_acquires_total").increment(1);
+        let mut last = self.last.lock().expect("slow acquires lock");
+        let now = std::time::Instant::now();
+        if last.is_some_and(|t| now.duration_since(t) < Self::EVERY) {
+            return false;
+        }
+        *last = Some(now);
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    /// A flood of slow-acquire warnings leaves one line; other lines, sqlx's included, all pass.
+    #[test]
+    fn slow_acquire_warnings_are_thinned_out() {
+        #[derive(Clone, Default)]
+        struct Lines(Arc<Mutex<Vec<u8>>>);
+        impl Write for Lines {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let fmt = tracing_subscriber::fmt::layer().with_writer(move || writer.clone()).with_ansi(false);
+        let subscriber = tracing_subscriber::registry().with(SlowAcquires::default()).with(fmt);
+        tracing::subscriber::with_default(subscriber, || {
+            for i in 0..1000 {
+                tracing::warn!(target: "sqlx::pool::acquire", acquired_after_secs = i, "acquired connection, but time to acquire exceeded slow threshold");
+            }
+            tracing::warn!(target: "sqlx::query", "slow statement");
+            tracing::info!(target: "sqlx::pool::acquire", "acquired connection");
+            tracing::warn!("a warning of Stoa's own");
+        });
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.matches("exceeded slow threshold").count(), 1, "{text}");
+        assert!(text.contains("acquired_after_secs=0"), "the first goes through: {text}");
+        assert!(text.contains("slow statement") && text.contains("a warning of Stoa's own"), "{text}");
+        assert_eq!(text.matches("acquired connection").count(), 2, "the info line is kept: {text}");
+    }
 
     /// Lines go to the file; after the file is renamed, they follow it until `reopen`, then
     /// go to a new file at the configured path.

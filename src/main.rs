@@ -21,15 +21,18 @@ fn init_tracing(settings: &Settings) {
 fn init_tracing_to(settings: &Settings, sink: stoa::logfile::LogSink) {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = EnvFilter::try_from_env("STOA_LOG")
         .unwrap_or_else(|_| EnvFilter::new(format!("{},sqlx=warn,sea_orm=warn", settings.log.level)));
     // Colours only for a person at a terminal, never into a file or a pipe.
     let ansi = sink.path().is_none() && std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(sink).with_ansi(ansi);
+    let lines = tracing_subscriber::fmt::layer().with_writer(sink).with_ansi(ansi);
+    let subscriber = tracing_subscriber::registry().with(filter).with(stoa::logfile::SlowAcquires::default());
     if settings.log.json {
-        builder.json().init();
+        subscriber.with(lines.json()).init();
     } else {
-        builder.init();
+        subscriber.with(lines).init();
     }
 }
 
