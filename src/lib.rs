@@ -94,7 +94,8 @@
 //!   job's chunks and verification (`merge::run`); docs/merge.md. Its statements are
 //!   `store::merge`'s.
 //! - [`systemd`]: `Type=notify` readiness, stopping, status and watchdog pings (sd_notify).
-//! - [`logfile`]: where log lines go (stderr or `log.file`, reopened on SIGHUP), never failing.
+//! - [`logfile`]: where log lines go (stderr or `log.file`, reopened on SIGHUP), never failing;
+//!   sqlx's slow-acquire warnings thinned out to one per 10 s.
 
 pub mod admin;
 pub mod admin_client;

@@ -2,6 +2,9 @@
 //! (logrotate's `create` style: rotate renames the file, then signals the node, which then
 //! writes to a fresh file at the configured path).
 //!
+//! sqlx's warning about a slow pool acquire, one per acquire, is thinned out to one per 10 s
+//! ([`SlowAcquires`]).
+//!
 //! A log write never fails and never blocks the node on an error: a line that cannot be
 //! written (a full disk, a stderr pipe whose reader has gone: EPIPE) is dropped. tracing would
 //! otherwise report the failure with `eprintln!`, which panics on that same broken pipe in
@@ -109,7 +112,7 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogSink {
 
 /// Thins out sqlx's warning about a slow pool acquire, which it logs once per acquire that
 /// waited over 2 s: while a node's pool is saturated (10,000 clients resuming after a failover)
-/// that was 36,733 lines in a minute. One such warning goes through per [`SlowAcquires::EVERY`];
+/// that was 36,733 lines in 8 seconds. One such warning goes through per [`SlowAcquires::EVERY`];
 /// every one is counted in `stoa_store_slow_acquires_total`.
 #[derive(Default)]
 pub struct SlowAcquires {
