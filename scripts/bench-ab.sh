@@ -3,7 +3,8 @@
 # of this noisy machine hits both alike: throughput on SQLite and on PostgreSQL, fan-out,
 # latency at a fixed 8,000 msg/s, and (not by default) a pair's failover of 10,000 rooms with
 # 1,000 clients on PostgreSQL (`failover-postgres`) and the cluster's forwarding overhead
-# (`cluster`: seven nodes, one overhead round of DURATION). One load generator ($BENCH, `stoa bench`) drives both; only
+# (`cluster`: seven nodes, one overhead round of DURATION; DURATION does not apply to
+# `failover-postgres`, whose run is as long as its failover and fallback take). One load generator ($BENCH, `stoa bench`) drives both; only
 # the spawned server differs (`--server-bin`). Prints every run, then per figure the medians of
 # A and B and the median of the pair ratios (B over A).
 #

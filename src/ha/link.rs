@@ -60,6 +60,18 @@ const MAX_PENDING_HANDSHAKES: usize = 8;
 /// forwarded path a 128 KiB `memset` per read); a larger frame still arrives whole, in more reads.
 const LINK_READ_BUFFER: usize = 16 * 1024;
 
+/// The next change `changes` sees; never, when there is nothing to watch or its sender is gone
+/// (then `changes` becomes `None`).
+pub(in crate::ha) async fn next_change<T>(changes: &mut Option<tokio::sync::watch::Receiver<T>>) {
+    if let Some(rx) = changes {
+        if rx.changed().await.is_ok() {
+            return;
+        }
+        *changes = None;
+    }
+    std::future::pending().await
+}
+
 /// The WebSocket settings of both ends of a link connection.
 fn link_ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
     tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(LINK_READ_BUFFER)
@@ -942,20 +954,8 @@ async fn dial(
                 let mut next_beat = tokio::time::Instant::now();
                 let mut changes = local.state_changes();
                 while ok {
-                    let changed = async {
-                        match changes.as_mut() {
-                            Some(rx) => rx.changed().await.is_ok(),
-                            None => std::future::pending().await,
-                        }
-                    };
                     tokio::select! {
-                        still = changed => {
-                            if still {
-                                next_beat = tokio::time::Instant::now();
-                            } else {
-                                changes = None;
-                            }
-                        }
+                        _ = next_change(&mut changes) => next_beat = tokio::time::Instant::now(),
                         _ = tokio::time::sleep_until(next_beat) => {
                             seq += 1;
                             next_beat += config.heartbeat;

@@ -2,6 +2,7 @@
 //! critical services, the peer (link, lease, presence lock) and, on a failed-over node, its home.
 
 use super::*;
+use crate::ha::link::next_change;
 
 impl Control {
     /// Start-up: normal, unless the peer serves this node's rooms (then wait for fallback), or
@@ -51,7 +52,7 @@ impl Control {
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                _ = changed(&mut link_changes) => {}
+                _ = next_change(&mut link_changes) => {}
                 command = commands.recv() => match command {
                     Some(Command::Admin(request, reply)) => {
                         let answer = self.admin(request).await;
@@ -174,12 +175,3 @@ impl Control {
     }
 }
 
-/// The next change of the link's view (never, without a link or once the link is gone).
-async fn changed(link_changes: &mut Option<tokio::sync::watch::Receiver<u64>>) {
-    if let Some(rx) = link_changes
-        && rx.changed().await.is_ok()
-    {
-        return;
-    }
-    std::future::pending().await
-}

@@ -9,8 +9,8 @@
 //! the expected `last_seq` is skipped, exactly as by the general path's `WHERE`, including the
 //! re-check after a concurrent takeover's row lock under READ COMMITTED), and `written` inserts
 //! only the messages of the rooms `moved` returned. A statement is atomic, so a unique violation
-//! (a resent cid) writes nothing, and the caller redoes the batch on the general path, which
-//! looks every cid up first.
+//! (a resent cid) writes nothing; the batch is then redone by [`Store::append_postgres_resent`]:
+//! one lookup of every cid of the batch, and this statement again for the messages not stored.
 
 use super::*;
 use sqlx::Arguments as _;
