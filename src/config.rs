@@ -286,6 +286,9 @@ pub struct NodeSettings {
     pub service: String,
     /// Where SQLite and other local state live.
     pub data_dir: PathBuf,
+    /// Threads of the I/O runtime (client and node-link sockets, the store's connections, the
+    /// committer); 0 = half the cores, at least one ([`crate::node`]).
+    pub io_threads: usize,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -340,7 +343,7 @@ pub struct CommitterSettings {
 pub struct RoomSettings {
     /// Passivate an active room after this long with no occupants and no traffic.
     pub passivate_after_ms: u64,
-    /// Arbiter threads for room actors; 0 = one per core.
+    /// Arbiter threads for room actors; 0 = the cores the I/O threads leave, at least one.
     pub arbiters: usize,
     /// Most messages replayed on a `join` with `since` before `truncated` is set.
     pub join_replay_limit: u32,
@@ -427,6 +430,7 @@ impl Default for NodeSettings {
             id: "local".into(),
             service: "conference.localhost".into(),
             data_dir: PathBuf::from("./stoa-data"),
+            io_threads: 0,
         }
     }
 }

@@ -34,10 +34,13 @@ impl fmt::Display for RoomAddr {
 /// a UUIDv7 whose millisecond timestamp is the message's `created_at`. Since a room's times never
 /// go back as its seqs grow, the id says where in the room's log the message is, and the store
 /// finds it through the log's primary key with no index of ids (`Store::message_seq`).
+/// Its 74 random bits come from the thread's RNG (`rand::rng`, reseeded from the OS now and then), not
+/// from a `getrandom` system call per id as `Uuid::new_v7` makes them.
 pub fn message_id(created_at_ms: i64) -> String {
-    let ms = created_at_ms.max(0) as u64;
-    let at = uuid::Timestamp::from_unix_time(ms / 1000, (ms % 1000) as u32 * 1_000_000, 0, 0);
-    uuid::Uuid::new_v7(at).to_string()
+    use rand::RngCore;
+    let mut random = [0u8; 10];
+    rand::rng().fill_bytes(&mut random);
+    uuid::Builder::from_unix_timestamp_millis(created_at_ms.max(0) as u64, &random).into_uuid().to_string()
 }
 
 /// The `created_at` a [`message_id`] carries (`None`: not a UUIDv7, so no message's id).
