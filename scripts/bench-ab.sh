@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Two server builds side by side, in ONE run, alternated (A, B, A, B, ...), so that the drift
 # of this noisy machine hits both alike: throughput on SQLite and on PostgreSQL, fan-out,
-# latency at a fixed 8,000 msg/s, and (not by default) latency at half the saturation that
-# the same run probes first (`halfsat-sqlite`), a pair's failover of 10,000 rooms with
+# latency at a fixed 8,000 msg/s, and (not by default) the same on PostgreSQL
+# (`latency-postgres`), latency at half the saturation that the same run probes first
+# (`halfsat-sqlite`), a pair's failover of 10,000 rooms with
 # 1,000 clients on PostgreSQL (`failover-postgres`) and the cluster's forwarding overhead
 # (`cluster`: seven nodes, one overhead round of DURATION; DURATION does not apply to
 # `failover-postgres`, whose run is as long as its failover and fallback take). One load generator ($BENCH, `stoa bench`) drives both; only
@@ -42,6 +43,7 @@ run() {
     fanout-sqlite) args=(fanout --duration "$DURATION") ;;
     latency-sqlite) args=(latency --total-rate 8000 --duration "$DURATION") ;;
     halfsat-sqlite) args=(latency --duration "$DURATION") ;;
+    latency-postgres) db="stoa_ab_$(date +%s%N)"; args=(latency --store "$PGURL/$db" --total-rate 8000 --duration "$DURATION") ;;
     failover-postgres) db="stoa_ab_$(date +%s%N)"; args=(failover --store "$PGURL/$db" --rooms 10000 --clients 1000 --cycles 1) ;;
     cluster) args=(cluster --failover-rooms 0 --rounds 1 --duration "$DURATION") ;;
     *) echo "unknown mode $mode" >&2; exit 1 ;;
@@ -63,13 +65,13 @@ elif mode == "cluster":
 else:
     rate = d["committed_per_s"]
     second = 1e6 * d["cpu_cores_server"] / rate if rate else 0
-    head = {"fanout-sqlite": d["deliveries_per_s"], "latency-sqlite": d["e2e_p99_ms"], "halfsat-sqlite": d["e2e_p99_ms"]}.get(mode, rate)
+    head = {"fanout-sqlite": d["deliveries_per_s"], "latency-sqlite": d["e2e_p99_ms"], "halfsat-sqlite": d["e2e_p99_ms"], "latency-postgres": d["e2e_p99_ms"]}.get(mode, rate)
     detail = f"p50 {d['e2e_p50_ms']:.2f} ms, {second:.1f} µs server CPU/msg, other {d['cpu_cores_other']:.2f} cores"
 print(head, second, detail)
 PY
 }
 
-declare -A unit=([throughput-sqlite]="msg/s" [throughput-postgres]="msg/s" [fanout-sqlite]="deliveries/s" [latency-sqlite]="ms p99" [halfsat-sqlite]="ms p99" [failover-postgres]="ms p50" [cluster]="forwarded/local CPU")
+declare -A unit=([throughput-sqlite]="msg/s" [throughput-postgres]="msg/s" [fanout-sqlite]="deliveries/s" [latency-sqlite]="ms p99" [halfsat-sqlite]="ms p99" [latency-postgres]="ms p99" [failover-postgres]="ms p50" [cluster]="forwarded/local CPU")
 declare -A second=([failover-postgres]="failover max" [cluster]="forwarded e2e p99")
 for mode in $MODES; do
   echo "== $mode ($DURATION each, $PAIRS pairs, A=$A B=$B)"
