@@ -424,6 +424,9 @@ pub struct LogSettings {
 }
 
 
+/// Most threads `node.io_threads` or `rooms.arbiters` may ask for: more is a typo, not a tuning.
+const MAX_THREADS: usize = 1024;
+
 impl Default for NodeSettings {
     fn default() -> Self {
         NodeSettings {
@@ -804,6 +807,9 @@ impl Settings {
                 ));
             }
         }
+        if self.node.io_threads > MAX_THREADS || self.rooms.arbiters > MAX_THREADS {
+            return invalid(format!("node.io_threads and rooms.arbiters must be at most {MAX_THREADS} (0 = share the cores)"));
+        }
         if self.committer.max_batch_rows == 0 || self.committer.max_in_flight == 0 {
             return invalid("committer.max_batch_rows and max_in_flight must be at least 1".into());
         }
@@ -1059,6 +1065,18 @@ mod tests {
         assert_eq!(s.limits.max_body_bytes, 2000);
         assert_eq!(s.limits.max_frame_bytes, 64 * 1024);
         assert!(!s.dev_mode && !s.auth.allow_guests);
+    }
+
+    #[test]
+    fn thread_counts_are_bounded() {
+        let mut s = Settings::default();
+        s.node.io_threads = 4096;
+        assert!(s.check().unwrap_err().to_string().contains("node.io_threads"));
+        s.node.io_threads = 2;
+        s.rooms.arbiters = 1025;
+        assert!(s.check().unwrap_err().to_string().contains("rooms.arbiters"));
+        s.rooms.arbiters = 1024;
+        s.check().unwrap();
     }
 
     #[test]

@@ -263,7 +263,7 @@ async fn run(settings: Settings, tls: Option<crate::tls::ServerTls>, shutdown: C
     });
     let registry = RoomRegistry::new(node_id.clone(), store.clone(), arbiters.iter().map(|a| a.handle()).collect(), deps);
     registry.start_sweeper(settings.passivate_after(), shutdown.clone());
-    tracing::info!(arbiters = arbiter_count, "room registry ready");
+    tracing::info!(arbiters = arbiter_count, io_threads = threads(&settings).io, "room registry ready");
 
     // A pair or a cluster: the node link's handle first (its runner starts once what it hands
     // things to exists), then what sends through it, in the order each part needs the one before.
