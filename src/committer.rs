@@ -6,7 +6,8 @@
 //! what lets the store's `last_seq = base_seq` check keep every room's seq contiguous. A batch
 //! holds at most `max_batch_rows` rows; it is sent when a transaction slot is free (after an
 //! optional `max_batch_delay_us` gather), with up to `max_in_flight` transactions at once (one on
-//! SQLite). Each request's answer is sent only after its transaction committed.
+//! SQLite, where the committer waits for it in its own loop rather than in a task of its own).
+//! Each request's answer is sent only after its transaction committed.
 
 use crate::ids::RoomId;
 use crate::config::CommitterSettings;
@@ -186,7 +187,7 @@ impl Batcher {
             self.busy.lock().expect("busy lock").extend(batch.rooms.iter().copied());
             let (store, busy, done) = (self.store.clone(), self.busy.clone(), done_tx.clone());
             let gate = self.gate.clone();
-            tokio::spawn(async move {
+            let transaction = async move {
                 let rooms = batch.rooms;
                 if gate.is_open() {
                     commit(&store, batch.jobs, batch.rows).await;
@@ -204,7 +205,15 @@ impl Batcher {
                 drop(busy);
                 drop(permit);
                 let _ = done.send(());
-            });
+            };
+            if self.in_flight == 1 {
+                // One transaction at a time (SQLite): wait for it here. The next batch is what
+                // queued meanwhile, as with a task, but a room's append arriving during the
+                // commit wakes nobody: it waits in the queue until this loop takes it.
+                transaction.await;
+            } else {
+                tokio::spawn(transaction);
+            }
         }
         // Drain: answer what is queued, then wait for every transaction in flight.
         self.jobs.close();
