@@ -34,8 +34,8 @@ impl fmt::Display for RoomAddr {
 /// a UUIDv7 whose millisecond timestamp is the message's `created_at`. Since a room's times never
 /// go back as its seqs grow, the id says where in the room's log the message is, and the store
 /// finds it through the log's primary key with no index of ids (`Store::message_seq`).
-/// Its 74 random bits come from the thread's RNG (`rand::rng`, reseeded from the OS now and then), not
-/// from a `getrandom` system call per id as `Uuid::new_v7` makes them.
+/// Its 74 random bits come from the thread's RNG (`rand::rng`, reseeded from the OS now and
+/// then), not from a `getrandom` system call per id as `Uuid::new_v7` makes them.
 pub fn message_id(created_at_ms: i64) -> String {
     use rand::RngCore;
     let mut random = [0u8; 10];

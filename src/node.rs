@@ -127,7 +127,7 @@ impl Drop for Node {
 }
 
 /// How many threads a node runs its I/O runtime and its room arbiters on.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 struct Threads {
     io: usize,
     arbiters: usize,
@@ -136,8 +136,8 @@ struct Threads {
 /// By default the two share the cores, half each (at least one of each), rather than each
 /// taking one thread per core: at moderate load a message crosses from an I/O thread to a
 /// room's arbiter and back, and with twice as many busy threads as cores each crossing is
-/// more often a sleep and a wake-up. On two cores, one of each against two of each cost 13 %
-/// less CPU per message at 8,000 msg/s and gave 11 % more fan-out (docs/benchmarks.md).
+/// more often a sleep and a wake-up. On two cores, one of each against two of each cost 14 %
+/// less CPU per message at 8,000 msg/s and gave 16 % more fan-out, alternated (docs/benchmarks.md).
 fn threads(settings: &Settings) -> Threads {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
     split_threads(cores, settings.node.io_threads, settings.rooms.arbiters)
