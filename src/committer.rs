@@ -209,7 +209,7 @@ impl Batcher {
             if self.in_flight == 1 {
                 // One transaction at a time (SQLite): wait for it here. The next batch is what
                 // queued meanwhile, as with a task, but a room's append arriving during the
-                // commit wakes nobody: it waits in the queue until this loop takes it.
+                // commit need not wake this loop: it waits in the queue until the loop takes it.
                 transaction.await;
             } else {
                 tokio::spawn(transaction);

@@ -62,7 +62,8 @@ impl Node {
         let thread = std::thread::Builder::new()
             .name(format!("stoa-node-{}", settings.node.id))
             .spawn(move || -> anyhow::Result<()> {
-                let workers = threads(&settings).io;
+                let threads = threads(&settings);
+                let workers = threads.io;
                 let system = actix::System::with_tokio_rt(move || {
                     tokio::runtime::Builder::new_multi_thread()
                         .worker_threads(workers)
@@ -71,7 +72,7 @@ impl Node {
                         .build()
                         .expect("tokio runtime builds")
                 });
-                let result = system.block_on(run(settings, tls, token, ready_tx.clone()));
+                let result = system.block_on(run(settings, threads, tls, token, ready_tx.clone()));
                 if let Err(e) = &result {
                     let _ = ready_tx.send(Err(anyhow::anyhow!("{e:#}")));
                 }
@@ -137,7 +138,8 @@ struct Threads {
 /// taking one thread per core: at moderate load a message crosses from an I/O thread to a
 /// room's arbiter and back, and with twice as many busy threads as cores each crossing is
 /// more often a sleep and a wake-up. On two cores, one of each against two of each cost 14 %
-/// less CPU per message at 8,000 msg/s and gave 16 % more fan-out, alternated (docs/benchmarks.md).
+/// less CPU per message at 8,000 msg/s and gave 16 % more fan-out, alternated (measured in one
+/// build with the message ids' change, which alone showed no difference; docs/benchmarks.md).
 fn threads(settings: &Settings) -> Threads {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
     split_threads(cores, settings.node.io_threads, settings.rooms.arbiters)
@@ -165,7 +167,7 @@ struct Listening {
 
 type Ready = std::sync::mpsc::Sender<anyhow::Result<Listening>>;
 
-async fn run(settings: Settings, tls: Option<crate::tls::ServerTls>, shutdown: CancellationToken, ready: Ready) -> anyhow::Result<()> {
+async fn run(settings: Settings, threads: Threads, tls: Option<crate::tls::ServerTls>, shutdown: CancellationToken, ready: Ready) -> anyhow::Result<()> {
     let settings = Arc::new(settings);
     let node_id = NodeId(settings.node.id.clone());
     if settings.dev_mode {
@@ -247,8 +249,7 @@ async fn run(settings: Settings, tls: Option<crate::tls::ServerTls>, shutdown: C
     tracing::info!(dir = %plugins.dir().display(), loaded = plugins.list().len(), "plugin host started");
     let plugins = Some(plugins);
 
-    let arbiter_count = threads(&settings).arbiters;
-    let arbiters: Vec<actix::Arbiter> = (0..arbiter_count).map(|_| actix::Arbiter::new()).collect();
+    let arbiters: Vec<actix::Arbiter> = (0..threads.arbiters).map(|_| actix::Arbiter::new()).collect();
     let deps = Arc::new(RoomDeps {
         store: store.clone(),
         committer,
@@ -263,7 +264,7 @@ async fn run(settings: Settings, tls: Option<crate::tls::ServerTls>, shutdown: C
     });
     let registry = RoomRegistry::new(node_id.clone(), store.clone(), arbiters.iter().map(|a| a.handle()).collect(), deps);
     registry.start_sweeper(settings.passivate_after(), shutdown.clone());
-    tracing::info!(arbiters = arbiter_count, io_threads = threads(&settings).io, "room registry ready");
+    tracing::info!(arbiters = threads.arbiters, io_threads = threads.io, "room registry ready");
 
     // A pair or a cluster: the node link's handle first (its runner starts once what it hands
     // things to exists), then what sends through it, in the order each part needs the one before.

@@ -460,6 +460,11 @@ impl Link {
         self.hosts.subscribe()
     }
 
+    /// Tell whoever waits on [`Link::host_changes`] to look again.
+    fn hosts_changed(&self) {
+        self.hosts.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
     /// The peering cluster node `node` belongs to (none: a node of this cluster, or unknown).
     pub fn peering_of(&self, node: &NodeId) -> Option<&str> {
         self.remotes.get(node).and_then(|r| r.peering.as_deref())
@@ -824,7 +829,7 @@ async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
                 Some(Incoming::Frame(LinkFrame::Heartbeat { state, hosting, down, connections, services, .. })) => {
                     let mut v = node.view.lock().expect("peer view lock");
                     if !link.reachable(&v) || v.hosting != hosting || v.services != services {
-                        link.hosts.send_modify(|n| *n = n.wrapping_add(1));
+                        link.hosts_changed();
                     }
                     v.last = Some(Instant::now());
                     v.state = Some(state);
@@ -880,7 +885,7 @@ async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
         tracing::warn!(node = %from, "node link down");
         // The node is unreachable now: whoever waits on `host_changes` looks again at once
         // (the recovery manager decides on a takeover without waiting for its next tick).
-        link.hosts.send_modify(|n| *n = n.wrapping_add(1));
+        link.hosts_changed();
         inbound.node_lost(from);
     }
 }
