@@ -16,8 +16,10 @@
 //! SQLite has one writer: this connection takes the write lock at `BEGIN IMMEDIATE`, waiting
 //! for the store's other connections (room creation, sessions) up to the busy timeout.
 
+mod wal_writes;
+
 use super::*;
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use std::path::Path;
 use std::sync::mpsc;
 
@@ -48,7 +50,13 @@ impl SqliteWriter {
     /// Open a connection of its own to the database at `path` (already in WAL mode: the pool
     /// set it) and start the thread.
     pub(in crate::store) fn start(path: &Path, synchronous: &str, busy_timeout: Duration) -> Result<SqliteWriter, StoreError> {
-        let conn = Connection::open(path)?;
+        let conn = if wal_writes::coalesces(synchronous) {
+            // Its WAL writes gathered into one per commit (sound only when commits sync).
+            wal_writes::register().map_err(StoreError::Lock)?;
+            Connection::open_with_flags_and_vfs(path, OpenFlags::default(), wal_writes::VFS_NAME)?
+        } else {
+            Connection::open(path)?
+        };
         conn.busy_timeout(busy_timeout)?;
         // The values were checked by the pool's options; pragmas take no bind parameters.
         conn.execute_batch(&format!(
@@ -97,10 +105,20 @@ impl SqliteWriter {
 
 /// One batch: as it comes, or, after a unique violation, looking every cid up first.
 fn append(conn: &mut Connection, requests: &[AppendRequest]) -> Answer {
-    match attempt(conn, requests, false) {
-        Err(StoreError::Conflict) => attempt(conn, requests, true),
+    match attempt_or_discard(conn, requests, false) {
+        Err(StoreError::Conflict) => attempt_or_discard(conn, requests, true),
         other => other,
     }
+}
+
+/// An [`attempt`]; if it did not commit, the WAL writes it left unwritten are dropped (they
+/// must never reach the file once the write lock is gone: `wal_writes`' module doc).
+fn attempt_or_discard(conn: &mut Connection, requests: &[AppendRequest], check_duplicates: bool) -> Answer {
+    let answer = attempt(conn, requests, check_duplicates);
+    if answer.is_err() {
+        wal_writes::discard_pending(conn);
+    }
+    answer
 }
 
 fn attempt(conn: &mut Connection, requests: &[AppendRequest], check_duplicates: bool) -> Answer {
