@@ -63,7 +63,8 @@
 //! - [`committer`]: the group committer: many rooms' appends per transaction, answers after commit.
 //! - [`store`]: every SQL statement of the node: SeaORM entities, migrations under a lock, and by
 //!   what is stored: `rooms`, `log` (the fenced group-commit append, on SQLite on a commit thread
-//!   of its own; reads, archive), `accounts`
+//!   of its own whose WAL writes a VFS shim gathers into one call per commit; reads, archive),
+//!   `accounts`
 //!   (users, SCRAM, sessions), `cluster` (a pair's leases, room moves, node states, presence
 //!   lock), `audit`, `plugin_state`.
 //! - [`auth`]: argon2 users, session tokens, guest login.

@@ -9,8 +9,8 @@
 //! This is a VFS shim over SQLite's default VFS. It changes nothing but the WAL file of the
 //! connections opened with it (only the commit thread's): writes to consecutive offsets are
 //! kept in a buffer and written as one call when anything else touches the file (a sync, a
-//! read, a size query, a truncate, a file control, a write elsewhere, close), or when the
-//! buffer reaches [`MAX_PENDING`]. Every other file goes to the default VFS untouched.
+//! read, a size query, a truncate, a file control, a write elsewhere), or when the buffer
+//! reaches [`MAX_PENDING`]. Every other file goes to the default VFS untouched.
 //!
 //! Why this keeps SQLite's guarantees, with `synchronous = FULL` or `EXTRA` (and only then:
 //! [`coalesces`] says when the commit thread may use it):
@@ -26,7 +26,8 @@
 //! - *Rollback.* Frames a transaction spilled before rolling back may still be buffered when
 //!   the write lock is released; another connection may then write its own frames at the same
 //!   offsets. Written later, ours would overwrite them. [`discard_pending`] drops them, and
-//!   the commit thread calls it whenever a transaction ends without a commit.
+//!   the commit thread calls it whenever a transaction ends without a commit; closing the file
+//!   drops them too (after a commit the buffer is empty).
 //! - *Order.* A write that does not continue the buffer writes the buffer first, so the file
 //!   sees the same writes in the same order (SQLite rewrites spilled frames in place).
 
@@ -205,13 +206,15 @@ unsafe extern "C" fn open(_vfs: *mut ffi::sqlite3_vfs, name: ffi::sqlite3_filena
     }
 }
 
+/// Closing drops the buffer unwritten: after a commit it is empty (the sync wrote it), so
+/// anything left is a transaction's that did not commit, and SQLite may have let the write lock
+/// go before it closes the file.
 unsafe extern "C" fn close(file: *mut ffi::sqlite3_file) -> c_int {
     unsafe {
-        let flushed = flush(file);
         let closed = (real_methods(file).xClose.expect("xClose"))(real(file));
         std::ptr::drop_in_place(file.cast::<WalFile>());
         (*file).pMethods = std::ptr::null();
-        if flushed != ffi::SQLITE_OK { flushed } else { closed }
+        closed
     }
 }
 
