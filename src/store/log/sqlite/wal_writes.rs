@@ -46,7 +46,7 @@ pub(super) const VFS_NAME: &CStr = c"stoa-wal-writes";
 /// from five rooms writes (about 19).
 const MAX_PENDING: usize = 0x1ffff;
 
-/// Writes asked of the shim and calls made to the file, for tests and benchmarks.
+/// Writes SQLite asked of the shim, and write calls the shim made (read by the tests).
 static WRITES_ASKED: AtomicU64 = AtomicU64::new(0);
 static WRITES_MADE: AtomicU64 = AtomicU64::new(0);
 
@@ -318,21 +318,22 @@ mod tests {
     use super::*;
     use rusqlite::{Connection, OpenFlags, params};
 
-    fn writer(path: &std::path::Path) -> Connection {
+    /// A database in a temp dir, its path, and a connection through the shim that ran `sql`.
+    fn writer(sql: &str) -> (tempfile::TempDir, std::path::PathBuf, Connection) {
         register().unwrap();
-        let conn = Connection::open_with_flags_and_vfs(path, OpenFlags::default(), VFS_NAME).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let conn = Connection::open_with_flags_and_vfs(&path, OpenFlags::default(), VFS_NAME).unwrap();
         conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;").unwrap();
-        conn
+        conn.execute_batch(sql).unwrap();
+        (dir, path, conn)
     }
 
     /// Commits through the shim are whole and visible to a connection of the default VFS
     /// after each commit, and a commit of many pages is one write call.
     #[test]
     fn commits_are_visible_to_other_connections_and_written_in_one_call() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.db");
-        let mut w = writer(&path);
-        w.execute_batch("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT); CREATE INDEX t_v ON t (v);").unwrap();
+        let (_dir, path, mut w) = writer("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT); CREATE INDEX t_v ON t (v);");
         let reader = Connection::open(&path).unwrap();
         for round in 0..50i64 {
             let (asked, made) = write_counts();
@@ -366,10 +367,7 @@ mod tests {
     /// the other commit's rows and none of the rolled-back ones.
     #[test]
     fn a_spilled_and_rolled_back_transaction_leaves_the_wal_whole() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.db");
-        let w = writer(&path);
-        w.execute_batch("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT); PRAGMA cache_size = 10;").unwrap();
+        let (_dir, path, w) = writer("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT); PRAGMA cache_size = 10;");
         let other = Connection::open(&path).unwrap();
         other.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
 
@@ -401,10 +399,7 @@ mod tests {
     /// the next write or sync would have written it.
     #[test]
     fn discarded_writes_never_reach_the_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.db");
-        let w = writer(&path);
-        w.execute_batch("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT); INSERT INTO t VALUES (1, 'one');").unwrap();
+        let (dir, _path, w) = writer("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT); INSERT INTO t VALUES (1, 'one');");
         let wal_path = dir.path().join("t.db-wal");
         let size = std::fs::metadata(&wal_path).unwrap().len();
         let far = size as i64 + (1 << 20);
