@@ -207,7 +207,7 @@ impl Batcher {
                 let _ = done.send(());
             };
             if self.in_flight == 1 {
-                // One transaction at a time (SQLite): wait for it here. The next batch is what
+                // One transaction at a time (always on SQLite): wait for it here. The next batch is what
                 // queued meanwhile, as with a task, but a room's append arriving during the
                 // commit need not wake this loop: it waits in the queue until the loop takes it.
                 transaction.await;

@@ -4,13 +4,15 @@
 //! frame header, then the page), then syncs the file. At 8,000 msg/s those calls were about a
 //! seventh of the server's CPU: a commit of five messages from five rooms writes about 19
 //! pages, 38 calls, each paying the system call and the file system's per-call work
-//! (docs/benchmarks.md, *the WAL writes of a commit in one system call*).
+//! (docs/benchmarks.md, *the WAL writes of a commit in one system call, and `fdatasync`*).
 //!
 //! This is a VFS shim over SQLite's default VFS. It changes nothing but the WAL file of the
 //! connections opened with it (only the commit thread's): writes to consecutive offsets are
 //! kept in a buffer and written as one call when anything else touches the file (a sync, a
 //! read, a size query, a truncate, a file control, a write elsewhere), or when the buffer
-//! reaches [`MAX_PENDING`]. Every other file goes to the default VFS untouched.
+//! reaches [`MAX_PENDING`]. So a commit is one call, or two when it is the first into a WAL
+//! that restarted after a checkpoint (SQLite syncs the new header before the frames). Every
+//! other file goes to the default VFS untouched.
 //!
 //! Why this keeps SQLite's guarantees, with `synchronous = FULL` or `EXTRA` (and only then:
 //! [`coalesces`] says when the commit thread may use it):
@@ -34,7 +36,6 @@
 use rusqlite::ffi;
 use std::ffi::{CStr, c_int, c_void};
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The shim's VFS name (`Connection::open_with_flags_and_vfs`).
 pub(super) const VFS_NAME: &CStr = c"stoa-wal-writes";
@@ -46,66 +47,61 @@ pub(super) const VFS_NAME: &CStr = c"stoa-wal-writes";
 /// from five rooms writes (about 19).
 const MAX_PENDING: usize = 0x1ffff;
 
-/// Writes SQLite asked of the shim, and write calls the shim made (read by the tests).
-static WRITES_ASKED: AtomicU64 = AtomicU64::new(0);
-static WRITES_MADE: AtomicU64 = AtomicU64::new(0);
-
-/// `(writes SQLite asked for, write calls made)` on WAL files of the shim, since start.
-#[cfg(test)]
-pub(super) fn write_counts() -> (u64, u64) {
-    (WRITES_ASKED.load(Ordering::Relaxed), WRITES_MADE.load(Ordering::Relaxed))
-}
-
 /// Whether a connection with this `synchronous` level may use the shim (see the module doc).
 pub(super) fn coalesces(synchronous: &str) -> bool {
     synchronous.eq_ignore_ascii_case("full") || synchronous.eq_ignore_ascii_case("extra")
 }
 
-/// The default VFS the shim passes everything to (set once, at [`register`]).
-static ROOT: OnceLock<usize> = OnceLock::new();
+/// The default VFS the shim passes everything to (its address), or why the shim could not be
+/// registered: set once, by [`register`].
+static ROOT: OnceLock<Result<usize, String>> = OnceLock::new();
 
 /// Register the shim (once per process; later calls return the first outcome).
 pub(super) fn register() -> Result<(), String> {
-    static REGISTERED: OnceLock<Result<(), String>> = OnceLock::new();
-    REGISTERED
-        .get_or_init(|| {
-            // SAFETY: `sqlite3_vfs_find` initialises SQLite and returns its default VFS, which
-            // lives as long as the process. The copy keeps its methods and app data (so they
-            // work as they do for it) and changes the name, the file size and `xOpen`; it is
-            // leaked, as a registered VFS must outlive every connection.
-            unsafe {
-                let root = ffi::sqlite3_vfs_find(std::ptr::null());
-                if root.is_null() {
-                    return Err("SQLite has no default VFS".to_owned());
-                }
-                let _ = ROOT.set(root as usize);
-                let mut vfs = *root;
-                vfs.zName = VFS_NAME.as_ptr();
-                vfs.pNext = std::ptr::null_mut();
-                vfs.szOsFile = (REAL_OFFSET + (*root).szOsFile as usize) as c_int;
-                vfs.xOpen = Some(open);
-                let rc = ffi::sqlite3_vfs_register(Box::leak(Box::new(vfs)), 0);
-                if rc != ffi::SQLITE_OK {
-                    return Err(format!("registering SQLite VFS {VFS_NAME:?}: error {rc}"));
-                }
-                Ok(())
+    ROOT.get_or_init(|| {
+        // SAFETY: `sqlite3_vfs_find` initialises SQLite and returns its default VFS, which lives
+        // as long as the process. The copy keeps its methods and app data (so they work as they
+        // do for it) and changes the name, the file size and `xOpen`; it is leaked, as a
+        // registered VFS must outlive every connection.
+        unsafe {
+            let root = ffi::sqlite3_vfs_find(std::ptr::null());
+            if root.is_null() {
+                return Err("SQLite has no default VFS".to_owned());
             }
-        })
-        .clone()
+            let mut vfs = *root;
+            vfs.zName = VFS_NAME.as_ptr();
+            vfs.pNext = std::ptr::null_mut();
+            vfs.szOsFile = (REAL_OFFSET + (*root).szOsFile as usize) as c_int;
+            vfs.xOpen = Some(open);
+            let rc = ffi::sqlite3_vfs_register(Box::leak(Box::new(vfs)), 0);
+            if rc != ffi::SQLITE_OK {
+                return Err(format!("registering SQLite VFS {VFS_NAME:?}: error {rc}"));
+            }
+            Ok(root as usize)
+        }
+    })
+    .clone()
+    .map(|_| ())
 }
 
 /// Drop whatever the WAL file of `conn`'s main database holds unwritten. Call it when a
 /// transaction ended without a commit (see the module doc); after a commit nothing is held.
 pub(super) fn discard_pending(conn: &rusqlite::Connection) {
+    if let Some(file) = shim_wal(conn) {
+        // SAFETY: the shim's open WAL file of `conn`, which this thread is using.
+        unsafe { wal(file).pending.clear() };
+    }
+}
+
+/// The WAL file of `conn`'s main database if the shim opened it.
+fn shim_wal(conn: &rusqlite::Connection) -> Option<*mut ffi::sqlite3_file> {
     let mut file: *mut ffi::sqlite3_file = std::ptr::null_mut();
     // SAFETY: the handle is live for the borrow; `SQLITE_FCNTL_JOURNAL_POINTER` stores the
     // pager's journal file (the WAL file in WAL mode) into `file`, or leaves it null. It is
     // ours only if its methods are the shim's.
     unsafe {
         let rc = ffi::sqlite3_file_control(conn.handle(), c"main".as_ptr(), ffi::SQLITE_FCNTL_JOURNAL_POINTER, (&raw mut file).cast());
-        if rc == ffi::SQLITE_OK && !file.is_null() && std::ptr::eq((*file).pMethods, &WAL_METHODS) {
-            wal(file).pending.clear();
-        }
+        (rc == ffi::SQLITE_OK && !file.is_null() && std::ptr::eq((*file).pMethods, &WAL_METHODS)).then_some(file)
     }
 }
 
@@ -117,6 +113,8 @@ struct WalFile {
     pending: Vec<u8>,
     /// The file offset of `pending[0]`.
     start: i64,
+    /// Write calls made to the file (read by the tests: SQLite's writes gathered into how many).
+    calls: u64,
 }
 
 /// Where the default VFS's handle sits after a [`WalFile`] (16-byte aligned).
@@ -145,7 +143,8 @@ static WAL_METHODS: ffi::sqlite3_io_methods = ffi::sqlite3_io_methods {
 };
 
 fn root() -> *mut ffi::sqlite3_vfs {
-    *ROOT.get().expect("the shim is registered before any open") as *mut ffi::sqlite3_vfs
+    let root = ROOT.get().and_then(|r| r.as_ref().ok()).expect("the shim is registered before any open");
+    *root as *mut ffi::sqlite3_vfs
 }
 
 /// # Safety
@@ -176,7 +175,7 @@ unsafe fn flush(file: *mut ffi::sqlite3_file) -> c_int {
         if w.pending.is_empty() {
             return ffi::SQLITE_OK;
         }
-        WRITES_MADE.fetch_add(1, Ordering::Relaxed);
+        w.calls += 1;
         let rc = (real_methods(file).xWrite.expect("xWrite"))(real(file), w.pending.as_ptr().cast(), w.pending.len() as c_int, w.start);
         w.pending.clear();
         rc
@@ -201,7 +200,7 @@ unsafe extern "C" fn open(_vfs: *mut ffi::sqlite3_vfs, name: ffi::sqlite3_filena
             }
             return rc;
         }
-        file.cast::<WalFile>().write(WalFile { base: ffi::sqlite3_file { pMethods: &WAL_METHODS }, pending: Vec::new(), start: 0 });
+        file.cast::<WalFile>().write(WalFile { base: ffi::sqlite3_file { pMethods: &WAL_METHODS }, pending: Vec::new(), start: 0, calls: 0 });
         ffi::SQLITE_OK
     }
 }
@@ -220,7 +219,6 @@ unsafe extern "C" fn close(file: *mut ffi::sqlite3_file) -> c_int {
 
 unsafe extern "C" fn write(file: *mut ffi::sqlite3_file, data: *const c_void, amount: c_int, offset: ffi::sqlite3_int64) -> c_int {
     unsafe {
-        WRITES_ASKED.fetch_add(1, Ordering::Relaxed);
         let bytes = std::slice::from_raw_parts(data.cast::<u8>(), amount.max(0) as usize);
         let w = wal(file);
         let continues = !w.pending.is_empty() && offset == w.start + w.pending.len() as i64;
@@ -232,65 +230,50 @@ unsafe extern "C" fn write(file: *mut ffi::sqlite3_file, data: *const c_void, am
         if rc != ffi::SQLITE_OK {
             return rc;
         }
+        let w = wal(file);
         if bytes.len() > MAX_PENDING {
-            WRITES_MADE.fetch_add(1, Ordering::Relaxed);
+            w.calls += 1;
             return (real_methods(file).xWrite.expect("xWrite"))(real(file), data, amount, offset);
         }
-        let w = wal(file);
         w.start = offset;
         w.pending.extend_from_slice(bytes);
         ffi::SQLITE_OK
     }
 }
 
-unsafe extern "C" fn read(file: *mut ffi::sqlite3_file, data: *mut c_void, amount: c_int, offset: ffi::sqlite3_int64) -> c_int {
+/// Write the buffer, then call the default VFS's handle with `call` (every method that reads
+/// or changes the file as a whole).
+///
+/// # Safety
+/// As [`wal`].
+unsafe fn after_flush(file: *mut ffi::sqlite3_file, call: impl FnOnce(&ffi::sqlite3_io_methods, *mut ffi::sqlite3_file) -> c_int) -> c_int {
     unsafe {
         let rc = flush(file);
         if rc != ffi::SQLITE_OK {
             return rc;
         }
-        (real_methods(file).xRead.expect("xRead"))(real(file), data, amount, offset)
+        call(real_methods(file), real(file))
     }
+}
+
+unsafe extern "C" fn read(file: *mut ffi::sqlite3_file, data: *mut c_void, amount: c_int, offset: ffi::sqlite3_int64) -> c_int {
+    unsafe { after_flush(file, |m, real| (m.xRead.expect("xRead"))(real, data, amount, offset)) }
 }
 
 unsafe extern "C" fn truncate(file: *mut ffi::sqlite3_file, size: ffi::sqlite3_int64) -> c_int {
-    unsafe {
-        let rc = flush(file);
-        if rc != ffi::SQLITE_OK {
-            return rc;
-        }
-        (real_methods(file).xTruncate.expect("xTruncate"))(real(file), size)
-    }
+    unsafe { after_flush(file, |m, real| (m.xTruncate.expect("xTruncate"))(real, size)) }
 }
 
 unsafe extern "C" fn sync(file: *mut ffi::sqlite3_file, flags: c_int) -> c_int {
-    unsafe {
-        let rc = flush(file);
-        if rc != ffi::SQLITE_OK {
-            return rc;
-        }
-        (real_methods(file).xSync.expect("xSync"))(real(file), flags)
-    }
+    unsafe { after_flush(file, |m, real| (m.xSync.expect("xSync"))(real, flags)) }
 }
 
 unsafe extern "C" fn file_size(file: *mut ffi::sqlite3_file, size: *mut ffi::sqlite3_int64) -> c_int {
-    unsafe {
-        let rc = flush(file);
-        if rc != ffi::SQLITE_OK {
-            return rc;
-        }
-        (real_methods(file).xFileSize.expect("xFileSize"))(real(file), size)
-    }
+    unsafe { after_flush(file, |m, real| (m.xFileSize.expect("xFileSize"))(real, size)) }
 }
 
 unsafe extern "C" fn file_control(file: *mut ffi::sqlite3_file, op: c_int, arg: *mut c_void) -> c_int {
-    unsafe {
-        let rc = flush(file);
-        if rc != ffi::SQLITE_OK {
-            return rc;
-        }
-        (real_methods(file).xFileControl.expect("xFileControl"))(real(file), op, arg)
-    }
+    unsafe { after_flush(file, |m, real| (m.xFileControl.expect("xFileControl"))(real, op, arg)) }
 }
 
 unsafe extern "C" fn lock(file: *mut ffi::sqlite3_file, level: c_int) -> c_int {
@@ -335,21 +318,25 @@ mod tests {
     fn commits_are_visible_to_other_connections_and_written_in_one_call() {
         let (_dir, path, mut w) = writer("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT); CREATE INDEX t_v ON t (v);");
         let reader = Connection::open(&path).unwrap();
+        let mut two_calls = 0;
         for round in 0..50i64 {
-            let (asked, made) = write_counts();
+            let calls = write_calls(&w);
             let txn = w.transaction().unwrap();
             for i in 0..40 {
                 txn.execute("INSERT INTO t (k, v) VALUES (?1, ?2)", params![round * 1000 + i, format!("{:0>600}", round * 7919 + i)]).unwrap();
             }
             txn.commit().unwrap();
-            let (asked2, made2) = write_counts();
             let count: i64 = reader.query_row("SELECT count(*) FROM t", [], |r| r.get(0)).unwrap();
             assert_eq!(count, (round + 1) * 40);
-            assert!(asked2 - asked >= 6, "a commit of several pages asks for several writes");
-            // Other tests of this process may write through the shim too; this commit made
-            // one call of its own, and at most a few more came from elsewhere.
-            assert!(made2 - made < asked2 - asked, "writes were not gathered: {} asked, {} made", asked2 - asked, made2 - made);
+            // About a dozen pages, two writes each for SQLite: one call; two for the first
+            // commit into a WAL restarted after a checkpoint, whose header SQLite syncs first.
+            match write_calls(&w) - calls {
+                1 => {}
+                2 => two_calls += 1,
+                n => panic!("round {round}: the commit's writes took {n} calls"),
+            }
         }
+        assert!(two_calls <= 2, "{two_calls} of 50 commits took two calls");
         // One commit larger than a buffer (several calls, each within the VFS's limit).
         let txn = w.transaction().unwrap();
         for i in 0..2_000i64 {
@@ -416,19 +403,18 @@ mod tests {
     }
 
     fn wal_file(conn: &Connection) -> *mut ffi::sqlite3_file {
-        let mut file: *mut ffi::sqlite3_file = std::ptr::null_mut();
-        // SAFETY: as in `discard_pending`.
-        unsafe {
-            let rc = ffi::sqlite3_file_control(conn.handle(), c"main".as_ptr(), ffi::SQLITE_FCNTL_JOURNAL_POINTER, (&raw mut file).cast());
-            assert_eq!(rc, ffi::SQLITE_OK);
-            assert!(std::ptr::eq((*file).pMethods, &WAL_METHODS), "the WAL file is the shim's");
-        }
-        file
+        shim_wal(conn).expect("the WAL file is the shim's")
     }
 
     /// What the WAL file of `conn` holds unwritten.
     fn pending_len(conn: &Connection) -> usize {
         // SAFETY: the shim's own WAL file of `conn`, on this thread.
         unsafe { wal(wal_file(conn)).pending.len() }
+    }
+
+    /// Write calls the shim made to the WAL file of `conn`.
+    fn write_calls(conn: &Connection) -> u64 {
+        // SAFETY: as above.
+        unsafe { wal(wal_file(conn)).calls }
     }
 }
