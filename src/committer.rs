@@ -280,7 +280,7 @@ async fn commit(store: &Store, batch: Vec<Job>, rows: usize) {
     let started = Instant::now();
     let (requests, replies): (Vec<AppendRequest>, Vec<_>) = batch.into_iter().map(|j| (j.request, j.reply)).unzip();
     metrics::histogram!("stoa_commit_batch_rows").record(rows as f64);
-    let results = commit_isolating(store, &requests).await;
+    let results = commit_isolating(store, requests.into()).await;
     metrics::histogram!("stoa_commit_seconds").record(started.elapsed().as_secs_f64());
     let mut committed = 0u64;
     for (result, reply) in results.into_iter().zip(replies) {
@@ -296,14 +296,14 @@ async fn commit(store: &Store, batch: Vec<Job>, rows: usize) {
 /// not take), commit each half on its own, down to the request it refuses, so one bad row
 /// never fails another sender's message. A failed connection fails the whole batch: nothing
 /// is gained by retrying its parts.
-async fn commit_isolating(store: &Store, requests: &[AppendRequest]) -> Vec<Result<Appended, CommitError>> {
-    match store.append_batch(requests).await {
+async fn commit_isolating(store: &Store, requests: Arc<[AppendRequest]>) -> Vec<Result<Appended, CommitError>> {
+    match store.append_batch(requests.clone()).await {
         Ok(results) => results.into_iter().map(|r| r.map_err(CommitError::from)).collect(),
         Err(e) if requests.len() > 1 && e.is_refused_statement() => {
             tracing::debug!(error = %e, rooms = requests.len(), "group commit refused; committing its halves apart");
             let (left, right) = requests.split_at(requests.len() / 2);
-            let mut results = Box::pin(commit_isolating(store, left)).await;
-            results.extend(Box::pin(commit_isolating(store, right)).await);
+            let mut results = Box::pin(commit_isolating(store, left.into())).await;
+            results.extend(Box::pin(commit_isolating(store, right.into())).await);
             results
         }
         Err(e) => {

@@ -59,7 +59,8 @@
 //! - [`room`]: the room actor (typed events to its occupants, a replay cache of events), one file
 //!   per part: `post` (the write path, a post to its ack), `occupants` (joins, leaves, replay),
 //!   `moderation`, `stopping` (passivation, hand-off, fencing), `plugin` (hooks), `pipeline`
-//!   (appends in flight), `state` (pure rules).
+//!   (appends in flight), `cids` (the `(sender, cid)` pairs pending and last committed, as
+//!   keyed hashes), `state` (pure rules).
 //! - [`committer`]: the group committer: many rooms' appends per transaction, answers after commit.
 //! - [`store`]: every SQL statement of the node: SeaORM entities, migrations under a lock, and by
 //!   what is stored: `rooms`, `log` (the fenced group-commit append, on SQLite on a commit thread

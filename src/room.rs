@@ -11,9 +11,11 @@
 //! This file holds the actor and what every part of it uses; the parts: `post` (the write
 //! path, a post to its ack), `occupants` (joins, leaves, replay), `moderation` (what owners and
 //! admins do), `stopping` (passivation, hand-off, fencing), `plugin` (the plugin hooks around
-//! posts, joins and creation), `pipeline` (appends in flight, in order) and `state` (the pure
+//! posts, joins and creation), `pipeline` (appends in flight, in order), `cids` (which
+//! `(sender, cid)` pairs are pending or were committed lately: resends) and `state` (the pure
 //! rules: permissions, nicks, configuration).
 
+mod cids;
 mod moderation;
 mod occupants;
 mod pipeline;
@@ -34,8 +36,7 @@ use crate::protocol::{Affiliation, ErrorCode, RequestId, RoomConfig, RoomConfigP
 use crate::store::{AppendError, AppendRequest, Appended, Fence, NewMessage, RoomRow, Store, StoredMessage, now_ms};
 use actix::prelude::*;
 use state::{Denied, OccupantState, RoomState};
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::hash::{BuildHasher, RandomState};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -139,10 +140,6 @@ const MAX_APPEND_MESSAGES: usize = 500;
 /// already waiting in the committer, so a post waits for at most one commit before its own.
 const PIPELINE_DEPTH: usize = 2;
 
-/// Committed `(sender, cid)` pairs a room remembers, to answer resends without the store.
-/// Older resends are still caught by the store's unique key.
-const CID_MEMORY: usize = 1024;
-
 /// When a room last saw traffic, in [`crate::clock::monotonic_ms`]; shared with the registry,
 /// whose sweeper asks rooms that look idle to passivate (one timer per node, not per room).
 pub type Activity = Arc<std::sync::atomic::AtomicU64>;
@@ -150,6 +147,8 @@ pub type Activity = Arc<std::sync::atomic::AtomicU64>;
 /// A post waiting for its commit, with everyone to ack (a resend joins the original).
 struct PendingPost {
     message: NewMessage,
+    /// `message`'s `(sender, cid)` in [`cids::Cids`].
+    cid: cids::CidKey,
     waiters: Vec<(Arc<dyn Occupant>, RequestId)>,
 }
 
@@ -193,15 +192,8 @@ pub struct Room {
     resyncing: bool,
     /// The last committed messages, newest last; `None` until first needed.
     recent: Option<VecDeque<Recent>>,
-    committed_cids: HashMap<(String, String), (u64, i64)>,
-    /// Hashes of the `(sender, cid)` of posts that may still be pending (waiting for plugins,
-    /// queued or in flight). A post whose hash is not here is certainly not a resend of a
-    /// pending one, so only a likely resend scans the pending posts (under a backlog, scanning
-    /// for every post cost more than the rest of `Post`). A hash leaves when its append is
-    /// answered, and all of them when nothing is pending; one left behind only costs a scan.
-    pending_cids: HashSet<u64>,
-    cid_hasher: RandomState,
-    cid_order: VecDeque<(String, String)>,
+    /// The `(sender, cid)` pairs pending and the last committed ones: resends.
+    cids: cids::Cids,
     /// Connected occupants' sessions by session id (their nicks are in `state.occupants`).
     occupants: HashMap<SessionId, Arc<dyn Occupant>>,
     passivating: bool,
@@ -262,10 +254,7 @@ impl Room {
             needs_resync: false,
             resyncing: false,
             recent: None,
-            committed_cids: HashMap::new(),
-            pending_cids: HashSet::new(),
-            cid_hasher: RandomState::new(),
-            cid_order: VecDeque::new(),
+            cids: Default::default(),
             occupants: HashMap::new(),
             passivating: false,
             home: row.home_node,

@@ -6,15 +6,16 @@
 use super::*;
 
 impl Room {
-    fn message_event(&self, seq: u64, m: &NewMessage, ts: i64) -> Arc<Delivery> {
+    /// The event of a committed message (its strings move into it).
+    fn message_event(&self, seq: u64, m: NewMessage, ts: i64) -> Arc<Delivery> {
         Delivery::new(RoomEvent::Message(ChatMessage {
             room: self.addr.clone(),
             seq,
-            id: m.id.clone(),
-            from: m.sender.clone(),
-            nick: m.nick.clone(),
-            body: m.body.clone(),
-            cid: m.client_msg_id.clone(),
+            id: m.id,
+            from: m.sender,
+            nick: m.nick,
+            body: m.body,
+            cid: m.client_msg_id,
             ts,
         }))
     }
@@ -40,18 +41,6 @@ impl Room {
             }
         }
     }
-
-    fn remember_cid(&mut self, sender: String, cid: String, seq: u64, ts: i64) {
-        let key = (sender, cid);
-        if self.committed_cids.insert(key.clone(), (seq, ts)).is_none() {
-            self.cid_order.push_back(key);
-            if self.cid_order.len() > CID_MEMORY
-                && let Some(old) = self.cid_order.pop_front() {
-                    self.committed_cids.remove(&old);
-                }
-        }
-    }
-
 
     /// Give a message its time and its id as it goes to the committer, in log order: the time
     /// is the room's clock, which never goes back, so a later seq never has an earlier time;
@@ -112,7 +101,7 @@ impl Room {
             self.requeued = 0;
         }
         if self.in_flight.is_empty() && self.queue.is_empty() && self.hooks.len() == 0 {
-            self.pending_cids.clear();
+            self.cids.clear_pending();
         }
         self.flush(ctx);
     }
@@ -126,8 +115,7 @@ impl Room {
                 // ack now, but leave delivery to the resync, which shows everything in order.
                 let deliver = !self.needs_resync;
                 for (post, outcome) in posts.into_iter().zip(appended.outcomes) {
-                    let NewMessage { sender, client_msg_id, .. } = &post.message;
-                    self.pending_cids.remove(&self.cid_hasher.hash_one((sender, client_msg_id)));
+                    self.cids.answered(post.cid);
                     for (session, re) in &post.waiters {
                         session.answer(RoomAnswer::Ack {
                             re: re.clone(),
@@ -138,10 +126,9 @@ impl Room {
                         });
                     }
                     if deliver {
-                        let NewMessage { sender, client_msg_id, .. } = &post.message;
-                        self.remember_cid(sender.clone(), client_msg_id.clone(), outcome.seq, outcome.created_at);
+                        self.cids.remember(post.cid, outcome.seq, outcome.created_at);
                         if !outcome.duplicate {
-                            let event = self.message_event(outcome.seq, &post.message, outcome.created_at);
+                            let event = self.message_event(outcome.seq, post.message, outcome.created_at);
                             self.broadcast(&event);
                             self.remember(outcome.seq, event);
                         }
@@ -237,7 +224,7 @@ impl Room {
                         let event = room.stored_event(m);
                         room.broadcast(&event);
                         room.remember(m.seq, event);
-                        room.remember_cid(m.sender.clone(), m.client_msg_id.clone(), m.seq, m.created_at);
+                        room.cids.remember(room.cids.key(&m.sender, &m.client_msg_id), m.seq, m.created_at);
                     }
                     room.last_seq = row.last_seq;
                     room.clock = room.clock.max(row.last_ts);
@@ -293,23 +280,22 @@ impl Room {
         let user = session.user().to_owned();
         let nick = self.state.occupants.get(&session.id()).map(|o| o.nick.clone()).unwrap_or_default();
         self.touch();
-        let key = (user, client_msg_id);
-        if let Some(&(seq, ts)) = self.committed_cids.get(&key) {
+        let cid = self.cids.key(&user, &client_msg_id);
+        if let Some((seq, ts)) = self.cids.committed(cid) {
             session.answer(RoomAnswer::Ack { re, room: self.addr.clone(), seq, ts, duplicate: true });
             return Ok(());
         }
-        let hash = self.cid_hasher.hash_one(&key);
-        if !self.pending_cids.insert(hash) {
+        if !self.cids.add_pending(cid) {
             let mut pending = self.in_flight.iter_mut().flatten().chain(self.queue.iter_mut()).chain(self.hooks.posts_mut());
-            if let Some(p) = pending.find(|p| p.message.sender == key.0 && p.message.client_msg_id == key.1) {
+            if let Some(p) = pending.find(|p| p.message.sender == user && p.message.client_msg_id == client_msg_id) {
                 // A resend of a post not yet committed: answer both with the one commit.
                 p.waiters.push((session, re));
                 return Ok(());
             }
         }
-        let (sender, client_msg_id) = key;
         let post = PendingPost {
-            message: NewMessage::unstamped(sender, nick, body, client_msg_id),
+            message: NewMessage::unstamped(user, nick, body, client_msg_id),
+            cid,
             waiters: vec![(session, re)],
         };
         self.enqueue_post(post, false, ctx);

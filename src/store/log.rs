@@ -265,11 +265,14 @@ impl Store {
     /// with an [`AppendError`] and the rest still commit. Messages whose `(room, sender, cid)`
     /// is already stored are answered with the original seq and not stored again.
     ///
-    /// `Err` means the whole transaction failed (and nothing of it is visible).
-    pub async fn append_batch(&self, requests: &[AppendRequest]) -> Result<Vec<Result<Appended, AppendError>>, StoreError> {
+    /// `Err` means the whole transaction failed (and nothing of it is visible). The batch is
+    /// shared, not copied, with SQLite's commit thread.
+    pub async fn append_batch(&self, requests: impl Into<Arc<[AppendRequest]>>) -> Result<Vec<Result<Appended, AppendError>>, StoreError> {
+        let requests = requests.into();
         if let Some(writer) = &self.sqlite_writer {
             return writer.append_batch(requests).await;
         }
+        let requests = &requests[..];
         let first = if self.kind == StoreKind::Postgres && requests.iter().all(|r| !r.messages.is_empty()) {
             self.append_postgres(requests).await
         } else {
@@ -489,6 +492,8 @@ fn refused(fence: &Fence, row: Option<(&str, i64, u64)>, last_seq: u64) -> Optio
 /// the original's.
 fn plan(req: &AppendRequest, existing: &HashMap<(String, String), MessageOutcome>, check_duplicates: bool) -> Vec<MessageOutcome> {
     let mut next = req.base_seq;
+    // The same cid twice in one request, which only a check for duplicates looks for (without
+    // it, the store's unique key refuses the second and the batch is redone with the check).
     let mut seen: HashMap<(&str, &str), MessageOutcome> = HashMap::new();
     let mut outcomes = Vec::with_capacity(req.messages.len());
     for m in &req.messages {
@@ -496,12 +501,14 @@ fn plan(req: &AppendRequest, existing: &HashMap<(String, String), MessageOutcome
         let stored = if existing.is_empty() { None } else { existing.get(&(m.sender.clone(), m.client_msg_id.clone())) };
         let outcome = if let Some(o) = stored {
             *o
-        } else if let Some(o) = seen.get(&key).filter(|_| check_duplicates) {
+        } else if let Some(o) = seen.get(&key) {
             MessageOutcome { duplicate: true, ..*o }
         } else {
             next += 1;
             let o = MessageOutcome { seq: next, created_at: m.created_at, duplicate: false };
-            seen.insert(key, o);
+            if check_duplicates {
+                seen.insert(key, o);
+            }
             o
         };
         outcomes.push(outcome);
@@ -555,7 +562,7 @@ mod tests {
                 .map(|(i, &t)| NewMessage { id: message_id(t), created_at: t, ..NewMessage::unstamped("ann".into(), "Ann".into(), format!("m{n}.{i}"), format!("c{n}.{i}")) })
                 .collect();
             ids.extend(messages.iter().map(|m| m.id.clone()));
-            let answer = store.append_batch(&[AppendRequest { fence: fence.clone(), base_seq: (n * 64) as u64, messages }]).await.unwrap();
+            let answer = store.append_batch([AppendRequest { fence: fence.clone(), base_seq: (n * 64) as u64, messages }]).await.unwrap();
             assert!(answer[0].is_ok(), "{:?}", answer[0]);
         }
         assert_eq!(store.load_room_by_id(row.id).await.unwrap().unwrap().last_ts, *times.last().unwrap(), "rooms.last_ts follows the appends");

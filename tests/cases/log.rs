@@ -488,7 +488,7 @@ pub async fn a_group_commit_fences_each_room_on_its_own(db: &TestDb) {
         request(fence(4), 0, &["a"]),
         request(fence(5), 0, &["a", "b", "c"]),
     ];
-    let answers = store.append_batch(&batch).await.expect("the batch commits");
+    let answers = store.append_batch(batch).await.expect("the batch commits");
     let last: Vec<Option<u64>> = answers.iter().map(|a| a.as_ref().ok().map(|a| a.last_seq)).collect();
     assert_eq!(last, [Some(2), None, None, None, None, Some(3)], "{answers:?}");
     assert!(matches!(answers[1], Err(AppendError::Fenced { epoch, .. }) if epoch == rows[1].epoch.0), "{:?}", answers[1]);
@@ -500,7 +500,7 @@ pub async fn a_group_commit_fences_each_room_on_its_own(db: &TestDb) {
     }
 
     // A resent cid among new ones: stored once, answered with its first seq, the rest after it.
-    let again = store.append_batch(&[request(fence(0), 2, &["b", "c", "d"])]).await.expect("the batch commits");
+    let again = store.append_batch([request(fence(0), 2, &["b", "c", "d"])]).await.expect("the batch commits");
     let appended = again[0].as_ref().expect("the room's append commits");
     let outcomes: Vec<(u64, bool)> = appended.outcomes.iter().map(|o| (o.seq, o.duplicate)).collect();
     assert_eq!(outcomes, [(2, true), (3, false), (4, false)]);
@@ -512,7 +512,7 @@ pub async fn a_group_commit_fences_each_room_on_its_own(db: &TestDb) {
     // stored in another room is new here.
     let later = |fence: Fence, base_seq: u64, cids: &[&str]| AppendRequest { fence, base_seq, messages: cids.iter().enumerate().map(|(n, c)| message(10 + n as u32, c)).collect() };
     let batch = [later(fence(0), 4, &["a", "e"]), later(fence(5), 3, &["c", "a", "f"]), later(fence(3), 0, &["b"])];
-    let answers = store.append_batch(&batch).await.expect("the batch commits");
+    let answers = store.append_batch(batch).await.expect("the batch commits");
     let outcomes: Vec<Vec<(u64, bool)>> =
         answers.iter().map(|a| a.as_ref().expect("every room's append commits").outcomes.iter().map(|o| (o.seq, o.duplicate)).collect()).collect();
     assert_eq!(outcomes, [vec![(1, true), (5, false)], vec![(3, true), (1, true), (4, false)], vec![(1, false)]]);

@@ -35,7 +35,7 @@ const WAL_AUTOCHECKPOINT_PAGES: u32 = 10_000;
 type Answer = Result<Vec<Result<Appended, AppendError>>, StoreError>;
 
 enum Job {
-    Append { requests: Vec<AppendRequest>, reply: tokio::sync::oneshot::Sender<Answer> },
+    Append { requests: Arc<[AppendRequest]>, reply: tokio::sync::oneshot::Sender<Answer> },
     /// Close the connection, answer, and end the thread.
     Close(tokio::sync::oneshot::Sender<()>),
 }
@@ -85,9 +85,9 @@ impl SqliteWriter {
     }
 
     /// Commit `requests` as one transaction on the writer thread.
-    pub(in crate::store) async fn append_batch(&self, requests: &[AppendRequest]) -> Answer {
+    pub(in crate::store) async fn append_batch(&self, requests: Arc<[AppendRequest]>) -> Answer {
         let (reply, answer) = tokio::sync::oneshot::channel();
-        if self.jobs.send(Job::Append { requests: requests.to_vec(), reply }).is_err() {
+        if self.jobs.send(Job::Append { requests, reply }).is_err() {
             return Err(StoreError::Closed);
         }
         answer.await.unwrap_or(Err(StoreError::Closed))
@@ -124,9 +124,21 @@ fn attempt_or_discard(conn: &mut Connection, requests: &[AppendRequest], check_d
 fn attempt(conn: &mut Connection, requests: &[AppendRequest], check_duplicates: bool) -> Answer {
     // Dropped without commit (an error below), the transaction rolls back at once.
     let txn = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let answers = write(&txn, requests, check_duplicates)?;
+    txn.commit()?;
+    Ok(answers)
+}
+
+/// Every request's part of one transaction, with the two statements looked up once.
+fn write(txn: &Connection, requests: &[AppendRequest], check_duplicates: bool) -> Answer {
+    let mut update =
+        txn.prepare_cached("UPDATE rooms SET last_seq = ?1, last_ts = ?2 WHERE id = ?3 AND host_node = ?4 AND epoch = ?5 AND last_seq = ?6")?;
+    let mut insert = txn.prepare_cached(
+        "INSERT INTO messages (room_id, seq, id, sender, nick, body, client_msg_id, epoch, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?;
     let mut answers = Vec::with_capacity(requests.len());
     for req in requests {
-        let existing = if check_duplicates { stored_cids(&txn, req)? } else { HashMap::new() };
+        let existing = if check_duplicates { stored_cids(txn, req)? } else { HashMap::new() };
         let outcomes = plan(req, &existing, check_duplicates);
         let last_seq = last_new_seq(&outcomes, req.base_seq);
         if last_seq == req.base_seq {
@@ -136,16 +148,11 @@ fn attempt(conn: &mut Connection, requests: &[AppendRequest], check_duplicates: 
         }
         let fence = &req.fence;
         let last_ts = outcomes.iter().filter(|o| !o.duplicate).map(|o| o.created_at).max().unwrap_or_default();
-        let moved = txn
-            .prepare_cached("UPDATE rooms SET last_seq = ?1, last_ts = ?2 WHERE id = ?3 AND host_node = ?4 AND epoch = ?5 AND last_seq = ?6")?
-            .execute(params![last_seq as i64, last_ts, fence.room.0, fence.host.0, fence.epoch.0, req.base_seq as i64])?;
+        let moved = update.execute(params![last_seq as i64, last_ts, fence.room.0, fence.host.0, fence.epoch.0, req.base_seq as i64])?;
         if moved != 1 {
-            answers.push(Err(refusal(&txn, req)?));
+            answers.push(Err(refusal(txn, req)?));
             continue;
         }
-        let mut insert = txn.prepare_cached(
-            "INSERT INTO messages (room_id, seq, id, sender, nick, body, client_msg_id, epoch, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-        )?;
         for (m, o) in req.messages.iter().zip(&outcomes).filter(|(_, o)| !o.duplicate) {
             insert
                 .execute(params![fence.room.0, o.seq as i64, m.id, m.sender, m.nick, m.body, m.client_msg_id, fence.epoch.0, m.created_at])
@@ -153,7 +160,6 @@ fn attempt(conn: &mut Connection, requests: &[AppendRequest], check_duplicates: 
         }
         answers.push(Ok(Appended { outcomes, last_seq }));
     }
-    txn.commit()?;
     Ok(answers)
 }
 
