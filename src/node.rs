@@ -1,7 +1,8 @@
 //! Node start-up and shutdown, read top to bottom.
 //!
 //! A node runs in its own thread with an actix `System` over a multi-threaded tokio runtime
-//! (network, store, committer) plus arbiter threads for room actors; by default the two share
+//! (store, committer, node link, XMPP c2s, admin) plus arbiter threads for room actors and the
+//! WebSocket client connections (`transport::ws::serve`); by default the two share
 //! the cores half and half (`node.io_threads`, `rooms.arbiters`). [`Node::start`]
 //! returns once the listeners are bound, so tests and the CLI get the real addresses (port 0
 //! works). [`Node::stop`] shuts down in order: listeners and connections, then the committer
@@ -135,11 +136,12 @@ struct Threads {
 }
 
 /// By default the two share the cores, half each (at least one of each), rather than each
-/// taking one thread per core: at moderate load a message crosses from an I/O thread to a
-/// room's arbiter and back, and with twice as many busy threads as cores each crossing is
+/// taking one thread per core: a message crosses from the room's arbiter to the committer on
+/// the I/O runtime and back, and with twice as many busy threads as cores each crossing is
 /// more often a sleep and a wake-up. On two cores, one of each against two of each cost 14 %
 /// less CPU per message at 8,000 msg/s and gave 16 % more fan-out, alternated (measured in one
-/// build with the message ids' change, which alone showed no difference; docs/benchmarks.md).
+/// build with the message ids' change, which alone showed no difference; docs/benchmarks.md),
+/// when the client connections still ran on the I/O runtime; they run on the arbiters now.
 fn threads(settings: &Settings) -> Threads {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
     split_threads(cores, settings.node.io_threads, settings.rooms.arbiters)
@@ -355,7 +357,14 @@ async fn run(settings: Settings, threads: Threads, tls: Option<crate::tls::Serve
     let admin_addr = admin_listener.local_addr()?;
     // XMPP sessions parked for stream management resumption (both XMPP transports).
     let resumption = Arc::new(crate::xmpp::sm::Resumption::default());
-    let clients = tokio::spawn(transport::ws::serve(client_listener, gateway.clone(), tls.clone(), resumption.clone(), shutdown.clone()));
+    let clients = tokio::spawn(transport::ws::serve(
+        client_listener,
+        gateway.clone(),
+        tls.clone(),
+        resumption.clone(),
+        arbiters.iter().map(|a| a.handle()).collect(),
+        shutdown.clone(),
+    ));
     let admin_state = admin::AdminState::new(settings.clone(), store.clone(), registry.clone(), gateway.clone())
         .with_recovery(recovery.as_ref().map(|(r, _)| r.clone()), link)
         .with_plugins(plugins)

@@ -46,7 +46,21 @@ const MAX_SERVER_FRAME_BYTES: usize = 16 * 1024 * 1024;
 /// *connection slot* (`limits.max_connections`) only once a whole upgrade request has arrived:
 /// sockets that trickle bytes (slow-loris) cannot keep real clients out.
 /// With `tls` the TLS handshake runs first, in the same slot and under the same deadline.
-pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, tls: Option<crate::tls::ServerTls>, resumption: Arc<crate::xmpp::sm::Resumption>, shutdown: CancellationToken) {
+///
+/// Each connection runs on one of `arbiters` (in turn): the threads of the room actors, so that
+/// a post reaches its room, and the room's answers and events reach the connection's writer,
+/// without waking another thread (on two cores, with one arbiter, that is every room). Served on
+/// the I/O runtime instead, the same load cost 9–13 % more CPU per message (docs/benchmarks.md).
+pub async fn serve(
+    listener: TcpListener,
+    gateway: Arc<Gateway>,
+    tls: Option<crate::tls::ServerTls>,
+    resumption: Arc<crate::xmpp::sm::Resumption>,
+    arbiters: Vec<actix::dev::ArbiterHandle>,
+    shutdown: CancellationToken,
+) {
+    assert!(!arbiters.is_empty(), "connections need an arbiter to run on");
+    let mut turn = 0usize;
     let limits = &gateway.settings.limits;
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let handshakes = Arc::new(Semaphore::new(limits.max_pending_handshakes));
@@ -73,12 +87,30 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, tls: Option<cra
             tracing::debug!(%peer, "refused: too many connections in their handshake");
             continue; // dropping the socket closes it
         };
+        // Off this runtime's reactor, onto the arbiter's (inside the task, on its thread).
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "closed: the socket could not be moved to its thread");
+                continue;
+            }
+        };
+        let arbiter = &arbiters[turn % arbiters.len()];
+        turn = turn.wrapping_add(1);
         let gateway = gateway.clone();
         let shutdown = shutdown.clone();
         let slots = slots.clone();
         let tls = tls.clone();
         let resumption = resumption.clone();
-        tracker.spawn(async move {
+        // Dropped unrun (and the socket closed) if the arbiter has stopped.
+        arbiter.spawn(tracker.track_future(async move {
+            let stream = match tokio::net::TcpStream::from_std(stream) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "closed: the socket could not be registered on its thread");
+                    return;
+                }
+            };
             let _ = stream.set_nodelay(true);
             let timeout = Duration::from_millis(gateway.settings.limits.handshake_timeout_ms);
             // The handshake's state (TLS, the request head, tungstenite's handshake) is boxed, so
@@ -103,7 +135,7 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, tls: Option<cra
             gateway.count_connection(-1);
             tracing::trace!(%peer, "connection ended");
             drop(slot);
-        });
+        }));
     }
     tracker.close();
     tracker.wait().await;
