@@ -286,9 +286,14 @@ pub struct NodeSettings {
     pub service: String,
     /// Where SQLite and other local state live.
     pub data_dir: PathBuf,
-    /// Threads of the I/O runtime (client and node-link sockets, the store's connections, the
+    /// Threads of the I/O runtime (node-link and XMPP c2s sockets, the store's connections, the
     /// committer); 0 = half the cores, at least one ([`crate::node`]).
     pub io_threads: usize,
+    /// Run WebSocket client connections on the room arbiters (true, the default: no thread
+    /// crossing between a connection and its rooms) or on the I/O runtime (false: no crossing
+    /// between a connection and the node link, for clusters whose users are mostly in other
+    /// groups' rooms). docs/operations.md has the measured difference.
+    pub client_connections_on_arbiters: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -434,6 +439,7 @@ impl Default for NodeSettings {
             service: "conference.localhost".into(),
             data_dir: PathBuf::from("./stoa-data"),
             io_threads: 0,
+            client_connections_on_arbiters: true,
         }
     }
 }

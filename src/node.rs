@@ -362,7 +362,7 @@ async fn run(settings: Settings, threads: Threads, tls: Option<crate::tls::Serve
         gateway.clone(),
         tls.clone(),
         resumption.clone(),
-        arbiters.iter().map(|a| a.handle()).collect(),
+        if settings.node.client_connections_on_arbiters { arbiters.iter().map(|a| a.handle()).collect() } else { Vec::new() },
         shutdown.clone(),
     ));
     let admin_state = admin::AdminState::new(settings.clone(), store.clone(), registry.clone(), gateway.clone())

@@ -192,6 +192,7 @@ on_every_backend! {
 
 // Transport behaviour does not depend on the store.
 on_backends! {[sqlite]
+    room_life::connections_on_the_io_runtime_or_on_several_arbiters_serve_alike,
     security::slow_loris_sockets_do_not_lock_out_real_clients,
     operations::a_node_whose_log_reader_has_gone_serves_and_stops_on_sigterm,
     security::failed_logins_are_throttled_across_connections,

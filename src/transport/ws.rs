@@ -47,11 +47,13 @@ const MAX_SERVER_FRAME_BYTES: usize = 16 * 1024 * 1024;
 /// sockets that trickle bytes (slow-loris) cannot keep real clients out.
 /// With `tls` the TLS handshake runs first, in the same slot and under the same deadline.
 ///
-/// Each connection runs on one of `arbiters` (in turn): the threads of the room actors, so that
-/// a post reaches its room, and the room's answers and events reach the connection's writer,
-/// without waking another thread (on two cores, with one arbiter, that is every room). Against
-/// connections on the I/O runtime: 8–15 % less CPU per message at 8,000 msg/s, 2.3 times the
-/// fan-out (docs/benchmarks.md).
+/// Each connection runs on one of `arbiters` (in turn) when there are any: the threads of the
+/// room actors, so that a post reaches its room, and the room's answers and events reach the
+/// connection's writer, without waking another thread (on two cores, with one arbiter, that is
+/// every room). Against connections on the I/O runtime (no `arbiters`,
+/// `node.client_connections_on_arbiters = false`): 8–15 % less CPU per message at 8,000 msg/s,
+/// 2.3 times the fan-out, and 0–20 % more for a message forwarded to another group over the
+/// node link, which stays on the I/O runtime (docs/benchmarks.md).
 pub async fn serve(
     listener: TcpListener,
     gateway: Arc<Gateway>,
@@ -60,7 +62,6 @@ pub async fn serve(
     arbiters: Vec<actix::dev::ArbiterHandle>,
     shutdown: CancellationToken,
 ) {
-    assert!(!arbiters.is_empty(), "connections need an arbiter to run on");
     let mut turn = 0usize;
     let limits = &gateway.settings.limits;
     let slots = Arc::new(Semaphore::new(limits.max_connections));
@@ -88,7 +89,7 @@ pub async fn serve(
             tracing::debug!(%peer, "refused: too many connections in their handshake");
             continue; // dropping the socket closes it
         };
-        // Off this runtime's reactor, onto the arbiter's (inside the task, on its thread).
+        // Off this runtime's reactor, onto the one it runs on (inside the task, on its thread).
         let stream = match stream.into_std() {
             Ok(s) => s,
             Err(e) => {
@@ -96,15 +97,14 @@ pub async fn serve(
                 continue;
             }
         };
-        let arbiter = &arbiters[turn % arbiters.len()];
+        let arbiter = (!arbiters.is_empty()).then(|| &arbiters[turn % arbiters.len()]);
         turn = turn.wrapping_add(1);
         let gateway = gateway.clone();
         let shutdown = shutdown.clone();
         let slots = slots.clone();
         let tls = tls.clone();
         let resumption = resumption.clone();
-        // Dropped unrun (and the socket closed) if the arbiter has stopped.
-        arbiter.spawn(tracker.track_future(async move {
+        let connection = tracker.track_future(async move {
             let stream = match tokio::net::TcpStream::from_std(stream) {
                 Ok(s) => s,
                 Err(e) => {
@@ -136,7 +136,16 @@ pub async fn serve(
             gateway.count_connection(-1);
             tracing::trace!(%peer, "connection ended");
             drop(slot);
-        }));
+        });
+        match arbiter {
+            // Dropped unrun (and the socket closed) if the arbiter has stopped.
+            Some(arbiter) => {
+                arbiter.spawn(connection);
+            }
+            None => {
+                tokio::spawn(connection);
+            }
+        }
     }
     tracker.close();
     tracker.wait().await;

@@ -179,3 +179,34 @@ pub async fn churn_with_repeated_passivation_drops_no_request(db: &TestDb) {
     }
     assert_eq!(total, CLIENTS * ROUNDS * 2);
 }
+
+/// Clients chat the same wherever their connections run: on the I/O runtime
+/// (`node.client_connections_on_arbiters = false`) and spread over two room arbiters, where a
+/// room's occupants sit on different threads from it and from each other.
+pub async fn connections_on_the_io_runtime_or_on_several_arbiters_serve_alike(db: &TestDb) {
+    for (on_arbiters, arbiters) in [(false, 1), (true, 2)] {
+        let context = format!("client_connections_on_arbiters = {on_arbiters}, {arbiters} arbiters");
+        let mut settings = db.settings(&format!("n{arbiters}"));
+        settings.node.client_connections_on_arbiters = on_arbiters;
+        settings.rooms.arbiters = arbiters;
+        let node = TestNode::start(settings).await;
+        let r = room(&format!("placed{arbiters}"));
+        let names = ["ann", "bob", "cy"];
+        let mut clients = Vec::new();
+        for name in names {
+            clients.push(node.client(name).await);
+        }
+        clients[0].create(&r, json!({})).await;
+        for (client, name) in clients.iter_mut().zip(names) {
+            client.join(&r, name).await;
+        }
+        for i in 1..=20u64 {
+            let k = i as usize % names.len();
+            assert_eq!(clients[k].send_acked(&r, names[k], &format!("c{i}")).await, i, "{context}");
+        }
+        for client in &mut clients {
+            let got = client.messages_through(&r, 20).await;
+            assert_contiguous(&seqs(&got), 20, &context);
+        }
+    }
+}
