@@ -37,7 +37,8 @@
 //!   statements it runs are `store::cluster`'s.
 //! - [`node`]: start-up and ordered shutdown of one node (actix System, arbiters, listeners).
 //! - [`transport`]: client transports; `transport::ws` is the WebSocket listener at `/ws` (each
-//!   connection served on a room arbiter's thread), `transport::upgrade` reads the HTTP request
+//!   connection served on a room arbiter's thread unless `node.client_connections_on_arbiters`
+//!   is off), `transport::upgrade` reads the HTTP request
 //!   before the upgrade (plain HTTP answers, handshake slots).
 //! - [`gateway`]: the protocol-neutral session API (login, create, join, leave, send, history,
 //!   subject, configure, affiliate, kick, destroy, list): validation, budgets, typed results and

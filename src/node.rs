@@ -141,7 +141,8 @@ struct Threads {
 /// more often a sleep and a wake-up. On two cores, one of each against two of each cost 14 %
 /// less CPU per message at 8,000 msg/s and gave 16 % more fan-out, alternated (measured in one
 /// build with the message ids' change, which alone showed no difference; docs/benchmarks.md),
-/// when the client connections still ran on the I/O runtime; they run on the arbiters now.
+/// when the client connections still ran on the I/O runtime; by default they run on the
+/// arbiters now (`node.client_connections_on_arbiters`).
 fn threads(settings: &Settings) -> Threads {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
     split_threads(cores, settings.node.io_threads, settings.rooms.arbiters)
