@@ -12,7 +12,6 @@
 //! Pending posts are looked up by 64 bits only: there a match only means "scan the pending posts
 //! and compare the strings", and a clash costs a scan.
 
-use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 
@@ -64,24 +63,16 @@ impl Cids {
         self.committed.get(&key.lo).filter(|c| c.hi == key.hi).map(|c| (c.seq, c.ts))
     }
 
-    /// Remember a committed pair, forgetting the oldest beyond [`CID_MEMORY`].
+    /// Remember a committed pair, forgetting the oldest beyond [`CID_MEMORY`]. A pair
+    /// remembered already keeps its place; another pair with the same `lo` (a 2^-64 chance)
+    /// gives way, forgotten (its resends are caught by the store).
     pub(super) fn remember(&mut self, key: CidKey, seq: u64, ts: i64) {
-        match self.committed.entry(key.lo) {
-            Entry::Occupied(mut e) if e.get().hi == key.hi => {
-                // The pair again (a resend answered from the store): it keeps its place.
-                e.insert(Committed { hi: key.hi, seq, ts });
-                return;
-            }
-            // Another pair with the same `lo` (a 2^-64 chance) gives way: forgotten, its
-            // resends are caught by the store.
-            Entry::Occupied(mut e) => {
-                e.insert(Committed { hi: key.hi, seq, ts });
-            }
-            Entry::Vacant(e) => {
-                e.insert(Committed { hi: key.hi, seq, ts });
-            }
+        if self.committed(key).is_some() {
+            return;
         }
+        self.committed.insert(key.lo, Committed { hi: key.hi, seq, ts });
         self.order.push_back((key.lo, seq));
+        // The oldest entry goes unless its `lo` now names a newer pair.
         if self.order.len() > CID_MEMORY
             && let Some((lo, seq)) = self.order.pop_front()
             && self.committed.get(&lo).is_some_and(|c| c.seq == seq)
@@ -110,7 +101,7 @@ impl Cids {
 type Prehashed = BuildHasherDefault<KeyIsHash>;
 
 #[derive(Default)]
-pub(super) struct KeyIsHash(u64);
+struct KeyIsHash(u64);
 
 impl Hasher for KeyIsHash {
     fn finish(&self) -> u64 {

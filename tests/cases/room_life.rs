@@ -1,4 +1,5 @@
-//! Room actors come and go: passivation when idle, re-activation from the store.
+//! Room actors come and go: passivation when idle, re-activation from the store; and they serve
+//! their occupants alike wherever the occupants' connections run.
 
 use crate::harness::*;
 use serde_json::json;
