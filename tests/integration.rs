@@ -320,7 +320,7 @@ mod bench_smoke {
         for field in ["forwarded_msg_per_s", "local_msg_per_s", "forwarded_e2e_p50_ms", "local_e2e_p99_ms", "forwarded_cpu_us_per_msg", "local_cpu_us_per_msg"] {
             assert!(v[field].as_f64().is_some_and(|x| x > 0.0), "`{field}` missing or not positive in {v}");
         }
-        for field in ["forwarded_cpu_ratio", "failover_ms_p50", "failover_ms_max", "detect_ms", "client_resume_ms_p99"] {
+        for field in ["forwarded_cpu_ratio", "failover_ms_p50", "failover_ms_max", "exit_ms", "detect_ms", "client_resume_ms_p99"] {
             assert!(v[field].is_number(), "`{field}` missing in {v}");
         }
         assert!(v["acked"].as_u64().is_some_and(|a| a > 0), "nothing acked: {v}");

@@ -383,6 +383,7 @@ pub async fn cluster(args: &ClusterArgs, target_args: &TargetArgs) -> anyhow::Re
     summary.push("failover_rooms", args.failover_rooms);
     summary.push("other_rooms_per_pair", if args.failover_rooms > 0 { args.other_rooms } else { 0 });
     summary.push("clients", f.clients);
+    summary.push("exit_ms", f.exit_ms);
     summary.push("detect_ms", f.detect_ms);
     summary.push("failover_ms_p50", percentile(&f.room_ms, 0.5));
     summary.push("failover_ms_max", f.room_ms.iter().copied().max().unwrap_or(0));
@@ -418,6 +419,9 @@ pub async fn cluster(args: &ClusterArgs, target_args: &TargetArgs) -> anyhow::Re
 #[derive(Default)]
 struct Failover {
     clients: usize,
+    /// Kill → the killed process reaped (its sockets closed).
+    exit_ms: u64,
+    /// The process reaped → its backup's state out of `normal` (as its admin API answers).
     detect_ms: u64,
     /// Per room of pair 2: kill → first probe acked after it.
     room_ms: Vec<u64>,
@@ -496,21 +500,25 @@ async fn run(args: &ClusterArgs, target_args: &TargetArgs, shape: &Shape, dir: &
         if let Some(t) = cluster.targets[HOST].take() {
             t.stop().await;
         }
+        // Until the process is gone its sockets stay open: the other nodes see its link drop
+        // only then (the kernel frees a process's memory before it closes its files).
+        let exited = t0.elapsed();
         probers.probe_now();
         let detect = cluster.await_state(BACKUP, LAYOUT[BACKUP].0, "out of normal", |s| s != "normal").await?;
         let (room_ms, client_ms) = await_all(&probes, t0, rooms.len(), Duration::from_secs(300)).await?;
         eprintln!(
-            "kill -9 of 2a: detect {} ms, pair 2's rooms writable again p50 {} ms max {} ms",
+            "kill -9 of 2a: gone after {} ms, detect {} ms after that, pair 2's rooms writable again p50 {} ms max {} ms (from the kill)",
+            exited.as_millis(),
             detect.as_millis(),
             percentile(&room_ms[..args.failover_rooms], 0.5),
             room_ms[..args.failover_rooms].iter().max().unwrap_or(&0)
         );
         tokio::time::sleep(args.settle).await;
-        anyhow::Ok((detect, room_ms, client_ms))
+        anyhow::Ok((exited, detect, room_ms, client_ms))
     }
     .await;
     let acked = probers.finish().await;
-    let (detect, mut room_ms, client_ms) = phase?;
+    let (exited, detect, mut room_ms, client_ms) = phase?;
     for t in cluster.targets.iter_mut() {
         if let Some(t) = t.take() {
             t.stop().await;
@@ -525,7 +533,7 @@ async fn run(args: &ClusterArgs, target_args: &TargetArgs, shape: &Shape, dir: &
         (lost, duplicates, start) = (lost + l, duplicates + d, range.end);
     }
     let other_ms = room_ms.split_off(args.failover_rooms);
-    let failover = Failover { clients: clients_n, detect_ms: detect.as_millis() as u64, room_ms, other_ms, client_ms, acked: acked.len(), lost, duplicates };
+    let failover = Failover { clients: clients_n, exit_ms: exited.as_millis() as u64, detect_ms: detect.as_millis() as u64, room_ms, other_ms, client_ms, acked: acked.len(), lost, duplicates };
     Ok((idle_cores, runs, Some(failover)))
 }
 
