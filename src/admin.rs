@@ -408,20 +408,56 @@ async fn topology(State(state): State<AdminState>) -> Json<serde_json::Value> {
     Json(topology_view(&state).await)
 }
 
-/// What `/api/topology` answers: every group and node as this node sees them.
+/// How long an admin view waits for the store. A node's state is live (its own from memory,
+/// the others' from their heartbeats); what the views read from the store (rooms hosted,
+/// recorded states, leases) is left out when the store does not answer in this time. During a
+/// takeover the store serves the fence and the bulk load first, and the views' reads waited
+/// behind them for 0.5–0.7 s (docs/benchmarks.md, the cluster's failover), just when an
+/// operator looks.
+const STORE_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// The store reads of one admin answer: each waits at most [`STORE_WAIT`], and once one has
+/// not answered in time the rest are not tried (a busy store would make them wait as long).
+#[derive(Default)]
+struct StoreReads {
+    busy: bool,
+}
+
+impl StoreReads {
+    /// `read`'s outcome, or `None` if the store is busy.
+    async fn read<T>(&mut self, read: impl std::future::Future<Output = T>) -> Option<T> {
+        if self.busy {
+            return None;
+        }
+        let outcome = tokio::time::timeout(STORE_WAIT, read).await.ok();
+        self.busy = outcome.is_none();
+        outcome
+    }
+}
+
+/// A lease as the views show it.
+fn lease_json(lease: Option<Result<Option<crate::store::cluster::LeaseState>, crate::store::cluster::ClusterError>>) -> serde_json::Value {
+    match lease {
+        Some(Ok(Some(l))) => json!({"holder": l.holder, "expired": l.expired, "remaining_ms": l.remaining_ms}),
+        Some(Err(e)) => json!({"error": e.to_string()}),
+        Some(Ok(None)) | None => serde_json::Value::Null,
+    }
+}
+
+/// What `/api/topology` answers: every group and node as this node sees them; `store_busy`
+/// if the store's figures were left out (see [`STORE_WAIT`]).
 async fn topology_view(state: &AdminState) -> serde_json::Value {
+    let mut reads = StoreReads::default();
     let mut groups = Vec::new();
     for g in &state.settings.cluster.groups {
         let mut nodes = Vec::new();
         for n in &g.nodes {
             // Leases of other groups are in their own stores.
-            let lease = match state.store.lease(&crate::ids::NodeId(n.id.clone())).await {
-                _ if !in_my_group(state, &n.id) => serde_json::Value::Null,
-                Ok(Some(l)) => json!({"holder": l.holder, "expired": l.expired, "remaining_ms": l.remaining_ms}),
-                Ok(None) => serde_json::Value::Null,
-                Err(e) => json!({"error": e.to_string()}),
+            let lease = match in_my_group(state, &n.id) {
+                true => lease_json(reads.read(state.store.lease(&crate::ids::NodeId(n.id.clone()))).await),
+                false => serde_json::Value::Null,
             };
-            let mut view = node_view(state, &n.id).await;
+            let mut view = node_view(state, &n.id, &mut reads).await;
             view["client"] = json!(n.client);
             view["service"] = json!(n.service);
             view["lease"] = lease;
@@ -450,6 +486,7 @@ async fn topology_view(state: &AdminState) -> serde_json::Value {
         "peer": state.link.as_ref().and_then(|l| l.peer()),
         "groups": groups,
         "peering": peering,
+        "store_busy": reads.busy,
     })
 }
 
@@ -461,11 +498,11 @@ fn in_my_group(state: &AdminState, id: &str) -> bool {
 /// One node as this node sees it: its recovery state (its own status for this node; the
 /// heartbeat and the store's record for the others), rooms it hosts (in this node's group),
 /// users connected to it.
-async fn node_view(state: &AdminState, id: &str) -> serde_json::Value {
+async fn node_view(state: &AdminState, id: &str, reads: &mut StoreReads) -> serde_json::Value {
     let node = crate::ids::NodeId(id.to_owned());
     let own_store = in_my_group(state, id);
-    let hosted = if own_store { state.store.rooms_hosted_by(&node).await.ok() } else { None };
-    let recorded = if own_store { state.store.last_node_state(&node).await.ok().flatten() } else { None };
+    let hosted = if own_store { reads.read(state.store.rooms_hosted_by(&node)).await.and_then(Result::ok) } else { None };
+    let recorded = if own_store { reads.read(state.store.last_node_state(&node)).await.and_then(|r| r.ok().flatten()) } else { None };
     let me = id == state.settings.node.id;
     let (recovery_state, reason, since_ms) = match (me, state.recovery.as_ref(), &recorded) {
         (true, Some(r), _) => {
@@ -512,10 +549,17 @@ async fn node_status(State(state): State<AdminState>, Path(node): Path<String>) 
         return (StatusCode::NOT_FOUND, Json(json!({"error": "not_found", "message": format!("no node {node} in the topology")})))
             .into_response();
     }
-    let mut view = node_view(&state, &node).await;
-    if let Ok(Some(l)) = state.store.lease(&crate::ids::NodeId(node.clone())).await {
-        view["lease"] = json!({"holder": l.holder, "expired": l.expired, "remaining_ms": l.remaining_ms});
+    let mut reads = StoreReads::default();
+    let mut view = node_view(&state, &node, &mut reads).await;
+    // Leases of other groups are in their own stores.
+    let lease = match in_my_group(&state, &node) {
+        true => lease_json(reads.read(state.store.lease(&crate::ids::NodeId(node.clone()))).await),
+        false => serde_json::Value::Null,
+    };
+    if !lease.is_null() {
+        view["lease"] = lease;
     }
+    view["store_busy"] = json!(reads.busy);
     Json(view).into_response()
 }
 

@@ -118,6 +118,7 @@ on_postgres! {
     tls::xmpp_direct_tls_listener,
     security::a_captured_node_link_hello_cannot_be_replayed,
     operations::ready_is_not_health,
+    operations::admin_views_answer_while_the_store_is_busy,
     failover::admin_status_tells_a_dead_node_from_a_normal_one,
     tls::ha_pair_node_link_runs_over_tls,
 }

@@ -177,6 +177,9 @@ fn print_status(topology: &serde_json::Value) {
             );
         }
     }
+    if topology["store_busy"] == true {
+        println!("(store busy: no answer within 250 ms; the states are live, rooms and leases left out)");
+    }
     for peering in topology["peering"].as_array().cloned().unwrap_or_default() {
         println!("peering cluster {}", peering["name"].as_str().unwrap_or("?"));
         for n in peering["nodes"].as_array().cloned().unwrap_or_default() {

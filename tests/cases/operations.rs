@@ -74,3 +74,43 @@ pub async fn ready_is_not_health(db: &TestDb) {
     assert!(metrics.lines().any(|l| l == "stoa_peer_reachable 1"), "{metrics}");
     drop(b);
 }
+
+/// An operator looks at a pair while its store is busy (a takeover's fence and bulk load keep
+/// it so for about a second): `GET /api/nodes/{node}`, `/api/topology` and `stoa admin status`
+/// answer within the store wait (250 ms, not the store's time), with the live state and
+/// `store_busy`, and without the store's figures; once the store answers, the figures are back.
+/// The store is made busy by another connection holding a lock on `rooms`.
+pub async fn admin_views_answer_while_the_store_is_busy(db: &TestDb) {
+    use crate::cases::ha::pair_settings;
+    use crate::harness::{TestNode, await_admin, free_port};
+    use sqlx::Connection as _;
+    let links = (free_port(), free_port());
+    let a = TestNode::start(pair_settings(db, "1a", links)).await;
+    let b = TestNode::start(pair_settings(db, "1b", links)).await;
+    await_admin(a.admin_addr, None, "/api/topology", "1a to see 1b", |t| t["peer"]["reachable"] == true).await;
+    let quiet = a.admin_json("/api/nodes/1a").await;
+    assert_eq!((quiet["store_busy"].as_bool(), quiet["state"].as_str()), (Some(false), Some("normal")), "{quiet}");
+    assert!(quiet["rooms_hosted"].is_u64(), "a store that answers gives the rooms hosted: {quiet}");
+
+    let mut lock = sqlx::PgConnection::connect(&db.url).await.expect("a connection of the test's own");
+    sqlx::raw_sql("BEGIN; LOCK TABLE rooms IN ACCESS EXCLUSIVE MODE").execute(&mut lock).await.expect("locking rooms");
+    for path in ["/api/nodes/1a", "/api/topology"] {
+        let started = std::time::Instant::now();
+        let answer = stoa::admin_client::request(&a.admin_addr.to_string(), "GET", path, None, DEADLINE).await.expect("the admin API answers");
+        let took = started.elapsed();
+        let view = answer.json();
+        assert!(took < std::time::Duration::from_secs(2), "GET {path} waited for the store: {took:?}");
+        assert_eq!(view["store_busy"], true, "GET {path}: {view}");
+        let me = if path == "/api/topology" { view["groups"][0]["nodes"][0].clone() } else { view.clone() };
+        assert_eq!((me["id"].as_str(), me["state"].as_str()), (Some("1a"), Some("normal")), "the state is live: {view}");
+        assert!(me["rooms_hosted"].is_null(), "no figure from a busy store: {view}");
+    }
+    let (ok, out) = crate::harness::run_stoa(&["admin", "--admin", &a.admin_addr.to_string(), "status"]).await;
+    assert!(ok && out.contains("store busy"), "{out}");
+    sqlx::raw_sql("ROLLBACK").execute(&mut lock).await.expect("releasing rooms");
+
+    let again = a.admin_json("/api/nodes/1a").await;
+    assert_eq!(again["store_busy"], false, "{again}");
+    assert!(again["rooms_hosted"].is_u64(), "{again}");
+    drop(b);
+}
