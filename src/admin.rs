@@ -110,13 +110,16 @@ pub struct AdminState {
     console: console::Sessions,
     /// The listener's shutdown, which ends the console's event streams.
     shutdown: CancellationToken,
+    /// The views' store reads in flight, at most [`STORE_READS`] (see [`StoreReads`]).
+    store_reads: Arc<tokio::sync::Semaphore>,
 }
 
 impl AdminState {
     pub fn new(settings: Arc<Settings>, store: Store, registry: RoomRegistry, gateway: Arc<Gateway>) -> Self {
         prometheus();
         AdminState { settings, store, registry, gateway, started: Instant::now(), recovery: None, link: None, plugins: None, tls: None,
-            console: console::Sessions::default(), shutdown: CancellationToken::new() }
+            console: console::Sessions::default(), shutdown: CancellationToken::new(),
+            store_reads: Arc::new(tokio::sync::Semaphore::new(STORE_READS)) }
     }
 
     /// Report this node's recovery manager and node link (nodes in an HA group).
@@ -416,20 +419,46 @@ async fn topology(State(state): State<AdminState>) -> Json<serde_json::Value> {
 /// operator looks.
 const STORE_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// The store reads of one admin answer: each waits at most [`STORE_WAIT`], and once one has
-/// not answered in time the rest are not tried (a busy store would make them wait as long).
-#[derive(Default)]
+/// How many of the views' store reads may be in flight at once on a node. A read the view
+/// stopped waiting for runs on to its end (a query under way holds its pool connection until
+/// then), so someone polling the views while the store is busy would otherwise take ever more
+/// of the pool the takeover needs.
+const STORE_READS: usize = 4;
+
+/// The store reads of one admin answer: each waits at most [`STORE_WAIT`]; once one has not
+/// answered in time, or [`STORE_READS`] are in flight already, the store is busy and the rest
+/// are not tried.
 struct StoreReads {
+    gate: Arc<tokio::sync::Semaphore>,
     busy: bool,
 }
 
 impl StoreReads {
-    /// `read`'s outcome, or `None` if the store is busy.
-    async fn read<T>(&mut self, read: impl std::future::Future<Output = T>) -> Option<T> {
+    fn new(state: &AdminState) -> StoreReads {
+        StoreReads { gate: state.store_reads.clone(), busy: false }
+    }
+
+    /// The outcome of `read` (given the store and `node`), or `None` if the store is busy.
+    async fn read<T, F>(&mut self, store: &Store, node: &str, read: impl FnOnce(Store, crate::ids::NodeId) -> F) -> Option<T>
+    where
+        F: std::future::Future<Output = T> + Send + 'static,
+        T: Send + 'static,
+    {
         if self.busy {
             return None;
         }
-        let outcome = tokio::time::timeout(STORE_WAIT, read).await.ok();
+        let Ok(permit) = self.gate.clone().try_acquire_owned() else {
+            self.busy = true;
+            return None;
+        };
+        let read = read(store.clone(), crate::ids::NodeId(node.to_owned()));
+        // On a task of its own, which keeps the permit until the read is done.
+        let task = tokio::spawn(async move {
+            let outcome = read.await;
+            drop(permit);
+            outcome
+        });
+        let outcome = tokio::time::timeout(STORE_WAIT, task).await.ok().and_then(Result::ok);
         self.busy = outcome.is_none();
         outcome
     }
@@ -447,14 +476,14 @@ fn lease_json(lease: Option<Result<Option<crate::store::cluster::LeaseState>, cr
 /// What `/api/topology` answers: every group and node as this node sees them; `store_busy`
 /// if the store's figures were left out (see [`STORE_WAIT`]).
 async fn topology_view(state: &AdminState) -> serde_json::Value {
-    let mut reads = StoreReads::default();
+    let mut reads = StoreReads::new(state);
     let mut groups = Vec::new();
     for g in &state.settings.cluster.groups {
         let mut nodes = Vec::new();
         for n in &g.nodes {
             // Leases of other groups are in their own stores.
             let lease = match in_my_group(state, &n.id) {
-                true => lease_json(reads.read(state.store.lease(&crate::ids::NodeId(n.id.clone()))).await),
+                true => lease_json(reads.read(&state.store, &n.id, |store, node| async move { store.lease(&node).await }).await),
                 false => serde_json::Value::Null,
             };
             let mut view = node_view(state, &n.id, &mut reads).await;
@@ -501,8 +530,13 @@ fn in_my_group(state: &AdminState, id: &str) -> bool {
 async fn node_view(state: &AdminState, id: &str, reads: &mut StoreReads) -> serde_json::Value {
     let node = crate::ids::NodeId(id.to_owned());
     let own_store = in_my_group(state, id);
-    let hosted = if own_store { reads.read(state.store.rooms_hosted_by(&node)).await.and_then(Result::ok) } else { None };
-    let recorded = if own_store { reads.read(state.store.last_node_state(&node)).await.and_then(|r| r.ok().flatten()) } else { None };
+    let (hosted, recorded) = match own_store {
+        true => (
+            reads.read(&state.store, id, |store, node| async move { store.rooms_hosted_by(&node).await }).await.and_then(Result::ok),
+            reads.read(&state.store, id, |store, node| async move { store.last_node_state(&node).await }).await.and_then(|r| r.ok().flatten()),
+        ),
+        false => (None, None),
+    };
     let me = id == state.settings.node.id;
     let (recovery_state, reason, since_ms) = match (me, state.recovery.as_ref(), &recorded) {
         (true, Some(r), _) => {
@@ -549,11 +583,11 @@ async fn node_status(State(state): State<AdminState>, Path(node): Path<String>) 
         return (StatusCode::NOT_FOUND, Json(json!({"error": "not_found", "message": format!("no node {node} in the topology")})))
             .into_response();
     }
-    let mut reads = StoreReads::default();
+    let mut reads = StoreReads::new(&state);
     let mut view = node_view(&state, &node, &mut reads).await;
     // Leases of other groups are in their own stores.
     let lease = match in_my_group(&state, &node) {
-        true => lease_json(reads.read(state.store.lease(&crate::ids::NodeId(node.clone()))).await),
+        true => lease_json(reads.read(&state.store, &node, |store, node| async move { store.lease(&node).await }).await),
         false => serde_json::Value::Null,
     };
     if !lease.is_null() {

@@ -78,8 +78,9 @@ pub async fn ready_is_not_health(db: &TestDb) {
 /// An operator looks at a pair while its store is busy (a takeover's fence and bulk load keep
 /// it so for about a second): `GET /api/nodes/{node}`, `/api/topology` and `stoa admin status`
 /// answer within the store wait (250 ms, not the store's time), with the live state and
-/// `store_busy`, and without the store's figures; once the store answers, the figures are back.
-/// The store is made busy by another connection holding a lock on `rooms`.
+/// `store_busy`, and without the store's figures; polling them does not pile up reads on the
+/// store (at most 4 in flight); once the store answers, the figures are back. The store is
+/// made busy by another connection holding a lock on `rooms`.
 pub async fn admin_views_answer_while_the_store_is_busy(db: &TestDb) {
     use crate::cases::ha::pair_settings;
     use crate::harness::{TestNode, await_admin, free_port};
@@ -107,6 +108,17 @@ pub async fn admin_views_answer_while_the_store_is_busy(db: &TestDb) {
     }
     let (ok, out) = crate::harness::run_stoa(&["admin", "--admin", &a.admin_addr.to_string(), "status"]).await;
     assert!(ok && out.contains("store busy"), "{out}");
+    // Someone polling meanwhile: the reads the views gave up on wait for the lock, each on a
+    // pool connection, but no more than 4 of them (the pool has 16; the same query of each
+    // node's recovery manager, one at a time, may wait beside them).
+    for _ in 0..10 {
+        assert_eq!(a.admin_json("/api/nodes/1a").await["store_busy"], true);
+    }
+    let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE 'SELECT COUNT(*) FROM rooms WHERE host_node%'")
+        .fetch_one(&mut lock)
+        .await
+        .expect("pg_stat_activity");
+    assert!((1..=4 + 2).contains(&waiting), "the views' reads waiting for the store: {waiting}");
     sqlx::raw_sql("ROLLBACK").execute(&mut lock).await.expect("releasing rooms");
 
     let again = a.admin_json("/api/nodes/1a").await;
