@@ -429,17 +429,18 @@ const STORE_READS: usize = 4;
 /// answered in time, or [`STORE_READS`] are in flight already, the store is busy and the rest
 /// are not tried.
 struct StoreReads {
+    store: Store,
     gate: Arc<tokio::sync::Semaphore>,
     busy: bool,
 }
 
 impl StoreReads {
     fn new(state: &AdminState) -> StoreReads {
-        StoreReads { gate: state.store_reads.clone(), busy: false }
+        StoreReads { store: state.store.clone(), gate: state.store_reads.clone(), busy: false }
     }
 
-    /// The outcome of `read` (given the store and `node`), or `None` if the store is busy.
-    async fn read<T, F>(&mut self, store: &Store, node: &str, read: impl FnOnce(Store, crate::ids::NodeId) -> F) -> Option<T>
+    /// The outcome of `read` (given the store and node `node`), or `None` if the store is busy.
+    async fn read<T, F>(&mut self, node: &str, read: impl FnOnce(Store, crate::ids::NodeId) -> F) -> Option<T>
     where
         F: std::future::Future<Output = T> + Send + 'static,
         T: Send + 'static,
@@ -451,7 +452,7 @@ impl StoreReads {
             self.busy = true;
             return None;
         };
-        let read = read(store.clone(), crate::ids::NodeId(node.to_owned()));
+        let read = read(self.store.clone(), crate::ids::NodeId(node.to_owned()));
         // On a task of its own, which keeps the permit until the read is done.
         let task = tokio::spawn(async move {
             let outcome = read.await;
@@ -464,9 +465,13 @@ impl StoreReads {
     }
 }
 
-/// A lease as the views show it.
-fn lease_json(lease: Option<Result<Option<crate::store::cluster::LeaseState>, crate::store::cluster::ClusterError>>) -> serde_json::Value {
-    match lease {
+/// Node `id`'s lease as the views show it: null for a node of another group (its lease is in
+/// its group's store), for none, and when the store is busy.
+async fn lease_view(state: &AdminState, reads: &mut StoreReads, id: &str) -> serde_json::Value {
+    if !in_my_group(state, id) {
+        return serde_json::Value::Null;
+    }
+    match reads.read(id, |store, node| async move { store.lease(&node).await }).await {
         Some(Ok(Some(l))) => json!({"holder": l.holder, "expired": l.expired, "remaining_ms": l.remaining_ms}),
         Some(Err(e)) => json!({"error": e.to_string()}),
         Some(Ok(None)) | None => serde_json::Value::Null,
@@ -481,11 +486,7 @@ async fn topology_view(state: &AdminState) -> serde_json::Value {
     for g in &state.settings.cluster.groups {
         let mut nodes = Vec::new();
         for n in &g.nodes {
-            // Leases of other groups are in their own stores.
-            let lease = match in_my_group(state, &n.id) {
-                true => lease_json(reads.read(&state.store, &n.id, |store, node| async move { store.lease(&node).await }).await),
-                false => serde_json::Value::Null,
-            };
+            let lease = lease_view(state, &mut reads, &n.id).await;
             let mut view = node_view(state, &n.id, &mut reads).await;
             view["client"] = json!(n.client);
             view["service"] = json!(n.service);
@@ -532,8 +533,8 @@ async fn node_view(state: &AdminState, id: &str, reads: &mut StoreReads) -> serd
     let own_store = in_my_group(state, id);
     let (hosted, recorded) = match own_store {
         true => (
-            reads.read(&state.store, id, |store, node| async move { store.rooms_hosted_by(&node).await }).await.and_then(Result::ok),
-            reads.read(&state.store, id, |store, node| async move { store.last_node_state(&node).await }).await.and_then(|r| r.ok().flatten()),
+            reads.read(id, |store, node| async move { store.rooms_hosted_by(&node).await }).await.and_then(Result::ok),
+            reads.read(id, |store, node| async move { store.last_node_state(&node).await }).await.and_then(|r| r.ok().flatten()),
         ),
         false => (None, None),
     };
@@ -585,11 +586,7 @@ async fn node_status(State(state): State<AdminState>, Path(node): Path<String>) 
     }
     let mut reads = StoreReads::new(&state);
     let mut view = node_view(&state, &node, &mut reads).await;
-    // Leases of other groups are in their own stores.
-    let lease = match in_my_group(&state, &node) {
-        true => lease_json(reads.read(&state.store, &node, |store, node| async move { store.lease(&node).await }).await),
-        false => serde_json::Value::Null,
-    };
+    let lease = lease_view(&state, &mut reads, &node).await;
     if !lease.is_null() {
         view["lease"] = lease;
     }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use super::upgrade::{self, HeadError, Prefixed};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
@@ -89,23 +89,26 @@ pub async fn serve(
             tracing::debug!(%peer, "refused: too many connections in their handshake");
             continue; // dropping the socket closes it
         };
-        // Off this runtime's reactor, onto the one it runs on (inside the task, on its thread).
-        let stream = match stream.into_std() {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::debug!(%peer, error = %e, "closed: the socket could not be moved to its thread");
-                continue;
-            }
-        };
         let arbiter = (!arbiters.is_empty()).then(|| &arbiters[turn % arbiters.len()]);
         turn = turn.wrapping_add(1);
+        let stream = match arbiter {
+            None => Accepted::Here(stream),
+            // Off this runtime's reactor, onto the arbiter's (inside the task, on its thread).
+            Some(_) => match stream.into_std() {
+                Ok(s) => Accepted::Moving(s),
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "closed: the socket could not be moved to its thread");
+                    continue;
+                }
+            },
+        };
         let gateway = gateway.clone();
         let shutdown = shutdown.clone();
         let slots = slots.clone();
         let tls = tls.clone();
         let resumption = resumption.clone();
         let connection = tracker.track_future(async move {
-            let stream = match tokio::net::TcpStream::from_std(stream) {
+            let stream = match stream.settle() {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::debug!(%peer, error = %e, "closed: the socket could not be registered on its thread");
@@ -149,6 +152,23 @@ pub async fn serve(
     }
     tracker.close();
     tracker.wait().await;
+}
+
+/// An accepted socket: on the reactor of the runtime that serves it, or taken off the
+/// accepting one for an arbiter's.
+enum Accepted {
+    Here(TcpStream),
+    Moving(std::net::TcpStream),
+}
+
+impl Accepted {
+    /// The socket on the reactor of the thread this runs on.
+    fn settle(self) -> std::io::Result<TcpStream> {
+        match self {
+            Accepted::Here(s) => Ok(s),
+            Accepted::Moving(s) => TcpStream::from_std(s),
+        }
+    }
 }
 
 type Ws<S> = tokio_tungstenite::WebSocketStream<Prefixed<S>>;
