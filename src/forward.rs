@@ -551,6 +551,7 @@ impl LinkSide {
                 let result = loop {
                     match gateway.follow(&s, join.clone()).await {
                         Err(f) if f.code == ErrorCode::Unavailable && tokio::time::Instant::now() < deadline => {
+                            metrics::counter!("stoa_forwarded_follow_retries_total").increment(1);
                             forwarder.moving(session, &room);
                             tokio::time::sleep(LOCATE_POLL).await;
                         }

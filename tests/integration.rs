@@ -253,6 +253,7 @@ on_postgres! {
 on_postgres! {
     cluster::three_pairs_and_a_single_node_survive_a_kill9,
     cluster::a_partition_between_groups_waits_then_fails_clearly,
+    cluster::followers_wait_for_a_slow_fence_instead_of_retrying,
     cluster::a_peering_cluster_uses_rooms_across_a_failover,
     cluster::users_log_in_on_their_home_node,
 }
@@ -328,6 +329,9 @@ mod bench_smoke {
         assert_eq!(v["acked_lost"], 0, "{v}");
         assert_eq!(v["duplicates"], 0, "{v}");
         assert_eq!(v["overhead_errors"], 0, "{v}");
+        // The clients on the other groups' nodes followed pair 2's rooms to 2b.
+        assert!(v["rooms_followed"].as_u64().is_some_and(|n| n > 0), "no room followed: {v}");
+        assert!(v["follow_retries"].is_u64() && v["probe_resends"].is_object(), "{v}");
     }
 
     /// `bench xmpp` against Stoa only (the comparison with Prosody is a documented command,

@@ -176,6 +176,19 @@ impl Cluster {
         a.json()["state"].as_str().map(str::to_owned)
     }
 
+    /// The sum over the running nodes of counter `name` on their `/metrics` (0 where absent).
+    async fn metric_sum(&self, name: &str) -> u64 {
+        let mut sum = 0;
+        for (n, spec) in self.specs.iter().enumerate() {
+            if self.targets[n].is_none() {
+                continue;
+            }
+            let Ok(a) = crate::admin_client::request(&spec.admin.to_string(), "GET", "/metrics", None, Duration::from_secs(2)).await else { continue };
+            sum += a.body.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<u64>().ok()).unwrap_or(0);
+        }
+        sum
+    }
+
     /// Poll until node `on` sees node `id` in a state that satisfies `pred`; returns the time it took.
     async fn await_state(&self, on: usize, id: &str, what: &str, pred: impl Fn(&str) -> bool) -> anyhow::Result<Duration> {
         let started = Instant::now();
@@ -409,6 +422,9 @@ pub async fn cluster(args: &ClusterArgs, target_args: &TargetArgs) -> anyhow::Re
     let slowest: Vec<serde_json::Value> =
         slowest.iter().take(5).map(|(c, ms)| serde_json::json!({ "client": c, "node": LAYOUT[c % LAYOUT.len()].0, "ms": ms })).collect();
     summary.push("slowest_clients", slowest);
+    summary.push("probe_resends", serde_json::to_value(&f.resends).expect("a map of counts"));
+    summary.push("rooms_followed", f.rooms_followed);
+    summary.push("follow_retries", f.follow_retries);
     summary.push("acked", f.acked);
     summary.push("acked_lost", f.lost);
     summary.push("duplicates", f.duplicates);
@@ -429,6 +445,12 @@ struct Failover {
     /// they are not disturbed).
     other_ms: Vec<u64>,
     client_ms: Vec<u64>,
+    /// Probes sent again from the kill until every room was writable, by what failed them.
+    resends: std::collections::BTreeMap<String, u64>,
+    /// Rooms the other groups' nodes followed to 2b, and their joins sent again (the nodes'
+    /// counters, summed, read when every room was writable).
+    rooms_followed: u64,
+    follow_retries: u64,
     acked: usize,
     lost: u64,
     duplicates: u64,
@@ -496,7 +518,11 @@ async fn run(args: &ClusterArgs, target_args: &TargetArgs, shape: &Shape, dir: &
     let phase = async {
         tokio::time::sleep(args.settle).await;
         let t0 = Instant::now();
-        probes.lock().expect("probes lock").forget_before(t0 - Duration::from_secs(1));
+        {
+            let mut p = probes.lock().expect("probes lock");
+            p.forget_before(t0 - Duration::from_secs(1));
+            p.resends.clear();
+        }
         if let Some(t) = cluster.targets[HOST].take() {
             t.stop().await;
         }
@@ -506,6 +532,8 @@ async fn run(args: &ClusterArgs, target_args: &TargetArgs, shape: &Shape, dir: &
         probers.probe_now();
         let detect = cluster.await_state(BACKUP, LAYOUT[BACKUP].0, "out of normal", |s| s != "normal").await?;
         let (room_ms, client_ms) = await_all(&probes, t0, rooms.len(), Duration::from_secs(300)).await?;
+        let resends = probes.lock().expect("probes lock").resends.clone();
+        let follows = (cluster.metric_sum("stoa_forwarded_rooms_followed_total").await, cluster.metric_sum("stoa_forwarded_follow_retries_total").await);
         eprintln!(
             "kill -9 of 2a: gone after {} ms, detect {} ms after that, pair 2's rooms writable again p50 {} ms max {} ms (from the kill)",
             exited.as_millis(),
@@ -514,11 +542,11 @@ async fn run(args: &ClusterArgs, target_args: &TargetArgs, shape: &Shape, dir: &
             room_ms[..args.failover_rooms].iter().max().unwrap_or(&0)
         );
         tokio::time::sleep(args.settle).await;
-        anyhow::Ok((exited, detect, room_ms, client_ms))
+        anyhow::Ok((exited, detect, room_ms, client_ms, resends, follows))
     }
     .await;
     let acked = probers.finish().await;
-    let (exited, detect, mut room_ms, client_ms) = phase?;
+    let (exited, detect, mut room_ms, client_ms, resends, (rooms_followed, follow_retries)) = phase?;
     for t in cluster.targets.iter_mut() {
         if let Some(t) = t.take() {
             t.stop().await;
@@ -533,7 +561,7 @@ async fn run(args: &ClusterArgs, target_args: &TargetArgs, shape: &Shape, dir: &
         (lost, duplicates, start) = (lost + l, duplicates + d, range.end);
     }
     let other_ms = room_ms.split_off(args.failover_rooms);
-    let failover = Failover { clients: clients_n, exit_ms: exited.as_millis() as u64, detect_ms: detect.as_millis() as u64, room_ms, other_ms, client_ms, acked: acked.len(), lost, duplicates };
+    let failover = Failover { clients: clients_n, exit_ms: exited.as_millis() as u64, detect_ms: detect.as_millis() as u64, room_ms, other_ms, client_ms, resends, rooms_followed, follow_retries, acked: acked.len(), lost, duplicates };
     Ok((idle_cores, runs, Some(failover)))
 }
 

@@ -67,6 +67,9 @@ pub(super) struct Probes {
     /// Per room: the time of every ack (kept short: only the latest few matter).
     room_acks: Vec<Vec<Instant>>,
     client_acks: Vec<Vec<Instant>>,
+    /// Failed sends that were resent, by what failed them (`disconnected`, or the server's
+    /// error code): how much work the fault cost the clients and the nodes.
+    pub(super) resends: std::collections::BTreeMap<String, u64>,
 }
 
 impl Probes {
@@ -162,7 +165,14 @@ impl Probers {
                                 }
                                 Err(crate::client::ClientError::Closed) => return client,
                                 Err(_) if stop.is_cancelled() => return client,
-                                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await, // resend pace
+                                Err(e) => {
+                                    let kind = match &e {
+                                        crate::client::ClientError::Server { code, .. } => code.as_str().to_owned(),
+                                        other => other.to_string(),
+                                    };
+                                    *probes.lock().expect("probes lock").resends.entry(kind).or_default() += 1;
+                                    tokio::time::sleep(Duration::from_millis(20)).await // resend pace
+                                }
                             }
                         }
                         tokio::select! {

@@ -223,14 +223,6 @@ impl Gateway {
                 return remote.request(session, &peer, op).await;
             }
         }
-        // A room of the peer while this node fences the peer's rooms: wait for the takeover
-        // rather than read first who hosts the room (the peer, until the fence commits; every
-        // client of the peer resumes here at that moment).
-        if remote.taking_over()
-            && let Some(peer) = self.settings.peer().filter(|p| p.service == op.room().service())
-        {
-            remote.await_takeover(&NodeId(peer.id.clone())).await;
-        }
         // Kept for a second try, except a post: its room must be joined first, here or (above)
         // on the host, so it never learns of the host from its own failure.
         let again = (!matches!(op, RoomOp::Send { .. })).then(|| op.clone());
@@ -271,9 +263,11 @@ impl Gateway {
         }
     }
 
-    /// Serve `op` on this node, never forwarding it: the node link's requests from the peer
-    /// come here (a room that moved meanwhile gets its `hosted_by` failure, not a loop).
+    /// Serve `op` on this node, never forwarding it: the node link's requests from other nodes
+    /// come here (a room that moved meanwhile gets its `hosted_by` failure, not a loop). A
+    /// room of the peer waits first while this node is taking the peer's rooms over.
     pub async fn serve(&self, session: &Arc<Session>, op: RoomOp) -> Outcome<Reply> {
+        self.await_peer_takeover(op.room()).await;
         match op {
             RoomOp::Create { room, patch } => self.create_here(session, &room, &patch).await.map(|()| Reply::Done),
             RoomOp::Join(join) => self.join_here(session, join).await.map(|()| Reply::Done),
@@ -289,6 +283,20 @@ impl Gateway {
             RoomOp::Destroy { room, reason } => self.destroy_here(session, &room, reason).await.map(|()| Reply::Done),
             RoomOp::Archive { room, query } => self.archive_here(session, &room, query).await.map(Reply::Archive),
             RoomOp::AdminView { room } => self.admin_view_here(session, &room).await.map(Reply::AdminView),
+        }
+    }
+
+    /// A room of the peer while this node fences the peer's rooms: wait for the takeover
+    /// rather than read who hosts the room (the peer, until the fence commits). Every client of
+    /// the peer resumes here at that moment, and every other group's node following the peer's
+    /// rooms sends their joins here: answered "hosted by the peer", each would be retried
+    /// until the fence commits, and each try reads the store the fence is writing.
+    async fn await_peer_takeover(&self, room: &RoomAddr) {
+        let Some(remote) = self.forwarder() else { return };
+        if remote.taking_over()
+            && let Some(peer) = self.settings.peer().filter(|p| p.service == room.service())
+        {
+            remote.await_takeover(&NodeId(peer.id.clone())).await;
         }
     }
 

@@ -438,6 +438,49 @@ pub async fn a_partition_between_groups_waits_then_fails_clearly(db: &TestDb) {
     reader.close().await;
 }
 
+/// A takeover whose fence is slow (another transaction holds the failed node's room rows):
+/// the backup lists the failed node's rooms as soon as it starts taking over, so other groups'
+/// nodes send it their sessions' follow joins at once. They must wait there for the fence, not
+/// be answered "hosted by the dead node" and sent again every 50 ms, each try reading the
+/// store the fence is writing (which slowed the cluster bench's failover by about half a
+/// second). Pair g1 (1a, 1b) on PostgreSQL, single node 2a on SQLite; Carol on 2a in 1a's room.
+pub async fn followers_wait_for_a_slow_fence_instead_of_retrying(db: &TestDb) {
+    use sqlx::Connection as _;
+    let groups = [("g1", true, Backend::Postgres), ("g2", false, Backend::Sqlite)];
+    let mut cluster = Cluster::configure(db, &groups, &[("1a", 0), ("1b", 0), ("2a", 1)], &[]).await;
+    cluster.start_all().await;
+    let room = "slow@conference-1a.localhost";
+    let (owner, _) = Client::connect(&cluster.url("1a"), Login::guest("owner")).await.expect("owner connects");
+    owner.create(room, Default::default()).await.expect("room created");
+    owner.close().await;
+    let (carol, _) = Client::connect(&cluster.url("2a"), Login::guest("carol")).await.expect("carol connects");
+    carol.join(room, "carol", None, None).await.expect("carol joins 1a's room from 2a");
+    carol.send(room, "before", stoa::client::new_cid()).await.expect("acked before the fault");
+
+    // The fence (`UPDATE rooms … WHERE host_node = '1a'`) waits for this lock, up to its own
+    // 2 s lock timeout.
+    let mut lock = sqlx::PgConnection::connect(&cluster.groups[0].db.url).await.expect("a connection of the test's own");
+    sqlx::raw_sql("BEGIN; SELECT 1 FROM rooms WHERE host_node = '1a' FOR UPDATE").execute(&mut lock).await.expect("locking 1a's rooms");
+    cluster.kill("1a");
+    cluster.await_state("1b", "1b", "taking_over").await;
+    let held = tokio::spawn(carol.send_nowait(room, "during the fence", stoa::client::new_cid()).await.expect("queued"));
+    tokio::time::sleep(Duration::from_millis(1000)).await; // the fence waits; so must 2a's follow join
+    assert!(!held.is_finished(), "nothing is acked in 1a's room before the fence commits");
+    sqlx::raw_sql("ROLLBACK").execute(&mut lock).await.expect("releasing 1a's rooms");
+    cluster.await_state("1b", "1b", "running_in_backup_mode").await;
+    let ack = tokio::time::timeout(DEADLINE, held).await.expect("the post is acked after the takeover").expect("task").expect("acked");
+    assert!(ack.seq > 0);
+    carol.send(room, "after", stoa::client::new_cid()).await.expect("acked on 1b, same connection");
+    carol.close().await;
+
+    let metrics = cluster.call("2a", "GET", "/metrics").await.body;
+    let value = |name: &str| {
+        metrics.lines().find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' '))).map_or(0.0, |v| v.trim().parse::<f64>().expect("a number"))
+    };
+    assert_eq!(value("stoa_forwarded_rooms_followed_total"), 1.0, "2a followed Carol's room to 1b:\n{metrics}");
+    assert_eq!(value("stoa_forwarded_follow_retries_total"), 0.0, "2a's follow join waited on 1b for the fence, never sent again");
+}
+
 /// Two clusters with their own configs, peered with a secret of their own: cluster A is a
 /// PostgreSQL pair (1a, 1b), cluster B a single SQLite node (9a). B's users join and post in a
 /// room of A through their own node (and appear there as `user@cluster-b`); kill -9 of A's
