@@ -67,7 +67,9 @@ fn describe_metrics() {
     describe_histogram!("stoa_commit_seconds", "group-commit transaction latency");
     describe_counter!("stoa_commit_failures_total", "group commits that failed (senders got unavailable)");
     describe_counter!("stoa_errors_total", "error answers sent, by protocol code");
-    describe_counter!("stoa_forwarded_requests_total", "room operations sent to the peer, which hosts their rooms");
+    describe_counter!("stoa_forwarded_requests_total", "room operations sent to another node (the peer, or another group's) that hosts their rooms");
+    describe_counter!("stoa_forwarded_rooms_followed_total", "rooms of another group followed to its new host after a takeover or fallback there");
+    describe_counter!("stoa_forwarded_follow_retries_total", "follow joins sent again because the room's group answered unavailable");
     describe_gauge!("stoa_xmpp_parked_sessions", "XMPP sessions waiting to be resumed (XEP-0198)");
     describe_counter!("stoa_xmpp_resumptions_total", "XMPP sessions resumed (XEP-0198)");
     describe_gauge!("stoa_xmpp_component_up", "1 while the XMPP component link for the domain is up");
