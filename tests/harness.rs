@@ -15,7 +15,7 @@ mod client;
 mod db;
 mod node;
 
-pub use admin::{await_admin, http_get};
+pub use admin::{await_admin, counter, http_get};
 pub use assert::{assert_contiguous, assert_error, assert_room_works, seqs};
 pub use client::{Client, is_message};
 pub use db::{Backend, TestDb};

@@ -178,7 +178,7 @@ fn print_status(topology: &serde_json::Value) {
         }
     }
     if topology["store_busy"] == true {
-        println!("(store busy: no answer within 250 ms; the states are live, rooms and leases left out)");
+        println!("(store busy: it did not answer in time; the states are live, rooms and leases left out)");
     }
     for peering in topology["peering"].as_array().cloned().unwrap_or_default() {
         println!("peering cluster {}", peering["name"].as_str().unwrap_or("?"));

@@ -9,7 +9,7 @@
 use super::failover::{Traffic, check_histories};
 use super::xmpp::XmppClient;
 use serde_json::json;
-use crate::harness::{Backend, DEADLINE, NodeProcess, TestDb, await_admin, free_port};
+use crate::harness::{Backend, DEADLINE, NodeProcess, TestDb, await_admin, counter, free_port};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 use stoa::client::{Client, Login};
@@ -473,12 +473,9 @@ pub async fn followers_wait_for_a_slow_fence_instead_of_retrying(db: &TestDb) {
     carol.send(room, "after", stoa::client::new_cid()).await.expect("acked on 1b, same connection");
     carol.close().await;
 
-    let metrics = cluster.call("2a", "GET", "/metrics").await.body;
-    let value = |name: &str| {
-        metrics.lines().find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' '))).map_or(0.0, |v| v.trim().parse::<f64>().expect("a number"))
-    };
-    assert_eq!(value("stoa_forwarded_rooms_followed_total"), 1.0, "2a followed Carol's room to 1b:\n{metrics}");
-    assert_eq!(value("stoa_forwarded_follow_retries_total"), 0.0, "2a's follow join waited on 1b for the fence, never sent again");
+    let admin_2a = cluster.admin("2a").parse().expect("admin address");
+    assert_eq!(counter(admin_2a, "stoa_forwarded_rooms_followed_total").await, 1.0, "2a followed Carol's room to 1b");
+    assert_eq!(counter(admin_2a, "stoa_forwarded_follow_retries_total").await, 0.0, "2a's follow join waited on 1b for the fence, never sent again");
 }
 
 /// Two clusters with their own configs, peered with a secret of their own: cluster A is a
@@ -664,9 +661,8 @@ pub async fn users_log_in_on_their_home_node(db: &TestDb) {
     assert_eq!(served_by(&cluster, "1b", ann()).await, "1b", "ann's login at 1b after 1a died");
 
     // The re-login storm on 2a (5 logins/s): 30 at once.
-    let metric = |text: &str| text.lines().find(|l| l.starts_with("stoa_logins_refused_total")).and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).unwrap_or(0.0);
     let admin_2a = cluster.admin("2a").parse().expect("admin address");
-    let refused_before = metric(&crate::harness::http_get(admin_2a, "/metrics", None).await.1);
+    let refused_before = counter(admin_2a, "stoa_logins_refused_total").await;
     let storm = Instant::now();
     let url_2a = cluster.url("2a");
     let logins: Vec<_> = (0..30)
@@ -681,7 +677,7 @@ pub async fn users_log_in_on_their_home_node(db: &TestDb) {
         client.close().await;
     }
     let took = storm.elapsed();
-    let refused = metric(&crate::harness::http_get(admin_2a, "/metrics", None).await.1) - refused_before;
+    let refused = counter(admin_2a, "stoa_logins_refused_total").await - refused_before;
     eprintln!("30 logins at once at 5/s on 2a: all in after {} ms, {refused} refusals (rate_limited) on the way", took.as_millis());
     assert!(refused >= 25.0, "25 logins over the first second's budget are refused at least once: {refused}");
     assert!(took >= Duration::from_millis(4000) && took < Duration::from_secs(15), "30 logins at 5/s with 5 at once take about 5 s: {took:?}");

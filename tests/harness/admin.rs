@@ -1,5 +1,6 @@
 //! The admin API from tests, through the same client `stoa admin` uses (`stoa::admin_client`):
-//! one GET ([`http_get`]) and polling an endpoint until a state shows ([`await_admin`]).
+//! one GET ([`http_get`]), a counter of `/metrics` ([`counter`]) and polling an endpoint until
+//! a state shows ([`await_admin`]).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -16,6 +17,15 @@ pub async fn http_get(addr: SocketAddr, path: &str, bearer: Option<&str>) -> (u1
         .await
         .unwrap_or_else(|e| panic!("GET {path} on {addr}: {e:#}"));
     (answer.status, answer.body)
+}
+
+/// Counter `name` (unlabelled) on the node's `/metrics`: 0 before its first increment, when the
+/// exporter does not list it yet.
+pub async fn counter(addr: SocketAddr, name: &str) -> f64 {
+    let (_, text) = http_get(addr, "/metrics", None).await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// Poll an admin JSON endpoint until `pred` holds, or fail after [`DEADLINE`].
