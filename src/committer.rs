@@ -8,6 +8,10 @@
 //! optional `max_batch_delay_us` gather), with up to `max_in_flight` transactions at once (one on
 //! SQLite, where the committer waits for it in its own loop rather than in a task of its own).
 //! Each request's answer is sent only after its transaction committed.
+//!
+//! On SQLite in a file the committer runs on the store's commit thread
+//! ([`Store::commit_runtime`]), beside the transactions it sends; elsewhere on the runtime that
+//! starts it (the node's I/O runtime).
 
 use crate::ids::RoomId;
 use crate::config::CommitterSettings;
@@ -56,7 +60,8 @@ pub struct Committer {
 }
 
 impl Committer {
-    /// Start the committer task on the current tokio runtime.
+    /// Start the committer task: on the store's commit runtime if it has one, otherwise on the
+    /// current tokio runtime.
     /// Transactions start only while `gate` is open (always, for a node without a peer).
     pub fn start(
         store: Store,
@@ -66,21 +71,24 @@ impl Committer {
     ) -> (Committer, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let in_flight = if store.kind() == StoreKind::Sqlite { 1 } else { settings.max_in_flight };
-        let task = tokio::spawn(
-            Batcher {
-                store,
-                gate,
-                jobs: rx,
-                max_rows: settings.max_batch_rows,
-                max_delay: Duration::from_micros(settings.max_batch_delay_us),
-                permits: Arc::new(Semaphore::new(in_flight)),
-                in_flight,
-                busy: Arc::default(),
-                deferred: VecDeque::new(),
-                deferred_rooms: HashMap::new(),
-            }
-            .run(shutdown),
-        );
+        let runtime = store.commit_runtime();
+        let batcher = Batcher {
+            store,
+            gate,
+            jobs: rx,
+            max_rows: settings.max_batch_rows,
+            max_delay: Duration::from_micros(settings.max_batch_delay_us),
+            permits: Arc::new(Semaphore::new(in_flight)),
+            in_flight,
+            busy: Arc::default(),
+            deferred: VecDeque::new(),
+            deferred_rooms: HashMap::new(),
+        }
+        .run(shutdown);
+        let task = match runtime {
+            Some(runtime) => runtime.spawn(batcher),
+            None => tokio::spawn(batcher),
+        };
         (Committer { jobs: tx }, task)
     }
 

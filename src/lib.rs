@@ -63,7 +63,8 @@
 //!   `moderation`, `stopping` (passivation, hand-off, fencing), `plugin` (hooks), `pipeline`
 //!   (appends in flight), `cids` (the `(sender, cid)` pairs pending and last committed, as
 //!   keyed hashes), `state` (pure rules).
-//! - [`committer`]: the group committer: many rooms' appends per transaction, answers after commit.
+//! - [`committer`]: the group committer: many rooms' appends per transaction, answers after commit
+//!   (on SQLite it runs on the store's commit thread, `Store::commit_runtime`).
 //! - [`store`]: every SQL statement of the node: SeaORM entities, migrations under a lock, and by
 //!   what is stored: `rooms`, `log` (the fenced group-commit append, on SQLite on a commit thread
 //!   of its own whose WAL writes a VFS shim gathers into one call per commit; reads, archive),

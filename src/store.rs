@@ -343,6 +343,12 @@ impl Store {
         &self.url
     }
 
+    /// Where the group committer should run: on SQLite in a file, the commit thread's runtime,
+    /// where its transactions run (`store/log/sqlite.rs`); elsewhere, any runtime (`None`).
+    pub fn commit_runtime(&self) -> Option<tokio::runtime::Handle> {
+        self.sqlite_writer.as_ref().map(|writer| writer.runtime().clone())
+    }
+
     /// Which backend this store runs on.
     pub fn kind(&self) -> StoreKind {
         self.kind

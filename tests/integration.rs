@@ -133,6 +133,7 @@ on_every_backend! {
     ha::an_ha_node_records_its_states_and_holds_its_lease,
     log::acked_messages_survive_kill_and_restart,
     log::seq_is_contiguous_under_concurrent_senders,
+    log::seq_is_contiguous_with_a_committer_gather,
     log::resends_are_deduplicated_by_cid,
     log::one_cid_from_two_senders_in_one_commit_is_two_messages,
     log::nothing_is_acked_when_the_commit_fails,

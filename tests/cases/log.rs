@@ -141,10 +141,22 @@ pub async fn acked_messages_survive_kill_and_restart(db: &TestDb) {
 /// repeats, every occupant sees all 400 messages in seq order with no gap, and the store's
 /// history agrees with what was acked and delivered.
 pub async fn seq_is_contiguous_under_concurrent_senders(db: &TestDb) {
+    seq_is_contiguous_with(db, db.settings("n1")).await;
+}
+
+/// The same with the committer gathering each batch for 2 ms: the gather waits on a timer of
+/// the runtime the committer runs on (on SQLite the commit thread's, which must have one).
+pub async fn seq_is_contiguous_with_a_committer_gather(db: &TestDb) {
+    let mut settings = db.settings("n1");
+    settings.committer.max_batch_delay_us = 2_000;
+    seq_is_contiguous_with(db, settings).await;
+}
+
+async fn seq_is_contiguous_with(db: &TestDb, settings: stoa::config::Settings) {
     const SENDERS: usize = 8;
     const EACH: usize = 50;
     const TOTAL: u64 = (SENDERS * EACH) as u64;
-    let node = TestNode::start(db.settings("n1")).await;
+    let node = TestNode::start(settings).await;
     let r = room("busy");
     let mut watcher = node.client("watcher").await;
     watcher.create(&r, json!({})).await;

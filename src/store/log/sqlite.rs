@@ -15,13 +15,20 @@
 //! room did not remember) fails the attempt, which is redone looking every cid up first.
 //! SQLite has one writer: this connection takes the write lock at `BEGIN IMMEDIATE`, waiting
 //! for the store's other connections (room creation, sessions) up to the busy timeout.
+//!
+//! The thread runs a tokio runtime of one thread ([`SqliteWriter::runtime`]) whose one task of
+//! its own serves the jobs, a transaction at a time, on the thread itself. The group committer
+//! runs on that runtime too (`committer::Committer::start`), so a batch goes from the committer
+//! to its transaction and the answers back to the rooms without waking another thread: on the
+//! I/O runtime it cost two more thread wake-ups per commit (the committer woke this thread,
+//! and this thread woke the committer).
 
 mod wal_writes;
 
 use super::*;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use std::path::Path;
-use std::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 /// WAL pages after which a commit of this connection copies the WAL back into the database
 /// (SQLite's default is 1,000). A checkpoint copies each page once however often it changed
@@ -35,15 +42,16 @@ const WAL_AUTOCHECKPOINT_PAGES: u32 = 10_000;
 type Answer = Result<Vec<Result<Appended, AppendError>>, StoreError>;
 
 enum Job {
-    Append { requests: Arc<[AppendRequest]>, reply: tokio::sync::oneshot::Sender<Answer> },
-    /// Close the connection, answer, and end the thread.
-    Close(tokio::sync::oneshot::Sender<()>),
+    Append { requests: Arc<[AppendRequest]>, reply: oneshot::Sender<Answer> },
+    /// Close the connection, answer, and end the thread (and the tasks left on its runtime).
+    Close(oneshot::Sender<()>),
 }
 
 /// The writer thread's handle; the thread ends when the last handle is dropped, or at
 /// [`SqliteWriter::close`].
 pub(in crate::store) struct SqliteWriter {
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::UnboundedSender<Job>,
+    runtime: tokio::runtime::Handle,
 }
 
 impl SqliteWriter {
@@ -62,31 +70,46 @@ impl SqliteWriter {
         conn.execute_batch(&format!(
             "PRAGMA synchronous = {synchronous}; PRAGMA foreign_keys = ON; PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES};"
         ))?;
-        let (tx, rx) = mpsc::channel::<Job>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
+        // Time for the committer's optional gather; no I/O driver: nothing here waits on a socket.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(|e| StoreError::Lock(format!("starting the SQLite commit thread's runtime: {e}")))?;
+        let handle = runtime.handle().clone();
         std::thread::Builder::new()
             .name("stoa-sqlite-commit".into())
             .spawn(move || {
                 let mut conn = conn;
-                while let Ok(job) = rx.recv() {
-                    match job {
-                        Job::Append { requests, reply } => {
-                            let _ = reply.send(append(&mut conn, &requests));
-                        }
-                        Job::Close(done) => {
-                            drop(conn);
-                            let _ = done.send(());
-                            return;
+                runtime.block_on(async move {
+                    // Each job runs to its end before the next task on this thread runs.
+                    while let Some(job) = rx.recv().await {
+                        match job {
+                            Job::Append { requests, reply } => {
+                                let _ = reply.send(append(&mut conn, &requests));
+                            }
+                            Job::Close(done) => {
+                                drop(conn);
+                                let _ = done.send(());
+                                return;
+                            }
                         }
                     }
-                }
+                });
             })
             .map_err(|e| StoreError::Lock(format!("starting the SQLite commit thread: {e}")))?;
-        Ok(SqliteWriter { jobs: tx })
+        Ok(SqliteWriter { jobs: tx, runtime: handle })
+    }
+
+    /// The runtime on the commit thread: a task spawned here that appends (the group committer)
+    /// hands each batch over and gets its answer on the same thread.
+    pub(in crate::store) fn runtime(&self) -> &tokio::runtime::Handle {
+        &self.runtime
     }
 
     /// Commit `requests` as one transaction on the writer thread.
     pub(in crate::store) async fn append_batch(&self, requests: Arc<[AppendRequest]>) -> Answer {
-        let (reply, answer) = tokio::sync::oneshot::channel();
+        let (reply, answer) = oneshot::channel();
         if self.jobs.send(Job::Append { requests, reply }).is_err() {
             return Err(StoreError::Closed);
         }
@@ -96,7 +119,7 @@ impl SqliteWriter {
     /// Close the connection (the file is no longer open here once this returns) and end the
     /// thread; appends after it fail.
     pub(in crate::store) async fn close(&self) {
-        let (done, closed) = tokio::sync::oneshot::channel();
+        let (done, closed) = oneshot::channel();
         if self.jobs.send(Job::Close(done)).is_ok() {
             let _ = closed.await;
         }
