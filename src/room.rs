@@ -190,6 +190,8 @@ pub struct Room {
     /// answered, then reload `last_seq` from the store (`resync`).
     needs_resync: bool,
     resyncing: bool,
+    /// A flush is scheduled for when the room has handled what is ready now (`flush_soon`).
+    flush_scheduled: bool,
     /// The last committed messages, newest last; `None` until first needed.
     recent: Option<VecDeque<Recent>>,
     /// The `(sender, cid)` pairs pending and the last committed ones: resends.
@@ -253,6 +255,7 @@ impl Room {
             requeued: 0,
             needs_resync: false,
             resyncing: false,
+            flush_scheduled: false,
             recent: None,
             cids: Default::default(),
             occupants: HashMap::new(),

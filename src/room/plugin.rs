@@ -164,7 +164,7 @@ impl Room {
     pub(super) fn enqueue_post(&mut self, post: PendingPost, bot: bool, ctx: &mut Context<Self>) {
         if self.hooks.pending.is_empty() && (bot || self.hooks.chain.is_empty()) {
             self.queue.push_back(post);
-            self.flush(ctx);
+            self.flush_soon(ctx);
             return;
         }
         let ticket = self.hooks.next_ticket;
@@ -207,7 +207,7 @@ impl Room {
             moved = true;
         }
         if moved {
-            self.flush(ctx);
+            self.flush_soon(ctx);
         }
     }
 

@@ -53,6 +53,20 @@ impl Room {
         message.id = crate::ids::message_id(self.clock);
     }
 
+    /// [`Room::flush`] once the room has handled the messages and plugin decisions ready now,
+    /// so that posts arriving together go to the committer as one append. Flushing at each
+    /// post made the first post after an answer an append of its own whenever a pipeline slot
+    /// was free, and the posts behind it waited for the next slot.
+    pub(super) fn flush_soon(&mut self, ctx: &mut Context<Self>) {
+        if !self.flush_scheduled {
+            self.flush_scheduled = true;
+            ctx.spawn(actix::fut::ready(()).map(|(), room: &mut Room, ctx| {
+                room.flush_scheduled = false;
+                room.flush(ctx);
+            }));
+        }
+    }
+
     /// Hand queued posts to the committer, up to [`PIPELINE_DEPTH`] appends in flight. Each
     /// append assumes the previous ones will commit in full (`next_base`); the store checks
     /// that assumption (`last_seq = base_seq`), so a wrong guess comes back as `Stale`.
