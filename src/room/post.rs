@@ -53,7 +53,7 @@ impl Room {
         message.id = crate::ids::message_id(self.clock);
     }
 
-    /// [`Room::flush`] once the room has handled the messages and plugin decisions ready now,
+    /// Run [`Room::flush`] once the room has handled the messages and plugin decisions ready now,
     /// so that posts arriving together go to the committer as one append. Flushing at each
     /// post made the first post after an answer an append of its own whenever a pipeline slot
     /// was free, and the posts behind it waited for the next slot.
