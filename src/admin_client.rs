@@ -56,6 +56,12 @@ impl Answer {
     }
 }
 
+/// The value of unlabelled metric `name` in the text of a node's `/metrics`: 0 when it is not
+/// listed (the exporter lists a counter from its first increment).
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
+}
+
 /// Send `method path` to the admin API at `addr` (`host:port`, plain HTTP), waiting at most
 /// `timeout`.
 pub async fn request(addr: &str, method: &str, path: &str, token: Option<&str>, timeout: Duration) -> anyhow::Result<Answer> {

@@ -184,7 +184,7 @@ impl Cluster {
                 continue;
             }
             let Ok(a) = crate::admin_client::request(&spec.admin.to_string(), "GET", "/metrics", None, Duration::from_secs(2)).await else { continue };
-            sum += a.body.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<u64>().ok()).unwrap_or(0);
+            sum += crate::admin_client::metric(&a.body, name) as u64;
         }
         sum
     }

@@ -22,10 +22,7 @@ pub async fn http_get(addr: SocketAddr, path: &str, bearer: Option<&str>) -> (u1
 /// Counter `name` (unlabelled) on the node's `/metrics`: 0 before its first increment, when the
 /// exporter does not list it yet.
 pub async fn counter(addr: SocketAddr, name: &str) -> f64 {
-    let (_, text) = http_get(addr, "/metrics", None).await;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or(0.0)
+    stoa::admin_client::metric(&http_get(addr, "/metrics", None).await.1, name)
 }
 
 /// Poll an admin JSON endpoint until `pred` holds, or fail after [`DEADLINE`].
