@@ -62,7 +62,7 @@
 //!   per part: `post` (the write path, a post to its ack), `occupants` (joins, leaves, replay),
 //!   `moderation`, `stopping` (passivation, hand-off, fencing), `plugin` (hooks), `pipeline`
 //!   (appends in flight), `cids` (the `(sender, cid)` pairs pending and last committed, as
-//!   keyed hashes), `state` (pure rules).
+//!   keyed hashes; made at a room's first post), `state` (pure rules).
 //! - [`committer`]: the group committer: many rooms' appends per transaction, answers after commit
 //!   (on SQLite it runs on the store's commit thread, `Store::commit_runtime`).
 //! - [`store`]: every SQL statement of the node: SeaORM entities, migrations under a lock, and by

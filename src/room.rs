@@ -194,8 +194,10 @@ pub struct Room {
     flush_scheduled: bool,
     /// The last committed messages, newest last; `None` until first needed.
     recent: Option<VecDeque<Recent>>,
-    /// The `(sender, cid)` pairs pending and the last committed ones: resends.
-    cids: cids::Cids,
+    /// The `(sender, cid)` pairs pending and the last committed ones: resends. Made at the
+    /// room's first post ([`Room::cids`]): a room that is only joined does without it, which
+    /// keeps its task in a smaller allocation (the test at the end of this file).
+    cids: Option<Box<cids::Cids>>,
     /// Connected occupants' sessions by session id (their nicks are in `state.occupants`).
     occupants: HashMap<SessionId, Arc<dyn Occupant>>,
     passivating: bool,
@@ -203,7 +205,7 @@ pub struct Room {
     home: crate::ids::NodeId,
     /// Set by [`HandOff`]: take no new posts, finish the appends in flight, then tell the
     /// occupants `moved` and stop.
-    handoff: Option<(String, tokio::sync::oneshot::Sender<bool>)>,
+    handoff: Option<Box<(String, tokio::sync::oneshot::Sender<bool>)>>,
     activity: Activity,
     /// Plugins of this room and the posts waiting for their decisions.
     hooks: plugin::RoomHooks,
@@ -257,7 +259,7 @@ impl Room {
             resyncing: false,
             flush_scheduled: false,
             recent: None,
-            cids: Default::default(),
+            cids: None,
             occupants: HashMap::new(),
             passivating: false,
             home: row.home_node,
@@ -272,6 +274,11 @@ impl Room {
     /// Record traffic (keeps the room from passivating).
     fn touch(&self) {
         self.activity.store(crate::clock::monotonic_ms(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The room's memory of `(sender, cid)` pairs, made at first use.
+    fn cids(&mut self) -> &mut cids::Cids {
+        self.cids.get_or_insert_with(Default::default)
     }
 
     fn check_alive(&self) -> Result<(), RoomError> {
@@ -358,5 +365,21 @@ impl Handler<Inspect> for Room {
             queued: self.queue.len() + self.hooks.len() + self.in_flight.iter().map(Vec::len).sum::<usize>(),
             config: self.state.config.public_view(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A loaded room is one tokio task holding its actix context future, which holds the
+    /// `Room`. The task adds its header and trailer (about 100 bytes) and is aligned to 128
+    /// bytes, so jemalloc serves it from its 1,024-byte class only while the future stays small:
+    /// at 1,056 bytes it took the 1,280-byte class, and an idle room measured 2,094–2,102
+    /// bytes, over issue 13's 2 KiB; at 904 bytes (the cid memory made at the first post),
+    /// 1,783–1,873 (docs/benchmarks.md, "An idle room's task"). A field that grows
+    /// it past what was measured to fit should find room elsewhere (a box made when needed).
+    #[test]
+    fn a_room_task_fits_the_allocation_class_measured() {
+        let size = std::mem::size_of::<actix::dev::ContextFut<super::Room, actix::Context<super::Room>>>();
+        assert!(size <= 904, "a room's context future is {size} bytes; 904 was measured to fit 1,024-byte tasks");
     }
 }

@@ -10,18 +10,20 @@
 //! under the churn test). So every append carries a ticket, an answer that arrives early waits
 //! here, and answers come out strictly oldest first.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 /// Appends in flight (`P`: what the room keeps per append) and early answers (`R`).
 pub(super) struct Pipeline<P, R> {
     in_flight: VecDeque<(u64, P)>,
-    early: HashMap<u64, R>,
+    /// Answers that came before an older append's, with their tickets: at most one fewer than
+    /// the appends in flight, so a short list rather than a map (every loaded room holds one).
+    early: Vec<(u64, R)>,
     next_ticket: u64,
 }
 
 impl<P, R> Default for Pipeline<P, R> {
     fn default() -> Self {
-        Pipeline { in_flight: VecDeque::new(), early: HashMap::new(), next_ticket: 0 }
+        Pipeline { in_flight: VecDeque::new(), early: Vec::new(), next_ticket: 0 }
     }
 }
 
@@ -42,14 +44,15 @@ impl<P, R> Pipeline<P, R> {
         if !self.in_flight.iter().any(|(t, _)| *t == ticket) {
             return None;
         }
-        self.early.insert(ticket, answer);
+        self.early.push((ticket, answer));
         self.next_ready()
     }
 
     /// The oldest append, if its answer has arrived.
     pub(super) fn next_ready(&mut self) -> Option<(P, R)> {
         let ticket = self.in_flight.front()?.0;
-        let answer = self.early.remove(&ticket)?;
+        let at = self.early.iter().position(|(t, _)| *t == ticket)?;
+        let (_, answer) = self.early.swap_remove(at);
         let (_, append) = self.in_flight.pop_front().expect("front exists");
         Some((append, answer))
     }

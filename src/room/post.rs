@@ -115,7 +115,9 @@ impl Room {
             self.requeued = 0;
         }
         if self.in_flight.is_empty() && self.queue.is_empty() && self.hooks.len() == 0 {
-            self.cids.clear_pending();
+            if let Some(cids) = &mut self.cids {
+                cids.clear_pending();
+            }
         }
         self.flush(ctx);
     }
@@ -129,7 +131,7 @@ impl Room {
                 // ack now, but leave delivery to the resync, which shows everything in order.
                 let deliver = !self.needs_resync;
                 for (post, outcome) in posts.into_iter().zip(appended.outcomes) {
-                    self.cids.answered(post.cid);
+                    self.cids().answered(post.cid);
                     for (session, re) in &post.waiters {
                         session.answer(RoomAnswer::Ack {
                             re: re.clone(),
@@ -140,7 +142,7 @@ impl Room {
                         });
                     }
                     if deliver {
-                        self.cids.remember(post.cid, outcome.seq, outcome.created_at);
+                        self.cids().remember(post.cid, outcome.seq, outcome.created_at);
                         if !outcome.duplicate {
                             let event = self.message_event(outcome.seq, post.message, outcome.created_at);
                             self.broadcast(&event);
@@ -238,7 +240,8 @@ impl Room {
                         let event = room.stored_event(m);
                         room.broadcast(&event);
                         room.remember(m.seq, event);
-                        room.cids.remember(room.cids.key(&m.sender, &m.client_msg_id), m.seq, m.created_at);
+                        let cids = room.cids();
+                        cids.remember(cids.key(&m.sender, &m.client_msg_id), m.seq, m.created_at);
                     }
                     room.last_seq = row.last_seq;
                     room.clock = room.clock.max(row.last_ts);
@@ -294,12 +297,12 @@ impl Room {
         let user = session.user().to_owned();
         let nick = self.state.occupants.get(&session.id()).map(|o| o.nick.clone()).unwrap_or_default();
         self.touch();
-        let cid = self.cids.key(&user, &client_msg_id);
-        if let Some((seq, ts)) = self.cids.committed(cid) {
+        let cid = self.cids().key(&user, &client_msg_id);
+        if let Some((seq, ts)) = self.cids().committed(cid) {
             session.answer(RoomAnswer::Ack { re, room: self.addr.clone(), seq, ts, duplicate: true });
             return Ok(());
         }
-        if !self.cids.add_pending(cid) {
+        if !self.cids().add_pending(cid) {
             let mut pending = self.in_flight.iter_mut().flatten().chain(self.queue.iter_mut()).chain(self.hooks.posts_mut());
             if let Some(p) = pending.find(|p| p.message.sender == user && p.message.client_msg_id == client_msg_id) {
                 // A resend of a post not yet committed: answer both with the one commit.

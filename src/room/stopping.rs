@@ -43,7 +43,8 @@ impl Room {
         if !self.in_flight.is_empty() || self.resyncing || self.passivating {
             return;
         }
-        let Some((to, done)) = self.handoff.take() else { return };
+        let Some(handoff) = self.handoff.take() else { return };
+        let (to, done) = *handoff;
         self.passivating = true;
         let mut queued: Vec<PendingPost> = self.queue.drain(..).collect();
         queued.extend(self.hooks.drain_posts());
@@ -98,7 +99,7 @@ impl Handler<HandOff> for Room {
             let _ = msg.done.send(false);
             return;
         }
-        self.handoff = Some((msg.to, msg.done));
+        self.handoff = Some(Box::new((msg.to, msg.done)));
         self.flush(ctx);
     }
 }
