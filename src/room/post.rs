@@ -114,10 +114,12 @@ impl Room {
         if self.in_flight.is_empty() {
             self.requeued = 0;
         }
-        if self.in_flight.is_empty() && self.queue.is_empty() && self.hooks.len() == 0 {
-            if let Some(cids) = &mut self.cids {
-                cids.clear_pending();
-            }
+        if self.in_flight.is_empty()
+            && self.queue.is_empty()
+            && self.hooks.len() == 0
+            && let Some(cids) = &mut self.cids
+        {
+            cids.clear_pending();
         }
         self.flush(ctx);
     }
