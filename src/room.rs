@@ -371,12 +371,12 @@ impl Handler<Inspect> for Room {
 #[cfg(test)]
 mod tests {
     /// A loaded room is one tokio task holding its actix context future, which holds the
-    /// `Room`. The task adds its header and trailer (about 100 bytes) and is aligned to 128
-    /// bytes, so jemalloc serves it from its 1,024-byte class only while the future stays small:
-    /// at 1,056 bytes it took the 1,280-byte class, and an idle room measured 2,094–2,102
-    /// bytes, over issue 13's 2 KiB; at 904 bytes (the cid memory made at the first post),
-    /// 1,783–1,873 (docs/benchmarks.md, "An idle room's task"). A field that grows
-    /// it past what was measured to fit should find room elsewhere (a box made when needed).
+    /// `Room`. By tokio's source the task adds its header and trailer (about 100 bytes) and is
+    /// aligned to 128 bytes, so jemalloc serves it from its 1,024-byte class only while the
+    /// future stays small: at 1,056 bytes an idle room measured 2,094–2,102 bytes, over issue
+    /// 13's 2 KiB; at 904 bytes (the cid memory made at the first post), 1,783–1,873
+    /// (docs/benchmarks.md, "An idle room's task"). A field that grows it past what was
+    /// measured to fit should find room elsewhere (a box made when needed).
     #[test]
     fn a_room_task_fits_the_allocation_class_measured() {
         let size = std::mem::size_of::<actix::dev::ContextFut<super::Room, actix::Context<super::Room>>>();

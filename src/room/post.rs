@@ -299,12 +299,13 @@ impl Room {
         let user = session.user().to_owned();
         let nick = self.state.occupants.get(&session.id()).map(|o| o.nick.clone()).unwrap_or_default();
         self.touch();
-        let cid = self.cids().key(&user, &client_msg_id);
-        if let Some((seq, ts)) = self.cids().committed(cid) {
+        let cids = self.cids();
+        let cid = cids.key(&user, &client_msg_id);
+        if let Some((seq, ts)) = cids.committed(cid) {
             session.answer(RoomAnswer::Ack { re, room: self.addr.clone(), seq, ts, duplicate: true });
             return Ok(());
         }
-        if !self.cids().add_pending(cid) {
+        if !cids.add_pending(cid) {
             let mut pending = self.in_flight.iter_mut().flatten().chain(self.queue.iter_mut()).chain(self.hooks.posts_mut());
             if let Some(p) = pending.find(|p| p.message.sender == user && p.message.client_msg_id == client_msg_id) {
                 // A resend of a post not yet committed: answer both with the one commit.
