@@ -35,7 +35,11 @@ use tokio::sync::{mpsc, oneshot};
 /// since the last one, and a chat store rewrites the same few pages (the `rooms` rows, the
 /// newest leaves of `messages` and of its cid index) in every commit: ten times fewer
 /// checkpoints gave +19 % throughput (68,739 → 81,797 msg/s in one alternated run), at the
-/// price of a WAL file of up to about 40 MiB between checkpoints.
+/// price of a WAL file of up to about 40 MiB between checkpoints. The checkpoint runs on this
+/// thread, and the commits queued behind it wait: at 16,668 msg/s 7.7-9.2 ms about every
+/// 200 ms, most of it the database file's sync. A thread of its own for it cut that to a third
+/// but cost 7-11 % more CPU per message on two cores (docs/benchmarks.md, *Checkpoints on a
+/// thread of their own*).
 const WAL_AUTOCHECKPOINT_PAGES: u32 = 10_000;
 
 /// The answer to one batch.
