@@ -37,9 +37,9 @@ use tokio::sync::{mpsc, oneshot};
 /// checkpoints gave +19 % throughput (68,739 → 81,797 msg/s in one alternated run), at the
 /// price of a WAL file of up to about 40 MiB between checkpoints. The checkpoint runs on this
 /// thread, and the commits queued behind it wait: at 16,668 msg/s 7.7-9.2 ms about every
-/// 200 ms, most of it the database file's sync. A thread of its own for it cut that to a third
-/// but cost 7-11 % more CPU per message on two cores (docs/benchmarks.md, *Checkpoints on a
-/// thread of their own*).
+/// 200 ms, the database file's sync 5.0-8.4 ms of it. A thread of its own for it cut the wait
+/// to a third, but it copied about twice the pages, and the CPU per message rose 7 % and 11 %
+/// in the medians on two cores (docs/benchmarks.md, *Checkpoints on a thread of their own*).
 const WAL_AUTOCHECKPOINT_PAGES: u32 = 10_000;
 
 /// The answer to one batch.
