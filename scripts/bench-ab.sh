@@ -5,8 +5,10 @@
 # (`latency-postgres`), latency at half the saturation that the same run probes first
 # (`halfsat-sqlite`), a pair's failover of 10,000 rooms with
 # 1,000 clients on PostgreSQL (`failover-postgres`) and the cluster's forwarding overhead
-# (`cluster`: seven nodes, one overhead round of DURATION; DURATION does not apply to
-# `failover-postgres`, whose run is as long as its failover and fallback take). One load generator ($BENCH, `stoa bench`) drives both; only
+# (`cluster`: seven nodes, one overhead round of DURATION), and the cluster's failover of pair
+# 2's 10,000 rooms under the load of three pairs (`cluster-failover`: p50 and max; DURATION does
+# not apply to it or to `failover-postgres`, whose run is as long as its failover and fallback
+# take). One load generator ($BENCH, `stoa bench`) drives both; only
 # the spawned server differs (`--server-bin`). Prints every run, then per figure the medians of
 # A and B and the median of the pair ratios (B over A).
 #
@@ -46,6 +48,7 @@ run() {
     latency-postgres) db="stoa_ab_$(date +%s%N)"; args=(latency --store "$PGURL/$db" --total-rate 8000 --duration "$DURATION") ;;
     failover-postgres) db="stoa_ab_$(date +%s%N)"; args=(failover --store "$PGURL/$db" --rooms 10000 --clients 1000 --cycles 1) ;;
     cluster) args=(cluster --failover-rooms 0 --rounds 1 --duration "$DURATION") ;;
+    cluster-failover) args=(cluster --rounds 1 --duration 2s) ;;
     *) echo "unknown mode $mode" >&2; exit 1 ;;
   esac
   [[ -n "$db" ]] && createdb -h 127.0.0.1 -U postgres "$db"
@@ -55,7 +58,7 @@ run() {
   python3 - "$mode" "$OUT/run.json" <<'PY'
 import json, sys
 mode, d = sys.argv[1], json.load(open(sys.argv[2]))
-if mode == "failover-postgres":
+if mode in ("failover-postgres", "cluster-failover"):
     head, second = d["failover_ms_p50"], d["failover_ms_max"]
     detail = f"max {second} ms, detect {d['detect_ms']} ms, {d['acked']} acked, {d['acked_lost']} lost, {d['duplicates']} dup"
 elif mode == "cluster":
@@ -71,8 +74,8 @@ print(head, second, detail)
 PY
 }
 
-declare -A unit=([throughput-sqlite]="msg/s" [throughput-postgres]="msg/s" [fanout-sqlite]="deliveries/s" [latency-sqlite]="ms p99" [halfsat-sqlite]="ms p99" [latency-postgres]="ms p99" [failover-postgres]="ms p50" [cluster]="forwarded/local CPU")
-declare -A second=([failover-postgres]="failover max" [cluster]="forwarded e2e p99")
+declare -A unit=([throughput-sqlite]="msg/s" [throughput-postgres]="msg/s" [fanout-sqlite]="deliveries/s" [latency-sqlite]="ms p99" [halfsat-sqlite]="ms p99" [latency-postgres]="ms p99" [failover-postgres]="ms p50" [cluster-failover]="ms p50" [cluster]="forwarded/local CPU")
+declare -A second=([failover-postgres]="failover max" [cluster-failover]="failover max" [cluster]="forwarded e2e p99")
 for mode in $MODES; do
   echo "== $mode ($DURATION each, $PAIRS pairs, A=$A B=$B)"
   figs_a=(); figs_b=(); sec_a=(); sec_b=()

@@ -150,6 +150,8 @@ struct PendingPost {
     /// `message`'s `(sender, cid)` in [`cids::Cids`].
     cid: cids::CidKey,
     waiters: Vec<(Arc<dyn Occupant>, RequestId)>,
+    /// Sent by a resumed session (`OccupantState::resumed`): possibly stored already.
+    maybe_resent: bool,
 }
 
 /// A committed message as this room caches it: the event, with the encodings made so far.

@@ -121,6 +121,7 @@ on_postgres! {
     operations::admin_views_answer_while_the_store_is_busy,
     failover::admin_status_tells_a_dead_node_from_a_normal_one,
     tls::ha_pair_node_link_runs_over_tls,
+    log::a_resumed_sessions_resends_take_no_redo,
 }
 
 on_every_backend! {

@@ -515,8 +515,12 @@ async fn run(args: &ClusterArgs, target_args: &TargetArgs, shape: &Shape, dir: &
     let rooms = Arc::new(rooms);
     let probers = Probers::start(&urls, rooms.clone(), args.probe_interval).await?;
     let probes = probers.probes.clone();
+    eprintln!("cluster: {clients_n} probers connected; kill -9 of 2a in {} ms", args.settle.as_millis());
     let phase = async {
         tokio::time::sleep(args.settle).await;
+        // A line at the kill: a profiler or a log reader started from the bench's output
+        // needs the moment (it follows the probers' connection and the settle).
+        eprintln!("cluster: kill -9 of 2a now");
         let t0 = Instant::now();
         {
             let mut p = probes.lock().expect("probes lock");

@@ -48,7 +48,8 @@ impl Room {
         })
     }
 
-    fn admit(&mut self, session: Arc<dyn Occupant>, nick: String) {
+    /// `resumed`: the join came with `since` (see [`OccupantState::resumed`]).
+    fn admit(&mut self, session: Arc<dyn Occupant>, nick: String, resumed: bool) {
         let was_in = self.occupants.contains_key(&session.id());
         if !was_in {
             self.broadcast_event(RoomEvent::Presence {
@@ -59,7 +60,9 @@ impl Room {
                 reason: None,
             });
         }
-        self.state.occupants.insert(session.id(), OccupantState::new(session.user().to_owned(), nick));
+        let mut occupant = OccupantState::new(session.user().to_owned(), nick);
+        occupant.resumed = resumed;
+        self.state.occupants.insert(session.id(), occupant);
         session.entered(&self.addr);
         self.occupants.insert(session.id(), session);
         self.touch();
@@ -115,7 +118,7 @@ impl Handler<Join> for Room {
             Err(e) => return AtomicResponse::new(Box::pin(fut::ready(Err(e)))),
         };
         if let Some((replay, truncated)) = self.replay_from_cache(msg.since) {
-            self.admit(msg.session.clone(), msg.nick.clone());
+            self.admit(msg.session.clone(), msg.nick.clone(), msg.since.is_some());
             self.send_join_replay(&*msg.session, msg.re, msg.nick, aff, replay, truncated);
             return AtomicResponse::new(Box::pin(fut::ready(Ok(()))));
         }
@@ -176,7 +179,7 @@ impl Handler<Join> for Room {
                     (tail.iter().filter(|m| m.seq >= from).map(|m| room.stored_event(m)).collect(), false)
                 }
             };
-            room.admit(msg.session.clone(), msg.nick.clone());
+            room.admit(msg.session.clone(), msg.nick.clone(), since.is_some());
             room.send_join_replay(&*msg.session, msg.re, msg.nick, aff, events, truncated);
             Ok(())
         })))

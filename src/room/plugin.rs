@@ -260,7 +260,7 @@ impl Handler<PluginPost> for Room {
         self.touch();
         let message = NewMessage::unstamped(bot_sender(&msg.plugin), msg.plugin, msg.body, uuid::Uuid::now_v7().to_string());
         let cid = self.cids().key(&message.sender, &message.client_msg_id);
-        let post = PendingPost { message, cid, waiters: Vec::new() };
+        let post = PendingPost { message, cid, waiters: Vec::new(), maybe_resent: false };
         self.enqueue_post(post, true, ctx);
     }
 }

@@ -91,6 +91,7 @@ impl Room {
                 fence: self.fence.clone(),
                 base_seq: self.next_base,
                 messages: posts.iter().map(|p| p.message.clone()).collect(),
+                maybe_resent: posts.iter().any(|p| p.maybe_resent),
             };
             self.next_base += posts.len() as u64;
             let ticket = self.in_flight.submit(posts);
@@ -142,6 +143,16 @@ impl Room {
                             ts: outcome.created_at,
                             duplicate: outcome.duplicate,
                         });
+                    }
+                    if post.maybe_resent && !outcome.duplicate {
+                        // Stored as new: what its sessions send after it in this room is new
+                        // too (a room's posts are stored in order, so a resend stored by the
+                        // failed node came before it).
+                        for (session, _) in &post.waiters {
+                            if let Some(o) = self.state.occupants.get_mut(&session.id()) {
+                                o.resumed = false;
+                            }
+                        }
                     }
                     if deliver {
                         self.cids().remember(post.cid, outcome.seq, outcome.created_at);
@@ -297,7 +308,7 @@ impl Room {
         // The room's own entry: a session that left meanwhile is refused.
         let session = self.occupant(sender.id())?.clone();
         let user = session.user().to_owned();
-        let nick = self.state.occupants.get(&session.id()).map(|o| o.nick.clone()).unwrap_or_default();
+        let (nick, maybe_resent) = self.state.occupants.get(&session.id()).map(|o| (o.nick.clone(), o.resumed)).unwrap_or_default();
         self.touch();
         let cids = self.cids();
         let cid = cids.key(&user, &client_msg_id);
@@ -317,6 +328,7 @@ impl Room {
             message: NewMessage::unstamped(user, nick, body, client_msg_id),
             cid,
             waiters: vec![(session, re)],
+            maybe_resent,
         };
         self.enqueue_post(post, false, ctx);
         Ok(())

@@ -22,12 +22,17 @@ pub struct OccupantState {
     pub nick: String,
     /// The nick's [`crate::names::comparison_key`]: lookalike nicks clash.
     nick_key: String,
+    /// The session joined with `since` (a resume, or a room followed to its new host) and none
+    /// of its posts here has been stored as new since: it may be sending again posts that
+    /// were stored before this room's memory of cids began (by the failed node, or before a
+    /// restart), so the store looks them up as it writes them ([`crate::store::AppendRequest`]).
+    pub resumed: bool,
 }
 
 impl OccupantState {
     pub fn new(user: String, nick: String) -> Self {
         let nick_key = crate::names::comparison_key(&nick);
-        OccupantState { user, nick, nick_key }
+        OccupantState { user, nick, nick_key, resumed: false }
     }
 }
 

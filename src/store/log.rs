@@ -73,6 +73,12 @@ pub struct AppendRequest {
     pub fence: Fence,
     pub base_seq: u64,
     pub messages: Vec<NewMessage>,
+    /// Some message may be stored already, unknown to the room (a resumed session's resend
+    /// after a takeover or a restart): on PostgreSQL the append statement then looks the
+    /// room's cids up as it writes, instead of failing on the unique key and redoing the
+    /// whole batch. Only a hint for speed: a resend in a request without it is still
+    /// stored once, by the redo.
+    pub maybe_resent: bool,
 }
 
 /// What became of one message of an [`AppendRequest`].
@@ -282,8 +288,13 @@ impl Store {
             // A unique violation means some cid is already stored (a resend the room actor had
             // no memory of, e.g. after a restart or a takeover): redo the batch looking every
             // cid up first.
-            Err(StoreError::Conflict) if self.kind == StoreKind::Postgres => self.append_postgres_resent(requests).await,
-            Err(StoreError::Conflict) => self.try_append(requests, true).await,
+            Err(StoreError::Conflict) => {
+                metrics::counter!("stoa_store_appends_redone_total").increment(1);
+                match self.kind {
+                    StoreKind::Postgres => self.append_postgres_resent(requests).await,
+                    _ => self.try_append(requests, true).await,
+                }
+            }
             other => other,
         }
     }
@@ -562,7 +573,7 @@ mod tests {
                 .map(|(i, &t)| NewMessage { id: message_id(t), created_at: t, ..NewMessage::unstamped("ann".into(), "Ann".into(), format!("m{n}.{i}"), format!("c{n}.{i}")) })
                 .collect();
             ids.extend(messages.iter().map(|m| m.id.clone()));
-            let answer = store.append_batch([AppendRequest { fence: fence.clone(), base_seq: (n * 64) as u64, messages }]).await.unwrap();
+            let answer = store.append_batch([AppendRequest { fence: fence.clone(), base_seq: (n * 64) as u64, messages, maybe_resent: false }]).await.unwrap();
             assert!(answer[0].is_ok(), "{:?}", answer[0]);
         }
         assert_eq!(store.load_room_by_id(row.id).await.unwrap().unwrap().last_ts, *times.last().unwrap(), "rooms.last_ts follows the appends");

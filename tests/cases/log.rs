@@ -280,6 +280,56 @@ pub async fn resends_are_deduplicated_by_cid(db: &TestDb) {
     assert_eq!(index[&("ann".to_string(), "c3".to_string())], 4);
 }
 
+/// A counter of a node's `/metrics` text (0 when it was never incremented).
+fn counter(metrics: &str, name: &str) -> u64 {
+    metrics.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok())).unwrap_or(0)
+}
+
+/// After a restart (as after a takeover) the room has no memory of its cids. A session that
+/// comes back with `since` (a resume) and writes its posts again has them found by the append
+/// itself (`stoa_store_resent_found_total`), with no batch refused by the unique key and
+/// redone (`stoa_store_appends_redone_total`), and its new post goes on from the log's end; a
+/// session that joins without `since` and sends an old cid again is still answered with the
+/// stored seq, through the redo. (PostgreSQL only: the other stores always take the redo.)
+pub async fn a_resumed_sessions_resends_take_no_redo(db: &TestDb) {
+    let config = db.write_config("solo", "");
+    let r = room("resumed");
+    let mut first = NodeProcess::start(&config, "first run").await;
+    let mut ann = first.client("ann").await;
+    let mut bob = first.client("bob").await;
+    ann.create(&r, json!({})).await;
+    ann.join(&r, "ann").await;
+    bob.join(&r, "bob").await;
+    assert_eq!(ann.send_acked(&r, "one", "a1").await, 1);
+    assert_eq!(ann.send_acked(&r, "two", "a2").await, 2);
+    assert_eq!(bob.send_acked(&r, "three", "b1").await, 3);
+    drop((ann, bob));
+    first.kill();
+
+    let second = NodeProcess::start(&config, "second run").await;
+    let metrics = || async { http_get(second.admin_addr, "/metrics", None).await.1 };
+    let mut ann = second.client("ann").await;
+    ann.join_since(&r, "ann", 3).await;
+    // The resends and a new post, written at once as a resuming client does.
+    let ids = pipeline(&mut ann, &r, &["a1".into(), "a2".into(), "a3".into()]).await;
+    let answers = answers(&mut ann, &ids).await;
+    for (cid, seq, duplicate) in [("a1", 1, Some(true)), ("a2", 2, Some(true)), ("a3", 4, None)] {
+        let a = &answers[cid];
+        assert_eq!((a["op"].as_str(), a["seq"].as_u64(), a["duplicate"].as_bool()), (Some("ack"), Some(seq), duplicate), "{cid}: {a}");
+    }
+    let text = metrics().await;
+    assert_eq!(counter(&text, "stoa_store_resent_found_total"), 2, "{text}");
+    assert_eq!(counter(&text, "stoa_store_appends_redone_total"), 0, "{text}");
+
+    let mut bob = second.client("bob").await;
+    bob.join(&r, "bob").await;
+    let a = bob.send(&r, "three", "b1").await;
+    assert_eq!((a["op"].as_str(), a["seq"].as_u64(), a["duplicate"].as_bool()), (Some("ack"), Some(3), Some(true)), "{a}");
+    assert_eq!(counter(&metrics().await, "stoa_store_appends_redone_total"), 1);
+    let stored = db.stored_messages(&r).await;
+    assert_eq!(stored.iter().map(|m| (m.seq, m.client_msg_id.as_str())).collect::<Vec<_>>(), [(1, "a1"), (2, "a2"), (3, "b1"), (4, "a3")]);
+}
+
 /// Two senders' messages with the same cid are two messages even when they share one
 /// commit with a resend the room actor has forgotten (the store's duplicate check then runs
 /// for the whole append): both are acked as new with their own seqs and both are stored.
@@ -491,7 +541,9 @@ pub async fn a_group_commit_fences_each_room_on_its_own(db: &TestDb) {
         let at = 1_800_000_000_000 + n as i64;
         NewMessage { id: message_id(at), created_at: at, ..NewMessage::unstamped("ann".into(), "Ann".into(), format!("m{n}"), cid.into()) }
     };
-    let request = |fence: Fence, base_seq: u64, cids: &[&str]| AppendRequest { fence, base_seq, messages: cids.iter().enumerate().map(|(n, c)| message(n as u32, c)).collect() };
+    // Unmarked requests: a resend among them is found by the redo after the unique key refused
+    // the batch; marked ones (`later`, `newest`: a resumed session's) by the append itself.
+    let request = |fence: Fence, base_seq: u64, cids: &[&str]| AppendRequest { fence, base_seq, messages: cids.iter().enumerate().map(|(n, c)| message(n as u32, c)).collect(), maybe_resent: false };
     let batch = [
         request(fence(0), 0, &["a", "b"]),
         request(Fence { epoch: Epoch(rows[1].epoch.0 + 1), ..fence(1) }, 0, &["a"]),
@@ -522,7 +574,7 @@ pub async fn a_group_commit_fences_each_room_on_its_own(db: &TestDb) {
 
     // Several rooms' resends in one batch (looked up together): each room's own, and a cid
     // stored in another room is new here.
-    let later = |fence: Fence, base_seq: u64, cids: &[&str]| AppendRequest { fence, base_seq, messages: cids.iter().enumerate().map(|(n, c)| message(10 + n as u32, c)).collect() };
+    let later = |fence: Fence, base_seq: u64, cids: &[&str]| AppendRequest { fence, base_seq, messages: cids.iter().enumerate().map(|(n, c)| message(10 + n as u32, c)).collect(), maybe_resent: true };
     let batch = [later(fence(0), 4, &["a", "e"]), later(fence(5), 3, &["c", "a", "f"]), later(fence(3), 0, &["b"])];
     let answers = store.append_batch(batch).await.expect("the batch commits");
     let outcomes: Vec<Vec<(u64, bool)>> =
@@ -531,6 +583,23 @@ pub async fn a_group_commit_fences_each_room_on_its_own(db: &TestDb) {
     let last: Vec<u64> = answers.iter().map(|a| a.as_ref().map(|a| a.last_seq).unwrap_or_default()).collect();
     assert_eq!(last, [5, 4, 1]);
     for (name, cids) in [("ok", &["a", "b", "c", "d", "e"][..]), ("ok2", &["a", "b", "c", "f"]), ("stale", &["b"])] {
+        let stored = db.stored_messages(&room(name)).await;
+        assert_eq!(stored.iter().map(|m| m.client_msg_id.as_str()).collect::<Vec<_>>(), cids, "room {name}");
+    }
+
+    // A resend in a room fenced meanwhile is still refused (its new message is not written),
+    // and a room of only new messages beside it commits.
+    let newest = |fence: Fence, base_seq: u64, cids: &[&str]| AppendRequest { fence, base_seq, messages: cids.iter().enumerate().map(|(n, c)| message(20 + n as u32, c)).collect(), maybe_resent: true };
+    let batch = [newest(Fence { epoch: Epoch(rows[0].epoch.0 + 1), ..fence(0) }, 5, &["a", "g"]), newest(fence(3), 1, &["c"])];
+    let answers = store.append_batch(batch).await.expect("the batch commits");
+    assert!(matches!(answers[0], Err(AppendError::Fenced { epoch, .. }) if epoch == rows[0].epoch.0), "{:?}", answers[0]);
+    let outcomes: Vec<(u64, bool)> = answers[1].as_ref().expect("the other room's append commits").outcomes.iter().map(|o| (o.seq, o.duplicate)).collect();
+    assert_eq!(outcomes, [(2, false)]);
+    // One cid twice in one request is one message.
+    let again = store.append_batch([newest(fence(5), 4, &["h", "h"])]).await.expect("the batch commits");
+    let outcomes: Vec<(u64, bool)> = again[0].as_ref().expect("the room's append commits").outcomes.iter().map(|o| (o.seq, o.duplicate)).collect();
+    assert_eq!(outcomes, [(5, false), (5, true)]);
+    for (name, cids) in [("ok", &["a", "b", "c", "d", "e"][..]), ("ok2", &["a", "b", "c", "f", "h"]), ("stale", &["b", "c"])] {
         let stored = db.stored_messages(&room(name)).await;
         assert_eq!(stored.iter().map(|m| m.client_msg_id.as_str()).collect::<Vec<_>>(), cids, "room {name}");
     }

@@ -81,7 +81,7 @@ async fn fill(db: &TestDb, f: Fill<'_>) {
             messages.sort_by_key(|m| m.created_at);
             for part in messages.chunks(200) {
                 let last = store.load_room(&addr).await.unwrap().unwrap().last_seq;
-                let r = store.append_batch([AppendRequest { fence: fence.clone(), base_seq: last, messages: part.to_vec() }]).await.expect("appending");
+                let r = store.append_batch([AppendRequest { fence: fence.clone(), base_seq: last, messages: part.to_vec(), maybe_resent: false }]).await.expect("appending");
                 r[0].as_ref().expect("appended");
             }
             for (room_name, who, aff) in f.affiliations.iter().filter(|a| a.0 == *name) {
@@ -525,7 +525,7 @@ pub async fn merged_stores_serve_an_ha_pair(db: &TestDb) {
                     NewMessage { id: stoa::ids::message_id(at), created_at: at, ..NewMessage::unstamped(format!("user-{who}"), who.into(), format!("{who}{k}"), format!("c{who}{k}")) }
                 })
                 .collect();
-            let answer = store.append_batch([AppendRequest { fence, base_seq: 0, messages }]).await.expect("source append");
+            let answer = store.append_batch([AppendRequest { fence, base_seq: 0, messages, maybe_resent: false }]).await.expect("source append");
             assert!(answer[0].is_ok(), "{answer:?}");
         }
         store.close().await;

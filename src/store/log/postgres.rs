@@ -5,12 +5,22 @@
 //! `INSERT`s and `COMMIT` for every batch: four round trips or more, and SQL text that differs
 //! with the number of rooms and rows, which sea-query builds and PostgreSQL parses each time.
 //! Here the batch travels as arrays, and data-modifying CTEs do the same work atomically:
-//! `moved` is the fenced `UPDATE` (a room whose row no longer shows this node's host, epoch and
-//! the expected `last_seq` is skipped, exactly as by the general path's `WHERE`, including the
-//! re-check after a concurrent takeover's row lock under READ COMMITTED), and `written` inserts
-//! only the messages of the rooms `moved` returned. A statement is atomic, so a unique violation
-//! (a resent cid) writes nothing; the batch is then redone by [`Store::append_postgres_resent`]:
-//! one lookup of every cid of the batch, and this statement again for the messages not stored.
+//! `stored` finds the `(room, sender, cid)` already in the log among the requests marked
+//! [`AppendRequest::maybe_resent`] (a resumed session's resend the room had no memory of: after
+//! a restart or a takeover; looking up every message's cost PostgreSQL 4–11 % of its
+//! saturated rate, docs/benchmarks.md), `moved` is the fenced `UPDATE` (a room whose row
+//! no longer shows this node's host, epoch and the expected `last_seq` is skipped, exactly as by
+//! the general path's `WHERE`, including the re-check after a concurrent takeover's row lock
+//! under READ COMMITTED; so is a room with a stored cid), and `written` inserts only the
+//! messages of the rooms `moved` returned. The rooms with a stored cid are then written by a
+//! second statement with the seqs [`plan`] gives (the stored ones answered with their original
+//! seq), and the rest of the batch is committed already: a resend costs its own room a second
+//! round trip, not the whole batch a failed statement and a redo.
+//!
+//! A unique violation is still possible (a resend in an unmarked request, the same cid twice in
+//! one request, or a row committed between the statement's snapshot and its insert); a statement is atomic, so it writes nothing,
+//! and the batch is redone by [`Store::append_postgres_resent`]: one lookup of every cid of the
+//! batch, and this statement again for the messages not stored.
 
 use super::*;
 use sqlx::Arguments as _;
@@ -77,25 +87,38 @@ impl<'a> MessageArrays<'a> {
 }
 
 /// `$1…$6`: one element per append (room, host, epoch, base seq, new last seq, new last time);
-/// `$7…$15`: one per message.
+/// `$7…$15`: one per message; `$16`: the rooms whose cids are looked up (the requests marked
+/// [`AppendRequest::maybe_resent`]: the others' cids are new, as far as their rooms know).
+/// Rows: each room moved (`sender` NULL), then each message of the batch found stored (room,
+/// sender, cid, its seq and time), whose room was not moved.
 const APPEND: &str = "\
 WITH batch AS (
     SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[])
         AS b(room_id, host, epoch, base, last_seq, last_ts)
+), incoming AS (
+    SELECT * FROM unnest($7::bigint[], $8::bigint[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[],
+                         $14::bigint[], $15::bigint[])
+        AS m(room_id, seq, id, sender, nick, body, client_msg_id, epoch, created_at)
+), stored AS (
+    SELECT s.room_id, s.sender, s.client_msg_id, s.seq, s.created_at
+    FROM incoming AS m
+    JOIN messages AS s ON s.room_id = m.room_id AND s.sender = m.sender AND s.client_msg_id = m.client_msg_id
+    WHERE m.room_id = ANY($16::bigint[])
 ), moved AS (
     UPDATE rooms AS r SET last_seq = b.last_seq, last_ts = b.last_ts
     FROM batch AS b
     WHERE r.id = b.room_id AND r.host_node = b.host AND r.epoch = b.epoch AND r.last_seq = b.base
+      AND b.room_id NOT IN (SELECT room_id FROM stored)
     RETURNING r.id
 ), written AS (
     INSERT INTO messages (room_id, seq, id, sender, nick, body, client_msg_id, epoch, created_at)
     SELECT m.room_id, m.seq, m.id, m.sender, m.nick, m.body, m.client_msg_id, m.epoch, m.created_at
-    FROM unnest($7::bigint[], $8::bigint[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[],
-                $14::bigint[], $15::bigint[])
-        AS m(room_id, seq, id, sender, nick, body, client_msg_id, epoch, created_at)
+    FROM incoming AS m
     WHERE m.room_id IN (SELECT id FROM moved)
 )
-SELECT id FROM moved";
+SELECT id AS room_id, NULL::text AS sender, NULL::text AS client_msg_id, NULL::bigint AS seq, NULL::bigint AS created_at FROM moved
+UNION ALL
+SELECT room_id, sender, client_msg_id, seq, created_at FROM stored";
 
 /// `$1…$3`: one element per message looked up (room, sender, cid).
 const STORED_CIDS: &str = "\
@@ -105,12 +128,19 @@ JOIN messages AS m ON m.room_id = k.room_id AND m.sender = k.sender AND m.client
 
 impl Store {
     /// [`Store::append_batch`] on PostgreSQL for a batch in which some cid is stored already
-    /// (the first statement's unique violation): every cid of the batch is looked up in one
-    /// statement, and each room's new messages go as one statement as on the fast path, with
-    /// the seqs after its base ([`plan`] gives them the same). A room whose messages are all
-    /// stored writes nothing. (The general path took a lookup per room and a `CASE` update.)
+    /// and the first statement hit the unique key instead of finding it (the same cid twice in
+    /// one request, or a row committed meanwhile): every cid of the batch is looked up in one
+    /// statement, and the messages not stored go as on the fast path, with the seqs after
+    /// their base ([`plan`] gives them the same). A room whose messages are all stored writes
+    /// nothing. (The general path took a lookup per room and a `CASE` update.)
     pub(in crate::store) async fn append_postgres_resent(&self, requests: &[AppendRequest]) -> Result<Vec<Result<Appended, AppendError>>, StoreError> {
         let existing = self.stored_cids_postgres(requests).await?;
+        self.append_postgres_planned(requests, existing).await
+    }
+
+    /// Write `requests`, of which `existing` are stored already (by request): each stored cid
+    /// is answered with its original seq, and the others get the seqs after their room's base.
+    async fn append_postgres_planned(&self, requests: &[AppendRequest], existing: Vec<StoredCids>) -> Result<Vec<Result<Appended, AppendError>>, StoreError> {
         let plans: Vec<Vec<MessageOutcome>> = requests.iter().zip(&existing).map(|(r, e)| plan(r, e, true)).collect();
         let writing: Vec<usize> = (0..requests.len()).filter(|&i| plans[i].iter().any(|o| !o.duplicate)).collect();
         let new_only: Vec<AppendRequest> = writing
@@ -119,15 +149,20 @@ impl Store {
                 fence: requests[i].fence.clone(),
                 base_seq: requests[i].base_seq,
                 messages: requests[i].messages.iter().zip(&plans[i]).filter(|(_, o)| !o.duplicate).map(|(m, _)| m.clone()).collect(),
+                // Looked up just now.
+                maybe_resent: false,
             })
             .collect();
         let written = match new_only.is_empty() {
             true => Vec::new(),
-            false => match self.append_postgres(&new_only).await {
-                // Stored since the lookup (not by this node's rooms, which wait for their
-                // appends): the general path, in a transaction of its own.
+            false => match self.append_statement(&new_only).await {
+                // A cid stored since the lookup is a room the statement skipped: refused below
+                // by its row (`Stale`), and the room sends it again.
+                Ok((moved, _)) => self.outcomes(&new_only, &moved).await?,
+                // Not by this node's rooms, which wait for their appends: the general path,
+                // in a transaction of its own.
                 Err(StoreError::Conflict) => return self.try_append(requests, true).await,
-                other => other?,
+                Err(e) => return Err(e),
             },
         };
         let refused = writing.into_iter().zip(written).filter_map(|(i, result)| result.err().map(|e| (i, e))).collect();
@@ -154,13 +189,39 @@ impl Store {
         Ok(by_request(requests, stored))
     }
 
-    /// [`Store::append_batch`] on PostgreSQL for a batch with no resent cid (the caller falls
-    /// back on [`StoreError::Conflict`]). Every request must carry at least one message.
+    /// [`Store::append_batch`] on PostgreSQL (the caller redoes the batch on
+    /// [`StoreError::Conflict`]). Every request must carry at least one message. The rooms in
+    /// which the statement found a stored cid wrote nothing: they are written by a second
+    /// statement, with the stored cids answered by their original seqs.
     pub(in crate::store) async fn append_postgres(&self, requests: &[AppendRequest]) -> Result<Vec<Result<Appended, AppendError>>, StoreError> {
+        let (moved, stored) = self.append_statement(requests).await?;
+        if stored.is_empty() {
+            return self.outcomes(requests, &moved).await;
+        }
+        metrics::counter!("stoa_store_resent_found_total").increment(stored.len() as u64);
+        let resent: HashSet<i64> = stored.iter().map(|s| s.0).collect();
+        let (again, first): (Vec<usize>, Vec<usize>) = (0..requests.len()).partition(|&i| resent.contains(&requests[i].fence.room.0));
+        let again_requests: Vec<AppendRequest> = again.iter().map(|&i| requests[i].clone()).collect();
+        let first_requests: Vec<AppendRequest> = first.iter().map(|&i| requests[i].clone()).collect();
+        let existing = by_request(&again_requests, stored);
+        let mut answered: Vec<Option<Result<Appended, AppendError>>> = (0..requests.len()).map(|_| None).collect();
+        for (i, answer) in first.into_iter().zip(self.outcomes(&first_requests, &moved).await?) {
+            answered[i] = Some(answer);
+        }
+        for (i, answer) in again.into_iter().zip(self.append_postgres_planned(&again_requests, existing).await?) {
+            answered[i] = Some(answer);
+        }
+        Ok(answered.into_iter().map(|a| a.expect("every request answered")).collect())
+    }
+
+    /// The append statement for `requests` (each with at least one message): the rooms it
+    /// moved (and wrote), and the messages of the batch it found stored, whose rooms it skipped.
+    async fn append_statement(&self, requests: &[AppendRequest]) -> Result<(HashSet<i64>, Vec<StoredCid>), StoreError> {
         let rows: usize = requests.iter().map(|r| r.messages.len()).sum();
         let (mut rooms, mut hosts, mut epochs) = (Vec::new(), Vec::new(), Vec::new());
         let (mut bases, mut last_seqs, mut last_ts) = (Vec::new(), Vec::new(), Vec::new());
         let mut messages = MessageArrays::with_capacity(rows);
+        let checked: Vec<i64> = requests.iter().filter(|r| r.maybe_resent).map(|r| r.fence.room.0).collect();
         for r in requests {
             let last = r.messages.last().expect("a request carries messages");
             rooms.push(r.fence.room.0);
@@ -181,17 +242,33 @@ impl Store {
             args.add(bases)?;
             args.add(last_seqs)?;
             args.add(last_ts)?;
-            messages.add_to(&mut args)
+            messages.add_to(&mut args)?;
+            args.add(checked)
         })();
         added.map_err(|e| StoreError::Sqlx(sqlx::Error::Encode(e)))?;
-        let moved: Vec<i64> = sqlx::query_scalar_with(APPEND, args)
+        type Row = (i64, Option<String>, Option<String>, Option<i64>, Option<i64>);
+        let rows: Vec<Row> = sqlx::query_as_with(APPEND, args)
             .fetch_all(self.db.get_postgres_connection_pool())
             .await
             .map_err(|e| match &e {
                 sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict,
                 _ => StoreError::Sqlx(e),
             })?;
-        let moved: HashSet<i64> = moved.into_iter().collect();
+        let (mut moved, mut stored) = (HashSet::new(), Vec::new());
+        for row in rows {
+            match row {
+                (room, Some(sender), Some(cid), Some(seq), Some(created_at)) => stored.push((room, sender, cid, seq, created_at)),
+                (room, ..) => {
+                    moved.insert(room);
+                }
+            }
+        }
+        Ok((moved, stored))
+    }
+
+    /// Each request's answer after the append statement `moved` its rooms: its messages' seqs,
+    /// or, for a room it did not move, why (by the room's row now).
+    async fn outcomes(&self, requests: &[AppendRequest], moved: &HashSet<i64>) -> Result<Vec<Result<Appended, AppendError>>, StoreError> {
         let refused = requests.iter().enumerate().filter(|(_, r)| !moved.contains(&r.fence.room.0));
         let mut why: HashMap<usize, AppendError> = HashMap::new();
         if moved.len() < requests.len() {

@@ -133,7 +133,10 @@ impl SqliteWriter {
 /// One batch: as it comes, or, after a unique violation, looking every cid up first.
 fn append(conn: &mut Connection, requests: &[AppendRequest]) -> Answer {
     match attempt_or_discard(conn, requests, false) {
-        Err(StoreError::Conflict) => attempt_or_discard(conn, requests, true),
+        Err(StoreError::Conflict) => {
+            metrics::counter!("stoa_store_appends_redone_total").increment(1);
+            attempt_or_discard(conn, requests, true)
+        }
         other => other,
     }
 }
