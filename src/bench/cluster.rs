@@ -425,6 +425,8 @@ pub async fn cluster(args: &ClusterArgs, target_args: &TargetArgs) -> anyhow::Re
     summary.push("probe_resends", serde_json::to_value(&f.resends).expect("a map of counts"));
     summary.push("rooms_followed", f.rooms_followed);
     summary.push("follow_retries", f.follow_retries);
+    summary.push("resent_found", f.resent_found);
+    summary.push("appends_redone", f.appends_redone);
     summary.push("acked", f.acked);
     summary.push("acked_lost", f.lost);
     summary.push("duplicates", f.duplicates);
@@ -451,6 +453,10 @@ struct Failover {
     /// counters, summed, read when every room was writable).
     rooms_followed: u64,
     follow_retries: u64,
+    /// Resent probes the stores found stored as they wrote (the sessions resumed), and
+    /// batches redone after the unique key refused a resend (the nodes' counters, summed).
+    resent_found: u64,
+    appends_redone: u64,
     acked: usize,
     lost: u64,
     duplicates: u64,
@@ -538,6 +544,7 @@ async fn run(args: &ClusterArgs, target_args: &TargetArgs, shape: &Shape, dir: &
         let (room_ms, client_ms) = await_all(&probes, t0, rooms.len(), Duration::from_secs(300)).await?;
         let resends = probes.lock().expect("probes lock").resends.clone();
         let follows = (cluster.metric_sum("stoa_forwarded_rooms_followed_total").await, cluster.metric_sum("stoa_forwarded_follow_retries_total").await);
+        let resent = (cluster.metric_sum("stoa_store_resent_found_total").await, cluster.metric_sum("stoa_store_appends_redone_total").await);
         eprintln!(
             "kill -9 of 2a: gone after {} ms, detect {} ms after that, pair 2's rooms writable again p50 {} ms max {} ms (from the kill)",
             exited.as_millis(),
@@ -546,11 +553,11 @@ async fn run(args: &ClusterArgs, target_args: &TargetArgs, shape: &Shape, dir: &
             room_ms[..args.failover_rooms].iter().max().unwrap_or(&0)
         );
         tokio::time::sleep(args.settle).await;
-        anyhow::Ok((exited, detect, room_ms, client_ms, resends, follows))
+        anyhow::Ok((exited, detect, room_ms, client_ms, resends, follows, resent))
     }
     .await;
     let acked = probers.finish().await;
-    let (exited, detect, mut room_ms, client_ms, resends, (rooms_followed, follow_retries)) = phase?;
+    let (exited, detect, mut room_ms, client_ms, resends, (rooms_followed, follow_retries), (resent_found, appends_redone)) = phase?;
     for t in cluster.targets.iter_mut() {
         if let Some(t) = t.take() {
             t.stop().await;
@@ -565,7 +572,7 @@ async fn run(args: &ClusterArgs, target_args: &TargetArgs, shape: &Shape, dir: &
         (lost, duplicates, start) = (lost + l, duplicates + d, range.end);
     }
     let other_ms = room_ms.split_off(args.failover_rooms);
-    let failover = Failover { clients: clients_n, exit_ms: exited.as_millis() as u64, detect_ms: detect.as_millis() as u64, room_ms, other_ms, client_ms, resends, rooms_followed, follow_retries, acked: acked.len(), lost, duplicates };
+    let failover = Failover { clients: clients_n, exit_ms: exited.as_millis() as u64, detect_ms: detect.as_millis() as u64, room_ms, other_ms, client_ms, resends, rooms_followed, follow_retries, resent_found, appends_redone, acked: acked.len(), lost, duplicates };
     Ok((idle_cores, runs, Some(failover)))
 }
 
