@@ -7,7 +7,7 @@
 //! Here the batch travels as arrays, and data-modifying CTEs do the same work atomically:
 //! `stored` finds the `(room, sender, cid)` already in the log among the requests marked
 //! [`AppendRequest::maybe_resent`] (a resumed session's resend the room had no memory of: after
-//! a restart or a takeover; looking up every message's cost PostgreSQL 4–11 % of its
+//! a restart or a takeover; looking up every message's cid cost PostgreSQL 4–11 % of its
 //! saturated rate, docs/benchmarks.md), `moved` is the fenced `UPDATE` (a room whose row
 //! no longer shows this node's host, epoch and the expected `last_seq` is skipped, exactly as by
 //! the general path's `WHERE`, including the re-check after a concurrent takeover's row lock
@@ -18,9 +18,10 @@
 //! round trip, not the whole batch a failed statement and a redo.
 //!
 //! A unique violation is still possible (a resend in an unmarked request, the same cid twice in
-//! one request, or a row committed between the statement's snapshot and its insert); a statement is atomic, so it writes nothing,
-//! and the batch is redone by [`Store::append_postgres_resent`]: one lookup of every cid of the
-//! batch, and this statement again for the messages not stored.
+//! one request, or a row committed between the statement's snapshot and its insert); a
+//! statement is atomic, so it writes nothing, and the batch is redone by
+//! [`Store::append_postgres_resent`]: one lookup of every cid of the batch, and this statement
+//! again for the messages not stored.
 
 use super::*;
 use sqlx::Arguments as _;
@@ -128,11 +129,12 @@ JOIN messages AS m ON m.room_id = k.room_id AND m.sender = k.sender AND m.client
 
 impl Store {
     /// [`Store::append_batch`] on PostgreSQL for a batch in which some cid is stored already
-    /// and the first statement hit the unique key instead of finding it (the same cid twice in
-    /// one request, or a row committed meanwhile): every cid of the batch is looked up in one
-    /// statement, and the messages not stored go as on the fast path, with the seqs after
-    /// their base ([`plan`] gives them the same). A room whose messages are all stored writes
-    /// nothing. (The general path took a lookup per room and a `CASE` update.)
+    /// and the first statement hit the unique key instead of finding it (a resend in an
+    /// unmarked request, the same cid twice in one request, or a row committed meanwhile):
+    /// every cid of the batch is looked up in one statement, and the messages not stored go as
+    /// on the fast path, with the seqs after their base ([`plan`] gives them the same). A room
+    /// whose messages are all stored writes nothing. (The general path took a lookup per room
+    /// and a `CASE` update.)
     pub(in crate::store) async fn append_postgres_resent(&self, requests: &[AppendRequest]) -> Result<Vec<Result<Appended, AppendError>>, StoreError> {
         let existing = self.stored_cids_postgres(requests).await?;
         self.append_postgres_planned(requests, existing).await
@@ -155,12 +157,11 @@ impl Store {
             .collect();
         let written = match new_only.is_empty() {
             true => Vec::new(),
+            // No request of `new_only` is marked, so the statement looks nothing up.
             false => match self.append_statement(&new_only).await {
-                // A cid stored since the lookup is a room the statement skipped: refused below
-                // by its row (`Stale`), and the room sends it again.
                 Ok((moved, _)) => self.outcomes(&new_only, &moved).await?,
-                // Not by this node's rooms, which wait for their appends: the general path,
-                // in a transaction of its own.
+                // A cid stored since the lookup (not by this node's rooms, which wait for
+                // their appends): the general path, in a transaction of its own.
                 Err(StoreError::Conflict) => return self.try_append(requests, true).await,
                 Err(e) => return Err(e),
             },
