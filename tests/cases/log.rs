@@ -538,9 +538,16 @@ pub async fn a_group_commit_fences_each_room_on_its_own(db: &TestDb) {
         let at = 1_800_000_000_000 + n as i64;
         NewMessage { id: message_id(at), created_at: at, ..NewMessage::unstamped("ann".into(), "Ann".into(), format!("m{n}"), cid.into()) }
     };
-    // Unmarked requests: a resend among them is found by the redo after the unique key refused
-    // the batch; marked ones (`later`, `newest`: a resumed session's) by the append itself.
-    let request = |fence: Fence, base_seq: u64, cids: &[&str]| AppendRequest { fence, base_seq, messages: cids.iter().enumerate().map(|(n, c)| message(n as u32, c)).collect(), maybe_resent: false };
+    // One room's append of `cids`, their times from `first` on. Unmarked requests (`request`):
+    // a resend among them is found by the redo after the unique key refused the batch; marked
+    // ones (`later`, `newest`: a resumed session's) by the append itself.
+    let append = |fence: Fence, base_seq: u64, cids: &[&str], first: u32, maybe_resent: bool| AppendRequest {
+        fence,
+        base_seq,
+        messages: cids.iter().enumerate().map(|(n, c)| message(first + n as u32, c)).collect(),
+        maybe_resent,
+    };
+    let request = |fence: Fence, base_seq: u64, cids: &[&str]| append(fence, base_seq, cids, 0, false);
     let batch = [
         request(fence(0), 0, &["a", "b"]),
         request(Fence { epoch: Epoch(rows[1].epoch.0 + 1), ..fence(1) }, 0, &["a"]),
@@ -571,7 +578,7 @@ pub async fn a_group_commit_fences_each_room_on_its_own(db: &TestDb) {
 
     // Several rooms' resends in one batch (looked up together): each room's own, and a cid
     // stored in another room is new here.
-    let later = |fence: Fence, base_seq: u64, cids: &[&str]| AppendRequest { fence, base_seq, messages: cids.iter().enumerate().map(|(n, c)| message(10 + n as u32, c)).collect(), maybe_resent: true };
+    let later = |fence: Fence, base_seq: u64, cids: &[&str]| append(fence, base_seq, cids, 10, true);
     let batch = [later(fence(0), 4, &["a", "e"]), later(fence(5), 3, &["c", "a", "f"]), later(fence(3), 0, &["b"])];
     let answers = store.append_batch(batch).await.expect("the batch commits");
     let outcomes: Vec<Vec<(u64, bool)>> =
@@ -586,7 +593,7 @@ pub async fn a_group_commit_fences_each_room_on_its_own(db: &TestDb) {
 
     // A resend in a room fenced meanwhile is still refused (its new message is not written),
     // and a room of only new messages beside it commits.
-    let newest = |fence: Fence, base_seq: u64, cids: &[&str]| AppendRequest { fence, base_seq, messages: cids.iter().enumerate().map(|(n, c)| message(20 + n as u32, c)).collect(), maybe_resent: true };
+    let newest = |fence: Fence, base_seq: u64, cids: &[&str]| append(fence, base_seq, cids, 20, true);
     let batch = [newest(Fence { epoch: Epoch(rows[0].epoch.0 + 1), ..fence(0) }, 5, &["a", "g"]), newest(fence(3), 1, &["c"])];
     let answers = store.append_batch(batch).await.expect("the batch commits");
     assert!(matches!(answers[0], Err(AppendError::Fenced { epoch, .. }) if epoch == rows[0].epoch.0), "{:?}", answers[0]);

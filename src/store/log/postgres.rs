@@ -96,15 +96,11 @@ const APPEND: &str = "\
 WITH batch AS (
     SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[])
         AS b(room_id, host, epoch, base, last_seq, last_ts)
-), incoming AS (
-    SELECT * FROM unnest($7::bigint[], $8::bigint[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[],
-                         $14::bigint[], $15::bigint[])
-        AS m(room_id, seq, id, sender, nick, body, client_msg_id, epoch, created_at)
 ), stored AS (
     SELECT s.room_id, s.sender, s.client_msg_id, s.seq, s.created_at
-    FROM incoming AS m
-    JOIN messages AS s ON s.room_id = m.room_id AND s.sender = m.sender AND s.client_msg_id = m.client_msg_id
-    WHERE m.room_id = ANY($16::bigint[])
+    FROM unnest($7::bigint[], $10::text[], $13::text[]) AS k(room_id, sender, client_msg_id)
+    JOIN messages AS s ON s.room_id = k.room_id AND s.sender = k.sender AND s.client_msg_id = k.client_msg_id
+    WHERE k.room_id = ANY($16::bigint[])
 ), moved AS (
     UPDATE rooms AS r SET last_seq = b.last_seq, last_ts = b.last_ts
     FROM batch AS b
@@ -114,7 +110,9 @@ WITH batch AS (
 ), written AS (
     INSERT INTO messages (room_id, seq, id, sender, nick, body, client_msg_id, epoch, created_at)
     SELECT m.room_id, m.seq, m.id, m.sender, m.nick, m.body, m.client_msg_id, m.epoch, m.created_at
-    FROM incoming AS m
+    FROM unnest($7::bigint[], $8::bigint[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[],
+                $14::bigint[], $15::bigint[])
+        AS m(room_id, seq, id, sender, nick, body, client_msg_id, epoch, created_at)
     WHERE m.room_id IN (SELECT id FROM moved)
 )
 SELECT id AS room_id, NULL::text AS sender, NULL::text AS client_msg_id, NULL::bigint AS seq, NULL::bigint AS created_at FROM moved
@@ -159,7 +157,7 @@ impl Store {
             true => Vec::new(),
             // No request of `new_only` is marked, so the statement looks nothing up.
             false => match self.append_statement(&new_only).await {
-                Ok((moved, _)) => self.outcomes(&new_only, &moved).await?,
+                Ok((moved, _)) => self.outcomes(&new_only, 0..new_only.len(), &moved).await?,
                 // A cid stored since the lookup (not by this node's rooms, which wait for
                 // their appends): the general path, in a transaction of its own.
                 Err(StoreError::Conflict) => return self.try_append(requests, true).await,
@@ -197,16 +195,16 @@ impl Store {
     pub(in crate::store) async fn append_postgres(&self, requests: &[AppendRequest]) -> Result<Vec<Result<Appended, AppendError>>, StoreError> {
         let (moved, stored) = self.append_statement(requests).await?;
         if stored.is_empty() {
-            return self.outcomes(requests, &moved).await;
+            return self.outcomes(requests, 0..requests.len(), &moved).await;
         }
         metrics::counter!("stoa_store_resent_found_total").increment(stored.len() as u64);
         let resent: HashSet<i64> = stored.iter().map(|s| s.0).collect();
         let (again, first): (Vec<usize>, Vec<usize>) = (0..requests.len()).partition(|&i| resent.contains(&requests[i].fence.room.0));
+        // Only the few rooms with a resend are copied, to be planned and written again.
         let again_requests: Vec<AppendRequest> = again.iter().map(|&i| requests[i].clone()).collect();
-        let first_requests: Vec<AppendRequest> = first.iter().map(|&i| requests[i].clone()).collect();
         let existing = by_request(&again_requests, stored);
         let mut answered: Vec<Option<Result<Appended, AppendError>>> = (0..requests.len()).map(|_| None).collect();
-        for (i, answer) in first.into_iter().zip(self.outcomes(&first_requests, &moved).await?) {
+        for (i, answer) in first.iter().copied().zip(self.outcomes(requests, first.iter().copied(), &moved).await?) {
             answered[i] = Some(answer);
         }
         for (i, answer) in again.into_iter().zip(self.append_postgres_planned(&again_requests, existing).await?) {
@@ -267,34 +265,44 @@ impl Store {
         Ok((moved, stored))
     }
 
-    /// Each request's answer after the append statement `moved` its rooms: its messages' seqs,
-    /// or, for a room it did not move, why (by the room's row now).
-    async fn outcomes(&self, requests: &[AppendRequest], moved: &HashSet<i64>) -> Result<Vec<Result<Appended, AppendError>>, StoreError> {
-        let refused = requests.iter().enumerate().filter(|(_, r)| !moved.contains(&r.fence.room.0));
+    /// The answer of each request `requests[i]`, `i` of `which` in its order, after the append
+    /// statement `moved` its rooms: its messages' seqs, or, for a room it did not move, why (by
+    /// the room's row now).
+    async fn outcomes(
+        &self,
+        requests: &[AppendRequest],
+        which: impl Iterator<Item = usize> + Clone,
+        moved: &HashSet<i64>,
+    ) -> Result<Vec<Result<Appended, AppendError>>, StoreError> {
+        let refused: Vec<(usize, u64)> = which
+            .clone()
+            .filter(|&i| !moved.contains(&requests[i].fence.room.0))
+            .map(|i| (i, requests[i].base_seq + requests[i].messages.len() as u64))
+            .collect();
         let mut why: HashMap<usize, AppendError> = HashMap::new();
-        if moved.len() < requests.len() {
-            let refused = refused.map(|(i, r)| (i, r.base_seq + r.messages.len() as u64));
-            for (i, e) in refusals(&self.db, requests, refused).await? {
+        if !refused.is_empty() {
+            for (i, e) in refusals(&self.db, requests, refused.into_iter()).await? {
                 // A row that shows this append's outcome, yet was not moved by it: another
                 // writer got there; this append wrote nothing, so the room must resync.
                 let e = e.unwrap_or(AppendError::Stale { last_seq: requests[i].base_seq + requests[i].messages.len() as u64 });
                 why.insert(i, e);
             }
         }
-        Ok(requests
-            .iter()
-            .enumerate()
-            .map(|(i, r)| match why.remove(&i) {
-                Some(e) => Err(e),
-                None => Ok(Appended {
-                    outcomes: r
-                        .messages
-                        .iter()
-                        .enumerate()
-                        .map(|(k, m)| MessageOutcome { seq: r.base_seq + 1 + k as u64, created_at: m.created_at, duplicate: false })
-                        .collect(),
-                    last_seq: r.base_seq + r.messages.len() as u64,
-                }),
+        Ok(which
+            .map(|i| {
+                let r = &requests[i];
+                match why.remove(&i) {
+                    Some(e) => Err(e),
+                    None => Ok(Appended {
+                        outcomes: r
+                            .messages
+                            .iter()
+                            .enumerate()
+                            .map(|(k, m)| MessageOutcome { seq: r.base_seq + 1 + k as u64, created_at: m.created_at, duplicate: false })
+                            .collect(),
+                        last_seq: r.base_seq + r.messages.len() as u64,
+                    }),
+                }
             })
             .collect())
     }
