@@ -1,14 +1,15 @@
 //! A group commit on PostgreSQL as one statement: one round trip, no explicit transaction, and
-//! the same text for every batch, so each connection prepares it once.
+//! one of two fixed texts for every batch, so each connection prepares each once.
 //!
 //! The general path (`Store::try_append`) builds `BEGIN`, the fenced `UPDATE … CASE`, the
 //! `INSERT`s and `COMMIT` for every batch: four round trips or more, and SQL text that differs
 //! with the number of rooms and rows, which sea-query builds and PostgreSQL parses each time.
 //! Here the batch travels as arrays, and data-modifying CTEs do the same work atomically:
-//! `stored` finds the `(room, sender, cid)` already in the log among the requests marked
-//! [`AppendRequest::maybe_resent`] (a resumed session's resend the room had no memory of: after
-//! a restart or a takeover; looking up every message's cid cost PostgreSQL 4–11 % of its
-//! saturated rate, docs/benchmarks.md), `moved` is the fenced `UPDATE` (a room whose row
+//! in a batch with requests marked [`AppendRequest::maybe_resent`] (a resumed session's resend
+//! the room had no memory of: after a restart or a takeover), [`APPEND_CHECKED`]'s `stored`
+//! finds their `(room, sender, cid)` already in the log (a batch without one takes [`APPEND`],
+//! without that lookup, which cost PostgreSQL about a tenth of its saturated rate even when it
+//! looked nothing up, docs/benchmarks.md); `moved` is the fenced `UPDATE` (a room whose row
 //! no longer shows this node's host, epoch and the expected `last_seq` is skipped, exactly as by
 //! the general path's `WHERE`, including the re-check after a concurrent takeover's row lock
 //! under READ COMMITTED; so is a room with a stored cid), and `written` inserts only the
@@ -88,11 +89,33 @@ impl<'a> MessageArrays<'a> {
 }
 
 /// `$1…$6`: one element per append (room, host, epoch, base seq, new last seq, new last time);
-/// `$7…$15`: one per message; `$16`: the rooms whose cids are looked up (the requests marked
-/// [`AppendRequest::maybe_resent`]: the others' cids are new, as far as their rooms know).
-/// Rows: each room moved (`sender` NULL), then each message of the batch found stored (room,
-/// sender, cid, its seq and time), whose room was not moved.
+/// `$7…$15`: one per message. Rows: each room moved.
 const APPEND: &str = "\
+WITH batch AS (
+    SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[])
+        AS b(room_id, host, epoch, base, last_seq, last_ts)
+), moved AS (
+    UPDATE rooms AS r SET last_seq = b.last_seq, last_ts = b.last_ts
+    FROM batch AS b
+    WHERE r.id = b.room_id AND r.host_node = b.host AND r.epoch = b.epoch AND r.last_seq = b.base
+    RETURNING r.id
+), written AS (
+    INSERT INTO messages (room_id, seq, id, sender, nick, body, client_msg_id, epoch, created_at)
+    SELECT m.room_id, m.seq, m.id, m.sender, m.nick, m.body, m.client_msg_id, m.epoch, m.created_at
+    FROM unnest($7::bigint[], $8::bigint[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[],
+                $14::bigint[], $15::bigint[])
+        AS m(room_id, seq, id, sender, nick, body, client_msg_id, epoch, created_at)
+    WHERE m.room_id IN (SELECT id FROM moved)
+)
+SELECT id FROM moved";
+
+/// [`APPEND`] for a batch with requests marked [`AppendRequest::maybe_resent`]: `$16` names
+/// their rooms, whose cids are looked up first. Rows: each room moved (`sender` NULL), then
+/// each message of those rooms found stored (room, sender, cid, its seq and time), whose room
+/// was not moved. Only such batches take it: the lookup's CTEs cost a batch without a marked
+/// request about a tenth of PostgreSQL's saturated rate (86.6 % and 87.9 % in two alternated
+/// measurements, docs/benchmarks.md).
+const APPEND_CHECKED: &str = "\
 WITH batch AS (
     SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[])
         AS b(room_id, host, epoch, base, last_seq, last_ts)
@@ -221,6 +244,7 @@ impl Store {
         let (mut bases, mut last_seqs, mut last_ts) = (Vec::new(), Vec::new(), Vec::new());
         let mut messages = MessageArrays::with_capacity(rows);
         let checked: Vec<i64> = requests.iter().filter(|r| r.maybe_resent).map(|r| r.fence.room.0).collect();
+        let check = !checked.is_empty();
         for r in requests {
             let last = r.messages.last().expect("a request carries messages");
             rooms.push(r.fence.room.0);
@@ -242,17 +266,23 @@ impl Store {
             args.add(last_seqs)?;
             args.add(last_ts)?;
             messages.add_to(&mut args)?;
-            args.add(checked)
+            if check {
+                args.add(checked)?;
+            }
+            Ok(())
         })();
         added.map_err(|e| StoreError::Sqlx(sqlx::Error::Encode(e)))?;
+        let pool = self.db.get_postgres_connection_pool();
+        let failed = |e: sqlx::Error| match &e {
+            sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict,
+            _ => StoreError::Sqlx(e),
+        };
+        if !check {
+            let moved: Vec<i64> = sqlx::query_scalar_with(APPEND, args).fetch_all(pool).await.map_err(failed)?;
+            return Ok((moved.into_iter().collect(), Vec::new()));
+        }
         type Row = (i64, Option<String>, Option<String>, Option<i64>, Option<i64>);
-        let rows: Vec<Row> = sqlx::query_as_with(APPEND, args)
-            .fetch_all(self.db.get_postgres_connection_pool())
-            .await
-            .map_err(|e| match &e {
-                sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict,
-                _ => StoreError::Sqlx(e),
-            })?;
+        let rows: Vec<Row> = sqlx::query_as_with(APPEND_CHECKED, args).fetch_all(pool).await.map_err(failed)?;
         let (mut moved, mut stored) = (HashSet::new(), Vec::new());
         for row in rows {
             match row {
