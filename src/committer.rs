@@ -7,6 +7,10 @@
 //! holds at most `max_batch_rows` rows; it is sent when a transaction slot is free (after an
 //! optional `max_batch_delay_us` gather), with up to `max_in_flight` transactions at once (one on
 //! SQLite, where the committer waits for it in its own loop rather than in a task of its own).
+//! With no transaction in flight a batch goes at once, whatever its size; while one is in
+//! flight, a further one starts only with at least `overlap_min_rows` rows, or once the oldest
+//! in flight has run `overlap_after_us`, and a smaller batch keeps filling until then
+//! (docs/design-notes.md, *Group commit*).
 //! Each request's answer is sent only after its transaction committed.
 //!
 //! On SQLite in a file the committer runs on the store's commit thread
@@ -78,6 +82,9 @@ impl Committer {
             jobs: rx,
             max_rows: settings.max_batch_rows,
             max_delay: Duration::from_micros(settings.max_batch_delay_us),
+            overlap_rows: settings.overlap_min_rows.clamp(1, settings.max_batch_rows.max(1)),
+            overlap_after: Duration::from_micros(settings.overlap_after_us),
+            running: Vec::with_capacity(in_flight),
             permits: Arc::new(Semaphore::new(in_flight)),
             in_flight,
             busy: Arc::default(),
@@ -118,6 +125,12 @@ struct Batcher {
     jobs: mpsc::UnboundedReceiver<Job>,
     max_rows: usize,
     max_delay: Duration,
+    /// Rows a batch needs to start while another transaction is in flight...
+    overlap_rows: usize,
+    /// ...unless the oldest of them has been in flight this long.
+    overlap_after: Duration,
+    /// When each transaction in flight began (by the ends seen so far).
+    running: Vec<Instant>,
     permits: Arc<Semaphore>,
     in_flight: usize,
     /// Rooms with an append in a transaction now.
@@ -138,7 +151,8 @@ struct Batch {
 
 impl Batcher {
     async fn run(mut self, shutdown: CancellationToken) {
-        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<()>();
+        // Each transaction's start, sent when it has ended.
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Instant>();
         'serve: loop {
             let mut batch = Batch::default();
             // Wait for at least one job that may go now.
@@ -152,7 +166,7 @@ impl Batcher {
                         Some(job) => self.offer(job, &mut batch),
                         None => break 'serve,
                     },
-                    _ = done_rx.recv() => {}
+                    Some(started) = done_rx.recv() => self.ended(started),
                     _ = shutdown.cancelled() => break 'serve,
                 }
             }
@@ -179,22 +193,39 @@ impl Batcher {
                     _ = tokio::time::sleep(left) => break,
                 }
             }
-            // While every transaction slot is busy, keep growing the batch: that is group commit.
+            // While no transaction may start, keep growing the batch: that is group commit. One
+            // may start when a slot is free and none is in flight, or the batch is worth a
+            // transaction of its own beside them (small batches overlapping each other cost the
+            // store a statement each), or the oldest in flight has run so long that it should
+            // hold nobody back (docs/design-notes.md, *Group commit*).
             let permit = loop {
-                if let Ok(p) = self.permits.clone().try_acquire_owned() {
+                let idle = self.permits.available_permits() == self.in_flight;
+                let overdue = self.running.iter().min().map(|&t| t + self.overlap_after);
+                let stalled = overdue.is_some_and(|at| at <= Instant::now());
+                if (idle || stalled || batch.rows >= self.overlap_rows)
+                    && let Ok(p) = self.permits.clone().try_acquire_owned()
+                {
                     break p;
                 }
+                let wake = overdue.filter(|_| !stalled).unwrap_or_else(Instant::now);
                 tokio::select! {
-                    p = self.permits.clone().acquire_owned() => break p.expect("semaphore never closed"),
+                    // A transaction ended (its permit is back, its rooms are free): look again.
+                    Some(started) = done_rx.recv() => {
+                        self.ended(started);
+                        self.take_deferred(&mut batch);
+                    }
                     job = self.jobs.recv(), if batch.rows < self.max_rows => match job {
                         Some(job) => self.offer(job, &mut batch),
                         None => break self.permits.clone().acquire_owned().await.expect("semaphore never closed"),
                     },
+                    _ = tokio::time::sleep_until(wake.into()), if overdue.is_some() && !stalled => {}
                 }
             };
             self.busy.lock().expect("busy lock").extend(batch.rooms.iter().copied());
             let (store, busy, done) = (self.store.clone(), self.busy.clone(), done_tx.clone());
             let gate = self.gate.clone();
+            let began = Instant::now();
+            self.running.push(began);
             let transaction = async move {
                 let rooms = batch.rooms;
                 if gate.is_open() {
@@ -212,7 +243,7 @@ impl Batcher {
                 }
                 drop(busy);
                 drop(permit);
-                let _ = done.send(());
+                let _ = done.send(began);
             };
             if self.in_flight == 1 {
                 // One transaction at a time (always on SQLite): wait for it here. The next batch is what
@@ -233,6 +264,13 @@ impl Batcher {
             let _ = job.reply.send(Err(CommitError::Stopped));
         }
         let _ = self.permits.acquire_many(self.in_flight as u32).await;
+    }
+
+    /// The transaction that began at `started` has ended.
+    fn ended(&mut self, started: Instant) {
+        if let Some(i) = self.running.iter().position(|&t| t == started) {
+            self.running.swap_remove(i);
+        }
     }
 
     /// Put a new job in the batch, or defer it behind its room's earlier append.

@@ -341,6 +341,14 @@ pub struct CommitterSettings {
     pub max_batch_delay_us: u64,
     /// Transactions in flight at once (forced to 1 on SQLite, which has one writer).
     pub max_in_flight: usize,
+    /// While a transaction is in flight, a further one starts only with a batch of at least
+    /// this many rows (capped at `max_batch_rows`); a smaller batch keeps filling until a
+    /// transaction ends. With no transaction in flight a batch goes at once, whatever its size.
+    /// 1 = start one whenever a slot is free.
+    pub overlap_min_rows: usize,
+    /// ...but once the oldest transaction in flight has run this long, a batch of any size
+    /// starts beside it (a slow or blocked transaction holds the others back no longer).
+    pub overlap_after_us: u64,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -471,7 +479,7 @@ impl Default for StoreSettings {
 
 impl Default for CommitterSettings {
     fn default() -> Self {
-        CommitterSettings { max_batch_rows: 1000, max_batch_delay_us: 0, max_in_flight: 4 }
+        CommitterSettings { max_batch_rows: 1000, max_batch_delay_us: 0, max_in_flight: 4, overlap_min_rows: 64, overlap_after_us: 10_000 }
     }
 }
 
@@ -816,8 +824,8 @@ impl Settings {
         if self.node.io_threads > MAX_THREADS || self.rooms.arbiters > MAX_THREADS {
             return invalid(format!("node.io_threads and rooms.arbiters must be at most {MAX_THREADS} (0 = share the cores)"));
         }
-        if self.committer.max_batch_rows == 0 || self.committer.max_in_flight == 0 {
-            return invalid("committer.max_batch_rows and max_in_flight must be at least 1".into());
+        if self.committer.max_batch_rows == 0 || self.committer.max_in_flight == 0 || self.committer.overlap_min_rows == 0 {
+            return invalid("committer.max_batch_rows, max_in_flight and overlap_min_rows must be at least 1".into());
         }
         if self.limits.max_body_bytes > self.limits.max_frame_bytes {
             return invalid("limits.max_body_bytes cannot exceed limits.max_frame_bytes".into());

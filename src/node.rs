@@ -245,6 +245,8 @@ async fn run(settings: Settings, threads: Threads, tls: Option<crate::tls::Serve
     tracing::info!(
         max_batch_rows = settings.committer.max_batch_rows,
         max_batch_delay_us = settings.committer.max_batch_delay_us,
+        max_in_flight = settings.committer.max_in_flight,
+        overlap_min_rows = settings.committer.overlap_min_rows,
         "group committer started"
     );
 

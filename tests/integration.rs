@@ -122,6 +122,7 @@ on_postgres! {
     failover::admin_status_tells_a_dead_node_from_a_normal_one,
     tls::ha_pair_node_link_runs_over_tls,
     log::a_resumed_sessions_resends_take_no_redo,
+    log::small_batches_wait_for_the_transaction_in_flight,
 }
 
 on_every_backend! {

@@ -608,3 +608,110 @@ pub async fn a_group_commit_fences_each_room_on_its_own(db: &TestDb) {
         assert_eq!(stored.iter().map(|m| m.client_msg_id.as_str()).collect::<Vec<_>>(), cids, "room {name}");
     }
 }
+
+/// PostgreSQL runs several group commits at once (`committer.max_in_flight`), but while one is
+/// in flight a further one starts only with a batch of `overlap_min_rows`, or once that one has
+/// run `overlap_after_us`: smaller batches wait for a transaction to end and go as one
+/// (docs/design-notes.md, *Group commit*). A row lock held by the test keeps one room's append
+/// in flight for as long as the test needs.
+pub async fn small_batches_wait_for_the_transaction_in_flight(db: &TestDb) {
+    use sqlx::Connection as _;
+    use stoa::committer::Committer;
+    use stoa::config::CommitterSettings;
+    use stoa::ha::gate::WriteGate;
+    use stoa::ids::{NodeId, message_id};
+    use stoa::store::{AppendRequest, Fence, NewMessage};
+    let store = db.store().await;
+    store.migrate().await.expect("migrations");
+    let home = NodeId("n1".into());
+    let mut rows = Vec::new();
+    for i in 0..8 {
+        rows.push(store.create_room(&stoa::protocol::RoomAddr(room(&format!("overlap{i}"))), &Default::default(), "ann", &home).await.expect("creating a room"));
+    }
+    let append = |i: usize, base_seq: u64| {
+        let at = 1_800_000_000_000 + base_seq as i64;
+        let cid = format!("c{base_seq}");
+        AppendRequest {
+            fence: Fence { room: rows[i].id, host: home.clone(), epoch: rows[i].epoch },
+            base_seq,
+            messages: vec![NewMessage { id: message_id(at), created_at: at, ..NewMessage::unstamped("ann".into(), "Ann".into(), "hi".into(), cid) }],
+            maybe_resent: false,
+        }
+    };
+    let mut lock = sqlx::PgConnection::connect(&db.url).await.expect("a connection of the test's own");
+    let mut probe = sqlx::PgConnection::connect(&db.url).await.expect("another connection of the test's own");
+    let hold_room_0 = format!("BEGIN; SELECT 1 FROM rooms WHERE id = {} FOR UPDATE", rows[0].id.0);
+    // Returns once an append waits for the test's lock on room 0's row.
+    let waiting_on_the_lock = async |probe: &mut sqlx::PgConnection| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&mut *probe)
+            .await
+            .expect("reading pg_stat_activity");
+            if waiting > 0 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "room 0's append never waited for the test's lock");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    let start = |overlap_min_rows: usize, overlap_after_us: u64| {
+        let settings = CommitterSettings { max_in_flight: 4, overlap_min_rows, overlap_after_us, ..CommitterSettings::default() };
+        Committer::start(store.clone(), &settings, WriteGate::always_open(), tokio_util::sync::CancellationToken::new()).0
+    };
+
+    // Batches under the bar: rooms 1–5's one-row appends wait behind room 0's, then go as one.
+    let committer = start(64, 60_000_000);
+    sqlx::raw_sql(sqlx::AssertSqlSafe(hold_room_0.clone())).execute(&mut lock).await.expect("locking room 0");
+    let first = tokio::spawn(committer.submit(append(0, 0)));
+    waiting_on_the_lock(&mut probe).await;
+    let small: Vec<_> = (1..=5).map(|i| tokio::spawn(committer.submit(append(i, 0)))).collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(small.iter().all(|t| !t.is_finished()), "a batch of 5 rows started beside the transaction in flight");
+    sqlx::raw_sql("ROLLBACK").execute(&mut lock).await.expect("releasing room 0");
+    assert_eq!(first.await.expect("task").expect("room 0's append commits").last_seq, 1);
+    for t in small {
+        assert_eq!(t.await.expect("task").expect("the waiting append commits").last_seq, 1);
+    }
+
+    // A batch at the bar (rooms 1–4, which only goes once it has all four rows) starts beside
+    // the transaction in flight; the one after it, under the bar again, waits.
+    let committer = start(4, 60_000_000);
+    sqlx::raw_sql(sqlx::AssertSqlSafe(hold_room_0.clone())).execute(&mut lock).await.expect("locking room 0");
+    let first = tokio::spawn(committer.submit(append(0, 1)));
+    waiting_on_the_lock(&mut probe).await;
+    let big: Vec<_> = (1..=4).map(|i| committer.submit(append(i, 1))).collect();
+    for answer in futures_util::future::join_all(big).await {
+        assert_eq!(answer.expect("a batch at the bar commits beside the held one").last_seq, 2);
+    }
+    let small: Vec<_> = (6..=7).map(|i| tokio::spawn(committer.submit(append(i, 0)))).collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!first.is_finished(), "room 0's append is held by the test");
+    assert!(small.iter().all(|t| !t.is_finished()), "a batch of 2 rows started beside the transaction in flight");
+    sqlx::raw_sql("ROLLBACK").execute(&mut lock).await.expect("releasing room 0");
+    assert_eq!(first.await.expect("task").expect("room 0's append commits").last_seq, 2);
+    for t in small {
+        assert_eq!(t.await.expect("task").expect("the waiting append commits").last_seq, 1);
+    }
+
+    // A transaction in flight for `overlap_after_us` holds the small batches back no longer:
+    // rooms 5–7's go while room 0's is still held.
+    let committer = start(64, 100_000);
+    sqlx::raw_sql(sqlx::AssertSqlSafe(hold_room_0.clone())).execute(&mut lock).await.expect("locking room 0");
+    let first = tokio::spawn(committer.submit(append(0, 2)));
+    waiting_on_the_lock(&mut probe).await;
+    let small: Vec<_> = [(5, 1), (6, 1), (7, 1)].into_iter().map(|(i, base)| committer.submit(append(i, base))).collect();
+    for answer in futures_util::future::join_all(small).await {
+        assert_eq!(answer.expect("a small batch goes once the held transaction is overdue").last_seq, 2);
+    }
+    assert!(!first.is_finished(), "room 0's append is held by the test");
+    sqlx::raw_sql("ROLLBACK").execute(&mut lock).await.expect("releasing room 0");
+    assert_eq!(first.await.expect("task").expect("room 0's append commits").last_seq, 3);
+    for i in 0..8 {
+        let expected = if i == 0 { 3 } else { 2 };
+        assert_eq!(db.stored_messages(&room(&format!("overlap{i}"))).await.len(), expected, "room {i}");
+    }
+}
