@@ -129,7 +129,8 @@ struct Batcher {
     overlap_rows: usize,
     /// ...unless the oldest of them has been in flight this long.
     overlap_after: Duration,
-    /// When each transaction in flight began (by the ends seen so far).
+    /// When each transaction in flight began (up to date whenever a batch may start: the
+    /// ends are read first).
     running: Vec<Instant>,
     permits: Arc<Semaphore>,
     in_flight: usize,
@@ -199,6 +200,9 @@ impl Batcher {
             // store a statement each), or the oldest in flight has run so long that it should
             // hold nobody back (docs/design-notes.md, *Group commit*).
             let permit = loop {
+                while let Ok(started) = done_rx.try_recv() {
+                    self.ended(started);
+                }
                 let idle = self.permits.available_permits() == self.in_flight;
                 let overdue = self.running.iter().min().map(|&t| t + self.overlap_after);
                 let stalled = overdue.is_some_and(|at| at <= Instant::now());

@@ -347,7 +347,8 @@ pub struct CommitterSettings {
     /// 1 = start one whenever a slot is free.
     pub overlap_min_rows: usize,
     /// ...but once the oldest transaction in flight has run this long, a batch of any size
-    /// starts beside it (a slow or blocked transaction holds the others back no longer).
+    /// starts beside it (a slow or blocked transaction holds the others back no longer; 0 =
+    /// none waits).
     pub overlap_after_us: u64,
 }
 
