@@ -641,8 +641,13 @@ pub async fn small_batches_wait_for_the_transaction_in_flight(db: &TestDb) {
     let mut lock = sqlx::PgConnection::connect(&db.url).await.expect("a connection of the test's own");
     let mut probe = sqlx::PgConnection::connect(&db.url).await.expect("another connection of the test's own");
     let hold_room_0 = format!("BEGIN; SELECT 1 FROM rooms WHERE id = {} FOR UPDATE", rows[0].id.0);
-    // Returns once an append waits for the test's lock on room 0's row.
-    let waiting_on_the_lock = async |probe: &mut sqlx::PgConnection| {
+    // A committer with these settings, whose append of room 0 (after `base_seq`) waits for the
+    // test's lock on that room's row: returned once it does.
+    let held = async |overlap_min_rows: usize, overlap_after_us: u64, base_seq: u64, lock: &mut sqlx::PgConnection, probe: &mut sqlx::PgConnection| {
+        let settings = CommitterSettings { max_in_flight: 4, overlap_min_rows, overlap_after_us, ..CommitterSettings::default() };
+        let committer = Committer::start(store.clone(), &settings, WriteGate::always_open(), tokio_util::sync::CancellationToken::new()).0;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(hold_room_0.clone())).execute(&mut *lock).await.expect("locking room 0");
+        let first = tokio::spawn(committer.submit(append(0, base_seq)));
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let waiting: i64 = sqlx::query_scalar(
@@ -652,64 +657,54 @@ pub async fn small_batches_wait_for_the_transaction_in_flight(db: &TestDb) {
             .await
             .expect("reading pg_stat_activity");
             if waiting > 0 {
-                return;
+                return (committer, first);
             }
             assert!(Instant::now() < deadline, "room 0's append never waited for the test's lock");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     };
-    let start = |overlap_min_rows: usize, overlap_after_us: u64| {
-        let settings = CommitterSettings { max_in_flight: 4, overlap_min_rows, overlap_after_us, ..CommitterSettings::default() };
-        Committer::start(store.clone(), &settings, WriteGate::always_open(), tokio_util::sync::CancellationToken::new()).0
+    // Releases room 0; its append then commits as the room's `last_seq`-th message.
+    let release = async |first: tokio::task::JoinHandle<_>, last_seq: u64, lock: &mut sqlx::PgConnection| {
+        assert!(!first.is_finished(), "room 0's append is held by the test");
+        sqlx::raw_sql("ROLLBACK").execute(&mut *lock).await.expect("releasing room 0");
+        let answer: Result<stoa::store::Appended, stoa::committer::CommitError> = first.await.expect("task");
+        assert_eq!(answer.expect("room 0's append commits").last_seq, last_seq);
     };
 
     // Batches under the bar: rooms 1–5's one-row appends wait behind room 0's, then go as one.
-    let committer = start(64, 60_000_000);
-    sqlx::raw_sql(sqlx::AssertSqlSafe(hold_room_0.clone())).execute(&mut lock).await.expect("locking room 0");
-    let first = tokio::spawn(committer.submit(append(0, 0)));
-    waiting_on_the_lock(&mut probe).await;
+    let (committer, first) = held(64, 60_000_000, 0, &mut lock, &mut probe).await;
     let small: Vec<_> = (1..=5).map(|i| tokio::spawn(committer.submit(append(i, 0)))).collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(small.iter().all(|t| !t.is_finished()), "a batch of 5 rows started beside the transaction in flight");
-    sqlx::raw_sql("ROLLBACK").execute(&mut lock).await.expect("releasing room 0");
-    assert_eq!(first.await.expect("task").expect("room 0's append commits").last_seq, 1);
+    release(first, 1, &mut lock).await;
     for t in small {
         assert_eq!(t.await.expect("task").expect("the waiting append commits").last_seq, 1);
     }
 
     // A batch at the bar (rooms 1–4, which only goes once it has all four rows) starts beside
     // the transaction in flight; the one after it, under the bar again, waits.
-    let committer = start(4, 60_000_000);
-    sqlx::raw_sql(sqlx::AssertSqlSafe(hold_room_0.clone())).execute(&mut lock).await.expect("locking room 0");
-    let first = tokio::spawn(committer.submit(append(0, 1)));
-    waiting_on_the_lock(&mut probe).await;
+    let (committer, first) = held(4, 60_000_000, 1, &mut lock, &mut probe).await;
     let big: Vec<_> = (1..=4).map(|i| committer.submit(append(i, 1))).collect();
     for answer in futures_util::future::join_all(big).await {
         assert_eq!(answer.expect("a batch at the bar commits beside the held one").last_seq, 2);
     }
     let small: Vec<_> = (6..=7).map(|i| tokio::spawn(committer.submit(append(i, 0)))).collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(!first.is_finished(), "room 0's append is held by the test");
     assert!(small.iter().all(|t| !t.is_finished()), "a batch of 2 rows started beside the transaction in flight");
-    sqlx::raw_sql("ROLLBACK").execute(&mut lock).await.expect("releasing room 0");
-    assert_eq!(first.await.expect("task").expect("room 0's append commits").last_seq, 2);
+    release(first, 2, &mut lock).await;
     for t in small {
         assert_eq!(t.await.expect("task").expect("the waiting append commits").last_seq, 1);
     }
 
     // A transaction in flight for `overlap_after_us` holds the small batches back no longer:
     // rooms 5–7's go while room 0's is still held.
-    let committer = start(64, 100_000);
-    sqlx::raw_sql(sqlx::AssertSqlSafe(hold_room_0.clone())).execute(&mut lock).await.expect("locking room 0");
-    let first = tokio::spawn(committer.submit(append(0, 2)));
-    waiting_on_the_lock(&mut probe).await;
-    let small: Vec<_> = [(5, 1), (6, 1), (7, 1)].into_iter().map(|(i, base)| committer.submit(append(i, base))).collect();
-    for answer in futures_util::future::join_all(small).await {
+    let (committer, first) = held(64, 100_000, 2, &mut lock, &mut probe).await;
+    let small: Vec<_> = (5..=7).map(|i| committer.submit(append(i, 1))).collect();
+    let answers = tokio::time::timeout(Duration::from_secs(5), futures_util::future::join_all(small)).await;
+    for answer in answers.expect("the small batch waited for room 0's append past the bound") {
         assert_eq!(answer.expect("a small batch goes once the held transaction is overdue").last_seq, 2);
     }
-    assert!(!first.is_finished(), "room 0's append is held by the test");
-    sqlx::raw_sql("ROLLBACK").execute(&mut lock).await.expect("releasing room 0");
-    assert_eq!(first.await.expect("task").expect("room 0's append commits").last_seq, 3);
+    release(first, 3, &mut lock).await;
     for i in 0..8 {
         let expected = if i == 0 { 3 } else { 2 };
         assert_eq!(db.stored_messages(&room(&format!("overlap{i}"))).await.len(), expected, "room {i}");
