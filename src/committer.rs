@@ -7,10 +7,10 @@
 //! holds at most `max_batch_rows` rows; it is sent when a transaction slot is free (after an
 //! optional `max_batch_delay_us` gather), with up to `max_in_flight` transactions at once (one on
 //! SQLite, where the committer waits for it in its own loop rather than in a task of its own).
-//! With no transaction in flight a batch goes at once, whatever its size; while one is in
-//! flight, a further one starts only with at least `overlap_min_rows` rows, or once the oldest
-//! in flight has run `overlap_after_us`, and a smaller batch keeps filling until then
-//! (docs/design-notes.md, *Group commit*).
+//! On PostgreSQL a batch goes at once when no transaction is in flight, whatever its size;
+//! while one is in flight, a further one starts only with at least `overlap_min_rows` rows, or
+//! once the oldest in flight has run `overlap_after_us`, and a smaller batch keeps filling
+//! until then (docs/design-notes.md, *Group commit*).
 //! Each request's answer is sent only after its transaction committed.
 //!
 //! On SQLite in a file the committer runs on the store's commit thread
@@ -75,6 +75,12 @@ impl Committer {
     ) -> (Committer, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let in_flight = if store.kind() == StoreKind::Sqlite { 1 } else { settings.max_in_flight };
+        // The bar is PostgreSQL's: on MariaDB it cost more latency than it saved CPU
+        // (docs/benchmarks.md, *A further transaction only for a batch worth it*).
+        let overlap_rows = match store.kind() {
+            StoreKind::Postgres => settings.overlap_min_rows.clamp(1, settings.max_batch_rows.max(1)),
+            StoreKind::Sqlite | StoreKind::MySql => 1,
+        };
         let runtime = store.commit_runtime();
         let batcher = Batcher {
             store,
@@ -82,7 +88,7 @@ impl Committer {
             jobs: rx,
             max_rows: settings.max_batch_rows,
             max_delay: Duration::from_micros(settings.max_batch_delay_us),
-            overlap_rows: settings.overlap_min_rows.clamp(1, settings.max_batch_rows.max(1)),
+            overlap_rows,
             overlap_after: Duration::from_micros(settings.overlap_after_us),
             running: Vec::with_capacity(in_flight),
             permits: Arc::new(Semaphore::new(in_flight)),

@@ -341,10 +341,10 @@ pub struct CommitterSettings {
     pub max_batch_delay_us: u64,
     /// Transactions in flight at once (forced to 1 on SQLite, which has one writer).
     pub max_in_flight: usize,
-    /// While a transaction is in flight, a further one starts only with a batch of at least
-    /// this many rows (capped at `max_batch_rows`); a smaller batch keeps filling until a
-    /// transaction ends. With no transaction in flight a batch goes at once, whatever its size.
-    /// 1 = start one whenever a slot is free.
+    /// PostgreSQL: while a transaction is in flight, a further one starts only with a batch of
+    /// at least this many rows (capped at `max_batch_rows`); a smaller batch keeps filling until
+    /// a transaction ends. With no transaction in flight a batch goes at once, whatever its
+    /// size. 1 = start one whenever a slot is free (always so on MariaDB and SQLite).
     pub overlap_min_rows: usize,
     /// ...but once the oldest transaction in flight has run this long, a batch of any size
     /// starts beside it (a slow or blocked transaction holds the others back no longer; 0 =
