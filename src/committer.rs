@@ -209,15 +209,17 @@ impl Batcher {
                 while let Ok(started) = done_rx.try_recv() {
                     self.ended(started);
                 }
+                let now = Instant::now();
                 let idle = self.permits.available_permits() == self.in_flight;
-                let overdue = self.running.iter().min().map(|&t| t + self.overlap_after);
-                let stalled = overdue.is_some_and(|at| at <= Instant::now());
+                // When the oldest transaction in flight stops holding small batches back.
+                let overdue_at = self.running.iter().min().map(|&t| t + self.overlap_after);
+                let stalled = overdue_at.is_some_and(|at| at <= now);
                 if (idle || stalled || batch.rows >= self.overlap_rows)
                     && let Ok(p) = self.permits.clone().try_acquire_owned()
                 {
                     break p;
                 }
-                let wake = overdue.filter(|_| !stalled).unwrap_or_else(Instant::now);
+                let wake = overdue_at.filter(|_| !stalled);
                 tokio::select! {
                     // A transaction ended (its permit is back, its rooms are free): look again.
                     Some(started) = done_rx.recv() => {
@@ -228,7 +230,7 @@ impl Batcher {
                         Some(job) => self.offer(job, &mut batch),
                         None => break self.permits.clone().acquire_owned().await.expect("semaphore never closed"),
                     },
-                    _ = tokio::time::sleep_until(wake.into()), if overdue.is_some() && !stalled => {}
+                    _ = tokio::time::sleep_until(wake.unwrap_or(now).into()), if wake.is_some() => {}
                 }
             };
             self.busy.lock().expect("busy lock").extend(batch.rooms.iter().copied());

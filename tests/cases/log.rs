@@ -670,16 +670,22 @@ pub async fn small_batches_wait_for_the_transaction_in_flight(db: &TestDb) {
         let answer: Result<stoa::store::Appended, stoa::committer::CommitError> = first.await.expect("task");
         assert_eq!(answer.expect("room 0's append commits").last_seq, last_seq);
     };
+    // `small` (first appends of their rooms, `rows` rows in all) is not committed while room 0
+    // is held, and is once room 0's append has committed as its `last_seq`-th message.
+    let waits_for_room_0 = async |small: Vec<tokio::task::JoinHandle<_>>, rows: usize, first, last_seq, lock: &mut sqlx::PgConnection| {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(small.iter().all(|t| !t.is_finished()), "a batch of {rows} rows started beside the transaction in flight");
+        release(first, last_seq, lock).await;
+        for t in small {
+            let answer: Result<stoa::store::Appended, stoa::committer::CommitError> = t.await.expect("task");
+            assert_eq!(answer.expect("the waiting append commits").last_seq, 1);
+        }
+    };
 
     // Batches under the bar: rooms 1–5's one-row appends wait behind room 0's, then go as one.
     let (committer, first) = held(64, 60_000_000, 0, &mut lock, &mut probe).await;
     let small: Vec<_> = (1..=5).map(|i| tokio::spawn(committer.submit(append(i, 0)))).collect();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(small.iter().all(|t| !t.is_finished()), "a batch of 5 rows started beside the transaction in flight");
-    release(first, 1, &mut lock).await;
-    for t in small {
-        assert_eq!(t.await.expect("task").expect("the waiting append commits").last_seq, 1);
-    }
+    waits_for_room_0(small, 5, first, 1, &mut lock).await;
 
     // A batch at the bar (rooms 1–4, which only goes once it has all four rows) starts beside
     // the transaction in flight; the one after it, under the bar again, waits.
@@ -689,12 +695,7 @@ pub async fn small_batches_wait_for_the_transaction_in_flight(db: &TestDb) {
         assert_eq!(answer.expect("a batch at the bar commits beside the held one").last_seq, 2);
     }
     let small: Vec<_> = (6..=7).map(|i| tokio::spawn(committer.submit(append(i, 0)))).collect();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(small.iter().all(|t| !t.is_finished()), "a batch of 2 rows started beside the transaction in flight");
-    release(first, 2, &mut lock).await;
-    for t in small {
-        assert_eq!(t.await.expect("task").expect("the waiting append commits").last_seq, 1);
-    }
+    waits_for_room_0(small, 2, first, 2, &mut lock).await;
 
     // A transaction in flight for `overlap_after_us` holds the small batches back no longer:
     // rooms 5–7's go while room 0's is still held.
